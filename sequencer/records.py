@@ -1,0 +1,256 @@
+"""Test records: what a run measured, as frozen values.
+
+Records are the product of the station. Everything downstream (the local store,
+MongoDB, HTML reports, exports) consumes them, so they are plain frozen attrs
+classes with a versioned JSON form and no behaviour beyond small derived
+properties. The engine builds them incrementally and never mutates one in place:
+a phase that finishes yields a new :class:`PhaseRecord`, and the run record is
+re-assembled from the phases committed so far.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+import hashlib
+import json
+from collections.abc import Mapping
+from typing import Any
+
+import attrs
+import cattrs
+from cattrs.preconf.json import make_converter
+
+SCHEMA_VERSION = 1
+
+
+class Outcome(str, enum.Enum):
+    """How a run, phase or attempt ended.
+
+    ``INTERRUPTED`` is only ever assigned by the store to runs that a previous
+    station process left open (killed, power loss); the engine never produces it.
+    """
+
+    PASS = "PASS"
+    FAIL = "FAIL"
+    ERROR = "ERROR"
+    TIMEOUT = "TIMEOUT"
+    ABORTED = "ABORTED"
+    SKIPPED = "SKIPPED"
+    INTERRUPTED = "INTERRUPTED"
+
+    @property
+    def is_failure(self) -> bool:
+        return self in _FAILURES
+
+
+_FAILURES = frozenset({Outcome.FAIL, Outcome.ERROR, Outcome.TIMEOUT, Outcome.ABORTED, Outcome.INTERRUPTED})
+
+
+class MeasurementOutcome(str, enum.Enum):
+    PASS = "PASS"
+    FAIL = "FAIL"
+    UNSET = "UNSET"
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+@attrs.frozen
+class Limits:
+    """Numeric limits of an ``in_range`` or ``within_percent`` validator, for display and export."""
+
+    low: float | None = None
+    high: float | None = None
+    marginal_low: float | None = None
+    marginal_high: float | None = None
+
+
+@attrs.frozen
+class MeasurementRecord:
+    """One measurement as taken: its value, how it was judged and against what.
+
+    For a dimensioned measurement ``value`` is a list of ``[x, y]`` points and
+    ``dimensions`` names the x axis as ``(name, units)``.
+    """
+
+    name: str
+    outcome: MeasurementOutcome
+    value: Any = None
+    units: str | None = None
+    description: str = ""
+    validators: tuple[str, ...] = ()
+    limits: Limits | None = None
+    marginal: bool = False
+    reason: str | None = None
+    dimensions: tuple[tuple[str, str], ...] = ()
+
+
+@attrs.frozen
+class ErrorInfo:
+    type: str
+    message: str
+    traceback: str = ""
+
+
+@attrs.frozen
+class LogLine:
+    timestamp: dt.datetime
+    level: str
+    message: str
+
+
+@attrs.frozen
+class Attachment:
+    name: str
+    mimetype: str
+    data: bytes = attrs.field(repr=False)
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.data).hexdigest()
+
+
+@attrs.frozen
+class AttemptRecord:
+    number: int
+    outcome: Outcome
+    started_at: dt.datetime
+    ended_at: dt.datetime
+    measurements: tuple[MeasurementRecord, ...] = ()
+    reason: str | None = None
+    error: ErrorInfo | None = None
+
+    @property
+    def duration_s(self) -> float:
+        return (self.ended_at - self.started_at).total_seconds()
+
+
+@attrs.frozen
+class PhaseRecord:
+    """A phase as it finished: every attempt, its logs and attachments.
+
+    ``outcome``, ``reason`` and ``measurements`` are those of the last attempt,
+    except for phases that never ran (``SKIPPED``), which have no attempts and
+    say why in ``reason``.
+    """
+
+    name: str
+    outcome: Outcome
+    started_at: dt.datetime
+    ended_at: dt.datetime
+    attempts: tuple[AttemptRecord, ...] = ()
+    reason: str | None = None
+    teardown: bool = False
+    resource_wait_s: float = 0.0
+    logs: tuple[LogLine, ...] = ()
+    attachments: tuple[Attachment, ...] = ()
+
+    @property
+    def measurements(self) -> tuple[MeasurementRecord, ...]:
+        return self.attempts[-1].measurements if self.attempts else ()
+
+    @property
+    def marginal(self) -> bool:
+        return any(m.marginal for m in self.measurements)
+
+    @property
+    def error(self) -> ErrorInfo | None:
+        return self.attempts[-1].error if self.attempts else None
+
+    @property
+    def duration_s(self) -> float:
+        return (self.ended_at - self.started_at).total_seconds()
+
+
+@attrs.frozen
+class RunRecord:
+    """One DUT's pass through one product on one slot.
+
+    ``dut`` is an open mapping of identity (serial, mac, imei, ...) that phases
+    fill as they learn it. ``outcome`` is ``None`` while the run is open.
+    """
+
+    run_id: str
+    product: str
+    station: str
+    slot: int
+    port: str
+    started_at: dt.datetime
+    product_version: str = ""
+    operator: str = ""
+    batch: str = ""
+    dut: dict[str, str] = attrs.field(factory=dict, converter=lambda d: {str(k): str(v) for k, v in sorted(d.items())})
+    ended_at: dt.datetime | None = None
+    outcome: Outcome | None = None
+    phases: tuple[PhaseRecord, ...] = ()
+    limits_file: str | None = None
+    limits_sha256: str | None = None
+    schema_version: int = SCHEMA_VERSION
+
+    @property
+    def serial(self) -> str | None:
+        return self.dut.get("serial")
+
+    @property
+    def marginal(self) -> bool:
+        return any(p.marginal for p in self.phases)
+
+    @property
+    def duration_s(self) -> float | None:
+        if self.ended_at is None:
+            return None
+        return (self.ended_at - self.started_at).total_seconds()
+
+    def phase(self, name: str) -> PhaseRecord | None:
+        for p in self.phases:
+            if p.name == name:
+                return p
+        return None
+
+
+def run_outcome(phases: tuple[PhaseRecord, ...]) -> Outcome:
+    """The outcome a finished run earns from its phases.
+
+    The worst phase outcome wins, in the order ABORTED > ERROR > TIMEOUT > FAIL;
+    a run whose phases all passed or were skipped passes.
+    """
+    seen = {p.outcome for p in phases}
+    for worst in (Outcome.ABORTED, Outcome.ERROR, Outcome.TIMEOUT, Outcome.FAIL):
+        if worst in seen:
+            return worst
+    return Outcome.PASS
+
+
+def _make_converter() -> cattrs.Converter:
+    conv = make_converter()
+    conv.register_unstructure_hook(dt.datetime, lambda d: d.isoformat())
+    conv.register_structure_hook(dt.datetime, lambda s, _: dt.datetime.fromisoformat(s))
+    # Measurement values are JSON values already (numbers, strings, lists of points).
+    conv.register_structure_hook(Any, lambda v, _: v)
+    return conv
+
+
+converter = _make_converter()
+
+
+def to_dict(record: Any) -> dict[str, Any]:
+    """The JSON-ready form of any record class (bytes become base85 text)."""
+    return converter.unstructure(record)
+
+
+def from_dict(data: Mapping[str, Any], cls: type[Any]) -> Any:
+    return converter.structure(data, cls)
+
+
+def run_to_json(run: RunRecord) -> str:
+    return json.dumps(to_dict(run), separators=(",", ":"))
+
+
+def run_from_json(text: str) -> RunRecord:
+    data = json.loads(text)
+    version = data.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise ValueError(f"record schema version {version!r} is not supported (expected {SCHEMA_VERSION})")
+    return from_dict(data, RunRecord)
