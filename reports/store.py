@@ -1,0 +1,373 @@
+"""The local store: SQLite in WAL mode, the station's source of truth.
+
+Durability rule: a phase's record is committed before its slot moves on. With
+many slots that means many small transactions, so writes go through one
+writer task that *group-commits*: every record queued while the previous
+transaction ran goes into the next one, and each slot waits only for the
+transaction holding its own record. A slot never waits on a disk flush per
+phase, and 256 slots cost a few transactions per phase boundary, not 256.
+
+WAL with ``synchronous=NORMAL`` survives the station process being killed at
+any point (the data is in the OS); only a power loss can drop the last few
+transactions. Runs a killed process left open are marked ``INTERRUPTED`` when
+the store is next opened.
+
+Reads are synchronous and meant for the CLI and reports (the station itself
+never reads back during a run).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import sqlite3
+import threading
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from pathlib import Path
+from typing import Any
+
+import attrs
+import trio
+
+from sequencer.records import (
+    Outcome,
+    PhaseRecord,
+    RunRecord,
+    from_dict,
+    run_from_json,
+    to_dict,
+    utcnow,
+)
+
+STORE_SCHEMA = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS runs (
+    run_id      TEXT PRIMARY KEY,
+    batch       TEXT NOT NULL,
+    serial      TEXT,
+    product     TEXT NOT NULL,
+    station     TEXT NOT NULL,
+    slot        INTEGER NOT NULL,
+    outcome     TEXT,
+    started_at  TEXT NOT NULL,
+    ended_at    TEXT,
+    header      TEXT NOT NULL,
+    seq         INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS phases (
+    run_id  TEXT NOT NULL REFERENCES runs(run_id),
+    idx     INTEGER NOT NULL,
+    name    TEXT NOT NULL,
+    outcome TEXT NOT NULL,
+    record  TEXT NOT NULL,
+    PRIMARY KEY (run_id, idx)
+);
+CREATE INDEX IF NOT EXISTS runs_batch ON runs (batch, started_at);
+CREATE INDEX IF NOT EXISTS runs_serial ON runs (serial, started_at);
+CREATE INDEX IF NOT EXISTS runs_outcome ON runs (outcome);
+CREATE INDEX IF NOT EXISTS runs_seq ON runs (seq);
+"""
+
+
+class StoreError(Exception):
+    """The store cannot be opened or used; the message names the file."""
+
+
+@attrs.frozen
+class _Write:
+    kind: str  # "begin" | "phase" | "finish"
+    run: RunRecord | None = None
+    run_id: str = ""
+    index: int = 0
+    phase: PhaseRecord | None = None
+    dut: dict[str, str] | None = None
+
+
+@attrs.define(eq=False)
+class _Pending:
+    write: _Write
+    done: trio.Event = attrs.field(factory=trio.Event)
+    error: BaseException | None = None
+
+
+def _header_json(run: RunRecord) -> str:
+    data = to_dict(attrs.evolve(run, phases=()))
+    return json.dumps(data, separators=(",", ":"))
+
+
+class LocalStore:
+    """A station's SQLite store. Open with :meth:`open`; write through :meth:`writer`."""
+
+    def __init__(self, path: Path, conn: sqlite3.Connection, interrupted: int, lock_fd: int | None) -> None:
+        self.path = path
+        self._conn = conn
+        self._lock_fd = lock_fd
+        self._lock = threading.Lock()  # the connection is shared by the writer thread and readers
+        #: runs found open (and marked INTERRUPTED) when the store was opened
+        self.interrupted_on_open = interrupted
+        self._queue: list[_Pending] = []
+        self._wakeup: trio.Event | None = None
+        self._writing = False
+
+    @classmethod
+    def open(cls, path: str | Path, *, station: bool = False) -> LocalStore:
+        """Open (creating if needed) and recover runs a dead station left open.
+
+        A station (``station=True``) holds an exclusive lock beside the
+        database for as long as the store is open, so a second station on the
+        same store is refused. Recovery (open runs become INTERRUPTED) happens
+        only when no station holds that lock: a report opened while a station
+        is testing must not declare its runs dead.
+        """
+        p = Path(path)
+        lock_fd = None
+        try:
+            p.parent.mkdir(parents=True, exist_ok=True)
+            lock_fd = os.open(f"{p}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                locked = True
+            except BlockingIOError:
+                locked = False
+            if station and not locked:
+                raise StoreError(f"{p}: the store is in use by another station process")
+            conn = sqlite3.connect(p, check_same_thread=False, isolation_level=None, timeout=10)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("PRAGMA foreign_keys=ON")
+            conn.executescript(_SCHEMA)
+            row = conn.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+            if row is None:
+                conn.execute("INSERT INTO meta VALUES ('schema', ?)", (str(STORE_SCHEMA),))
+            elif int(row[0]) != STORE_SCHEMA:
+                raise StoreError(f"{p}: store schema {row[0]} is not supported (expected {STORE_SCHEMA})")
+            interrupted = _mark_interrupted(conn) if locked else 0
+            if not station and locked:
+                fcntl.flock(lock_fd, fcntl.LOCK_UN)
+        except BaseException as exc:
+            if lock_fd is not None:
+                os.close(lock_fd)
+            if isinstance(exc, sqlite3.DatabaseError):
+                raise StoreError(f"{p}: cannot open the local store: {exc}") from None
+            if isinstance(exc, OSError):
+                raise StoreError(f"{p}: cannot open the local store: {exc.strerror or exc}") from None
+            raise
+        return cls(p, conn, interrupted, lock_fd)
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the station lock
+            self._lock_fd = None
+
+    # -- writing ---------------------------------------------------------
+
+    @asynccontextmanager
+    async def writer(self) -> AsyncIterator[LocalStore]:
+        """Run the group-commit writer for the duration of the block.
+
+        On exit — including cancellation — everything queued is still written:
+        the final flush is shielded, because losing records on Ctrl-C is the
+        one thing a station must never do.
+        """
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._write_loop)
+            try:
+                yield self
+            finally:
+                with trio.CancelScope(shield=True):
+                    await self._flush_all()
+                nursery.cancel_scope.cancel()
+
+    async def begin_run(self, run: RunRecord) -> None:
+        await self._submit(_Write("begin", run=run))
+
+    async def commit_phase(self, run_id: str, index: int, phase: PhaseRecord, dut: dict[str, str]) -> None:
+        await self._submit(_Write("phase", run_id=run_id, index=index, phase=phase, dut=dut))
+
+    async def finish_run(self, run: RunRecord) -> None:
+        await self._submit(_Write("finish", run=run))
+
+    async def _submit(self, write: _Write) -> None:
+        pending = _Pending(write)
+        self._queue.append(pending)
+        if self._wakeup is not None:
+            self._wakeup.set()
+        # A record that is queued is written even if this task is cancelled
+        # while waiting; shielding the wait keeps the caller's "committed"
+        # promise true when it returns normally after an abort.
+        with trio.CancelScope(shield=True):
+            await pending.done.wait()
+        if pending.error is not None:
+            raise StoreError(f"{self.path}: write failed: {pending.error}") from pending.error
+
+    async def _write_loop(self) -> None:
+        while True:
+            if not self._queue:
+                self._wakeup = trio.Event()
+                await self._wakeup.wait()
+            await self._flush_once()
+
+    async def _flush_all(self) -> None:
+        while self._queue or self._writing:
+            if self._writing:
+                await trio.sleep(0.001)
+                continue
+            await self._flush_once()
+
+    async def _flush_once(self) -> None:
+        if self._writing or not self._queue:
+            return
+        batch, self._queue = self._queue, []
+        self._writing = True
+        try:
+            error: BaseException | None = None
+            try:
+                # Not abandon_on_cancel: a transaction half-handed to a thread
+                # must finish before anyone is told it did or did not happen.
+                await trio.to_thread.run_sync(self._write_batch, [p.write for p in batch])
+            except sqlite3.Error as exc:
+                error = exc
+            for p in batch:
+                p.error = error
+                p.done.set()
+        finally:
+            self._writing = False
+
+    def _write_batch(self, writes: list[_Write]) -> None:
+        with self._lock, self._transaction() as conn:
+            seq = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM runs").fetchone()[0]
+            for w in writes:
+                seq += 1
+                if w.kind == "begin":
+                    assert w.run is not None
+                    r = w.run
+                    conn.execute(
+                        "INSERT INTO runs (run_id, batch, serial, product, station, slot, outcome, started_at,"
+                        " ended_at, header, seq) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                        (r.run_id, r.batch, r.serial, r.product, r.station, r.slot, None,
+                         r.started_at.isoformat(), None, _header_json(r), seq),
+                    )
+                elif w.kind == "phase":
+                    assert w.phase is not None and w.dut is not None
+                    conn.execute(
+                        "INSERT OR REPLACE INTO phases (run_id, idx, name, outcome, record) VALUES (?,?,?,?,?)",
+                        (w.run_id, w.index, w.phase.name, w.phase.outcome.value,
+                         json.dumps(to_dict(w.phase), separators=(",", ":"))),
+                    )
+                    header = conn.execute("SELECT header FROM runs WHERE run_id=?", (w.run_id,)).fetchone()
+                    if header is not None:
+                        data = json.loads(header[0])
+                        if data.get("dut") != w.dut:
+                            data["dut"] = w.dut
+                            conn.execute(
+                                "UPDATE runs SET header=?, serial=?, seq=? WHERE run_id=?",
+                                (json.dumps(data, separators=(",", ":")), w.dut.get("serial"), seq, w.run_id),
+                            )
+                        else:
+                            conn.execute("UPDATE runs SET seq=? WHERE run_id=?", (seq, w.run_id))
+                else:
+                    assert w.run is not None
+                    r = w.run
+                    conn.execute(
+                        "UPDATE runs SET outcome=?, ended_at=?, serial=?, header=?, seq=? WHERE run_id=?",
+                        (r.outcome.value if r.outcome else None,
+                         r.ended_at.isoformat() if r.ended_at else None,
+                         r.serial, _header_json(r), seq, r.run_id),
+                    )
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._conn
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            raise
+        self._conn.execute("COMMIT")
+
+    # -- reading ---------------------------------------------------------
+
+    def get_run(self, run_id: str) -> RunRecord | None:
+        with self._lock:
+            row = self._conn.execute("SELECT header FROM runs WHERE run_id=?", (run_id,)).fetchone()
+            if row is None:
+                return None
+            return self._assemble(row[0], run_id)
+
+    def find_runs(
+        self,
+        *,
+        batch: str | None = None,
+        serial: str | None = None,
+        outcome: Outcome | str | None = None,
+        run_id_prefix: str | None = None,
+        limit: int | None = None,
+    ) -> list[RunRecord]:
+        """Runs matching every given filter, oldest first."""
+        clauses, args = [], []
+        if batch is not None:
+            clauses.append("batch = ?")
+            args.append(batch)
+        if serial is not None:
+            clauses.append("serial = ?")
+            args.append(serial)
+        if outcome is not None:
+            clauses.append("outcome = ?")
+            args.append(Outcome(outcome).value)
+        if run_id_prefix is not None:
+            clauses.append("run_id LIKE ? ESCAPE '\\'")
+            args.append(run_id_prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%")
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        sql = f"SELECT run_id, header FROM runs {where} ORDER BY started_at, run_id"
+        if limit is not None:
+            sql += f" LIMIT {int(limit)}"
+        with self._lock:
+            rows = self._conn.execute(sql, args).fetchall()
+            return [self._assemble(header, run_id) for run_id, header in rows]
+
+    def batches(self) -> list[tuple[str, int]]:
+        """Each batch with its number of runs, most recent first."""
+        with self._lock:
+            return self._conn.execute(
+                "SELECT batch, COUNT(*) FROM runs GROUP BY batch ORDER BY MAX(started_at) DESC"
+            ).fetchall()
+
+    def _assemble(self, header: str, run_id: str) -> RunRecord:
+        rows = self._conn.execute("SELECT record FROM phases WHERE run_id=? ORDER BY idx", (run_id,)).fetchall()
+        run = run_from_json(header)
+        phases = tuple(from_dict(json.loads(r[0]), PhaseRecord) for r in rows)
+        return attrs.evolve(run, phases=phases)
+
+    def iter_changes(self, after_seq: int, limit: int = 500) -> list[tuple[int, RunRecord]]:
+        """Runs changed since ``after_seq`` with their change number, for shipping elsewhere."""
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT seq, run_id, header FROM runs WHERE seq > ? ORDER BY seq LIMIT ?", (after_seq, limit)
+            ).fetchall()
+            return [(seq, self._assemble(header, run_id)) for seq, run_id, header in rows]
+
+
+def _mark_interrupted(conn: sqlite3.Connection) -> int:
+    rows = conn.execute("SELECT run_id, header FROM runs WHERE outcome IS NULL").fetchall()
+    if not rows:
+        return 0
+    now = utcnow()
+    conn.execute("BEGIN IMMEDIATE")
+    seq = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM runs").fetchone()[0]
+    for run_id, header in rows:
+        seq += 1
+        data: dict[str, Any] = json.loads(header)
+        data["outcome"] = Outcome.INTERRUPTED.value
+        data["ended_at"] = now.isoformat()
+        conn.execute(
+            "UPDATE runs SET outcome=?, ended_at=?, header=?, seq=? WHERE run_id=?",
+            (Outcome.INTERRUPTED.value, now.isoformat(), json.dumps(data, separators=(",", ":")), seq, run_id),
+        )
+    conn.execute("COMMIT")
+    return len(rows)

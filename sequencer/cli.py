@@ -1,0 +1,344 @@
+"""The ``sequencer`` command.
+
+Exit codes: 0 every DUT passed (or the command succeeded), 1 a DUT did not
+pass, 2 a usage or configuration error (one line on stderr naming the file,
+phase, port or option), 130 after Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from contextlib import AsyncExitStack
+from pathlib import Path
+from typing import Any, NoReturn
+
+import trio
+from rich.console import Console
+
+from sequencer.config import ConfigError, StationConfig, load_station_config
+from sequencer.engine import RunSettings
+from sequencer.events import EventBus
+from sequencer.product import LoadedProduct, ProductError, layers, load_product
+from sequencer.records import Outcome, RunRecord, run_to_json
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_ABORTED = 0, 1, 2, 130
+
+#: Fixture names the station itself provides to every product.
+STATION_FIXTURES: tuple[str, ...] = ()
+
+
+class UsageError(Exception):
+    """Bad input from the operator; printed as one line, exit 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # One line, naming the problem, instead of argparse's usage dump.
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="sequencer", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    check = sub.add_parser("check", help="validate a product file and print its phase graph")
+    check.add_argument("product", type=Path)
+    check.add_argument("--limits", type=Path, help="limits file (default: <product>.limits.toml beside it)")
+    check.add_argument("--station", type=Path, help="station file, to check the resources it declares")
+
+    run = sub.add_parser("run", help="run a product on every slot of the station")
+    run.add_argument("product", type=Path)
+    run.add_argument("--station", type=Path, help="station file (TOML)")
+    run.add_argument("--sim", type=int, metavar="N", help="run on N simulated DUTs")
+    run.add_argument("--port", action="append", dest="ports", metavar="PATH", help="a DUT port (repeatable)")
+    run.add_argument("--store", type=Path, help="local store (SQLite) path")
+    run.add_argument("--reports", type=Path, help="directory for HTML reports")
+    run.add_argument("--batch", help="batch id stamped on every run")
+    run.add_argument("--operator", help="operator name stamped on every run")
+    run.add_argument("--limits", type=Path, help="limits file (default: <product>.limits.toml beside it)")
+    run.add_argument("--seed", type=int, help="seed for simulated devices' variation")
+    run.add_argument("--plain", action="store_true", help="plain progress lines instead of the live table")
+    run.add_argument("-v", "--verbose", action="store_true", help="also print the station log to stderr")
+
+    report = sub.add_parser("report", help="write the HTML report of a run or a batch")
+    target = report.add_mutually_exclusive_group(required=True)
+    target.add_argument("--run", metavar="ID", help="run id (a unique prefix is enough)")
+    target.add_argument("--batch", metavar="B")
+    report.add_argument("-o", "--output", type=Path, required=True)
+    report.add_argument("--store", type=Path)
+
+    runs = sub.add_parser("runs", help="list runs in the local store")
+    runs.add_argument("--batch")
+    runs.add_argument("--serial")
+    runs.add_argument("--outcome", choices=[o.value for o in Outcome])
+    runs.add_argument("--store", type=Path)
+    runs.add_argument("--json", action="store_true", help="one JSON record per line")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    err = Console(stderr=True, highlight=False)
+    try:
+        handler = {"check": cmd_check, "run": cmd_run, "report": cmd_report, "runs": cmd_runs}[args.command]
+        return handler(args)
+    except (UsageError, ConfigError, ProductError) as exc:
+        err.print(f"sequencer: error: {exc}", markup=False, soft_wrap=True)
+        return EXIT_USAGE
+    except _store_error() as exc:
+        err.print(f"sequencer: error: {exc}", markup=False, soft_wrap=True)
+        return EXIT_USAGE
+
+
+def _store_error() -> type[Exception]:
+    from reports.store import StoreError
+
+    return StoreError
+
+
+# -- check -------------------------------------------------------------------
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    resources = None
+    if args.station:
+        resources = load_station_config(args.station).resources.keys()
+    loaded = load_product(args.product, limits=args.limits, station_fixtures=STATION_FIXTURES,
+                          station_resources=resources)
+    print(describe_product(loaded))
+    return EXIT_OK
+
+
+def describe_product(loaded: LoadedProduct) -> str:
+    p = loaded.product
+    out = [f"product {p.name}" + (f" {p.version}" if p.version else "") + f"  ({loaded.source})"]
+    if loaded.limits_file:
+        out.append(f"limits  {loaded.limits_file}  sha256 {loaded.limits_sha256}")
+    if p.fixtures:
+        out.append("fixtures  " + ", ".join(sorted(p.fixtures)))
+    if p.resources:
+        out.append("resources " + ", ".join(sorted(p.resources)))
+    out.append(f"stop on failure: {'yes' if p.stop_on_failure else 'no'}")
+
+    def line(name: str) -> str:
+        ph = p.phase(name)
+        bits = []
+        if ph.after:
+            bits.append("after " + ", ".join(ph.after))
+        if ph.timeout or ph.teardown:
+            bits.append(f"timeout {ph.effective_timeout:g} s")
+        if ph.retries:
+            bits.append(f"retries {ph.retries}")
+        if ph.run_if:
+            bits.append("conditional")
+        if ph.measurements:
+            bits.append(f"{len(ph.measurements)} measurement" + ("s" if len(ph.measurements) > 1 else ""))
+        return f"    {name}" + (f"  ({'; '.join(bits)})" if bits else "")
+
+    for i, layer in enumerate(layers(p.main_phases)):
+        out.append(f"  layer {i}" + ("  (concurrent)" if len(layer) > 1 else ""))
+        out.extend(line(n) for n in layer)
+    if p.teardowns:
+        out.append("  teardown (always runs, in order)")
+        out.extend(line(t.name) for t in p.teardowns)
+    return "\n".join(out)
+
+
+# -- run ---------------------------------------------------------------------
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from reports.store import LocalStore
+    from sequencer.logs import configure_logging
+
+    config = load_station_config(args.station) if args.station else StationConfig()
+    if args.sim is None and not args.ports and not args.station:
+        raise UsageError("say where the DUTs are: --sim N, --port PATH, or --station FILE")
+    config = config.with_overrides(
+        sim=args.sim, ports=tuple(args.ports) if args.ports else None, store=args.store, reports=args.reports,
+        batch=args.batch, operator=args.operator, seed=args.seed,
+    )
+    config.check()
+    if not config.sim:
+        for port in config.ports:
+            check_port(port)
+    loaded = load_product(
+        args.product, limits=args.limits, station_fixtures=STATION_FIXTURES,
+        station_resources=None,
+    )
+    store = LocalStore.open(config.store, station=True)
+    console = Console(highlight=False)
+    if store.interrupted_on_open:
+        console.print(f"[yellow]{store.interrupted_on_open} run(s) left open by a previous station were marked "
+                      "INTERRUPTED[/yellow]")
+    log_handle = configure_logging(config.store.parent / "station.log", verbose=args.verbose)
+    try:
+        result = trio.run(_run_station, loaded, config, store, console, not args.plain)
+    finally:
+        store.close()
+        if log_handle is not None:
+            log_handle.close()
+    runs, aborted = result
+    return _finish_run(runs, aborted, config, loaded, console)
+
+
+def check_port(port: str) -> None:
+    """Fail early, with the port named, if a DUT port is missing or busy."""
+    import serial
+
+    if not os.path.exists(port):
+        raise UsageError(f"port {port}: does not exist")
+    try:
+        serial.Serial(port, exclusive=True).close()
+    except serial.SerialException as exc:
+        reason = str(exc).split(":")[-1].strip() or "cannot be opened"
+        raise UsageError(f"port {port}: busy or not usable ({reason})") from None
+
+
+async def _run_station(
+    loaded: LoadedProduct, config: StationConfig, store: Any, console: Console, live: bool
+) -> tuple[list[RunRecord], bool]:
+    from sequencer.display import StationDisplay, show_live, show_plain
+    from sequencer.station import run_station
+
+    bus = EventBus()
+    settings = RunSettings(station=config.station, operator=config.operator, batch=config.batch_or_default)
+    async with AsyncExitStack() as stack:
+        await stack.enter_async_context(store.writer())
+        ports = list(config.ports)
+        if config.sim:
+            from fixtures.sim.farm import open_farm
+
+            devices = await stack.enter_async_context(open_farm(config.sim, seed=config.seed))
+            ports = [d.path for d in devices]
+        resources = await _open_resources(stack, loaded, config)
+        display = StationDisplay(ports, len(loaded.product.phases))
+        events = bus.subscribe("display", buffer=4096)
+        interactive = live and console.is_terminal
+        console.print(f"[bold]{loaded.name}[/bold] on {len(ports)} slot(s), batch {settings.batch}, "
+                      f"station {settings.station}")
+        async with trio.open_nursery() as nursery:
+            if interactive:
+                nursery.start_soon(show_live, display, events, console)
+            else:
+                nursery.start_soon(show_plain, display, events, sys.stdout)
+            try:
+                result = await run_station(
+                    loaded, ports, settings=settings, store=store, bus=bus, resources=resources,
+                )
+            finally:
+                bus.close()
+    return list(result.runs), result.aborted
+
+
+async def _open_resources(stack: AsyncExitStack, loaded: LoadedProduct, config: StationConfig) -> dict[str, Any]:
+    from sequencer.resources import SharedResource
+
+    resources: dict[str, SharedResource] = {}
+    for name in loaded.product.resources:
+        declared = config.resources.get(name)
+        instrument = None
+        if config.sim or (declared is not None and declared.port == "sim"):
+            from fixtures.sim.instruments import open_simulated_instrument
+
+            instrument = await stack.enter_async_context(open_simulated_instrument(name, seed=config.seed))
+        elif declared is None:
+            raise UsageError(f"product {loaded.name!r} needs station resource {name!r}: declare [resources.{name}] "
+                             f"in the station file")
+        elif declared.instrument is not None:
+            from fixtures.instruments import open_instrument
+
+            instrument = await stack.enter_async_context(open_instrument(declared.instrument, declared.port))
+        capacity = declared.capacity if declared is not None else 1
+        resources[name] = SharedResource(name, capacity, instrument)
+    return resources
+
+
+def _finish_run(
+    runs: list[RunRecord], aborted: bool, config: StationConfig, loaded: LoadedProduct, console: Console
+) -> int:
+    from reports.html import render_batch, render_run, write_html
+    from sequencer.display import summary_table
+
+    console.print(summary_table(runs))
+    report_dir = config.reports / config.batch_or_default
+    report_dir.mkdir(parents=True, exist_ok=True)
+    for r in runs:
+        write_html(report_dir / f"{r.run_id}.html", render_run(r))
+    batch_path = report_dir / "index.html"
+    write_html(batch_path, render_batch(runs, title=f"{loaded.name} — {config.batch_or_default}"))
+    passed = sum(r.outcome is Outcome.PASS for r in runs)
+    console.print(f"{passed}/{len(runs)} passed.  Report: {batch_path}  (per-run reports beside it)")
+    if aborted:
+        console.print("[yellow]aborted by the operator; every run was recorded ABORTED[/yellow]")
+        return EXIT_ABORTED
+    return EXIT_OK if runs and passed == len(runs) else EXIT_FAILED
+
+
+# -- report and runs ---------------------------------------------------------
+
+
+def _open_store(path: Path | None) -> Any:
+    from reports.store import LocalStore
+
+    from sequencer.config import default_data_dir
+
+    store_path = path or default_data_dir() / "store.sqlite"
+    if not store_path.exists():
+        raise UsageError(f"{store_path}: no local store here (give --store PATH)")
+    return LocalStore.open(store_path)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from reports.html import render_batch, render_run, write_html
+
+    store = _open_store(args.store)
+    try:
+        if args.run:
+            matches = store.find_runs(run_id_prefix=args.run, limit=2)
+            if not matches:
+                raise UsageError(f"run {args.run!r}: not in {store.path}")
+            if len(matches) > 1:
+                raise UsageError(f"run {args.run!r}: the prefix matches several runs; give more of the id")
+            write_html(args.output, render_run(matches[0]))
+        else:
+            runs = store.find_runs(batch=args.batch)
+            if not runs:
+                raise UsageError(f"batch {args.batch!r}: no runs in {store.path}")
+            write_html(args.output, render_batch(runs, title=f"Batch {args.batch}"))
+    finally:
+        store.close()
+    print(args.output)
+    return EXIT_OK
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    store = _open_store(args.store)
+    try:
+        runs = store.find_runs(batch=args.batch, serial=args.serial, outcome=args.outcome)
+    finally:
+        store.close()
+    if args.json:
+        for r in runs:
+            print(run_to_json(r))
+        return EXIT_OK
+    from rich.table import Table
+
+    table = Table(header_style="bold")
+    for col in ("run", "started (UTC)", "batch", "serial", "slot", "outcome"):
+        table.add_column(col)
+    for r in runs:
+        outcome = r.outcome.value if r.outcome else "RUNNING"
+        table.add_row(r.run_id[:12], f"{r.started_at:%Y-%m-%d %H:%M:%S}", r.batch, r.serial or "-", str(r.slot),
+                      outcome + (" (marginal)" if r.marginal else ""))
+    Console(highlight=False).print(table)
+    print(f"{len(runs)} run(s)")
+    return EXIT_OK
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

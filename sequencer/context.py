@@ -1,0 +1,163 @@
+"""What a phase sees of its run: the ``ctx`` parameter.
+
+``ctx`` is the phase author's whole API to the engine::
+
+    ctx.measurements.vdd_3v3 = 3.31          # judged when the attempt ends
+    ctx.log.info("rails read", count=3)        # kept in the phase record
+    ctx.attach("console.txt", transcript)      # kept in the record and the report
+    ctx.identify(serial="SN0042", mac="...")   # DUT identity, in the record
+    ctx.progress(0.4, "flashing app")          # live display only
+    ctx.record.phase("flash").outcome          # the run so far (read-only)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import structlog
+
+from sequencer.events import EventBus, MeasurementTaken, PhaseProgress
+from sequencer.phase import Phase
+from sequencer.records import Attachment, LogLine, RunRecord, utcnow
+
+#: A phase that logs without bound would grow its record without bound.
+MAX_LOG_LINES_PER_PHASE = 2000
+MAX_LOG_LINE_CHARS = 4000
+
+
+class UndeclaredMeasurement(AttributeError):
+    """A phase set a measurement it did not declare."""
+
+
+class Measurements:
+    """Attribute- and item-style access to one attempt's measurement values."""
+
+    def __init__(self, phase: Phase, on_set: Callable[[str, Any], None]) -> None:
+        object.__setattr__(self, "_phase", phase)
+        object.__setattr__(self, "_values", {})
+        object.__setattr__(self, "_on_set", on_set)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        self[name] = value
+
+    def __setitem__(self, name: str, value: Any) -> None:
+        phase: Phase = self._phase
+        if phase.measurement(name) is None:
+            declared = ", ".join(m.name for m in phase.measurements) or "none"
+            raise UndeclaredMeasurement(
+                f"phase {phase.name!r}: measurement {name!r} is not declared (declared: {declared})"
+            )
+        self._values[name] = value
+        self._on_set(name, value)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self._values[name]
+        except KeyError:
+            raise AttributeError(f"measurement {name!r} has not been set") from None
+
+    def __getitem__(self, name: str) -> Any:
+        return self._values[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._values
+
+    @property
+    def values(self) -> Mapping[str, Any]:
+        return dict(self._values)
+
+
+class PhaseLog:
+    """A logger that keeps lines in the phase record and sends them to the station log."""
+
+    def __init__(self, logger: Any) -> None:
+        self._logger = logger
+        self.lines: list[LogLine] = []
+        self.dropped = 0
+
+    def _log(self, level: str, message: str, fields: dict[str, Any]) -> None:
+        text = str(message)
+        if fields:
+            text += " " + " ".join(f"{k}={v!r}" for k, v in fields.items())
+        if len(self.lines) < MAX_LOG_LINES_PER_PHASE:
+            self.lines.append(LogLine(utcnow(), level, text[:MAX_LOG_LINE_CHARS]))
+        else:
+            self.dropped += 1
+        if self._logger is not None:
+            getattr(self._logger, level)(message, **fields)
+
+    def debug(self, message: str, **fields: Any) -> None:
+        self._log("debug", message, fields)
+
+    def info(self, message: str, **fields: Any) -> None:
+        self._log("info", message, fields)
+
+    def warning(self, message: str, **fields: Any) -> None:
+        self._log("warning", message, fields)
+
+    def error(self, message: str, **fields: Any) -> None:
+        self._log("error", message, fields)
+
+
+class PhaseContext:
+    """The ``ctx`` of one phase attempt."""
+
+    def __init__(
+        self,
+        *,
+        phase: Phase,
+        attempt: int,
+        run_id: str,
+        slot: int,
+        bus: EventBus,
+        log: PhaseLog,
+        attachments: list[Attachment],
+        snapshot: Callable[[], RunRecord],
+        identify: Callable[[dict[str, str]], None],
+    ) -> None:
+        self.phase = phase
+        self.attempt = attempt
+        self.log = log
+        self._run_id = run_id
+        self._slot = slot
+        self._bus = bus
+        self._attachments = attachments
+        self._snapshot = snapshot
+        self._identify = identify
+        self.measurements = Measurements(phase, self._measured)
+
+    def _measured(self, name: str, value: Any) -> None:
+        declared = self.phase.measurement(name)
+        assert declared is not None
+        self._bus.publish(MeasurementTaken(self._run_id, self._slot, self.phase.name, declared.judge(value)))
+
+    def measure(self, name: str, value: Any) -> None:
+        self.measurements[name] = value
+
+    def attach(self, name: str, data: bytes | str, mimetype: str = "text/plain") -> None:
+        """Keep a file with the phase record (a console transcript, a plot, a label)."""
+        payload = data.encode("utf-8") if isinstance(data, str) else bytes(data)
+        self._attachments.append(Attachment(name, mimetype, payload))
+
+    def identify(self, **fields: Any) -> None:
+        """Add to the DUT's identity (serial, mac, imei, ...); values are kept as text."""
+        self._identify({k: str(v) for k, v in fields.items() if v is not None})
+
+    @property
+    def dut(self) -> Mapping[str, str]:
+        return self._snapshot().dut
+
+    @property
+    def record(self) -> RunRecord:
+        """The run so far: phases finished before this one, and the identity known now."""
+        return self._snapshot()
+
+    def progress(self, fraction: float, detail: str = "") -> None:
+        self._bus.publish(
+            PhaseProgress(self._run_id, self._slot, self.phase.name, max(0.0, min(1.0, fraction)), detail)
+        )
+
+
+def bind_logger(**context: Any) -> Any:
+    return structlog.get_logger("sequencer").bind(**context)

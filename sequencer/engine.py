@@ -1,0 +1,464 @@
+"""Running one product on one slot: the phase scheduler.
+
+Per slot, every main phase gets a task in one nursery. A task waits for the
+phases it comes after, then runs if they all passed (otherwise it is SKIPPED
+and the record says which dependency did not pass). Independent phases
+therefore run concurrently, and a phase starts the moment its last dependency
+is committed.
+
+Three kinds of cancellation, kept apart on purpose:
+
+* a phase's **timeout** is its own ``move_on_after``; the attempt ends TIMEOUT
+  (and may be retried);
+* **stopping** the run (``stop_on_failure``, a phase returning STOP) cancels
+  each in-flight phase's own scope: they end ABORTED with the reason, phases
+  not yet started are SKIPPED, and teardowns run;
+* **aborting** the slot (the operator's Ctrl-C) cancels the slot's main
+  scope: every unfinished phase is recorded, teardowns run shielded under
+  their own timeouts, and the run is ABORTED. A second abort cancels the
+  teardowns too. Records are written in every case.
+
+Each finished phase is committed to the store before dependents may start, so
+whatever happens to the process later, what was finished is on disk.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import traceback
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+import attrs
+import trio
+
+from sequencer.context import PhaseContext, PhaseLog, bind_logger
+from sequencer.events import DutIdentified, EventBus, PhaseFinished, PhaseStarted, RunFinished, RunStarted
+from sequencer.fixtures import FixtureFactory, SlotInfo
+from sequencer.phase import Phase, PhaseResult
+from sequencer.product import LoadedProduct
+from sequencer.records import (
+    AttemptRecord,
+    Attachment,
+    ErrorInfo,
+    MeasurementOutcome,
+    MeasurementRecord,
+    Outcome,
+    PhaseRecord,
+    RunRecord,
+    run_outcome,
+    utcnow,
+)
+from sequencer.resources import ResourceAccess, SharedResource
+
+#: Closing a fixture (a serial port) must not hold a slot forever.
+FIXTURE_CLOSE_TIMEOUT_S = 10.0
+
+
+class RecordWriter:
+    """What the engine needs from a store (see :class:`reports.store.LocalStore`)."""
+
+    async def begin_run(self, run: RunRecord) -> None: ...
+
+    async def commit_phase(self, run_id: str, index: int, phase: PhaseRecord, dut: dict[str, str]) -> None: ...
+
+    async def finish_run(self, run: RunRecord) -> None: ...
+
+
+class SlotControl:
+    """The station's handle on a running slot: abort it, then (if asked twice) its teardowns."""
+
+    def __init__(self) -> None:
+        self.main_scope = trio.CancelScope()
+        self.teardown_scope = trio.CancelScope(shield=True)
+        self.aborted = False
+
+    def abort(self) -> None:
+        self.aborted = True
+        self.main_scope.cancel()
+
+    def skip_teardowns(self) -> None:
+        self.teardown_scope.cancel()
+
+
+@attrs.frozen
+class RunSettings:
+    """Who and what a run is for; stamped on its record."""
+
+    station: str
+    operator: str = ""
+    batch: str = ""
+
+
+def new_run_id() -> str:
+    return uuid.uuid4().hex
+
+
+async def run_dut(
+    product: LoadedProduct,
+    slot: SlotInfo,
+    *,
+    settings: RunSettings,
+    store: RecordWriter,
+    bus: EventBus,
+    resources: Mapping[str, SharedResource] | None = None,
+    fixtures: Mapping[str, FixtureFactory] | None = None,
+    control: SlotControl | None = None,
+) -> RunRecord:
+    """Run every phase of ``product`` on one DUT and return its finished record.
+
+    ``fixtures`` are station-provided factories; the product's own take
+    precedence. Exceptions raised by phases never escape: they are recorded.
+    """
+    runner = _SlotRun(
+        product=product,
+        slot=slot,
+        settings=settings,
+        store=store,
+        bus=bus,
+        resources=resources or {},
+        fixtures={**(fixtures or {}), **product.product.fixtures},
+        control=control or SlotControl(),
+    )
+    return await runner.run()
+
+
+class _SlotRun:
+    def __init__(
+        self,
+        *,
+        product: LoadedProduct,
+        slot: SlotInfo,
+        settings: RunSettings,
+        store: RecordWriter,
+        bus: EventBus,
+        resources: Mapping[str, SharedResource],
+        fixtures: Mapping[str, FixtureFactory],
+        control: SlotControl,
+    ) -> None:
+        self.product = product.product
+        self.store = store
+        self.bus = bus
+        self.resources = resources
+        self.fixture_factories = fixtures
+        self.control = control
+        run_id = new_run_id()
+        self.log = bind_logger(slot=slot.index, port=slot.port, run_id=run_id)
+        self.slot = attrs.evolve(slot, log=self.log)
+        self.header = RunRecord(
+            run_id=run_id,
+            product=self.product.name,
+            product_version=self.product.version,
+            station=settings.station,
+            slot=slot.index,
+            port=slot.port,
+            operator=settings.operator,
+            batch=settings.batch,
+            started_at=utcnow(),
+            limits_file=str(product.limits_file) if product.limits_file else None,
+            limits_sha256=product.limits_sha256,
+        )
+        self.dut: dict[str, str] = {}
+        self.committed: list[PhaseRecord] = []
+        self.done = {p.name: trio.Event() for p in self.product.phases}
+        self.stop_reason: str | None = None
+        self.in_flight: dict[str, trio.CancelScope] = {}
+        self.started_at: dict[str, Any] = {}
+        #: attempts, log and attachments of phases in flight, for recording an abort
+        self.partial: dict[str, tuple[list[AttemptRecord], PhaseLog, list[Attachment]]] = {}
+        self.fixture_values: dict[str, Any] = {}
+        self.fixture_locks: dict[str, trio.Lock] = {}
+        self.exit_stack = contextlib.AsyncExitStack()
+
+    # -- the run ---------------------------------------------------------
+
+    def snapshot(self) -> RunRecord:
+        return attrs.evolve(self.header, dut=dict(self.dut), phases=tuple(self.committed))
+
+    async def run(self) -> RunRecord:
+        await self.store.begin_run(self.header)
+        self.bus.publish(RunStarted(self.header))
+        self.log.info("run started", product=self.product.name)
+        try:
+            with self.control.main_scope:
+                async with trio.open_nursery() as nursery:
+                    for p in self.product.main_phases:
+                        nursery.start_soon(self._phase_task, p)
+            with self.control.teardown_scope:
+                await self._record_unfinished(self.product.main_phases)
+                for p in self.product.teardowns:
+                    await self._run_and_commit(p)
+        finally:
+            # Whatever happened above (a second Ctrl-C included), record what
+            # was not recorded and close the hardware; both are shielded
+            # because they are how the station keeps its promises.
+            with trio.CancelScope(shield=True):
+                await self._record_unfinished(self.product.phases)
+                await self._close_fixtures()
+                final = self._finish()
+                await self.store.finish_run(final)
+        self.bus.publish(RunFinished(final))
+        self.log.info("run finished", outcome=final.outcome.value if final.outcome else None)
+        return final
+
+    def _finish(self) -> RunRecord:
+        phases = tuple(self.committed)
+        outcome = Outcome.ABORTED if self.control.aborted else run_outcome(phases)
+        return attrs.evolve(self.header, dut=dict(self.dut), phases=phases, ended_at=utcnow(), outcome=outcome)
+
+    async def _record_unfinished(self, phases: tuple[Phase, ...]) -> None:
+        """Record every phase that has no record yet (after an abort or a stop)."""
+        for p in phases:
+            if self.done[p.name].is_set():
+                continue
+            if p.name in self.partial:
+                attempts, log, attachments = self.partial[p.name]
+                now = utcnow()
+                aborted = AttemptRecord(len(attempts) + 1, Outcome.ABORTED, now, now, reason=self._abort_reason(p))
+                rec = attrs.evolve(
+                    self._phase_record(
+                        p, Outcome.ABORTED, self.started_at[p.name], reason=self._abort_reason(p),
+                        attempts=(*attempts, aborted),
+                    ),
+                    logs=tuple(log.lines),
+                    attachments=tuple(attachments),
+                )
+            else:
+                reason = "run aborted by the operator" if self.control.aborted else (self.stop_reason or "not run")
+                if p.teardown and self.control.teardown_scope.cancel_called:
+                    reason = "teardowns skipped by a second abort"
+                rec = self._skipped(p, reason)
+            await self._commit(p, rec)
+
+    def _abort_reason(self, p: Phase) -> str:
+        if self.control.aborted:
+            return "aborted by the operator" if not p.teardown else "teardown cut short by a second abort"
+        return self.stop_reason or "aborted"
+
+    # -- scheduling ------------------------------------------------------
+
+    async def _phase_task(self, p: Phase) -> None:
+        for dep in p.after:
+            await self.done[dep].wait()
+        if self.done[p.name].is_set():  # pragma: no cover - recorded by a stop elsewhere
+            return
+        if self.stop_reason is not None:
+            await self._commit(p, self._skipped(p, self.stop_reason))
+            return
+        by_name = {r.name: r for r in self.committed}
+        for dep in p.after:
+            dep_outcome = by_name[dep].outcome
+            if dep_outcome is not Outcome.PASS:
+                await self._commit(p, self._skipped(p, f"dependency {dep!r} ended {dep_outcome.value}"))
+                return
+        record = await self._run_and_commit(p)
+        if record is None:
+            return
+        if record.outcome.is_failure and self.product.stop_on_failure:
+            self._stop(f"run stopped: phase {p.name!r} ended {record.outcome.value}")
+
+    def _stop(self, reason: str) -> None:
+        if self.stop_reason is None:
+            self.stop_reason = reason
+            self.log.info("run stopping", reason=reason)
+        for scope in self.in_flight.values():
+            scope.cancel()
+
+    async def _run_and_commit(self, p: Phase) -> PhaseRecord | None:
+        if p.run_if is not None:
+            try:
+                wanted = bool(p.run_if(self.snapshot()))
+            except Exception as exc:
+                record = self._phase_record(
+                    p, Outcome.ERROR, utcnow(), reason=f"run_if raised {type(exc).__name__}: {exc}", attempts=()
+                )
+                await self._commit(p, record)
+                return record
+            if not wanted:
+                record = self._skipped(p, "run_if was false")
+                await self._commit(p, record)
+                return record
+        record, result = await self._execute(p)
+        await self._commit(p, record)
+        if result is PhaseResult.STOP:
+            self._stop(f"run stopped by phase {p.name!r}")
+        return record
+
+    async def _commit(self, p: Phase, record: PhaseRecord) -> None:
+        if self.done[p.name].is_set():
+            return
+        index = len(self.committed)
+        self.committed.append(record)
+        self.done[p.name].set()  # set before the await so no one records it twice
+        with trio.CancelScope(shield=True):
+            await self.store.commit_phase(self.header.run_id, index, record, dict(self.dut))
+        self.bus.publish(PhaseFinished(self.header.run_id, self.header.slot, record))
+
+    # -- one phase -------------------------------------------------------
+
+    async def _execute(self, p: Phase) -> tuple[PhaseRecord, PhaseResult]:
+        started = utcnow()
+        self.started_at[p.name] = started
+        log = PhaseLog(self.log.bind(phase=p.name))
+        attachments: list[Attachment] = []
+        attempts: list[AttemptRecord] = []
+        self.partial[p.name] = (attempts, log, attachments)
+        waited = 0.0
+        scope = trio.CancelScope()
+        self.in_flight[p.name] = scope
+        result = PhaseResult.CONTINUE
+        try:
+            with scope:
+                failures = 0
+                repeats = 0
+                while True:
+                    access = ResourceAccess(self.resources)
+                    attempt, result = await self._attempt(p, len(attempts) + 1, log, attachments, access)
+                    waited += access.waited_s
+                    attempts.append(attempt)
+                    if result is PhaseResult.REPEAT and attempt.outcome is Outcome.PASS:
+                        repeats += 1
+                        if repeats < p.repeat_limit:
+                            continue
+                        attempts[-1] = attrs.evolve(
+                            attempt, outcome=Outcome.FAIL, reason=f"repeat limit {p.repeat_limit} reached"
+                        )
+                        break
+                    if attempt.outcome in (Outcome.FAIL, Outcome.ERROR, Outcome.TIMEOUT) and failures < p.retries:
+                        failures += 1
+                        log.info("retrying", attempt=attempt.number, outcome=attempt.outcome.value)
+                        continue
+                    break
+        finally:
+            del self.in_flight[p.name]
+        del self.partial[p.name]
+        if scope.cancelled_caught:
+            now = utcnow()
+            attempts.append(
+                AttemptRecord(len(attempts) + 1, Outcome.ABORTED, now, now, reason=self._abort_reason(p))
+            )
+        last = attempts[-1]
+        outcome = last.outcome
+        if outcome is Outcome.PASS and result is PhaseResult.SKIP:
+            outcome = Outcome.SKIPPED
+        record = PhaseRecord(
+            name=p.name,
+            outcome=outcome,
+            started_at=started,
+            ended_at=utcnow(),
+            attempts=tuple(attempts),
+            reason=last.reason if outcome is not Outcome.SKIPPED else "skipped by the phase",
+            teardown=p.teardown,
+            resource_wait_s=waited,
+            logs=tuple(log.lines),
+            attachments=tuple(attachments),
+        )
+        return record, result
+
+    async def _attempt(
+        self, p: Phase, number: int, log: PhaseLog, attachments: list[Attachment], access: ResourceAccess
+    ) -> tuple[AttemptRecord, PhaseResult]:
+        self.bus.publish(PhaseStarted(self.header.run_id, self.header.slot, p.name, number))
+        started = utcnow()
+        ctx = PhaseContext(
+            phase=p,
+            attempt=number,
+            run_id=self.header.run_id,
+            slot=self.header.slot,
+            bus=self.bus,
+            log=log,
+            attachments=attachments,
+            snapshot=self.snapshot,
+            identify=self._identify,
+        )
+        result = PhaseResult.CONTINUE
+        error: ErrorInfo | None = None
+        reason: str | None = None
+        timeout = p.effective_timeout
+        with trio.move_on_after(timeout if timeout is not None else float("inf")) as deadline:
+            try:
+                kwargs = {name: await self._argument(name, ctx, access) for name in p.parameters}
+                returned = await p.fn(**kwargs)
+                if returned is not None and not isinstance(returned, PhaseResult):
+                    raise TypeError(f"phase returned {returned!r}; return a PhaseResult or None")
+                result = returned or PhaseResult.CONTINUE
+            except Exception as exc:
+                error = ErrorInfo(type(exc).__name__, str(exc), traceback.format_exc())
+                reason = f"{type(exc).__name__}: {exc}"
+                log.error("phase raised", error=reason)
+        measurements = tuple(
+            m.judge(ctx.measurements[m.name]) if m.name in ctx.measurements else m.unset() for m in p.measurements
+        )
+        if deadline.cancelled_caught:
+            outcome, reason = Outcome.TIMEOUT, f"timed out after {timeout:g} s"
+        elif error is not None:
+            outcome = Outcome.ERROR
+        elif result is PhaseResult.FAIL:
+            outcome, reason = Outcome.FAIL, "failed by the phase"
+        elif result in (PhaseResult.SKIP, PhaseResult.REPEAT):
+            outcome = Outcome.PASS
+        else:
+            outcome, reason = _judge(measurements)
+        return (
+            AttemptRecord(number, outcome, started, utcnow(), measurements, reason=reason, error=error),
+            result,
+        )
+
+    async def _argument(self, name: str, ctx: PhaseContext, access: ResourceAccess) -> Any:
+        if name == "ctx":
+            return ctx
+        if name == "resources":
+            return access
+        if name == "slot":
+            return self.slot
+        if name == "port":
+            return self.slot.port
+        return await self._fixture(name)
+
+    async def _fixture(self, name: str) -> Any:
+        if name in self.fixture_values:
+            return self.fixture_values[name]
+        lock = self.fixture_locks.setdefault(name, trio.Lock())
+        async with lock:  # two concurrent phases asking for it open it once
+            if name not in self.fixture_values:
+                factory = self.fixture_factories[name]
+                self.fixture_values[name] = await self.exit_stack.enter_async_context(factory(self.slot))
+        return self.fixture_values[name]
+
+    async def _close_fixtures(self) -> None:
+        with trio.move_on_after(FIXTURE_CLOSE_TIMEOUT_S) as scope:
+            try:
+                await self.exit_stack.aclose()
+            except Exception as exc:
+                self.log.warning("closing a fixture failed", error=f"{type(exc).__name__}: {exc}")
+        if scope.cancelled_caught:
+            self.log.warning("closing fixtures timed out", seconds=FIXTURE_CLOSE_TIMEOUT_S)
+
+    def _identify(self, fields: dict[str, str]) -> None:
+        self.dut.update(fields)
+        self.log = self.log.bind(serial=self.dut.get("serial"))
+        self.bus.publish(DutIdentified(self.header.run_id, self.header.slot, dict(self.dut)))
+
+    # -- records ---------------------------------------------------------
+
+    def _skipped(self, p: Phase, reason: str) -> PhaseRecord:
+        now = utcnow()
+        return self._phase_record(p, Outcome.SKIPPED, now, reason=reason, attempts=())
+
+    def _phase_record(
+        self, p: Phase, outcome: Outcome, started: Any, *, reason: str, attempts: tuple[AttemptRecord, ...]
+    ) -> PhaseRecord:
+        return PhaseRecord(
+            name=p.name, outcome=outcome, started_at=started, ended_at=utcnow(), attempts=attempts,
+            reason=reason, teardown=p.teardown,
+        )
+
+
+def _judge(measurements: tuple[MeasurementRecord, ...]) -> tuple[Outcome, str | None]:
+    for m in measurements:
+        if m.outcome is MeasurementOutcome.UNSET:
+            return Outcome.FAIL, f"measurement {m.name!r} was never set"
+        if m.outcome is MeasurementOutcome.FAIL:
+            return Outcome.FAIL, f"measurement {m.name!r}: {m.reason}"
+    return Outcome.PASS, None

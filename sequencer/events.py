@@ -1,0 +1,111 @@
+"""Events the engine publishes as a run progresses, and the bus that carries them.
+
+Events are for watchers — the live terminal display, streaming sinks, progress
+bars. They are *not* how records become durable: the engine commits each
+finished phase to the local store itself before the slot moves on. That is
+what lets the bus drop events for a subscriber that falls behind instead of
+slowing every slot to the pace of the slowest consumer.
+"""
+
+from __future__ import annotations
+
+from typing import TypeAlias
+
+import attrs
+import trio
+
+from sequencer.records import MeasurementRecord, Outcome, PhaseRecord, RunRecord
+
+
+@attrs.frozen
+class RunStarted:
+    run: RunRecord
+
+
+@attrs.frozen
+class PhaseStarted:
+    run_id: str
+    slot: int
+    phase: str
+    attempt: int
+
+
+@attrs.frozen
+class MeasurementTaken:
+    run_id: str
+    slot: int
+    phase: str
+    measurement: MeasurementRecord
+
+
+@attrs.frozen
+class DutIdentified:
+    run_id: str
+    slot: int
+    dut: dict[str, str]
+
+
+@attrs.frozen
+class PhaseProgress:
+    """A long phase (flashing) saying how far it is; ``fraction`` is 0..1."""
+
+    run_id: str
+    slot: int
+    phase: str
+    fraction: float
+    detail: str = ""
+
+
+@attrs.frozen
+class PhaseFinished:
+    run_id: str
+    slot: int
+    phase: PhaseRecord
+
+
+@attrs.frozen
+class RunFinished:
+    run: RunRecord
+
+    @property
+    def outcome(self) -> Outcome:
+        assert self.run.outcome is not None
+        return self.run.outcome
+
+
+Event: TypeAlias = RunStarted | PhaseStarted | MeasurementTaken | DutIdentified | PhaseProgress | PhaseFinished | RunFinished
+
+
+class EventBus:
+    """Fan-out of events to subscribers, each behind its own bounded buffer.
+
+    :meth:`publish` never blocks: when a subscriber's buffer is full the event
+    is dropped for that subscriber alone and counted in :attr:`dropped`, so a
+    stalled display or sink costs at most ``buffer`` events of memory and no
+    test time.
+    """
+
+    def __init__(self) -> None:
+        self._subscribers: list[tuple[str, trio.MemorySendChannel[Event]]] = []
+        self.dropped: dict[str, int] = {}
+
+    def subscribe(self, name: str, buffer: int = 1024) -> trio.MemoryReceiveChannel[Event]:
+        send, receive = trio.open_memory_channel[Event](buffer)
+        self._subscribers.append((name, send))
+        self.dropped[name] = 0
+        return receive
+
+    def publish(self, event: Event) -> None:
+        for name, channel in self._subscribers:
+            try:
+                channel.send_nowait(event)
+            except trio.WouldBlock:
+                self.dropped[name] += 1
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass  # the subscriber went away; the others still get events
+
+    def close(self) -> None:
+        """End every subscriber's iteration once it has drained its buffer."""
+        for _, channel in self._subscribers:
+            channel.close()
+        self._subscribers.clear()

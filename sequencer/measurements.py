@@ -1,0 +1,388 @@
+"""Measurements: what a phase declares it will measure, and how values are judged.
+
+A :class:`Measurement` is a declaration (name, units, validators); a
+:class:`~sequencer.records.MeasurementRecord` is what was taken. Declarations
+are immutable and built fluently::
+
+    Measurement("vdd_3v3", units="V").in_range(3.2, 3.4, marginal=(3.25, 3.35))
+
+Judging rules, in order:
+
+* a value never set is ``UNSET`` and fails its phase;
+* NaN and infinities never pass, whatever the validators say;
+* every validator must pass; a value inside its limits but outside a marginal
+  band passes and is flagged ``marginal``.
+
+A dimensioned measurement (``dimensions=[("t", "s")]``) takes a series of
+``(x, y)`` points; its validators are applied to every ``y`` and it passes only
+if every point does.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Protocol
+
+import attrs
+
+from sequencer.records import Limits, MeasurementOutcome, MeasurementRecord
+
+
+@attrs.frozen
+class Verdict:
+    passed: bool
+    marginal: bool = False
+    reason: str | None = None
+
+
+class Validator(Protocol):
+    """Judges one (scalar) value. ``description`` is shown in reports."""
+
+    @property
+    def description(self) -> str: ...
+
+    @property
+    def limits(self) -> Limits | None: ...
+
+    def check(self, value: Any) -> Verdict: ...
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _fmt(x: float) -> str:
+    return f"{x:g}"
+
+
+@attrs.frozen
+class InRange:
+    """``low <= x <= high``; either bound may be open. The marginal band lies inside."""
+
+    low: float | None = None
+    high: float | None = None
+    marginal_low: float | None = None
+    marginal_high: float | None = None
+
+    def __attrs_post_init__(self) -> None:
+        if self.low is None and self.high is None:
+            raise ValueError("in_range needs at least one of low, high")
+        for name in ("low", "high", "marginal_low", "marginal_high"):
+            v = getattr(self, name)
+            if v is not None and (not _is_number(v) or not math.isfinite(v)):
+                raise ValueError(f"in_range {name} must be a finite number, got {v!r}")
+        if self.low is not None and self.high is not None and self.low > self.high:
+            raise ValueError(f"in_range low {_fmt(self.low)} is greater than high {_fmt(self.high)}")
+        if self.marginal_low is not None and self.marginal_high is not None and self.marginal_low > self.marginal_high:
+            raise ValueError(
+                f"marginal low {_fmt(self.marginal_low)} is greater than marginal high {_fmt(self.marginal_high)}"
+            )
+        if self.marginal_low is not None and self.low is not None and self.marginal_low < self.low:
+            raise ValueError(f"marginal low {_fmt(self.marginal_low)} lies below low {_fmt(self.low)}")
+        if self.marginal_high is not None and self.high is not None and self.marginal_high > self.high:
+            raise ValueError(f"marginal high {_fmt(self.marginal_high)} lies above high {_fmt(self.high)}")
+
+    @property
+    def description(self) -> str:
+        if self.low is not None and self.high is not None:
+            text = f"{_fmt(self.low)} <= x <= {_fmt(self.high)}"
+        elif self.low is not None:
+            text = f"x >= {_fmt(self.low)}"
+        else:
+            text = f"x <= {_fmt(self.high)}"  # type: ignore[arg-type]
+        if self.marginal_low is not None or self.marginal_high is not None:
+            lo = "" if self.marginal_low is None else _fmt(self.marginal_low)
+            hi = "" if self.marginal_high is None else _fmt(self.marginal_high)
+            text += f" (marginal outside {lo}..{hi})"
+        return text
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(self.low, self.high, self.marginal_low, self.marginal_high)
+
+    def check(self, value: Any) -> Verdict:
+        if not _is_number(value):
+            return Verdict(False, reason=f"{value!r} is not a number")
+        if self.low is not None and value < self.low:
+            return Verdict(False, reason=f"{_fmt(value)} is below {_fmt(self.low)}")
+        if self.high is not None and value > self.high:
+            return Verdict(False, reason=f"{_fmt(value)} is above {_fmt(self.high)}")
+        if self.marginal_low is not None and value < self.marginal_low:
+            return Verdict(True, marginal=True, reason=f"{_fmt(value)} is below marginal {_fmt(self.marginal_low)}")
+        if self.marginal_high is not None and value > self.marginal_high:
+            return Verdict(True, marginal=True, reason=f"{_fmt(value)} is above marginal {_fmt(self.marginal_high)}")
+        return Verdict(True)
+
+
+@attrs.frozen
+class Equals:
+    expected: Any
+
+    @property
+    def description(self) -> str:
+        return f"x == {self.expected!r}"
+
+    @property
+    def limits(self) -> None:
+        return None
+
+    def check(self, value: Any) -> Verdict:
+        # bool is an int in Python; True must not equal 1 in a test limit.
+        if isinstance(value, bool) != isinstance(self.expected, bool) or value != self.expected:
+            return Verdict(False, reason=f"{value!r} is not {self.expected!r}")
+        return Verdict(True)
+
+
+@attrs.frozen
+class OneOf:
+    options: tuple[Any, ...] = attrs.field(converter=tuple)
+
+    @property
+    def description(self) -> str:
+        return "x in {" + ", ".join(repr(o) for o in self.options) + "}"
+
+    @property
+    def limits(self) -> None:
+        return None
+
+    def check(self, value: Any) -> Verdict:
+        if any(isinstance(value, bool) == isinstance(o, bool) and value == o for o in self.options):
+            return Verdict(True)
+        return Verdict(False, reason=f"{value!r} is not one of {list(self.options)!r}")
+
+
+@attrs.frozen
+class Matches:
+    pattern: str
+
+    def __attrs_post_init__(self) -> None:
+        re.compile(self.pattern)  # fail at declaration, not at the first DUT
+
+    @property
+    def description(self) -> str:
+        return f"x matches /{self.pattern}/"
+
+    @property
+    def limits(self) -> None:
+        return None
+
+    def check(self, value: Any) -> Verdict:
+        if not isinstance(value, str):
+            return Verdict(False, reason=f"{value!r} is not text")
+        if re.fullmatch(self.pattern, value) is None:
+            return Verdict(False, reason=f"{value!r} does not match /{self.pattern}/")
+        return Verdict(True)
+
+
+@attrs.frozen
+class WithinPercent:
+    """``|x - target| <= percent% of |target|``, optionally marginal beyond ``marginal_percent``."""
+
+    target: float
+    percent: float
+    marginal_percent: float | None = None
+
+    def __attrs_post_init__(self) -> None:
+        if not (_is_number(self.target) and math.isfinite(self.target)):
+            raise ValueError(f"within_percent target must be a finite number, got {self.target!r}")
+        if not (_is_number(self.percent) and self.percent >= 0):
+            raise ValueError(f"within_percent percent must be >= 0, got {self.percent!r}")
+        if self.marginal_percent is not None and not 0 <= self.marginal_percent <= self.percent:
+            raise ValueError("within_percent marginal_percent must lie between 0 and percent")
+
+    @property
+    def _range(self) -> InRange:
+        span = abs(self.target) * self.percent / 100
+        mspan = None if self.marginal_percent is None else abs(self.target) * self.marginal_percent / 100
+        return InRange(
+            self.target - span,
+            self.target + span,
+            None if mspan is None else self.target - mspan,
+            None if mspan is None else self.target + mspan,
+        )
+
+    @property
+    def description(self) -> str:
+        text = f"x within {_fmt(self.percent)}% of {_fmt(self.target)}"
+        if self.marginal_percent is not None:
+            text += f" (marginal beyond {_fmt(self.marginal_percent)}%)"
+        return text
+
+    @property
+    def limits(self) -> Limits:
+        return self._range.limits
+
+    def check(self, value: Any) -> Verdict:
+        return self._range.check(value)
+
+
+@attrs.frozen
+class Custom:
+    """A callable returning a truthy value for a pass, with a description for the report."""
+
+    fn: Callable[[Any], Any] = attrs.field(eq=False)
+    text: str
+
+    @property
+    def description(self) -> str:
+        return self.text
+
+    @property
+    def limits(self) -> None:
+        return None
+
+    def check(self, value: Any) -> Verdict:
+        if self.fn(value):
+            return Verdict(True)
+        return Verdict(False, reason=f"{value!r} fails: {self.text}")
+
+
+def in_range(
+    low: float | None = None, high: float | None = None, *, marginal: tuple[float | None, float | None] | None = None
+) -> InRange:
+    mlow, mhigh = marginal if marginal is not None else (None, None)
+    return InRange(low, high, mlow, mhigh)
+
+
+def equals(expected: Any) -> Equals:
+    return Equals(expected)
+
+
+def one_of(options: Iterable[Any]) -> OneOf:
+    return OneOf(tuple(options))
+
+
+def matches(pattern: str) -> Matches:
+    return Matches(pattern)
+
+
+def within_percent(target: float, percent: float, *, marginal_percent: float | None = None) -> WithinPercent:
+    return WithinPercent(target, percent, marginal_percent)
+
+
+def custom(fn: Callable[[Any], Any], description: str) -> Custom:
+    return Custom(fn, description)
+
+
+def _non_finite(value: Any) -> bool:
+    return isinstance(value, float) and not math.isfinite(value)
+
+
+@attrs.frozen
+class Measurement:
+    """A measurement a phase declares: name, units, description and validators."""
+
+    name: str = attrs.field()
+    units: str | None = None
+    description: str = ""
+    validators: tuple[Validator, ...] = ()
+    dimensions: tuple[tuple[str, str], ...] = attrs.field(default=(), converter=lambda d: tuple(tuple(x) for x in d))
+
+    @name.validator
+    def _check_name(self, _: object, value: str) -> None:
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", value):
+            raise ValueError(f"measurement name {value!r} must be an identifier (letters, digits, _)")
+
+    @dimensions.validator
+    def _check_dimensions(self, _: object, value: tuple[tuple[str, str], ...]) -> None:
+        if len(value) > 1 or any(len(d) != 2 for d in value):
+            raise ValueError(f"measurement {self.name!r}: dimensions must be one (name, units) pair")
+
+    def with_validator(self, validator: Validator) -> Measurement:
+        return attrs.evolve(self, validators=(*self.validators, validator))
+
+    def in_range(
+        self,
+        low: float | None = None,
+        high: float | None = None,
+        *,
+        marginal: tuple[float | None, float | None] | None = None,
+    ) -> Measurement:
+        return self.with_validator(in_range(low, high, marginal=marginal))
+
+    def equals(self, expected: Any) -> Measurement:
+        return self.with_validator(equals(expected))
+
+    def one_of(self, options: Iterable[Any]) -> Measurement:
+        return self.with_validator(one_of(options))
+
+    def matches(self, pattern: str) -> Measurement:
+        return self.with_validator(matches(pattern))
+
+    def within_percent(self, target: float, percent: float, *, marginal_percent: float | None = None) -> Measurement:
+        return self.with_validator(within_percent(target, percent, marginal_percent=marginal_percent))
+
+    def check(self, fn: Callable[[Any], Any], description: str) -> Measurement:
+        return self.with_validator(custom(fn, description))
+
+    def doc(self, description: str) -> Measurement:
+        return attrs.evolve(self, description=description)
+
+    @property
+    def limits(self) -> Limits | None:
+        for v in self.validators:
+            if v.limits is not None:
+                return v.limits
+        return None
+
+    def unset(self) -> MeasurementRecord:
+        return self._record(MeasurementOutcome.UNSET, None, reason="not set")
+
+    def judge(self, value: Any) -> MeasurementRecord:
+        """Judge ``value`` against every validator and return the record."""
+        if self.dimensions:
+            points = _as_points(self.name, value)
+            return self._judge_series(points)
+        if _non_finite(value):
+            return self._record(MeasurementOutcome.FAIL, value, reason=f"{value!r} is not a finite number")
+        verdicts = [v.check(value) for v in self.validators]
+        return self._from_verdicts(value, verdicts)
+
+    def _judge_series(self, points: list[list[Any]]) -> MeasurementRecord:
+        verdicts: list[Verdict] = []
+        for x, y in points:
+            if _non_finite(x) or _non_finite(y):
+                return self._record(
+                    MeasurementOutcome.FAIL, points, reason=f"point ({x!r}, {y!r}) is not a finite number"
+                )
+            for v in self.validators:
+                verdict = v.check(y)
+                if verdict.reason:
+                    verdict = attrs.evolve(verdict, reason=f"at {x!r}: {verdict.reason}")
+                verdicts.append(verdict)
+        return self._from_verdicts(points, verdicts)
+
+    def _from_verdicts(self, value: Any, verdicts: Sequence[Verdict]) -> MeasurementRecord:
+        failed = [v for v in verdicts if not v.passed]
+        if failed:
+            return self._record(MeasurementOutcome.FAIL, value, reason=failed[0].reason)
+        marginal = [v for v in verdicts if v.marginal]
+        return self._record(
+            MeasurementOutcome.PASS, value, marginal=bool(marginal), reason=marginal[0].reason if marginal else None
+        )
+
+    def _record(
+        self, outcome: MeasurementOutcome, value: Any, *, marginal: bool = False, reason: str | None = None
+    ) -> MeasurementRecord:
+        return MeasurementRecord(
+            name=self.name,
+            outcome=outcome,
+            value=value,
+            units=self.units,
+            description=self.description,
+            validators=tuple(v.description for v in self.validators),
+            limits=self.limits,
+            marginal=marginal,
+            reason=reason,
+            dimensions=self.dimensions,
+        )
+
+
+def _as_points(name: str, value: Any) -> list[list[Any]]:
+    try:
+        points = [[x, y] for x, y in value]
+    except (TypeError, ValueError):
+        raise TypeError(f"measurement {name!r} is dimensioned: set it to a sequence of (x, y) points") from None
+    return points

@@ -1,0 +1,171 @@
+"""The phase API: an async function plus what the engine needs to know about it.
+
+::
+
+    @phase(
+        measurements=[Measurement("vdd_3v3", units="V").in_range(3.2, 3.4)],
+        timeout=5, retries=1, after=[identify],
+    )
+    async def rails(ctx, dut):
+        ctx.measurements.vdd_3v3 = (await dut.read_rails())["3V3"]
+
+A phase's parameters are filled by name: ``ctx`` is its :class:`PhaseContext`
+(measurements, log, attachments, DUT identity); ``resources`` the station's
+shared instruments; ``slot`` the slot's :class:`~sequencer.fixtures.SlotInfo`;
+``port`` the slot's port path; any other name is a fixture the product or the
+station must provide, which the product loader checks before anything runs.
+
+Phases run as soon as every phase they come ``after`` has passed; phases with
+no dependency between them run concurrently. A phase ends in a
+:class:`PhaseResult` (``None`` means ``CONTINUE``).
+"""
+
+from __future__ import annotations
+
+import enum
+import inspect
+import math
+import re
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, TypeAlias
+
+import attrs
+
+from sequencer.measurements import Measurement
+from sequencer.records import RunRecord
+
+#: Parameter names the engine fills itself; every other parameter is a fixture.
+BUILTIN_PARAMETERS = frozenset({"ctx", "resources", "slot", "port"})
+
+#: Teardowns must end even when their author set no timeout: an operator's
+#: Ctrl-C waits for them.
+DEFAULT_TEARDOWN_TIMEOUT_S = 30.0
+
+
+class PhaseResult(enum.Enum):
+    """What a phase asks of the engine when it returns."""
+
+    #: Judge the measurements and go on (the same as returning ``None``).
+    CONTINUE = "CONTINUE"
+    #: Run the phase again (not counted as a retry), up to ``repeat_limit`` times.
+    REPEAT = "REPEAT"
+    #: Record the phase as SKIPPED; its measurements are discarded.
+    SKIP = "SKIP"
+    #: Judge this phase, then stop the run: phases not yet started are SKIPPED,
+    #: teardowns still run.
+    STOP = "STOP"
+    #: Fail the phase whatever its measurements say.
+    FAIL = "FAIL"
+
+
+PhaseFunction: TypeAlias = Callable[..., Awaitable[PhaseResult | None]]
+RunPredicate: TypeAlias = Callable[[RunRecord], bool]
+
+
+@attrs.frozen
+class Phase:
+    """A phase declaration. Build one with :func:`phase`."""
+
+    fn: PhaseFunction = attrs.field(repr=False)
+    name: str
+    measurements: tuple[Measurement, ...] = ()
+    timeout: float | None = None
+    retries: int = 0
+    repeat_limit: int = 10
+    after: tuple[str, ...] = ()
+    run_if: RunPredicate | None = attrs.field(default=None, repr=False)
+    teardown: bool = False
+    description: str = ""
+    parameters: tuple[str, ...] = ()
+
+    @property
+    def fixtures(self) -> tuple[str, ...]:
+        """The fixtures this phase asks for, by name."""
+        return tuple(p for p in self.parameters if p not in BUILTIN_PARAMETERS)
+
+    @property
+    def effective_timeout(self) -> float | None:
+        if self.timeout is None and self.teardown:
+            return DEFAULT_TEARDOWN_TIMEOUT_S
+        return self.timeout
+
+    def measurement(self, name: str) -> Measurement | None:
+        for m in self.measurements:
+            if m.name == name:
+                return m
+        return None
+
+    def with_measurements(self, measurements: Iterable[Measurement]) -> Phase:
+        return attrs.evolve(self, measurements=tuple(measurements))
+
+    def __str__(self) -> str:
+        return self.name
+
+
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*")
+
+
+def phase(
+    fn: PhaseFunction | None = None,
+    *,
+    name: str | None = None,
+    measurements: Iterable[Measurement] = (),
+    timeout: float | None = None,
+    retries: int = 0,
+    repeat_limit: int = 10,
+    after: Iterable[Phase | str] = (),
+    run_if: RunPredicate | None = None,
+    teardown: bool = False,
+) -> Any:
+    """Declare a phase; use bare (``@phase``) or with options (``@phase(timeout=5)``).
+
+    Mistakes in the declaration itself (a sync function, a negative retry
+    count, a duplicated measurement) raise ``TypeError``/``ValueError`` naming
+    the phase at import time, so a product file that loads is well formed.
+    """
+
+    def build(f: PhaseFunction) -> Phase:
+        phase_name = name or f.__name__
+        where = f"phase {phase_name!r}"
+        if not inspect.iscoroutinefunction(f):
+            raise TypeError(f"{where}: {f.__qualname__} must be an async function (async def)")
+        if not _NAME.fullmatch(phase_name):
+            raise ValueError(f"{where}: name must start with a letter and use letters, digits, '_', '-', '.'")
+        if timeout is not None and (not isinstance(timeout, (int, float)) or not math.isfinite(timeout) or timeout <= 0):
+            raise ValueError(f"{where}: timeout must be a positive number of seconds, got {timeout!r}")
+        if not isinstance(retries, int) or retries < 0:
+            raise ValueError(f"{where}: retries must be a whole number >= 0, got {retries!r}")
+        if not isinstance(repeat_limit, int) or repeat_limit < 1:
+            raise ValueError(f"{where}: repeat_limit must be a whole number >= 1, got {repeat_limit!r}")
+        declared = tuple(measurements)
+        seen: set[str] = set()
+        for m in declared:
+            if not isinstance(m, Measurement):
+                raise TypeError(f"{where}: measurements must be Measurement objects, got {m!r}")
+            if m.name in seen:
+                raise ValueError(f"{where}: measurement {m.name!r} is declared twice")
+            seen.add(m.name)
+        params = []
+        for p in inspect.signature(f).parameters.values():
+            if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+                raise TypeError(f"{where}: *args/**kwargs cannot be injected; name each fixture")
+            if p.default is p.empty:
+                params.append(p.name)
+        deps = tuple(d.name if isinstance(d, Phase) else str(d) for d in after)
+        return Phase(
+            fn=f,
+            name=phase_name,
+            measurements=declared,
+            timeout=timeout,
+            retries=retries,
+            repeat_limit=repeat_limit,
+            after=deps,
+            run_if=run_if,
+            teardown=teardown,
+            description=inspect.getdoc(f) or "",
+            parameters=tuple(params),
+        )
+
+    if fn is not None:
+        return build(fn)
+    return build

@@ -1,0 +1,297 @@
+"""Products: a phase graph, the fixtures it needs, and the limits it is judged by.
+
+A product file is ordinary Python that defines ``product = Product(...)``.
+:func:`load_product` imports it, applies the limits file beside it and checks
+the graph, so every mistake an author can make is reported once, at load, as
+one line naming the file and the phase, before any DUT is touched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import sys
+import tomllib
+import traceback
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from sequencer.fixtures import FixtureFactory
+from sequencer.measurements import InRange, Measurement
+from sequencer.phase import Phase
+
+
+class ProductError(Exception):
+    """A product file, its graph or its limits are not usable. The message is one line."""
+
+
+@attrs.frozen
+class Product:
+    """What a station runs on every DUT.
+
+    ``phases`` lists the main phases and the teardowns (``teardown=True``);
+    ``fixtures`` maps a parameter name to the factory that builds it per slot;
+    ``resources`` names the shared station instruments the product uses.
+    """
+
+    name: str
+    phases: tuple[Phase, ...] = attrs.field(converter=tuple)
+    version: str = ""
+    description: str = ""
+    fixtures: Mapping[str, FixtureFactory] = attrs.field(factory=dict, converter=dict)
+    resources: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    stop_on_failure: bool = False
+
+    @property
+    def main_phases(self) -> tuple[Phase, ...]:
+        return tuple(p for p in self.phases if not p.teardown)
+
+    @property
+    def teardowns(self) -> tuple[Phase, ...]:
+        return tuple(p for p in self.phases if p.teardown)
+
+    def phase(self, name: str) -> Phase:
+        for p in self.phases:
+            if p.name == name:
+                return p
+        raise KeyError(name)
+
+
+@attrs.frozen
+class LoadedProduct:
+    """A product as a station runs it: limits applied, provenance kept for the record."""
+
+    product: Product
+    source: Path
+    limits_file: Path | None = None
+    limits_sha256: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self.product.name
+
+
+def load_product(
+    path: str | Path,
+    *,
+    limits: str | Path | None = None,
+    station_fixtures: Iterable[str] = (),
+    station_resources: Iterable[str] | None = None,
+) -> LoadedProduct:
+    """Import a product file, apply its limits and validate the whole graph.
+
+    ``limits`` defaults to ``<product stem>.limits.toml`` beside the product
+    file when that file exists. ``station_resources`` is checked only when
+    given (``sequencer check`` without a station cannot know them).
+    """
+    source = Path(path)
+    product = _import_product(source)
+    limits_path = Path(limits) if limits is not None else source.with_name(f"{source.stem}.limits.toml")
+    digest = None
+    if limits is not None or limits_path.exists():
+        product, digest = apply_limits_file(product, limits_path)
+    else:
+        limits_path = None
+    validate_product(product, source=source, station_fixtures=station_fixtures, station_resources=station_resources)
+    return LoadedProduct(product, source, limits_path, digest)
+
+
+def _import_product(source: Path) -> Product:
+    if not source.is_file():
+        raise ProductError(f"{source}: no such product file")
+    module_name = f"sequencer_product_{hashlib.sha1(str(source.resolve()).encode()).hexdigest()[:12]}"
+    spec = importlib.util.spec_from_file_location(module_name, source)
+    if spec is None or spec.loader is None:
+        raise ProductError(f"{source}: not a Python file")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    try:
+        spec.loader.exec_module(module)
+    except SyntaxError as exc:
+        sys.modules.pop(module_name, None)
+        raise ProductError(f"{source}:{exc.lineno}: syntax error: {exc.msg}") from None
+    except Exception as exc:
+        sys.modules.pop(module_name, None)
+        line = _line_in(source, exc)
+        raise ProductError(f"{source}{line}: does not import: {type(exc).__name__}: {exc}") from None
+    product = getattr(module, "product", None)
+    if not isinstance(product, Product):
+        raise ProductError(f"{source}: defines no `product = Product(...)`")
+    return product
+
+
+def _line_in(source: Path, exc: BaseException) -> str:
+    for frame in reversed(traceback.extract_tb(exc.__traceback__)):
+        if Path(frame.filename).resolve() == source.resolve():
+            return f":{frame.lineno}"
+    return ""
+
+
+def validate_product(
+    product: Product,
+    *,
+    source: Path | str = "<product>",
+    station_fixtures: Iterable[str] = (),
+    station_resources: Iterable[str] | None = None,
+) -> None:
+    """Raise :class:`ProductError` for the first thing wrong with the graph."""
+    where = str(source)
+    if not product.phases:
+        raise ProductError(f"{where}: product {product.name!r} has no phases")
+    names: dict[str, Phase] = {}
+    for p in product.phases:
+        if not isinstance(p, Phase):
+            raise ProductError(f"{where}: {p!r} is not a phase (decorate it with @phase)")
+        if p.name in names:
+            raise ProductError(f"{where}: phase {p.name!r}: the name is used twice")
+        names[p.name] = p
+    for p in product.phases:
+        for dep in p.after:
+            if dep not in names:
+                raise ProductError(f"{where}: phase {p.name!r}: depends on unknown phase {dep!r}")
+            if names[dep].teardown != p.teardown:
+                kind = "a teardown" if p.teardown else "a main phase"
+                raise ProductError(
+                    f"{where}: phase {p.name!r}: {kind} cannot depend on {dep!r}; teardowns run after every main phase"
+                )
+    cycle = find_cycle(product.phases)
+    if cycle:
+        raise ProductError(f"{where}: phase {cycle[0]!r}: dependency cycle {' -> '.join(cycle)}")
+    provided = set(product.fixtures) | set(station_fixtures)
+    for p in product.phases:
+        for fixture in p.fixtures:
+            if fixture not in provided:
+                offer = ", ".join(sorted(provided)) or "none"
+                raise ProductError(
+                    f"{where}: phase {p.name!r}: needs fixture {fixture!r}, which neither the product nor the "
+                    f"station provides (available: {offer})"
+                )
+    if station_resources is not None:
+        available = set(station_resources)
+        for r in product.resources:
+            if r not in available:
+                raise ProductError(
+                    f"{where}: product {product.name!r} needs station resource {r!r}, which the station does not declare"
+                )
+
+
+def find_cycle(phases: Iterable[Phase]) -> list[str] | None:
+    """A dependency cycle as a list of names (first name repeated last), or None."""
+    graph = {p.name: p.after for p in phases}
+    state: dict[str, int] = {}  # 1 = on the stack, 2 = done
+    stack: list[str] = []
+
+    def visit(n: str) -> list[str] | None:
+        state[n] = 1
+        stack.append(n)
+        for d in graph.get(n, ()):
+            if state.get(d) == 1:
+                return stack[stack.index(d) :] + [d]
+            if d not in state and d in graph:
+                found = visit(d)
+                if found:
+                    return found
+        stack.pop()
+        state[n] = 2
+        return None
+
+    for n in graph:
+        if n not in state:
+            found = visit(n)
+            if found:
+                return found
+    return None
+
+
+def layers(phases: Iterable[Phase]) -> list[list[str]]:
+    """Group phases by depth: layer k holds phases whose longest dependency chain has length k.
+
+    Phases in one layer can run concurrently. The graph must be acyclic.
+    """
+    graph = {p.name: p.after for p in phases}
+    depth: dict[str, int] = {}
+
+    def d(n: str) -> int:
+        if n not in depth:
+            depth[n] = 1 + max((d(x) for x in graph[n]), default=-1)
+        return depth[n]
+
+    out: list[list[str]] = []
+    for n in graph:
+        k = d(n)
+        while len(out) <= k:
+            out.append([])
+    for n in graph:
+        out[depth[n]].append(n)
+    return out
+
+
+_LIMIT_KEYS = ("low", "high", "marginal_low", "marginal_high")
+
+
+def apply_limits_file(product: Product, path: Path) -> tuple[Product, str]:
+    """Override ``in_range`` limits from a TOML file; returns the product and the file's SHA-256.
+
+    The file has one table per phase and one inline table per measurement::
+
+        [rails]
+        vdd_3v3 = { low = 3.2, high = 3.4, marginal_low = 3.25, marginal_high = 3.35 }
+
+    Keys not given keep the declared value. Unknown phases, measurements or
+    keys are errors: a typo in a limits file must not silently keep old limits.
+    """
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ProductError(f"{path}: cannot read limits file: {exc.strerror}") from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ProductError(f"{path}: limits file is not UTF-8 text") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ProductError(f"{path}: bad TOML: {exc}") from None
+    by_name = {p.name: p for p in product.phases}
+    replaced: dict[str, Phase] = {}
+    for phase_name, table in data.items():
+        if phase_name not in by_name:
+            raise ProductError(f"{path}: [{phase_name}]: product {product.name!r} has no such phase")
+        if not isinstance(table, dict):
+            raise ProductError(f"{path}: {phase_name}: expected a table of measurements")
+        ph = by_name[phase_name]
+        new_measurements = list(ph.measurements)
+        for m_name, limits in table.items():
+            where = f"{path}: [{phase_name}] {m_name}"
+            index = next((i for i, m in enumerate(new_measurements) if m.name == m_name), None)
+            if index is None:
+                raise ProductError(f"{where}: phase {phase_name!r} declares no such measurement")
+            if not isinstance(limits, dict):
+                raise ProductError(f"{where}: expected an inline table such as {{ low = 1.0, high = 2.0 }}")
+            unknown = set(limits) - set(_LIMIT_KEYS)
+            if unknown:
+                raise ProductError(f"{where}: unknown key {sorted(unknown)[0]!r} (allowed: {', '.join(_LIMIT_KEYS)})")
+            for k, v in limits.items():
+                if isinstance(v, bool) or not isinstance(v, (int, float)):
+                    raise ProductError(f"{where}: {k} must be a number, got {v!r}")
+            try:
+                new_measurements[index] = _override(new_measurements[index], limits)
+            except ValueError as exc:
+                raise ProductError(f"{where}: {exc}") from None
+        replaced[phase_name] = ph.with_measurements(new_measurements)
+    phases = tuple(replaced.get(p.name, p) for p in product.phases)
+    return attrs.evolve(product, phases=phases), hashlib.sha256(raw).hexdigest()
+
+
+def _override(m: Measurement, limits: Mapping[str, Any]) -> Measurement:
+    index = next((i for i, v in enumerate(m.validators) if isinstance(v, InRange)), None)
+    base = m.validators[index] if index is not None else InRange(low=limits.get("low"), high=limits.get("high"))
+    assert isinstance(base, InRange)
+    new = attrs.evolve(base, **{k: float(v) for k, v in limits.items()})  # validates low <= high etc.
+    validators = list(m.validators)
+    if index is None:
+        validators.append(new)
+    else:
+        validators[index] = new
+    return attrs.evolve(m, validators=tuple(validators))

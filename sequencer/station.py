@@ -1,0 +1,106 @@
+"""Running a product on every slot of a station at once.
+
+All slots run in one nursery. A slot cannot crash its neighbours: phase
+exceptions are records, not exceptions, and anything else that escapes one
+slot's engine (a bug) is logged and recorded for that slot alone. The only
+things that stop every slot are the operator (Ctrl-C / SIGTERM) and the store
+failing, because testing without recording is worse than not testing.
+
+Ctrl-C once: every slot is aborted, teardowns run, every run is recorded
+ABORTED. Ctrl-C twice: remaining teardowns are cut short too; the records are
+still flushed. The caller exits 130 when :attr:`StationResult.aborted`.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+
+import attrs
+import structlog
+import trio
+
+from sequencer.engine import RecordWriter, RunSettings, SlotControl, run_dut
+from sequencer.events import EventBus
+from sequencer.fixtures import FixtureFactory, SlotInfo
+from sequencer.product import LoadedProduct
+from sequencer.records import Outcome, RunRecord
+from sequencer.resources import SharedResource
+
+log = structlog.get_logger("sequencer.station")
+
+
+@attrs.frozen
+class StationResult:
+    runs: tuple[RunRecord, ...]
+    aborted: bool = False
+
+    @property
+    def all_passed(self) -> bool:
+        return bool(self.runs) and all(r.outcome is Outcome.PASS for r in self.runs)
+
+
+async def run_station(
+    product: LoadedProduct,
+    ports: Sequence[str],
+    *,
+    settings: RunSettings,
+    store: RecordWriter,
+    bus: EventBus,
+    resources: Mapping[str, SharedResource] | None = None,
+    fixtures: Mapping[str, FixtureFactory] | None = None,
+    handle_signals: bool = True,
+    on_abort: Callable[[int], Awaitable[None] | None] | None = None,
+) -> StationResult:
+    """Run ``product`` once on each port, concurrently; return every run's record.
+
+    With ``handle_signals`` (the CLI), SIGINT and SIGTERM abort the station as
+    described in the module docstring; tests drive the same path through the
+    returned controls by sending the process a real signal.
+    """
+    controls = [SlotControl() for _ in ports]
+    results: list[RunRecord | None] = [None] * len(ports)
+    aborts = 0
+
+    async def slot_task(index: int, port: str) -> None:
+        info = SlotInfo(index=index, port=port, station=settings.station)
+        try:
+            results[index] = await run_dut(
+                product, info, settings=settings, store=store, bus=bus,
+                resources=resources, fixtures=fixtures, control=controls[index],
+            )
+        except Exception:
+            # The engine records phase failures itself; reaching here is a bug
+            # in the engine or the store. Keep the other slots running.
+            log.exception("slot failed outside any phase", slot=index, port=port)
+
+    async def watch_signals(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        nonlocal aborts
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            task_status.started()
+            async for _ in signals:
+                aborts += 1
+                if aborts == 1:
+                    log.warning("abort requested: stopping every slot, running teardowns")
+                    for c in controls:
+                        c.abort()
+                else:
+                    log.warning("second abort: skipping remaining teardowns, flushing records")
+                    for c in controls:
+                        c.skip_teardowns()
+                if on_abort is not None:
+                    maybe = on_abort(aborts)
+                    if maybe is not None:
+                        await maybe
+
+    async with trio.open_nursery() as outer:
+        if handle_signals:
+            await outer.start(watch_signals)
+        async with trio.open_nursery() as slots:
+            for i, port in enumerate(ports):
+                slots.start_soon(slot_task, i, port)
+        outer.cancel_scope.cancel()
+    return StationResult(
+        runs=tuple(r for r in results if r is not None),
+        aborted=any(c.aborted for c in controls),
+    )
