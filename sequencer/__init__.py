@@ -1,1 +1,26 @@
-"""sequencer: an async test sequencer for factory test and provisioning, built on trio."""
+"""sequencer: an async test sequencer for factory test and provisioning, built on trio.
+
+The names a product file needs::
+
+    from sequencer import Measurement, PhaseResult, Product, phase
+"""
+
+from sequencer.measurements import Measurement, custom, equals, in_range, matches, one_of, within_percent
+from sequencer.phase import Phase, PhaseResult, phase
+from sequencer.product import Product
+from sequencer.records import Outcome
+
+__all__ = [
+    "Measurement",
+    "Outcome",
+    "Phase",
+    "PhaseResult",
+    "Product",
+    "custom",
+    "equals",
+    "in_range",
+    "matches",
+    "one_of",
+    "phase",
+    "within_percent",
+]

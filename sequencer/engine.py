@@ -162,6 +162,7 @@ class _SlotRun:
         self.dut: dict[str, str] = {}
         self.committed: list[PhaseRecord] = []
         self.done = {p.name: trio.Event() for p in self.product.phases}
+        self.recorded: set[str] = set()
         self.stop_reason: str | None = None
         self.in_flight: dict[str, trio.CancelScope] = {}
         self.started_at: dict[str, Any] = {}
@@ -210,7 +211,7 @@ class _SlotRun:
     async def _record_unfinished(self, phases: tuple[Phase, ...]) -> None:
         """Record every phase that has no record yet (after an abort or a stop)."""
         for p in phases:
-            if self.done[p.name].is_set():
+            if p.name in self.recorded:
                 continue
             if p.name in self.partial:
                 attempts, log, attachments = self.partial[p.name]
@@ -241,8 +242,6 @@ class _SlotRun:
     async def _phase_task(self, p: Phase) -> None:
         for dep in p.after:
             await self.done[dep].wait()
-        if self.done[p.name].is_set():  # pragma: no cover - recorded by a stop elsewhere
-            return
         if self.stop_reason is not None:
             await self._commit(p, self._skipped(p, self.stop_reason))
             return
@@ -252,11 +251,7 @@ class _SlotRun:
             if dep_outcome is not Outcome.PASS:
                 await self._commit(p, self._skipped(p, f"dependency {dep!r} ended {dep_outcome.value}"))
                 return
-        record = await self._run_and_commit(p)
-        if record is None:
-            return
-        if record.outcome.is_failure and self.product.stop_on_failure:
-            self._stop(f"run stopped: phase {p.name!r} ended {record.outcome.value}")
+        await self._run_and_commit(p)
 
     def _stop(self, reason: str) -> None:
         if self.stop_reason is None:
@@ -280,19 +275,24 @@ class _SlotRun:
                 await self._commit(p, record)
                 return record
         record, result = await self._execute(p)
-        await self._commit(p, record)
+        # Decide on stopping before the commit wakes this phase's dependents.
         if result is PhaseResult.STOP:
             self._stop(f"run stopped by phase {p.name!r}")
+        elif record.outcome.is_failure and self.product.stop_on_failure and not p.teardown:
+            self._stop(f"run stopped: phase {p.name!r} ended {record.outcome.value}")
+        await self._commit(p, record)
         return record
 
     async def _commit(self, p: Phase, record: PhaseRecord) -> None:
-        if self.done[p.name].is_set():
+        if p.name in self.recorded:
             return
+        self.recorded.add(p.name)
         index = len(self.committed)
         self.committed.append(record)
-        self.done[p.name].set()  # set before the await so no one records it twice
         with trio.CancelScope(shield=True):
             await self.store.commit_phase(self.header.run_id, index, record, dict(self.dut))
+        # Only now may dependents start: what they build on is on disk.
+        self.done[p.name].set()
         self.bus.publish(PhaseFinished(self.header.run_id, self.header.slot, record))
 
     # -- one phase -------------------------------------------------------

@@ -55,8 +55,8 @@ def configure_logging(log_file: Path | None, *, verbose: bool = False) -> TextIO
     if stream is None:
         structlog.configure(
             processors=processors + [structlog.processors.JSONRenderer()],
-            wrapper_class=structlog.make_filtering_bound_logger(logging.CRITICAL + 1),
-            logger_factory=structlog.PrintLoggerFactory(),
+            wrapper_class=structlog.make_filtering_bound_logger(logging.CRITICAL),
+            logger_factory=structlog.ReturnLoggerFactory(),
             cache_logger_on_first_use=False,
         )
         return None

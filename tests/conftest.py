@@ -1,0 +1,68 @@
+"""Shared test helpers: a real local store and a one-call way to run a product on N slots."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+import structlog
+
+from reports.store import LocalStore
+from sequencer.engine import RunSettings
+from sequencer.events import EventBus
+from sequencer.product import LoadedProduct, Product, validate_product
+from sequencer.records import RunRecord
+from sequencer.resources import SharedResource
+from sequencer.station import run_station
+
+
+@pytest.fixture(autouse=True)
+def quiet_structlog() -> None:
+    # Engine logs would otherwise print to stdout in every test.
+    import logging
+
+    structlog.configure(
+        processors=[structlog.processors.JSONRenderer()],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.CRITICAL),
+        logger_factory=structlog.ReturnLoggerFactory(),
+        cache_logger_on_first_use=False,
+    )
+
+
+@pytest.fixture
+def store_path(tmp_path: Path) -> Path:
+    return tmp_path / "store.sqlite"
+
+
+async def run_product(
+    product: Product,
+    store_path: Path,
+    *,
+    slots: int = 1,
+    ports: Sequence[str] | None = None,
+    resources: Mapping[str, SharedResource] | None = None,
+    bus: EventBus | None = None,
+) -> list[RunRecord]:
+    """Validate and run ``product`` on ``slots`` slots against a real store; return the records."""
+    validate_product(product)
+    store = LocalStore.open(store_path, station=True)
+    try:
+        async with store.writer():
+            result = await run_station(
+                LoadedProduct(product, Path("<test>")),
+                list(ports or [f"/dev/sim{i}" for i in range(slots)]),
+                settings=RunSettings(station="test-station", operator="tester", batch="B1"),
+                store=store,
+                bus=bus or EventBus(),
+                resources=resources,
+                handle_signals=False,
+            )
+    finally:
+        store.close()
+    return sorted(result.runs, key=lambda r: r.slot)
+
+
+def outcomes(run: RunRecord) -> dict[str, Any]:
+    return {p.name: p.outcome.value for p in run.phases}

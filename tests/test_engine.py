@@ -1,0 +1,421 @@
+"""Engine semantics on one and many slots, against the real local store."""
+
+from __future__ import annotations
+
+import time
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+import trio
+
+from reports.store import LocalStore
+from sequencer import Measurement, PhaseResult, Product, phase
+from sequencer.events import EventBus, MeasurementTaken, PhaseFinished, RunFinished
+from sequencer.records import MeasurementOutcome, Outcome
+from sequencer.resources import SharedResource
+from tests.conftest import outcomes, run_product
+
+
+async def test_independent_phases_run_concurrently(store_path: Path) -> None:
+    # Each phase waits for the other to have started: this only finishes if
+    # they really run at the same time.
+    a_started, b_started = trio.Event(), trio.Event()
+
+    @phase(timeout=2)
+    async def a() -> None:
+        a_started.set()
+        await b_started.wait()
+
+    @phase(timeout=2)
+    async def b() -> None:
+        b_started.set()
+        await a_started.wait()
+
+    [run] = await run_product(Product("p", [a, b]), store_path)
+    assert outcomes(run) == {"a": "PASS", "b": "PASS"}
+    assert run.outcome is Outcome.PASS
+
+
+async def test_dependent_waits_and_is_skipped_when_dependency_fails(store_path: Path) -> None:
+    order: list[str] = []
+
+    @phase(measurements=[Measurement("x").in_range(0, 1)])
+    async def first(ctx) -> None:
+        order.append("first")
+        ctx.measurements.x = 5
+
+    @phase(after=[first])
+    async def second() -> None:
+        order.append("second")
+
+    @phase(after=[second])
+    async def third() -> None:
+        order.append("third")
+
+    @phase
+    async def unrelated() -> None:
+        order.append("unrelated")
+
+    [run] = await run_product(Product("p", [first, second, third, unrelated]), store_path)
+    assert outcomes(run) == {"first": "FAIL", "second": "SKIPPED", "third": "SKIPPED", "unrelated": "PASS"}
+    assert run.phase("second").reason == "dependency 'first' ended FAIL"
+    assert run.phase("third").reason == "dependency 'second' ended SKIPPED"
+    assert "second" not in order and "third" not in order
+    assert run.outcome is Outcome.FAIL
+    assert run.phase("first").measurements[0].reason == "5 is above 1"
+
+
+async def test_retries_record_every_attempt(store_path: Path) -> None:
+    calls = 0
+
+    @phase(retries=2, measurements=[Measurement("attempt_value").equals(3)])
+    async def flaky(ctx) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise OSError("port glitch")
+        ctx.measurements.attempt_value = calls
+
+    [run] = await run_product(Product("p", [flaky]), store_path)
+    rec = run.phase("flaky")
+    assert [a.outcome.value for a in rec.attempts] == ["ERROR", "FAIL", "PASS"]
+    assert rec.attempts[0].error.type == "OSError"
+    assert "port glitch" in rec.attempts[0].error.traceback
+    assert rec.outcome is Outcome.PASS
+
+
+async def test_retries_are_bounded(store_path: Path) -> None:
+    @phase(retries=1)
+    async def always_fails() -> PhaseResult:
+        return PhaseResult.FAIL
+
+    [run] = await run_product(Product("p", [always_fails]), store_path)
+    assert [a.outcome for a in run.phase("always_fails").attempts] == [Outcome.FAIL, Outcome.FAIL]
+
+
+async def test_timeout_is_enforced_for_a_phase_blocked_in_a_thread(store_path: Path) -> None:
+    @phase(timeout=0.3)
+    async def stuck() -> None:
+        # A blocking driver call that never returns in time. Abandoning the
+        # thread on cancel is what lets the engine move on promptly.
+        await trio.to_thread.run_sync(time.sleep, 5, abandon_on_cancel=True)
+
+    @phase(teardown=True)
+    async def cleanup() -> None:
+        pass
+
+    start = trio.current_time()
+    [run] = await run_product(Product("p", [stuck, cleanup]), store_path)
+    assert trio.current_time() - start < 2.5
+    assert run.phase("stuck").outcome is Outcome.TIMEOUT
+    assert run.phase("stuck").reason == "timed out after 0.3 s"
+    assert run.phase("cleanup").outcome is Outcome.PASS
+    assert run.outcome is Outcome.TIMEOUT
+
+
+async def test_timeout_then_retry_passes(store_path: Path) -> None:
+    attempts = 0
+
+    @phase(timeout=0.1, retries=1)
+    async def slow_once() -> None:
+        nonlocal attempts
+        attempts += 1
+        if attempts == 1:
+            await trio.sleep(10)
+
+    [run] = await run_product(Product("p", [slow_once]), store_path)
+    assert [a.outcome for a in run.phase("slow_once").attempts] == [Outcome.TIMEOUT, Outcome.PASS]
+
+
+async def test_teardown_runs_after_failure_and_sees_the_record(store_path: Path) -> None:
+    seen: list[str] = []
+
+    @phase
+    async def broken() -> None:
+        raise RuntimeError("DUT on fire")
+
+    @phase(teardown=True)
+    async def power_off(ctx) -> None:
+        seen.append(ctx.record.phase("broken").outcome.value)
+
+    [run] = await run_product(Product("p", [broken, power_off]), store_path)
+    assert seen == ["ERROR"]
+    assert run.phase("power_off").outcome is Outcome.PASS
+    assert run.phase("power_off").teardown
+
+
+async def test_unset_and_undeclared_measurements(store_path: Path) -> None:
+    @phase(measurements=[Measurement("a"), Measurement("b")])
+    async def forgets_b(ctx) -> None:
+        ctx.measurements.a = 1
+
+    @phase(measurements=[Measurement("a")])
+    async def sets_undeclared(ctx) -> None:
+        ctx.measurements.typo = 1
+
+    [run] = await run_product(Product("p", [forgets_b, sets_undeclared]), store_path)
+    rec = run.phase("forgets_b")
+    assert rec.outcome is Outcome.FAIL
+    assert rec.reason == "measurement 'b' was never set"
+    assert [m.outcome for m in rec.measurements] == [MeasurementOutcome.PASS, MeasurementOutcome.UNSET]
+    bad = run.phase("sets_undeclared")
+    assert bad.outcome is Outcome.ERROR
+    assert "measurement 'typo' is not declared" in bad.reason
+
+
+async def test_phase_results_repeat_skip_fail_stop(store_path: Path) -> None:
+    count = 0
+
+    @phase(repeat_limit=5)
+    async def repeats() -> PhaseResult | None:
+        nonlocal count
+        count += 1
+        return PhaseResult.REPEAT if count < 3 else None
+
+    @phase(after=[repeats])
+    async def skips() -> PhaseResult:
+        return PhaseResult.SKIP
+
+    @phase(after=[repeats])
+    async def stops() -> PhaseResult:
+        return PhaseResult.STOP
+
+    @phase(after=[stops])
+    async def never() -> None:
+        raise AssertionError("must not run after STOP")
+
+    @phase(teardown=True)
+    async def td() -> None:
+        pass
+
+    [run] = await run_product(Product("p", [repeats, skips, stops, never, td]), store_path)
+    assert len(run.phase("repeats").attempts) == 3
+    assert run.phase("skips").outcome is Outcome.SKIPPED
+    assert run.phase("stops").outcome is Outcome.PASS
+    assert run.phase("never").outcome is Outcome.SKIPPED
+    assert run.phase("never").reason == "run stopped by phase 'stops'"
+    assert run.phase("td").outcome is Outcome.PASS
+
+
+async def test_repeat_limit_fails_the_phase(store_path: Path) -> None:
+    @phase(repeat_limit=3)
+    async def forever() -> PhaseResult:
+        return PhaseResult.REPEAT
+
+    [run] = await run_product(Product("p", [forever]), store_path)
+    rec = run.phase("forever")
+    assert rec.outcome is Outcome.FAIL and len(rec.attempts) == 3
+    assert rec.reason == "repeat limit 3 reached"
+
+
+async def test_stop_on_failure_aborts_in_flight_and_skips_pending(store_path: Path) -> None:
+    @phase
+    async def fails() -> PhaseResult:
+        await trio.sleep(0.05)
+        return PhaseResult.FAIL
+
+    @phase
+    async def long_running() -> None:
+        await trio.sleep(10)
+
+    @phase(after=[long_running])
+    async def later() -> None:
+        pass
+
+    @phase(teardown=True)
+    async def td() -> None:
+        pass
+
+    product = Product("p", [fails, long_running, later, td], stop_on_failure=True)
+    start = trio.current_time()
+    [run] = await run_product(product, store_path)
+    assert trio.current_time() - start < 5
+    assert outcomes(run) == {"fails": "FAIL", "long_running": "ABORTED", "later": "SKIPPED", "td": "PASS"}
+    assert run.phase("long_running").reason == "run stopped: phase 'fails' ended FAIL"
+    assert run.outcome is Outcome.ABORTED
+
+
+async def test_run_if_branches_on_the_record(store_path: Path) -> None:
+    @phase
+    async def identify(ctx) -> None:
+        ctx.identify(serial="SN1", hw="B")
+
+    @phase(after=[identify], run_if=lambda r: r.dut.get("hw") == "A")
+    async def rev_a_only() -> None:
+        pass
+
+    @phase(after=[identify], run_if=lambda r: r.dut.get("hw") == "B")
+    async def rev_b_only() -> None:
+        pass
+
+    [run] = await run_product(Product("p", [identify, rev_a_only, rev_b_only]), store_path)
+    assert outcomes(run) == {"identify": "PASS", "rev_a_only": "SKIPPED", "rev_b_only": "PASS"}
+    assert run.phase("rev_a_only").reason == "run_if was false"
+    assert run.dut == {"hw": "B", "serial": "SN1"}
+
+
+async def test_exception_in_one_slot_does_not_touch_the_others(store_path: Path) -> None:
+    @phase(measurements=[Measurement("slot_number")])
+    async def work(ctx, slot) -> None:
+        if slot.index == 2:
+            raise ZeroDivisionError("only on slot 2")
+        await trio.sleep(0.01)
+        ctx.measurements.slot_number = slot.index
+
+    runs = await run_product(Product("p", [work]), store_path, slots=5)
+    assert [r.outcome for r in runs] == [Outcome.PASS] * 2 + [Outcome.ERROR] + [Outcome.PASS] * 2
+    assert [r.phase("work").measurements[0].value for r in runs if r.slot != 2] == [0, 1, 3, 4]
+
+
+async def test_fixtures_are_built_per_slot_on_first_use_and_closed(store_path: Path) -> None:
+    opened: list[str] = []
+    closed: list[str] = []
+
+    def console(slot):
+        @asynccontextmanager
+        async def open_console():
+            opened.append(slot.port)
+            try:
+                yield f"console on {slot.port}"
+            finally:
+                closed.append(slot.port)
+
+        return open_console()
+
+    @phase(measurements=[Measurement("name")])
+    async def one(ctx, dut) -> None:
+        ctx.measurements.name = dut
+
+    @phase(measurements=[Measurement("name")])
+    async def two(ctx, dut) -> None:
+        ctx.measurements.name = dut
+
+    runs = await run_product(Product("p", [one, two], fixtures={"dut": console}), store_path, ports=["/dev/a", "/dev/b"])
+    assert sorted(opened) == ["/dev/a", "/dev/b"]  # once per slot, though two phases use it
+    assert sorted(closed) == ["/dev/a", "/dev/b"]
+    assert runs[1].phase("two").measurements[0].value == "console on /dev/b"
+
+
+async def test_shared_resource_queues_slots_and_records_wait(store_path: Path) -> None:
+    holders = 0
+    peak = 0
+
+    @phase
+    async def use_dmm(resources) -> None:
+        nonlocal holders, peak
+        async with resources["dmm"] as dmm:
+            assert dmm == "the-dmm"
+            holders += 1
+            peak = max(peak, holders)
+            await trio.sleep(0.05)
+            holders -= 1
+
+    dmm = SharedResource("dmm", capacity=1, instrument="the-dmm")
+    runs = await run_product(Product("p", [use_dmm], resources=["dmm"]), store_path, slots=4, resources={"dmm": dmm})
+    assert peak == 1
+    waits = sorted(r.phase("use_dmm").resource_wait_s for r in runs)
+    assert waits[0] < 0.03 and waits[-1] >= 0.12  # the last slot queued behind three others
+
+
+async def test_events_stream_and_every_phase_is_committed(store_path: Path) -> None:
+    bus = EventBus()
+    events = bus.subscribe("test", buffer=1000)
+
+    @phase(measurements=[Measurement("v", units="V").in_range(1, 2, marginal=(1.2, 1.8))])
+    async def measure(ctx) -> None:
+        ctx.measurements.v = 1.9
+
+    [run] = await run_product(Product("p", [measure]), store_path, bus=bus)
+    got = []
+    while True:
+        try:
+            got.append(events.receive_nowait())
+        except trio.WouldBlock:
+            break
+    kinds = [type(e).__name__ for e in got]
+    assert kinds == ["RunStarted", "PhaseStarted", "MeasurementTaken", "PhaseFinished", "RunFinished"]
+    taken = next(e for e in got if isinstance(e, MeasurementTaken))
+    assert taken.measurement.marginal and taken.measurement.outcome is MeasurementOutcome.PASS
+    assert isinstance(got[-1], RunFinished) and got[-1].run.marginal
+    store = LocalStore.open(store_path)
+    assert store.get_run(run.run_id) == run
+    store.close()
+
+
+async def test_slow_subscriber_never_blocks_testing(store_path: Path) -> None:
+    bus = EventBus()
+    bus.subscribe("stalled", buffer=2)  # never read
+
+    @phase
+    async def quick() -> None:
+        pass
+
+    runs = await run_product(Product("p", [quick]), store_path, slots=10, bus=bus)
+    assert all(r.outcome is Outcome.PASS for r in runs)
+    assert bus.dropped["stalled"] > 0
+
+
+async def test_records_are_committed_before_dependents_start(store_path: Path) -> None:
+    seen_in_store: list[bool] = []
+
+    @phase
+    async def first() -> None:
+        pass
+
+    @phase(after=[first])
+    async def second(ctx) -> None:
+        reader = LocalStore.open(store_path)
+        run = reader.get_run(ctx.record.run_id)
+        reader.close()
+        seen_in_store.append(run is not None and run.phase("first") is not None)
+
+    await run_product(Product("p", [first, second]), store_path)
+    assert seen_in_store == [True]
+
+
+async def test_abort_records_every_phase_and_runs_teardowns(store_path: Path) -> None:
+    from sequencer.engine import RunSettings, SlotControl, run_dut
+    from sequencer.fixtures import SlotInfo
+    from sequencer.product import LoadedProduct
+
+    @phase
+    async def long_one(ctx) -> None:
+        ctx.log.info("started the long one")
+        await trio.sleep(30)
+
+    @phase(after=[long_one])
+    async def after_long() -> None:
+        pass
+
+    @phase(teardown=True)
+    async def td() -> None:
+        await trio.sleep(0.05)  # teardowns still get to await after an abort
+
+    product = Product("p", [long_one, after_long, td])
+    store = LocalStore.open(store_path, station=True)
+    control = SlotControl()
+    async with store.writer():
+        async with trio.open_nursery() as nursery:
+            async def go() -> None:
+                nonlocal run
+                run = await run_dut(LoadedProduct(product, Path("x")), SlotInfo(0, "/dev/x", "st"),
+                                    settings=RunSettings("st"), store=store, bus=EventBus(), control=control)
+            run = None
+            nursery.start_soon(go)
+            await trio.sleep(0.1)
+            control.abort()
+    store.close()
+    assert run.outcome is Outcome.ABORTED
+    assert outcomes(run) == {"long_one": "ABORTED", "after_long": "SKIPPED", "td": "PASS"}
+    assert run.phase("long_one").logs[0].message == "started the long one"
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+async def test_non_finite_values_fail(store_path: Path, bad: float) -> None:
+    @phase(measurements=[Measurement("x")])
+    async def produce(ctx) -> None:
+        ctx.measurements.x = bad
+
+    [run] = await run_product(Product("p", [produce]), store_path)
+    assert run.phase("produce").outcome is Outcome.FAIL

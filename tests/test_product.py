@@ -1,0 +1,145 @@
+"""Product files: loading, graph validation and limits files, each error one line naming the place."""
+
+from __future__ import annotations
+
+import hashlib
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from sequencer import Measurement, Product, phase
+from sequencer.product import ProductError, layers, load_product, validate_product
+
+HEADER = "from sequencer import Measurement, Product, phase\n"
+
+
+def write(tmp_path: Path, body: str, name: str = "prod.py") -> Path:
+    p = tmp_path / name
+    p.write_text(HEADER + textwrap.dedent(body))
+    return p
+
+
+GOOD = """
+@phase(measurements=[Measurement("vdd", units="V").in_range(3.2, 3.4)])
+async def rails(ctx):
+    ctx.measurements.vdd = 3.3
+
+@phase(after=[rails])
+async def sensor(ctx):
+    pass
+
+@phase(after=[rails])
+async def selftest(ctx):
+    pass
+
+@phase(teardown=True)
+async def power_off(ctx):
+    pass
+
+product = Product("widget", [rails, sensor, selftest, power_off], version="1.0")
+"""
+
+
+async def noop() -> None:
+    pass
+
+
+def test_good_product_loads_and_layers(tmp_path: Path) -> None:
+    loaded = load_product(write(tmp_path, GOOD))
+    assert loaded.name == "widget"
+    assert loaded.limits_file is None
+    assert layers(loaded.product.main_phases) == [["rails"], ["sensor", "selftest"]]
+
+
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ("product = Product('x', [)\n", r"prod.py:2: syntax error"),
+        ("import not_a_module_anywhere\n", r"prod.py:2: does not import: ModuleNotFoundError"),
+        ("x = 1\n", r"prod.py: defines no `product = Product\(...\)`"),
+        ("def f(): pass\nproduct = Product('x', [f])\n", r"is not a phase \(decorate it with @phase\)"),
+        ("@phase\ndef sync(ctx): pass\n", r"phase 'sync': .*must be an async function"),
+        ("@phase(timeout=-1)\nasync def t(): pass\n", r"phase 't': timeout must be a positive number"),
+    ],
+)
+def test_product_file_errors_name_the_file(tmp_path: Path, body: str, message: str) -> None:
+    with pytest.raises(ProductError, match=message) as info:
+        load_product(write(tmp_path, body))
+    assert "\n" not in str(info.value)
+
+
+def test_missing_product_file(tmp_path: Path) -> None:
+    with pytest.raises(ProductError, match="no such product file"):
+        load_product(tmp_path / "nope.py")
+
+
+def test_graph_errors_name_the_phase() -> None:
+    a = phase(noop, name="a")
+    b = phase(noop, name="b", after=["a"])
+    with pytest.raises(ProductError, match="phase 'a': the name is used twice"):
+        validate_product(Product("p", [a, a]))
+    with pytest.raises(ProductError, match="phase 'b': depends on unknown phase 'a'"):
+        validate_product(Product("p", [b]))
+    c1 = phase(noop, name="c1", after=["c3"])
+    c2 = phase(noop, name="c2", after=["c1"])
+    c3 = phase(noop, name="c3", after=["c2"])
+    with pytest.raises(ProductError, match=r"dependency cycle c1 -> c3 -> c2 -> c1"):
+        validate_product(Product("p", [c1, c2, c3]))
+    td = phase(noop, name="td", teardown=True, after=["a"])
+    with pytest.raises(ProductError, match="phase 'td': a teardown cannot depend on 'a'"):
+        validate_product(Product("p", [a, td]))
+
+
+def test_missing_fixture_and_resource_are_named() -> None:
+    async def needs_dmm(ctx, dmm) -> None:
+        pass
+
+    p = phase(needs_dmm)
+    with pytest.raises(ProductError, match="phase 'needs_dmm': needs fixture 'dmm', which neither"):
+        validate_product(Product("p", [p]))
+    validate_product(Product("p", [p]), station_fixtures=["dmm"])
+    with pytest.raises(ProductError, match="needs station resource 'shield_box'"):
+        validate_product(Product("p", [phase(noop)], resources=["shield_box"]), station_resources=[])
+
+
+def test_limits_file_overrides_and_is_hashed(tmp_path: Path) -> None:
+    src = write(tmp_path, GOOD)
+    limits = tmp_path / "prod.limits.toml"
+    limits.write_text("[rails]\nvdd = { low = 3.25, high = 3.35, marginal_low = 3.27 }\n")
+    loaded = load_product(src)
+    assert loaded.limits_file == limits
+    assert loaded.limits_sha256 == hashlib.sha256(limits.read_bytes()).hexdigest()
+    m = loaded.product.phase("rails").measurement("vdd")
+    assert m.limits.low == 3.25 and m.limits.high == 3.35 and m.limits.marginal_low == 3.27
+    assert len(m.validators) == 1
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("[rails\n", r"bad TOML"),
+        ("[rails]\nvdd = { low = 3.5, high = 3.4 }\n", r"\[rails\] vdd: in_range low 3.5 is greater than high 3.4"),
+        ("[nope]\nvdd = { low = 1 }\n", r"\[nope\]: product 'widget' has no such phase"),
+        ("[rails]\nvbat = { low = 1 }\n", r"\[rails\] vbat: phase 'rails' declares no such measurement"),
+        ("[rails]\nvdd = { lo = 1 }\n", r"\[rails\] vdd: unknown key 'lo'"),
+        ("[rails]\nvdd = { low = 'one' }\n", r"\[rails\] vdd: low must be a number"),
+        ("[rails]\nvdd = 3\n", r"expected an inline table"),
+    ],
+)
+def test_bad_limits_files(tmp_path: Path, text: str, message: str) -> None:
+    src = write(tmp_path, GOOD)
+    (tmp_path / "prod.limits.toml").write_text(text)
+    with pytest.raises(ProductError, match=message) as info:
+        load_product(src)
+    assert str(tmp_path / "prod.limits.toml") in str(info.value)
+
+
+def test_explicit_limits_file_must_exist(tmp_path: Path) -> None:
+    with pytest.raises(ProductError, match="cannot read limits file"):
+        load_product(write(tmp_path, GOOD), limits=tmp_path / "missing.toml")
+
+
+def test_measurement_declared_twice_is_rejected() -> None:
+    with pytest.raises(ValueError, match="measurement 'x' is declared twice"):
+        phase(noop, name="p", measurements=[Measurement("x"), Measurement("x")])
