@@ -170,6 +170,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         args.product, limits=args.limits, station_fixtures=STATION_FIXTURES,
         station_resources=None,
     )
+    _raise_open_file_limit()
     store = LocalStore.open(config.store, station=True)
     console = Console(highlight=False)
     if store.interrupted_on_open:
@@ -184,6 +185,15 @@ def cmd_run(args: argparse.Namespace) -> int:
             log_handle.close()
     runs, aborted = result
     return _finish_run(runs, aborted, config, loaded, console)
+
+
+def _raise_open_file_limit() -> None:
+    """Each open port costs several descriptors; 256 slots exceed the usual soft limit of 1024."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else 65536, hard))
 
 
 def check_port(port: str) -> None:
@@ -210,12 +220,13 @@ async def _run_station(
     async with AsyncExitStack() as stack:
         await stack.enter_async_context(store.writer())
         ports = list(config.ports)
+        devices: list[Any] = []
         if config.sim:
             from fixtures.sim.farm import open_farm
 
             devices = await stack.enter_async_context(open_farm(config.sim, seed=config.seed))
             ports = [d.path for d in devices]
-        resources = await _open_resources(stack, loaded, config)
+        resources = await _open_resources(stack, loaded, config, devices)
         display = StationDisplay(ports, len(loaded.product.phases))
         events = bus.subscribe("display", buffer=4096)
         interactive = live and console.is_terminal
@@ -235,24 +246,35 @@ async def _run_station(
     return list(result.runs), result.aborted
 
 
-async def _open_resources(stack: AsyncExitStack, loaded: LoadedProduct, config: StationConfig) -> dict[str, Any]:
+async def _open_resources(
+    stack: AsyncExitStack, loaded: LoadedProduct, config: StationConfig, devices: list[Any]
+) -> dict[str, Any]:
+    """Open every shared instrument the product needs, simulated or from the station file."""
     from sequencer.resources import SharedResource
 
     resources: dict[str, SharedResource] = {}
-    for name in loaded.product.resources:
+    for name, kind in loaded.product.resources.items():
         declared = config.resources.get(name)
-        instrument = None
-        if config.sim or (declared is not None and declared.port == "sim"):
+        if declared is not None and declared.instrument is not None:
+            kind = declared.instrument
+        if config.sim:
             from fixtures.sim.instruments import open_simulated_instrument
 
-            instrument = await stack.enter_async_context(open_simulated_instrument(name, seed=config.seed))
+            instrument = await stack.enter_async_context(
+                open_simulated_instrument(kind, devices, seed=config.seed)
+            )
         elif declared is None:
-            raise UsageError(f"product {loaded.name!r} needs station resource {name!r}: declare [resources.{name}] "
-                             f"in the station file")
-        elif declared.instrument is not None:
-            from fixtures.instruments import open_instrument
-
-            instrument = await stack.enter_async_context(open_instrument(declared.instrument, declared.port))
+            raise UsageError(
+                f"product {loaded.name!r} needs station resource {name!r}: declare [resources.{name}] in the "
+                "station file"
+            )
+        elif kind is None:
+            instrument = None
+        else:
+            raise UsageError(
+                f"{config.source or 'station'}: resources.{name}: instrument {kind!r} needs a switch-matrix "
+                "driver to share it across slots, and none is configured yet"
+            )
         capacity = declared.capacity if declared is not None else 1
         resources[name] = SharedResource(name, capacity, instrument)
     return resources
@@ -265,14 +287,22 @@ def _finish_run(
     from sequencer.display import summary_table
 
     console.print(summary_table(runs))
-    report_dir = config.reports / config.batch_or_default
-    report_dir.mkdir(parents=True, exist_ok=True)
-    for r in runs:
-        write_html(report_dir / f"{r.run_id}.html", render_run(r))
-    batch_path = report_dir / "index.html"
-    write_html(batch_path, render_batch(runs, title=f"{loaded.name} — {config.batch_or_default}"))
     passed = sum(r.outcome is Outcome.PASS for r in runs)
-    console.print(f"{passed}/{len(runs)} passed.  Report: {batch_path}  (per-run reports beside it)")
+    report_dir = config.reports / config.batch_or_default
+    batch_path = report_dir / "index.html"
+    try:
+        report_dir.mkdir(parents=True, exist_ok=True)
+        for r in runs:
+            write_html(report_dir / f"{r.run_id}.html", render_run(r))
+        write_html(batch_path, render_batch(runs, title=f"{loaded.name} — {config.batch_or_default}"))
+    except Exception as exc:
+        # The records are safe in the store; a report can be written later
+        # with `sequencer report`. Say so rather than lose the exit code.
+        console.print(f"[red]could not write the HTML report in {report_dir}: {type(exc).__name__}: {exc}[/red]"
+                      f"  (records are in {config.store}; retry with `sequencer report --batch ...`)")
+        console.print(f"{passed}/{len(runs)} passed.")
+    else:
+        console.print(f"{passed}/{len(runs)} passed.  Report: {batch_path}  (per-run reports beside it)")
     if aborted:
         console.print("[yellow]aborted by the operator; every run was recorded ABORTED[/yellow]")
         return EXIT_ABORTED

@@ -98,6 +98,14 @@ class Phase:
     def with_measurements(self, measurements: Iterable[Measurement]) -> Phase:
         return attrs.evolve(self, measurements=tuple(measurements))
 
+    def depends_on(self, *phases: Phase | str) -> Phase:
+        """This phase, to run after ``phases``: how a product wires a reusable phase into its graph."""
+        return attrs.evolve(self, after=tuple(p.name if isinstance(p, Phase) else str(p) for p in phases))
+
+    def configured(self, **options: Any) -> Phase:
+        """This phase with other options (``timeout``, ``retries``, ``name``, ...)."""
+        return attrs.evolve(self, **options)
+
     def __str__(self) -> str:
         return self.name
 

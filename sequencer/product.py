@@ -28,6 +28,12 @@ class ProductError(Exception):
     """A product file, its graph or its limits are not usable. The message is one line."""
 
 
+def _resource_map(value: Mapping[str, str | None] | Iterable[str]) -> dict[str, str | None]:
+    if isinstance(value, Mapping):
+        return dict(value)
+    return {name: None for name in value}
+
+
 @attrs.frozen
 class Product:
     """What a station runs on every DUT.
@@ -42,7 +48,9 @@ class Product:
     version: str = ""
     description: str = ""
     fixtures: Mapping[str, FixtureFactory] = attrs.field(factory=dict, converter=dict)
-    resources: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    #: shared station resources by name, each with the instrument kind it must
+    #: be (e.g. ``{"dmm": "scpi-dmm"}``), or None for a plain lock
+    resources: Mapping[str, str | None] = attrs.field(factory=dict, converter=_resource_map)
     stop_on_failure: bool = False
 
     @property

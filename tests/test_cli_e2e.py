@@ -1,0 +1,116 @@
+"""The station as an operator runs it: a real `sequencer` process, real signals, real store."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from reports.store import LocalStore
+from sequencer.records import Outcome
+
+ROOT = Path(__file__).resolve().parent.parent
+SLOW = ROOT / "tests" / "products" / "slow_widget.py"
+
+
+def sequencer(*args: str, **kwargs) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "sequencer.cli", *args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT, **kwargs,
+    )
+
+
+def wait_for(predicate, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError("condition not met in time")
+
+
+def soaking_runs(store_path: Path) -> int:
+    if not store_path.exists():
+        return 0
+    store = LocalStore.open(store_path)
+    try:
+        return sum(1 for r in store.find_runs() if r.phase("identify") is not None)
+    finally:
+        store.close()
+
+
+@pytest.mark.slow
+def test_ctrl_c_aborts_16_slots_runs_teardowns_and_records_everything(tmp_path: Path) -> None:
+    store_path = tmp_path / "store.sqlite"
+    proc = sequencer("run", str(SLOW), "--sim", "16", "--store", str(store_path),
+                     "--reports", str(tmp_path / "reports"), "--plain", "--batch", "ABORT-TEST")
+    try:
+        wait_for(lambda: soaking_runs(store_path) == 16)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert "aborted by the operator" in out
+    store = LocalStore.open(store_path, station=True)
+    runs = store.find_runs(batch="ABORT-TEST")
+    store.close()
+    assert len(runs) == 16
+    for r in runs:
+        assert r.outcome is Outcome.ABORTED
+        assert r.phase("identify").outcome is Outcome.PASS
+        assert r.phase("soak").outcome is Outcome.ABORTED
+        assert r.phase("final_check").outcome is Outcome.SKIPPED
+        teardown = r.phase("power_off")
+        assert teardown.outcome is Outcome.PASS and teardown.logs[-1].message == "powered off"
+    assert (tmp_path / "reports" / "ABORT-TEST" / "index.html").exists()
+
+
+@pytest.mark.slow
+def test_second_ctrl_c_skips_teardowns_but_keeps_records(tmp_path: Path) -> None:
+    store_path = tmp_path / "store.sqlite"
+    proc = sequencer("run", str(SLOW), "--sim", "4", "--store", str(store_path),
+                     "--reports", str(tmp_path / "reports"), "--plain", "--batch", "TWICE")
+    try:
+        wait_for(lambda: soaking_runs(store_path) == 4)
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.05)  # teardowns take 0.2 s: the second signal lands inside them
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    store = LocalStore.open(store_path)
+    runs = store.find_runs(batch="TWICE")
+    store.close()
+    assert len(runs) == 4
+    assert all(r.outcome is Outcome.ABORTED for r in runs)
+    assert all(r.phase("power_off").outcome in (Outcome.ABORTED, Outcome.SKIPPED) for r in runs)
+
+
+@pytest.mark.slow
+def test_sigkill_mid_run_then_reopen_marks_interrupted_and_keeps_finished_phases(tmp_path: Path) -> None:
+    store_path = tmp_path / "store.sqlite"
+    proc = sequencer("run", str(SLOW), "--sim", "8", "--store", str(store_path),
+                     "--reports", str(tmp_path / "reports"), "--plain", "--batch", "KILLED")
+    try:
+        wait_for(lambda: soaking_runs(store_path) == 8)
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=10)
+    finally:
+        proc.kill()
+    store = LocalStore.open(store_path, station=True)  # the next station start
+    assert store.interrupted_on_open == 8
+    runs = store.find_runs(batch="KILLED")
+    store.close()
+    assert len(runs) == 8
+    for r in runs:
+        assert r.outcome is Outcome.INTERRUPTED
+        assert r.phase("identify").outcome is Outcome.PASS
+        assert r.serial == f"SLOW{r.slot:04d}"
