@@ -1,0 +1,218 @@
+"""Self-contained HTML reports: one file per run, one per batch.
+
+A report must outlive the station: it is mailed, archived, opened years later
+on a machine with no network and printed for a customer. So each page is one
+file with its CSS inline, images as ``data:`` URIs, no JavaScript and a
+Content-Security-Policy that forbids scripts and remote loads outright.
+
+Everything a device says about itself (serial, MAC, log lines, attachments) is
+untrusted. Templates are rendered with autoescape on for every template;
+the only markup produced in Python is the SVG of :mod:`reports.svg`, built from
+numbers and escaped labels. Attachments that are SVG are embedded as base64
+``<img>`` sources, where a browser never runs their scripts, and never inlined.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import attrs
+import jinja2
+
+from reports import formatting, svg
+from reports.yields import batch_summary, chronological, unit_key
+from sequencer.records import Attachment, MeasurementRecord, PhaseRecord, RunRecord
+
+#: Attachments larger than this are listed (name, size, sha256) but not embedded.
+MAX_EMBED_BYTES = 5 * 1024 * 1024
+#: Text attachments are shown inline up to this many characters; the download link has all of it.
+MAX_INLINE_TEXT_CHARS = 100_000
+
+# Only these image types become <img> sources; the data URI's type comes from
+# this table, never from the attachment's own mimetype string.
+_IMAGE_TYPES = {
+    "image/png": "image/png",
+    "image/jpeg": "image/jpeg",
+    "image/jpg": "image/jpeg",
+    "image/gif": "image/gif",
+    "image/webp": "image/webp",
+    "image/svg+xml": "image/svg+xml",
+}
+_TEXT_TYPES = {
+    "application/json",
+    "application/xml",
+    "application/x-ndjson",
+    "application/yaml",
+    "application/x-yaml",
+    "application/toml",
+    "application/csv",
+}
+
+
+@attrs.frozen
+class AttachmentView:
+    """How one attachment appears on the page; every field is plain text or a base64 data URI."""
+
+    name: str
+    mimetype: str
+    size: int
+    sha256: str
+    kind: Literal["text", "image", "binary"]
+    embedded: bool
+    text: str | None = None
+    text_truncated: bool = False
+    image_src: str | None = None
+    download_href: str | None = None
+
+
+def attachment_view(a: Attachment) -> AttachmentView:
+    """Classify an attachment and prepare its inline text, ``<img>`` source and download link."""
+    mime = a.mimetype.split(";", 1)[0].strip().lower()
+    size = len(a.data)
+    embedded = size <= MAX_EMBED_BYTES
+    kind: Literal["text", "image", "binary"]
+    if mime in _IMAGE_TYPES:
+        kind = "image"
+    elif mime.startswith("text/") or mime in _TEXT_TYPES or mime.endswith(("+json", "+xml")):
+        kind = "text"
+    else:
+        kind = "binary"
+    b64 = base64.b64encode(a.data).decode("ascii") if embedded else ""
+    text = None
+    truncated = False
+    if kind == "text" and embedded:
+        decoded = a.data.decode("utf-8", errors="replace")
+        truncated = len(decoded) > MAX_INLINE_TEXT_CHARS
+        text = decoded[:MAX_INLINE_TEXT_CHARS]
+    return AttachmentView(
+        name=a.name,
+        mimetype=a.mimetype,
+        size=size,
+        sha256=a.sha256,
+        kind=kind,
+        embedded=embedded,
+        text=text,
+        text_truncated=truncated,
+        image_src=f"data:{_IMAGE_TYPES[mime]};base64,{b64}" if kind == "image" and embedded else None,
+        # Downloads are always octet-stream: the browser saves them and renders nothing.
+        download_href=f"data:application/octet-stream;base64,{b64}" if embedded else None,
+    )
+
+
+def _measurement_graphic(m: MeasurementRecord) -> Any:
+    """The inline SVG beside a measurement: a plot for series, a gauge for a number with two-sided limits."""
+    if formatting.is_series(m):
+        xname, xunits = m.dimensions[0]
+        x_label = f"{xname} ({xunits})" if xunits else xname
+        return svg.series_plot(
+            formatting.finite_points(m.value),
+            limits=m.limits,
+            x_label=x_label,
+            y_units=m.units or "",
+            title=f"{m.name}: {formatting.series_summary(m)}",
+        )
+    if m.limits is not None and formatting.is_number(m.value):
+        return svg.limit_gauge(float(m.value), m.limits)
+    return ""
+
+
+@functools.cache
+def _environment() -> jinja2.Environment:
+    """The jinja2 environment: autoescape on for every template, whatever its extension.
+
+    Memoised because compiling the templates costs ~50 ms against ~2 ms for a
+    render, and a 256-slot station writes 256 run pages at once. It is
+    configured here and never changed afterwards (jinja2 environments are safe
+    to share between threads), so the memo is a cache of a pure function, not
+    state that renders could see each other through.
+    """
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("reports", "templates"),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.filters.update(
+        number=formatting.number,
+        value=formatting.value,
+        utc=formatting.utc,
+        clock=formatting.clock,
+        iso=formatting.iso,
+        duration=formatting.duration,
+        size=formatting.size,
+        percent=formatting.percent,
+        oclass=formatting.outcome_class,
+        olabel=formatting.outcome_label,
+        mclass=formatting.measurement_class,
+        mlabel=formatting.measurement_label,
+        lvlclass=formatting.level_class,
+        mcounts=formatting.measurement_counts,
+        band=formatting.marginal_band,
+    )
+    env.globals.update(
+        attachment_view=attachment_view,
+        graphic=_measurement_graphic,
+        is_series=formatting.is_series,
+        series_summary=formatting.series_summary,
+        is_number=formatting.is_number,
+        max_embed=formatting.size(MAX_EMBED_BYTES),
+    )
+    return env
+
+
+def _first_failure(run: RunRecord) -> PhaseRecord | None:
+    for p in run.phases:
+        if p.outcome.is_failure:
+            return p
+    return None
+
+
+def render_run(run: RunRecord) -> str:
+    """The report of one run: verdict, identity, phases, measurements, errors, logs and attachments."""
+    return _environment().get_template("run.html").render(run=run, first_failure=_first_failure(run))
+
+
+def render_batch(runs: Sequence[RunRecord], *, title: str) -> str:
+    """The report of many runs: counts, yields, the units table and failure Paretos."""
+    ordered = chronological(runs)
+    summary = batch_summary(ordered)
+    seen: dict[str, int] = {}
+    runs_of_unit = {u.key: len(u.run_ids) for u in summary.unit_summaries}
+    rows = []
+    for r in ordered:
+        key = unit_key(r)
+        seen[key] = seen.get(key, 0) + 1
+        rows.append({"run": r, "test_number": seen[key], "tests": runs_of_unit[key], "failure": _first_failure(r)})
+    return _environment().get_template("batch.html").render(
+        title=title,
+        summary=summary,
+        rows=rows,
+        products=sorted({f"{r.product} {r.product_version}".strip() for r in ordered}),
+        stations=sorted({r.station for r in ordered}),
+        batches=sorted({r.batch for r in ordered if r.batch}),
+        first_start=ordered[0].started_at if ordered else None,
+        last_end=max((r.ended_at for r in ordered if r.ended_at is not None), default=None),
+    )
+
+
+def write_html(path: str | os.PathLike[str], html: str) -> Path:
+    """Write ``html`` to ``path`` atomically (a reader never sees half a report); return the path."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
+            f.write(html)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; a report is meant to be read
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return target

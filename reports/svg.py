@@ -1,0 +1,168 @@
+"""Small inline SVG graphics for reports: a series plot and a limit gauge.
+
+Built in Python rather than in a template because the geometry is arithmetic.
+Safety rule: the SVG text is assembled only from numbers this module computes
+and from labels passed through :func:`markupsafe.escape`, so the result can be
+marked safe (:class:`markupsafe.Markup`) and inlined. Attachments that *are*
+SVG never come through here: they are untrusted and go into an ``<img>``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from markupsafe import Markup, escape
+
+from sequencer.records import Limits
+
+# Colours match the report stylesheet.
+_PASS_ZONE = "#e3f4e8"
+_MARGINAL_ZONE = "#fdf0d5"
+_FAIL = "#c62828"
+_LINE = "#1f5fa8"
+_AXIS = "#8a94a6"
+_TEXT = "#4a5568"
+_MARGINAL_LINE = "#b7791f"
+
+
+def _tick(x: float) -> str:
+    """Axis labels: four significant digits are plenty to read a plot by."""
+    return f"{x:.4g}"
+
+
+def _f(x: float) -> str:
+    """Coordinates with two decimals: short output, sub-pixel precision."""
+    return f"{x:.2f}"
+
+
+def series_plot(
+    points: Sequence[tuple[float, float]],
+    *,
+    limits: Limits | None = None,
+    x_label: str = "",
+    y_units: str = "",
+    width: int = 220,
+    height: int = 100,
+    title: str = "",
+) -> Markup:
+    """A line plot of ``points`` with the limit lines and marginal band drawn in.
+
+    Points outside the limits are marked red. Returns empty markup when there is
+    nothing finite to plot.
+    """
+    pts = [(float(x), float(y)) for x, y in points if math.isfinite(x) and math.isfinite(y)]
+    if not pts:
+        return Markup("")
+    pts.sort()
+    left, right, top, bottom = 40.0, 6.0, 14.0, 24.0
+    pw, ph = width - left - right, height - top - bottom
+    xs = [p[0] for p in pts]
+    ys = [p[1] for p in pts]
+    lim_values = [] if limits is None else [v for v in (limits.low, limits.high) if v is not None and math.isfinite(v)]
+    y_lo, y_hi = min(ys + lim_values), max(ys + lim_values)
+    if y_hi == y_lo:
+        y_lo, y_hi = y_lo - 1.0, y_hi + 1.0
+    pad = (y_hi - y_lo) * 0.08
+    y_lo, y_hi = y_lo - pad, y_hi + pad
+    x_lo, x_hi = min(xs), max(xs)
+    if x_hi == x_lo:
+        x_lo, x_hi = x_lo - 1.0, x_hi + 1.0
+
+    def sx(x: float) -> float:
+        return left + (x - x_lo) / (x_hi - x_lo) * pw
+
+    def sy(y: float) -> float:
+        return top + (y_hi - y) / (y_hi - y_lo) * ph
+
+    parts = [
+        f'<svg class="plot" width="{width}" height="{height}" '
+        f'viewBox="0 0 {width} {height}" role="img">',
+        f"<title>{escape(title)}</title>",
+        f'<rect x="{_f(left)}" y="{_f(top)}" width="{_f(pw)}" height="{_f(ph)}" fill="#fff"/>',
+    ]
+    if limits is not None:
+        band_lo = limits.low if limits.low is not None else y_lo
+        band_hi = limits.high if limits.high is not None else y_hi
+        if limits.low is not None or limits.high is not None:
+            a, b = sy(min(max(band_hi, y_lo), y_hi)), sy(max(min(band_lo, y_hi), y_lo))
+            parts.append(f'<rect x="{_f(left)}" y="{_f(a)}" width="{_f(pw)}" height="{_f(max(b - a, 0))}" '
+                         f'fill="{_PASS_ZONE}"/>')
+        for v, colour, dash in (
+            (limits.low, _FAIL, "4 3"),
+            (limits.high, _FAIL, "4 3"),
+            (limits.marginal_low, _MARGINAL_LINE, "2 3"),
+            (limits.marginal_high, _MARGINAL_LINE, "2 3"),
+        ):
+            if v is not None and math.isfinite(v) and y_lo <= v <= y_hi:
+                parts.append(f'<line x1="{_f(left)}" x2="{_f(left + pw)}" y1="{_f(sy(v))}" y2="{_f(sy(v))}" '
+                             f'stroke="{colour}" stroke-width="1" stroke-dasharray="{dash}"/>')
+    parts.append(f'<rect x="{_f(left)}" y="{_f(top)}" width="{_f(pw)}" height="{_f(ph)}" fill="none" '
+                 f'stroke="{_AXIS}" stroke-width="0.75"/>')
+    poly = " ".join(f"{_f(sx(x))},{_f(sy(y))}" for x, y in pts)
+    parts.append(f'<polyline points="{poly}" fill="none" stroke="{_LINE}" stroke-width="1.5" '
+                 f'stroke-linejoin="round"/>')
+    for x, y in pts:
+        bad = limits is not None and (
+            (limits.low is not None and y < limits.low) or (limits.high is not None and y > limits.high)
+        )
+        colour, r = (_FAIL, 3.0) if bad else (_LINE, 1.6)
+        parts.append(f'<circle cx="{_f(sx(x))}" cy="{_f(sy(y))}" r="{r}" fill="{colour}"/>')
+    text = f'font-family="sans-serif" font-size="9" fill="{_TEXT}"'
+    # Label the limit lines (the numbers a reader checks against); without limits, the data range.
+    y_marks = sorted({v for v in lim_values if y_lo <= v <= y_hi} or {min(ys), max(ys)}, reverse=True)
+    last_y = -100.0
+    for v in y_marks:
+        ty = sy(v) + 3
+        if ty - last_y >= 10:
+            parts.append(f'<text x="{_f(left - 4)}" y="{_f(ty)}" text-anchor="end" {text}>{escape(_tick(v))}</text>')
+            last_y = ty
+    if y_units:
+        parts.append(f'<text x="{_f(left - 4)}" y="{_f(top - 3)}" text-anchor="end" {text}>{escape(y_units)}</text>')
+    parts += [
+        f'<text x="{_f(left)}" y="{_f(top + ph + 11)}" {text}>{escape(_tick(x_lo))}</text>',
+        f'<text x="{_f(left + pw)}" y="{_f(top + ph + 11)}" text-anchor="end" {text}>{escape(_tick(x_hi))}</text>',
+        f'<text x="{_f(left + pw / 2)}" y="{_f(height - 2)}" text-anchor="middle" {text}>{escape(x_label)}</text>',
+        "</svg>",
+    ]
+    return Markup("".join(parts))
+
+
+def limit_gauge(value: float, limits: Limits, *, width: int = 110, height: int = 14) -> Markup:
+    """Where ``value`` sits between ``low`` and ``high``: a bar with the marginal zones shaded.
+
+    Only drawn for two-sided finite limits; returns empty markup otherwise. A
+    value outside the limits is pinned to the nearest end and drawn red.
+    """
+    lo, hi = limits.low, limits.high
+    if lo is None or hi is None or not (math.isfinite(lo) and math.isfinite(hi)) or hi <= lo:
+        return Markup("")
+    if not math.isfinite(value):
+        return Markup("")
+    span = hi - lo
+    view_lo, view_hi = lo - 0.15 * span, hi + 0.15 * span
+
+    def sx(x: float) -> float:
+        x = min(max(x, view_lo), view_hi)
+        return 1 + (x - view_lo) / (view_hi - view_lo) * (width - 2)
+
+    mid = height / 2
+    parts = [
+        f'<svg class="gauge" width="{width}" height="{height}" '
+        f'viewBox="0 0 {width} {height}" aria-hidden="true">',
+        f'<rect x="{_f(sx(lo))}" y="{_f(mid - 3)}" width="{_f(sx(hi) - sx(lo))}" height="6" fill="{_MARGINAL_ZONE}"/>',
+    ]
+    m_lo = limits.marginal_low if limits.marginal_low is not None else lo
+    m_hi = limits.marginal_high if limits.marginal_high is not None else hi
+    if math.isfinite(m_lo) and math.isfinite(m_hi) and m_hi >= m_lo:
+        parts.append(f'<rect x="{_f(sx(m_lo))}" y="{_f(mid - 3)}" width="{_f(sx(m_hi) - sx(m_lo))}" height="6" '
+                     f'fill="#bfe3c8"/>')
+    for edge in (lo, hi):
+        parts.append(f'<line x1="{_f(sx(edge))}" x2="{_f(sx(edge))}" y1="{_f(mid - 5)}" y2="{_f(mid + 5)}" '
+                     f'stroke="{_AXIS}" stroke-width="1"/>')
+    outside = value < lo or value > hi
+    marginal = not outside and (value < m_lo or value > m_hi)
+    colour = _FAIL if outside else (_MARGINAL_LINE if marginal else "#1a202c")
+    parts.append(f'<rect x="{_f(sx(value) - 1.5)}" y="1" width="3" height="{height - 2}" rx="1" fill="{colour}"/>')
+    parts.append("</svg>")
+    return Markup("".join(parts))

@@ -1,0 +1,610 @@
+"""HTML reports: content and structure, escaping of hostile device text, self-containment, a real browser."""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import hashlib
+import os
+import shutil
+import struct
+import subprocess
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from reports import formatting
+from reports.html import MAX_EMBED_BYTES, MAX_INLINE_TEXT_CHARS, render_batch, render_run, write_html
+from sequencer.records import Attachment, ErrorInfo, MeasurementOutcome, Outcome, RunRecord
+from tests.htmltree import Element, parse
+from tests.records_factory import TINY_PNG, at, measurement, phase, run, sensor_run
+
+# Every tag our templates and SVG builder emit. Anything else in a page came from record text.
+ALLOWED_TAGS = {
+    "html", "head", "meta", "title", "style", "body", "main", "header", "footer", "section", "div", "span",
+    "h1", "h2", "h3", "p", "small", "b", "code", "pre", "time", "a", "img", "details", "summary", "dl", "dt", "dd",
+    "table", "colgroup", "col", "thead", "tbody", "tr", "th", "td",
+    "svg", "title", "rect", "line", "polyline", "circle", "text",
+}
+
+HOSTILE = [
+    '<script>alert("x")</script>',
+    '"><img src=x onerror=alert(1)>',
+    "</td></tr></table><script>alert(1)</script>",
+    "' onmouseover='alert(1)",
+    "<svg/onload=alert(1)>",
+    "</pre></details><iframe src=//evil.example>",
+    "&lt;script&gt; already escaped",
+    "{{ 7*7 }} {% raw %}",
+]
+HOSTILE_SVG = (b'<svg xmlns="http://www.w3.org/2000/svg" onload="alert(1)">'
+               b"<script>alert(document.domain)</script></svg>")
+
+
+def row_of(root: Element, table_cls: str, first_cell: str) -> Element:
+    """The row of ``table.<table_cls>`` whose first cell (or its ``<code>`` name) reads ``first_cell``."""
+    for table in root.find_all("table", table_cls):
+        for tr in table.find_all("tr"):
+            cells = tr.find_all("td")
+            if cells and cells[0].find_all("code") and cells[0].find("code").text == first_cell:
+                return tr
+            if cells and cells[0].clean_text == first_cell:
+                return tr
+    raise AssertionError(f"no row {first_cell!r} in table.{table_cls}")
+
+
+def cells(tr: Element) -> list[str]:
+    return [td.clean_text for td in tr.find_all("td") if td.parent is tr]
+
+
+def section(root: Element, name: str) -> Element:
+    for s in root.find_all("section", "phase"):
+        h2 = s.find("h2")
+        if h2.find("span").clean_text.split(". ", 1)[1] == name:
+            return s
+    raise AssertionError(f"no phase section {name!r}")
+
+
+def assert_no_injected_markup(html: str) -> Element:
+    """Nothing from record text became markup: known tags only, no handlers, no scripts, no remote URLs."""
+    assert "<script" not in html.lower()
+    root = parse(html)
+    for e in root.iter():
+        if e is root:
+            continue
+        assert e.tag in ALLOWED_TAGS, f"unexpected <{e.tag}>"
+        for name, val in e.attrs.items():
+            assert not name.startswith("on"), f"event handler {name}={val!r} on <{e.tag}>"
+            if name in ("src", "href"):
+                assert val is not None and (val.startswith("data:") or val.startswith("#")), f"{name}={val!r}"
+    return root
+
+
+# -- the run page ------------------------------------------------------------
+
+
+def test_banner_shows_outcome_serial_and_the_first_failure() -> None:
+    root = parse(render_run(sensor_run("SN-7", fail_rf=True)))
+    banner = root.find("header", "banner")
+    assert "o-fail" in banner.classes
+    assert banner.find("div", "verdict").clean_text == "FAIL"
+    assert banner.find("h1").clean_text == "SN-7"
+    assert banner.find("div", "cause").clean_text.startswith("rf_sweep FAIL: measurement 'rssi_sweep'")
+    assert root.find("title").text.startswith("FAIL · SN-7")
+
+
+@pytest.mark.parametrize(
+    "vdd, marginal", [(3.30, False), (3.37, True), (3.22, True)]
+)
+def test_marginal_runs_are_flagged_in_the_banner(vdd: float, marginal: bool) -> None:
+    r = sensor_run(vdd=vdd)
+    assert r.outcome is Outcome.PASS and r.marginal is marginal
+    root = parse(render_run(r))
+    flags = root.find("header", "banner").find_all("small", "marginal-flag")
+    assert [f.text for f in flags] == (["MARGINAL"] if marginal else [])
+
+
+@pytest.mark.parametrize("outcome", list(Outcome) + [None])
+def test_every_outcome_has_its_own_banner_colour(outcome: Outcome | None) -> None:
+    r = run(phases=[phase("p", Outcome.PASS)], outcome=outcome)
+    banner = parse(render_run(r)).find("header", "banner")
+    expected = "o-running" if outcome is None else f"o-{outcome.value.lower()}"
+    assert expected in banner.classes
+    assert banner.find("div", "verdict").clean_text == ("RUNNING" if outcome is None else outcome.value)
+
+
+def test_identity_and_run_facts_are_all_shown() -> None:
+    r = sensor_run("SN-0042", dut_extra={"imei": "356938035643809", "board_rev": "C"})
+    root = parse(render_run(r))
+    dut = {tr.find("th").text: tr.find("td").text for tr in root.find("table", "dut").find_all("tr")}
+    assert dut == r.dut
+    assert dut["imei"] == "356938035643809"
+    facts = {tr.find("th").text: tr.find("td").clean_text for tr in root.find("table", "run").find_all("tr")}
+    assert facts["Product"] == "esp32_sensor 1.4.2"
+    assert facts["Station"] == "line1-st03"
+    assert facts["Slot / port"] == "0 · /dev/ttyUSB0"
+    assert facts["Operator"] == "alice"
+    assert facts["Batch"] == "B2024-05-14"
+    assert facts["Started"] == "2024-05-14 08:30:00 UTC"
+    assert facts["Ended"] == "2024-05-14 08:30:24 UTC"
+    assert facts["Duration"] == "24.9 s"
+    limits = next(tr.find("td") for tr in root.find("table", "run").find_all("tr") if tr.find("th").text == "Limits file")
+    assert limits.children[0] == "esp32_sensor.limits.toml"
+    assert limits.find("div").text == f"sha256 {r.limits_sha256}"
+    assert facts["Run ID"] == r.run_id
+
+
+def test_times_are_shown_in_utc_whatever_zone_the_record_carries() -> None:
+    cest = dt.timezone(dt.timedelta(hours=2))
+    r = run(started_at=dt.datetime(2024, 5, 14, 10, 30, tzinfo=cest), duration=5.0, phases=[])
+    facts = {tr.find("th").text: tr.find("td").clean_text for tr in parse(render_run(r)).find("table", "run").find_all("tr")}
+    assert facts["Started"] == "2024-05-14 08:30:00 UTC"
+
+
+def test_phases_table_lists_outcome_duration_attempts_and_resource_wait() -> None:
+    r = sensor_run(crash=True)
+    root = parse(render_run(r))
+    rows = [cells(tr) for tr in root.find("table", "phases").find("tbody").find_all("tr")]
+    assert [row[1].split()[0] for row in rows] == [p.name for p in r.phases]
+    by_name = {row[1].split()[0]: row for row in rows}
+    assert by_name["power_rails"][2:6] == ["PASS", "2.40 s", "1", "0.85 s"]
+    assert by_name["power_rails"][6] == "3 measured"
+    assert by_name["flash_firmware"][4] == "2"
+    assert by_name["self_test"][2] == "ERROR"
+    assert by_name["rf_sweep"][2:5] == ["SKIPPED", "0.00 s", "0"]
+    assert by_name["rf_sweep"][7] == "dependency self_test did not pass"
+    assert by_name["power_off"][1] == "power_off TEARDOWN"
+    # Links go to the phase sections on the same page.
+    hrefs = [a.attrs["href"] for a in root.find("table", "phases").find_all("a")]
+    assert hrefs == [f"#phase-{i}" for i in range(1, 7)]
+    assert all(root.find_all("section", id=h[1:]) for h in hrefs)
+
+
+def test_measurement_rows_show_value_units_limits_band_criteria_and_result() -> None:
+    root = parse(render_run(sensor_run(vdd=3.37)))
+    rails = section(root, "power_rails")
+    vdd = row_of(rails, "measurements", "vdd_3v3")
+    assert "m-marginal" in vdd.classes
+    value, units, low, high, band, criteria, result = [td for td in vdd.find_all("td") if td.parent is vdd][1:]
+    assert value.text.startswith("3.37")
+    assert value.find("div", "reason").text == "3.37 is above marginal 3.35"
+    assert value.find_all("svg", "gauge"), "a number with two-sided limits gets a gauge"
+    assert (units.text, low.clean_text, high.clean_text, band.clean_text) == ("V", "3.2", "3.4", "3.25 … 3.35")
+    assert criteria.clean_text == "3.2 <= x <= 3.4 (marginal outside 3.25..3.35)"
+    assert result.find("span", "badge").text == "MARGINAL" and "m-marginal" in result.find("span").classes
+
+    idle = row_of(rails, "measurements", "idle_current")
+    assert "m-pass" in idle.classes
+    assert cells(idle)[1:7] == ["41.2", "mA", "—", "60", "", "x <= 60"]
+    assert not idle.find_all("svg"), "a one-sided limit has no gauge"
+
+
+def test_failed_and_unset_measurements_are_coloured_and_explained() -> None:
+    ms = [
+        measurement("vbat", 2.9, units="V", low=3.0, high=4.2),
+        measurement("fw_version", None, validators=["== '2.7.1'"]),
+        measurement("label", "ok", validators=["matches ^ok$"]),
+        measurement("temperature", float("nan"), outcome=MeasurementOutcome.FAIL, units="°C", low=0.0, high=70.0,
+                    reason="nan is not a finite number"),
+    ]
+    root = parse(render_run(run(phases=[phase("checks", measurements=ms)])))
+    vbat = row_of(root, "measurements", "vbat")
+    assert "m-fail" in vbat.classes
+    assert vbat.find("div", "reason").text == "2.9 is below 3"
+    assert vbat.find("span", "badge").text == "FAIL"
+    unset = row_of(root, "measurements", "fw_version")
+    assert "m-unset" in unset.classes and cells(unset)[1] == "—" and unset.find("span", "badge").text == "UNSET"
+    assert "m-pass" in row_of(root, "measurements", "label").classes
+    nan = row_of(root, "measurements", "temperature")
+    assert cells(nan)[1].startswith("NaN") and "m-fail" in nan.classes
+
+
+def test_measurement_description_is_shown_under_its_name() -> None:
+    root = parse(render_run(sensor_run()))
+    vdd = row_of(root, "measurements", "vdd_3v3")
+    assert vdd.find("div", "desc").text == "3V3 rail at the LDO output"
+
+
+def test_dimensioned_measurement_gets_a_plot_and_a_points_table() -> None:
+    r = sensor_run(fail_rf=True)
+    rssi = row_of(parse(render_run(r)), "measurements", "rssi_sweep")
+    assert "m-fail" in rssi.classes
+    summary = rssi.find("div", "series-summary").text
+    assert summary == "13 points, frequency 2412–2472 MHz; min -42, max -28.5 dBm"
+    plot = rssi.find("svg", "plot")
+    assert len(plot.find("polyline").attrs["points"].split()) == 13
+    red = [c for c in plot.find_all("circle") if c.attrs["fill"] == "#c62828"]
+    assert len(red) == 1, "the one point above the limit is marked"
+    assert {t.text for t in plot.find_all("text")} >= {"-30", "-60", "2412", "2472", "frequency (MHz)", "dBm"}
+    points = rssi.find("details").find("table", "points").find("tbody").find_all("tr")
+    assert [[td.text for td in tr.find_all("td")] for tr in points][5] == ["2437", "-28.5"]
+
+
+def test_series_with_non_finite_points_lists_them_but_plots_the_rest() -> None:
+    pts = [[1, 0.5], [2, float("nan")], [3, 0.7]]
+    m = measurement("curve", pts, outcome=MeasurementOutcome.FAIL, units="A", dimensions=[("t", "s")],
+                    reason="point (2, nan) is not a finite number")
+    rssi = row_of(parse(render_run(run(phases=[phase("sweep", measurements=[m])]))), "measurements", "curve")
+    assert len(rssi.find("svg", "plot").find("polyline").attrs["points"].split()) == 2
+    assert [tr.find_all("td")[1].text for tr in rssi.find("tbody").find_all("tr")] == ["0.5", "NaN", "0.7"]
+
+
+def test_attempts_are_listed_only_when_a_phase_ran_more_than_once() -> None:
+    root = parse(render_run(sensor_run()))
+    flash = section(root, "flash_firmware")
+    rows = [cells(tr) for tr in flash.find("table", "attempts").find("tbody").find_all("tr")]
+    assert rows[0][:2] == ["1", "FAIL"] and rows[0][4] == "flash verify mismatch at 0x10000"
+    assert rows[0][5] == "flash_verified = false"
+    assert rows[1][:2] == ["2", "PASS"] and rows[1][3] == "5.80 s"
+    assert not section(root, "power_rails").find_all("table", "attempts")
+
+
+def test_errors_show_type_message_and_traceback_in_details() -> None:
+    r = sensor_run(crash=True)
+    err = r.phase("self_test").error
+    box = section(parse(render_run(r)), "self_test").find("div", "error")
+    assert box.find("span", "etype").text == "DutProtocolError"
+    assert err.message in box.text
+    details = box.find("details")
+    assert details.find("summary").text == "Traceback"
+    assert details.find("pre").text == err.traceback
+
+
+def test_log_lines_keep_time_level_and_message_with_level_colours() -> None:
+    root = parse(render_run(sensor_run()))
+    rows = section(root, "flash_firmware").find("table", "logs").find_all("tr")
+    assert [cells(tr) for tr in rows] == [
+        ["08:30:04.500", "warning", "verify failed, retrying"],
+        ["08:30:15.000", "info", "firmware 2.7.1 written"],
+    ]
+    assert "lvl-warning" in rows[0].classes and "lvl-info" in rows[1].classes
+
+
+def test_attachments_text_inline_images_embedded_binaries_downloadable() -> None:
+    root = parse(render_run(sensor_run()))
+    boxes = {b.find("span", "aname").text: b for b in section(root, "flash_firmware").find_all("div", "attachment")}
+    text = boxes["esptool.log"]
+    assert "a-text" in text.classes
+    assert text.find("pre").text == "esptool.py v4.7\nChip is ESP32-D0WD-V3\nHash of data verified.\n"
+    img = boxes["label.png"].find("img")
+    assert img.attrs["src"] == "data:image/png;base64," + base64.b64encode(TINY_PNG).decode()
+    binary = boxes["nvs.bin"]
+    assert "a-binary" in binary.classes and not binary.find_all("img") and not binary.find_all("pre")
+    link = binary.find("a")
+    assert link.attrs["download"] == "nvs.bin"
+    assert base64.b64decode(link.attrs["href"].removeprefix("data:application/octet-stream;base64,")) == bytes(range(64))
+    header = binary.find("header").clean_text
+    assert "64 B" in header and hashlib.sha256(bytes(range(64))).hexdigest() in header
+
+
+def test_large_attachments_are_listed_not_embedded() -> None:
+    big = Attachment("dump.bin", "application/octet-stream", b"\0" * (MAX_EMBED_BYTES + 1))
+    html = render_run(run(phases=[phase("dump", attachments=[big])]))
+    box = parse(html).find("div", "attachment")
+    assert not box.find_all("a")
+    assert "not embedded" in box.clean_text and big.sha256 in box.clean_text
+    assert len(html) < 100_000
+
+
+def test_long_text_attachments_are_truncated_inline_but_downloadable_whole() -> None:
+    data = ("x" * 99 + "\n").encode() * (MAX_INLINE_TEXT_CHARS // 100 + 50)
+    box = parse(render_run(run(phases=[phase("p", attachments=[Attachment("big.log", "text/plain", data)])]))).find(
+        "div", "attachment")
+    assert len(box.find("pre").text) == MAX_INLINE_TEXT_CHARS
+    assert "Truncated" in box.clean_text
+    assert base64.b64decode(box.find("a").attrs["href"].split(",", 1)[1]) == data
+
+
+def test_a_run_still_open_and_a_run_with_no_phases_render() -> None:
+    root = parse(render_run(run(serial=None, dut={}, phases=[], outcome=None)))
+    assert root.find("div", "verdict").clean_text == "RUNNING"
+    assert root.find("header", "banner").find("h1").clean_text == "no serial"
+    assert "still running" in root.find("table", "run").clean_text
+    assert root.find("table", "dut").clean_text == "The run recorded no identity."
+    assert root.find("p", "empty").text == "No phase has finished yet."
+
+
+# -- hostile device text ------------------------------------------------------
+
+
+def hostile_run() -> RunRecord:
+    h = HOSTILE
+    ms = [measurement(f"m{i}", s, validators=[s], description=s, reason=s, outcome=MeasurementOutcome.FAIL,
+                      units=s) for i, s in enumerate(h)]
+    return run(
+        serial=h[0],
+        dut={f"k{i}{s}": s for i, s in enumerate(h)} | {"serial": h[0]},
+        product=h[1], product_version=h[2], station=h[3], operator=h[4], batch=h[5], port=h[6],
+        limits_file=h[7], limits_sha256=h[0],
+        phases=[
+            phase(h[2], measurements=ms, reason=h[1],
+                  error=ErrorInfo(h[0], h[1], h[2]),
+                  logs=[(0.1, s, s) for s in h],
+                  attachments=[Attachment(s, s, s.encode()) for s in h] + [
+                      Attachment("evil.svg", "image/svg+xml", HOSTILE_SVG),
+                      Attachment('x.html" onerror="alert(1)', "text/html", b"<script>alert(1)</script>"),
+                      Attachment("fake.png", 'image/png" onerror="alert(1)', b"<script>alert(1)</script>"),
+                  ]),
+            phase(h[3], measurements=[measurement(h[4].replace("'", "") or "x", [[1, 2], [2, 3]],
+                                                  dimensions=[(h[0], h[1])], units=h[2], low=0.0, high=5.0)]),
+        ],
+    )
+
+
+def test_hostile_device_text_is_escaped_everywhere_on_the_run_page() -> None:
+    r = hostile_run()
+    html = render_run(r)
+    root = assert_no_injected_markup(html)
+    assert "<iframe" not in html and "<img src=x" not in html
+    # The text survives, as text: every DUT key and value reads back exactly.
+    dut = {tr.find("th").text: tr.find("td").text for tr in root.find("table", "dut").find_all("tr")}
+    assert dut == r.dut
+    assert root.find("header", "banner").find("h1").text == HOSTILE[0]
+    logs = [tr.find_all("td")[2].text for tr in root.find("table", "logs").find_all("tr")]
+    assert logs == HOSTILE
+    # Jinja syntax in data is data, not template code.
+    assert "{{ 7*7 }}" in root.find("table", "run").text
+
+
+def test_hostile_svg_attachment_is_only_an_img_never_inline_markup() -> None:
+    html = render_run(hostile_run())
+    root = assert_no_injected_markup(html)
+    boxes = {b.find("span", "aname").text: b for b in root.find_all("div", "attachment")}
+    img = boxes["evil.svg"].find("img")
+    assert img.attrs["src"].startswith("data:image/svg+xml;base64,")
+    assert base64.b64decode(img.attrs["src"].split(",", 1)[1]) == HOSTILE_SVG
+    assert b"alert(document.domain)" not in html.encode()
+    # Only the report's own SVG graphics are inline, and none of them carries the attachment.
+    assert all(s.classes & {"plot", "gauge"} for s in root.find_all("svg"))
+    # An HTML attachment is shown as escaped source; a mimetype that tries to break out is not an image.
+    assert boxes['x.html" onerror="alert(1)'].find("pre").text == "<script>alert(1)</script>"
+    fake = boxes["fake.png"]
+    assert not fake.find_all("img") and fake.find("a").attrs["href"].startswith("data:application/octet-stream;")
+
+
+def test_hostile_text_is_escaped_on_the_batch_page() -> None:
+    r = hostile_run()
+    html = render_batch([r, sensor_run(HOSTILE[1], fail_rf=True)], title=HOSTILE[0])
+    root = assert_no_injected_markup(html)
+    assert root.find("h1").text == HOSTILE[0]
+    assert root.find("title").text == HOSTILE[0]
+    serials = [tr.find("td", "serial").text for tr in root.find("table", "units").find("tbody").find_all("tr")]
+    assert sorted(serials) == sorted([HOSTILE[0], HOSTILE[1]])
+
+
+# Arbitrary text, salted with the fragments an attacker would use, so the property
+# exercises escaping on most examples instead of waiting for hypothesis to spell "<script".
+FRAGMENTS = ["<script>", "<SCRIPT src=x>", "</td>", "</table>", "<svg onload=alert(1)>", '"', "'", "<", ">", "&",
+             "&amp;", "</pre>", "<!--", "{{", "}}", "{%", "\x00", "\r\n"]
+printable = st.lists(
+    st.sampled_from(FRAGMENTS) | st.text(st.characters(blacklist_categories=("Cs",)), max_size=8), max_size=6
+).map("".join)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    dut=st.dictionaries(printable, printable, max_size=4),
+    logs=st.lists(st.tuples(printable, printable), max_size=4),
+    names=st.lists(printable, min_size=1, max_size=3),
+    title=printable,
+)
+def test_arbitrary_text_never_becomes_markup(dut, logs, names, title) -> None:
+    ms = [measurement(n, n, units=n, validators=[n], description=n) for n in names]
+    p = phase(names[0], measurements=ms, logs=[(0.0, lvl, msg) for lvl, msg in logs],
+              attachments=[Attachment(n, n, n.encode()) for n in names])
+    r = run(dut=dut, phases=[p])
+    page = render_run(r)
+    root = assert_no_injected_markup(page)
+    assert {tr.find("th").text: tr.find("td").text for tr in root.find("table", "dut").find_all("tr")
+            if tr.find_all("th")} == r.dut
+    log_tables = root.find_all("table", "logs")
+    shown = [tr.find_all("td")[2].text for tr in log_tables[0].find_all("tr")] if log_tables else []
+    assert shown == [m for _, m in logs]
+    names_shown = [tr.find("td", "name").find("code").text for tr in root.find("table", "measurements").find_all("tr")
+                   if tr.find_all("td")]
+    assert names_shown == names
+    assert_no_injected_markup(render_batch([r], title=title))
+
+
+# -- self-containment -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("which", ["run", "batch"])
+def test_pages_are_self_contained(which: str) -> None:
+    runs = [sensor_run("SN-1", fail_rf=True), sensor_run("SN-2", crash=True), sensor_run("SN-1", started_at=at(600))]
+    html = render_run(runs[0]) if which == "run" else render_batch(runs, title="B1")
+    lowered = html.lower()
+    for needle in ("http://", "https://", 'src="//', "href=\"//", "<link", "<script", "@import", "url("):
+        assert needle not in lowered, needle
+    root = assert_no_injected_markup(html)
+    assert root.find("style").text.strip(), "the stylesheet is inline"
+    assert "@media print" in root.find("style").text
+    csp = root.find("meta", **{"http-equiv": "Content-Security-Policy"}).attrs["content"]
+    assert "default-src 'none'" in csp and "script-src" not in csp
+
+
+# -- the batch page -------------------------------------------------------------
+
+
+def batch_runs() -> list[RunRecord]:
+    return [
+        sensor_run("SN-1", fail_rf=True, slot=0, started_at=at(0)),
+        sensor_run("SN-2", vdd=3.37, slot=1, started_at=at(10)),
+        sensor_run("SN-3", crash=True, slot=2, started_at=at(20)),
+        sensor_run("SN-1", slot=0, started_at=at(300)),  # retest passes
+        run(serial=None, slot=3, started_at=at(400), duration=31.0, run_id="noserial01",
+            phases=[phase("identify", Outcome.TIMEOUT, reason="timed out after 30 s", start=400, duration=30)]),
+        sensor_run("SN-4", slot=1, started_at=at(500)),
+    ]
+
+
+def test_batch_page_counts_and_yields() -> None:
+    root = parse(render_batch(batch_runs(), title="esp32_sensor — B1"))
+    assert root.find("h1").text == "esp32_sensor — B1"
+    kpi = {k: root.find(id=f"kpi-{k}").text for k in ("units", "passed", "failed", "other", "fpy", "final", "marginal")}
+    # Units: SN-1 (twice), SN-2, SN-3, SN-4 and one run without a serial.
+    assert kpi == {"units": "5", "passed": "3", "failed": "1", "other": "2", "fpy": "40.0 %", "final": "60.0 %",
+                   "marginal": "1"}
+    other = root.find(id="kpi-other").parent.find("div", "s").text
+    assert other == "1 error, 1 timeout"
+    assert "units whose first finished run passed" in root.find("dl", "definitions").clean_text
+
+
+def test_batch_units_table_is_chronological_link_free_and_marks_retests() -> None:
+    runs = batch_runs()
+    root = parse(render_batch(list(reversed(runs)), title="B1"))
+    table = root.find("table", "units")
+    rows = table.find("tbody").find_all("tr")
+    got = [cells(tr) for tr in rows]
+    assert [g[1] for g in got] == ["SN-1", "SN-2", "SN-3", "SN-1", "—", "SN-4"]
+    assert [g[2] for g in got] == ["0", "1", "2", "0", "3", "1"]
+    assert [g[4] for g in got] == ["FAIL", "PASS MARGINAL", "ERROR", "PASS", "TIMEOUT", "PASS"]
+    assert [g[6] for g in got] == ["1 of 2", "1", "1", "2 of 2", "1", "1"]
+    assert got[0][0] == "2024-05-14 08:30:00" and got[0][5] == "24.9 s"
+    assert got[0][7] == "rf_sweep: measurement 'rssi_sweep': -28.5 is above -30"
+    assert got[4][7] == "identify: timed out after 30 s"
+    assert [g[8] for g in got] == [r.run_id for r in runs]
+    assert not table.find_all("a")
+    assert [tr.classes for tr in rows][0] == {"o-fail"}
+
+
+def test_batch_pareto_tables() -> None:
+    root = parse(render_batch(batch_runs(), title="B1"))
+    by_phase = [cells(tr)[:4] for tr in root.find("table", "pareto-phase").find("tbody").find_all("tr")]
+    assert by_phase == [["identify", "1", "33.3 %", "33.3 %"], ["rf_sweep", "1", "33.3 %", "66.7 %"],
+                        ["self_test", "1", "33.3 %", "100.0 %"]]
+    by_m = [cells(tr)[:4] for tr in root.find("table", "pareto-measurement").find("tbody").find_all("tr")]
+    assert by_m == [["rf_sweep / rssi_sweep", "1", "100.0 %", "100.0 %"]]
+    bar = root.find("table", "pareto-measurement").find("div", "bar")
+    assert bar.attrs["style"] == "width: 100.0%"
+
+
+def test_batch_without_failures_or_runs() -> None:
+    root = parse(render_batch([sensor_run("SN-9")], title="clean"))
+    assert [p.text for p in root.find_all("p", "empty")] == ["No failures.", "No failures."]
+    empty = parse(render_batch([], title="nothing"))
+    assert empty.find(id="kpi-fpy").text == "—"
+    assert empty.find_all("p", "empty")[-1].text == "No runs."
+
+
+# -- formatting and writing -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "x, text",
+    [(3.301, "3.301"), (0.1 + 0.2, "0.3"), (41, "41"), (1e-7, "1e-07"), (float("nan"), "NaN"),
+     (float("-inf"), "-inf"), (True, "true"), (1234567.0, "1234567")],
+)
+def test_numbers_read_like_an_engineer_wrote_them(x: float, text: str) -> None:
+    assert formatting.number(x) == text
+
+
+@pytest.mark.parametrize(
+    "seconds, text",
+    [(None, "—"), (0.4212, "0.42 s"), (12.34, "12.3 s"), (125.2, "2 min 05 s"), (3725, "1 h 02 min")],
+)
+def test_durations(seconds: float | None, text: str) -> None:
+    assert formatting.duration(seconds) == text
+
+
+@pytest.mark.parametrize("n, text", [(812, "812 B"), (4096, "4.0 KiB"), (1536 * 1024, "1.5 MiB"),
+                                     (3 * 1024**3, "3.0 GiB")])
+def test_sizes(n: int, text: str) -> None:
+    assert formatting.size(n) == text
+
+
+def test_unknown_log_levels_get_a_fixed_class() -> None:
+    assert formatting.level_class("WARNING") == "lvl-warning"
+    assert formatting.level_class('" onclick="x') == "lvl-info"
+
+
+def test_write_html_is_atomic_utf8_and_readable(tmp_path: Path) -> None:
+    target = tmp_path / "reports" / "B1" / "index.html"
+    html = render_batch(batch_runs(), title="Prüfung — B1")
+    assert write_html(target, html) == target
+    assert target.read_text(encoding="utf-8") == html
+    assert os.stat(target).st_mode & 0o777 == 0o644
+    write_html(target, "<p>second</p>")
+    assert target.read_text(encoding="utf-8") == "<p>second</p>"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["index.html"]
+
+
+# -- a real browser -------------------------------------------------------------
+
+CHROMIUM_HINT = (
+    "Debian's headless chromium is needed for the HTML browser checks and was not found. "
+    "Install it with:  apt-get update && apt-get install -y chromium   (as root, or with sudo), "
+    "or run  bash tools/test.sh  which installs it."
+)
+
+
+def _chromium() -> str:
+    path = shutil.which("chromium") or ("/usr/bin/chromium" if os.path.exists("/usr/bin/chromium") else None)
+    if path is None:
+        pytest.fail(CHROMIUM_HINT)
+    return path
+
+
+def _chromium_args(binary: str, profile: Path) -> list[str]:
+    return [binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+            "--disable-component-update", "--no-first-run", f"--user-data-dir={profile}"]
+
+
+def _png_size(data: bytes) -> tuple[int, int]:
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG"
+    return struct.unpack(">II", data[16:24])
+
+
+@pytest.mark.slow
+def test_chromium_renders_both_pages_to_png_and_pdf_and_keeps_the_values(tmp_path: Path) -> None:
+    binary = _chromium()
+    runs = batch_runs()
+    run_page = write_html(tmp_path / "run.html", render_run(runs[0]))
+    batch_page = write_html(tmp_path / "index.html", render_batch(runs, title="esp32_sensor — B1"))
+    jobs = {}
+    for page in (run_page, batch_page):
+        url = page.resolve().as_uri()
+        stem = page.stem
+        for kind, flag in (("png", "--screenshot"), ("pdf", "--print-to-pdf"), ("dom", "--dump-dom")):
+            out = tmp_path / f"{stem}.{kind}"
+            args = _chromium_args(binary, tmp_path / f"profile-{stem}-{kind}")
+            if kind == "png":
+                args += [f"{flag}={out}", "--window-size=1200,1600"]
+            elif kind == "pdf":
+                args += [f"{flag}={out}", "--no-pdf-header-footer"]
+            else:
+                args += [flag]
+            stdout = open(out, "wb") if kind == "dom" else subprocess.DEVNULL
+            jobs[(stem, kind)] = (subprocess.Popen([*args, url], stdout=stdout, stderr=subprocess.PIPE), out, stdout)
+    errors = {}
+    for key, (proc, out, stdout) in jobs.items():
+        try:
+            _, err = proc.communicate(timeout=120)
+        finally:
+            if stdout is not subprocess.DEVNULL:
+                stdout.close()
+        if proc.returncode != 0:
+            errors[key] = err.decode(errors="replace")[-2000:]
+    assert not errors, errors
+
+    for stem in ("run", "index"):
+        png = (tmp_path / f"{stem}.png").read_bytes()
+        assert _png_size(png) == (1200, 1600)
+        assert len(png) > 40_000, "a blank page compresses to a few KiB"
+        pdf = (tmp_path / f"{stem}.pdf").read_bytes()
+        assert pdf.startswith(b"%PDF-") and len(pdf) > 20_000
+
+    run_dom = parse((tmp_path / "run.dom").read_text(encoding="utf-8"))
+    for name, value in (("vdd_3v3", "3.301"), ("vdd_1v8", "1.797"), ("idle_current", "41.2"),
+                        ("chip_id", "ESP32-D0WD-V3"), ("flash_verified", "true")):
+        tr = row_of(run_dom, "measurements", name)
+        assert tr.find("td", "value").clean_text.startswith(value), (name, tr.find("td", "value").clean_text)
+    assert row_of(run_dom, "measurements", "rssi_sweep").find("svg", "plot").find("polyline")
+    assert run_dom.find("div", "verdict").clean_text == "FAIL"
+
+    batch_dom = parse((tmp_path / "index.dom").read_text(encoding="utf-8"))
+    assert batch_dom.find(id="kpi-final").text == "60.0 %"
+    serials = [td.clean_text for td in batch_dom.find("table", "units").find_all("td", "serial")]
+    assert serials == ["SN-1", "SN-2", "SN-3", "SN-1", "—", "SN-4"]

@@ -1,0 +1,215 @@
+"""Batch arithmetic: units, retests, first-pass and final yield, Paretos."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from reports.yields import RUNNING, batch_summary, pareto, unit_key
+from sequencer.records import MeasurementOutcome, Outcome
+from tests.records_factory import at, attempt, measurement, phase, run
+
+
+def r(serial: str | None, outcome: Outcome | None, t: float, *, phases=(), run_id: str | None = None, **kw):
+    """A run of ``serial`` started ``t`` seconds after T0 with the given outcome."""
+    return run(serial=serial, outcome=outcome, started_at=at(t), phases=phases, run_id=run_id, duration=10.0, **kw)
+
+
+def failing(name: str, *measurement_names: str, outcome: Outcome = Outcome.FAIL):
+    ms = [measurement(m, 5.0, low=0.0, high=1.0) for m in measurement_names]
+    return phase(name, outcome, measurements=ms)
+
+
+def test_empty_batch_has_no_yield() -> None:
+    s = batch_summary([])
+    assert (s.runs, s.units, s.passed, s.failed, s.other, s.marginal) == (0, 0, 0, 0, 0, 0)
+    assert s.first_pass_yield is None and s.final_yield is None
+    assert s.median_duration_s is None
+    assert s.phase_pareto == () and s.measurement_pareto == ()
+
+
+def test_a_retested_unit_counts_once_and_only_final_yield_forgives_it() -> None:
+    runs = [
+        r("SN-1", Outcome.FAIL, 0),
+        r("SN-1", Outcome.PASS, 100),  # retest passes
+        r("SN-2", Outcome.PASS, 10),
+        r("SN-3", Outcome.FAIL, 20),
+        r("SN-3", Outcome.FAIL, 120),  # retest fails again
+        r("SN-4", Outcome.PASS, 30),
+    ]
+    s = batch_summary(runs)
+    assert s.runs == 6
+    assert s.units == 4
+    assert (s.passed, s.failed, s.other) == (3, 3, 0)
+    assert (s.first_pass_units, s.final_pass_units, s.yield_units) == (2, 3, 4)
+    assert s.first_pass_yield == pytest.approx(0.5)
+    assert s.final_yield == pytest.approx(0.75)
+    sn1 = next(u for u in s.unit_summaries if u.serial == "SN-1")
+    assert sn1.retested and sn1.first_outcome is Outcome.FAIL and sn1.final_outcome is Outcome.PASS
+
+
+def test_first_and_last_are_by_start_time_not_input_order() -> None:
+    runs = [r("SN-1", Outcome.PASS, 500), r("SN-1", Outcome.FAIL, 0)]
+    s = batch_summary(runs)
+    assert s.first_pass_yield == 0.0
+    assert s.final_yield == 1.0
+    assert batch_summary(list(reversed(runs))) == s
+
+
+def test_a_unit_that_passed_then_failed_a_retest_is_not_a_final_pass() -> None:
+    s = batch_summary([r("SN-1", Outcome.PASS, 0), r("SN-1", Outcome.FAIL, 60)])
+    assert (s.first_pass_yield, s.final_yield) == (1.0, 0.0)
+
+
+def test_runs_without_a_serial_are_units_of_their_own() -> None:
+    runs = [r(None, Outcome.FAIL, 0, run_id="aaa"), r(None, Outcome.PASS, 10, run_id="bbb"),
+            r("", Outcome.PASS, 20, run_id="ccc")]
+    s = batch_summary(runs)
+    assert s.units == 3
+    assert (s.first_pass_units, s.final_pass_units) == (2, 2)
+    assert {u.key for u in s.unit_summaries} == {"run:aaa", "run:bbb", "run:ccc"}
+    assert all(u.serial is None for u in s.unit_summaries)
+
+
+def test_a_serial_equal_to_a_run_id_is_still_a_different_unit() -> None:
+    runs = [r("abc", Outcome.PASS, 0, run_id="x1"), r(None, Outcome.FAIL, 10, run_id="abc")]
+    assert batch_summary(runs).units == 2
+    assert unit_key(runs[0]) != unit_key(runs[1])
+
+
+def test_open_runs_count_as_runs_but_never_in_a_yield() -> None:
+    runs = [
+        r("SN-1", None, 0),  # only run still open: no verdict, no yield
+        r("SN-2", Outcome.PASS, 10),
+        r("SN-2", None, 20),  # a retest in progress does not undo the pass
+    ]
+    s = batch_summary(runs)
+    assert s.runs == 3 and s.units == 2
+    assert s.running == 2 and s.other == 2
+    assert dict(s.outcome_counts)[RUNNING] == 2
+    assert s.yield_units == 1
+    assert (s.first_pass_yield, s.final_yield) == (1.0, 1.0)
+    sn1 = next(u for u in s.unit_summaries if u.serial == "SN-1")
+    assert sn1.first_outcome is None and sn1.final_outcome is None
+
+
+@pytest.mark.parametrize("bad", [Outcome.ERROR, Outcome.TIMEOUT, Outcome.ABORTED, Outcome.INTERRUPTED])
+def test_only_pass_is_a_pass(bad: Outcome) -> None:
+    s = batch_summary([r("SN-1", bad, 0), r("SN-2", Outcome.PASS, 1)])
+    assert (s.passed, s.failed, s.other) == (1, 0, 1)
+    assert s.first_pass_yield == 0.5
+    assert dict(s.outcome_counts) == {"PASS": 1, bad.value: 1}
+
+
+def test_marginal_counts_runs_with_a_marginal_measurement() -> None:
+    marginal_phase = phase("rails", measurements=[measurement("v", 3.38, low=3.2, high=3.4, marginal=(3.25, 3.35))])
+    clean_phase = phase("rails", measurements=[measurement("v", 3.30, low=3.2, high=3.4, marginal=(3.25, 3.35))])
+    assert marginal_phase.marginal and not clean_phase.marginal
+    s = batch_summary([r("A", Outcome.PASS, 0, phases=[marginal_phase]), r("B", Outcome.PASS, 1, phases=[clean_phase])])
+    assert s.marginal == 1
+
+
+def test_median_duration_ignores_open_runs() -> None:
+    runs = [run(serial="A", started_at=at(0), duration=10.0, outcome=Outcome.PASS),
+            run(serial="B", started_at=at(0), duration=30.0, outcome=Outcome.PASS),
+            run(serial="C", started_at=at(0), duration=20.0, outcome=Outcome.FAIL),
+            run(serial="D", started_at=at(0), outcome=None)]
+    assert batch_summary(runs).median_duration_s == 20.0
+
+
+def test_phase_pareto_counts_causes_sorted_with_cumulative_share() -> None:
+    runs = [
+        r("A", Outcome.FAIL, 0, phases=[failing("rails", "vdd"), phase("rf", Outcome.SKIPPED)]),
+        r("B", Outcome.FAIL, 1, phases=[failing("rails", "vdd")]),
+        r("C", Outcome.ERROR, 2, phases=[phase("flash", Outcome.ERROR), phase("rf", Outcome.ABORTED)]),
+        r("D", Outcome.TIMEOUT, 3, phases=[phase("rf", Outcome.TIMEOUT)]),
+        r("E", Outcome.FAIL, 4, phases=[failing("rails", "vdd")]),
+        r("A", Outcome.FAIL, 5, phases=[failing("rf", "rssi")]),  # retest: its failure counts too
+    ]
+    rows = batch_summary(runs).phase_pareto
+    assert [(p.phase, p.count) for p in rows] == [("rails", 3), ("rf", 2), ("flash", 1)]
+    assert [round(p.percent, 3) for p in rows] == [50.0, 33.333, 16.667]
+    assert [round(p.cumulative_percent, 3) for p in rows] == [50.0, 83.333, 100.0]
+    assert all(p.measurement is None for p in rows)
+
+
+def test_measurement_pareto_uses_the_last_attempt_and_keeps_phases_apart() -> None:
+    bad = measurement("vdd", 9.0, low=0.0, high=1.0)
+    good = measurement("vdd", 0.5, low=0.0, high=1.0)
+    recovered = phase("rails", Outcome.PASS, attempts=[attempt(1, Outcome.FAIL, measurements=[bad]),
+                                                      attempt(2, Outcome.PASS, measurements=[good])])
+    runs = [
+        r("A", Outcome.PASS, 0, phases=[recovered]),
+        r("B", Outcome.FAIL, 1, phases=[failing("rails", "vdd", "idd")]),
+        r("C", Outcome.FAIL, 2, phases=[failing("sleep", "idd")]),
+        r("D", Outcome.FAIL, 3, phases=[failing("sleep", "idd")]),
+    ]
+    rows = batch_summary(runs).measurement_pareto
+    assert [(p.phase, p.measurement, p.count) for p in rows] == [
+        ("sleep", "idd", 2), ("rails", "idd", 1), ("rails", "vdd", 1)]
+    assert rows[0].label == "sleep / idd"
+    assert rows[-1].cumulative_percent == pytest.approx(100.0)
+
+
+def test_unset_measurements_are_not_counted_as_measurement_failures() -> None:
+    unset = measurement("vdd", None, low=0.0, high=1.0)
+    assert unset.outcome is MeasurementOutcome.UNSET
+    s = batch_summary([r("A", Outcome.FAIL, 0, phases=[phase("rails", measurements=[unset])])])
+    assert s.measurement_pareto == ()
+    assert [(p.phase, p.count) for p in s.phase_pareto] == [("rails", 1)]
+
+
+def test_pareto_ties_are_ordered_by_name() -> None:
+    from collections import Counter
+
+    rows = pareto(Counter({("b", None): 2, ("a", None): 2, ("c", None): 5}))
+    assert [p.phase for p in rows] == ["c", "a", "b"]
+
+
+# -- properties --------------------------------------------------------------
+
+outcomes = st.none() | st.sampled_from(Outcome)
+run_specs = st.lists(
+    st.tuples(st.sampled_from(["S1", "S2", "S3", None]), outcomes, st.integers(0, 1000),
+              st.sampled_from(["ok", "rails", "rf"])),
+    max_size=25,
+)
+
+
+def _runs(specs):
+    out = []
+    for i, (serial, outcome, t, failing_phase) in enumerate(specs):
+        phases = [] if failing_phase == "ok" else [failing(failing_phase, "m")]
+        out.append(r(serial, outcome, t, phases=phases, run_id=f"run{i:03d}"))
+    return out
+
+
+@settings(max_examples=150, deadline=None)
+@given(run_specs, st.randoms(use_true_random=False))
+def test_summary_invariants(specs, rnd: random.Random) -> None:
+    runs = _runs(specs)
+    s = batch_summary(runs)
+    assert s.passed + s.failed + s.other == s.runs == len(runs)
+    assert sum(n for _, n in s.outcome_counts) == s.runs
+    assert s.units == len({unit_key(x) for x in runs}) == len(s.unit_summaries)
+    assert sum(len(u.run_ids) for u in s.unit_summaries) == s.runs
+    assert s.yield_units == sum(any(x.outcome is not None for x in runs if unit_key(x) == u.key)
+                                for u in s.unit_summaries)
+    for y, n in ((s.first_pass_yield, s.first_pass_units), (s.final_yield, s.final_pass_units)):
+        if s.yield_units == 0:
+            assert y is None
+        else:
+            assert y == n / s.yield_units and 0.0 <= y <= 1.0
+    # A unit passes first time at most once, so first-pass passes never exceed passed runs.
+    assert s.first_pass_units <= s.passed and s.final_pass_units <= s.passed
+    for rows in (s.phase_pareto, s.measurement_pareto):
+        counts = [p.count for p in rows]
+        assert counts == sorted(counts, reverse=True)
+        if rows:
+            assert rows[-1].cumulative_percent == pytest.approx(100.0)
+    shuffled = list(runs)
+    rnd.shuffle(shuffled)
+    assert batch_summary(shuffled) == s
