@@ -1,0 +1,148 @@
+"""The `sequencer` command in-process: exit codes, one-line errors, check/runs/report output."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+import pytest
+import serial
+
+from fixtures.sim.pty import PtyEndpoint
+from reports.store import LocalStore
+from sequencer.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+SENSOR = ROOT / "products" / "esp32_sensor.py"
+
+
+def one_line_error(capsys: pytest.CaptureFixture[str]) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0, f"expected one line, got:\n{err}"
+    assert err.startswith("sequencer: error: ")
+    return err
+
+
+def test_check_prints_the_graph_in_layers(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check", str(SENSOR)]) == 0
+    out = capsys.readouterr().out
+    assert "product esp32-sensor" in out
+    assert "limits  " in out and "sha256" in out
+    layer_lines = [line for line in out.splitlines() if line.strip().startswith("layer")]
+    assert len(layer_lines) >= 3
+    assert "(concurrent)" in out
+    assert "teardown (always runs, in order)" in out
+
+
+@pytest.mark.parametrize(
+    "body, fragment",
+    [
+        ("this is not python(\n", "syntax error"),
+        ("import nowhere_to_be_found\n", "does not import: ModuleNotFoundError"),
+        (
+            "from sequencer import Product, phase\n@phase(after=['ghost'])\nasync def a(): pass\n"
+            "product = Product('p', [a])\n",
+            "phase 'a': depends on unknown phase 'ghost'",
+        ),
+    ],
+)
+def test_bad_product_files_exit_2_with_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], body: str, fragment: str
+) -> None:
+    product = tmp_path / "bad.py"
+    product.write_text(body)
+    assert main(["check", str(product)]) == 2
+    err = one_line_error(capsys)
+    assert str(product) in err and fragment in err
+
+
+def test_bad_limits_file_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    limits = tmp_path / "limits.toml"
+    limits.write_text("[supply_rails]\nvdd_3v3 = { low = 3.5, high = 3.4 }\n")
+    assert main(["check", str(SENSOR), "--limits", str(limits)]) == 2
+    assert "vdd_3v3: in_range low 3.5 is greater than high 3.4" in one_line_error(capsys)
+
+
+def test_unknown_option_exits_2_with_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["run", str(SENSOR), "--sim", "2", "--frobnicate"])
+    assert info.value.code == 2
+    err = one_line_error(capsys)
+    assert "unrecognized arguments: --frobnicate" in err
+
+
+def test_run_needs_to_know_where_the_duts_are(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["run", str(SENSOR), "--store", str(tmp_path / "s.sqlite")]) == 2
+    assert "--sim N, --port PATH, or --station FILE" in one_line_error(capsys)
+
+
+def test_missing_port_exits_2_naming_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["run", str(SENSOR), "--port", "/dev/ttyNOPE9", "--store", str(tmp_path / "s.sqlite")]) == 2
+    assert "port /dev/ttyNOPE9: does not exist" in one_line_error(capsys)
+
+
+def test_busy_port_exits_2_naming_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with PtyEndpoint() as endpoint:
+        holder = serial.Serial(endpoint.path, exclusive=True)
+        try:
+            code = main(["run", str(SENSOR), "--port", endpoint.path, "--store", str(tmp_path / "s.sqlite")])
+        finally:
+            holder.close()
+    assert code == 2
+    assert f"port {endpoint.path}: busy or not usable" in one_line_error(capsys)
+
+
+def test_station_file_with_unknown_key_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    station = tmp_path / "station.toml"
+    station.write_text("sim = 2\nprots = ['/dev/ttyUSB0']\n")
+    assert main(["run", str(SENSOR), "--station", str(station)]) == 2
+    assert "unknown key 'prots'" in one_line_error(capsys)
+
+
+def test_station_file_drives_a_run_and_options_override_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    station = tmp_path / "station.toml"
+    station.write_text(textwrap.dedent("""
+        station = "line1-st3"
+        operator = "aoife"
+        batch = "FROM-FILE"
+        store = "data/store.sqlite"
+        reports = "data/reports"
+        sim = 3
+    """))
+    code = main(["run", str(SENSOR), "--station", str(station), "--batch", "FROM-CLI", "--plain"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "3/3 passed" in out
+    assert (tmp_path / "data" / "reports" / "FROM-CLI" / "index.html").exists()
+
+    assert main(["runs", "--store", str(tmp_path / "data" / "store.sqlite"), "--batch", "FROM-CLI", "--json"]) == 0
+    runs = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(runs) == 3
+    assert {r["station"] for r in runs} == {"line1-st3"} and {r["operator"] for r in runs} == {"aoife"}
+    assert all(r["outcome"] == "PASS" and r["limits_sha256"] for r in runs)
+
+    serial_no = runs[0]["dut"]["serial"]
+    assert main(["runs", "--store", str(tmp_path / "data" / "store.sqlite"), "--serial", serial_no]) == 0
+    assert "1 run(s)" in capsys.readouterr().out
+
+    out_html = tmp_path / "batch.html"
+    assert main(["report", "--store", str(tmp_path / "data" / "store.sqlite"), "--batch", "FROM-CLI",
+                 "-o", str(out_html)]) == 0
+    assert serial_no in out_html.read_text()
+    one = tmp_path / "one.html"
+    assert main(["report", "--store", str(tmp_path / "data" / "store.sqlite"), "--run", runs[0]["run_id"][:10],
+                 "-o", str(one)]) == 0
+    assert runs[0]["run_id"] in one.read_text()
+
+
+def test_report_for_unknown_batch_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    store = tmp_path / "s.sqlite"
+    LocalStore.open(store).close()
+    assert main(["report", "--store", str(store), "--batch", "NOPE", "-o", str(tmp_path / "x.html")]) == 2
+    assert "batch 'NOPE': no runs" in one_line_error(capsys)
+
+
+def test_runs_without_a_store_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["runs", "--store", str(tmp_path / "missing.sqlite")]) == 2
+    assert "no local store here" in one_line_error(capsys)
