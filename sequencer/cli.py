@@ -178,13 +178,14 @@ def cmd_run(args: argparse.Namespace) -> int:
                       "INTERRUPTED[/yellow]")
     log_handle = configure_logging(config.store.parent / "station.log", verbose=args.verbose)
     try:
-        result = trio.run(_run_station, loaded, config, store, console, not args.plain)
+        runs, aborted = trio.run(_run_station, loaded, config, store, console, not args.plain)
+        # The batch page covers the whole batch, earlier sessions and retests included.
+        batch_runs = store.find_runs(batch=config.batch_or_default)
     finally:
         store.close()
         if log_handle is not None:
             log_handle.close()
-    runs, aborted = result
-    return _finish_run(runs, aborted, config, loaded, console)
+    return _finish_run(runs, batch_runs, aborted, config, loaded, console)
 
 
 def _raise_open_file_limit() -> None:
@@ -281,7 +282,12 @@ async def _open_resources(
 
 
 def _finish_run(
-    runs: list[RunRecord], aborted: bool, config: StationConfig, loaded: LoadedProduct, console: Console
+    runs: list[RunRecord],
+    batch_runs: list[RunRecord],
+    aborted: bool,
+    config: StationConfig,
+    loaded: LoadedProduct,
+    console: Console,
 ) -> int:
     from reports.html import render_batch, render_run, write_html
     from sequencer.display import summary_table
@@ -294,7 +300,7 @@ def _finish_run(
         report_dir.mkdir(parents=True, exist_ok=True)
         for r in runs:
             write_html(report_dir / f"{r.run_id}.html", render_run(r))
-        write_html(batch_path, render_batch(runs, title=f"{loaded.name} — {config.batch_or_default}"))
+        write_html(batch_path, render_batch(batch_runs, title=f"{loaded.name} — batch {config.batch_or_default}"))
     except Exception as exc:
         # The records are safe in the store; a report can be written later
         # with `sequencer report`. Say so rather than lose the exit code.

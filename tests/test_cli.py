@@ -146,3 +146,16 @@ def test_report_for_unknown_batch_exits_2(tmp_path: Path, capsys: pytest.Capture
 def test_runs_without_a_store_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["runs", "--store", str(tmp_path / "missing.sqlite")]) == 2
     assert "no local store here" in one_line_error(capsys)
+
+
+def test_batch_page_covers_every_session_of_the_batch(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["run", str(SENSOR), "--sim", "2", "--store", str(tmp_path / "s.sqlite"), "--reports",
+            str(tmp_path / "r"), "--batch", "B", "--plain"]
+    assert main(args) == 0
+    assert main(args) == 0  # a second session on the same batch (retests of the same serials)
+    capsys.readouterr()
+    assert main(["runs", "--store", str(tmp_path / "s.sqlite"), "--batch", "B", "--json"]) == 0
+    run_ids = [json.loads(line)["run_id"] for line in capsys.readouterr().out.splitlines()]
+    assert len(run_ids) == 4
+    page = (tmp_path / "r" / "B" / "index.html").read_text()
+    assert all(run_id in page for run_id in run_ids)
