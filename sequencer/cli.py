@@ -239,8 +239,16 @@ async def _run_station(
             else:
                 nursery.start_soon(show_plain, display, events, sys.stdout)
             try:
+                def tell_operator(aborts: int) -> None:
+                    if aborts == 1:
+                        console.print("[yellow]aborting: running teardowns and recording every run "
+                                      "(Ctrl-C again to skip teardowns)[/yellow]")
+                    else:
+                        console.print("[yellow]skipping remaining teardowns; writing records[/yellow]")
+
                 result = await run_station(
                     loaded, ports, settings=settings, store=store, bus=bus, resources=resources,
+                    on_abort=tell_operator,
                 )
             finally:
                 bus.close()

@@ -14,7 +14,7 @@ still flushed. The caller exits 130 when :attr:`StationResult.aborted`.
 from __future__ import annotations
 
 import signal
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import attrs
 import structlog
@@ -50,13 +50,13 @@ async def run_station(
     resources: Mapping[str, SharedResource] | None = None,
     fixtures: Mapping[str, FixtureFactory] | None = None,
     handle_signals: bool = True,
-    on_abort: Callable[[int], Awaitable[None] | None] | None = None,
+    on_abort: Callable[[int], object] | None = None,
 ) -> StationResult:
     """Run ``product`` once on each port, concurrently; return every run's record.
 
     With ``handle_signals`` (the CLI), SIGINT and SIGTERM abort the station as
-    described in the module docstring; tests drive the same path through the
-    returned controls by sending the process a real signal.
+    described in the module docstring, and ``on_abort(count)`` is called on
+    each so the caller can tell the operator what is happening.
     """
     controls = [SlotControl() for _ in ports]
     results: list[RunRecord | None] = [None] * len(ports)
@@ -89,9 +89,7 @@ async def run_station(
                     for c in controls:
                         c.skip_teardowns()
                 if on_abort is not None:
-                    maybe = on_abort(aborts)
-                    if maybe is not None:
-                        await maybe
+                    on_abort(aborts)  # tell the operator; must not block
 
     async with trio.open_nursery() as outer:
         if handle_signals:
