@@ -110,6 +110,8 @@ class LocalStore:
         #: runs found open (and marked INTERRUPTED) when the store was opened
         self.interrupted_on_open = interrupted
         self._queue: list[_Pending] = []
+        #: identity last written for each run this process has open (writer thread only)
+        self._open_duts: dict[str, dict[str, str]] = {}
         self._wakeup: trio.Event | None = None
         self._writing = False
 
@@ -253,6 +255,7 @@ class LocalStore:
                         (r.run_id, r.batch, r.serial, r.product, r.station, r.slot, None,
                          r.started_at.isoformat(), None, _header_json(r), seq),
                     )
+                    self._open_duts[r.run_id] = dict(r.dut)
                 elif w.kind == "phase":
                     assert w.phase is not None and w.dut is not None
                     conn.execute(
@@ -260,17 +263,19 @@ class LocalStore:
                         (w.run_id, w.index, w.phase.name, w.phase.outcome.value,
                          json.dumps(to_dict(w.phase), separators=(",", ":"))),
                     )
-                    header = conn.execute("SELECT header FROM runs WHERE run_id=?", (w.run_id,)).fetchone()
-                    if header is not None:
+                    # Identity changes a few times per run, phases commit many
+                    # times: rewrite the header only when the identity changed.
+                    if self._open_duts.get(w.run_id) != w.dut:
+                        header = conn.execute("SELECT header FROM runs WHERE run_id=?", (w.run_id,)).fetchone()
                         data = json.loads(header[0])
-                        if data.get("dut") != w.dut:
-                            data["dut"] = w.dut
-                            conn.execute(
-                                "UPDATE runs SET header=?, serial=?, seq=? WHERE run_id=?",
-                                (json.dumps(data, separators=(",", ":")), w.dut.get("serial"), seq, w.run_id),
-                            )
-                        else:
-                            conn.execute("UPDATE runs SET seq=? WHERE run_id=?", (seq, w.run_id))
+                        data["dut"] = w.dut
+                        conn.execute(
+                            "UPDATE runs SET header=?, serial=?, seq=? WHERE run_id=?",
+                            (json.dumps(data, separators=(",", ":")), w.dut.get("serial"), seq, w.run_id),
+                        )
+                        self._open_duts[w.run_id] = dict(w.dut)
+                    else:
+                        conn.execute("UPDATE runs SET seq=? WHERE run_id=?", (seq, w.run_id))
                 else:
                     assert w.run is not None
                     r = w.run
@@ -280,6 +285,7 @@ class LocalStore:
                          r.ended_at.isoformat() if r.ended_at else None,
                          r.serial, _header_json(r), seq, r.run_id),
                     )
+                    self._open_duts.pop(r.run_id, None)
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:

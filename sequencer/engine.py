@@ -25,6 +25,7 @@ whatever happens to the process later, what was finished is on disk.
 from __future__ import annotations
 
 import contextlib
+import math
 import traceback
 import uuid
 from collections.abc import Mapping
@@ -164,7 +165,10 @@ class _SlotRun:
         self.done = {p.name: trio.Event() for p in self.product.phases}
         self.recorded: set[str] = set()
         self.stop_reason: str | None = None
+        #: the running attempt's cancel scope, per phase
         self.in_flight: dict[str, trio.CancelScope] = {}
+        #: phases whose attempt a stop cancelled (as opposed to their deadline)
+        self.stopped: set[str] = set()
         self.started_at: dict[str, Any] = {}
         #: attempts, log and attachments of phases in flight, for recording an abort
         self.partial: dict[str, tuple[list[AttemptRecord], PhaseLog, list[Attachment]]] = {}
@@ -257,7 +261,8 @@ class _SlotRun:
         if self.stop_reason is None:
             self.stop_reason = reason
             self.log.info("run stopping", reason=reason)
-        for scope in self.in_flight.values():
+        for name, scope in self.in_flight.items():
+            self.stopped.add(name)
             scope.cancel()
 
     async def _run_and_commit(self, p: Phase) -> PhaseRecord | None:
@@ -289,8 +294,8 @@ class _SlotRun:
         self.recorded.add(p.name)
         index = len(self.committed)
         self.committed.append(record)
-        with trio.CancelScope(shield=True):
-            await self.store.commit_phase(self.header.run_id, index, record, dict(self.dut))
+        # The store shields the wait for its own commit: once queued, a record is written.
+        await self.store.commit_phase(self.header.run_id, index, record, dict(self.dut))
         # Only now may dependents start: what they build on is on disk.
         self.done[p.name].set()
         self.bus.publish(PhaseFinished(self.header.run_id, self.header.slot, record))
@@ -305,39 +310,32 @@ class _SlotRun:
         attempts: list[AttemptRecord] = []
         self.partial[p.name] = (attempts, log, attachments)
         waited = 0.0
-        scope = trio.CancelScope()
-        self.in_flight[p.name] = scope
         result = PhaseResult.CONTINUE
-        try:
-            with scope:
-                failures = 0
-                repeats = 0
-                while True:
-                    access = ResourceAccess(self.resources)
-                    attempt, result = await self._attempt(p, len(attempts) + 1, log, attachments, access)
-                    waited += access.waited_s
-                    attempts.append(attempt)
-                    if result is PhaseResult.REPEAT and attempt.outcome is Outcome.PASS:
-                        repeats += 1
-                        if repeats < p.repeat_limit:
-                            continue
-                        attempts[-1] = attrs.evolve(
-                            attempt, outcome=Outcome.FAIL, reason=f"repeat limit {p.repeat_limit} reached"
-                        )
-                        break
-                    if attempt.outcome in (Outcome.FAIL, Outcome.ERROR, Outcome.TIMEOUT) and failures < p.retries:
-                        failures += 1
-                        log.info("retrying", attempt=attempt.number, outcome=attempt.outcome.value)
-                        continue
-                    break
-        finally:
-            del self.in_flight[p.name]
+        failures = 0
+        repeats = 0
+        while True:
+            if self.stop_reason is not None and attempts:  # stopped between two attempts
+                now = utcnow()
+                attempts.append(AttemptRecord(len(attempts) + 1, Outcome.ABORTED, now, now, reason=self.stop_reason))
+                break
+            access = ResourceAccess(self.resources)
+            attempt, result = await self._attempt(p, len(attempts) + 1, log, attachments, access)
+            waited += access.waited_s
+            attempts.append(attempt)
+            if result is PhaseResult.REPEAT and attempt.outcome is Outcome.PASS:
+                repeats += 1
+                if repeats < p.repeat_limit:
+                    continue
+                attempts[-1] = attrs.evolve(
+                    attempt, outcome=Outcome.FAIL, reason=f"repeat limit {p.repeat_limit} reached"
+                )
+                break
+            if attempt.outcome in (Outcome.FAIL, Outcome.ERROR, Outcome.TIMEOUT) and failures < p.retries:
+                failures += 1
+                log.info("retrying", attempt=attempt.number, outcome=attempt.outcome.value)
+                continue
+            break
         del self.partial[p.name]
-        if scope.cancelled_caught:
-            now = utcnow()
-            attempts.append(
-                AttemptRecord(len(attempts) + 1, Outcome.ABORTED, now, now, reason=self._abort_reason(p))
-            )
         last = attempts[-1]
         outcome = last.outcome
         if outcome is Outcome.PASS and result is PhaseResult.SKIP:
@@ -376,7 +374,11 @@ class _SlotRun:
         error: ErrorInfo | None = None
         reason: str | None = None
         timeout = p.effective_timeout
-        with trio.move_on_after(timeout if timeout is not None else float("inf")) as deadline:
+        # One scope per attempt carries the deadline and is also what a stop
+        # cancels: cancel scopes are the engine's main per-phase cost.
+        scope = trio.CancelScope(deadline=trio.current_time() + timeout if timeout is not None else math.inf)
+        self.in_flight[p.name] = scope
+        with scope:
             try:
                 kwargs = {name: await self._argument(name, ctx, access) for name in p.parameters}
                 returned = await p.fn(**kwargs)
@@ -387,10 +389,13 @@ class _SlotRun:
                 error = ErrorInfo(type(exc).__name__, str(exc), traceback.format_exc())
                 reason = f"{type(exc).__name__}: {exc}"
                 log.error("phase raised", error=reason)
+        del self.in_flight[p.name]
         measurements = tuple(
             m.judge(ctx.measurements[m.name]) if m.name in ctx.measurements else m.unset() for m in p.measurements
         )
-        if deadline.cancelled_caught:
+        if scope.cancelled_caught and p.name in self.stopped:
+            outcome, reason = Outcome.ABORTED, self._abort_reason(p)
+        elif scope.cancelled_caught:
             outcome, reason = Outcome.TIMEOUT, f"timed out after {timeout:g} s"
         elif error is not None:
             outcome = Outcome.ERROR
