@@ -49,3 +49,12 @@ def test_station_needs_ports_or_sim() -> None:
         StationConfig().check()
     with pytest.raises(ConfigError, match="listed twice"):
         StationConfig(ports=("/dev/a", "/dev/a")).check()
+
+
+def test_documented_example_station_file_loads() -> None:
+    example = Path(__file__).resolve().parent.parent / "docs" / "examples" / "station.toml"
+    c = load_station_config(example)
+    c.check()
+    assert c.station == "shannon-line1-st3" and len(c.ports) == 4
+    assert c.store == example.parent / "data" / "store.sqlite"
+    assert c.resources["dmm"].capacity == 1
