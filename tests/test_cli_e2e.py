@@ -45,13 +45,23 @@ def soaking_runs(store_path: Path) -> int:
         store.close()
 
 
+def start_station(tmp_path: Path, slots: int, batch: str) -> tuple[subprocess.Popen, Path]:
+    """Start `sequencer run` on the slow product and return once every slot is soaking."""
+    store_path = tmp_path / "store.sqlite"
+    proc = sequencer("run", str(SLOW), "--sim", str(slots), "--store", str(store_path),
+                     "--reports", str(tmp_path / "reports"), "--plain", "--batch", batch)
+    try:
+        wait_for(lambda: soaking_runs(store_path) == slots)
+    except BaseException:
+        proc.kill()
+        raise
+    return proc, store_path
+
+
 @pytest.mark.slow
 def test_ctrl_c_aborts_16_slots_runs_teardowns_and_records_everything(tmp_path: Path) -> None:
-    store_path = tmp_path / "store.sqlite"
-    proc = sequencer("run", str(SLOW), "--sim", "16", "--store", str(store_path),
-                     "--reports", str(tmp_path / "reports"), "--plain", "--batch", "ABORT-TEST")
+    proc, store_path = start_station(tmp_path, 16, "ABORT-TEST")
     try:
-        wait_for(lambda: soaking_runs(store_path) == 16)
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=30)
     finally:
@@ -74,11 +84,8 @@ def test_ctrl_c_aborts_16_slots_runs_teardowns_and_records_everything(tmp_path: 
 
 @pytest.mark.slow
 def test_second_ctrl_c_skips_teardowns_but_keeps_records(tmp_path: Path) -> None:
-    store_path = tmp_path / "store.sqlite"
-    proc = sequencer("run", str(SLOW), "--sim", "4", "--store", str(store_path),
-                     "--reports", str(tmp_path / "reports"), "--plain", "--batch", "TWICE")
+    proc, store_path = start_station(tmp_path, 4, "TWICE")
     try:
-        wait_for(lambda: soaking_runs(store_path) == 4)
         proc.send_signal(signal.SIGINT)
         time.sleep(0.05)  # teardowns take 0.2 s: the second signal lands inside them
         proc.send_signal(signal.SIGINT)
@@ -96,11 +103,8 @@ def test_second_ctrl_c_skips_teardowns_but_keeps_records(tmp_path: Path) -> None
 
 @pytest.mark.slow
 def test_sigkill_mid_run_then_reopen_marks_interrupted_and_keeps_finished_phases(tmp_path: Path) -> None:
-    store_path = tmp_path / "store.sqlite"
-    proc = sequencer("run", str(SLOW), "--sim", "8", "--store", str(store_path),
-                     "--reports", str(tmp_path / "reports"), "--plain", "--batch", "KILLED")
+    proc, store_path = start_station(tmp_path, 8, "KILLED")
     try:
-        wait_for(lambda: soaking_runs(store_path) == 8)
         proc.send_signal(signal.SIGKILL)
         proc.communicate(timeout=10)
     finally:
