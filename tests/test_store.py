@@ -102,3 +102,32 @@ def test_wal_mode_is_on(store_path: Path) -> None:
     conn = sqlite3.connect(store_path)
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     conn.close()
+
+
+async def test_cancelling_the_station_from_outside_still_writes_every_queued_record(store_path: Path) -> None:
+    # Slots cancelled from outside wait (shielded) for the commits they
+    # queued; the writer must keep writing for them instead of dying with the
+    # cancellation, or the station hangs. fail_after turns a hang into a failure.
+    store = LocalStore.open(store_path, station=True)
+    committed: list[str] = []
+
+    async def slot(index: int) -> None:
+        run_id = f"r{index}"
+        await store.begin_run(make_run(run_id, slot=index))
+        for n in range(1000):
+            await store.commit_phase(run_id, n, make_phase(f"p{n}"), {"serial": f"SN{index}"})
+            committed.append(f"{run_id}/p{n}")
+            await trio.sleep(0)  # the engine checkpoints between phases too
+
+    with trio.fail_after(20):
+        with trio.CancelScope() as outside:
+            async with store.writer(), trio.open_nursery() as nursery:
+                for index in range(8):
+                    nursery.start_soon(slot, index)
+                while len(committed) < 40:
+                    await trio.sleep(0.001)
+                outside.cancel()
+    stored = {f"{r.run_id}/{p.name}" for r in store.find_runs(batch="B1") for p in r.phases}
+    store.close()
+    assert outside.cancelled_caught
+    assert set(committed) <= stored  # nothing a slot was told is committed went missing
