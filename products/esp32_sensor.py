@@ -1,20 +1,33 @@
-"""ESP32 environmental sensor board: boot, identity, EVT, sleep current.
+"""ESP32 environmental sensor board: detect, flash, boot, identity, EVT, sleep current.
 
 Graph (``sequencer check products/esp32_sensor.py``)::
 
-    boot → identify → { supply_rails, regulator_startup, environment_sensor, self_test }
-         → sleep_current (shared DMM) ;  teardown: console_transcript
+    detect → flash (bootloader, partition table, app) → boot → identify
+           → { supply_rails, regulator_startup, environment_sensor, self_test }
+           → sleep_current (shared DMM) ;  teardown: console_transcript
+
+Boards arrive factory-fresh, held in download mode by the jig. ``detect``
+reads chip, revision and MAC from the ROM; ``flash`` writes the test
+firmware build in ``data/esp32_sensor/build`` (ESP-IDF's ``flasher_args.json``)
+with the station's ``flasher`` and starts it; one re-flash is allowed, for a
+board that dropped off the line. See docs/flashing.md.
 
 The four EVT phases are independent, so the engine starts them together; they
 share the DUT console, whose client serialises commands. Limits live in
 ``esp32_sensor.limits.toml`` beside this file.
 """
 
+from pathlib import Path
+
 from fixtures.dut import test_firmware
-from phases import evt
+from phases import esp32, evt
 from sequencer import Product
 
-boot = evt.boot
+IMAGES = Path(__file__).resolve().parent / "data" / "esp32_sensor" / "build" / "flasher_args.json"
+
+detect = esp32.detect
+flash = esp32.flash_images(IMAGES, retries=1).depends_on(detect)
+boot = esp32.boot.depends_on(flash)
 identify = evt.identify.depends_on(boot)
 evt_phases = [
     evt.supply_rails.depends_on(identify),
@@ -28,7 +41,7 @@ product = Product(
     name="esp32-sensor",
     version="2.1",
     description="ESP32 environmental sensor board, EVT",
-    phases=[boot, identify, *evt_phases, sleep_current, evt.console_transcript],
+    phases=[detect, flash, boot, identify, *evt_phases, sleep_current, evt.console_transcript],
     fixtures={"dut": test_firmware(baudrate=115200, wait_boot=False)},
     resources={"dmm": "scpi-dmm"},
 )

@@ -27,8 +27,8 @@ from sequencer.records import Outcome, RunRecord, run_to_json
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_ABORTED = 0, 1, 2, 130
 
-#: Fixture names the station itself provides to every product.
-STATION_FIXTURES: tuple[str, ...] = ()
+#: Fixture names the station itself provides to every product (fixtures/station.py).
+STATION_FIXTURES: tuple[str, ...] = ("flasher",)
 
 
 class UsageError(Exception):
@@ -63,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, help="seed for simulated devices' variation")
     run.add_argument("--plain", action="store_true", help="plain progress lines instead of the live table")
     run.add_argument("-v", "--verbose", action="store_true", help="also print the station log to stderr")
+    run.add_argument("--faults", type=Path, metavar="PROFILE",
+                     help="with --sim: inject the faults a profile (TOML) describes, per slot or by probability")
 
     report = sub.add_parser("report", help="write the HTML report of a run or a batch")
     target = report.add_mutually_exclusive_group(required=True)
@@ -163,6 +165,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         batch=args.batch, operator=args.operator, seed=args.seed,
     )
     config.check()
+    from fixtures.station import detected_ports, load_faults
+
+    config = detected_ports(config)  # [detect]: USB serial ports by VID/PID/serial/location
     if not config.sim:
         for port in config.ports:
             check_port(port)
@@ -170,6 +175,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         args.product, limits=args.limits, station_fixtures=STATION_FIXTURES,
         station_resources=None,
     )
+    faults = load_faults(args.faults, config, loaded)
     _raise_open_file_limit()
     store = LocalStore.open(config.store, station=True)
     console = Console(highlight=False)
@@ -178,7 +184,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                       "INTERRUPTED[/yellow]")
     log_handle = configure_logging(config.store.parent / "station.log", verbose=args.verbose)
     try:
-        runs, aborted = trio.run(_run_station, loaded, config, store, console, not args.plain)
+        runs, aborted = trio.run(_run_station, loaded, config, store, console, not args.plain, faults)
         # The batch page covers the whole batch, earlier sessions and retests included.
         batch_runs = store.find_runs(batch=config.batch_or_default)
     finally:
@@ -211,8 +217,9 @@ def check_port(port: str) -> None:
 
 
 async def _run_station(
-    loaded: LoadedProduct, config: StationConfig, store: Any, console: Console, live: bool
+    loaded: LoadedProduct, config: StationConfig, store: Any, console: Console, live: bool, faults: Any = None
 ) -> tuple[list[RunRecord], bool]:
+    from fixtures.station import station_fixtures
     from sequencer.display import StationDisplay, show_live, show_plain
     from sequencer.station import run_station
 
@@ -223,9 +230,12 @@ async def _run_station(
         ports = list(config.ports)
         devices: list[Any] = []
         if config.sim:
-            from fixtures.sim.farm import open_farm
+            from fixtures.station import open_station_farm
 
-            devices = await stack.enter_async_context(open_farm(config.sim, seed=config.seed))
+            # ESP32 boards in download mode if the product flashes; --faults applied.
+            devices = await stack.enter_async_context(open_station_farm(loaded, config, faults))
+            if faults is not None:
+                console.print(f"faults ({faults.source}): {faults.summary() or 'none drawn'}")
             ports = [d.path for d in devices]
         resources = await _open_resources(stack, loaded, config, devices)
         display = StationDisplay(ports, len(loaded.product.phases))
@@ -248,7 +258,7 @@ async def _run_station(
 
                 result = await run_station(
                     loaded, ports, settings=settings, store=store, bus=bus, resources=resources,
-                    on_abort=tell_operator,
+                    on_abort=tell_operator, fixtures=station_fixtures(config),
                 )
             finally:
                 bus.close()

@@ -15,6 +15,17 @@
     instrument = "scpi-dmm"     # optional driver; omit for a plain lock
     port = "/dev/ttyACM0"       # "sim" for a simulated instrument
 
+    [flash]                     # how the flasher fixture writes images (docs/flashing.md)
+    baud = 921600
+    stub = false                # ROM loader; the stub needs boot = "hard-reset"
+    boot = "run-user-code"      # or "hard-reset" (RTS/DTR wired), "none"
+    max_seconds = 60            # quality gate: longest write + verify per DUT
+    max_image_bytes = { esp32 = 0x180000 }   # quality gate: largest image, per chip
+
+    [detect]                    # instead of ports: every USB serial port that matches
+    vid = 0x10C4                # and/or pid, serial, location, description (globs)
+    location = "1-1.*"
+
 Unknown keys are errors, not silently ignored: a misspelt ``prots`` must not
 run the station on no ports. Command-line options override the file.
 """
@@ -45,6 +56,71 @@ class ResourceConfig:
     port: str | None = None
 
 
+_BOOT_MODES = ("run-user-code", "hard-reset", "none")
+
+
+def _positive(_: object, attribute: attrs.Attribute, value: Any) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
+        raise ValueError(f"{attribute.name} must be a positive number, got {value!r}")
+
+
+def _one_of(options: tuple[str, ...]) -> Any:
+    def check(_: object, attribute: attrs.Attribute, value: Any) -> None:
+        if value not in options:
+            raise ValueError(f"{attribute.name} must be one of {', '.join(options)}, got {value!r}")
+
+    return check
+
+
+def _chip_limits(value: Mapping[str, int]) -> Mapping[str, int]:
+    limits = {}
+    for chip, limit in dict(value).items():
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0:
+            raise ValueError(f"max_image_bytes.{chip} must be a positive whole number of bytes, got {limit!r}")
+        limits[str(chip).lower().replace("-", "").replace("_", "")] = limit
+    return limits
+
+
+@attrs.frozen
+class FlashConfig:
+    """``[flash]``: the station's flashing policy and quality gates (see docs/flashing.md)."""
+
+    baud: int = attrs.field(default=921600, validator=_positive)
+    #: esptool's flasher stub (faster) instead of the ROM loader; it cannot
+    #: start the app by itself, so it needs ``boot = "hard-reset"``
+    stub: bool = False
+    #: how the board leaves download mode after flashing: "run-user-code"
+    #: (ROM loader: FLASH_END jumps to the app, no reset line needed),
+    #: "hard-reset" (RTS pulses EN), "none" (stay in the loader)
+    boot: str = attrs.field(default="run-user-code", validator=_one_of(_BOOT_MODES))
+    compress: bool = True
+    connect_attempts: int = attrs.field(default=3, validator=_positive)
+    #: quality gate: longest write + verify of the whole image set, seconds
+    max_seconds: float | None = attrs.field(default=None, validator=_positive)
+    #: quality gate: largest single image, bytes, by chip (esptool --chip names)
+    max_image_bytes: Mapping[str, int] = attrs.field(factory=dict, converter=_chip_limits, hash=False)
+
+    def __attrs_post_init__(self) -> None:
+        if self.stub and self.boot == "run-user-code":
+            raise ValueError('stub = true needs boot = "hard-reset" (or "none"): the flasher stub cannot start '
+                             "the app without a reset line")
+
+
+@attrs.frozen
+class DetectConfig:
+    """``[detect]``: find DUT ports by USB identity instead of listing them (globs for text)."""
+
+    vid: int | None = None
+    pid: int | None = None
+    serial: str | None = None
+    location: str | None = None
+    description: str | None = None
+
+    def __attrs_post_init__(self) -> None:
+        if all(getattr(self, f.name) is None for f in attrs.fields(DetectConfig)):
+            raise ValueError("detect needs at least one of vid, pid, serial, location, description")
+
+
 def default_data_dir() -> Path:
     """Where a station keeps its store and reports when nothing says otherwise (XDG data home)."""
     base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
@@ -63,6 +139,9 @@ class StationConfig:
     seed: int = 0
     resources: Mapping[str, ResourceConfig] = attrs.field(factory=dict)
     source: Path | None = None
+    flash: FlashConfig = attrs.field(factory=FlashConfig)
+    #: find ports by USB identity (``[detect]``) when none are listed
+    detect: DetectConfig | None = None
 
     @property
     def batch_or_default(self) -> str:
@@ -83,13 +162,14 @@ class StationConfig:
             raise ConfigError(f"{where}: sim must be >= 0, got {self.sim}")
         if self.sim and self.ports:
             raise ConfigError(f"{where}: give either ports or sim, not both")
-        if not self.sim and not self.ports:
+        if not self.sim and not self.ports and self.detect is None:
             raise ConfigError(f"{where}: no DUT ports: give ports (or --port) or a simulated count (sim / --sim N)")
         if len(set(self.ports)) != len(self.ports):
             raise ConfigError(f"{where}: a port is listed twice")
 
 
-_TOP_KEYS = {"station", "operator", "batch", "store", "reports", "ports", "sim", "seed", "resources"}
+_TOP_KEYS = {"station", "operator", "batch", "store", "reports", "ports", "sim", "seed", "resources", "flash",
+             "detect"}
 _RESOURCE_KEYS = {"capacity", "instrument", "port"}
 
 
@@ -146,8 +226,38 @@ def load_station_config(path: str | Path) -> StationConfig:
         seed=typed("seed", int, 0),
         resources=resources,
         source=p,
+        flash=_flash_table(p, typed("flash", dict, {})),
+        detect=_detect_table(p, typed("detect", dict, None)) if "detect" in data else None,
     )
     return config
+
+
+def _table(p: Path, name: str, cls: type, table: dict[str, Any], kinds: dict[str, tuple[type, ...]]) -> Any:
+    """Build ``cls`` from a TOML table: unknown keys, wrong types and bad values name the key."""
+    for key, value in table.items():
+        if key not in kinds:
+            raise ConfigError(f"{p}: {name}: unknown key {key!r} (known: {', '.join(sorted(kinds))})")
+        kind = kinds[key]
+        if isinstance(value, bool) and bool not in kind or not isinstance(value, kind):
+            raise ConfigError(f"{p}: {name}.{key} must be {_kind_name(kind)}, got {value!r}")
+    try:
+        return cls(**table)
+    except ValueError as exc:
+        raise ConfigError(f"{p}: {name}: {exc}") from None
+
+
+def _flash_table(p: Path, table: dict[str, Any]) -> FlashConfig:
+    number = (int, float)
+    return _table(p, "flash", FlashConfig, table, {
+        "baud": (int,), "stub": (bool,), "boot": (str,), "compress": (bool,), "connect_attempts": (int,),
+        "max_seconds": number, "max_image_bytes": (dict,),
+    })
+
+
+def _detect_table(p: Path, table: dict[str, Any]) -> DetectConfig:
+    return _table(p, "detect", DetectConfig, table, {
+        "vid": (int,), "pid": (int,), "serial": (str,), "location": (str,), "description": (str,),
+    })
 
 
 def _relative(base: Path, value: str) -> Path:
@@ -156,7 +266,8 @@ def _relative(base: Path, value: str) -> Path:
 
 
 def _kind_name(kind: type | tuple[type, ...]) -> str:
-    names = {str: "text", int: "a whole number", list: "a list", dict: "a table"}
+    names = {str: "text", int: "a whole number", float: "a number", bool: "true or false", list: "a list",
+             dict: "a table"}
     if isinstance(kind, tuple):
         return " or ".join(names.get(k, k.__name__) for k in kind)
     return names.get(kind, kind.__name__)

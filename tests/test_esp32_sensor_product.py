@@ -11,9 +11,11 @@ from pathlib import Path
 import pytest
 
 from fixtures.sim.device import Faults
-from fixtures.sim.farm import open_farm
+from fixtures.sim.esp32_board import open_esp32_farm
 from fixtures.sim.instruments import open_simulated_instrument
+from fixtures.station import STATION_FIXTURES, station_fixtures
 from reports.store import LocalStore
+from sequencer.config import StationConfig
 from sequencer.engine import RunSettings
 from sequencer.events import EventBus
 from sequencer.product import load_product
@@ -25,14 +27,17 @@ SENSOR = Path(__file__).resolve().parent.parent / "products" / "esp32_sensor.py"
 
 
 async def run_farm(store_path: Path, n: int, faults: dict[int, Faults]) -> list[RunRecord]:
-    loaded = load_product(SENSOR)
+    # The product flashes factory-fresh boards first: ESP32 boards held in
+    # download mode, and the station's flasher fixture.
+    loaded = load_product(SENSOR, station_fixtures=STATION_FIXTURES)
     store = LocalStore.open(store_path, station=True)
     try:
-        async with store.writer(), open_farm(n, seed=7, faults=faults) as devices:
+        async with store.writer(), open_esp32_farm(n, seed=7, faults=faults) as devices:
             async with open_simulated_instrument("scpi-dmm", devices, seed=7) as dmm:
                 result = await run_station(
                     loaded, [d.path for d in devices], settings=RunSettings("test", batch="F"), store=store,
                     bus=EventBus(), resources={"dmm": SharedResource("dmm", 1, dmm)}, handle_signals=False,
+                    fixtures=station_fixtures(StationConfig()),
                 )
     finally:
         store.close()

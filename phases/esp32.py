@@ -1,0 +1,175 @@
+"""Phases for ESP32 boards in a flashing jig: detect the chip, flash the image set, boot the test firmware.
+
+They use two fixtures: ``dut`` (the slot's console, a
+:class:`~fixtures.dut.TestFirmware`, opened without waiting for a boot banner)
+and ``flasher`` (an :class:`~fixtures.flasher.EspFlasher`, which the station
+provides from the ``[flash]`` table of its configuration). The flasher
+borrows the console's open port for each command, so the board is never reset
+between detect, flash and boot; see ``docs/flashing.md``.
+
+A product wires them up::
+
+    detect = esp32.detect
+    flash = esp32.flash_images("data/build/flasher_args.json").depends_on(detect)
+    boot = esp32.boot.depends_on(flash)
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+import trio
+
+from fixtures.flasher import FlashVerifyFailed
+from fixtures.images import ImageSet, load_image_set
+from fixtures.serial_link import DeviceTimeout, ProtocolError, SerialLink
+from phases.evt import BOOT_MEASUREMENTS
+from sequencer import Measurement, phase
+from sequencer.phase import Phase
+
+__all__ = ["BOOT_WAIT_S", "BootFailed", "boot", "detect", "flash_images"]
+
+MAC_PATTERN = r"([0-9A-F]{2}:){5}[0-9A-F]{2}"
+
+#: How long the test firmware may take from leaving the loader to READY. A
+#: real ESP32 app is up in well under a second.
+BOOT_WAIT_S = 5.0
+
+# What a board that cannot start its app prints: the ROM ("invalid header",
+# "flash read err", "ets_main.c") or ESP-IDF's bootloader ("E (48) boot: ...").
+_BOOT_ERROR = re.compile(r"^(E \(\d+\) |invalid header|flash read err|ets_main\.c)")
+
+
+class BootFailed(Exception):
+    """The board left the loader but its boot chain refused the image; the message quotes it."""
+
+
+@phase(
+    measurements=[
+        Measurement("chip").doc("chip model, as the ROM's eFuses say (e.g. ESP32-D0WD-V3)"),
+        Measurement("chip_revision").matches(r"v\d+\.\d+").doc("silicon revision"),
+        Measurement("mac").matches(MAC_PATTERN).doc("factory MAC from eFuse"),
+    ],
+    timeout=30,
+)
+async def detect(ctx, flasher, dut):
+    """Sync with the ROM loader on the slot's port; read the chip's model, revision and factory MAC."""
+    chip = await flasher.detect(dut.link)
+    ctx.identify(chip=chip.model, chip_revision=chip.revision, mac=chip.mac, flash_size=chip.flash_size)
+    ctx.log.info("chip detected", description=chip.description, features=", ".join(chip.features))
+    ctx.measurements.chip = chip.model
+    ctx.measurements.chip_revision = chip.revision
+    ctx.measurements.mac = chip.mac
+
+
+FLASH_MEASUREMENTS = [
+    # First, so that when it fails it is the phase's reason.
+    Measurement("flash_verdict").equals("pass").doc("quality gates and verification; otherwise what failed"),
+    Measurement("flash_seconds", units="s").doc("writing and verifying every image"),
+    Measurement("flash_bytes", units="B").doc("bytes of all images"),
+    Measurement("flash_throughput", units="B/s").doc("image bytes written and verified per second"),
+    Measurement("app_sha256").matches(r"[0-9a-f]{64}").doc("SHA-256 of the app image written"),
+]
+
+
+def flash_images(
+    images: ImageSet | str | Path | Mapping[int | str, str | Path],
+    *,
+    name: str = "flash",
+    timeout: float = 180.0,
+    retries: int = 1,
+) -> Phase:
+    """A phase that writes ``images``, verifies them, judges them and starts the app.
+
+    ``images`` is ESP-IDF's ``build/flasher_args.json`` (or an
+    :class:`~fixtures.images.ImageSet`, or an offset -> file map); it is
+    loaded and checked now, so a product with a broken image set does not
+    load. ``retries`` re-flashes after a failed attempt: a board that dropped
+    off the line mid-write usually takes the second one.
+
+    The phase FAILs (``flash_verdict``) when a station quality gate refuses
+    the images or the time taken, or when verification finds the flash does
+    not hold what was written; it ends in ERROR when the board cannot be
+    reached or the link drops.
+    """
+    image_set = images if isinstance(images, ImageSet) else load_image_set(images)
+
+    @phase(name=name, measurements=FLASH_MEASUREMENTS, timeout=timeout, retries=retries)
+    async def flash(ctx, flasher, dut):
+        """Write the image set with esptool (ROM or stub loader, per the station), verify, start the app."""
+        chip = flasher.chip or await flasher.detect(dut.link)
+        refused = flasher.image_gate(image_set, chip)
+        if refused:
+            ctx.log.error("images refused by a quality gate", reasons="; ".join(refused))
+            ctx.measurements.flash_verdict = "; ".join(refused)
+            return
+        config = flasher.config
+        ctx.log.info("flashing", images=image_set.describe(), baud=config.baud,
+                     loader="stub" if config.stub else "rom", boot=config.boot)
+        try:
+            report = await flasher.flash(dut.link, image_set, progress=lambda p: ctx.progress(p.fraction, p.detail))
+        except FlashVerifyFailed as exc:
+            ctx.log.error("verify failed", error=str(exc))
+            ctx.measurements.flash_verdict = exc.message
+            return
+        for image in report.images:
+            ctx.log.info("image written", name=image.name, offset=f"{image.offset:#x}", bytes=image.size,
+                         wire_bytes=image.wire_bytes, seconds=round(image.seconds, 3), sha256=image.sha256)
+        ctx.attach("flash.json", report.to_json(), "application/json")
+        ctx.measurements.flash_seconds = round(report.write_seconds, 3)
+        ctx.measurements.flash_bytes = report.bytes
+        ctx.measurements.flash_throughput = round(report.throughput)
+        app = image_set.app or image_set.images[-1]
+        ctx.measurements.app_sha256 = app.sha256
+        refused = flasher.report_gate(report)
+        ctx.measurements.flash_verdict = "; ".join(refused) or "pass"
+        if refused:
+            # Left in its loader, where a retry can flash it again.
+            ctx.log.error("flash refused by a quality gate", reasons="; ".join(refused))
+            return
+        ctx.log.info("starting the app", how=await flasher.start_app(dut.link))
+
+    return flash
+
+
+@phase(measurements=BOOT_MEASUREMENTS, timeout=BOOT_WAIT_S + 5)
+async def boot(ctx, dut):
+    """Wait for the test firmware the flash phase started; if the boot chain refuses it, fail at once, quoting it.
+
+    Reads the console directly rather than through the firmware client: at
+    this point nothing else uses the console (every console phase depends on
+    this one), and the boot chain's complaints are not firmware protocol.
+    """
+    banner = await read_boot_banner(dut.link, BOOT_WAIT_S)
+    ctx.measurements.model = banner["model"]
+    ctx.measurements.firmware_version = banner["fw"]
+    ctx.identify(hardware_rev=banner["hw"])
+
+
+_BOOT_LINE = re.compile(r"BOOT (\S+) fw=(\S+) hw=(\S+)")
+
+
+async def read_boot_banner(link: SerialLink, timeout: float) -> dict[str, str]:
+    """Read the boot log up to ``READY``; return the BOOT line's model, fw and hw.
+
+    Raises :class:`BootFailed` as soon as a line says the boot chain gave up,
+    and :class:`~fixtures.serial_link.DeviceTimeout` if nothing ends in READY.
+    """
+    boot_line = None
+    with trio.move_on_after(timeout):
+        while True:
+            try:
+                line = await link.read_line(math.inf)
+            except ProtocolError:
+                continue  # a UART settling out of reset
+            if _BOOT_ERROR.match(line):
+                raise BootFailed(f"{link.path}: the board cannot start the test firmware: {line.strip()!r}")
+            if line == "READY":
+                if boot_line is None:
+                    raise ProtocolError(link.path, "READY without a BOOT line before it")
+                return {"model": boot_line.group(1), "fw": boot_line.group(2), "hw": boot_line.group(3)}
+            boot_line = _BOOT_LINE.fullmatch(line) or boot_line
+    raise DeviceTimeout(link.path, "the boot banner to end in READY", timeout)

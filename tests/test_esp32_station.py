@@ -1,0 +1,241 @@
+"""The esp32-sensor product as a station runs it: detect, flash, boot, EVT on simulated ESP32 boards.
+
+Every fault kind end to end (the operator's command, with a fault profile),
+an operator abort in the middle of a flash, and the station's flash-time gate.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import trio
+
+from fixtures.images import load_image_set
+from fixtures.serial_link import open_serial_link
+from fixtures.sim.esp32_board import BoardFaults, DownloadMode, open_esp32_farm
+from fixtures.sim.instruments import open_simulated_instrument
+from fixtures.station import STATION_FIXTURES
+from fixtures.flasher import esp_flasher
+from reports.store import LocalStore
+from sequencer.config import FlashConfig
+from sequencer.engine import RunSettings, SlotControl, run_dut
+from sequencer.events import EventBus, PhaseProgress
+from sequencer.fixtures import SlotInfo
+from sequencer.product import load_product
+from sequencer.records import Outcome, RunRecord
+from sequencer.resources import SharedResource
+from sequencer.station import run_station
+from tests.test_flasher import flash_workers
+
+ROOT = Path(__file__).resolve().parent.parent
+SENSOR = ROOT / "products" / "esp32_sensor.py"
+IMAGES = load_image_set(ROOT / "products" / "data" / "esp32_sensor" / "build" / "flasher_args.json")
+
+
+def attempts(run: RunRecord, phase: str) -> list[tuple[str, str]]:
+    return [(a.outcome.value, a.reason or "") for a in run.phase(phase).attempts]
+
+
+def failed(run: RunRecord) -> dict[str, str]:
+    """Phases that did not pass (and were not skipped because of another), with their reasons."""
+    return {
+        p.name: f"{p.outcome.value}: {p.reason}"
+        for p in run.phases
+        if p.outcome not in (Outcome.PASS, Outcome.SKIPPED)
+    }
+
+
+@pytest.mark.slow
+def test_every_fault_on_a_16_slot_farm_shows_as_the_right_outcome_with_its_reason(tmp_path: Path) -> None:
+    store_path = tmp_path / "store.sqlite"
+    result = subprocess.run(
+        [sys.executable, "-m", "sequencer.cli", "run", str(SENSOR), "--sim", "16",
+         "--faults", str(ROOT / "fixtures" / "sim" / "profiles" / "every-fault.toml"),
+         "--store", str(store_path), "--reports", str(tmp_path / "reports"), "--batch", "FAULTS", "--plain"],
+        capture_output=True, text=True, cwd=ROOT, timeout=120, env={**os.environ, "COLUMNS": "200"},
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "faults (" in result.stdout and "1: no_download_mode" in result.stdout
+    assert "8/16 passed" in result.stdout
+    store = LocalStore.open(store_path)
+    runs = {r.slot: r for r in store.find_runs(batch="FAULTS")}
+    store.close()
+    assert sorted(runs) == list(range(16))
+
+    # Healthy boards: flashed, booted, identified by ROM and firmware alike.
+    for slot in (0, 12, 13, 14, 15):
+        run = runs[slot]
+        assert run.outcome is Outcome.PASS and not run.marginal, failed(run)
+        assert run.dut["chip"] == "ESP32-D0WD-V3" and run.dut["chip_revision"] == "v3.0"
+        assert run.serial and run.dut["firmware"] == "1.4.2"
+        flash = {m.name: m.value for m in run.phase("flash").measurements}
+        assert flash["flash_verdict"] == "pass" and flash["flash_bytes"] == IMAGES.total_bytes
+        assert flash["app_sha256"] == IMAGES.app.sha256 and flash["flash_throughput"] > 0
+        assert run.phase("flash").attachments[0].name == "flash.json"
+
+    no_sync = runs[1]
+    assert no_sync.outcome is Outcome.ERROR
+    assert "no response from bootloader: is the board in download mode?" in no_sync.phase("detect").reason
+    assert no_sync.phase("flash").outcome is Outcome.SKIPPED
+
+    dropped = runs[2]
+    assert dropped.outcome is Outcome.PASS, failed(dropped)
+    (first, first_reason), (second, _) = attempts(dropped, "flash")
+    assert (first, second) == ("ERROR", "PASS")
+    assert "lost the board while writing esp32-sensor-testfw.bin at 0x10000 (" in first_reason
+
+    corrupted = runs[3]
+    assert corrupted.outcome is Outcome.FAIL
+    assert [a for a, _ in attempts(corrupted, "flash")] == ["FAIL", "FAIL"]  # the re-flash fails the same way
+    assert "verify failed for esp32-sensor-testfw.bin at 0x10000" in corrupted.phase("flash").reason
+    assert "(MD5 mismatch)" in corrupted.phase("flash").reason
+    assert corrupted.phase("boot").outcome is Outcome.SKIPPED
+
+    assert runs[4].outcome is Outcome.FAIL
+    assert "measurement 'vdd_3v3':" in runs[4].phase("supply_rails").reason
+    assert "is above 3.4" in runs[4].phase("supply_rails").reason
+
+    assert runs[5].outcome is Outcome.PASS and runs[5].marginal
+
+    assert runs[6].outcome is Outcome.ERROR
+    assert "waiting for the boot banner to end in READY" in runs[6].phase("boot").reason
+
+    assert runs[7].outcome is Outcome.ERROR and "line is not UTF-8" in runs[7].phase("identify").reason
+
+    slow = runs[8]
+    assert slow.outcome is Outcome.ERROR
+    assert any("timed out after 1 s waiting for a response to" in reason for reason in failed(slow).values())
+
+    slow_flash = runs[9]
+    assert slow_flash.outcome is Outcome.PASS, failed(slow_flash)
+
+    def seconds(run: RunRecord) -> float:
+        return next(m.value for m in run.phase("flash").measurements if m.name == "flash_seconds")
+
+    assert seconds(slow_flash) > max(seconds(runs[slot]) for slot in (0, 12, 13, 14, 15))
+
+    assert runs[10].outcome is Outcome.FAIL and "'psram' is not ''" in runs[10].phase("self_test").reason
+    assert runs[11].outcome is Outcome.ERROR and "line longer than 1024 bytes" in runs[11].phase("identify").reason
+
+    for run in runs.values():  # the console transcript teardown ran everywhere
+        assert run.phase("console_transcript").outcome is Outcome.PASS
+
+
+async def test_operator_abort_mid_flash_records_aborted_and_releases_the_port(store_path: Path) -> None:
+    loaded = load_product(SENSOR, station_fixtures=STATION_FIXTURES)
+    bus = EventBus()
+    progress = bus.subscribe("test")
+    control = SlotControl()
+    store = LocalStore.open(store_path, station=True)
+    try:
+        # Paced at 115200 baud, the flash takes seconds.
+        async with store.writer(), open_esp32_farm(1, seed=2, pace_baud=True) as (dev,):
+            aborted_at = []
+
+            async def abort_mid_flash() -> None:
+                async for event in progress:
+                    if isinstance(event, PhaseProgress) and event.phase == "flash" and event.fraction > 0.2:
+                        aborted_at.append(trio.current_time())
+                        control.abort()
+                        return
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(abort_mid_flash)
+                run = await run_dut(
+                    loaded, SlotInfo(0, dev.path, "test"), settings=RunSettings("test", batch="ABORT"), store=store,
+                    bus=bus, fixtures={"flasher": esp_flasher(FlashConfig(baud=115200))}, control=control,
+                )
+            assert trio.current_time() - aborted_at[0] < 2
+            assert flash_workers() == []
+            # The port is free again: the board saw the close and resets into its loader on the next open.
+            async with open_serial_link(dev.path):
+                with trio.fail_after(2):
+                    while dev.boot_count < 2:
+                        await trio.sleep(0.01)
+                assert isinstance(dev.personality, DownloadMode)
+    finally:
+        store.close()
+    assert run.outcome is Outcome.ABORTED
+    assert run.phase("detect").outcome is Outcome.PASS
+    flash = run.phase("flash")
+    assert flash.outcome is Outcome.ABORTED and flash.reason == "aborted by the operator"
+    assert run.phase("boot").outcome is Outcome.SKIPPED
+    assert run.phase("console_transcript").outcome is Outcome.PASS
+    stored = LocalStore.open(store_path)
+    try:
+        assert stored.find_runs(batch="ABORT")[0].phase("flash").outcome is Outcome.ABORTED
+    finally:
+        stored.close()
+
+
+async def test_station_flash_time_gate_fails_a_slow_board_and_not_the_others(store_path: Path) -> None:
+    loaded = load_product(SENSOR, station_fixtures=STATION_FIXTURES)
+    bus = EventBus()
+    events = bus.subscribe("test", buffer=100_000)
+    store = LocalStore.open(store_path, station=True)
+    try:
+        async with store.writer(), open_esp32_farm(2, seed=9, boards={1: BoardFaults(block_delay_s=0.02)}) as devs:
+            async with open_simulated_instrument("scpi-dmm", devs, seed=9) as dmm:
+                result = await run_station(
+                    loaded, [d.path for d in devs], settings=RunSettings("test", batch="GATE"), store=store,
+                    bus=bus, resources={"dmm": SharedResource("dmm", 1, dmm)}, handle_signals=False,
+                    fixtures={"flasher": esp_flasher(FlashConfig(max_seconds=0.6))},
+                )
+    finally:
+        store.close()
+    fast, slow = sorted(result.runs, key=lambda r: r.slot)
+    assert fast.outcome is Outcome.PASS, failed(fast)
+    assert slow.outcome is Outcome.FAIL, failed(slow)
+    reason = slow.phase("flash").reason
+    assert reason.startswith("measurement 'flash_verdict': 'writing took "), reason
+    assert "over the station limit of 0.6 s ([flash] max_seconds)' is not 'pass'" in reason
+    assert slow.phase("boot").outcome is Outcome.SKIPPED
+    # Refused before starting the app, so the retry could flash it again (and was refused again).
+    assert [a.outcome for a in slow.phase("flash").attempts] == [Outcome.FAIL, Outcome.FAIL]
+    report = json.loads(fast.phase("flash").attachments[0].data)
+    assert [i["sha256"] for i in report["images"]] == [i.sha256 for i in IMAGES.images]
+    seen = []
+    while True:
+        try:
+            event = events.receive_nowait()
+        except (trio.WouldBlock, trio.EndOfChannel):
+            break
+        if isinstance(event, PhaseProgress) and event.phase == "flash" and event.slot == 0:
+            seen.append(event)
+    assert seen and seen[-1].fraction == pytest.approx(1.0) and "esp32-sensor-testfw.bin" in seen[-1].detail
+
+
+# -- the command line's flashing options ----------------------------------------------
+
+
+def test_fault_and_detect_mistakes_are_one_line_usage_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from sequencer.cli import main
+
+    profile = ROOT / "fixtures" / "sim" / "profiles" / "every-fault.toml"
+    store = ["--store", str(tmp_path / "s.sqlite")]
+
+    def error(argv: list[str]) -> str:
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("sequencer: error: ") and "\n" not in err
+        return err
+
+    from fixtures.sim.pty import PtyEndpoint
+
+    with PtyEndpoint() as real_port:
+        assert "--faults needs a simulated farm (--sim N)" in error(
+            ["run", str(SENSOR), "--port", real_port.path, "--faults", str(profile), *store])
+    assert "every-fault.toml: slots.4: the farm has slots 0..3" in error(["run", str(SENSOR), "--sim", "4", "--faults", str(profile), *store])
+    board_only = tmp_path / "board.toml"
+    board_only.write_text("[slots]\n0 = 'disconnect'\n")
+    slow_widget = ROOT / "tests" / "products" / "slow_widget.py"
+    assert "board faults need a product that flashes; 'slow-widget'" in error(
+        ["run", str(slow_widget), "--sim", "1", "--faults", str(board_only), *store])
+    station = tmp_path / "station.toml"
+    station.write_text("[detect]\nvid = 0xFFFF\npid = 0x0001\n")
+    assert "detect: no serial port matches vid=65535, pid=1" in error(["run", str(SENSOR), "--station", str(station), *store])

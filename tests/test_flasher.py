@@ -1,0 +1,236 @@
+"""The flasher fixture against simulated ESP32 boards: the real esptool, in worker processes, over ptys.
+
+Every test opens the board's port once, as the station's console does, and
+lends it to the flasher; a board whose port was closed would have been reset,
+so ``boot_count == 1`` at the end proves that detect, flash and boot happened
+without a reset.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import attrs
+import pytest
+import trio
+
+from fixtures.flasher import (
+    BootloaderNotResponding,
+    EspFlasher,
+    FlashLinkLost,
+    FlashResetUnsupported,
+    FlashVerifyFailed,
+)
+from fixtures.images import load_image_set
+from fixtures.serial_link import SerialLink, open_serial_link
+from fixtures.sim.esp32_board import BoardFaults, DownloadMode, open_esp32_farm
+from fixtures.sim.device import VirtualDevice
+from phases.esp32 import BootFailed, read_boot_banner
+from sequencer.config import FlashConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+BUILD = ROOT / "products" / "data" / "esp32_sensor" / "build"
+IMAGES = load_image_set(BUILD / "flasher_args.json")
+
+
+@asynccontextmanager
+async def board(
+    faults: BoardFaults | None = None, *, pace_baud: bool = False, seed: int = 3
+) -> AsyncIterator[tuple[VirtualDevice, SerialLink]]:
+    async with open_esp32_farm(1, seed=seed, boards={0: faults} if faults else None, pace_baud=pace_baud) as (dev,):
+        async with open_serial_link(dev.path) as link:
+            yield dev, link
+
+
+@asynccontextmanager
+async def flasher_for(config: FlashConfig | None = None) -> AsyncIterator[EspFlasher]:
+    flasher = EspFlasher(config)
+    try:
+        yield flasher
+    finally:
+        await flasher.aclose()
+
+
+def flash_workers() -> list[int]:
+    """Live flash worker processes started by this test process."""
+    me = str(os.getpid())
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if stat.rsplit(")", 1)[1].split()[1] == me and b"fixtures.flash_worker" in cmdline:
+            if stat.rsplit(")", 1)[1].split()[0] != "Z":
+                found.append(int(pid))
+    return found
+
+
+async def test_detect_reads_model_revision_and_efuse_mac_and_leaves_the_board_in_download_mode() -> None:
+    async with board() as (dev, link), flasher_for() as flasher:
+        chip = await flasher.detect(link)
+        assert chip.chip == "ESP32" and chip.key == "esp32"
+        assert chip.model == "ESP32-D0WD-V3" and chip.revision == "v3.0"
+        assert chip.mac == dev.profile.mac  # the eFuse MAC is the unit's
+        assert chip.flash_size == "4MB" and chip.crystal_mhz == 40
+        assert flasher.chip == chip
+        assert isinstance(dev.personality, DownloadMode) and dev.boot_count == 1
+
+
+async def test_flash_writes_verifies_and_boots_the_test_firmware_without_a_reset() -> None:
+    progress = []
+    async with board() as (dev, link), flasher_for() as flasher:
+        report = await flasher.flash(link, IMAGES, progress=progress.append)
+        assert isinstance(dev.personality, DownloadMode)  # judged by the caller before it starts
+        assert await flasher.start_app(link) == "run-user-code"
+        banner = await read_boot_banner(link, 5)
+        assert banner == {"model": "esp32-sensor", "fw": "1.4.2", "hw": dev.profile.hardware_rev}
+        assert dev.boot_count == 1 and dev.board.boots == ["app"]
+        for image in IMAGES.images:
+            assert dev.board.chip.flash.read(image.offset, image.size) == image.path.read_bytes()
+        # The console got its port back at 115200 and works as before.
+        assert link.baudrate == 115200
+        assert (await link.request("IDENT")).startswith("IDENT model=esp32-sensor")
+    assert report.chip.mac == dev.profile.mac and report.baud == 921600
+    assert [i.name for i in report.images] == ["bootloader.bin", "partition-table.bin", "esp32-sensor-testfw.bin"]
+    assert report.bytes == IMAGES.total_bytes and report.throughput > 0
+    assert [i.sha256 for i in report.images] == [i.sha256 for i in IMAGES.images]
+    # Compressed: the app is code-like, so fewer bytes crossed the wire than it has.
+    assert report.images[-1].wire_bytes < report.images[-1].size
+    fractions = [p.fraction for p in progress]
+    assert fractions == sorted(fractions) and fractions[-1] == pytest.approx(1.0)
+    assert {p.image.name for p in progress} >= {"bootloader.bin", "esp32-sensor-testfw.bin"}
+    assert "esp32-sensor-testfw.bin 100%" in progress[-1].detail
+
+
+async def test_flash_without_a_prior_detect_and_uncompressed() -> None:
+    async with board() as (dev, link), flasher_for(FlashConfig(compress=False, baud=460800)) as flasher:
+        report = await flasher.flash(link, IMAGES)
+        await flasher.start_app(link)
+        await read_boot_banner(link, 5)
+    assert report.images[-1].wire_bytes == report.images[-1].size
+    assert report.baud == 460800
+
+
+async def test_not_in_download_mode_is_no_response_from_bootloader() -> None:
+    async with board(BoardFaults(download_mode=False)) as (dev, link):
+        async with flasher_for(FlashConfig(connect_attempts=1)) as flasher:
+            with pytest.raises(BootloaderNotResponding) as info:
+                await flasher.detect(link)
+    message = str(info.value)
+    assert message.startswith(f"{dev.path}: no response from bootloader: is the board in download mode?")
+    assert "\n" not in message
+
+
+async def test_board_that_drops_off_mid_flash_is_link_lost_and_takes_a_reflash() -> None:
+    async with board(BoardFaults(disconnect_after=24 * 1024)) as (dev, link), flasher_for() as flasher:
+        with pytest.raises(FlashLinkLost) as info:
+            await flasher.flash(link, IMAGES)
+        assert "lost the board while writing esp32-sensor-testfw.bin at 0x10000 (" in str(info.value)
+        assert "% sent)" in str(info.value)
+        await flasher.flash(link, IMAGES)  # the retry a product allows
+        await flasher.start_app(link)
+        await read_boot_banner(link, 5)
+        assert dev.boot_count == 1
+
+
+async def test_corrupted_write_is_a_verify_failure_naming_the_image() -> None:
+    async with board(BoardFaults(weak_cell=0x12000)) as (dev, link), flasher_for() as flasher:
+        with pytest.raises(FlashVerifyFailed) as info:
+            await flasher.flash(link, IMAGES)
+    assert str(info.value) == (
+        f"{dev.path}: verify failed for esp32-sensor-testfw.bin at 0x10000: "
+        "the flash does not hold what was written (MD5 mismatch)"
+    )
+    assert dev.board.boots == []  # never started
+
+
+async def test_bad_app_image_shows_up_as_a_boot_failure(tmp_path: Path) -> None:
+    build = tmp_path / "build"
+    shutil.copytree(BUILD, build)
+    app = build / "esp32-sensor-testfw.bin"
+    data = bytearray(app.read_bytes())
+    data[0x1000] ^= 0xFF  # a flipped byte in a segment: the checksum no longer matches
+    app.write_bytes(bytes(data))
+    images = load_image_set(build / "flasher_args.json")  # the header still looks fine
+    async with board() as (dev, link), flasher_for() as flasher:
+        await flasher.flash(link, images)  # esptool writes and verifies what it was given
+        await flasher.start_app(link)
+        with pytest.raises(BootFailed) as info:
+            await read_boot_banner(link, 5)
+    assert "the board cannot start the test firmware: 'E (48) esp_image: Checksum failed." in str(info.value)
+
+
+async def test_stub_with_hard_reset_on_a_port_without_reset_lines_is_a_clear_error() -> None:
+    config = FlashConfig(stub=True, boot="hard-reset")
+    async with board() as (dev, link), flasher_for(config) as flasher:
+        await flasher.flash(link, IMAGES)  # the stub writes and verifies
+        assert dev.board.chip.flash.read(IMAGES.app.offset, IMAGES.app.size) == IMAGES.app.path.read_bytes()
+        with pytest.raises(FlashResetUnsupported, match="the port has no RTS/DTR lines to reset the board"):
+            await flasher.start_app(link)
+
+
+async def test_cancelled_flash_kills_the_worker_and_gives_the_port_back_at_once() -> None:
+    # Paced at 115200 baud the image set takes seconds, so the cancel lands mid-write.
+    async with open_esp32_farm(1, seed=5, pace_baud=True) as (dev,):
+        async with open_serial_link(dev.path) as link, flasher_for(FlashConfig(baud=115200)) as flasher:
+            cancelled_at = []
+            with trio.CancelScope() as scope:
+
+                def on_progress(progress: object) -> None:
+                    if progress.fraction > 0.2 and not cancelled_at:
+                        cancelled_at.append(trio.current_time())
+                        scope.cancel()
+
+                await flasher.flash(link, IMAGES, progress=on_progress)
+            assert scope.cancelled_caught
+            assert trio.current_time() - cancelled_at[0] < 0.5
+            assert flash_workers() == []
+            # The port is the console's again, and the board is still in its loader.
+            await link.write(b"\r\n")
+            assert (await flasher.detect(link)).mac == dev.profile.mac
+            assert dev.boot_count == 1
+        # Nobody holds the port any more: the board saw the close, and a reopen resets it.
+        async with open_serial_link(dev.path):
+            with trio.fail_after(2):
+                while dev.boot_count < 2:
+                    await trio.sleep(0.01)
+
+
+async def test_eight_slots_flash_at_once_each_on_its_own_board() -> None:
+    async with open_esp32_farm(8, seed=4) as devices:
+
+        async def one(dev: VirtualDevice) -> None:
+            async with open_serial_link(dev.path) as link, flasher_for() as flasher:
+                report = await flasher.flash(link, IMAGES)
+                await flasher.start_app(link)
+                banner = await read_boot_banner(link, 10)
+                assert report.chip.mac == dev.profile.mac and banner["model"] == "esp32-sensor"
+
+        async with trio.open_nursery() as nursery:
+            for dev in devices:
+                nursery.start_soon(one, dev)
+        for dev in devices:
+            assert dev.board.boots == ["app"] and dev.boot_count == 1
+            assert dev.board.chip.flash.read(0x10000, IMAGES.app.size) == IMAGES.app.path.read_bytes()
+
+
+def test_quality_gates_refuse_big_images_and_slow_flashes() -> None:
+    flasher = EspFlasher(FlashConfig(max_image_bytes={"ESP32": 40_000}, max_seconds=2))
+    from fixtures.flasher import ChipInfo, FlashReport, ImageReport
+
+    esp32 = ChipInfo("ESP32", "ESP32-D0WD-V3 (revision v3.0)", "v3.0", "24:0A:C4:00:00:01")
+    assert flasher.image_gate(IMAGES, esp32) == [
+        "esp32-sensor-testfw.bin is 50272 bytes, over the station limit of 40000 bytes for esp32 "
+        "([flash] max_image_bytes)"
+    ]
+    s3 = attrs.evolve(esp32, chip="ESP32-S3")
+    assert flasher.image_gate(IMAGES, s3)[0] == "the image set is built for esp32, but the board is esp32s3"
+    report = FlashReport(esp32, [ImageReport(0x10000, "app.bin", 1000, "0" * 64, 2.5, 900)], 0.1, 2.5, 921600)
+    assert flasher.report_gate(report) == ["writing took 2.5 s, over the station limit of 2 s ([flash] max_seconds)"]
+    assert flasher.report_gate(attrs.evolve(report, write_seconds=1.0)) == []
