@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("-v", "--verbose", action="store_true", help="also print the station log to stderr")
     run.add_argument("--faults", type=Path, metavar="PROFILE",
                      help="with --sim: inject the faults a profile (TOML) describes, per slot or by probability")
+    from reports.mongo_cli import add_mongo_commands, add_mongo_options
+
+    add_mongo_options(run)
 
     report = sub.add_parser("report", help="write the HTML report of a run or a batch")
     target = report.add_mutually_exclusive_group(required=True)
@@ -79,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     runs.add_argument("--outcome", choices=[o.value for o in Outcome])
     runs.add_argument("--store", type=Path)
     runs.add_argument("--json", action="store_true", help="one JSON record per line")
+    add_mongo_commands(sub)  # sync, find
     return parser
 
 
@@ -86,7 +90,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     err = Console(stderr=True, highlight=False)
     try:
-        handler = {"check": cmd_check, "run": cmd_run, "report": cmd_report, "runs": cmd_runs}[args.command]
+        from reports.mongo_cli import cmd_find, cmd_sync
+
+        handler = {"check": cmd_check, "run": cmd_run, "report": cmd_report, "runs": cmd_runs,
+                   "sync": cmd_sync, "find": cmd_find}[args.command]
         return handler(args)
     except (UsageError, ConfigError, ProductError) as exc:
         err.print(f"sequencer: error: {exc}", markup=False, soft_wrap=True)
@@ -164,6 +171,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         sim=args.sim, ports=tuple(args.ports) if args.ports else None, store=args.store, reports=args.reports,
         batch=args.batch, operator=args.operator, seed=args.seed,
     )
+    from reports.mongo_cli import apply_mongo_options
+
+    config = apply_mongo_options(config, args)  # --mongo, SEQUENCER_MONGO_URI, [mongo]
     config.check()
     from fixtures.station import detected_ports, load_faults
 
@@ -226,6 +236,10 @@ async def _run_station(
     bus = EventBus()
     settings = RunSettings(station=config.station, operator=config.operator, batch=config.batch_or_default)
     async with AsyncExitStack() as stack:
+        from reports.mongo_cli import station_shipping
+
+        # Entered first so it exits last: its final drain sees the writer's final flush.
+        await stack.enter_async_context(station_shipping(config, console))
         await stack.enter_async_context(store.writer())
         ports = list(config.ports)
         devices: list[Any] = []

