@@ -118,7 +118,7 @@ async def test_device_errors_name_port_and_command():
             assert await link.request("IDENT " + "x" * 300) == "ERR line too long"
             assert await link.request("IDENT \xe9") == "ERR bad encoding"
             assert (await link.request("HELP")).split()[1:] == [
-                "IDENT", "RAILS", "SENSOR", "SELFTEST", "SAMPLE", "SLEEP", "HELP",
+                "IDENT", "RAILS", "SENSOR", "SELFTEST", "SAMPLE", "KEYGEN", "PUBKEY", "SIGN", "SLEEP", "HELP",
             ]
             # After all that the firmware still answers properly.
             assert (await firmware.identify()).serial == device.profile.serial
