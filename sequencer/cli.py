@@ -303,6 +303,16 @@ async def _open_resources(
             )
         elif kind is None:
             instrument = None
+        elif kind == "zpl-printer":
+            from fixtures.label_printer import LabelPrinterError, open_label_printer
+
+            where = f"{config.source or 'station'}: resources.{name}"
+            if not declared.port:
+                raise UsageError(f'{where}: a zpl-printer needs port = "host:9100"')
+            try:
+                instrument = await stack.enter_async_context(open_label_printer(declared.port))
+            except (ValueError, LabelPrinterError) as exc:
+                raise UsageError(f"{where}: {exc}") from None
         else:
             raise UsageError(
                 f"{config.source or 'station'}: resources.{name}: instrument {kind!r} needs a switch-matrix "
