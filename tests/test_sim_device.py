@@ -118,7 +118,7 @@ async def test_device_errors_name_port_and_command():
             assert await link.request("IDENT " + "x" * 300) == "ERR line too long"
             assert await link.request("IDENT \xe9") == "ERR bad encoding"
             assert (await link.request("HELP")).split()[1:] == [
-                "IDENT", "RAILS", "SENSOR", "SELFTEST", "SAMPLE", "KEYGEN", "PUBKEY", "SIGN", "SLEEP", "HELP",
+                "IDENT", "RAILS", "SENSOR", "SELFTEST", "SAMPLE", "KEYGEN", "PUBKEY", "SIGN", "SLEEP", "RESTART", "HELP",
             ]
             # After all that the firmware still answers properly.
             assert (await firmware.identify()).serial == device.profile.serial
@@ -170,6 +170,7 @@ command_lines = st.one_of(
 @example(command=b"\x1c\x1f")  # whitespace to str.split(), not to bytes.strip()
 @example(command=b"SAMPLE 3V3 3")
 @example(command=b"SLEEP")
+@example(command=b"RESTART")
 async def test_firmware_answers_any_command_line_with_one_line(command):
     async with open_farm(1) as (device,):
         async with open_serial_link(device.path) as link:
@@ -182,6 +183,8 @@ async def test_firmware_answers_any_command_line_with_one_line(command):
                 assert any(byte < 0x20 and byte != 0x09 for byte in command)
                 return
             assert reply.startswith("ERR ") or reply.split()[0] in COMMANDS
+            if reply == "RESTART":  # a software reset: the firmware boots again, port open
+                await booted(link)
             if reply.split()[0] not in ("SAMPLE", "SLEEP"):  # those go on talking / go quiet
                 assert (await TestFirmware(link).identify()).serial == device.profile.serial
 
