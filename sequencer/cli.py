@@ -19,6 +19,7 @@ from typing import Any, NoReturn
 import trio
 from rich.console import Console
 
+from fixtures.station import STATION_FIXTURES  # what the station provides every product
 from sequencer.config import ConfigError, StationConfig, load_station_config
 from sequencer.engine import RunSettings
 from sequencer.events import EventBus
@@ -26,9 +27,6 @@ from sequencer.product import LoadedProduct, ProductError, layers, load_product
 from sequencer.records import Outcome, RunRecord, run_to_json
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_ABORTED = 0, 1, 2, 130
-
-#: Fixture names the station itself provides to every product (fixtures/station.py).
-STATION_FIXTURES: tuple[str, ...] = ("flasher",)
 
 
 class UsageError(Exception):
@@ -83,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     runs.add_argument("--store", type=Path)
     runs.add_argument("--json", action="store_true", help="one JSON record per line")
     add_mongo_commands(sub)  # sync, find
+    from reports.provisioning.cli import add_provision_commands
+
+    add_provision_commands(sub)  # provision-server
     return parser
 
 
@@ -91,9 +92,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     err = Console(stderr=True, highlight=False)
     try:
         from reports.mongo_cli import cmd_find, cmd_sync
+        from reports.provisioning.cli import cmd_provision_server
 
         handler = {"check": cmd_check, "run": cmd_run, "report": cmd_report, "runs": cmd_runs,
-                   "sync": cmd_sync, "find": cmd_find}[args.command]
+                   "sync": cmd_sync, "find": cmd_find, "provision-server": cmd_provision_server}[args.command]
         return handler(args)
     except (UsageError, ConfigError, ProductError) as exc:
         err.print(f"sequencer: error: {exc}", markup=False, soft_wrap=True)
@@ -186,6 +188,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         station_resources=None,
     )
     faults = load_faults(args.faults, config, loaded)
+    if not config.sim:
+        from fixtures.station import station_services
+
+        station_services(config, loaded, config.ports)  # a product's needs the station file lacks: fail now
     _raise_open_file_limit()
     store = LocalStore.open(config.store, station=True)
     console = Console(highlight=False)
@@ -251,6 +257,15 @@ async def _run_station(
             if faults is not None:
                 console.print(f"faults ({faults.source}): {faults.summary() or 'none drawn'}")
             ports = [d.path for d in devices]
+            from fixtures.station import open_sim_services
+
+            services = await stack.enter_async_context(open_sim_services(loaded, config, devices))
+            if services.provisioning_url and not config.provisioning_url:
+                console.print(f"provisioning: simulated service at {services.provisioning_url}")
+        else:
+            from fixtures.station import station_services
+
+            services = station_services(config, loaded, ports)
         resources = await _open_resources(stack, loaded, config, devices)
         display = StationDisplay(ports, len(loaded.product.phases))
         events = bus.subscribe("display", buffer=4096)
@@ -272,7 +287,7 @@ async def _run_station(
 
                 result = await run_station(
                     loaded, ports, settings=settings, store=store, bus=bus, resources=resources,
-                    on_abort=tell_operator, fixtures=station_fixtures(config),
+                    on_abort=tell_operator, fixtures=station_fixtures(config, services),
                 )
             finally:
                 bus.close()

@@ -44,9 +44,10 @@ async def run_product(
     ports: Sequence[str] | None = None,
     resources: Mapping[str, SharedResource] | None = None,
     bus: EventBus | None = None,
+    fixtures: Mapping[str, Any] | None = None,
 ) -> list[RunRecord]:
     """Validate and run ``product`` on ``slots`` slots against a real store; return the records."""
-    validate_product(product)
+    validate_product(product, station_fixtures=list(fixtures or ()))
     store = LocalStore.open(store_path, station=True)
     try:
         async with store.writer():
@@ -58,6 +59,7 @@ async def run_product(
                 bus=bus or EventBus(),
                 resources=resources,
                 handle_signals=False,
+                fixtures=fixtures,
             )
     finally:
         store.close()
