@@ -139,8 +139,9 @@ def nvs_config(
     partition table ``.bin``, an image set or a table, where the phase finds
     the ``partition`` (type data, subtype nvs). Both are read and checked
     now, so a product with a broken configuration does not load. Secrets are
-    looked up per DUT from ``secrets`` (default: the environment and
-    ``SEQUENCER_SECRETS_FILE`` as they are when the phase runs).
+    looked up per DUT from ``secrets`` if given, else from the station's
+    ``secrets`` fixture (its ``[secrets] file`` and ``SEQUENCER_SECRET_*``
+    variables; throwaway values on a simulated station).
 
     With ``from_app`` the DUT is running its test firmware when the phase
     starts (the configuration needs what the firmware reported: serial, APN):
@@ -169,15 +170,18 @@ def nvs_config(
                 "encryption key; add one, or use NvsEncryption(keys_partition=None)"
             )
 
+    pinned_secrets = secrets
+
     @phase(name=name, measurements=NVS_MEASUREMENTS, timeout=timeout, retries=retries)
-    async def configure(ctx, flasher, dut, device_config):
+    async def configure(ctx, flasher, dut, device_config, secrets):
         """Merge the configuration layers for this DUT, build its NVS image, write it at the NVS offset, verify."""
+        source = pinned_secrets if pinned_secrets is not None else secrets
         identity = dict(ctx.dut)
         batch = ctx.record.batch
         workdir = await trio.to_thread.run_sync(_private_dir)
         try:
             built = await trio.to_thread.run_sync(
-                _build, config, identity, batch, secrets, target, keys_target, encryption, workdir
+                _build, config, identity, batch, source, target, keys_target, encryption, workdir
             )
             group = built.config.group or ""
             ctx.measurements.nvs_sha256 = built.nvs.sha256
@@ -258,7 +262,7 @@ def _build(
     layered: LayeredConfig,
     identity: Mapping[str, str],
     batch: str,
-    secrets: SecretSource | None,
+    secrets: SecretSource,
     target: Partition,
     keys_target: Partition | None,
     encryption: NvsEncryption | None,
@@ -268,7 +272,7 @@ def _build(
 
     The plain entries (secrets revealed) exist only inside this function.
     """
-    config = layered.resolve(identity, batch=batch, secrets=secrets or SecretSource.from_env())
+    config = layered.resolve(identity, batch=batch, secrets=secrets)
     key = Secret(encryption.new_key(identity)) if encryption is not None else None
     entries = config.nvs_entries()
     raw_key = key.reveal() if key is not None else None

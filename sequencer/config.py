@@ -30,6 +30,15 @@
     vid = 0x10C4                # and/or pid, serial, location, description (globs)
     location = "1-1.*"
 
+    [modems]                    # products with an LTE modem: each DUT port's modem AT port
+    "/dev/ttyUSB0" = "/dev/ttyUSB2"
+
+    [provisioning]              # products that register devices (docs/provisioning.md)
+    url = "https://provisioning.factory.example"
+
+    [secrets]                   # NVS secrets (docs/device-config.md); SEQUENCER_SECRET_<NAME> wins
+    file = "/etc/sequencer/secrets.toml"
+
 Unknown keys are errors, not silently ignored: a misspelt ``prots`` must not
 run the station on no ports. Command-line options override the file.
 """
@@ -149,6 +158,12 @@ class StationConfig:
     flash: FlashConfig = attrs.field(factory=FlashConfig)
     #: find ports by USB identity (``[detect]``) when none are listed
     detect: DetectConfig | None = None
+    #: DUT console port -> the AT port of its modem (``[modems]``)
+    modems: Mapping[str, str] = attrs.field(factory=dict)
+    #: the provisioning service (``[provisioning] url``); with --sim and none, the station runs one
+    provisioning_url: str = ""
+    #: secrets file (``[secrets] file``); SEQUENCER_SECRETS_FILE when empty
+    secrets_file: Path | None = None
 
     @property
     def batch_or_default(self) -> str:
@@ -176,7 +191,7 @@ class StationConfig:
 
 
 _TOP_KEYS = {"station", "operator", "batch", "store", "reports", "ports", "sim", "seed", "resources", "mongo",
-             "flash", "detect"}
+             "flash", "detect", "modems", "provisioning", "secrets"}
 _RESOURCE_KEYS = {"capacity", "instrument", "port"}
 _MONGO_KEYS = {"uri", "database"}
 
@@ -237,8 +252,36 @@ def load_station_config(path: str | Path) -> StationConfig:
         **_mongo_table(p, typed("mongo", dict, {})),
         flash=_flash_table(p, typed("flash", dict, {})),
         detect=_detect_table(p, typed("detect", dict, None)) if "detect" in data else None,
+        modems=_modems_table(p, typed("modems", dict, {})),
+        provisioning_url=_text_table(p, "provisioning", typed("provisioning", dict, {}), "url"),
+        secrets_file=_secrets_file(p, typed("secrets", dict, {})),
     )
     return config
+
+
+def _modems_table(p: Path, table: dict[str, Any]) -> dict[str, str]:
+    """``[modems]``: DUT port -> modem port, both device paths."""
+    for dut_port, modem_port in table.items():
+        if not isinstance(modem_port, str) or not modem_port:
+            raise ConfigError(f"{p}: modems.{dut_port!r} must be the modem's device path, got {modem_port!r}")
+    if len(set(table.values())) != len(table):
+        raise ConfigError(f"{p}: modems: two DUT ports share one modem port")
+    return dict(table)
+
+
+def _text_table(p: Path, name: str, table: dict[str, Any], *keys: str) -> str:
+    """A table of one text key (``[provisioning] url``): its value, or ``""``."""
+    for key, value in table.items():
+        if key not in keys:
+            raise ConfigError(f"{p}: {name}: unknown key {key!r} (known: {', '.join(keys)})")
+        if not isinstance(value, str):
+            raise ConfigError(f"{p}: {name}.{key} must be text")
+    return table.get(keys[0], "")
+
+
+def _secrets_file(p: Path, table: dict[str, Any]) -> Path | None:
+    file = _text_table(p, "secrets", table, "file")
+    return _relative(p.parent, file) if file else None
 
 
 def _mongo_table(p: Path, table: dict[str, Any]) -> dict[str, str]:

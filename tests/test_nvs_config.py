@@ -53,7 +53,7 @@ from fixtures.nvs import (
 from fixtures.dut import test_firmware
 from fixtures.partition_table import APP, DATA, FACTORY, NVS, Partition, PartitionTable, single_app_table
 from fixtures.sim.esp32_board import open_esp32_farm
-from fixtures.station import station_fixtures
+from fixtures.station import STATION_FIXTURES, station_fixtures
 from phases import esp32
 from phases.nvs_config import NvsEncryption, nvs_config
 from reports.store import LocalStore
@@ -528,7 +528,7 @@ def tracker(configure: Any, flash: Any, register_seen: dict[int, str]) -> Produc
 
 async def run_boards(product: Product, tmp_path: Path, n: int, batch: str) -> tuple[list[RunRecord], list[Any], str]:
     """Run ``product`` on ``n`` simulated boards; the runs, the boards, and the station log (JSON lines, DEBUG)."""
-    validate_product(product, station_fixtures=("flasher",))
+    validate_product(product, station_fixtures=STATION_FIXTURES)
     log_path = tmp_path / "station.log"
     with open(log_path, "a", encoding="utf-8") as handle:
         structlog.configure(
@@ -648,6 +648,6 @@ def test_the_phase_factory_checks_the_partition_table_when_the_product_loads(tmp
     with pytest.raises(NvsError, match=r"no NVS partition 'factory_nvs'"):
         nvs_config(CONFIG, partition_table=FLASHER_ARGS, partition="factory_nvs")
     configure = nvs_config(CONFIG, partition_table=FLASHER_ARGS, encryption=NvsEncryption(keys_partition=None))
-    assert set(configure.fixtures) == {"flasher", "dut", "device_config"}
+    assert set(configure.fixtures) == {"flasher", "dut", "device_config", "secrets"}
     with pytest.raises(ConfigError, match="no such configuration directory"):
         nvs_config(tmp_path / "nowhere", partition_table=FLASHER_ARGS)
