@@ -211,30 +211,6 @@ def load_apn_table(path: str | Path) -> ApnTable:
 
 
 @attrs.frozen
-class _Reported:
-    """Passes *expected*; anything else fails with the value itself as the reason.
-
-    The value is then the module's own explanation (``SIM not inserted
-    (+CME ERROR: 10)``), which says more than "is not 'READY'" would.
-    """
-
-    expected: str
-
-    @property
-    def description(self) -> str:
-        return f"x == {self.expected!r}"
-
-    @property
-    def limits(self) -> None:
-        return None
-
-    def check(self, value: Any) -> Verdict:
-        if value == self.expected:
-            return Verdict(True)
-        return Verdict(False, reason=str(value))
-
-
-@attrs.frozen
 class _HasApn:
     """An IMSI whose network is listed in the APN table."""
 
@@ -280,7 +256,7 @@ def cellular_identity_phase(
         Measurement("imei").check(is_valid_imei, "15 digits with a valid Luhn check digit").doc(
             "the module's IMEI (AT+CGSN)"
         ),
-        Measurement("sim_status").with_validator(_Reported("READY")).doc(
+        Measurement("sim_status").reported("READY").doc(
             "AT+CPIN?, or the error the module gave instead"
         ),
         Measurement("imsi").with_validator(_HasApn(table)).doc("the SIM's IMSI (AT+CIMI)"),

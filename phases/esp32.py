@@ -67,7 +67,7 @@ async def detect(ctx, flasher, dut):
 
 FLASH_MEASUREMENTS = [
     # First, so that when it fails it is the phase's reason.
-    Measurement("flash_verdict").equals("pass").doc("quality gates and verification; otherwise what failed"),
+    Measurement("flash_verdict").reported("pass").doc("quality gates and verification; otherwise what failed"),
     Measurement("flash_seconds", units="s").doc("writing and verifying every image"),
     Measurement("flash_bytes", units="B").doc("bytes of all images"),
     Measurement("flash_throughput", units="B/s").doc("image bytes written and verified per second"),

@@ -18,16 +18,14 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-import attrs
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from sequencer import Measurement, phase
 from sequencer.context import PhaseContext
-from sequencer.measurements import Verdict
 
 if TYPE_CHECKING:
     from fixtures.dut import TestFirmware
@@ -41,31 +39,9 @@ BAD_SIGNATURE = "device signature over the nonce does not verify against its pub
 _UNPARSEABLE = "public key from the device does not parse"
 
 
-@attrs.frozen
-class _NoProblem:
-    """Passes the empty text; any other text fails with itself as the reason.
-
-    ``equals("")`` would bury the reason in ``'...' is not ''``; an operator
-    reading the report should see the sentence as it is.
-    """
-
-    @property
-    def description(self) -> str:
-        return "no problem with the device's key"
-
-    @property
-    def limits(self) -> None:
-        return None
-
-    def check(self, value: Any) -> Verdict:
-        if value == "":
-            return Verdict(True)
-        return Verdict(False, reason=str(value))
-
-
 KEYGEN_MEASUREMENTS = [
     # Declared first: the phase's reason is its first failing measurement's.
-    Measurement("key_problem").with_validator(_NoProblem()).doc("why the device's key was refused; empty if not"),
+    Measurement("key_problem").reported("", "no problem with the device's key").doc("why the device's key was refused; empty if not"),
     Measurement("key_verified").equals(True).doc("the device signed a fresh nonce with the key it reported"),
     Measurement("public_key_sha256").matches(r"[0-9a-f]{64}").doc("SHA-256 of the public key's DER"),
     Measurement("key_created").doc("True if the key was made in this run, False if the unit already had one"),

@@ -41,7 +41,7 @@ QR_ERROR = "M"
 
 LABEL_MEASUREMENTS = [
     # First, so that when it fails it is the phase's reason.
-    Measurement("label_verdict").equals("pass").doc("'pass', or why no label was printed"),
+    Measurement("label_verdict").reported("pass").doc("'pass', or why no label was printed"),
     Measurement("label_printed").equals(True).doc("the printer read the label and reported itself ready after it"),
     Measurement("label_printer").doc("host:port of the printer that took the label"),
 ]

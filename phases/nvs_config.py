@@ -97,7 +97,7 @@ class NvsEncryption:
 
 NVS_MEASUREMENTS = [
     # First, so that when it fails it is the phase's reason.
-    Measurement("nvs_verdict").equals("pass").doc("quality gates and flash verification; otherwise what failed"),
+    Measurement("nvs_verdict").reported("pass").doc("quality gates and flash verification; otherwise what failed"),
     Measurement("nvs_sha256").matches(r"[0-9a-f]{64}").doc("SHA-256 of the NVS partition image written"),
     Measurement("nvs_bytes", units="B").doc("size of the NVS partition image (the whole partition)"),
     Measurement("nvs_offset").doc("flash offset of the NVS partition, from the partition table"),

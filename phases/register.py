@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import random
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol
 from urllib.parse import quote, urlsplit, urlunsplit
 
@@ -41,9 +41,8 @@ import trio
 
 from reports.provisioning.model import CLAIM_PATTERN
 from sequencer import Measurement, phase
-from sequencer.measurements import Verdict
 from sequencer.phase import Phase
-from sequencer.records import Limits, run_outcome
+from sequencer.records import run_outcome
 
 __all__ = [
     "BrokerCredentials",
@@ -174,6 +173,22 @@ class ProvisioningClient:
 
     async def register(self, body: Mapping[str, Any], idempotency_key: str) -> RegistrationResult:
         """POST ``body`` to ``/v1/devices`` under ``idempotency_key``, retrying what is retryable."""
+        response, attempt = await self._send(lambda: self._http.post(
+            "/v1/devices", json=dict(body), headers={"Idempotency-Key": idempotency_key}))
+        status = response.status_code
+        if status in (200, 201):
+            return _result(response, attempt)
+        message = _message(response)
+        if status == 409:
+            raise RegisteredElsewhere(message)
+        raise RegistrationRefused(f"provisioning service refused the registration (HTTP {status}): {message}")
+
+    async def _send(self, request: Callable[[], Awaitable[httpx.Response]]) -> tuple[httpx.Response, int]:
+        """Send until an answer that is not worth retrying; return it and the attempt that got it.
+
+        Raises :class:`ProvisioningUnavailable` when every attempt failed to
+        connect, timed out, or got 5xx/429.
+        """
         attempts = self.retries + 1
         last = ""
         unreachable = True
@@ -181,8 +196,7 @@ class ProvisioningClient:
             response: httpx.Response | None = None
             with trio.move_on_after(self.timeout) as scope:
                 try:
-                    response = await self._http.post("/v1/devices", json=dict(body),
-                                                     headers={"Idempotency-Key": idempotency_key})
+                    response = await request()
                 except httpx.UnsupportedProtocol:
                     raise ProvisioningError(f"provisioning service URL {self.shown_url!r} is not an http(s) URL") \
                         from None
@@ -194,15 +208,9 @@ class ProvisioningClient:
                 last, unreachable = f"no answer within {self.timeout:g} s", True
             if response is not None:
                 status = response.status_code
-                if status in (200, 201):
-                    return _result(response, attempt)
-                message = _message(response)
-                if status == 409:
-                    raise RegisteredElsewhere(message)
                 if status != 429 and status < 500:
-                    raise RegistrationRefused(f"provisioning service refused the registration "
-                                              f"(HTTP {status}): {message}")
-                last, unreachable = f"HTTP {status}: {message}", False
+                    return response, attempt
+                last, unreachable = f"HTTP {status}: {_message(response)}", False
             if attempt < attempts:
                 delay = self.delays()[attempt - 1] * self._rng.uniform(0.75, 1.25)
                 if self._on_retry is not None:
@@ -213,6 +221,13 @@ class ProvisioningClient:
                                           f"attempt(s) (last: {last})")
         raise ProvisioningUnavailable(f"provisioning service at {self.shown_url} still failing after {attempts} "
                                       f"attempt(s) (last: {last})")
+
+    async def find_by_mac(self, mac: str) -> list[dict[str, Any]]:
+        """The devices the service has registered with ``mac`` (no secrets); retried, as it changes nothing."""
+        response, _ = await self._send(lambda: self._http.get("/v1/devices", params={"mac": mac}))
+        if response.status_code != 200:
+            raise RegistrationRefused(f"provisioning service refused the lookup of MAC {mac}: {_message(response)}")
+        return [dict(d) for d in response.json()["devices"]]
 
     async def get_device(self, serial: str) -> dict[str, Any] | None:
         """The device the service has for ``serial`` (no secrets), or None. Not retried."""
@@ -348,25 +363,9 @@ class _Broker:
 # -- the phase ------------------------------------------------------------------
 
 
-@attrs.frozen
-class _Registered:
-    """Passes for ``"registered"``; otherwise the value *is* the reason (the operator reads it as is)."""
-
-    @property
-    def description(self) -> str:
-        return f"x == {REGISTERED!r}"
-
-    @property
-    def limits(self) -> Limits | None:
-        return None
-
-    def check(self, value: Any) -> Verdict:
-        return Verdict(True) if value == REGISTERED else Verdict(False, reason=str(value))
-
-
 REGISTER_MEASUREMENTS = [
     # First, so that when registration fails its message is the phase's reason.
-    Measurement("registration").with_validator(_Registered())
+    Measurement("registration").reported(REGISTERED)
     .doc("'registered', or why not (unreachable, registered elsewhere, refused)"),
     Measurement("device_id").matches(r"\S{1,128}").doc("the device's id at the provisioning service"),
     Measurement("claim_code").matches(CLAIM_PATTERN).doc("claim code for the label (not a secret)"),

@@ -8,7 +8,6 @@ phase, port or option), 130 after Ctrl-C.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from collections.abc import Sequence

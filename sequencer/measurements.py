@@ -239,6 +239,33 @@ class Custom:
         return Verdict(False, reason=f"{value!r} fails: {self.text}")
 
 
+@attrs.frozen
+class Reported:
+    """Passes ``ok``; any other value fails with *itself* as the reason.
+
+    For a phase that explains its own failures: the measurement holds
+    ``"pass"`` (or ``""``: no problem) or the sentence an operator should
+    read, such as ``SIM not inserted (+CME ERROR: 10)``. ``equals("pass")``
+    would bury that sentence in ``'...' is not 'pass'``.
+    """
+
+    ok: Any = "pass"
+    text: str | None = None
+
+    @property
+    def description(self) -> str:
+        return self.text if self.text is not None else f"x == {self.ok!r}"
+
+    @property
+    def limits(self) -> None:
+        return None
+
+    def check(self, value: Any) -> Verdict:
+        if value == self.ok:
+            return Verdict(True)
+        return Verdict(False, reason=str(value))
+
+
 def in_range(
     low: float | None = None, high: float | None = None, *, marginal: tuple[float | None, float | None] | None = None
 ) -> InRange:
@@ -304,6 +331,10 @@ class Measurement:
 
     def equals(self, expected: Any) -> Measurement:
         return self.with_validator(equals(expected))
+
+    def reported(self, ok: Any = "pass", description: str | None = None) -> Measurement:
+        """Passes ``ok``; anything else fails with the value as the reason (see :class:`Reported`)."""
+        return self.with_validator(Reported(ok, description))
 
     def one_of(self, options: Iterable[Any]) -> Measurement:
         return self.with_validator(one_of(options))

@@ -11,7 +11,7 @@ import trio
 
 from reports.store import LocalStore
 from sequencer import Measurement, PhaseResult, Product, phase
-from sequencer.events import EventBus, MeasurementTaken, PhaseFinished, RunFinished
+from sequencer.events import EventBus, MeasurementTaken, RunFinished
 from sequencer.records import MeasurementOutcome, Outcome
 from sequencer.resources import SharedResource
 from tests.conftest import outcomes, run_product

@@ -117,3 +117,14 @@ def test_series_validator_reports_the_failing_point() -> None:
     assert rec.reason == "at 0.5: 3.7 is above 3.6"
     with pytest.raises(TypeError, match="dimensioned"):
         m.judge(3.3)
+
+
+def test_a_reported_measurement_fails_with_the_phase_own_sentence() -> None:
+    m = Measurement("sim_status").reported("READY")
+    assert m.judge("READY").outcome is MeasurementOutcome.PASS
+    failed = m.judge("SIM not inserted (+CME ERROR: 10)")
+    assert failed.outcome is MeasurementOutcome.FAIL
+    assert failed.reason == "SIM not inserted (+CME ERROR: 10)"
+    no_problem = Measurement("key_problem").reported("", "no problem with the key")
+    assert no_problem.judge("").outcome is MeasurementOutcome.PASS
+    assert no_problem.validators[0].description == "no problem with the key"

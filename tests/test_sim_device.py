@@ -277,7 +277,7 @@ async def test_hung_board_times_out_at_boot_and_mid_session():
                 await TestFirmware(link).wait_boot(0.3)
             assert trio.current_time() - start < 0.6
         async with open_serial_link(healthy.path) as link:
-            firmware = await booted(link)
+            await booted(link)
             healthy.faults = Faults(hang=True)
             with pytest.raises(DeviceTimeout, match=rf"^{healthy.path}: .* response to 'RAILS'"):
                 await TestFirmware(link, timeout=0.2).read_rails()
