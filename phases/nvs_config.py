@@ -221,6 +221,7 @@ def nvs_config(
                 ctx.log.error("nvs flash refused by a quality gate", reasons="; ".join(refused))
                 return
             if from_app:
+                ctx.log.info("starting the app", how=await flasher.start_app(dut.link))
                 await read_boot_banner(dut.link, BOOT_WAIT_S)  # BootFailed / DeviceTimeout: ERROR
             # Only a configuration that is on the board is handed on: the
             # registration phase must not register a password the unit lacks.

@@ -76,6 +76,9 @@ def no_ambient_mongodb(monkeypatch: pytest.MonkeyPatch) -> None:
     # to their database; MongoDB tests pass their settings explicitly.
     monkeypatch.delenv("SEQUENCER_MONGO_URI", raising=False)
     monkeypatch.delenv("SEQUENCER_MONGO_DB", raising=False)
+    # Likewise the developer's provisioning service and secrets.
+    monkeypatch.delenv("SEQUENCER_PROVISIONING_URL", raising=False)
+    monkeypatch.delenv("SEQUENCER_SECRETS_FILE", raising=False)
 
 
 pytest_plugins = ["tests.mongo_support"]  # real-mongod fixtures (one server per session)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -58,3 +59,41 @@ def test_documented_example_station_file_loads() -> None:
     assert c.station == "shannon-line1-st3" and len(c.ports) == 4
     assert c.store == example.parent / "data" / "store.sqlite"
     assert c.resources["dmm"].capacity == 1
+    assert c.modems["/dev/ttyUSB3"] == "/dev/ttyACM3"
+    assert c.provisioning_url == "https://provisioning.factory.example"
+    assert c.secrets_file == Path("/etc/sequencer/secrets.toml")
+    assert c.resources["printer"].instrument == "zpl-printer"
+
+
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ('[modems]\n"/dev/ttyUSB0" = 3\n', "modems.'/dev/ttyUSB0' must be the modem's device path"),
+        ('[modems]\n"/dev/a" = "/dev/m"\n"/dev/b" = "/dev/m"\n', "two DUT ports share one modem port"),
+        ('[provisioning]\nurl = "http://x"\nuser = "me"\n', "provisioning: unknown key 'user'"),
+        ('[secrets]\npath = "s.toml"\n', "secrets: unknown key 'path'"),
+    ],
+)
+def test_service_tables_are_checked(tmp_path: Path, body: str, message: str) -> None:
+    f = tmp_path / "station.toml"
+    f.write_text('sim = 2\n' + body)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_station_config(f)
+
+
+def test_a_station_that_lacks_what_the_product_needs_says_so_before_testing(tmp_path: Path) -> None:
+    from fixtures.station import STATION_FIXTURES, station_services
+    from sequencer.product import load_product
+
+    tracker = load_product(Path(__file__).resolve().parent.parent / "products" / "lte_tracker.py",
+                           station_fixtures=STATION_FIXTURES)
+    f = tmp_path / "station.toml"
+    f.write_text('ports = ["/dev/ttyUSB0", "/dev/ttyUSB1"]\n[modems]\n"/dev/ttyUSB0" = "/dev/ttyACM0"\n'
+                 '[provisioning]\nurl = "http://127.0.0.1:1"\n')
+    config = load_station_config(f)
+    with pytest.raises(ConfigError, match=re.escape("[modems] has none for DUT port /dev/ttyUSB1")):
+        station_services(config, tracker, config.ports)
+    f.write_text('ports = ["/dev/ttyUSB0"]\n[modems]\n"/dev/ttyUSB0" = "/dev/ttyACM0"\n')
+    config = load_station_config(f)
+    with pytest.raises(ConfigError, match=re.escape("set [provisioning] url in the station file")):
+        station_services(config, tracker, config.ports)

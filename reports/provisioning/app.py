@@ -52,6 +52,7 @@ from reports.provisioning.model import (
     Reply,
     error,
     hash_secret,
+    normalize_mac,
     success,
     utcnow,
     verify_secret,
@@ -185,6 +186,21 @@ def create_app(storage: ProvisioningStorage, *, logger: Any = None) -> Starlette
             return _json(error(404, f"no device with serial {serial!r}"))
         return JSONResponse(device.public())
 
+    async def find_devices(request: Request) -> JSONResponse:
+        # A station's retest gate asks by MAC before it flashes: the serial is
+        # not known until the test firmware runs.
+        if set(request.query_params) != {"mac"}:
+            return _json(error(400, "give exactly one query parameter: mac"))
+        try:
+            mac = normalize_mac(request.query_params["mac"])
+        except InvalidRequest as exc:
+            return _json(error(400, str(exc)))
+        try:
+            devices = await storage.find_by_mac(mac)
+        except StorageUnavailable as exc:
+            return _json(error(503, f"storage unavailable ({exc})"))
+        return JSONResponse({"devices": [d.public() for d in devices]})
+
     async def healthz(request: Request) -> JSONResponse:
         try:
             await storage.ping()
@@ -195,6 +211,7 @@ def create_app(storage: ProvisioningStorage, *, logger: Any = None) -> Starlette
 
     return Starlette(routes=[
         Route("/v1/devices", post_device, methods=["POST"]),
+        Route("/v1/devices", find_devices, methods=["GET"]),
         Route("/v1/devices/{serial}", get_device, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
     ])

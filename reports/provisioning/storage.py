@@ -77,6 +77,10 @@ class ProvisioningStorage(abc.ABC):
         """The device registered with ``serial``, if any."""
 
     @abc.abstractmethod
+    async def find_by_mac(self, mac: str) -> list[Device]:
+        """The devices registered with ``mac`` (normalised, upper case with colons): one, normally."""
+
+    @abc.abstractmethod
     async def insert_device(self, device: Device, registration: Registration) -> None:
         """Store a new device with its first registration, atomically; :class:`DuplicateKey` if taken."""
 
@@ -218,6 +222,15 @@ class SqliteStorage(ProvisioningStorage):
 
         return await self._run(q)
 
+    async def find_by_mac(self, mac: str) -> list[Device]:
+        def q(conn: sqlite3.Connection) -> list[Device]:
+            rows = conn.execute(f"SELECT {', '.join(_DEVICE_FIELDS)} FROM provisioned_devices WHERE mac = ?"
+                                " ORDER BY first_registered_at", (mac,)).fetchall()
+            return [Device(**{k: _date(v) if k in _DATES else v for k, v in zip(_DEVICE_FIELDS, row, strict=True)})
+                    for row in rows]
+
+        return await self._run(q)
+
     async def insert_device(self, device: Device, registration: Registration) -> None:
         def tx(conn: sqlite3.Connection) -> None:
             values = attrs.asdict(device)
@@ -335,6 +348,11 @@ class MongoStorage(ProvisioningStorage):
         if doc is None:
             return None
         return Device(**{k: _aware(doc[k]) if k in _DATES else doc.get(k) for k in _DEVICE_FIELDS})
+
+    async def find_by_mac(self, mac: str) -> list[Device]:
+        docs = await self._run(lambda: list(self._devices.find({"mac": mac}, {"requests": 0})
+                                            .sort("first_registered_at", 1)))
+        return [Device(**{k: _aware(d[k]) if k in _DATES else d.get(k) for k in _DEVICE_FIELDS}) for d in docs]
 
     async def insert_device(self, device: Device, registration: Registration) -> None:
         doc = {"_id": device.device_id, **attrs.asdict(device), "requests": [_request_doc(registration)]}
