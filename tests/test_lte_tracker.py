@@ -206,3 +206,25 @@ def test_the_demo_command_runs_the_tracker_on_a_simulated_station(tmp_path: Path
     assert (tmp_path / "data" / "sequencer" / "provisioning.sqlite").is_file()
     for output in (done.stdout, done.stderr, written):
         assert CA_TOKEN not in output
+
+
+@pytest.mark.slow
+def test_with_mongodb_the_simulated_station_registers_into_it_and_streams_the_runs(tmp_path: Path, mongo: Any) -> None:
+    """With --mongo, the simulated provisioning service keeps its devices in the station's MongoDB."""
+    from tests.mongo_support import database
+
+    env = {**os.environ, "XDG_DATA_HOME": str(tmp_path / "data")}
+    env.pop("SEQUENCER_PROVISIONING_URL", None)
+    done = subprocess.run(
+        [sys.executable, "-m", "sequencer.cli", "run", str(TRACKER), "--sim", "2", "--plain",
+         "--mongo", mongo.uri, "--mongo-db", mongo.database],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=240,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    db = database(mongo)
+    provisioned = list(db.provisioned_devices.find({}, {"requests": 0}))
+    assert len(provisioned) == 2 and all("broker_password_hash" in d for d in provisioned)
+    shipped = {r["dut"]["device_id"] for r in db.runs.find({})}  # the runs, streamed by the shipper
+    assert shipped == {d["device_id"] for d in provisioned}
+    assert not (tmp_path / "data" / "sequencer" / "provisioning.sqlite").exists()
+    db.client.close()
