@@ -192,8 +192,8 @@ async def test_station_flash_time_gate_fails_a_slow_board_and_not_the_others(sto
     assert fast.outcome is Outcome.PASS, failed(fast)
     assert slow.outcome is Outcome.FAIL, failed(slow)
     reason = slow.phase("flash").reason
-    assert reason.startswith("measurement 'flash_verdict': 'writing took "), reason
-    assert "over the station limit of 0.6 s ([flash] max_seconds)' is not 'pass'" in reason
+    assert reason.startswith("measurement 'flash_verdict': writing took "), reason
+    assert reason.endswith("over the station limit of 0.6 s ([flash] max_seconds)")
     assert slow.phase("boot").outcome is Outcome.SKIPPED
     # Refused before starting the app, so the retry could flash it again (and was refused again).
     assert [a.outcome for a in slow.phase("flash").attempts] == [Outcome.FAIL, Outcome.FAIL]
