@@ -191,7 +191,10 @@ def station_main(mode: str, ports: list[str], image: Path, stub: bool) -> None:
     async def threads() -> None:
         from esptool.logger import log
 
+        from fixtures.flash_worker import skip_untraced_hex_dumps
+
         log.set_verbosity("silent")
+        skip_untraced_hex_dumps()  # what a thread-based flasher would do too
         limiter = trio.CapacityLimiter(len(ports))
         async with trio.open_nursery() as nursery:
             for port in ports:
@@ -283,6 +286,52 @@ def git_state() -> str:
     return head.strip() + (" + uncommitted changes" if dirty.strip() else "")
 
 
+def _stub_upload_s() -> float:
+    """Wire time of esptool's ESP32 flasher stub at the ROM's 115200 baud (text + data, 10 bits a byte)."""
+    import base64
+    import importlib.util
+
+    spec = importlib.util.find_spec("esptool")
+    assert spec is not None and spec.submodule_search_locations
+    stubs = sorted(Path(next(iter(spec.submodule_search_locations)), "targets", "stub_flasher").glob("*/esp32.json"))
+    stub = json.loads(stubs[-1].read_text())
+    size = len(base64.b64decode(stub["text"])) + len(base64.b64decode(stub.get("data", "")))
+    return size * 10 / 115200
+
+
+def _wire_note(results: list[dict[str, Any]]) -> str:
+    """Where a lone slot's time beyond the wire limit goes, in this run's numbers."""
+    one = next((r for r in results if r["mode"] == "processes" and r["n"] == 1 and r["paced"]), None)
+    if one is None:
+        return "(no paced single-slot run in this set)"
+    over = one["wall_s"] - APP_BYTES * 10 / BAUD
+    return (
+        f"Even one slot alone takes {one['wall_s']:.2f} s, {over:.2f} s over the wire limit, before any sharing. "
+        f"Of that, about {_stub_upload_s():.2f} s is esptool uploading its flasher stub at the ROM's 115200 baud "
+        "(the ROM only talks faster once the stub runs), about 0.3 s is starting the worker, and the rest is "
+        "esptool's stop-and-wait protocol: each 16 KiB block waits for the board's reply before the next is "
+        "sent, plus SLIP escaping of the random data (0.8% more bytes). With 8 slots the wires, not the "
+        "flashers, are the bottleneck: the extra over one slot is scheduling on two cores."
+    )
+
+
+def _processes_note(results: list[dict[str, Any]]) -> str:
+    """Threads against processes, in this run's numbers, and why the fixture keeps processes."""
+    def wall(mode: str, n: int, paced: bool) -> float | None:
+        return next((r["wall_s"] for r in results if r["mode"] == mode and r["n"] == n and r["paced"] is paced), None)
+
+    sizes = sorted({r["n"] for r in results})
+    pairs = [(n, wall("processes", n, False), wall("threads", n, False)) for n in sizes]
+    shown = ", ".join(f"N = {n}: {p:.2f} s vs {t:.2f} s" for n, p, t in pairs if p is not None and t is not None)
+    return (
+        "Without the dumps a slot needs little CPU, so unpaced the two are close (processes vs threads, "
+        f"{shown}); a worker process costs about 0.3 s to start and ~30 MiB. The flasher still uses a process per "
+        "slot because esptool has no cancel hook: on an abort the station kills the worker mid-write and the "
+        "port is free at once, where a thread would have to run to the end of the image; and esptool's "
+        "remaining per-byte Python work never competes with the station's slots for the GIL."
+    )
+
+
 def render(results: list[dict[str, Any]], started: str, load: tuple[tuple[float, ...], tuple[float, ...]]) -> str:
     import esptool
 
@@ -334,17 +383,14 @@ def render(results: list[dict[str, Any]], started: str, load: tuple[tuple[float,
             "",
         ]
     out += [
-        "- *Why processes.* esptool 5.6 spends about 1.5 s of CPU per MiB flashed, almost all of it formatting every "
-        "packet as a hex dump for its trace log (`loader.py`, `HexFormatter` inside f-strings, evaluated even with "
-        "tracing off): 11 ms per 16 KiB block on this machine. In threads that CPU is serialised on one GIL, so N "
-        "threads on 2 cores saturate one; worker processes use both. Unpaced, the difference is the CPU; paced, "
-        "it is whether the flashers keep up with the wires.",
-        "- *Why not 1.1x of the wire.* esptool's protocol is stop-and-wait per block: it formats and sends a "
-        "16 KiB block, waits for the reply, then formats the next one. The ~20 ms of formatting per block "
-        "(twice 11 ms: the command and the SLIP frame are each dumped) is on the critical path of every block, "
-        "about 12% of a block's 179 ms on the wire at 921600 baud, before any scheduling delay. So even one slot "
-        "alone cannot get within 1.1x with the unmodified esptool on this CPU; a lazy `HexFormatter` upstream "
-        "would remove it. Per-block latency of the simulated boards themselves is below 1 ms.",
+        "- *esptool's hex dumps.* esptool 5.6 renders a hex dump of every packet for its trace log even when "
+        "tracing is off (`HexFormatter` inside f-strings in `loader.py`): about 1.5 s of CPU per MiB, some 20 ms "
+        "per 16 KiB block on the critical path of its stop-and-wait protocol. The flasher's workers, and the "
+        "threads mode here, replace `HexFormatter` with one that prints only the length "
+        "(`fixtures.flash_worker.skip_untraced_hex_dumps`); the cli mode is esptool as the factory runs it today, "
+        "dumps included. Compare the cli rows' CPU with the others'.",
+        f"- *Why processes.* {_processes_note(results)}",
+        f"- *Why not 1.1x of the wire.* {_wire_note(results)}",
         "- *ROM loader row.* The station flashes through the ROM loader on boards with no reset lines (the "
         "simulator's ptys; jigs that only strap GPIO0), because only the ROM can start the app afterwards without "
         "a reset; the ROM takes 1 KiB blocks, so the per-block costs are paid 16 times as often.",
