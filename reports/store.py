@@ -112,6 +112,8 @@ class LocalStore:
         self._queue: list[_Pending] = []
         #: identity last written for each run this process has open (writer thread only)
         self._open_duts: dict[str, dict[str, str]] = {}
+        #: the last change number written (writer thread only; read once, then kept: one writer per store)
+        self._seq: int | None = None
         self._wakeup: trio.Event | None = None
         self._writing = False
 
@@ -251,7 +253,9 @@ class LocalStore:
 
     def _write_batch(self, writes: list[_Write]) -> None:
         with self._lock, self._transaction() as conn:
-            seq = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM runs").fetchone()[0]
+            if self._seq is None:
+                self._seq = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM runs").fetchone()[0]
+            seq = self._seq
             for w in writes:
                 seq += 1
                 if w.kind == "begin":
@@ -294,6 +298,7 @@ class LocalStore:
                          r.serial, _header_json(r), seq, r.run_id),
                     )
                     self._open_duts.pop(r.run_id, None)
+        self._seq = seq  # committed: the numbers are taken
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:

@@ -18,8 +18,9 @@ from typing import Any
 import structlog
 
 from sequencer.events import EventBus, MeasurementTaken, PhaseProgress
+from sequencer.measurements import Measurement
 from sequencer.phase import Phase
-from sequencer.records import Attachment, LogLine, RunRecord, utcnow
+from sequencer.records import Attachment, LogLine, MeasurementRecord, RunRecord, utcnow
 
 #: A phase that logs without bound would grow its record without bound.
 MAX_LOG_LINES_PER_PHASE = 2000
@@ -33,9 +34,10 @@ class UndeclaredMeasurement(AttributeError):
 class Measurements:
     """Attribute- and item-style access to one attempt's measurement values."""
 
-    def __init__(self, phase: Phase, on_set: Callable[[str, Any], None]) -> None:
+    def __init__(self, phase: Phase, on_set: Callable[[str, Any], MeasurementRecord | None]) -> None:
         object.__setattr__(self, "_phase", phase)
         object.__setattr__(self, "_values", {})
+        object.__setattr__(self, "_judged", {})
         object.__setattr__(self, "_on_set", on_set)
 
     def __setattr__(self, name: str, value: Any) -> None:
@@ -49,7 +51,11 @@ class Measurements:
                 f"phase {phase.name!r}: measurement {name!r} is not declared (declared: {declared})"
             )
         self._values[name] = value
-        self._on_set(name, value)
+        judged = self._on_set(name, value)
+        if judged is None:
+            self._judged.pop(name, None)
+        else:
+            self._judged[name] = judged
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -66,6 +72,13 @@ class Measurements:
     @property
     def values(self) -> Mapping[str, Any]:
         return dict(self._values)
+
+    def record(self, declared: Measurement) -> MeasurementRecord:
+        """``declared`` judged as the attempt left it (unset if it was never set)."""
+        if declared.name not in self._values:
+            return declared.unset()
+        judged = self._judged.get(declared.name)
+        return judged if judged is not None else declared.judge(self._values[declared.name])
 
 
 class PhaseLog:
@@ -127,10 +140,15 @@ class PhaseContext:
         self._identify = identify
         self.measurements = Measurements(phase, self._measured)
 
-    def _measured(self, name: str, value: Any) -> None:
+    def _measured(self, name: str, value: Any) -> MeasurementRecord | None:
+        # Judged now only for someone watching live; the record reuses it.
+        if not self._bus.has_subscribers:
+            return None
         declared = self.phase.measurement(name)
         assert declared is not None
-        self._bus.publish(MeasurementTaken(self._run_id, self._slot, self.phase.name, declared.judge(value)))
+        judged = declared.judge(value)
+        self._bus.publish(MeasurementTaken(self._run_id, self._slot, self.phase.name, judged))
+        return judged
 
     def measure(self, name: str, value: Any) -> None:
         self.measurements[name] = value

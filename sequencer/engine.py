@@ -374,8 +374,7 @@ class _SlotRun:
         error: ErrorInfo | None = None
         reason: str | None = None
         timeout = p.effective_timeout
-        # One scope per attempt carries the deadline and is also what a stop
-        # cancels: cancel scopes are the engine's main per-phase cost.
+        # One scope per attempt carries the deadline and is also what a stop cancels.
         scope = trio.CancelScope(deadline=trio.current_time() + timeout if timeout is not None else math.inf)
         self.in_flight[p.name] = scope
         with scope:
@@ -390,9 +389,7 @@ class _SlotRun:
                 reason = f"{type(exc).__name__}: {exc}"
                 log.error("phase raised", error=reason)
         del self.in_flight[p.name]
-        measurements = tuple(
-            m.judge(ctx.measurements[m.name]) if m.name in ctx.measurements else m.unset() for m in p.measurements
-        )
+        measurements = tuple(ctx.measurements.record(m) for m in p.measurements)
         if scope.cancelled_caught and p.name in self.stopped:
             outcome, reason = Outcome.ABORTED, self._abort_reason(p)
         elif scope.cancelled_caught:

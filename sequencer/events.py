@@ -89,6 +89,11 @@ class EventBus:
         self._subscribers: list[tuple[str, trio.MemorySendChannel[Event]]] = []
         self.dropped: dict[str, int] = {}
 
+    @property
+    def has_subscribers(self) -> bool:
+        """Whether anyone listens: a publisher may skip building an event nobody reads."""
+        return bool(self._subscribers)
+
     def subscribe(self, name: str, buffer: int = 1024) -> trio.MemoryReceiveChannel[Event]:
         send, receive = trio.open_memory_channel[Event](buffer)
         self._subscribers.append((name, send))

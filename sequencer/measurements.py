@@ -312,10 +312,19 @@ class Measurement:
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", value):
             raise ValueError(f"measurement name {value!r} must be an identifier (letters, digits, _)")
 
+    # What every record of this measurement repeats, worked out once: a phase
+    # judges its measurements on every attempt of every run.
+    _texts: tuple[str, ...] = attrs.field(init=False, eq=False, repr=False)
+    _limits: Limits | None = attrs.field(init=False, eq=False, repr=False)
+
     @dimensions.validator
     def _check_dimensions(self, _: object, value: tuple[tuple[str, str], ...]) -> None:
         if len(value) > 1 or any(len(d) != 2 for d in value):
             raise ValueError(f"measurement {self.name!r}: dimensions must be one (name, units) pair")
+
+    def __attrs_post_init__(self) -> None:
+        object.__setattr__(self, "_texts", tuple(v.description for v in self.validators))
+        object.__setattr__(self, "_limits", next((v.limits for v in self.validators if v.limits is not None), None))
 
     def with_validator(self, validator: Validator) -> Measurement:
         return attrs.evolve(self, validators=(*self.validators, validator))
@@ -353,10 +362,7 @@ class Measurement:
 
     @property
     def limits(self) -> Limits | None:
-        for v in self.validators:
-            if v.limits is not None:
-                return v.limits
-        return None
+        return self._limits
 
     def unset(self) -> MeasurementRecord:
         return self._record(MeasurementOutcome.UNSET, None, reason="not set")
@@ -403,8 +409,8 @@ class Measurement:
             value=value,
             units=self.units,
             description=self.description,
-            validators=tuple(v.description for v in self.validators),
-            limits=self.limits,
+            validators=self._texts,
+            limits=self._limits,
             marginal=marginal,
             reason=reason,
             dimensions=self.dimensions,

@@ -26,7 +26,7 @@ import enum
 import inspect
 import math
 import re
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any, TypeAlias
 
 import attrs
@@ -77,6 +77,10 @@ class Phase:
     teardown: bool = False
     description: str = ""
     parameters: tuple[str, ...] = ()
+    _by_name: Mapping[str, Measurement] = attrs.field(init=False, eq=False, repr=False)
+
+    def __attrs_post_init__(self) -> None:
+        object.__setattr__(self, "_by_name", {m.name: m for m in self.measurements})
 
     @property
     def fixtures(self) -> tuple[str, ...]:
@@ -90,10 +94,7 @@ class Phase:
         return self.timeout
 
     def measurement(self, name: str) -> Measurement | None:
-        for m in self.measurements:
-            if m.name == name:
-                return m
-        return None
+        return self._by_name.get(name)
 
     def with_measurements(self, measurements: Iterable[Measurement]) -> Phase:
         return attrs.evolve(self, measurements=tuple(measurements))
