@@ -6,7 +6,6 @@ import base64
 import datetime as dt
 import hashlib
 import os
-import shutil
 import struct
 import subprocess
 from pathlib import Path
@@ -18,6 +17,7 @@ from hypothesis import strategies as st
 from reports import formatting
 from reports.html import MAX_EMBED_BYTES, MAX_INLINE_TEXT_CHARS, render_batch, render_run, write_html
 from sequencer.records import Attachment, ErrorInfo, MeasurementOutcome, Outcome, RunRecord
+from tests.browser import chromium, chromium_args
 from tests.htmltree import Element, parse
 from tests.records_factory import TINY_PNG, at, measurement, phase, run, sensor_run
 
@@ -533,25 +533,6 @@ def test_write_html_is_atomic_utf8_and_readable(tmp_path: Path) -> None:
 
 # -- a real browser -------------------------------------------------------------
 
-CHROMIUM_HINT = (
-    "Debian's headless chromium is needed for the HTML browser checks and was not found. "
-    "Install it with:  apt-get update && apt-get install -y chromium   (as root, or with sudo), "
-    "or run  bash tools/test.sh  which installs it."
-)
-
-
-def _chromium() -> str:
-    path = shutil.which("chromium") or ("/usr/bin/chromium" if os.path.exists("/usr/bin/chromium") else None)
-    if path is None:
-        pytest.fail(CHROMIUM_HINT)
-    return path
-
-
-def _chromium_args(binary: str, profile: Path) -> list[str]:
-    return [binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-            "--disable-component-update", "--no-first-run", f"--user-data-dir={profile}"]
-
-
 def _png_size(data: bytes) -> tuple[int, int]:
     assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG"
     return struct.unpack(">II", data[16:24])
@@ -559,7 +540,7 @@ def _png_size(data: bytes) -> tuple[int, int]:
 
 @pytest.mark.slow
 def test_chromium_renders_both_pages_to_png_and_pdf_and_keeps_the_values(tmp_path: Path) -> None:
-    binary = _chromium()
+    binary = chromium()
     runs = batch_runs()
     run_page = write_html(tmp_path / "run.html", render_run(runs[0]))
     batch_page = write_html(tmp_path / "index.html", render_batch(runs, title="esp32_sensor — B1"))
@@ -569,7 +550,7 @@ def test_chromium_renders_both_pages_to_png_and_pdf_and_keeps_the_values(tmp_pat
         stem = page.stem
         for kind, flag in (("png", "--screenshot"), ("pdf", "--print-to-pdf"), ("dom", "--dump-dom")):
             out = tmp_path / f"{stem}.{kind}"
-            args = _chromium_args(binary, tmp_path / f"profile-{stem}-{kind}")
+            args = chromium_args(binary, tmp_path / f"profile-{stem}-{kind}")
             if kind == "png":
                 args += [f"{flag}={out}", "--window-size=1200,1600"]
             elif kind == "pdf":

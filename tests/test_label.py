@@ -5,8 +5,6 @@ from __future__ import annotations
 import base64
 import functools
 import json
-import os
-import shutil
 import struct
 import zlib
 from pathlib import Path
@@ -36,6 +34,7 @@ from sequencer.fixtures import SlotInfo
 from sequencer.records import Outcome, RunRecord
 from sequencer.resources import SharedResource
 from tests.conftest import outcomes, run_product
+from tests.browser import chromium, chromium_args
 from tests.htmltree import Element, parse
 
 SERIAL, MAC, CLAIM = "SN000000042", "24:0A:C4:12:34:56", "K7QF-9X2M-P4TD"
@@ -420,9 +419,7 @@ def _black_pixels(png: bytes) -> int:
 
 @pytest.mark.slow
 async def test_chromium_draws_the_qr_code(store_path: Path, tmp_path: Path) -> None:
-    binary = shutil.which("chromium") or ("/usr/bin/chromium" if os.path.exists("/usr/bin/chromium") else None)
-    if binary is None:
-        pytest.skip("chromium is not installed (apt-get install -y chromium)")
+    binary = chromium()
     async with open_sim_printer() as sim:
         [run] = await run_labelled(sim, store_path)
     svg = attachment(run, "label-qr.svg")
@@ -435,8 +432,7 @@ async def test_chromium_draws_the_qr_code(store_path: Path, tmp_path: Path) -> N
     for name, html in pages.items():
         page = write_html(tmp_path / f"{name}.html", html)
         shot = tmp_path / f"{name}.png"
-        args = [binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                "--disable-component-update", "--no-first-run", f"--user-data-dir={tmp_path / ('profile-' + name)}",
+        args = [*chromium_args(binary, tmp_path / f"profile-{name}"),
                 f"--screenshot={shot}", "--window-size=1000,2400", "--hide-scrollbars", page.resolve().as_uri()]
         result = await trio.run_process(args, capture_stdout=True, capture_stderr=True, check=False)
         assert result.returncode == 0, result.stderr.decode(errors="replace")[-2000:]

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import trio
 
 from fixtures.device_config import SecretSource
 from fixtures.nvs import find_partition, load_partition_table, read_nvs_image
