@@ -309,9 +309,11 @@ def _wire_note(results: list[dict[str, Any]]) -> str:
         f"Even one slot alone takes {one['wall_s']:.2f} s, {over:.2f} s over the wire limit, before any sharing. "
         f"Of that, about {_stub_upload_s():.2f} s is esptool uploading its flasher stub at the ROM's 115200 baud "
         "(the ROM only talks faster once the stub runs), about 0.3 s is starting the worker, and the rest is "
-        "esptool's stop-and-wait protocol: each 16 KiB block waits for the board's reply before the next is "
-        "sent, plus SLIP escaping of the random data (0.8% more bytes). With 8 slots the wires, not the "
-        "flashers, are the bottleneck: the extra over one slot is scheduling on two cores."
+        "per-block turnaround in esptool's stop-and-wait protocol (each 16 KiB block waits for the board's "
+        "reply before the next is sent, so the host's and the simulated board's wake-ups on a shared 2-core "
+        "machine land on the critical path 64 times) plus SLIP escaping of the random data (0.8% more bytes). "
+        "With 8 slots the wires, not the flashers, are the bottleneck: the extra over one slot is scheduling on "
+        "two cores."
     )
 
 
