@@ -117,6 +117,17 @@ async def test_flash_without_a_prior_detect_and_uncompressed() -> None:
     assert report.baud == 460800
 
 
+async def test_the_stub_loader_is_uploaded_at_the_flash_rate_and_flashes_the_images() -> None:
+    # The ROM switches to 921600 first, then the stub is uploaded and answers
+    # at that rate (the time saved is in docs/benchmarks.md, not asserted here).
+    async with board() as (dev, link), flasher_for(FlashConfig(stub=True, boot="none")) as flasher:
+        report = await flasher.flash(link, IMAGES)
+        assert dev.board.chip.uart_baud == pytest.approx(921600, rel=0.01)  # the divider it could set
+    assert report.baud == 921600
+    for image in IMAGES.images:
+        assert dev.board.chip.flash.read(image.offset, image.size) == image.path.read_bytes()
+
+
 async def test_not_in_download_mode_is_no_response_from_bootloader() -> None:
     async with board(BoardFaults(download_mode=False)) as (dev, link):
         async with flasher_for(FlashConfig(connect_attempts=1)) as flasher:
