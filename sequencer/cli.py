@@ -234,7 +234,7 @@ def check_port(port: str) -> None:
 async def _run_station(
     loaded: LoadedProduct, config: StationConfig, store: Any, console: Console, live: bool, faults: Any = None
 ) -> tuple[list[RunRecord], bool]:
-    from fixtures.station import station_fixtures
+    from fixtures.station import flashes, station_fixtures
     from sequencer.display import StationDisplay, show_live, show_plain
     from sequencer.station import run_station
 
@@ -265,6 +265,12 @@ async def _run_station(
             from fixtures.station import station_services
 
             services = station_services(config, loaded, ports)
+        flash_workers = None
+        if flashes(loaded):
+            from fixtures.flasher import FlashWorkers
+
+            # One process imports esptool; every slot's worker is forked from it.
+            flash_workers = await stack.enter_async_context(FlashWorkers.open())
         resources = await _open_resources(stack, loaded, config, devices)
         display = StationDisplay(ports, len(loaded.product.phases))
         events = bus.subscribe("display", buffer=4096)
@@ -286,7 +292,7 @@ async def _run_station(
 
                 result = await run_station(
                     loaded, ports, settings=settings, store=store, bus=bus, resources=resources,
-                    on_abort=tell_operator, fixtures=station_fixtures(config, services),
+                    on_abort=tell_operator, fixtures=station_fixtures(config, services, flash_workers),
                 )
             finally:
                 bus.close()

@@ -24,6 +24,7 @@ from fixtures.flasher import (
     FlashLinkLost,
     FlashResetUnsupported,
     FlashVerifyFailed,
+    FlashWorkers,
 )
 from fixtures.images import load_image_set
 from fixtures.serial_link import SerialLink, open_serial_link
@@ -47,17 +48,17 @@ async def board(
 
 
 @asynccontextmanager
-async def flasher_for(config: FlashConfig | None = None) -> AsyncIterator[EspFlasher]:
-    flasher = EspFlasher(config)
+async def flasher_for(config: FlashConfig | None = None, workers: FlashWorkers | None = None) -> AsyncIterator[EspFlasher]:
+    flasher = EspFlasher(config, workers=workers)
     try:
         yield flasher
     finally:
         await flasher.aclose()
 
 
-def flash_workers() -> list[int]:
-    """Live flash worker processes started by this test process."""
-    me = str(os.getpid())
+def flash_workers(parent: int | None = None) -> list[int]:
+    """Live flash worker processes started by this test process (or by ``parent``, a fork server)."""
+    me = str(os.getpid() if parent is None else parent)
     found = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
@@ -211,6 +212,26 @@ async def test_cancelled_flash_kills_the_worker_and_gives_the_port_back_at_once(
             with trio.fail_after(2):
                 while dev.boot_count < 2:
                     await trio.sleep(0.01)
+
+
+async def test_workers_forked_by_the_station_server_flash_and_die_with_a_cancel() -> None:
+    async with FlashWorkers.open() as workers, open_esp32_farm(1, seed=5, pace_baud=True) as (dev,):
+        server = workers._process.pid
+        async with open_serial_link(dev.path) as link, flasher_for(FlashConfig(baud=115200), workers) as flasher:
+            assert (await flasher.detect(link)).mac == dev.profile.mac
+            [worker] = flash_workers(server)  # the slot's worker, forked by the server
+            with trio.CancelScope() as scope:
+
+                def on_progress(progress: object) -> None:
+                    if progress.fraction > 0.2:
+                        scope.cancel()
+
+                await flasher.flash(link, IMAGES, progress=on_progress)
+            assert scope.cancelled_caught
+            assert flash_workers(server) == []  # killed mid-write; its copy of the port is closed
+            assert (await flasher.detect(link)).mac == dev.profile.mac  # a new one, forked again
+            assert flash_workers(server) != [worker]
+    assert workers._process.returncode is not None  # the server went with the station
 
 
 async def test_eight_slots_flash_at_once_each_on_its_own_board() -> None:

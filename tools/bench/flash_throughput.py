@@ -168,7 +168,7 @@ def station_main(mode: str, ports: list[str], image: Path, stub: bool) -> None:
     data = image.read_bytes()
 
     async def processes() -> None:
-        from fixtures.flasher import EspFlasher
+        from fixtures.flasher import EspFlasher, FlashWorkers
         from fixtures.images import load_image_set
         from fixtures.serial_link import open_serial_link
         from sequencer.config import FlashConfig
@@ -176,17 +176,18 @@ def station_main(mode: str, ports: list[str], image: Path, stub: bool) -> None:
         images = load_image_set({APP_OFFSET: image})
         config = FlashConfig(baud=BAUD, stub=stub, boot="none" if stub else "run-user-code")
 
-        async def one(port: str) -> None:
+        async def one(port: str, workers: FlashWorkers) -> None:
             async with open_serial_link(port) as link:
-                flasher = EspFlasher(config)
+                flasher = EspFlasher(config, workers=workers)
                 try:
                     await flasher.flash(link, images)
                 finally:
                     await flasher.aclose()
 
-        async with trio.open_nursery() as nursery:
+        # As `sequencer run` does: one server imports esptool and forks each slot's worker.
+        async with FlashWorkers.open() as workers, trio.open_nursery() as nursery:
             for port in ports:
-                nursery.start_soon(one, port)
+                nursery.start_soon(one, port, workers)
 
     async def threads() -> None:
         from esptool.logger import log
