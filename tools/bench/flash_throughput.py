@@ -313,10 +313,10 @@ def _wire_note(results: list[dict[str, Any]]) -> str:
         "(`FlashReport.write_seconds`) gave 11.5-11.65 s, 1.01-1.02x, for every slot of an 8-slot run on "
         "2026-12-01. The rest is before the first block: about 0.6 s connecting (SYNC and register reads at "
         "the ROM's 115200 baud, switching to 921600 in the ROM, uploading esptool's stub at 921600, reading "
-        "the chip's identity), and starting the worker process, which imports esptool (about 0.2 s of CPU): "
-        "eight of those at once on two cores cost about 0.9 s. A fork server that imports esptool once would "
-        "remove most of that; it is not built. (Before the stub was uploaded at the flash rate, it took "
-        f"{_stub_upload_s():.2f} s more at 115200 baud.)"
+        "the chip's identity), and getting a worker: the station's `FlashWorkers` server imports esptool "
+        "once (about 0.2 s of CPU) and forks each slot's worker from it, where eight workers importing it "
+        "themselves at the same moment cost about 0.9 s on two cores. (Before the stub was uploaded at the "
+        f"flash rate, it took {_stub_upload_s():.2f} s more at 115200 baud.)"
     )
 
 
@@ -350,7 +350,7 @@ def render(results: list[dict[str, Any]], started: str, load: tuple[tuple[float,
         f"A 1 MiB app of random bytes written to 0x10000 of N simulated ESP32s at once by the unmodified esptool "
         f"{esptool.__version__} (flasher stub, {BAUD} baud, `--before/--after no-reset`), three ways: **processes** "
         "(the flasher fixture: the station opens each port once and lends it to one esptool-API worker process per "
-        "slot), **threads** (the same esptool API calls in one worker thread per slot, in the station process), "
+        "slot, forked from one server process that has imported esptool), **threads** (the same esptool API calls in one worker thread per slot, in the station process), "
         "**cli** (`python -m esptool write-flash`, one subprocess per port: what the factory runs today). The "
         "simulated boards run in a process of their own, as hardware would. Paced: the boards take the time "
         f"{BAUD} baud takes, and the wire limit is 1 MiB x 10 bits / {BAUD} = {APP_BYTES * 10 / BAUD:.2f} s. "
