@@ -20,17 +20,18 @@ import math
 import re
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import trio
 
-from fixtures.flasher import FlashVerifyFailed
+from fixtures.flasher import EspFlasher, FlashReport, FlashVerifyFailed
 from fixtures.images import ImageSet, load_image_set
 from fixtures.serial_link import DeviceTimeout, ProtocolError, SerialLink
 from phases.evt import BOOT_MEASUREMENTS
 from sequencer import Measurement, phase
 from sequencer.phase import Phase
 
-__all__ = ["BOOT_WAIT_S", "BootFailed", "boot", "detect", "flash_images"]
+__all__ = ["BOOT_WAIT_S", "BootFailed", "boot", "detect", "flash_images", "read_boot_banner", "write_images"]
 
 MAC_PATTERN = r"([0-9A-F]{2}:){5}[0-9A-F]{2}"
 
@@ -100,39 +101,51 @@ def flash_images(
     @phase(name=name, measurements=FLASH_MEASUREMENTS, timeout=timeout, retries=retries)
     async def flash(ctx, flasher, dut):
         """Write the image set with esptool (ROM or stub loader, per the station), verify, start the app."""
-        chip = flasher.chip or await flasher.detect(dut.link)
-        refused = flasher.image_gate(image_set, chip)
-        if refused:
-            ctx.log.error("images refused by a quality gate", reasons="; ".join(refused))
-            ctx.measurements.flash_verdict = "; ".join(refused)
-            return
-        config = flasher.config
-        ctx.log.info("flashing", images=image_set.describe(), baud=config.baud,
-                     loader="stub" if config.stub else "rom", boot=config.boot)
-        try:
-            report = await flasher.flash(dut.link, image_set, progress=lambda p: ctx.progress(p.fraction, p.detail))
-        except FlashVerifyFailed as exc:
-            ctx.log.error("verify failed", error=str(exc))
-            ctx.measurements.flash_verdict = exc.message
-            return
-        for image in report.images:
-            ctx.log.info("image written", name=image.name, offset=f"{image.offset:#x}", bytes=image.size,
-                         wire_bytes=image.wire_bytes, seconds=round(image.seconds, 3), sha256=image.sha256)
-        ctx.attach("flash.json", report.to_json(), "application/json")
-        ctx.measurements.flash_seconds = round(report.write_seconds, 3)
-        ctx.measurements.flash_bytes = report.bytes
-        ctx.measurements.flash_throughput = round(report.throughput)
-        app = image_set.app or image_set.images[-1]
-        ctx.measurements.app_sha256 = app.sha256
-        refused = flasher.report_gate(report)
-        ctx.measurements.flash_verdict = "; ".join(refused) or "pass"
-        if refused:
-            # Left in its loader, where a retry can flash it again.
-            ctx.log.error("flash refused by a quality gate", reasons="; ".join(refused))
-            return
-        ctx.log.info("starting the app", how=await flasher.start_app(dut.link))
+        report, verdict = await write_images(ctx, flasher, dut.link, image_set)
+        ctx.measurements.flash_verdict = verdict
+        if report is not None:
+            ctx.attach("flash.json", report.to_json(), "application/json")
+            ctx.measurements.flash_seconds = round(report.write_seconds, 3)
+            ctx.measurements.flash_bytes = report.bytes
+            ctx.measurements.flash_throughput = round(report.throughput)
+            app = image_set.app or image_set.images[-1]
+            ctx.measurements.app_sha256 = app.sha256
+        if verdict == "pass":
+            ctx.log.info("starting the app", how=await flasher.start_app(dut.link))
+        # Otherwise left in its loader, where a retry can flash it again.
 
     return flash
+
+
+async def write_images(
+    ctx: Any, flasher: EspFlasher, link: SerialLink, images: ImageSet
+) -> tuple[FlashReport | None, str]:
+    """Write ``images`` through the station's quality gates and verify them; the board stays in its loader.
+
+    Returns the flasher's report (None if nothing was written) and the
+    verdict: ``"pass"``, or why not -- a gate refused the images or the time
+    taken, or the flash does not hold what was written. A board that cannot
+    be reached, or drops off the line, raises (the phase ends in ERROR).
+    """
+    chip = flasher.chip or await flasher.detect(link)
+    refused = flasher.image_gate(images, chip)
+    if refused:
+        ctx.log.error("images refused by a quality gate", reasons="; ".join(refused))
+        return None, "; ".join(refused)
+    config = flasher.config
+    ctx.log.info("flashing", images=images.describe(), baud=config.baud, loader="stub" if config.stub else "rom")
+    try:
+        report = await flasher.flash(link, images, progress=lambda p: ctx.progress(p.fraction, p.detail))
+    except FlashVerifyFailed as exc:
+        ctx.log.error("verify failed", error=str(exc))
+        return None, exc.message
+    for image in report.images:
+        ctx.log.info("image written", name=image.name, offset=f"{image.offset:#x}", bytes=image.size,
+                     wire_bytes=image.wire_bytes, seconds=round(image.seconds, 3), sha256=image.sha256)
+    refused = flasher.report_gate(report)
+    if refused:
+        ctx.log.error("flash refused by a quality gate", reasons="; ".join(refused))
+    return report, "; ".join(refused) or "pass"
 
 
 @phase(measurements=BOOT_MEASUREMENTS, timeout=BOOT_WAIT_S + 5)

@@ -52,7 +52,6 @@ import attrs
 import trio
 
 from fixtures.device_config import DeviceConfig, LayeredConfig, Secret, SecretSource
-from fixtures.flasher import FlashVerifyFailed
 from fixtures.images import FlashImage, ImageSet
 from fixtures.nvs import (
     NVS_KEYS,
@@ -65,7 +64,7 @@ from fixtures.nvs import (
     verify_nvs_image,
 )
 from fixtures.partition_table import NVS, Partition, PartitionTable
-from phases.esp32 import BOOT_WAIT_S, read_boot_banner
+from phases.esp32 import BOOT_WAIT_S, read_boot_banner, write_images
 from sequencer import Measurement, phase
 from sequencer.phase import Phase
 
@@ -200,25 +199,9 @@ def nvs_config(
 
             if from_app:
                 await dut.restart()
-            chip = flasher.chip or await flasher.detect(dut.link)
-            refused = flasher.image_gate(built.images, chip)
-            if refused:
-                ctx.log.error("nvs image refused by a quality gate", reasons="; ".join(refused))
-                ctx.measurements.nvs_verdict = "; ".join(refused)
-                return
-            try:
-                report = await flasher.flash(dut.link, built.images, progress=lambda p: ctx.progress(p.fraction, p.detail))
-            except FlashVerifyFailed as exc:
-                ctx.log.error("verify failed", error=str(exc))
-                ctx.measurements.nvs_verdict = exc.message
-                return
-            for image in report.images:
-                ctx.log.info("image written", name=image.name, offset=f"{image.offset:#x}", bytes=image.size,
-                             seconds=round(image.seconds, 3))
-            refused = flasher.report_gate(report)
-            ctx.measurements.nvs_verdict = "; ".join(refused) or "pass"
-            if refused:
-                ctx.log.error("nvs flash refused by a quality gate", reasons="; ".join(refused))
+            _, verdict = await write_images(ctx, flasher, dut.link, built.images)
+            ctx.measurements.nvs_verdict = verdict
+            if verdict != "pass":
                 return
             if from_app:
                 ctx.log.info("starting the app", how=await flasher.start_app(dut.link))
