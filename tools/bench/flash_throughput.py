@@ -103,7 +103,12 @@ def farm_main(n: int, pace: bool) -> None:
 
 
 class RssSampler:
-    """Peak of (this process + its live children) VmRSS, sampled every 50 ms."""
+    """Peak of (this process + its live descendants) VmRSS, sampled every 50 ms.
+
+    Descendants, not only children: the flasher's workers are forked by its
+    fork server. Pages they share with the server (copy-on-write) are counted
+    once per process, so this overstates what forked workers really cost.
+    """
 
     def __init__(self) -> None:
         self.peak_kib = 0
@@ -122,16 +127,20 @@ class RssSampler:
         return 0
 
     def _children(self) -> list[str]:
-        me = str(os.getpid())
-        out = []
+        parents: dict[str, str] = {}
         for pid in filter(str.isdigit, os.listdir("/proc")):
             try:
                 with open(f"/proc/{pid}/stat") as f:
-                    if f.read().rsplit(")", 1)[1].split()[1] == me:
-                        out.append(pid)
+                    parents[pid] = f.read().rsplit(")", 1)[1].split()[1]
             except OSError:
                 pass
-        return out
+        ours = {str(os.getpid())}
+        grew = True
+        while grew:  # follow the process tree down from this process
+            found = {pid for pid, parent in parents.items() if parent in ours} - ours
+            grew = bool(found)
+            ours |= found
+        return sorted(ours - {str(os.getpid())})
 
     def _run(self) -> None:
         while not self._stop.wait(0.05):
@@ -330,8 +339,8 @@ def _processes_note(results: list[dict[str, Any]]) -> str:
     shown = ", ".join(f"N = {n}: {p:.2f} s vs {t:.2f} s" for n, p, t in pairs if p is not None and t is not None)
     return (
         "Without the dumps a slot needs little CPU, so unpaced the two are close (processes vs threads, "
-        f"{shown}); a worker process costs about 0.3 s to start and ~30 MiB. The flasher still uses a process per "
-        "slot because esptool has no cancel hook: on an abort the station kills the worker mid-write and the "
+        f"{shown}); forked from the station's server, a worker process starts in milliseconds. The flasher "
+        "uses a process per slot because esptool has no cancel hook: on an abort the station kills the worker mid-write and the "
         "port is free at once, where a thread would have to run to the end of the image; and esptool's "
         "remaining per-byte Python work never competes with the station's slots for the GIL."
     )
@@ -354,8 +363,9 @@ def render(results: list[dict[str, Any]], started: str, load: tuple[tuple[float,
         "**cli** (`python -m esptool write-flash`, one subprocess per port: what the factory runs today). The "
         "simulated boards run in a process of their own, as hardware would. Paced: the boards take the time "
         f"{BAUD} baud takes, and the wire limit is 1 MiB x 10 bits / {BAUD} = {APP_BYTES * 10 / BAUD:.2f} s. "
-        "CPU is the station child's plus its reaped children's; peak RSS is summed over the station process and "
-        "its live children (50 ms samples). Every board's flash is read back and compared with the image.",
+        "CPU is the station child's plus its reaped children's (forked workers are reaped by their server, so "
+        "they count); peak RSS is summed over the station process and all its live descendants (50 ms samples; "
+        "pages forked workers share with their server are counted in each). Every board's flash is read back and compared with the image.",
         "",
         f"Run {started} on {cpu} CPUs ({platform.machine()}), Python {platform.python_version()}, sequencer at "
         f"`{git_state()}`. Load average at start {'/'.join(f'{x:.2f}' for x in load[0])}, at end "
