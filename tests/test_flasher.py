@@ -129,6 +129,36 @@ async def test_the_stub_loader_is_uploaded_at_the_flash_rate_and_flashes_the_ima
         assert dev.board.chip.flash.read(image.offset, image.size) == image.path.read_bytes()
 
 
+class EsptoolLines:
+    """A slot logger that keeps the esptool lines the flasher passes on."""
+
+    def __init__(self) -> None:
+        self.texts: list[str] = []
+
+    def __getattr__(self, level: str) -> object:
+        return lambda event, **fields: self.texts.append(str(fields.get("text", "")))
+
+
+async def test_after_a_detect_the_flash_connects_without_esptool_probing_the_chip_again() -> None:
+    # detect_chip's GET_SECURITY_INFO probe costs 0.2 s on an ESP32 ROM (it
+    # refuses the command and esptool drains its input); a known chip skips it.
+    log = EsptoolLines()
+    async with board() as (dev, link):
+        flasher = EspFlasher(log=log)
+        try:
+            await flasher.detect(link)
+            probed_by_detect = [t for t in log.texts if t.startswith("Detecting chip type")]
+            log.texts.clear()
+            report = await flasher.flash(link, IMAGES)
+        finally:
+            await flasher.aclose()
+    assert probed_by_detect == ["Detecting chip type... ESP32"]
+    assert not [t for t in log.texts if t.startswith("Detecting chip type")]
+    assert report.chip.mac == dev.profile.mac
+    for image in IMAGES.images:
+        assert dev.board.chip.flash.read(image.offset, image.size) == image.path.read_bytes()
+
+
 async def test_not_in_download_mode_is_no_response_from_bootloader() -> None:
     async with board(BoardFaults(download_mode=False)) as (dev, link):
         async with flasher_for(FlashConfig(connect_attempts=1)) as flasher:
