@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sqlite3
 import sys
 from pathlib import Path
@@ -28,7 +29,7 @@ __all__ = ["add_provision_commands", "cmd_provision_server"]
 
 ENV_URI = "SEQUENCER_MONGO_URI"
 ENV_DB = "SEQUENCER_MONGO_DB"
-EXIT_OK, EXIT_USAGE, EXIT_ABORTED = 0, 2, 130
+EXIT_USAGE, EXIT_ABORTED = 2, 130
 
 
 def add_provision_commands(sub: Any) -> None:
@@ -70,13 +71,19 @@ def cmd_provision_server(args: argparse.Namespace) -> int:
             storage = await trio.to_thread.run_sync(MongoStorage.open, settings)
         else:
             storage = SqliteStorage.open(args.db or default_data_dir() / "provisioning.sqlite")
-        async with storage, serve_provisioning(storage, args.host, args.port) as url:
-            print(f"provisioning service on {url} (devices in {storage.description}); Ctrl-C stops it",
-                  file=sys.stderr, flush=True)
-            await trio.sleep_forever()
+        # Ctrl-C and SIGTERM end the serving block like any return: the server
+        # shuts down gracefully and the storage closes, rather than a
+        # KeyboardInterrupt landing wherever hypercorn happens to be.
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as stop:
+            async with storage, serve_provisioning(storage, args.host, args.port) as url:
+                print(f"provisioning service on {url} (devices in {storage.description}); Ctrl-C stops it",
+                      file=sys.stderr, flush=True)
+                async for _ in stop:
+                    return
 
     try:
         trio.run(serve)
+        return EXIT_ABORTED  # serve() only returns when the operator stopped it
     except BaseException as exc:  # noqa: BLE001 - sorted below; nurseries wrap errors in groups
         leaf = _leaf(exc)
         if isinstance(leaf, KeyboardInterrupt):
@@ -87,7 +94,6 @@ def cmd_provision_server(args: argparse.Namespace) -> int:
         if isinstance(leaf, (StorageUnavailable, sqlite3.Error)):
             raise ConfigError(f"provision-server: {leaf}") from None
         raise
-    return EXIT_OK
 
 
 def _leaf(exc: BaseException) -> BaseException:
