@@ -29,7 +29,7 @@ __all__ = ["add_provision_commands", "cmd_provision_server"]
 
 ENV_URI = "SEQUENCER_MONGO_URI"
 ENV_DB = "SEQUENCER_MONGO_DB"
-EXIT_USAGE, EXIT_ABORTED = 2, 130
+EXIT_ABORTED = 130
 
 
 def add_provision_commands(sub: Any) -> None:
