@@ -159,6 +159,25 @@ async def test_after_a_detect_the_flash_connects_without_esptool_probing_the_chi
         assert dev.board.chip.flash.read(image.offset, image.size) == image.path.read_bytes()
 
 
+async def test_without_a_detect_the_build_names_the_chip_and_its_magic_number_confirms_it() -> None:
+    log = EsptoolLines()
+    assert IMAGES.chip == "esp32"
+    async with board() as (dev, link):
+        flasher = EspFlasher(log=log)
+        try:
+            report = await flasher.flash(link, IMAGES)
+            first = list(log.texts)
+            # A build for another chip: its magic number says otherwise, so esptool detects.
+            flasher.chip = None
+            log.texts.clear()
+            await flasher.flash(link, attrs.evolve(IMAGES, chip="esp32s3"))
+        finally:
+            await flasher.aclose()
+    assert report.chip.chip == "ESP32"
+    assert first and not [t for t in first if t.startswith("Detecting chip type")]
+    assert [t for t in log.texts if t.startswith("Detecting chip type")] == ["Detecting chip type... ESP32"]
+
+
 async def test_not_in_download_mode_is_no_response_from_bootloader() -> None:
     async with board(BoardFaults(download_mode=False)) as (dev, link):
         async with flasher_for(FlashConfig(connect_attempts=1)) as flasher:

@@ -158,9 +158,12 @@ class RssSampler:
 
 def _esptool_api_flash(port: str, data: bytes, stub: bool) -> None:
     """What the worker process does, minus the fd lending: the esptool API on a port it opens."""
-    from esptool.cmds import attach_flash, detect_chip, run_stub, write_flash
+    from esptool.cmds import attach_flash, run_stub, write_flash
+    from esptool.targets import CHIP_DEFS
 
-    esp = detect_chip(port, connect_mode="no-reset")
+    # The chip is known, as for the other modes (the build is for an ESP32).
+    esp = CHIP_DEFS["esp32"](port)
+    esp.connect("no-reset")
     try:
         if stub:
             esp = run_stub(esp)
@@ -182,7 +185,7 @@ def station_main(mode: str, ports: list[str], image: Path, stub: bool) -> None:
         from fixtures.serial_link import open_serial_link
         from sequencer.config import FlashConfig
 
-        images = load_image_set({APP_OFFSET: image})
+        images = load_image_set({APP_OFFSET: image}, chip="esp32")  # an ESP-IDF build names its chip
         config = FlashConfig(baud=BAUD, stub=stub, boot="none" if stub else "run-user-code")
 
         async def one(port: str, workers: FlashWorkers) -> None:
@@ -214,7 +217,7 @@ def station_main(mode: str, ports: list[str], image: Path, stub: bool) -> None:
 
     async def cli() -> None:
         async def one(port: str) -> None:
-            command = [sys.executable, "-m", "esptool", "--port", port, "--baud", str(BAUD),
+            command = [sys.executable, "-m", "esptool", "--chip", "esp32", "--port", port, "--baud", str(BAUD),
                        "--before", "no-reset", "--after", "no-reset", *([] if stub else ["--no-stub"]),
                        "write-flash", hex(APP_OFFSET), str(image)]
             result = await trio.run_process(command, capture_stdout=True, capture_stderr=True, check=False)
@@ -320,9 +323,10 @@ def _wire_note(results: list[dict[str, Any]]) -> str:
         f"Here one slot alone took {one['wall_s']:.2f} s and eight {eight['wall_s']:.2f} s against "
         f"{wire:.2f} s on the wire. The write itself is at the wire's pace: the flasher's own report "
         "(`FlashReport.write_seconds`) gave 11.5-11.65 s, 1.01-1.02x, for every slot of an 8-slot run on "
-        "2026-12-01. The rest is before the first block: about 0.6 s connecting (SYNC and register reads at "
-        "the ROM's 115200 baud, switching to 921600 in the ROM, uploading esptool's stub at 921600, reading "
-        "the chip's identity), and getting a worker: the station's `FlashWorkers` server imports esptool "
+        "2026-12-01. The rest is before the first block: about 0.2 s connecting (SYNC and the chip's magic "
+        "number at the ROM's 115200 baud, switching to 921600 in the ROM, uploading esptool's stub at 921600, "
+        "reading the chip's identity; 0.6 s with esptool's own chip detection, whose first probe an ESP32 ROM "
+        "refuses), and getting a worker: the station's `FlashWorkers` server imports esptool "
         "once (about 0.2 s of CPU) and forks each slot's worker from it, where eight workers importing it "
         "themselves at the same moment cost about 0.9 s on two cores. (Before the stub was uploaded at the "
         f"flash rate, it took {_stub_upload_s():.2f} s more at 115200 baud.)"
