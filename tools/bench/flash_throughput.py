@@ -409,7 +409,7 @@ def render(results: list[dict[str, Any]], started: str, load: tuple[tuple[float,
         "(`fixtures.flash_worker.skip_untraced_hex_dumps`); the cli mode is esptool as the factory runs it today, "
         "dumps included. Compare the cli rows' CPU with the others'.",
         f"- *Why processes.* {_processes_note(results)}",
-        f"- *Why not 1.1x of the wire.* {_wire_note(results)}",
+        f"- *Where the time goes beyond the wire.* {_wire_note(results)}",
         "- *ROM loader row.* The station flashes through the ROM loader on boards with no reset lines (the "
         "simulator's ptys; jigs that only strap GPIO0), because only the ROM can start the app afterwards without "
         "a reset; the ROM takes 1 KiB blocks, so the per-block costs are paid 16 times as often.",
