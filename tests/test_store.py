@@ -131,3 +131,27 @@ async def test_cancelling_the_station_from_outside_still_writes_every_queued_rec
     store.close()
     assert outside.cancelled_caught
     assert set(committed) <= stored  # nothing a slot was told is committed went missing
+
+
+async def test_a_failed_write_is_reported_to_its_waiter_and_the_writer_goes_on(store_path: Path) -> None:
+    store = LocalStore.open(store_path, station=True)
+    async with store.writer():
+        with pytest.raises(StoreError, match="write failed: FOREIGN KEY"):
+            await store.commit_phase("no-such-run", 0, make_phase("boot"), {})
+        await store.begin_run(make_run("r1"))  # the writer thread survived the failed transaction
+        await store.commit_phase("r1", 0, make_phase("boot"), {"serial": "SN1"})
+    assert [p.name for p in store.get_run("r1").phases] == ["boot"]
+    store.close()
+
+
+async def test_writing_needs_the_writer_running(store_path: Path) -> None:
+    store = LocalStore.open(store_path, station=True)
+    with pytest.raises(RuntimeError, match="store.writer"):
+        await store.begin_run(make_run("r1"))
+    async with store.writer():
+        with pytest.raises(RuntimeError, match="already has a writer"):
+            async with store.writer():
+                pass
+        await store.begin_run(make_run("r1"))
+    assert store.get_run("r1") is not None
+    store.close()
