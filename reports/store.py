@@ -37,6 +37,7 @@ from sequencer.records import (
     PhaseRecord,
     RunRecord,
     from_dict,
+    phase_to_json,
     run_from_json,
     to_dict,
     utcnow,
@@ -283,7 +284,7 @@ class LocalStore:
                     conn.execute(
                         "INSERT OR REPLACE INTO phases (run_id, idx, name, outcome, record) VALUES (?,?,?,?,?)",
                         (w.run_id, w.index, w.phase.name, w.phase.outcome.value,
-                         json.dumps(to_dict(w.phase), separators=(",", ":"))),
+                         phase_to_json(w.phase)),
                     )
                     # Identity changes a few times per run, phases commit many
                     # times: rewrite the header only when the identity changed.

@@ -14,11 +14,14 @@ import datetime as dt
 import enum
 import hashlib
 import json
+import math
+from base64 import b85encode
 from collections.abc import Mapping
 from typing import Any
 
 import attrs
 import cattrs
+import orjson
 from cattrs.preconf.json import make_converter
 
 SCHEMA_VERSION = 1
@@ -246,6 +249,76 @@ def from_dict(data: Mapping[str, Any], cls: type[Any]) -> Any:
 
 def run_to_json(run: RunRecord) -> str:
     return json.dumps(to_dict(run), separators=(",", ":"))
+
+
+def phase_to_json(phase: PhaseRecord) -> str:
+    """The compact JSON text of ``to_dict(phase)``: what the store writes per phase.
+
+    Same document as ``json.dumps(to_dict(phase))``, about five times
+    faster: the store encodes one per finished phase, on the slot's critical
+    path (its dependents wait for the commit) and under the GIL every slot
+    shares. The dictionaries are built directly rather than through cattrs,
+    and orjson writes them. orjson writes NaN and infinities as ``null``,
+    and a failed measurement may hold one, so a phase with a non-finite
+    number goes through the ``json`` module, which keeps them (``NaN``,
+    ``Infinity``, as Python's own JSON reader expects).
+    """
+    data, finite = _phase_data(phase)
+    if finite:
+        try:
+            return orjson.dumps(data).decode()
+        except TypeError:  # a measurement value orjson does not know; the general path says what it is
+            pass
+    return json.dumps(to_dict(phase), separators=(",", ":"))
+
+
+def _phase_data(p: PhaseRecord) -> tuple[dict[str, Any], bool]:
+    finite = math.isfinite(p.resource_wait_s)
+    attempts = []
+    for a in p.attempts:
+        measurements = []
+        for m in a.measurements:
+            lim = m.limits
+            limits = None
+            if lim is not None:
+                limits = {"low": lim.low, "high": lim.high, "marginal_low": lim.marginal_low,
+                          "marginal_high": lim.marginal_high}
+                finite = finite and _finite(lim.low, lim.high, lim.marginal_low, lim.marginal_high)
+            finite = finite and _finite(m.value)
+            measurements.append({
+                "name": m.name, "outcome": m.outcome.value, "value": m.value, "units": m.units,
+                "description": m.description, "validators": list(m.validators), "limits": limits,
+                "marginal": m.marginal, "reason": m.reason, "dimensions": [list(d) for d in m.dimensions],
+            })
+        e = a.error
+        attempts.append({
+            "number": a.number, "outcome": a.outcome.value, "started_at": a.started_at.isoformat(),
+            "ended_at": a.ended_at.isoformat(), "measurements": measurements, "reason": a.reason,
+            "error": None if e is None else {"type": e.type, "message": e.message, "traceback": e.traceback},
+        })
+    data = {
+        "name": p.name, "outcome": p.outcome.value, "started_at": p.started_at.isoformat(),
+        "ended_at": p.ended_at.isoformat(), "attempts": attempts, "reason": p.reason, "teardown": p.teardown,
+        "resource_wait_s": p.resource_wait_s,
+        "logs": [{"timestamp": ln.timestamp.isoformat(), "level": ln.level, "message": ln.message} for ln in p.logs],
+        "attachments": [
+            {"name": at.name, "mimetype": at.mimetype, "data": b85encode(at.data).decode() if at.data else ""}
+            for at in p.attachments
+        ],
+    }
+    return data, finite
+
+
+def _finite(*values: Any) -> bool:
+    """No NaN or infinity in these values (measurement values may be lists of points)."""
+    for v in values:
+        if type(v) is float:
+            if not math.isfinite(v):
+                return False
+        elif isinstance(v, (list, tuple)):
+            if not _finite(*v):
+                return False
+    return True
 
 
 def run_from_json(text: str) -> RunRecord:

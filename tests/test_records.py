@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import math
 
 import pytest
 from hypothesis import given
@@ -20,9 +21,12 @@ from sequencer.records import (
     Outcome,
     PhaseRecord,
     RunRecord,
+    from_dict,
+    phase_to_json,
     run_from_json,
     run_outcome,
     run_to_json,
+    to_dict,
 )
 
 times = st.datetimes(
@@ -97,12 +101,70 @@ def test_run_record_json_round_trip(run: RunRecord) -> None:
     assert run_from_json(text_form) == run
 
 
+# What a failed measurement may hold: values the fast encoder must hand to the json module.
+any_value = value | st.floats() | st.lists(st.tuples(st.floats(), st.floats()).map(list), max_size=3)
+any_limit = st.none() | st.floats()
+phases_with_any_number = phases | st.builds(
+    PhaseRecord,
+    name=text,
+    outcome=st.sampled_from(Outcome),
+    started_at=times,
+    ended_at=times,
+    attempts=st.lists(
+        st.builds(
+            AttemptRecord,
+            number=st.integers(1, 3),
+            outcome=st.sampled_from(Outcome),
+            started_at=times,
+            ended_at=times,
+            measurements=st.lists(
+                st.builds(
+                    MeasurementRecord,
+                    name=text,
+                    outcome=st.sampled_from(MeasurementOutcome),
+                    value=any_value,
+                    limits=st.none() | st.builds(Limits, any_limit, any_limit, any_limit, any_limit),
+                ),
+                max_size=3,
+            ).map(tuple),
+        ),
+        max_size=2,
+    ).map(tuple),
+)
+
+
+def _canonical(text_form: str) -> str:
+    """One spelling per document: float formatting and NaN/Infinity as the json module writes them."""
+    return json.dumps(json.loads(text_form), sort_keys=True)
+
+
+@given(phases_with_any_number)
+def test_the_stored_phase_text_is_the_general_json_form(phase: PhaseRecord) -> None:
+    fast = phase_to_json(phase)
+    general = json.dumps(to_dict(phase), separators=(",", ":"))
+    assert _canonical(fast) == _canonical(general)
+
+
+@given(phases)
+def test_the_stored_phase_text_reads_back_as_the_same_record(phase: PhaseRecord) -> None:
+    assert from_dict(json.loads(phase_to_json(phase)), PhaseRecord) == phase
+
+
+def test_a_phase_with_a_value_orjson_cannot_write_is_still_stored() -> None:
+    now = dt.datetime.now(dt.timezone.utc)
+    m = MeasurementRecord("count", MeasurementOutcome.PASS, value=2**70)  # past orjson's 64-bit integers
+    phase = PhaseRecord("p", Outcome.PASS, now, now, (AttemptRecord(1, Outcome.PASS, now, now, (m,)),))
+    assert json.loads(phase_to_json(phase))["attempts"][0]["measurements"][0]["value"] == 2**70
+
+
 def test_nan_values_survive_the_round_trip() -> None:
     now = dt.datetime.now(dt.timezone.utc)
     m = MeasurementRecord("x", MeasurementOutcome.FAIL, value=float("nan"))
     run = RunRecord("r", "p", "s", 0, "/dev/x", now, phases=(PhaseRecord("p", Outcome.FAIL, now, now, (AttemptRecord(1, Outcome.FAIL, now, now, (m,)),)),))
     back = run_from_json(run_to_json(run))
     assert back.phases[0].measurements[0].value != back.phases[0].measurements[0].value  # still NaN
+    stored = from_dict(json.loads(phase_to_json(run.phases[0])), PhaseRecord)
+    assert math.isnan(stored.measurements[0].value)  # the store's own encoding keeps it too
 
 
 def test_unknown_schema_version_is_refused() -> None:
