@@ -162,6 +162,7 @@ class _SlotRun:
         )
         self.dut: dict[str, str] = {}
         self.committed: list[PhaseRecord] = []
+        self.outcomes: dict[str, Outcome] = {}
         self.done = {p.name: trio.Event() for p in self.product.phases}
         self.recorded: set[str] = set()
         self.stop_reason: str | None = None
@@ -249,9 +250,8 @@ class _SlotRun:
         if self.stop_reason is not None:
             await self._commit(p, self._skipped(p, self.stop_reason))
             return
-        by_name = {r.name: r for r in self.committed}
         for dep in p.after:
-            dep_outcome = by_name[dep].outcome
+            dep_outcome = self.outcomes[dep]
             if dep_outcome is not Outcome.PASS:
                 await self._commit(p, self._skipped(p, f"dependency {dep!r} ended {dep_outcome.value}"))
                 return
@@ -294,18 +294,20 @@ class _SlotRun:
         self.recorded.add(p.name)
         index = len(self.committed)
         self.committed.append(record)
+        self.outcomes[p.name] = record.outcome
         # The store shields the wait for its own commit: once queued, a record is written.
         await self.store.commit_phase(self.header.run_id, index, record, dict(self.dut))
         # Only now may dependents start: what they build on is on disk.
         self.done[p.name].set()
-        self.bus.publish(PhaseFinished(self.header.run_id, self.header.slot, record))
+        if self.bus.has_subscribers:
+            self.bus.publish(PhaseFinished(self.header.run_id, self.header.slot, record))
 
     # -- one phase -------------------------------------------------------
 
     async def _execute(self, p: Phase) -> tuple[PhaseRecord, PhaseResult]:
         started = utcnow()
         self.started_at[p.name] = started
-        log = PhaseLog(self.log.bind(phase=p.name))
+        log = PhaseLog(self.log, phase=p.name)
         attachments: list[Attachment] = []
         attempts: list[AttemptRecord] = []
         self.partial[p.name] = (attempts, log, attachments)
@@ -357,7 +359,8 @@ class _SlotRun:
     async def _attempt(
         self, p: Phase, number: int, log: PhaseLog, attachments: list[Attachment], access: ResourceAccess
     ) -> tuple[AttemptRecord, PhaseResult]:
-        self.bus.publish(PhaseStarted(self.header.run_id, self.header.slot, p.name, number))
+        if self.bus.has_subscribers:
+            self.bus.publish(PhaseStarted(self.header.run_id, self.header.slot, p.name, number))
         started = utcnow()
         ctx = PhaseContext(
             phase=p,

@@ -37,6 +37,10 @@ class Verdict:
     reason: str | None = None
 
 
+#: The verdict of every plain pass (frozen, so one serves them all).
+PASSED = Verdict(True)
+
+
 class Validator(Protocol):
     """Judges one (scalar) value. ``description`` is shown in reports."""
 
@@ -113,7 +117,7 @@ class InRange:
             return Verdict(True, marginal=True, reason=f"{_fmt(value)} is below marginal {_fmt(self.marginal_low)}")
         if self.marginal_high is not None and value > self.marginal_high:
             return Verdict(True, marginal=True, reason=f"{_fmt(value)} is above marginal {_fmt(self.marginal_high)}")
-        return Verdict(True)
+        return PASSED
 
 
 @attrs.frozen
@@ -132,7 +136,7 @@ class Equals:
         # bool is an int in Python; True must not equal 1 in a test limit.
         if isinstance(value, bool) != isinstance(self.expected, bool) or value != self.expected:
             return Verdict(False, reason=f"{value!r} is not {self.expected!r}")
-        return Verdict(True)
+        return PASSED
 
 
 @attrs.frozen
@@ -149,7 +153,7 @@ class OneOf:
 
     def check(self, value: Any) -> Verdict:
         if any(isinstance(value, bool) == isinstance(o, bool) and value == o for o in self.options):
-            return Verdict(True)
+            return PASSED
         return Verdict(False, reason=f"{value!r} is not one of {list(self.options)!r}")
 
 
@@ -173,7 +177,7 @@ class Matches:
             return Verdict(False, reason=f"{value!r} is not text")
         if re.fullmatch(self.pattern, value) is None:
             return Verdict(False, reason=f"{value!r} does not match /{self.pattern}/")
-        return Verdict(True)
+        return PASSED
 
 
 @attrs.frozen
@@ -235,7 +239,7 @@ class Custom:
 
     def check(self, value: Any) -> Verdict:
         if self.fn(value):
-            return Verdict(True)
+            return PASSED
         return Verdict(False, reason=f"{value!r} fails: {self.text}")
 
 
@@ -262,7 +266,7 @@ class Reported:
 
     def check(self, value: Any) -> Verdict:
         if value == self.ok:
-            return Verdict(True)
+            return PASSED
         return Verdict(False, reason=str(value))
 
 
@@ -392,13 +396,15 @@ class Measurement:
         return self._from_verdicts(points, verdicts)
 
     def _from_verdicts(self, value: Any, verdicts: Sequence[Verdict]) -> MeasurementRecord:
-        failed = [v for v in verdicts if not v.passed]
-        if failed:
-            return self._record(MeasurementOutcome.FAIL, value, reason=failed[0].reason)
-        marginal = [v for v in verdicts if v.marginal]
-        return self._record(
-            MeasurementOutcome.PASS, value, marginal=bool(marginal), reason=marginal[0].reason if marginal else None
-        )
+        marginal: Verdict | None = None
+        for v in verdicts:
+            if not v.passed:
+                return self._record(MeasurementOutcome.FAIL, value, reason=v.reason)
+            if v.marginal and marginal is None:
+                marginal = v
+        if marginal is None:
+            return self._record(MeasurementOutcome.PASS, value)
+        return self._record(MeasurementOutcome.PASS, value, marginal=True, reason=marginal.reason)
 
     def _record(
         self, outcome: MeasurementOutcome, value: Any, *, marginal: bool = False, reason: str | None = None
