@@ -75,6 +75,12 @@ CREATE INDEX IF NOT EXISTS runs_seq ON runs (seq);
 """
 
 
+#: How often a station's WAL is copied back into the database (see :class:`_Checkpointer`).
+CHECKPOINT_INTERVAL_S = 1.0
+#: SQLite's own default, restored for readers when the writer stops.
+SQLITE_AUTOCHECKPOINT_PAGES = 1000
+
+
 class StoreError(Exception):
     """The store cannot be opened or used; the message names the file."""
 
@@ -94,6 +100,46 @@ class _Pending:
     write: _Write | None  # None asks the writer thread to stop
     done: trio.Event = attrs.field(factory=trio.Event)
     error: BaseException | None = None
+
+
+class _Checkpointer:
+    """Copies the WAL back into the database from a thread and connection of its own.
+
+    SQLite's automatic checkpoint runs inside whichever commit takes the WAL
+    past 1000 pages, and it fsyncs: every few hundred phases one commit took
+    milliseconds instead of a tenth of one, and every slot whose record was
+    in that transaction waited for it. While a station writes, its writer's
+    connection has automatic checkpoints off, and this thread runs a
+    PASSIVE checkpoint every ``interval`` seconds: WAL mode lets it run
+    beside the writer, so a commit never waits for a checkpoint. A
+    checkpoint that cannot finish now (a reader holds an old snapshot) is
+    simply continued at the next tick; the WAL keeps every commit meanwhile.
+    """
+
+    def __init__(self, path: Path, interval: float) -> None:
+        self._path = path
+        self._interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"store checkpoints {path.name}", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop after the checkpoint in progress, if any (blocking: call from a worker thread)."""
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        conn = sqlite3.connect(self._path, isolation_level=None, timeout=1)
+        try:
+            while not self._stop.wait(self._interval):
+                try:
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                except sqlite3.Error:
+                    pass  # busy or failing now: the next tick tries again, and no commit depends on it
+        finally:
+            conn.close()
 
 
 def _answer(batch: list[_Pending]) -> None:
@@ -120,6 +166,8 @@ class LocalStore:
         self._inbox: queue.SimpleQueue[_Pending] | None = None
         #: identity last written for each run this process has open (writer thread only)
         self._open_duts: dict[str, dict[str, str]] = {}
+        #: how often the WAL is checkpointed while a writer runs (see :class:`_Checkpointer`)
+        self.checkpoint_interval_s = CHECKPOINT_INTERVAL_S
         #: the last change number written (writer thread only; read once, then kept: one writer per store)
         self._seq: int | None = None
 
@@ -188,6 +236,9 @@ class LocalStore:
         pool, with no task in between to feed the pool. One long-lived thread
         also writes the transactions in the order they were queued.
 
+        While it runs, the WAL is copied back into the database by a
+        :class:`_Checkpointer` of its own, not by the commits.
+
         On exit — including cancellation, and an abort — everything queued
         is still written: the wait for the writer to drain is shielded,
         because losing records on Ctrl-C is the one thing a station must
@@ -195,6 +246,10 @@ class LocalStore:
         """
         if self._inbox is not None:
             raise RuntimeError(f"{self.path}: the store already has a writer")
+        with self._lock:
+            self._conn.execute("PRAGMA wal_autocheckpoint=0")
+        checkpointer = _Checkpointer(self.path, self.checkpoint_interval_s)
+        checkpointer.start()
         inbox: queue.SimpleQueue[_Pending] = queue.SimpleQueue()
         thread = threading.Thread(
             target=self._write_thread,
@@ -214,8 +269,11 @@ class LocalStore:
                 stop = _Pending(None)
                 inbox.put(stop)
                 await stop.done.wait()
-            self._inbox = None
-            thread.join()  # it returns right after answering the stop
+                self._inbox = None
+                thread.join()  # it returns right after answering the stop
+                await trio.to_thread.run_sync(checkpointer.stop)
+            with self._lock:
+                self._conn.execute(f"PRAGMA wal_autocheckpoint={SQLITE_AUTOCHECKPOINT_PAGES}")
 
     async def begin_run(self, run: RunRecord) -> None:
         await self._submit(_Write("begin", run=run))

@@ -155,3 +155,22 @@ async def test_writing_needs_the_writer_running(store_path: Path) -> None:
         await store.begin_run(make_run("r1"))
     assert store.get_run("r1") is not None
     store.close()
+
+
+async def test_the_wal_is_checkpointed_beside_the_writer_not_by_its_commits(store_path: Path) -> None:
+    store = LocalStore.open(store_path, station=True)
+    store.checkpoint_interval_s = 0.05
+    size_before = store_path.stat().st_size
+    async with store.writer():
+        assert store._conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 0  # commits never checkpoint
+        await store.begin_run(make_run("r1"))
+        for k in range(50):
+            await store.commit_phase("r1", k, make_phase(f"p{k}"), {"serial": "SN1"})
+        # Only a checkpoint moves pages from the WAL into the database file.
+        with trio.fail_after(5):
+            while store_path.stat().st_size <= size_before:
+                await trio.sleep(0.02)
+    # Readers get SQLite's own checkpoints back once the station stops writing.
+    assert store._conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 1000
+    assert len(store.get_run("r1").phases) == 50
+    store.close()
