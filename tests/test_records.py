@@ -189,3 +189,14 @@ def test_unknown_schema_version_is_refused() -> None:
 def test_run_outcome_takes_the_worst_phase(outcomes: list[Outcome], expected: Outcome) -> None:
     now = dt.datetime.now(dt.timezone.utc)
     assert run_outcome(tuple(PhaseRecord(f"p{i}", o, now, now) for i, o in enumerate(outcomes))) is expected
+
+
+def test_a_secret_held_by_mistake_is_refused_never_written() -> None:
+    from fixtures.device_config import Secret
+
+    now = dt.datetime.now(dt.timezone.utc)
+    m = MeasurementRecord("token", MeasurementOutcome.PASS, value=Secret("hunter2-broker-password"))
+    phase = PhaseRecord("p", Outcome.PASS, now, now, (AttemptRecord(1, Outcome.PASS, now, now, (m,)),))
+    with pytest.raises(TypeError) as caught:
+        phase_to_json(phase)
+    assert "hunter2" not in str(caught.value)
