@@ -321,6 +321,14 @@ class LocalStore:
                 return
 
     def _write_batch(self, writes: list[_Write]) -> None:
+        # Identity as this transaction leaves it; kept only once it commits,
+        # so a rolled-back batch cannot make the cache claim a header that
+        # was never written (the next phase would then skip rewriting it).
+        duts: dict[str, dict[str, str] | None] = {}
+
+        def last_dut(run_id: str) -> dict[str, str] | None:
+            return duts[run_id] if run_id in duts else self._open_duts.get(run_id)
+
         with self._lock, self._transaction() as conn:
             if self._seq is None:
                 self._seq = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM runs").fetchone()[0]
@@ -336,7 +344,7 @@ class LocalStore:
                         (r.run_id, r.batch, r.serial, r.product, r.station, r.slot, None,
                          r.started_at.isoformat(), None, _header_json(r), seq),
                     )
-                    self._open_duts[r.run_id] = dict(r.dut)
+                    duts[r.run_id] = dict(r.dut)
                 elif w.kind == "phase":
                     assert w.phase is not None and w.dut is not None
                     conn.execute(
@@ -346,7 +354,7 @@ class LocalStore:
                     )
                     # Identity changes a few times per run, phases commit many
                     # times: rewrite the header only when the identity changed.
-                    if self._open_duts.get(w.run_id) != w.dut:
+                    if last_dut(w.run_id) != w.dut:
                         header = conn.execute("SELECT header FROM runs WHERE run_id=?", (w.run_id,)).fetchone()
                         data = json.loads(header[0])
                         data["dut"] = w.dut
@@ -354,7 +362,7 @@ class LocalStore:
                             "UPDATE runs SET header=?, serial=?, seq=? WHERE run_id=?",
                             (json.dumps(data, separators=(",", ":")), w.dut.get("serial"), seq, w.run_id),
                         )
-                        self._open_duts[w.run_id] = dict(w.dut)
+                        duts[w.run_id] = dict(w.dut)
                     else:
                         conn.execute("UPDATE runs SET seq=? WHERE run_id=?", (seq, w.run_id))
                 else:
@@ -366,8 +374,14 @@ class LocalStore:
                          r.ended_at.isoformat() if r.ended_at else None,
                          r.serial, _header_json(r), seq, r.run_id),
                     )
-                    self._open_duts.pop(r.run_id, None)
-        self._seq = seq  # committed: the numbers are taken
+                    duts[r.run_id] = None  # finished: no longer open
+        # Committed: the change numbers are taken, the identities written.
+        self._seq = seq
+        for run_id, dut in duts.items():
+            if dut is None:
+                self._open_duts.pop(run_id, None)
+            else:
+                self._open_duts[run_id] = dut
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:

@@ -9,7 +9,7 @@ import attrs
 import pytest
 import trio
 
-from reports.store import LocalStore, StoreError
+from reports.store import LocalStore, StoreError, _Write
 from sequencer.records import AttemptRecord, Outcome, PhaseRecord, RunRecord, utcnow
 
 
@@ -173,4 +173,21 @@ async def test_the_wal_is_checkpointed_beside_the_writer_not_by_its_commits(stor
     # Readers get SQLite's own checkpoints back once the station stops writing.
     assert store._conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 1000
     assert len(store.get_run("r1").phases) == 50
+    store.close()
+
+
+def test_a_rolled_back_batch_does_not_leave_the_identity_it_tried_to_write_behind(store_path: Path) -> None:
+    # The writer remembers each open run's last written identity so that it
+    # rewrites the header only when the identity changes. A batch that rolls
+    # back must not update that memory, or the next phase with the same
+    # identity would skip the header and the run would lose its serial.
+    store = LocalStore.open(store_path, station=True)
+    store._write_batch([_Write("begin", run=make_run("r1"))])
+    identified = _Write("phase", run_id="r1", index=0, phase=make_phase("identify"), dut={"serial": "SN1"})
+    orphan = _Write("phase", run_id="no-such-run", index=0, phase=make_phase("boot"), dut={})
+    with pytest.raises(sqlite3.IntegrityError):
+        store._write_batch([identified, orphan])
+    assert store.get_run("r1").serial is None  # rolled back
+    store._write_batch([identified])
+    assert store.get_run("r1").serial == "SN1"
     store.close()
