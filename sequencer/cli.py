@@ -352,9 +352,9 @@ def _finish_run(
     console: Console,
 ) -> int:
     from reports.html import render_batch, render_run, write_html
-    from sequencer.display import summary_table
+    from sequencer.display import station_summary
 
-    console.print(summary_table(runs))
+    console.print(station_summary(runs))
     passed = sum(r.outcome is Outcome.PASS for r in runs)
     report_dir = config.reports / config.batch_or_default
     batch_path = report_dir / "index.html"

@@ -16,7 +16,7 @@ from typing import TextIO
 
 import attrs
 import trio
-from rich.console import Console
+from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 from rich.text import Text
@@ -143,19 +143,39 @@ async def show_plain(display: StationDisplay, events: trio.MemoryReceiveChannel[
                 print(line, file=out, flush=True)
 
 
-def summary_table(runs: Sequence[RunRecord]) -> Table:
-    table = Table(title="Summary", header_style="bold")
-    for col in ("slot", "port", "serial", "outcome", "duration", "first failure"):
-        table.add_column(col)
+def station_summary(runs: Sequence[RunRecord]) -> Group:
+    """The end-of-station summary: one short row per slot, then each first failure in full.
+
+    The failures are printed under the table, not in a column of it: a reason
+    (a port, an exception, the bytes a DUT sent) is often longer than a
+    terminal is wide, and squeezed into a column it wrapped every row into a
+    dozen lines at 80 columns. Below the table it wraps at the full width.
+    """
+    rows: list[tuple[str, str, str, Text, str]] = []
+    failures: list[Text] = []
     for r in sorted(runs, key=lambda r: r.slot):
         failed = next((p for p in r.phases if p.outcome.is_failure), None)
         outcome = r.outcome or Outcome.ABORTED
-        table.add_row(
+        rows.append((
             str(r.slot),
             r.port,
             r.serial or "-",
             Text(outcome.value + (" (marginal)" if r.marginal else ""), style=OUTCOME_STYLE[outcome]),
             f"{r.duration_s:.1f} s" if r.duration_s is not None else "-",
-            f"{failed.name}: {failed.reason}" if failed else "",
-        )
-    return table
+        ))
+        if failed is not None:
+            line = Text(f"slot {r.slot} {r.port}", style="bold")
+            line.append(f" {failed.name}: ", style=OUTCOME_STYLE[failed.outcome])
+            line.append(failed.reason or failed.outcome.value)
+            failures.append(line)
+    table = Table(title="Summary", header_style="bold")
+    # Slot, port, serial and outcome are what an operator acts on: never
+    # wrapped or cut short.
+    for i, col in enumerate(("slot", "port", "serial", "outcome", "duration")):
+        width = max([len(col), *(len(str(row[i])) for row in rows)])
+        table.add_column(col, no_wrap=True, min_width=width)
+    for row in rows:
+        table.add_row(*row)
+    if failures:
+        failures.insert(0, Text("First failure of each slot that did not pass:", style="bold"))
+    return Group(table, *failures)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from rich.console import Console
 
-from sequencer.display import StationDisplay, summary_table
+from sequencer.display import StationDisplay, station_summary
 from sequencer.events import DutIdentified, PhaseFinished, PhaseProgress, PhaseStarted, RunFinished, RunStarted
 from tests.records_factory import sensor_run
 
@@ -36,10 +36,28 @@ def test_failed_phase_is_printed_once_with_its_reason() -> None:
     assert f"{failed[0].name} {failed[0].outcome.value}: {failed[0].reason}" in printed[0]
 
 
-def test_summary_table_names_the_first_failure() -> None:
+def test_station_summary_names_the_first_failure() -> None:
     runs = [sensor_run(slot=0), sensor_run(slot=1, fail_rf=True)]
     console = Console(width=200, record=True)
-    console.print(summary_table(runs))
+    console.print(station_summary(runs))
     text = console.export_text()
     failed = next(p for p in runs[1].phases if p.outcome.is_failure)
     assert failed.name in text and "PASS" in text and runs[1].outcome.value in text
+    assert f"{failed.name}: {failed.reason}" in text  # the reason in full, under the table
+
+
+def test_station_summary_keeps_one_line_per_slot_at_80_columns() -> None:
+    import attrs
+
+    long_reason = "ProtocolError: /dev/ttyUSB1: line longer than 1024 bytes: b'dump 0123456789abcdef' (4095 bytes)"
+    failing = sensor_run(slot=1, fail_rf=True)
+    phases = tuple(attrs.evolve(p, reason=long_reason) if p.outcome.is_failure else p for p in failing.phases)
+    runs = [sensor_run(slot=0), attrs.evolve(failing, phases=phases), sensor_run(slot=2)]
+    console = Console(width=80, record=True)
+    console.print(station_summary(runs))
+    lines = console.export_text().splitlines()
+    rows = [ln for ln in lines if ln.startswith("│")]
+    assert len(rows) == len(runs)  # one row per slot: nothing wrapped
+    assert all(len(ln) <= 80 for ln in lines)
+    below = " ".join(ln.strip() for ln in lines[lines.index(next(ln for ln in lines if ln.startswith("└"))) + 1:])
+    assert long_reason in below  # wrapped at the full width, every word kept
