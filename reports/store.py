@@ -131,7 +131,10 @@ class _Checkpointer:
         self._thread.join()
 
     def _run(self) -> None:
-        conn = sqlite3.connect(self._path, isolation_level=None, timeout=1)
+        try:
+            conn = sqlite3.connect(self._path, isolation_level=None, timeout=1)
+        except sqlite3.Error:
+            return  # the WAL is then checkpointed when the store closes; commits go on either way
         try:
             while not self._stop.wait(self._interval):
                 try:
