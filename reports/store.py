@@ -273,8 +273,12 @@ class LocalStore:
                 inbox.put(stop)
                 await stop.done.wait()
                 self._inbox = None
-                thread.join()  # it returns right after answering the stop
-                await trio.to_thread.run_sync(checkpointer.stop)
+
+                def join_threads() -> None:
+                    thread.join()  # returns right after answering the stop
+                    checkpointer.stop()  # after the checkpoint in progress, if any
+
+                await trio.to_thread.run_sync(join_threads)
             with self._lock:
                 self._conn.execute(f"PRAGMA wal_autocheckpoint={SQLITE_AUTOCHECKPOINT_PAGES}")
 
