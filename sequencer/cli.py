@@ -164,6 +164,7 @@ def describe_product(loaded: LoadedProduct) -> str:
 def cmd_run(args: argparse.Namespace) -> int:
     from reports.store import LocalStore
     from sequencer.logs import configure_logging
+    from sequencer.station import tune_garbage_collector
 
     config = load_station_config(args.station) if args.station else StationConfig()
     if args.sim is None and not args.ports and not args.station:
@@ -198,6 +199,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         console.print(f"[yellow]{store.interrupted_on_open} run(s) left open by a previous station were marked "
                       "INTERRUPTED[/yellow]")
     log_handle = configure_logging(config.store.parent / "station.log", verbose=args.verbose)
+    tune_garbage_collector()
     try:
         runs, aborted = trio.run(_run_station, loaded, config, store, console, not args.plain, faults)
         # The batch page covers the whole batch, earlier sessions and retests included.

@@ -13,6 +13,7 @@ still flushed. The caller exits 130 when :attr:`StationResult.aborted`.
 
 from __future__ import annotations
 
+import gc
 import signal
 from collections.abc import Callable, Mapping, Sequence
 
@@ -28,6 +29,30 @@ from sequencer.records import Outcome, RunRecord
 from sequencer.resources import SharedResource
 
 log = structlog.get_logger("sequencer.station")
+
+#: The cyclic collector's thresholds in a station process (CPython's default is (700, 10, 10)).
+STATION_GC_THRESHOLDS = (20_000, 20, 20)
+
+
+def tune_garbage_collector() -> None:
+    """Make the cyclic garbage collector fit a station process; call once, before testing starts.
+
+    Why: a station keeps many objects alive for a whole run (every slot's
+    tasks, fixtures and finished phase records) and allocates quickly, so
+    with CPython's default thresholds the collector ran hundreds of times a
+    second and kept walking the same long-lived objects: at 256 slots it
+    took about a fifth of the station's CPU. ``gc.freeze()`` puts what
+    exists at start (modules, the product, the configuration) out of its
+    sight for good, and a young-generation threshold of 20,000 allocations
+    collects short-lived cycles (trio's cancellations, tracebacks) about 30
+    times less often. Reference counting still frees everything else at
+    once; the cost is a few MB of cyclic garbage waiting a little longer.
+
+    Process-wide, so the application calls it (``sequencer run`` does), never
+    the library on its own.
+    """
+    gc.freeze()
+    gc.set_threshold(*STATION_GC_THRESHOLDS)
 
 
 @attrs.frozen

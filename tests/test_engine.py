@@ -419,3 +419,18 @@ async def test_non_finite_values_fail(store_path: Path, bad: float) -> None:
 
     [run] = await run_product(Product("p", [produce]), store_path)
     assert run.phase("produce").outcome is Outcome.FAIL
+
+
+def test_a_station_process_tunes_the_garbage_collector() -> None:
+    import gc
+
+    from sequencer.station import STATION_GC_THRESHOLDS, tune_garbage_collector
+
+    before = gc.get_threshold()
+    try:
+        tune_garbage_collector()
+        assert gc.get_threshold() == STATION_GC_THRESHOLDS
+        assert gc.get_freeze_count() > 0  # what exists at start is out of the collector's sight
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)

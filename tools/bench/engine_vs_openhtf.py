@@ -142,7 +142,7 @@ def child_sequencer(args: argparse.Namespace) -> None:
         from sequencer.logs import configure_logging
         from sequencer.product import LoadedProduct, validate_product
         from sequencer.records import MeasurementOutcome, Outcome
-        from sequencer.station import run_station
+        from sequencer.station import run_station, tune_garbage_collector
     rss_after_import = _common.rss_kib()
     work: Path = args.workdir
     work.mkdir(parents=True, exist_ok=True)
@@ -158,6 +158,7 @@ def child_sequencer(args: argparse.Namespace) -> None:
     # --no-store: the engine alone, every record handed to a writer that keeps
     # nothing, to show how a phase's time splits between engine and store.
     writer: Any = _DiscardingWriter() if args.no_store else store
+    tune_garbage_collector()  # as `sequencer run` does, once the product is loaded
 
     async def station(ports: list[str]) -> Any:
         return await run_station(loaded, ports, settings=settings, store=writer, bus=EventBus(), handle_signals=False)
