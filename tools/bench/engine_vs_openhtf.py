@@ -525,9 +525,11 @@ def render_section(meta: dict[str, Any], s: dict[str, Any], targets: list[dict[s
         "phase's record is encoded by dictionaries built directly and orjson (the json module when a value is "
         "NaN or infinite), not cattrs and json; the WAL is checkpointed by a thread of its own, not inside "
         "whichever commit crosses 1000 pages; a phase's logger is bound on its first line, and events nobody "
-        "subscribes to are not built. Over the same benchmark on this machine, before these cuts and after "
-        "(two runs each, the machine shared): (a) 0.86–1.05 -> 0.37–0.45 ms per phase (0.33x -> 0.19–0.21x of "
-        "OpenHTF); (b) 16 DUTs 1.52x -> 1.30–1.39x, 256 DUTs 9.2x -> 5.5–6.7x of the ideal.",
+        "subscribes to are not built; like `sequencer run`, the benchmark freezes what exists at start and raises "
+        "the cyclic collector's thresholds (`tune_garbage_collector`: at 256 DUTs the collector had taken a fifth "
+        "of the CPU). Over the same benchmark on this machine, before these cuts and after (several runs, the "
+        "machine shared, so ranges): (a) 0.86–1.05 -> 0.37–0.45 ms per phase (0.33x -> 0.19–0.21x of "
+        "OpenHTF); (b) 16 DUTs 1.52x -> 1.30–1.42x, 256 DUTs 9.2x -> 3.4–4.4x of the ideal.",
         "- *GC.* 'of which GC' is time inside CPython's cyclic garbage collector during the measured run(s), "
         "part of both wall and CPU time.",
         "- *Same Python.* Both sides run CPython of the same minor version where possible (see above), so the "
