@@ -273,6 +273,9 @@ def phase_to_json(phase: PhaseRecord) -> str:
 
 
 def _phase_data(p: PhaseRecord) -> tuple[dict[str, Any], bool]:
+    # The same shape as ``to_dict(p)``, field for field. A field added to a
+    # record class must be added here too; tests/test_records.py compares the
+    # two forms over generated records, so forgetting fails there.
     finite = math.isfinite(p.resource_wait_s)
     attempts = []
     for a in p.attempts:
