@@ -148,7 +148,7 @@ def station_summary(runs: Sequence[RunRecord]) -> Group:
 
     The failures are printed under the table, not in a column of it: a reason
     (a port, an exception, the bytes a DUT sent) is often longer than a
-    terminal is wide, and squeezed into a column it wrapped every row into a
+    terminal is wide, and squeezed into a column it would wrap every row into a
     dozen lines at 80 columns. Below the table it wraps at the full width.
     """
     rows: list[tuple[str, str, str, Text, str]] = []
