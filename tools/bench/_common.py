@@ -80,6 +80,26 @@ def emit(result: dict[str, Any]) -> None:
     sys.stdout.flush()
 
 
+def emit_scenario(
+    result: dict[str, Any], *, framework: str, args: Any, import_s: float, rss_after_import_kib: int,
+    versions: dict[str, str],
+) -> None:
+    """An engine-vs-OpenHTF child's result, with the fields both frameworks' children report."""
+    result.update(
+        framework=framework,
+        scenario=args.scenario,
+        n=args.n if args.scenario == "b" else 1,
+        phases=args.phases,
+        measurements=args.measurements,
+        import_s=import_s,
+        rss_after_import_kib=rss_after_import_kib,
+        peak_rss_kib=peak_rss_kib(),
+        versions=versions,
+        **python_info(),
+    )
+    emit(result)
+
+
 class ThreadSampler:
     """Samples this process's thread count every ``interval`` s in a daemon thread (peak kept)."""
 

@@ -230,19 +230,10 @@ def child_sequencer(args: argparse.Namespace) -> None:
     versions = {"sqlite": sqlite3.sqlite_version}
     for pkg in ("trio", "attrs", "cattrs", "orjson", "structlog"):
         versions[pkg] = md.version(pkg)
-    out.update(
-        framework=NO_STORE if args.no_store else "sequencer",
-        scenario=args.scenario,
-        n=args.n if args.scenario == "b" else 1,
-        phases=args.phases,
-        measurements=args.measurements,
-        import_s=imp.wall_s,
-        rss_after_import_kib=rss_after_import,
-        peak_rss_kib=_common.peak_rss_kib(),
+    _common.emit_scenario(
+        out, framework=NO_STORE if args.no_store else "sequencer", args=args, import_s=imp.wall_s, rss_after_import_kib=rss_after_import,
         versions=versions,
-        **_common.python_info(),
     )
-    _common.emit(out)
 
 
 # ---------------------------------------------------------------------------

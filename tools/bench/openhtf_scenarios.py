@@ -196,19 +196,10 @@ def main() -> None:
     rss_after_import = _common.rss_kib()
     fn = scenario_a if args.scenario == "a" else scenario_b
     result = fn(htf, args, args.workdir)
-    result.update(
-        framework="openhtf",
-        scenario=args.scenario,
-        n=args.n if args.scenario == "b" else 1,
-        phases=args.phases,
-        measurements=args.measurements,
-        import_s=imp.wall_s,
-        rss_after_import_kib=rss_after_import,
-        peak_rss_kib=_common.peak_rss_kib(),
+    _common.emit_scenario(
+        result, framework="openhtf", args=args, import_s=imp.wall_s, rss_after_import_kib=rss_after_import,
         versions=versions,
-        **_common.python_info(),
     )
-    _common.emit(result)
 
 
 if __name__ == "__main__":
