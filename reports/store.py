@@ -97,9 +97,23 @@ class _Write:
 
 @attrs.define(eq=False)
 class _Pending:
+    """A write handed to the writer thread, and the task waiting for its transaction."""
+
     write: _Write | None  # None asks the writer thread to stop
-    done: trio.Event = attrs.field(factory=trio.Event)
+    task: trio.lowlevel.Task = attrs.field(factory=trio.lowlevel.current_task)
     error: BaseException | None = None
+
+    async def wait(self) -> None:
+        """Wait, uncancellably, until the writer thread has answered.
+
+        A write that is queued is written even if the waiting task is
+        cancelled meanwhile; refusing the abort keeps the caller's
+        "committed" promise true when it returns after an abort, and the
+        cancellation is delivered at the caller's next checkpoint instead.
+        This is what a shielded ``Event.wait`` would do, without a cancel
+        scope and an event per phase: this wait is on every phase's path.
+        """
+        await trio.lowlevel.wait_task_rescheduled(lambda _: trio.lowlevel.Abort.FAILED)
 
 
 class _Checkpointer:
@@ -148,7 +162,7 @@ class _Checkpointer:
 def _answer(batch: list[_Pending]) -> None:
     """Wake every task waiting on ``batch`` (on the trio thread)."""
     for p in batch:
-        p.done.set()
+        trio.lowlevel.reschedule(p.task)
 
 
 def _header_json(run: RunRecord) -> str:
@@ -265,13 +279,13 @@ class LocalStore:
         try:
             yield self
         finally:
-            # Slots cancelled by an abort still wait (shielded) for the
+            # Slots cancelled by an abort still wait (uncancellably) for the
             # commits they queued; the stop request queues behind them, so
             # when it is answered every one of them has been written.
             with trio.CancelScope(shield=True):
                 stop = _Pending(None)
                 inbox.put(stop)
-                await stop.done.wait()
+                await stop.wait()
                 self._inbox = None
 
                 def join_threads() -> None:
@@ -296,11 +310,7 @@ class LocalStore:
             raise RuntimeError(f"{self.path}: writing needs `async with store.writer():`")
         pending = _Pending(write)
         self._inbox.put(pending)
-        # A record that is queued is written even if this task is cancelled
-        # while waiting; shielding the wait keeps the caller's "committed"
-        # promise true when it returns normally after an abort.
-        with trio.CancelScope(shield=True):
-            await pending.done.wait()
+        await pending.wait()
         if pending.error is not None:
             raise StoreError(f"{self.path}: write failed: {pending.error}") from pending.error
 

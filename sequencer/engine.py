@@ -295,7 +295,7 @@ class _SlotRun:
         index = len(self.committed)
         self.committed.append(record)
         self.outcomes[p.name] = record.outcome
-        # The store shields the wait for its own commit: once queued, a record is written.
+        # The wait for the commit cannot be cancelled: once queued, a record is written.
         await self.store.commit_phase(self.header.run_id, index, record, dict(self.dut))
         # Only now may dependents start: what they build on is on disk.
         self.done[p.name].set()

@@ -133,6 +133,26 @@ async def test_cancelling_the_station_from_outside_still_writes_every_queued_rec
     assert set(committed) <= stored  # nothing a slot was told is committed went missing
 
 
+async def test_a_commit_cancelled_while_it_waits_still_returns_and_the_cancel_lands_after(store_path: Path) -> None:
+    # The engine sets a phase "done" right after commit_phase returns, so a
+    # return must mean "on disk" even when an abort arrives during the wait;
+    # the cancellation then lands at the task's next checkpoint.
+    store = LocalStore.open(store_path, station=True)
+    steps: list[str] = []
+    async with store.writer():
+        await store.begin_run(make_run("r1"))
+        with trio.CancelScope() as scope:
+            scope.cancel()  # already cancelled when the wait starts
+            await store.commit_phase("r1", 0, make_phase("boot"), {"serial": "SN1"})
+            steps.append("returned")
+            await trio.lowlevel.checkpoint()
+            steps.append("after the next checkpoint")
+    assert scope.cancelled_caught
+    assert steps == ["returned"]
+    assert [p.name for p in store.get_run("r1").phases] == ["boot"]
+    store.close()
+
+
 async def test_a_failed_write_is_reported_to_its_waiter_and_the_writer_goes_on(store_path: Path) -> None:
     store = LocalStore.open(store_path, station=True)
     async with store.writer():
