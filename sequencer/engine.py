@@ -1,10 +1,14 @@
 """Running one product on one slot: the phase scheduler.
 
-Per slot, every main phase gets a task in one nursery. A task waits for the
-phases it comes after, then runs if they all passed (otherwise it is SKIPPED
-and the record says which dependency did not pass). Independent phases
-therefore run concurrently, and a phase starts the moment its last dependency
-is committed.
+Per slot, the main phases run in one nursery. A phase becomes ready the
+moment the last phase it comes after is committed; it then runs if they all
+passed (otherwise it is SKIPPED and the record says which dependency did not
+pass). Independent phases therefore run concurrently. Phases with no
+dependencies start in tasks of their own; a phase made ready by a commit runs
+in the task that committed it, and any further phases that commit made ready
+get tasks of their own. A chain of phases is one task, not a task per phase
+waiting on an event per phase: at hundreds of slots that waiting was a large
+part of the engine's own time.
 
 Three kinds of cancellation, kept apart on purpose:
 
@@ -163,7 +167,9 @@ class _SlotRun:
         self.dut: dict[str, str] = {}
         self.committed: list[PhaseRecord] = []
         self.outcomes: dict[str, Outcome] = {}
-        self.done = {p.name: trio.Event() for p in self.product.phases}
+        #: phases whose record is committed, and the main phases waiting on each
+        self.committed_names: set[str] = set()
+        self.dependents = _dependents(self.product.main_phases)
         self.recorded: set[str] = set()
         self.stop_reason: str | None = None
         #: the running attempt's cancel scope, per phase
@@ -190,7 +196,8 @@ class _SlotRun:
             with self.control.main_scope:
                 async with trio.open_nursery() as nursery:
                     for p in self.product.main_phases:
-                        nursery.start_soon(self._phase_task, p)
+                        if not p.after:
+                            nursery.start_soon(self._phase_chain, nursery, p)
             with self.control.teardown_scope:
                 await self._record_unfinished(self.product.main_phases)
                 for p in self.product.teardowns:
@@ -244,9 +251,23 @@ class _SlotRun:
 
     # -- scheduling ------------------------------------------------------
 
-    async def _phase_task(self, p: Phase) -> None:
-        for dep in p.after:
-            await self.done[dep].wait()
+    async def _phase_chain(self, nursery: trio.Nursery, p: Phase) -> None:
+        """Run ``p``, then each phase its commit made ready: one here, the others in new tasks."""
+        while True:
+            await self._run_ready(p)
+            # No await since the commit returned: exactly one committer (the
+            # last of a phase's dependencies) sees the phase ready.
+            ready = [d for d in self.dependents[p.name] if self.committed_names.issuperset(d.after)]
+            if not ready:
+                return
+            for other in ready[1:]:
+                nursery.start_soon(self._phase_chain, nursery, other)
+            p = ready[0]
+            # An abort that came during the commit ends the chain here, and the
+            # phases not started are recorded as such.
+            await trio.lowlevel.checkpoint_if_cancelled()
+
+    async def _run_ready(self, p: Phase) -> None:
         if self.stop_reason is not None:
             await self._commit(p, self._skipped(p, self.stop_reason))
             return
@@ -298,7 +319,7 @@ class _SlotRun:
         # The wait for the commit cannot be cancelled: once queued, a record is written.
         await self.store.commit_phase(self.header.run_id, index, record, dict(self.dut))
         # Only now may dependents start: what they build on is on disk.
-        self.done[p.name].set()
+        self.committed_names.add(p.name)
         if self.bus.has_subscribers:
             self.bus.publish(PhaseFinished(self.header.run_id, self.header.slot, record))
 
@@ -458,6 +479,11 @@ class _SlotRun:
             name=p.name, outcome=outcome, started_at=started, ended_at=utcnow(), attempts=attempts,
             reason=reason, teardown=p.teardown,
         )
+
+
+def _dependents(phases: tuple[Phase, ...]) -> dict[str, tuple[Phase, ...]]:
+    """For each phase, the phases that come after it, in product order."""
+    return {p.name: tuple(d for d in phases if p.name in d.after) for p in phases}
 
 
 def _judge(measurements: tuple[MeasurementRecord, ...]) -> tuple[Outcome, str | None]:

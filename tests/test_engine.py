@@ -66,6 +66,38 @@ async def test_dependent_waits_and_is_skipped_when_dependency_fails(store_path: 
     assert run.phase("first").measurements[0].reason == "5 is above 1"
 
 
+async def test_a_fan_out_runs_concurrently_and_its_join_runs_once_after_both(store_path: Path) -> None:
+    # root -> (left, right) -> join: one commit makes two phases ready, and
+    # the join is made ready by whichever of its two dependencies commits last.
+    left_started, right_started = trio.Event(), trio.Event()
+    ran: list[object] = []
+
+    @phase
+    async def root() -> None:
+        ran.append("root")
+
+    @phase(after=[root], timeout=2)
+    async def left() -> None:
+        left_started.set()
+        await right_started.wait()  # only finishes if right runs at the same time
+        await trio.sleep(0.02)  # and commits after right
+        ran.append("left")
+
+    @phase(after=[root], timeout=2)
+    async def right() -> None:
+        right_started.set()
+        await left_started.wait()
+        ran.append("right")
+
+    @phase(after=[left, right])
+    async def join(ctx) -> None:
+        ran.append(("join", sorted(p.name for p in ctx.record.phases)))
+
+    [run] = await run_product(Product("p", [root, left, right, join]), store_path)
+    assert outcomes(run) == {"root": "PASS", "left": "PASS", "right": "PASS", "join": "PASS"}
+    assert ran == ["root", "right", "left", ("join", ["left", "right", "root"])]
+
+
 async def test_retries_record_every_attempt(store_path: Path) -> None:
     calls = 0
 
