@@ -167,9 +167,8 @@ class _SlotRun:
         self.dut: dict[str, str] = {}
         self.committed: list[PhaseRecord] = []
         self.outcomes: dict[str, Outcome] = {}
-        #: phases whose record is committed, and the main phases waiting on each
+        #: phases whose record is committed
         self.committed_names: set[str] = set()
-        self.dependents = _dependents(self.product.main_phases)
         self.recorded: set[str] = set()
         self.stop_reason: str | None = None
         #: the running attempt's cancel scope, per phase
@@ -257,7 +256,7 @@ class _SlotRun:
             await self._run_ready(p)
             # No await since the commit returned: exactly one committer (the
             # last of a phase's dependencies) sees the phase ready.
-            ready = [d for d in self.dependents[p.name] if self.committed_names.issuperset(d.after)]
+            ready = [d for d in self.product.dependents[p.name] if self.committed_names.issuperset(d.after)]
             if not ready:
                 return
             for other in ready[1:]:
@@ -479,11 +478,6 @@ class _SlotRun:
             name=p.name, outcome=outcome, started_at=started, ended_at=utcnow(), attempts=attempts,
             reason=reason, teardown=p.teardown,
         )
-
-
-def _dependents(phases: tuple[Phase, ...]) -> dict[str, tuple[Phase, ...]]:
-    """For each phase, the phases that come after it, in product order."""
-    return {p.name: tuple(d for d in phases if p.name in d.after) for p in phases}
 
 
 def _judge(measurements: tuple[MeasurementRecord, ...]) -> tuple[Outcome, str | None]:

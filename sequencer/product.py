@@ -8,6 +8,7 @@ one line naming the file and the phase, before any DUT is touched.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import sys
@@ -53,13 +54,22 @@ class Product:
     resources: Mapping[str, str | None] = attrs.field(factory=dict, converter=_resource_map)
     stop_on_failure: bool = False
 
-    @property
+    @functools.cached_property
     def main_phases(self) -> tuple[Phase, ...]:
         return tuple(p for p in self.phases if not p.teardown)
 
-    @property
+    @functools.cached_property
     def teardowns(self) -> tuple[Phase, ...]:
         return tuple(p for p in self.phases if p.teardown)
+
+    @functools.cached_property
+    def dependents(self) -> Mapping[str, tuple[Phase, ...]]:
+        """For each main phase, the main phases that come directly after it, in product order.
+
+        Worked out once per product, not per DUT: every slot's scheduler reads it.
+        """
+        main = self.main_phases
+        return {p.name: tuple(d for d in main if p.name in d.after) for p in main}
 
     def phase(self, name: str) -> Phase:
         for p in self.phases:
