@@ -427,8 +427,40 @@ class LocalStore:
         outcome: Outcome | str | None = None,
         run_id_prefix: str | None = None,
         limit: int | None = None,
+        last: int | None = None,
     ) -> list[RunRecord]:
-        """Runs matching every given filter, oldest first."""
+        """Runs matching every given filter, oldest first.
+
+        ``limit`` keeps the oldest ``limit`` of them, ``last`` the most recent
+        ``last`` (still listed oldest first).
+        """
+        where, args = self._where(batch=batch, serial=serial, outcome=outcome, run_id_prefix=run_id_prefix)
+        sql = f"SELECT run_id, header FROM runs {where} ORDER BY started_at, run_id"
+        if last is not None:
+            sql = (f"SELECT * FROM (SELECT run_id, header, started_at FROM runs {where}"
+                   f" ORDER BY started_at DESC, run_id DESC LIMIT {int(last)}) ORDER BY started_at, run_id")
+        elif limit is not None:
+            sql += f" LIMIT {int(limit)}"
+        with self._lock:
+            rows = self._conn.execute(sql, args).fetchall()
+            return [self._assemble(row[1], row[0]) for row in rows]
+
+    def count_runs(
+        self,
+        *,
+        batch: str | None = None,
+        serial: str | None = None,
+        outcome: Outcome | str | None = None,
+    ) -> int:
+        """How many runs match every given filter."""
+        where, args = self._where(batch=batch, serial=serial, outcome=outcome, run_id_prefix=None)
+        with self._lock:
+            return int(self._conn.execute(f"SELECT COUNT(*) FROM runs {where}", args).fetchone()[0])
+
+    @staticmethod
+    def _where(
+        *, batch: str | None, serial: str | None, outcome: Outcome | str | None, run_id_prefix: str | None
+    ) -> tuple[str, list[str]]:
         clauses, args = [], []
         if batch is not None:
             clauses.append("batch = ?")
@@ -442,13 +474,7 @@ class LocalStore:
         if run_id_prefix is not None:
             clauses.append("run_id LIKE ? ESCAPE '\\'")
             args.append(run_id_prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%")
-        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
-        sql = f"SELECT run_id, header FROM runs {where} ORDER BY started_at, run_id"
-        if limit is not None:
-            sql += f" LIMIT {int(limit)}"
-        with self._lock:
-            rows = self._conn.execute(sql, args).fetchall()
-            return [self._assemble(header, run_id) for run_id, header in rows]
+        return (f"WHERE {' AND '.join(clauses)}" if clauses else ""), args
 
     def batches(self) -> list[tuple[str, int]]:
         """Each batch with its number of runs, most recent first."""

@@ -28,6 +28,21 @@ from sequencer.records import Outcome, RunRecord, run_to_json
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_ABORTED = 0, 1, 2, 130
 
 
+#: How many runs `sequencer runs` lists unless told otherwise: a station's
+#: store holds every run it ever took, and the latest are what an operator wants.
+RUNS_SHOWN = 50
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is negative")
+    return value
+
+
 class UsageError(Exception):
     """Bad input from the operator; printed as one line, exit 2."""
 
@@ -39,7 +54,20 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="sequencer", description=__doc__.split("\n")[0])
+    parser = _Parser(
+        prog="sequencer",
+        description="Test and provision devices: run a product's phases on every slot of a station, "
+        "keep every record, write HTML reports.",
+        epilog="examples:\n"
+        "  sequencer run products/esp32_sensor.py --sim 8     8 simulated DUTs, no hardware\n"
+        "  sequencer run products/esp32_sensor.py --station station.toml\n"
+        "  sequencer runs --batch B                          what the store holds for batch B\n"
+        "  sequencer report --batch B -o batch.html          yield and failure Pareto\n"
+        "\n"
+        "exit codes: 0 every DUT passed (or the command succeeded), 1 a DUT did not pass,\n"
+        "2 a usage or configuration error, 130 after Ctrl-C.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     check = sub.add_parser("check", help="validate a product file and print its phase graph")
@@ -78,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     runs.add_argument("--serial")
     runs.add_argument("--outcome", choices=[o.value for o in Outcome])
     runs.add_argument("--store", type=Path)
+    runs.add_argument("--limit", type=_count, default=RUNS_SHOWN, metavar="N",
+                      help=f"the N most recent matching runs (default {RUNS_SHOWN}; 0 for all)")
     runs.add_argument("--json", action="store_true", help="one JSON record per line")
     add_mongo_commands(sub)  # sync, find
     from reports.provisioning.cli import add_provision_commands
@@ -418,13 +448,19 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_runs(args: argparse.Namespace) -> int:
     store = _open_store(args.store)
+    filters = {"batch": args.batch, "serial": args.serial, "outcome": args.outcome}
     try:
-        runs = store.find_runs(batch=args.batch, serial=args.serial, outcome=args.outcome)
+        runs = store.find_runs(**filters, last=args.limit or None)
+        total = store.count_runs(**filters) if args.limit and len(runs) == args.limit else len(runs)
     finally:
         store.close()
     if args.json:
         for r in runs:
             print(run_to_json(r))
+        return EXIT_OK
+    if not runs:
+        given = ", ".join(f"{k} {v!r}" for k, v in filters.items() if v is not None)
+        print(f"no runs{' with ' + given if given else ''} in {store.path}")
         return EXIT_OK
     from rich.table import Table
 
@@ -436,7 +472,10 @@ def cmd_runs(args: argparse.Namespace) -> int:
         table.add_row(r.run_id[:12], f"{r.started_at:%Y-%m-%d %H:%M:%S}", r.batch, r.serial or "-", str(r.slot),
                       outcome + (" (marginal)" if r.marginal else ""))
     Console(highlight=False).print(table)
-    print(f"{len(runs)} run(s)")
+    if total > len(runs):
+        print(f"the {len(runs)} most recent of {total} runs (--limit N for more, --limit 0 for all)")
+    else:
+        print(f"{total} run(s)")
     return EXIT_OK
 
 

@@ -10,7 +10,9 @@ import pytest
 import serial
 
 from fixtures.sim.pty import PtyEndpoint
-from reports.store import LocalStore
+from reports.store import LocalStore, _Write
+from sequencer.records import RunRecord
+from tests import records_factory
 from sequencer.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -146,6 +148,43 @@ def test_report_for_unknown_batch_exits_2(tmp_path: Path, capsys: pytest.Capture
 def test_runs_without_a_store_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["runs", "--store", str(tmp_path / "missing.sqlite")]) == 2
     assert "no local store here" in one_line_error(capsys)
+
+
+def _store_with_runs(path: Path, count: int) -> list[RunRecord]:
+    runs = [records_factory.run(serial=f"SN{i:03d}", started_at=records_factory.at(i), batch="B" if i % 2 else "A")
+            for i in range(count)]
+    store = LocalStore.open(path)
+    store._write_batch([w for r in runs for w in (_Write("begin", run=r), _Write("finish", run=r))])
+    store.close()
+    return runs
+
+
+def test_runs_lists_the_most_recent_and_says_how_many_match(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # A station's store keeps every run it ever took: `runs` shows the latest
+    # unless asked for more, and says what it left out.
+    store = str(tmp_path / "s.sqlite")
+    runs = _store_with_runs(tmp_path / "s.sqlite", 7)
+
+    def listed(*args: str) -> tuple[list[str], str]:
+        assert main(["runs", "--store", store, *args]) == 0
+        out = capsys.readouterr().out
+        shown = sorted((out.index(r.run_id[:12]), r.serial) for r in runs if r.run_id[:12] in out)
+        return [serial for _, serial in shown], out.strip().splitlines()[-1]
+
+    assert listed() == ([f"SN{i:03d}" for i in range(7)], "7 run(s)")
+    assert listed("--limit", "3") == (
+        ["SN004", "SN005", "SN006"], "the 3 most recent of 7 runs (--limit N for more, --limit 0 for all)"
+    )
+    assert listed("--limit", "0")[0] == [f"SN{i:03d}" for i in range(7)]
+    assert listed("--batch", "B", "--limit", "2") == (
+        ["SN003", "SN005"], "the 2 most recent of 3 runs (--limit N for more, --limit 0 for all)"
+    )
+    assert listed("--batch", "NOPE") == ([], f"no runs with batch 'NOPE' in {store}")
+    with pytest.raises(SystemExit) as info:
+        main(["runs", "--store", store, "--limit", "-1"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err == "sequencer runs: error: argument --limit: '-1' is negative (see 'sequencer runs --help')\n"
 
 
 def test_batch_page_covers_every_session_of_the_batch(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
