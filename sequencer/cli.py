@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--sim", type=int, metavar="N", help="run on N simulated DUTs")
     run.add_argument("--port", action="append", dest="ports", metavar="PATH", help="a DUT port (repeatable)")
     run.add_argument("--store", type=Path, help="local store (SQLite) path")
-    run.add_argument("--reports", type=Path, help="directory for HTML reports")
+    run.add_argument("--reports", type=Path, help="directory for HTML reports (default: `reports` beside the store)")
     run.add_argument("--batch", help="batch id stamped on every run")
     run.add_argument("--operator", help="operator name stamped on every run")
     run.add_argument("--limits", type=Path, help="limits file (default: <product>.limits.toml beside it)")
@@ -388,7 +388,7 @@ def _finish_run(
 
     console.print(station_summary(runs))
     passed = sum(r.outcome is Outcome.PASS for r in runs)
-    report_dir = config.reports / config.batch_or_default
+    report_dir = config.reports_dir / config.batch_or_default
     batch_path = report_dir / "index.html"
     try:
         report_dir.mkdir(parents=True, exist_ok=True)

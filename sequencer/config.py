@@ -6,7 +6,7 @@
     operator = "aoife"
     batch = "B2026-47"          # default: <station>-<UTC date>
     store = "/var/lib/sequencer/store.sqlite"
-    reports = "/var/lib/sequencer/reports"
+    reports = "/var/lib/sequencer/reports"      # default: reports/ beside the store
     ports = ["/dev/ttyUSB0", "/dev/ttyUSB1"]   # or: sim = 8
     seed = 0                    # simulated devices' variation
 
@@ -146,7 +146,9 @@ class StationConfig:
     operator: str = ""
     batch: str = ""
     store: Path = attrs.field(factory=lambda: default_data_dir() / "store.sqlite", converter=Path)
-    reports: Path = attrs.field(factory=lambda: default_data_dir() / "reports", converter=Path)
+    #: HTML reports; None: a ``reports`` folder beside the store, so that a
+    #: station given only ``--store`` keeps its records and reports together
+    reports: Path | None = attrs.field(default=None, converter=attrs.converters.optional(Path))
     ports: tuple[str, ...] = attrs.field(default=(), converter=tuple)
     sim: int = 0
     seed: int = 0
@@ -164,6 +166,10 @@ class StationConfig:
     provisioning_url: str = ""
     #: secrets file (``[secrets] file``); SEQUENCER_SECRETS_FILE when empty
     secrets_file: Path | None = None
+
+    @property
+    def reports_dir(self) -> Path:
+        return self.reports if self.reports is not None else self.store.parent / "reports"
 
     @property
     def batch_or_default(self) -> str:
@@ -243,7 +249,7 @@ def load_station_config(path: str | Path) -> StationConfig:
         operator=typed("operator", str, ""),
         batch=typed("batch", str, ""),
         store=_relative(base, typed("store", str, str(defaults.store))),
-        reports=_relative(base, typed("reports", str, str(defaults.reports))),
+        reports=_relative(base, typed("reports", str, "")) if "reports" in data else None,
         ports=tuple(ports),
         sim=typed("sim", int, 0),
         seed=typed("seed", int, 0),

@@ -187,6 +187,14 @@ def test_runs_lists_the_most_recent_and_says_how_many_match(tmp_path: Path, caps
     assert err == "sequencer runs: error: argument --limit: '-1' is negative (see 'sequencer runs --help')\n"
 
 
+def test_a_run_given_only_a_store_writes_its_reports_beside_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    store = tmp_path / "usb" / "store.sqlite"
+    assert main(["run", str(SENSOR), "--sim", "1", "--store", str(store), "--batch", "B", "--plain"]) == 0
+    report = tmp_path / "usb" / "reports" / "B" / "index.html"
+    assert f"Report: {report}" in capsys.readouterr().out.replace("\n", "")
+    assert report.exists()
+
+
 def test_batch_page_covers_every_session_of_the_batch(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     args = ["run", str(SENSOR), "--sim", "2", "--store", str(tmp_path / "s.sqlite"), "--reports",
             str(tmp_path / "r"), "--batch", "B", "--plain"]

@@ -26,6 +26,19 @@ def test_full_station_file(tmp_path: Path) -> None:
     assert sim.sim == 4 and sim.ports == ()
 
 
+def test_reports_go_beside_the_store_unless_given(tmp_path: Path) -> None:
+    f = tmp_path / "station.toml"
+    f.write_text('store = "data/store.sqlite"\nsim = 1\n')
+    c = load_station_config(f)
+    assert c.reports_dir == tmp_path / "data" / "reports"
+    # --store moves them along; --reports (or `reports` in the file) says otherwise
+    assert c.with_overrides(store=tmp_path / "usb" / "s.sqlite").reports_dir == tmp_path / "usb" / "reports"
+    assert c.with_overrides(reports=tmp_path / "r").reports_dir == tmp_path / "r"
+    f.write_text('store = "data/store.sqlite"\nreports = "html"\nsim = 1\n')
+    assert load_station_config(f).with_overrides(store=tmp_path / "x.sqlite").reports_dir == tmp_path / "html"
+    assert StationConfig().reports_dir == StationConfig().store.parent / "reports"  # the data directory
+
+
 @pytest.mark.parametrize(
     "text, message",
     [
