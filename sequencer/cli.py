@@ -24,6 +24,7 @@ from sequencer.engine import RunSettings
 from sequencer.events import EventBus
 from sequencer.product import LoadedProduct, ProductError, layers, load_product
 from sequencer.records import Outcome, RunRecord, run_to_json
+from sequencer.station import StationResult
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_ABORTED = 0, 1, 2, 130
 
@@ -231,14 +232,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     log_handle = configure_logging(config.store.parent / "station.log", verbose=args.verbose)
     tune_garbage_collector()
     try:
-        runs, aborted = trio.run(_run_station, loaded, config, store, console, not args.plain, faults)
+        result = trio.run(_run_station, loaded, config, store, console, not args.plain, faults)
         # The batch page covers the whole batch, earlier sessions and retests included.
         batch_runs = store.find_runs(batch=config.batch_or_default)
     finally:
         store.close()
         if log_handle is not None:
             log_handle.close()
-    return _finish_run(runs, batch_runs, aborted, config, loaded, console)
+            if log_handle.dropped:
+                console.print(f"[yellow]{log_handle.dropped} line(s) could not be written to {log_handle.path}[/yellow]")
+    return _finish_run(result, batch_runs, config, loaded, console)
 
 
 def _raise_open_file_limit() -> None:
@@ -265,7 +268,7 @@ def check_port(port: str) -> None:
 
 async def _run_station(
     loaded: LoadedProduct, config: StationConfig, store: Any, console: Console, live: bool, faults: Any = None
-) -> tuple[list[RunRecord], bool]:
+) -> StationResult:
     from fixtures.station import flashes, station_fixtures
     from sequencer.display import StationDisplay, show_live, show_plain
     from sequencer.station import run_station
@@ -328,7 +331,7 @@ async def _run_station(
                 )
             finally:
                 bus.close()
-    return list(result.runs), result.aborted
+    return result
 
 
 async def _open_resources(
@@ -376,9 +379,8 @@ async def _open_resources(
 
 
 def _finish_run(
-    runs: list[RunRecord],
+    result: StationResult,
     batch_runs: list[RunRecord],
-    aborted: bool,
     config: StationConfig,
     loaded: LoadedProduct,
     console: Console,
@@ -386,7 +388,14 @@ def _finish_run(
     from reports.html import render_batch, render_run, write_html
     from sequencer.display import station_summary
 
+    runs = list(result.runs)
     console.print(station_summary(runs))
+    if result.write_error is not None:
+        # No reports: they would show runs the store does not hold in full.
+        raise UsageError(
+            f"{result.write_error}; testing stopped on every slot (phases committed before that are in "
+            f"{config.store}; retest these units once the store can be written)"
+        )
     passed = sum(r.outcome is Outcome.PASS for r in runs)
     report_dir = config.reports_dir / config.batch_or_default
     batch_path = report_dir / "index.html"
@@ -403,7 +412,7 @@ def _finish_run(
         console.print(f"{passed}/{len(runs)} passed.")
     else:
         console.print(f"{passed}/{len(runs)} passed.  Report: {batch_path}  (per-run reports beside it)")
-    if aborted:
+    if result.aborted:
         console.print("[yellow]aborted by the operator; every run was recorded ABORTED[/yellow]")
         return EXIT_ABORTED
     return EXIT_OK if runs and passed == len(runs) else EXIT_FAILED

@@ -156,6 +156,10 @@ def station_summary(runs: Sequence[RunRecord]) -> Group:
     for r in sorted(runs, key=lambda r: r.slot):
         failed = next((p for p in r.phases if p.outcome.is_failure), None)
         outcome = r.outcome or Outcome.ABORTED
+        if failed is None and outcome is not Outcome.PASS:
+            # Not passed, yet no phase failed (the run was stopped before its
+            # phases ran): the first phase that says why it did not run.
+            failed = next((p for p in r.phases if p.reason), None)
         rows.append((
             str(r.slot),
             r.port,

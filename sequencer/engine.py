@@ -61,6 +61,19 @@ from sequencer.resources import ResourceAccess, SharedResource
 FIXTURE_CLOSE_TIMEOUT_S = 10.0
 
 
+class RecordsNotWritten(Exception):
+    """The store refused a slot's records; the slot stopped, ran its teardowns and closed its fixtures.
+
+    ``run`` is the run as the engine knew it at the end, in memory only:
+    what of it reached the store is whatever was committed before the
+    store failed. The message is the store's.
+    """
+
+    def __init__(self, message: str, run: RunRecord) -> None:
+        super().__init__(message)
+        self.run = run
+
+
 class RecordWriter:
     """What the engine needs from a store (see :class:`reports.store.LocalStore`)."""
 
@@ -78,9 +91,12 @@ class SlotControl:
         self.main_scope = trio.CancelScope()
         self.teardown_scope = trio.CancelScope(shield=True)
         self.aborted = False
+        #: why, as the records say it: "aborted <by>"
+        self.aborted_by = "by the operator"
 
-    def abort(self) -> None:
-        self.aborted = True
+    def abort(self, by: str = "by the operator") -> None:
+        if not self.aborted:
+            self.aborted, self.aborted_by = True, by
         self.main_scope.cancel()
 
     def skip_teardowns(self) -> None:
@@ -181,6 +197,8 @@ class _SlotRun:
         self.fixture_values: dict[str, Any] = {}
         self.fixture_locks: dict[str, trio.Lock] = {}
         self.exit_stack = contextlib.AsyncExitStack()
+        #: the store's first refusal; the run stops, teardowns still run
+        self.write_error: Exception | None = None
 
     # -- the run ---------------------------------------------------------
 
@@ -188,7 +206,13 @@ class _SlotRun:
         return attrs.evolve(self.header, dut=dict(self.dut), phases=tuple(self.committed))
 
     async def run(self) -> RunRecord:
-        await self.store.begin_run(self.header)
+        try:
+            await self.store.begin_run(self.header)
+        except Exception as exc:
+            # Nothing has touched the DUT yet: testing a unit that cannot be
+            # recorded is worse than not testing it.
+            self.write_error = exc
+            raise RecordsNotWritten(str(exc), self._finish()) from exc
         self.bus.publish(RunStarted(self.header))
         self.log.info("run started", product=self.product.name)
         try:
@@ -206,17 +230,29 @@ class _SlotRun:
             # was not recorded and close the hardware; both are shielded
             # because they are how the station keeps its promises.
             with trio.CancelScope(shield=True):
-                await self._record_unfinished(self.product.phases)
-                await self._close_fixtures()
+                try:
+                    await self._record_unfinished(self.product.phases)
+                finally:
+                    await self._close_fixtures()  # whatever else failed, the ports are released
                 final = self._finish()
-                await self.store.finish_run(final)
+                try:
+                    await self.store.finish_run(final)
+                except Exception as exc:
+                    self._store_failed(exc)
         self.bus.publish(RunFinished(final))
         self.log.info("run finished", outcome=final.outcome.value if final.outcome else None)
+        if self.write_error is not None:
+            raise RecordsNotWritten(str(self.write_error), final) from self.write_error
         return final
 
     def _finish(self) -> RunRecord:
         phases = tuple(self.committed)
-        outcome = Outcome.ABORTED if self.control.aborted else run_outcome(phases)
+        if self.write_error is not None:
+            outcome = Outcome.ERROR  # whatever the phases say, the unit has no complete record
+        elif self.control.aborted:
+            outcome = Outcome.ABORTED
+        else:
+            outcome = run_outcome(phases)
         return attrs.evolve(self.header, dut=dict(self.dut), phases=phases, ended_at=utcnow(), outcome=outcome)
 
     async def _record_unfinished(self, phases: tuple[Phase, ...]) -> None:
@@ -237,7 +273,7 @@ class _SlotRun:
                     attachments=tuple(attachments),
                 )
             else:
-                reason = "run aborted by the operator" if self.control.aborted else (self.stop_reason or "not run")
+                reason = f"run aborted {self.control.aborted_by}" if self.control.aborted else (self.stop_reason or "not run")
                 if p.teardown and self.control.teardown_scope.cancel_called:
                     reason = "teardowns skipped by a second abort"
                 rec = self._skipped(p, reason)
@@ -245,7 +281,7 @@ class _SlotRun:
 
     def _abort_reason(self, p: Phase) -> str:
         if self.control.aborted:
-            return "aborted by the operator" if not p.teardown else "teardown cut short by a second abort"
+            return f"aborted {self.control.aborted_by}" if not p.teardown else "teardown cut short by a second abort"
         return self.stop_reason or "aborted"
 
     # -- scheduling ------------------------------------------------------
@@ -276,6 +312,13 @@ class _SlotRun:
                 await self._commit(p, self._skipped(p, f"dependency {dep!r} ended {dep_outcome.value}"))
                 return
         await self._run_and_commit(p)
+
+    def _store_failed(self, exc: Exception) -> None:
+        """The store refused a record: stop the run, but still run the teardowns (the hardware needs them)."""
+        if self.write_error is None:
+            self.write_error = exc
+            self.log.error("records cannot be written; stopping the run", error=str(exc))
+        self._stop(f"run stopped: records cannot be written ({exc})")
 
     def _stop(self, reason: str) -> None:
         if self.stop_reason is None:
@@ -316,7 +359,10 @@ class _SlotRun:
         self.committed.append(record)
         self.outcomes[p.name] = record.outcome
         # The wait for the commit cannot be cancelled: once queued, a record is written.
-        await self.store.commit_phase(self.header.run_id, index, record, dict(self.dut))
+        try:
+            await self.store.commit_phase(self.header.run_id, index, record, dict(self.dut))
+        except Exception as exc:
+            self._store_failed(exc)  # dependents are skipped: the run is stopping
         # Only now may dependents start: what they build on is on disk.
         self.committed_names.add(p.name)
         if self.bus.has_subscribers:

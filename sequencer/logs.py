@@ -16,8 +16,41 @@ from typing import Any, TextIO
 import structlog
 
 
+class LogFile:
+    """The station log file: a line that cannot be written is counted and dropped, never raised.
+
+    Why: the log is for diagnosis, the store is the record. A full disk or
+    a pulled USB stick under ``station.log`` must not turn every log call
+    in every slot into an exception that stops testing; the store reports
+    its own failures, and the CLI says how many log lines were lost.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.dropped = 0
+        self._file: TextIO = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed by close()
+
+    def write(self, text: str) -> None:
+        try:
+            self._file.write(text)
+        except OSError:
+            self.dropped += 1
+
+    def flush(self) -> None:
+        try:
+            self._file.flush()
+        except OSError:
+            self.dropped += 1  # the lines buffered since the last flush; counted as one
+
+    def close(self) -> None:
+        try:
+            self._file.close()
+        except OSError:
+            self.dropped += 1
+
+
 class _Tee:
-    def __init__(self, *streams: TextIO) -> None:
+    def __init__(self, *streams: Any) -> None:
         self._streams = streams
 
     def write(self, text: str) -> None:
@@ -29,10 +62,11 @@ class _Tee:
             s.flush()
 
 
-def configure_logging(log_file: Path | None, *, verbose: bool = False) -> TextIO | None:
+def configure_logging(log_file: Path | None, *, verbose: bool = False) -> LogFile | None:
     """Send structlog output to ``log_file`` (JSON lines) and, if verbose, stderr.
 
-    Returns the opened file so the caller can close it at exit.
+    Returns the opened file so the caller can close it at exit (and ask it
+    how many lines it could not write).
     """
     processors: list[Any] = [
         structlog.contextvars.merge_contextvars,
@@ -40,10 +74,10 @@ def configure_logging(log_file: Path | None, *, verbose: bool = False) -> TextIO
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         structlog.processors.format_exc_info,
     ]
-    handle: TextIO | None = None
+    handle: LogFile | None = None
     if log_file is not None:
         log_file.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(log_file, "a", encoding="utf-8")  # noqa: SIM115 - closed by the caller
+        handle = LogFile(log_file)
     if handle is not None and verbose:
         # JSON to the file, readable text to stderr: render JSON and let
         # stderr read the same line; simple and honest beats two pipelines.

@@ -4,7 +4,9 @@ All slots run in one nursery. A slot cannot crash its neighbours: phase
 exceptions are records, not exceptions, and anything else that escapes one
 slot's engine (a bug) is logged and recorded for that slot alone. The only
 things that stop every slot are the operator (Ctrl-C / SIGTERM) and the store
-failing, because testing without recording is worse than not testing.
+failing (:class:`~sequencer.engine.RecordsNotWritten` from any slot: the
+others are aborted, their teardowns still run), because testing without
+recording is worse than not testing.
 
 Ctrl-C once: every slot is aborted, teardowns run, every run is recorded
 ABORTED. Ctrl-C twice: remaining teardowns are cut short too; the records are
@@ -21,7 +23,7 @@ import attrs
 import structlog
 import trio
 
-from sequencer.engine import RecordWriter, RunSettings, SlotControl, run_dut
+from sequencer.engine import RecordsNotWritten, RecordWriter, RunSettings, SlotControl, run_dut
 from sequencer.events import EventBus
 from sequencer.fixtures import FixtureFactory, SlotInfo
 from sequencer.product import LoadedProduct
@@ -59,6 +61,8 @@ def tune_garbage_collector() -> None:
 class StationResult:
     runs: tuple[RunRecord, ...]
     aborted: bool = False
+    #: the store's first refusal, if it refused a record: the station stopped testing
+    write_error: str | None = None
 
     @property
     def all_passed(self) -> bool:
@@ -86,14 +90,25 @@ async def run_station(
     controls = [SlotControl() for _ in ports]
     results: list[RunRecord | None] = [None] * len(ports)
     aborts = 0
+    write_error: str | None = None
 
     async def slot_task(index: int, port: str) -> None:
+        nonlocal write_error
         info = SlotInfo(index=index, port=port, station=settings.station)
         try:
             results[index] = await run_dut(
                 product, info, settings=settings, store=store, bus=bus,
                 resources=resources, fixtures=fixtures, control=controls[index],
             )
+        except RecordsNotWritten as exc:
+            # This slot has stopped and run its teardowns. The store is shared,
+            # so stop the others too rather than test units nobody can record.
+            results[index] = exc.run
+            if write_error is None:
+                write_error = str(exc)
+                log.error("the store refused a record: stopping every slot", slot=index, port=port, error=str(exc))
+                for c in controls:
+                    c.abort(by="because records cannot be written")
         except Exception:
             # The engine records phase failures itself; reaching here is a bug
             # in the engine or the store. Keep the other slots running.
@@ -125,5 +140,6 @@ async def run_station(
         outer.cancel_scope.cancel()
     return StationResult(
         runs=tuple(r for r in results if r is not None),
-        aborted=any(c.aborted for c in controls),
+        aborted=aborts > 0,
+        write_error=write_error,
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -118,3 +119,32 @@ def test_sigkill_mid_run_then_reopen_marks_interrupted_and_keeps_finished_phases
         assert r.outcome is Outcome.INTERRUPTED
         assert r.phase("identify").outcome is Outcome.PASS
         assert r.serial == f"SLOW{r.slot:04d}"
+
+
+def test_a_store_that_cannot_be_written_stops_the_station_with_one_line_and_keeps_what_was_committed(
+    tmp_path: Path,
+) -> None:
+    # The station's disk fills up mid-batch. Here every file the station
+    # writes is capped (RLIMIT_FSIZE), so SQLite's writes start failing for
+    # real after a few commits; so would the station log's, if it grew.
+    def cap_file_size() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the cap fails (EFBIG) instead of killing
+        resource.setrlimit(resource.RLIMIT_FSIZE, (300_000, 300_000))
+
+    store_path = tmp_path / "store.sqlite"
+    proc = sequencer("run", str(ROOT / "products" / "esp32_sensor.py"), "--sim", "4", "--store", str(store_path),
+                     "--plain", "--batch", "FULL", preexec_fn=cap_file_size)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2, out + err
+    [line] = err.strip().splitlines()  # no traceback, no noise from half-closed fixtures
+    assert line.startswith(f"sequencer: error: {store_path}: write failed: "), line
+    assert "testing stopped on every slot" in line
+    assert not (tmp_path / "reports").exists()  # no report of runs the store does not hold in full
+
+    store = LocalStore.open(store_path, station=True)  # the next station start
+    runs = store.find_runs(batch="FULL")
+    store.close()
+    assert len(runs) == 4 and all(r.outcome is Outcome.INTERRUPTED for r in runs)
+    committed = [p for r in runs for p in r.phases]
+    assert committed, "the phases committed before the disk filled are kept"
+    assert all(p.outcome is Outcome.PASS for p in committed)  # what finished before the disk filled

@@ -443,6 +443,87 @@ async def test_abort_records_every_phase_and_runs_teardowns(store_path: Path) ->
     assert run.phase("long_one").logs[0].message == "started the long one"
 
 
+class _DiskFillsUp:
+    """A record writer whose disk fills after ``room`` phase records: every later write fails.
+
+    The real store's failure is tested end to end in test_cli_e2e.py; this one
+    lets the engine's side be checked phase by phase.
+    """
+
+    def __init__(self, room: int) -> None:
+        self.room = room
+        self.phases: list[tuple[int, str]] = []
+
+    async def begin_run(self, run) -> None:
+        await trio.lowlevel.checkpoint()
+
+    async def commit_phase(self, run_id, index, phase, dut) -> None:
+        await trio.lowlevel.checkpoint()
+        if len(self.phases) >= self.room:
+            raise OSError(28, "No space left on device")
+        self.phases.append((index, phase.name))
+
+    async def finish_run(self, run) -> None:
+        await trio.lowlevel.checkpoint()
+        raise OSError(28, "No space left on device")
+
+
+async def test_a_store_failure_stops_every_slot_but_teardowns_run_and_fixtures_close() -> None:
+    from sequencer.engine import RunSettings
+    from sequencer.product import LoadedProduct
+    from sequencer.station import run_station
+
+    closed: list[int] = []
+    torn_down: list[int] = []
+
+    def board(slot):
+        @asynccontextmanager
+        async def open_board():
+            try:
+                yield slot.index
+            finally:
+                closed.append(slot.index)
+
+        return open_board()
+
+    @phase
+    async def quick(board) -> None:
+        pass
+
+    @phase(after=[quick])
+    async def long(board) -> None:
+        await trio.sleep(0 if board == 0 else 30)  # slot 0 fills the disk; the others are mid-phase
+
+    @phase(after=[long])
+    async def last() -> None:
+        pass
+
+    @phase(teardown=True)
+    async def power_off(board) -> None:
+        torn_down.append(board)
+
+    writer = _DiskFillsUp(room=3)  # the three slots' `quick`; slot 0's `long` finds the disk full
+    product = Product("p", [quick, long, last, power_off])
+    with trio.fail_after(10):  # the other slots are stopped, not left to finish their 30 s phase
+        result = await run_station(
+            LoadedProduct(product, Path("<test>")), ["/dev/a", "/dev/b", "/dev/c"],
+            settings=RunSettings(station="st"), store=writer, bus=EventBus(), handle_signals=False,
+            fixtures={"board": board},
+        )
+    assert result.write_error == "[Errno 28] No space left on device"
+    assert not result.aborted  # not the operator
+    assert sorted(torn_down) == sorted(closed) == [0, 1, 2]  # the hardware is left safe on every slot
+    by_slot = {r.slot: r for r in result.runs}
+    assert all(r.outcome is Outcome.ERROR for r in by_slot.values())  # no unit passes without its record
+    assert outcomes(by_slot[0]) == {"quick": "PASS", "long": "PASS", "last": "SKIPPED", "power_off": "PASS"}
+    assert by_slot[0].phase("last").reason == (
+        "run stopped: records cannot be written ([Errno 28] No space left on device)"
+    )
+    assert outcomes(by_slot[1])["long"] == "ABORTED"
+    assert by_slot[1].phase("long").reason == "aborted because records cannot be written"
+    assert sorted(writer.phases) == [(0, "quick")] * 3
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
 async def test_non_finite_values_fail(store_path: Path, bad: float) -> None:
     @phase(measurements=[Measurement("x")])
