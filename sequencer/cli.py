@@ -44,6 +44,15 @@ def _count(text: str) -> int:
     return value
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("sequencer")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "(not installed)"
+
+
 class UsageError(Exception):
     """Bad input from the operator; printed as one line, exit 2."""
 
@@ -69,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
         "2 a usage or configuration error, 130 after Ctrl-C.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     check = sub.add_parser("check", help="validate a product file and print its phase graph")

@@ -26,6 +26,15 @@ def one_line_error(capsys: pytest.CaptureFixture[str]) -> str:
     return err
 
 
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out == f"sequencer {version('sequencer')}\n"
+
+
 def test_check_prints_the_graph_in_layers(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["check", str(SENSOR)]) == 0
     out = capsys.readouterr().out
