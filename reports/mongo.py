@@ -368,6 +368,8 @@ def run_document(run: RunRecord | RunData | StoredRun, seq: int) -> dict[str, An
         "marginal": any(p.marginal for p in stored.phases),
         "limits_file": d.get("limits_file"),
         "limits_sha256": d.get("limits_sha256"),
+        "product_sha256": d.get("product_sha256"),
+        "sequencer_version": d.get("sequencer_version", ""),
         "phases": [p.doc for p in stored.phases],
         "measurements": [m for p in stored.phases for m in p.flat],
     }

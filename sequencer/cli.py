@@ -20,7 +20,7 @@ from rich.console import Console
 
 from fixtures.station import STATION_FIXTURES  # what the station provides every product
 from sequencer.config import ConfigError, StationConfig, load_station_config
-from sequencer.engine import RunSettings
+from sequencer.engine import SEQUENCER_VERSION, RunSettings
 from sequencer.events import EventBus
 from sequencer.product import LoadedProduct, ProductError, layers, load_product
 from sequencer.records import Outcome, RunRecord, run_to_json
@@ -42,15 +42,6 @@ def _count(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"{text!r} is negative")
     return value
-
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("sequencer")
-    except PackageNotFoundError:  # run from a source tree that was never installed
-        return "(not installed)"
 
 
 class UsageError(Exception):
@@ -78,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
         "2 a usage or configuration error, 130 after Ctrl-C.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {SEQUENCER_VERSION or '(not installed)'}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     check = sub.add_parser("check", help="validate a product file and print its phase graph")
@@ -166,7 +157,8 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def describe_product(loaded: LoadedProduct) -> str:
     p = loaded.product
-    out = [f"product {p.name}" + (f" {p.version}" if p.version else "") + f"  ({loaded.source})"]
+    out = [f"product {p.name}" + (f" {p.version}" if p.version else "") + f"  ({loaded.source})"
+           + (f"  sha256 {loaded.source_sha256}" if loaded.source_sha256 else "")]
     if loaded.limits_file:
         out.append(f"limits  {loaded.limits_file}  sha256 {loaded.limits_sha256}")
     if p.fixtures:

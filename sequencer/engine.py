@@ -29,6 +29,7 @@ whatever happens to the process later, what was finished is on disk.
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import math
 import traceback
 import uuid
@@ -56,6 +57,16 @@ from sequencer.records import (
     utcnow,
 )
 from sequencer.resources import ResourceAccess, SharedResource
+
+def _installed_version() -> str:
+    try:
+        return importlib.metadata.version("sequencer")
+    except importlib.metadata.PackageNotFoundError:  # a source tree that was never installed
+        return ""
+
+
+#: Stamped on every run record, with the product file's hash: which test code produced it.
+SEQUENCER_VERSION = _installed_version()
 
 #: Closing a fixture (a serial port) must not hold a slot forever.
 FIXTURE_CLOSE_TIMEOUT_S = 10.0
@@ -179,6 +190,8 @@ class _SlotRun:
             started_at=utcnow(),
             limits_file=str(product.limits_file) if product.limits_file else None,
             limits_sha256=product.limits_sha256,
+            product_sha256=product.source_sha256,
+            sequencer_version=SEQUENCER_VERSION,
         )
         self.dut: dict[str, str] = {}
         self.committed: list[PhaseRecord] = []

@@ -86,6 +86,8 @@ class LoadedProduct:
     source: Path
     limits_file: Path | None = None
     limits_sha256: str | None = None
+    #: SHA-256 of the product file as imported, stamped on every run
+    source_sha256: str | None = None
 
     @property
     def name(self) -> str:
@@ -107,6 +109,7 @@ def load_product(
     """
     source = Path(path)
     product = _import_product(source)
+    source_digest = hashlib.sha256(source.read_bytes()).hexdigest()
     limits_path = Path(limits) if limits is not None else source.with_name(f"{source.stem}.limits.toml")
     digest = None
     if limits is not None or limits_path.exists():
@@ -114,7 +117,7 @@ def load_product(
     else:
         limits_path = None
     validate_product(product, source=source, station_fixtures=station_fixtures, station_resources=station_resources)
-    return LoadedProduct(product, source, limits_path, digest)
+    return LoadedProduct(product, source, limits_path, digest, source_digest)
 
 
 def _import_product(source: Path) -> Product:

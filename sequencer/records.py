@@ -190,6 +190,9 @@ class RunRecord:
     phases: tuple[PhaseRecord, ...] = ()
     limits_file: str | None = None
     limits_sha256: str | None = None
+    #: the product file's SHA-256 as loaded, and the sequencer that ran it: which test code produced this record
+    product_sha256: str | None = None
+    sequencer_version: str = ""
     schema_version: int = SCHEMA_VERSION
 
     @property

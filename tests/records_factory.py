@@ -204,6 +204,8 @@ def run(
     batch: str = "B2024-05-14",
     limits_file: str | None = "esp32_sensor.limits.toml",
     limits_sha256: str | None = "9f2c" * 16,
+    product_sha256: str | None = "3c1e" * 16,
+    sequencer_version: str = "0.1.0",
 ) -> RunRecord:
     """A run record. ``outcome="auto"`` derives it from the phases; ``None`` leaves the run open."""
     if dut is None:
@@ -228,6 +230,8 @@ def run(
         phases=tuple(phases),
         limits_file=limits_file,
         limits_sha256=limits_sha256,
+        product_sha256=product_sha256,
+        sequencer_version=sequencer_version,
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import textwrap
 from pathlib import Path
@@ -132,6 +133,11 @@ def test_station_file_drives_a_run_and_options_override_it(tmp_path: Path, capsy
     assert len(runs) == 3
     assert {r["station"] for r in runs} == {"line1-st3"} and {r["operator"] for r in runs} == {"aoife"}
     assert all(r["outcome"] == "PASS" and r["limits_sha256"] for r in runs)
+    # which test code produced each record: the product file as loaded, and the sequencer's version
+    from importlib.metadata import version
+
+    assert {r["product_sha256"] for r in runs} == {hashlib.sha256(SENSOR.read_bytes()).hexdigest()}
+    assert {r["sequencer_version"] for r in runs} == {version("sequencer")}
 
     serial_no = runs[0]["dut"]["serial"]
     assert main(["runs", "--store", str(tmp_path / "data" / "store.sqlite"), "--serial", serial_no]) == 0

@@ -122,7 +122,10 @@ def test_identity_and_run_facts_are_all_shown() -> None:
     assert dut == r.dut
     assert dut["imei"] == "356938035643809"
     facts = {tr.find("th").text: tr.find("td").clean_text for tr in root.find("table", "run").find_all("tr")}
-    assert facts["Product"] == "esp32_sensor 1.4.2"
+    product = next(tr.find("td") for tr in root.find("table", "run").find_all("tr") if tr.find("th").text == "Product")
+    assert product.find("div").text == f"sha256 {r.product_sha256}"  # which test code ran
+    assert facts["Product"] == f"esp32_sensor 1.4.2{product.find('div').text}"
+    assert facts["Sequencer"] == r.sequencer_version == "0.1.0"
     assert facts["Station"] == "line1-st03"
     assert facts["Slot / port"] == "0 · /dev/ttyUSB0"
     assert facts["Operator"] == "alice"

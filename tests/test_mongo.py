@@ -71,6 +71,7 @@ async def test_run_and_device_documents(tmp_path: Path, mongo: MongoSettings) ->
     doc = db.runs.find_one({"_id": retest.run_id})
     assert doc["outcome"] == "FAIL" and doc["serial"] == "SN-1" and doc["batch"] == retest.batch
     assert doc["started_at"] == retest.started_at and doc["ended_at"] == retest.ended_at
+    assert doc["product_sha256"] == retest.product_sha256 and doc["sequencer_version"] == retest.sequencer_version
     assert [p["name"] for p in doc["phases"]] == [p.name for p in retest.phases]
     flash = doc["phases"][2]
     assert [a["outcome"] for a in flash["attempts"]] == ["FAIL", "PASS"]

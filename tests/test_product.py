@@ -110,6 +110,7 @@ def test_limits_file_overrides_and_is_hashed(tmp_path: Path) -> None:
     loaded = load_product(src)
     assert loaded.limits_file == limits
     assert loaded.limits_sha256 == hashlib.sha256(limits.read_bytes()).hexdigest()
+    assert loaded.source_sha256 == hashlib.sha256(src.read_bytes()).hexdigest()
     m = loaded.product.phase("rails").measurement("vdd")
     assert m.limits.low == 3.25 and m.limits.high == 3.35 and m.limits.marginal_low == 3.27
     assert len(m.validators) == 1

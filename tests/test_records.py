@@ -91,6 +91,8 @@ runs = st.builds(
     phases=st.lists(phases, max_size=3).map(tuple),
     limits_file=st.none() | text,
     limits_sha256=st.none() | text,
+    product_sha256=st.none() | text,
+    sequencer_version=text,
 )
 
 
