@@ -242,7 +242,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         if log_handle is not None:
             log_handle.close()
             if log_handle.dropped:
-                console.print(f"[yellow]{log_handle.dropped} line(s) could not be written to {log_handle.path}[/yellow]")
+                console.print(
+                    f"[yellow]{log_handle.dropped} line(s) could not be written to {log_handle.path}[/yellow]"
+                )
     return _finish_run(result, batch_runs, config, loaded, console)
 
 

@@ -286,7 +286,10 @@ class _SlotRun:
                     attachments=tuple(attachments),
                 )
             else:
-                reason = f"run aborted {self.control.aborted_by}" if self.control.aborted else (self.stop_reason or "not run")
+                if self.control.aborted:
+                    reason = f"run aborted {self.control.aborted_by}"
+                else:
+                    reason = self.stop_reason or "not run"
                 if p.teardown and self.control.teardown_scope.cancel_called:
                     reason = "teardowns skipped by a second abort"
                 rec = self._skipped(p, reason)

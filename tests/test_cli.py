@@ -174,7 +174,9 @@ def _store_with_runs(path: Path, count: int) -> list[RunRecord]:
     return runs
 
 
-def test_runs_lists_the_most_recent_and_says_how_many_match(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_runs_lists_the_most_recent_and_says_how_many_match(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     # A station's store keeps every run it ever took: `runs` shows the latest
     # unless asked for more, and says what it left out.
     store = str(tmp_path / "s.sqlite")
@@ -202,7 +204,9 @@ def test_runs_lists_the_most_recent_and_says_how_many_match(tmp_path: Path, caps
     assert err == "sequencer runs: error: argument --limit: '-1' is negative (see 'sequencer runs --help')\n"
 
 
-def test_a_run_given_only_a_store_writes_its_reports_beside_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_run_given_only_a_store_writes_its_reports_beside_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     store = tmp_path / "usb" / "store.sqlite"
     assert main(["run", str(SENSOR), "--sim", "1", "--store", str(store), "--batch", "B", "--plain"]) == 0
     report = tmp_path / "usb" / "reports" / "B" / "index.html"
