@@ -108,8 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     runs.add_argument("--serial")
     runs.add_argument("--outcome", choices=[o.value for o in Outcome])
     runs.add_argument("--store", type=Path)
-    runs.add_argument("--limit", type=_count, default=RUNS_SHOWN, metavar="N",
-                      help=f"the N most recent matching runs (default {RUNS_SHOWN}; 0 for all)")
+    runs.add_argument("--limit", type=_count, metavar="N",
+                      help=f"the N most recent matching runs; 0 for all (default: {RUNS_SHOWN} in the table, "
+                      "all with --json)")
     runs.add_argument("--json", action="store_true", help="one JSON record per line")
     add_mongo_commands(sub)  # sync, find
     from reports.provisioning.cli import add_provision_commands
@@ -462,9 +463,12 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_runs(args: argparse.Namespace) -> int:
     store = _open_store(args.store)
     filters = {"batch": args.batch, "serial": args.serial, "outcome": args.outcome}
+    # A person reads the table: the latest runs. A script reads the JSON: all
+    # of them unless it says otherwise, never silently cut short.
+    limit = args.limit if args.limit is not None else (0 if args.json else RUNS_SHOWN)
     try:
-        runs = store.find_runs(**filters, last=args.limit or None)
-        total = store.count_runs(**filters) if args.limit and len(runs) == args.limit else len(runs)
+        runs = store.find_runs(**filters, last=limit or None)
+        total = store.count_runs(**filters) if limit and len(runs) == limit else len(runs)
     finally:
         store.close()
     if args.json:

@@ -175,7 +175,7 @@ def _store_with_runs(path: Path, count: int) -> list[RunRecord]:
 
 
 def test_runs_lists_the_most_recent_and_says_how_many_match(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A station's store keeps every run it ever took: `runs` shows the latest
     # unless asked for more, and says what it left out.
@@ -197,6 +197,15 @@ def test_runs_lists_the_most_recent_and_says_how_many_match(
         ["SN003", "SN005"], "the 2 most recent of 3 runs (--limit N for more, --limit 0 for all)"
     )
     assert listed("--batch", "NOPE") == ([], f"no runs with batch 'NOPE' in {store}")
+    # JSON is for scripts: every matching run unless --limit says otherwise
+    monkeypatch.setattr("sequencer.cli.RUNS_SHOWN", 2)
+    assert len(listed()[0]) == 2
+    assert main(["runs", "--store", store, "--json"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 7
+    assert main(["runs", "--store", store, "--json", "--limit", "3"]) == 0
+    assert [json.loads(line)["dut"]["serial"] for line in capsys.readouterr().out.splitlines()] == [
+        "SN004", "SN005", "SN006"
+    ]
     with pytest.raises(SystemExit) as info:
         main(["runs", "--store", store, "--limit", "-1"])
     assert info.value.code == 2
