@@ -195,3 +195,18 @@ def marginal_band(m: MeasurementRecord) -> str:
     lo = "" if lim.marginal_low is None else number(lim.marginal_low)
     hi = "" if lim.marginal_high is None else number(lim.marginal_high)
     return f"{lo} … {hi}".strip()
+
+
+#: Identifiers up to this long (serials, phase and measurement names) are never broken across lines.
+KEEP_WHOLE_CHARS = 48
+
+
+def keep_whole(text: object) -> str:
+    """The CSS class for a cell holding an identifier: ``nowrap`` when it is short, else ``wrap``.
+
+    A serial split as "SN69610001 / 5" over two lines reads as another unit,
+    so identifiers of a normal length stay whole and the table makes room. A
+    DUT can still send garbage thousands of characters long as its serial;
+    that may wrap anywhere rather than push the table off the page.
+    """
+    return "nowrap" if len(str(text or "")) <= KEEP_WHOLE_CHARS else "wrap"

@@ -155,6 +155,7 @@ def _environment() -> jinja2.Environment:
         lvlclass=formatting.level_class,
         mcounts=formatting.measurement_counts,
         band=formatting.marginal_band,
+        keep_whole=formatting.keep_whole,
     )
     env.globals.update(
         attachment_view=attachment_view,

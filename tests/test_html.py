@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import hashlib
+import json
 import os
 import struct
 import subprocess
@@ -592,3 +593,60 @@ def test_chromium_renders_both_pages_to_png_and_pdf_and_keeps_the_values(tmp_pat
     assert batch_dom.find(id="kpi-final").text == "60.0 %"
     serials = [td.clean_text for td in batch_dom.find("table", "units").find_all("td", "serial")]
     assert serials == ["SN-1", "SN-2", "SN-3", "SN-1", "—", "SN-4"]
+
+
+# Appended to a copy of a page (the pages themselves carry no script): counts the
+# lines each identifier is laid out on, and writes the counts into the DOM.
+_LINE_COUNTER = """<script>
+const lines = el => { const r = document.createRange(); r.selectNodeContents(el);
+  return new Set([...r.getClientRects()].map(q => Math.round(q.top))).size; };
+const out = {
+  serials: [...document.querySelectorAll("table.units td.serial")].map(td => [td.textContent.trim(), lines(td)]),
+  pareto: [...document.querySelectorAll("table.pareto td:first-child > *")].map(e => [e.textContent.trim(), lines(e)]),
+};
+const pre = document.createElement("pre"); pre.id = "lines"; pre.textContent = JSON.stringify(out);
+document.body.appendChild(pre);
+</script>"""
+
+
+def test_serials_and_failure_names_are_never_split_across_lines_in_a_browser(tmp_path: Path) -> None:
+    # A serial broken as "SN69610001" / "5" reads as another unit. A batch
+    # like a real one at 1100 px: 16 units, long failure reasons squeezing the
+    # table, phase and measurement names of a real product.
+    long_reason = ("ProtocolError: /dev/pts/8: response to 'SELFTEST' does not echo it: "
+                   "'IDENT model=esp32-sensor serial=SN696100008 mac=24:6F:28:35:25:C6 fw=1.4.2 hw=B'")
+    runs = []
+    for i in range(16):
+        failing = {
+            3: phase("regulator_startup", measurements=[measurement("regulator_startup", 3.59, units="V", high=3.45)]),
+            8: phase("self_test", error=ErrorInfo("ProtocolError", long_reason), reason=long_reason),
+            10: phase("environment_sensor", measurements=[measurement("environment_humidity", 140.0, high=100.0)]),
+        }.get(i)
+        phases = [phase("identify"), *([failing] if failing else [phase("self_test")])]
+        runs.append(run(serial=f"SN6961000{i:02d}", slot=i, port=f"/dev/pts/{i}", phases=phases))
+    page = tmp_path / "index.html"
+    html = render_batch(runs, title="esp32-sensor — batch VIS")
+    csp = html[html.index('<meta http-equiv="Content-Security-Policy"'):]
+    csp = csp[: csp.index(">") + 1]  # the page forbids scripts; this copy needs one to measure
+    page.write_text(html.replace(csp, "").replace("</body>", _LINE_COUNTER + "</body>"), encoding="utf-8")
+    binary = chromium()
+    dom = subprocess.run(
+        [*chromium_args(binary, tmp_path / "profile"), "--window-size=1100,1200", "--dump-dom", page.as_uri()],
+        capture_output=True, timeout=120, check=True,
+    ).stdout.decode()
+    counted = json.loads(parse(dom).find(id="lines").text)
+    assert sorted(serial for serial, _ in counted["serials"]) == [f"SN6961000{i:02d}" for i in range(16)]
+    assert all(n == 1 for _, n in counted["serials"]), counted["serials"]
+    names = dict(counted["pareto"])
+    assert {"regulator_startup", "environment_sensor", "environment_humidity"} <= set(names)
+    assert all(n == 1 for n in names.values()), names
+
+
+def test_only_identifiers_of_a_normal_length_are_kept_whole() -> None:
+    assert formatting.keep_whole("SN696100015") == "nowrap"
+    assert formatting.keep_whole("x" * formatting.KEEP_WHOLE_CHARS) == "nowrap"
+    # a DUT sending garbage as its serial must not push the table off the page
+    garbage = "\x1b" + "A" * 4000
+    assert formatting.keep_whole(garbage) == "wrap"
+    page = parse(render_batch([run(serial=garbage)], title="t"))
+    assert page.find("td", "serial").classes >= {"mono", "serial", "wrap"}
