@@ -69,7 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
         "2 a usage or configuration error, 130 after Ctrl-C.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {SEQUENCER_VERSION or '(not installed)'}")
+    parser.add_argument(
+        "--version", action="version", version=f"%(prog)s {SEQUENCER_VERSION or '(not installed)'}"
+    )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     check = sub.add_parser("check", help="validate a product file and print its phase graph")
@@ -83,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--sim", type=int, metavar="N", help="run on N simulated DUTs")
     run.add_argument("--port", action="append", dest="ports", metavar="PATH", help="a DUT port (repeatable)")
     run.add_argument("--store", type=Path, help="local store (SQLite) path")
-    run.add_argument("--reports", type=Path, help="directory for HTML reports (default: `reports` beside the store)")
+    run.add_argument("--reports", type=Path,
+                     help="directory for HTML reports (default: `reports` beside the store)")
     run.add_argument("--batch", help="batch id stamped on every run")
     run.add_argument("--operator", help="operator name stamped on every run")
     run.add_argument("--limits", type=Path, help="limits file (default: <product>.limits.toml beside it)")

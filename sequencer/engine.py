@@ -58,6 +58,7 @@ from sequencer.records import (
 )
 from sequencer.resources import ResourceAccess, SharedResource
 
+
 def _installed_version() -> str:
     try:
         return importlib.metadata.version("sequencer")
@@ -252,6 +253,7 @@ class _SlotRun:
                     await self.store.finish_run(final)
                 except Exception as exc:
                     self._store_failed(exc)
+                    final = self._finish()  # ERROR now: the record could not be closed
         self.bus.publish(RunFinished(final))
         self.log.info("run finished", outcome=final.outcome.value if final.outcome else None)
         if self.write_error is not None:

@@ -524,6 +524,24 @@ async def test_a_store_failure_stops_every_slot_but_teardowns_run_and_fixtures_c
     assert sorted(writer.phases) == [(0, "quick")] * 3
 
 
+async def test_a_run_whose_record_cannot_be_closed_is_not_a_pass() -> None:
+    from sequencer.engine import RecordsNotWritten, RunSettings, run_dut
+    from sequencer.fixtures import SlotInfo
+    from sequencer.product import LoadedProduct
+
+    @phase
+    async def only() -> None:
+        pass
+
+    writer = _DiskFillsUp(room=1)  # every phase is written; closing the run is not
+    with pytest.raises(RecordsNotWritten) as info:
+        await run_dut(LoadedProduct(Product("p", [only]), Path("x")), SlotInfo(0, "/dev/x", "st"),
+                      settings=RunSettings("st"), store=writer, bus=EventBus())
+    assert writer.phases == [(0, "only")]
+    assert outcomes(info.value.run) == {"only": "PASS"}
+    assert info.value.run.outcome is Outcome.ERROR  # the unit has no complete record
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
 async def test_non_finite_values_fail(store_path: Path, bad: float) -> None:
     @phase(measurements=[Measurement("x")])
