@@ -116,6 +116,11 @@ def test_every_outcome_has_its_own_banner_colour(outcome: Outcome | None) -> Non
     assert banner.find("div", "verdict").clean_text == ("RUNNING" if outcome is None else outcome.value)
 
 
+def _run_fact(root: Element, name: str) -> Element:
+    """The cell of the run page's "Run" table whose heading is ``name``."""
+    return next(tr.find("td") for tr in root.find("table", "run").find_all("tr") if tr.find("th").text == name)
+
+
 def test_identity_and_run_facts_are_all_shown() -> None:
     r = sensor_run("SN-0042", dut_extra={"imei": "356938035643809", "board_rev": "C"})
     root = parse(render_run(r))
@@ -123,7 +128,7 @@ def test_identity_and_run_facts_are_all_shown() -> None:
     assert dut == r.dut
     assert dut["imei"] == "356938035643809"
     facts = {tr.find("th").text: tr.find("td").clean_text for tr in root.find("table", "run").find_all("tr")}
-    product = next(tr.find("td") for tr in root.find("table", "run").find_all("tr") if tr.find("th").text == "Product")
+    product = _run_fact(root, "Product")
     assert product.find("div").text == f"sha256 {r.product_sha256}"  # which test code ran
     assert facts["Product"] == f"esp32_sensor 1.4.2{product.find('div').text}"
     assert facts["Sequencer"] == r.sequencer_version == "0.1.0"
@@ -134,7 +139,7 @@ def test_identity_and_run_facts_are_all_shown() -> None:
     assert facts["Started"] == "2024-05-14 08:30:00 UTC"
     assert facts["Ended"] == "2024-05-14 08:30:24 UTC"
     assert facts["Duration"] == "24.9 s"
-    limits = next(tr.find("td") for tr in root.find("table", "run").find_all("tr") if tr.find("th").text == "Limits file")
+    limits = _run_fact(root, "Limits file")
     assert limits.children[0] == "esp32_sensor.limits.toml"
     assert limits.find("div").text == f"sha256 {r.limits_sha256}"
     assert facts["Run ID"] == r.run_id
