@@ -15,7 +15,9 @@ numbers and escaped labels. Attachments that are SVG are embedded as base64
 from __future__ import annotations
 
 import base64
+import errno
 import functools
+import hashlib
 import os
 import tempfile
 from collections.abc import Sequence
@@ -203,10 +205,37 @@ def render_batch(runs: Sequence[RunRecord], *, title: str) -> str:
     )
 
 
+def batch_title(batch: str, runs: Sequence[RunRecord]) -> str:
+    """The heading of a batch's report: the products tested, then the batch."""
+    products = " / ".join(sorted({r.product for r in runs}))
+    return f"{products} — batch {batch}" if products else f"Batch {batch}"
+
+
+def batch_dir(reports_dir: Path, batch: str) -> Path:
+    """The folder of a batch's reports: ``reports_dir / batch`` when the batch id is a safe folder name.
+
+    A batch id is typed or scanned by a person, or comes from the factory's
+    system, and may hold anything: a ``/``, a ``..``. Used as it is, it could
+    name a folder outside the reports directory, or several levels of them.
+    Characters other than letters, digits, ``.``, ``_`` and ``-`` become
+    ``_``, and a name that had to change ends with a short hash of the id, so
+    two batches whose ids differ only there never share a folder.
+    """
+    safe = "".join(c if c.isascii() and (c.isalnum() or c in "._-") else "_" for c in batch)
+    if safe.startswith("."):
+        safe = "_" + safe[1:]
+    if safe != batch or not safe:
+        safe = f"{safe}-{hashlib.sha256(batch.encode()).hexdigest()[:8]}".lstrip("-")
+    return reports_dir / safe
+
+
 def write_html(path: str | os.PathLike[str], html: str) -> Path:
     """Write ``html`` to ``path`` atomically (a reader never sees half a report); return the path."""
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except FileExistsError as exc:  # a file where a folder of the path should be
+        raise NotADirectoryError(errno.ENOTDIR, "not a directory", exc.filename) from None
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:

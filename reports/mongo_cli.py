@@ -27,7 +27,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from sequencer.config import ConfigError, StationConfig, load_station_config
+from sequencer.config import ConfigError, StationConfig, reading_config, require_store
 
 if TYPE_CHECKING:
     from reports.mongo import MongoSettings
@@ -114,15 +114,7 @@ def _settings(config: StationConfig, where: str, **timeouts: float) -> MongoSett
 
 
 def _config_for(args: argparse.Namespace) -> StationConfig:
-    config = load_station_config(args.station) if args.station else StationConfig()
-    if args.store:
-        config = attrs.evolve(config, store=args.store)
-    return apply_mongo_options(config, args)
-
-
-def _require_store(path: Path) -> None:
-    if not path.exists():
-        raise _Usage(f"{path}: no local store here (give --store PATH)")
+    return apply_mongo_options(reading_config(args.station, args.store), args)
 
 
 # -- the station ---------------------------------------------------------------
@@ -171,7 +163,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
     if settings is None:
         raise _Usage(f"sync: no MongoDB configured: give --mongo URI, set {ENV_URI}, or add [mongo] uri "
                      "to the station file")
-    _require_store(config.store)
+    require_store(config)
     from sequencer.logs import configure_logging
 
     configure_logging(None)  # the shipper's log lines would repeat what sync prints
@@ -242,7 +234,7 @@ def cmd_find(args: argparse.Namespace) -> int:
             err.print(Text(f"sequencer: MongoDB {settings.target} unreachable ({exc}); showing this station's"
                            " local store", style="yellow"), soft_wrap=True)
     if devices is None:
-        _require_store(config.store)
+        require_store(config)
         devices = find_local(config.store, **key)
         source = f"local store {config.store}"
     if args.json:

@@ -19,7 +19,7 @@ import trio
 from rich.console import Console
 
 from fixtures.station import STATION_FIXTURES  # what the station provides every product
-from sequencer.config import ConfigError, StationConfig, load_station_config
+from sequencer.config import ConfigError, StationConfig, load_station_config, reading_config, require_store
 from sequencer.engine import SEQUENCER_VERSION, RunSettings
 from sequencer.events import EventBus
 from sequencer.product import LoadedProduct, ProductError, layers, load_product
@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
         "  sequencer run products/esp32_sensor.py --sim 8     8 simulated DUTs, no hardware\n"
         "  sequencer run products/esp32_sensor.py --station station.toml\n"
         "  sequencer runs --batch B                          what the store holds for batch B\n"
-        "  sequencer report --batch B -o batch.html          yield and failure Pareto\n"
+        "  sequencer report --batch B                        yield and failure Pareto (prints its path)\n"
         "\n"
         "exit codes: 0 every DUT passed (or the command succeeded), 1 a DUT did not pass,\n"
         "2 a usage or configuration error, 130 after Ctrl-C.",
@@ -102,15 +102,19 @@ def build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="write the HTML report of a run or a batch")
     target = report.add_mutually_exclusive_group(required=True)
     target.add_argument("--run", metavar="ID", help="run id (a unique prefix is enough)")
-    target.add_argument("--batch", metavar="B")
-    report.add_argument("-o", "--output", type=Path, required=True)
-    report.add_argument("--store", type=Path)
+    target.add_argument("--batch", metavar="B", help="every run of batch B: units, yields, failure Pareto")
+    report.add_argument("-o", "--output", type=Path, metavar="FILE",
+                        help="file to write (default: where `sequencer run` puts it: <reports>/<batch>/index.html "
+                        "for a batch, <reports>/<batch>/<run id>.html for a run)")
+    report.add_argument("--store", type=Path, metavar="PATH", help="local store (SQLite) path")
+    report.add_argument("--station", type=Path, metavar="FILE", help="station file (for its store and reports directory)")
 
     runs = sub.add_parser("runs", help="list runs in the local store")
     runs.add_argument("--batch")
     runs.add_argument("--serial")
     runs.add_argument("--outcome", choices=[o.value for o in Outcome])
-    runs.add_argument("--store", type=Path)
+    runs.add_argument("--store", type=Path, metavar="PATH", help="local store (SQLite) path")
+    runs.add_argument("--station", type=Path, metavar="FILE", help="station file (for its store)")
     runs.add_argument("--limit", type=_count, metavar="N",
                       help=f"the N most recent matching runs; 0 for all (default: {RUNS_SHOWN} in the table, "
                       "all with --json)")
@@ -249,7 +253,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 console.print(
                     f"[yellow]{log_handle.dropped} line(s) could not be written to {log_handle.path}[/yellow]"
                 )
-    return _finish_run(result, batch_runs, config, loaded, console)
+    return _finish_run(result, batch_runs, config, console)
 
 
 def _raise_open_file_limit() -> None:
@@ -390,10 +394,9 @@ def _finish_run(
     result: StationResult,
     batch_runs: list[RunRecord],
     config: StationConfig,
-    loaded: LoadedProduct,
     console: Console,
 ) -> int:
-    from reports.html import render_batch, render_run, write_html
+    from reports.html import batch_dir, batch_title, render_batch, render_run, write_html
     from sequencer.display import station_summary
 
     runs = list(result.runs)
@@ -405,13 +408,13 @@ def _finish_run(
             f"{config.store}; retest these units once the store can be written)"
         )
     passed = sum(r.outcome is Outcome.PASS for r in runs)
-    report_dir = config.reports_dir / config.batch_or_default
+    report_dir = batch_dir(config.reports_dir, config.batch_or_default)
     batch_path = report_dir / "index.html"
     try:
         report_dir.mkdir(parents=True, exist_ok=True)
         for r in runs:
             write_html(report_dir / f"{r.run_id}.html", render_run(r))
-        write_html(batch_path, render_batch(batch_runs, title=f"{loaded.name} — batch {config.batch_or_default}"))
+        write_html(batch_path, render_batch(batch_runs, title=batch_title(config.batch_or_default, batch_runs)))
     except Exception as exc:
         # The records are safe in the store; a report can be written later
         # with `sequencer report`. Say so rather than lose the exit code.
@@ -429,21 +432,17 @@ def _finish_run(
 # -- report and runs ---------------------------------------------------------
 
 
-def _open_store(path: Path | None) -> Any:
+def _open_store(config: StationConfig) -> Any:
     from reports.store import LocalStore
 
-    from sequencer.config import default_data_dir
-
-    store_path = path or default_data_dir() / "store.sqlite"
-    if not store_path.exists():
-        raise UsageError(f"{store_path}: no local store here (give --store PATH)")
-    return LocalStore.open(store_path)
+    return LocalStore.open(require_store(config))
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from reports.html import render_batch, render_run, write_html
+    from reports.html import batch_dir, batch_title, render_batch, render_run, write_html
 
-    store = _open_store(args.store)
+    config = reading_config(args.station, args.store)
+    store = _open_store(config)
     try:
         if args.run:
             matches = store.find_runs(run_id_prefix=args.run, limit=2)
@@ -451,20 +450,35 @@ def cmd_report(args: argparse.Namespace) -> int:
                 raise UsageError(f"run {args.run!r}: not in {store.path}")
             if len(matches) > 1:
                 raise UsageError(f"run {args.run!r}: the prefix matches several runs; give more of the id")
-            write_html(args.output, render_run(matches[0]))
+            run = matches[0]
+            output = args.output or batch_dir(config.reports_dir, run.batch) / f"{run.run_id}.html"
+            html = render_run(run)
         else:
             runs = store.find_runs(batch=args.batch)
             if not runs:
                 raise UsageError(f"batch {args.batch!r}: no runs in {store.path}")
-            write_html(args.output, render_batch(runs, title=f"Batch {args.batch}"))
+            output = args.output or batch_dir(config.reports_dir, args.batch) / "index.html"
+            html = render_batch(runs, title=batch_title(args.batch, runs))
     finally:
         store.close()
-    print(args.output)
+    try:
+        write_html(output, html)
+    except OSError as exc:
+        raise UsageError(f"{output}: cannot write the report: {_os_reason(exc, output)}") from None
+    print(output)
     return EXIT_OK
 
 
+def _os_reason(exc: OSError, path: Path) -> str:
+    """Why ``path`` could not be written, naming the folder at fault if it is not the file itself."""
+    reason = exc.strerror or str(exc)
+    if exc.filename and Path(exc.filename) != path and path.is_relative_to(exc.filename):
+        reason += f": {exc.filename}"
+    return reason
+
+
 def cmd_runs(args: argparse.Namespace) -> int:
-    store = _open_store(args.store)
+    store = _open_store(reading_config(args.station, args.store))
     filters = {"batch": args.batch, "serial": args.serial, "outcome": args.outcome}
     # A person reads the table: the latest runs. A script reads the JSON: all
     # of them unless it says otherwise, never silently cut short.
@@ -482,11 +496,14 @@ def cmd_runs(args: argparse.Namespace) -> int:
         given = ", ".join(f"{k} {v!r}" for k, v in filters.items() if v is not None)
         print(f"no runs{' with ' + given if given else ''} in {store.path}")
         return EXIT_OK
+    from rich import box
     from rich.table import Table
 
-    table = Table(header_style="bold")
+    # No vertical rules, so the six columns fit 80 characters; identifiers and
+    # times are never split across lines (a split serial reads as two units).
+    table = Table(header_style="bold", box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
     for col in ("run", "started (UTC)", "batch", "serial", "slot", "outcome"):
-        table.add_column(col)
+        table.add_column(col, no_wrap=col != "batch", overflow="fold")
     for r in runs:
         outcome = r.outcome.value if r.outcome else "RUNNING"
         table.add_row(r.run_id[:12], f"{r.started_at:%Y-%m-%d %H:%M:%S}", r.batch, r.serial or "-", str(r.slot),

@@ -202,6 +202,23 @@ _RESOURCE_KEYS = {"capacity", "instrument", "port"}
 _MONGO_KEYS = {"uri", "database"}
 
 
+def reading_config(station: Path | None, store: Path | None) -> StationConfig:
+    """The configuration of a command that reads a station's records (``runs``, ``report``, ``sync``, ``find``).
+
+    The station file, if given, says where its store and reports are;
+    ``--store`` overrides it.
+    """
+    config = load_station_config(station) if station else StationConfig()
+    return attrs.evolve(config, store=store) if store else config
+
+
+def require_store(config: StationConfig) -> Path:
+    """The store's path; a clear error if there is none (reading commands never create an empty one)."""
+    if not config.store.exists():
+        raise ConfigError(f"{config.store}: no local store here (give --store PATH or --station FILE)")
+    return config.store
+
+
 def load_station_config(path: str | Path) -> StationConfig:
     p = Path(path)
     try:

@@ -223,6 +223,85 @@ def test_a_run_given_only_a_store_writes_its_reports_beside_it(
     assert report.exists()
 
 
+def test_report_without_output_rewrites_the_file_the_run_wrote(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Quality regenerates a lost or stale report with the station file alone,
+    # and finds it where the station put it.
+    station = tmp_path / "station.toml"
+    station.write_text('store = "data/store.sqlite"\nreports = "html"\nsim = 2\nbatch = "B7"\n')
+    assert main(["run", str(SENSOR), "--station", str(station), "--plain"]) == 0
+    capsys.readouterr()
+    batch_page = tmp_path / "html" / "B7" / "index.html"
+    first = batch_page.read_text()
+    run_pages = sorted(p for p in batch_page.parent.iterdir() if p.name != "index.html")
+    assert len(run_pages) == 2
+    for page in (batch_page, *run_pages):
+        page.unlink()
+
+    assert main(["report", "--station", str(station), "--batch", "B7"]) == 0
+    assert capsys.readouterr().out == f"{batch_page}\n"
+    assert batch_page.read_text() == first  # same page, same title, as `sequencer run` wrote
+    run_id = run_pages[0].stem
+    assert main(["report", "--station", str(station), "--run", run_id[:8]]) == 0
+    assert capsys.readouterr().out == f"{run_pages[0]}\n"
+    assert run_id in run_pages[0].read_text()
+    assert not run_pages[1].exists()
+    # --store wins over the station file's store, as for every command
+    assert main(["runs", "--station", str(station), "--store", str(tmp_path / "other.sqlite")]) == 2
+    assert f"{tmp_path / 'other.sqlite'}: no local store here" in one_line_error(capsys)
+
+
+def test_report_that_cannot_be_written_exits_2_naming_the_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    runs = _store_with_runs(tmp_path / "s.sqlite", 1)
+    (tmp_path / "a-file").write_text("")
+    target = tmp_path / "a-file" / "batch.html"
+    assert main(["report", "--store", str(tmp_path / "s.sqlite"), "--batch", runs[0].batch, "-o", str(target)]) == 2
+    assert one_line_error(capsys) == (
+        f"sequencer: error: {target}: cannot write the report: not a directory: {tmp_path / 'a-file'}"
+    )
+    assert main(["report", "--store", str(tmp_path / "s.sqlite"), "--batch", runs[0].batch, "-o", "/proc/b.html"]) == 2
+    assert one_line_error(capsys).startswith("sequencer: error: /proc/b.html: cannot write the report: ")
+
+
+def test_a_batch_id_never_names_a_folder_outside_the_reports(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    reports = tmp_path / "r"
+    args = ["run", str(SENSOR), "--sim", "1", "--store", str(tmp_path / "s.sqlite"), "--reports", str(reports),
+            "--batch", "../../outside", "--plain"]
+    assert main(args) == 0
+    capsys.readouterr()
+    written = sorted(p.relative_to(tmp_path).parts for p in tmp_path.rglob("*.html"))
+    assert len(written) == 2
+    folder = written[0][1]
+    assert all(parts[:2] == ("r", folder) and len(parts) == 3 for parts in written)
+    assert folder.endswith("_outside-" + hashlib.sha256(b"../../outside").hexdigest()[:8])
+    assert not folder.startswith(".")
+    assert "batch ../../outside" in (reports / folder / "index.html").read_text()
+    # the record keeps the batch as given
+    assert main(["runs", "--store", str(tmp_path / "s.sqlite"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["batch"] == "../../outside"
+
+
+def test_runs_table_fits_80_columns_without_splitting_identifiers(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COLUMNS", "80")
+    # an open run, found INTERRUPTED: the longest outcome
+    r = records_factory.run(serial="SN6961000012345", batch="a-rather-long-batch-name-2026-47", outcome=None)
+    store = LocalStore.open(tmp_path / "s.sqlite")
+    store._write_batch([_Write("begin", run=r)])
+    store.close()
+    assert main(["runs", "--store", str(tmp_path / "s.sqlite")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert max(len(line) for line in lines) <= 80
+    row = next(line for line in lines if r.run_id[:12] in line)
+    assert "SN6961000012345" in row and f"{r.started_at:%Y-%m-%d %H:%M:%S}" in row and "INTERRUPTED" in row
+
+
 def test_batch_page_covers_every_session_of_the_batch(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     args = ["run", str(SENSOR), "--sim", "2", "--store", str(tmp_path / "s.sqlite"), "--reports",
             str(tmp_path / "r"), "--batch", "B", "--plain"]

@@ -16,7 +16,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from reports import formatting
-from reports.html import MAX_EMBED_BYTES, MAX_INLINE_TEXT_CHARS, render_batch, render_run, write_html
+from reports.html import (
+    MAX_EMBED_BYTES,
+    MAX_INLINE_TEXT_CHARS,
+    batch_dir,
+    render_batch,
+    render_run,
+    write_html,
+)
 from sequencer.records import Attachment, ErrorInfo, MeasurementOutcome, Outcome, RunRecord
 from tests.browser import chromium, chromium_args
 from tests.htmltree import Element, parse
@@ -655,3 +662,22 @@ def test_only_identifiers_of_a_normal_length_are_kept_whole() -> None:
     assert formatting.keep_whole(garbage) == "wrap"
     page = parse(render_batch([run(serial=garbage)], title="t"))
     assert page.find("td", "serial").classes >= {"mono", "serial", "wrap"}
+
+
+@given(st.text(max_size=40) | st.sampled_from(["..", ".", "", "a/b", "a_b", "a\\b", ".hidden", "B2026-47"]))
+def test_a_batch_folder_is_one_safe_folder_inside_the_reports(batch: str) -> None:
+    root = Path("/srv/reports")
+    folder = batch_dir(root, batch)
+    assert folder.parent == root
+    assert folder.name not in ("", ".", "..") and not folder.name.startswith(".")
+    assert all(c.isascii() and (c.isalnum() or c in "._-") for c in folder.name)
+    # a safe id is used as it is; any other gets a hash of itself, so ids never share a folder
+    if batch and batch[0] != "." and all(c.isascii() and (c.isalnum() or c in "._-") for c in batch):
+        assert folder.name == batch
+    else:
+        assert folder.name.endswith(hashlib.sha256(batch.encode()).hexdigest()[:8])
+
+
+def test_batches_that_differ_only_in_unsafe_characters_get_different_folders() -> None:
+    names = {batch_dir(Path("r"), b).name for b in ("a/b", "a_b", "a\\b", "a b", "a:b", "a..b", "")}
+    assert len(names) == 7
