@@ -20,11 +20,12 @@ from rich.console import Console
 
 from fixtures.station import STATION_FIXTURES  # what the station provides every product
 from sequencer.config import ConfigError, StationConfig, load_station_config, reading_config, require_store
-from sequencer.engine import SEQUENCER_VERSION, RunSettings
+from sequencer.engine import RunSettings
 from sequencer.events import EventBus
 from sequencer.product import LoadedProduct, ProductError, layers, load_product
 from sequencer.records import Outcome, RunRecord, run_to_json
 from sequencer.station import StationResult
+from sequencer.version import SEQUENCER_VERSION
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_ABORTED = 0, 1, 2, 130
 

@@ -29,7 +29,6 @@ whatever happens to the process later, what was finished is on disk.
 from __future__ import annotations
 
 import contextlib
-import importlib.metadata
 import math
 import traceback
 import uuid
@@ -57,17 +56,8 @@ from sequencer.records import (
     utcnow,
 )
 from sequencer.resources import ResourceAccess, SharedResource
+from sequencer.version import SEQUENCER_VERSION
 
-
-def _installed_version() -> str:
-    try:
-        return importlib.metadata.version("sequencer")
-    except importlib.metadata.PackageNotFoundError:  # a source tree that was never installed
-        return ""
-
-
-#: Stamped on every run record, with the product file's hash: which test code produced it.
-SEQUENCER_VERSION = _installed_version()
 
 #: Closing a fixture (a serial port) must not hold a slot forever.
 FIXTURE_CLOSE_TIMEOUT_S = 10.0
