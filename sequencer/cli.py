@@ -235,6 +235,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         station_services(config, loaded, config.ports)  # a product's needs the station file lacks: fail now
     _raise_open_file_limit()
+    if config.sim:
+        _check_free_ptys(config.sim)
     store = LocalStore.open(config.store, station=True)
     console = Console(highlight=False)
     if store.interrupted_on_open:
@@ -264,6 +266,16 @@ def _raise_open_file_limit() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard == resource.RLIM_INFINITY or soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else 65536, hard))
+
+
+def _check_free_ptys(sim: int) -> None:
+    """A simulated DUT sits on a pty: say so now if the kernel has too few, before any run is recorded."""
+    from fixtures.sim.farm import free_ptys
+
+    free = free_ptys()
+    if free is not None and sim > free:
+        raise UsageError(f"sim {sim}: a simulated DUT needs a pty, and only {free} are free "
+                         "(/proc/sys/kernel/pty/max)")
 
 
 def check_port(port: str) -> None:

@@ -107,6 +107,18 @@ def test_busy_port_exits_2_naming_it(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert f"port {endpoint.path}: busy or not usable" in one_line_error(capsys)
 
 
+def test_too_few_ptys_for_the_simulated_farm_exits_2_before_any_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("fixtures.sim.farm.free_ptys", lambda: 3)
+    store = tmp_path / "s.sqlite"
+    assert main(["run", str(SENSOR), "--sim", "4", "--store", str(store)]) == 2
+    assert one_line_error(capsys) == (
+        "sequencer: error: sim 4: a simulated DUT needs a pty, and only 3 are free (/proc/sys/kernel/pty/max)"
+    )
+    assert not store.exists()  # refused before testing: no run recorded as failed for it
+
+
 def test_station_file_with_unknown_key_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     station = tmp_path / "station.toml"
     station.write_text("sim = 2\nprots = ['/dev/ttyUSB0']\n")
