@@ -108,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="file to write (default: where `sequencer run` puts it: <reports>/<batch>/index.html "
                         "for a batch, <reports>/<batch>/<run id>.html for a run)")
     report.add_argument("--store", type=Path, metavar="PATH", help="local store (SQLite) path")
-    report.add_argument("--station", type=Path, metavar="FILE", help="station file (for its store and reports directory)")
+    report.add_argument("--station", type=Path, metavar="FILE",
+                        help="station file (for its store and reports directory)")
 
     runs = sub.add_parser("runs", help="list runs in the local store")
     runs.add_argument("--batch")
