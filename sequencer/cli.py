@@ -17,6 +17,8 @@ from typing import Any, NoReturn
 
 import trio
 from rich.console import Console
+from rich.markup import escape
+from rich.text import Text
 
 from fixtures.station import STATION_FIXTURES  # what the station provides every product
 from sequencer.config import ConfigError, StationConfig, load_station_config, reading_config, require_store
@@ -239,7 +241,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     if config.sim:
         _check_free_ptys(config.sim)
     store = LocalStore.open(config.store, station=True)
-    console = Console(highlight=False)
+    # soft_wrap: a path or a batch id is never broken across lines (it would
+    # not paste back); markup is only ever in this module's own literals, and
+    # every value put into it goes through escape().
+    console = Console(highlight=False, soft_wrap=True)
     if store.interrupted_on_open:
         console.print(f"[yellow]{store.interrupted_on_open} run(s) left open by a previous station were marked "
                       "INTERRUPTED[/yellow]")
@@ -255,7 +260,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             log_handle.close()
             if log_handle.dropped:
                 console.print(
-                    f"[yellow]{log_handle.dropped} line(s) could not be written to {log_handle.path}[/yellow]"
+                    f"[yellow]{log_handle.dropped} line(s) could not be written to {escape(str(log_handle.path))}"
+                    "[/yellow]"
                 )
     return _finish_run(result, batch_runs, config, console)
 
@@ -315,13 +321,13 @@ async def _run_station(
             # ESP32 boards in download mode if the product flashes; --faults applied.
             devices = await stack.enter_async_context(open_station_farm(loaded, config, faults))
             if faults is not None:
-                console.print(f"faults ({faults.source}): {faults.summary() or 'none drawn'}")
+                console.print(f"faults ({escape(str(faults.source))}): {escape(faults.summary() or 'none drawn')}")
             ports = [d.path for d in devices]
             from fixtures.station import open_sim_services
 
             services = await stack.enter_async_context(open_sim_services(loaded, config, devices))
             if services.provisioning_url and not config.provisioning_url:
-                console.print(f"provisioning: simulated service at {services.provisioning_url}")
+                console.print(f"provisioning: simulated service at {escape(services.provisioning_url)}")
         else:
             from fixtures.station import station_services
 
@@ -336,8 +342,8 @@ async def _run_station(
         display = StationDisplay(ports, len(loaded.product.phases))
         events = bus.subscribe("display", buffer=4096)
         interactive = live and console.is_terminal
-        console.print(f"[bold]{loaded.name}[/bold] on {len(ports)} slot(s), batch {settings.batch}, "
-                      f"station {settings.station}")
+        console.print(f"[bold]{escape(loaded.name)}[/bold] on {len(ports)} slot(s), batch {escape(settings.batch)}, "
+                      f"station {escape(settings.station)}")
         async with trio.open_nursery() as nursery:
             if interactive:
                 nursery.start_soon(show_live, display, events, console)
@@ -432,11 +438,12 @@ def _finish_run(
     except Exception as exc:
         # The records are safe in the store; a report can be written later
         # with `sequencer report`. Say so rather than lose the exit code.
-        console.print(f"[red]could not write the HTML report in {report_dir}: {type(exc).__name__}: {exc}[/red]"
-                      f"  (records are in {config.store}; retry with `sequencer report --batch ...`)")
+        console.print(f"[red]could not write the HTML report in {escape(str(report_dir))}: {type(exc).__name__}: "
+                      f"{escape(str(exc))}[/red]"
+                      f"  (records are in {escape(str(config.store))}; retry with `sequencer report --batch ...`)")
         console.print(f"{passed}/{len(runs)} passed.")
     else:
-        console.print(f"{passed}/{len(runs)} passed.  Report: {batch_path}  (per-run reports beside it)")
+        console.print(f"{passed}/{len(runs)} passed.  Report: {escape(str(batch_path))}  (per-run reports beside it)")
     if result.aborted:
         console.print("[yellow]aborted by the operator; every run was recorded ABORTED[/yellow]")
         return EXIT_ABORTED
@@ -520,8 +527,9 @@ def cmd_runs(args: argparse.Namespace) -> int:
         table.add_column(col, no_wrap=col != "batch", overflow="fold")
     for r in runs:
         outcome = r.outcome.value if r.outcome else "RUNNING"
-        table.add_row(r.run_id[:12], f"{r.started_at:%Y-%m-%d %H:%M:%S}", r.batch, r.serial or "-", str(r.slot),
-                      outcome + (" (marginal)" if r.marginal else ""))
+        # Text, not str: batch ids and serials are not console markup
+        table.add_row(r.run_id[:12], f"{r.started_at:%Y-%m-%d %H:%M:%S}", Text(r.batch), Text(r.serial or "-"),
+                      str(r.slot), outcome + (" (marginal)" if r.marginal else ""))
     Console(highlight=False).print(table)
     if total > len(runs):
         print(f"the {len(runs)} most recent of {total} runs (--limit N for more, --limit 0 for all)")

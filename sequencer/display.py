@@ -106,7 +106,9 @@ class StationDisplay:
                 v.outcome.value + (" (marginal)" if v.marginal else ""), style=OUTCOME_STYLE[v.outcome]
             )
             progress = f"{v.done}/{v.total}" + (f"  {v.detail}" if v.detail else "")
-            table.add_row(str(v.index), v.port, v.serial or "-", v.phase, progress, outcome)
+            # Text, not str: a cell's string would be read as console markup, and
+            # a serial or a reason is whatever the DUT sent ("[/]" must not crash the display).
+            table.add_row(str(v.index), Text(v.port), Text(v.serial or "-"), Text(v.phase), Text(progress), outcome)
         return table
 
 
@@ -151,7 +153,7 @@ def station_summary(runs: Sequence[RunRecord]) -> Group:
     terminal is wide, and squeezed into a column it would wrap every row into a
     dozen lines at 80 columns. Below the table it wraps at the full width.
     """
-    rows: list[tuple[str, str, str, Text, str]] = []
+    rows: list[tuple[str, Text, Text, Text, str]] = []
     failures: list[Text] = []
     for r in sorted(runs, key=lambda r: r.slot):
         failed = next((p for p in r.phases if p.outcome.is_failure), None)
@@ -162,8 +164,8 @@ def station_summary(runs: Sequence[RunRecord]) -> Group:
             failed = next((p for p in r.phases if p.reason), None)
         rows.append((
             str(r.slot),
-            r.port,
-            r.serial or "-",
+            Text(r.port),
+            Text(r.serial or "-"),
             Text(outcome.value + (" (marginal)" if r.marginal else ""), style=OUTCOME_STYLE[outcome]),
             f"{r.duration_s:.1f} s" if r.duration_s is not None else "-",
         ))

@@ -299,6 +299,18 @@ def test_a_batch_id_never_names_a_folder_outside_the_reports(
     assert json.loads(capsys.readouterr().out)["batch"] == "../../outside"
 
 
+def test_a_batch_id_that_looks_like_markup_is_printed_as_typed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    batch = "B[/x][bold]7"
+    store = str(tmp_path / "s.sqlite")
+    assert main(["run", str(SENSOR), "--sim", "1", "--store", store, "--batch", batch, "--plain"]) == 0
+    out = capsys.readouterr().out
+    assert f"batch {batch}, station" in out
+    assert main(["runs", "--store", store]) == 0
+    assert batch in capsys.readouterr().out
+
+
 def test_runs_table_fits_80_columns_without_splitting_identifiers(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import attrs
 from rich.console import Console
 
 from sequencer.display import StationDisplay, station_summary
@@ -61,3 +62,19 @@ def test_station_summary_keeps_one_line_per_slot_at_80_columns() -> None:
     assert all(len(ln) <= 80 for ln in lines)
     below = " ".join(ln.strip() for ln in lines[lines.index(next(ln for ln in lines if ln.startswith("└"))) + 1:])
     assert long_reason in below  # wrapped at the full width, every word kept
+
+
+def test_what_a_dut_sends_is_shown_as_sent_never_read_as_markup() -> None:
+    # A serial is whatever the DUT answered; "[/x]" read as rich markup
+    # raised MarkupError and took the display, and the station, down.
+    serial, port = "[/x][bold]SN1", "/dev/[red]tty"
+    run = attrs.evolve(sensor_run(serial, slot=0), port=port)
+    display = StationDisplay([port], phases_per_run=len(run.phases))
+    display.apply(RunStarted(run))
+    display.apply(DutIdentified(run.run_id, 0, {"serial": serial}))
+    display.apply(PhaseStarted(run.run_id, 0, "[/phase]", 1))
+    console = Console(width=200, record=True, color_system=None)
+    console.print(display.table())
+    console.print(station_summary([run]))
+    text = console.export_text()
+    assert text.count(serial) == 2 and text.count(port) == 2 and "[/phase]" in text
