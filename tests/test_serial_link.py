@@ -180,7 +180,25 @@ async def test_two_readers_at_once_is_an_error(device):
                 await link.read_line()
             with pytest.raises(trio.BusyResourceError, match="already reading"):
                 link.reset_input()
+            with pytest.raises(trio.BusyResourceError, match="already reading"):
+                link.read_line_nowait()
             nursery.cancel_scope.cancel()
+
+
+async def test_read_line_nowait_takes_only_lines_already_whole(device):
+    async with open_serial_link(device.path) as link:
+        with pytest.raises(trio.WouldBlock):
+            link.read_line_nowait()
+        await device.write(b"one\r\ntwo\n\xff\nthr")
+        await trio.sleep(0.02)  # let it all reach the host's input queue
+        assert await link.read_line() == "one"  # reads the kernel's queue: "two" and the rest come with it
+        assert link.read_line_nowait() == "two"
+        with pytest.raises(ProtocolError, match="not UTF-8"):
+            link.read_line_nowait()
+        with pytest.raises(trio.WouldBlock):
+            link.read_line_nowait()  # "thr" is not a line yet
+        await device.write(b"ee\n")
+        assert await link.read_line() == "three"
 
 
 async def test_missing_port_is_unavailable_naming_path():
