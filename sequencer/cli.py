@@ -173,6 +173,9 @@ def describe_product(loaded: LoadedProduct) -> str:
            + (f"  sha256 {loaded.source_sha256}" if loaded.source_sha256 else "")]
     if loaded.limits_file:
         out.append(f"limits  {loaded.limits_file}  sha256 {loaded.limits_sha256}")
+    # What every record of a run will name as the code that produced it.
+    dirty = "  (uncommitted changes: records will say .dirty)" if SEQUENCER_VERSION.endswith(".dirty") else ""
+    out.append(f"code    sequencer {SEQUENCER_VERSION or '(not installed)'}{dirty}")
     if p.fixtures:
         out.append("fixtures  " + ", ".join(sorted(p.fixtures)))
     if p.resources:

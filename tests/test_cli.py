@@ -43,6 +43,7 @@ def test_check_prints_the_graph_in_layers(capsys: pytest.CaptureFixture[str]) ->
     out = capsys.readouterr().out
     assert "product esp32-sensor" in out
     assert "limits  " in out and "sha256" in out
+    assert f"code    sequencer {SEQUENCER_VERSION}" in out  # what the records will name
     layer_lines = [line for line in out.splitlines() if line.strip().startswith("layer")]
     assert len(layer_lines) >= 3
     assert "(concurrent)" in out
