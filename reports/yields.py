@@ -24,10 +24,13 @@ Definitions (also printed on the batch page):
   the operator, not causes. A measurement counts when it ``FAIL``\\ ed in the
   last attempt of its phase (earlier attempts that a retry recovered from are
   not failures of the run).
+* The **test code** of a batch is each distinct combination of product file,
+  limits file (by SHA-256) and sequencer version its runs name.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import statistics
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -56,6 +59,23 @@ class UnitSummary:
     @property
     def retested(self) -> bool:
         return len(self.run_ids) > 1
+
+
+@attrs.frozen
+class CodeVersion:
+    """One combination of test code that runs of a batch were made with (what ``sequencer check`` prints)."""
+
+    product: str  # name and version, as the product declares them
+    product_sha256: str | None
+    limits_sha256: str | None
+    sequencer_version: str
+    runs: int
+    first_started_at: dt.datetime
+
+    @property
+    def uncommitted(self) -> bool:
+        """The sequencer ran from a checkout with changes no commit holds."""
+        return self.sequencer_version.endswith(".dirty")
 
 
 @attrs.frozen
@@ -94,6 +114,8 @@ class BatchSummary:
     unit_summaries: tuple[UnitSummary, ...]
     phase_pareto: tuple[ParetoRow, ...]
     measurement_pareto: tuple[ParetoRow, ...]
+    #: the test code the runs were made with, oldest first; more than one means the results may not compare
+    code_versions: tuple[CodeVersion, ...] = ()
 
 
 def unit_key(run: RunRecord) -> str:
@@ -137,6 +159,25 @@ def batch_summary(runs: Sequence[RunRecord]) -> BatchSummary:
         unit_summaries=tuple(units),
         phase_pareto=pareto(phase_failures(ordered)),
         measurement_pareto=pareto(measurement_failures(ordered)),
+        code_versions=code_versions(ordered),
+    )
+
+
+def code_versions(runs: Iterable[RunRecord]) -> tuple[CodeVersion, ...]:
+    """Each distinct combination of product file, limits file and sequencer the runs were made with.
+
+    Oldest first (by its first run). A batch whose rows are more than one was
+    not all tested by the same code: a limit widened mid-batch moves its
+    yield, and quality must see that beside the yield, not find it by
+    comparing run pages.
+    """
+    groups: dict[tuple[str, str | None, str | None, str], list[RunRecord]] = {}
+    for r in chronological(runs):
+        product = f"{r.product} {r.product_version}".strip()
+        groups.setdefault((product, r.product_sha256, r.limits_sha256, r.sequencer_version), []).append(r)
+    return tuple(
+        CodeVersion(product, product_sha, limits_sha, version, len(group), group[0].started_at)
+        for (product, product_sha, limits_sha, version), group in groups.items()
     )
 
 

@@ -11,6 +11,7 @@ import struct
 import subprocess
 from pathlib import Path
 
+import attrs
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -495,6 +496,21 @@ def test_batch_pareto_tables() -> None:
     assert by_m == [["rf_sweep / rssi_sweep", "1", "100.0 %", "100.0 %"]]
     bar = root.find("table", "pareto-measurement").find("div", "bar")
     assert bar.attrs["style"] == "width: 100.0%"
+
+
+def test_batch_page_names_its_test_code_and_warns_when_it_is_mixed() -> None:
+    root = parse(render_batch(batch_runs(), title="B1"))
+    assert not root.find_all("p", "code-warning")  # one product file, one limits file, one sequencer
+    rows = [cells(tr) for tr in root.find("table", "code-versions").find("tbody").find_all("tr")]
+    assert rows == [["esp32_sensor 1.4.2", ("3c1e" * 4), ("9f2c" * 4), "0.1.0", "6", "2024-05-14 08:30:00"]]
+
+    runs = batch_runs()
+    runs[3] = attrs.evolve(runs[3], limits_sha256="77" * 32, sequencer_version="0.1.0+g1234.dirty")
+    root = parse(render_batch(runs, title="B1"))
+    assert "2 different combinations" in root.find("p", "code-warning").clean_text
+    rows = root.find("table", "code-versions").find("tbody").find_all("tr")
+    assert [cells(tr)[2:5] for tr in rows] == [["9f2c" * 4, "0.1.0", "5"], ["77" * 8, "0.1.0+g1234.dirty UNCOMMITTED", "1"]]
+    assert rows[1].find("span", "uncommitted").text == "UNCOMMITTED"
 
 
 def test_batch_without_failures_or_runs() -> None:

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from reports.yields import RUNNING, batch_summary, pareto, unit_key
+from reports.yields import RUNNING, batch_summary, code_versions, pareto, unit_key
 from sequencer.records import MeasurementOutcome, Outcome
 from tests.records_factory import at, attempt, measurement, phase, run
 
@@ -213,3 +213,21 @@ def test_summary_invariants(specs, rnd: random.Random) -> None:
     shuffled = list(runs)
     rnd.shuffle(shuffled)
     assert batch_summary(shuffled) == s
+
+
+def test_test_code_is_one_row_per_combination_oldest_first() -> None:
+    same = dict(product_sha256="aa" * 32, limits_sha256="bb" * 32, sequencer_version="0.1.0+gabc")
+    widened = {**same, "limits_sha256": "cc" * 32}
+    runs = [r("SN-3", Outcome.PASS, 20, **widened), r("SN-1", Outcome.FAIL, 0, **same),
+            r("SN-2", Outcome.PASS, 10, **same), r("SN-1", Outcome.PASS, 30, **widened),
+            r("SN-4", Outcome.PASS, 40, **{**same, "sequencer_version": "0.1.0+gabc.dirty"})]
+    versions = code_versions(runs)
+    assert [(v.limits_sha256, v.sequencer_version, v.runs, v.first_started_at) for v in versions] == [
+        ("bb" * 32, "0.1.0+gabc", 2, at(0)),
+        ("cc" * 32, "0.1.0+gabc", 2, at(20)),
+        ("bb" * 32, "0.1.0+gabc.dirty", 1, at(40)),
+    ]
+    assert [v.uncommitted for v in versions] == [False, False, True]
+    assert {v.product for v in versions} == {"esp32_sensor 1.4.2"}
+    assert batch_summary(runs).code_versions == versions
+    assert code_versions([]) == ()
