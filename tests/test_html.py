@@ -631,6 +631,7 @@ const lines = el => { const r = document.createRange(); r.selectNodeContents(el)
 const out = {
   serials: [...document.querySelectorAll("table.units td.serial")].map(td => [td.textContent.trim(), lines(td)]),
   pareto: [...document.querySelectorAll("table.pareto td:first-child > *")].map(e => [e.textContent.trim(), lines(e)]),
+  kpis: [...document.querySelectorAll(".kpi .v")].map(e => [e.textContent.trim(), lines(e), e.scrollWidth <= e.clientWidth]),
 };
 const pre = document.createElement("pre"); pre.id = "lines"; pre.textContent = JSON.stringify(out);
 document.body.appendChild(pre);
@@ -652,6 +653,9 @@ def test_serials_and_failure_names_are_never_split_across_lines_in_a_browser(tmp
         }.get(i)
         phases = [phase("identify"), *([failing] if failing else [phase("self_test")])]
         runs.append(run(serial=f"SN6961000{i:02d}", slot=i, port=f"/dev/pts/{i}", phases=phases))
+        if failing:  # retested and passed: a final yield of "100.0 %", the widest figure a KPI shows
+            runs.append(run(serial=f"SN6961000{i:02d}", slot=i, port=f"/dev/pts/{i}", started_at=at(600),
+                            phases=[phase("identify"), phase("self_test")]))
     page = tmp_path / "index.html"
     html = render_batch(runs, title="esp32-sensor — batch VIS")
     csp = html[html.index('<meta http-equiv="Content-Security-Policy"'):]
@@ -663,11 +667,14 @@ def test_serials_and_failure_names_are_never_split_across_lines_in_a_browser(tmp
         capture_output=True, timeout=120, check=True,
     ).stdout.decode()
     counted = json.loads(parse(dom).find(id="lines").text)
-    assert sorted(serial for serial, _ in counted["serials"]) == [f"SN6961000{i:02d}" for i in range(16)]
+    assert sorted(set(serial for serial, _ in counted["serials"])) == [f"SN6961000{i:02d}" for i in range(16)]
     assert all(n == 1 for _, n in counted["serials"]), counted["serials"]
     names = dict(counted["pareto"])
     assert {"regulator_startup", "environment_sensor", "environment_humidity"} <= set(names)
     assert all(n == 1 for n in names.values()), names
+    # a figure and its unit stay together ("100.0" over "%" is misread) and fit their box
+    kpis = {figure: (n, fits) for figure, n, fits in counted["kpis"]}
+    assert "100.0 %" in kpis and all(v == (1, True) for v in kpis.values()), str(kpis)
 
 
 def test_only_identifiers_of_a_normal_length_are_kept_whole() -> None:
