@@ -519,6 +519,7 @@ def test_batch_without_failures_or_runs() -> None:
     empty = parse(render_batch([], title="nothing"))
     assert empty.find(id="kpi-fpy").text == "—"
     assert empty.find_all("p", "empty")[-1].text == "No runs."
+    assert not empty.find_all("table", "code-versions")
 
 
 # -- formatting and writing -------------------------------------------------------
