@@ -17,6 +17,7 @@ of them initiated as one set, for failover tests. Both are plain blocking code
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -175,7 +176,10 @@ class Mongod:
                         raise MongodError(
                             f"mongod on port {self.port}: no answer within {timeout:g} s (log: {self.log_path})"
                         ) from None
-                    time.sleep(0.05)
+                    # Waiting on the process rather than sleeping: a mongod that
+                    # exits (port taken, bad dbpath) is reported at once.
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        self.process.wait(timeout=0.05)
         finally:
             client.close()
 

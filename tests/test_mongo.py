@@ -362,3 +362,15 @@ def test_settings_pick_the_database_and_refuse_bad_uris() -> None:
         MongoSettings.parse("http://example.com")
     with pytest.raises(MongoConfigError, match="not a valid MongoDB database name"):
         MongoSettings.parse("mongodb://h", "a.b")
+
+
+def test_a_mongod_that_cannot_start_is_reported_with_its_reason(tmp_path: Path) -> None:
+    import socket
+
+    from reports.mongod import Mongod, MongodError
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        with pytest.raises(MongodError, match=r"exited with status \d+: port already in use"):
+            Mongod.start(tmp_path / "db", port=taken.getsockname()[1])
