@@ -1,7 +1,10 @@
 """What the operator sees while a station runs.
 
-On a terminal: one live line per slot (port, serial, current phase, progress,
-outcome), redrawn a few times a second from the trio loop (no refresh thread).
+On a terminal: a line of counts (running, passed, failed, other), then one
+live line per slot (port, serial, current phase, progress, outcome), redrawn
+a few times a second from the trio loop (no refresh thread). More slots than
+the terminal has rows go side by side in short cells, failures first when
+even those do not fit (:meth:`StationDisplay.render`).
 Elsewhere (CI, a pipe, a log file): one plain line per finished run and per
 failed phase, which reads well in a log.
 
@@ -97,6 +100,59 @@ class StationDisplay:
             )
         return None
 
+    def counts(self) -> Text:
+        """One line: how many slots are running, passed, failed, and otherwise done."""
+        running = sum(v.outcome is None for v in self.slots)
+        passed = sum(v.outcome is Outcome.PASS for v in self.slots)
+        failed = sum(v.outcome is Outcome.FAIL for v in self.slots)
+        other = len(self.slots) - running - passed - failed
+        line = Text(f"{len(self.slots)} slot(s): ")
+        parts = [(running, "running", "cyan"), (passed, "passed", "green"), (failed, "failed", "red"),
+                 (other, "error, timeout or aborted", "magenta")]
+        for i, (n, label, style) in enumerate(parts):
+            line.append(f"{n} {label}", style=style if n else "bright_black")
+            if i < len(parts) - 1:
+                line.append(" · ")
+        return line
+
+    def render(self, width: int, height: int) -> Group:
+        """The live view for a terminal of ``width`` x ``height``: the counts, then every slot that fits.
+
+        A row per slot while the rows fit. Beyond that (a 64-slot station in
+        a 30-line window) the slots go side by side in short cells; if even
+        those do not fit, the slots an operator must act on come first
+        (failed, then running) and the rest are counted on a last line. What
+        does not fit is never silently cut: rich would crop the bottom of the
+        table, hiding the highest-numbered slots for the whole run.
+        """
+        # Lines the counts, the table's rules and rich's own cursor line take.
+        if len(self.slots) <= height - 6:
+            return Group(self.counts(), self.table())
+        columns = max(1, (width + 2) // (_MIN_CELL + 2))
+        cell = min(_MAX_CELL, (width + 2) // columns - 2)  # spare width goes to phase names
+        rows = max(1, height - 3)
+        shown = self.slots
+        hidden: list[SlotView] = []
+        if len(shown) > columns * rows:
+            urgency = {True: 0, None: 1, False: 2}  # failed, running, the rest
+            ordered = sorted(self.slots, key=lambda v: (urgency[_failed(v)], v.index))
+            shown, hidden = ordered[: columns * rows - columns], ordered[columns * rows - columns :]
+            shown = sorted(shown, key=lambda v: v.index)
+        grid = Table.grid(padding=(0, 2))
+        for _ in range(columns):
+            grid.add_column(width=cell, no_wrap=True, overflow="ellipsis")
+        per_column = -(-len(shown) // columns)  # slots run down the columns, as in a list
+        for r in range(per_column):
+            grid.add_row(*(_cell(shown[c * per_column + r]) if c * per_column + r < len(shown) else ""
+                           for c in range(columns)))
+        parts: list[Text | Table] = [self.counts(), grid]
+        if hidden:
+            passed = sum(v.outcome is Outcome.PASS for v in hidden)
+            running = sum(v.outcome is None for v in hidden)
+            parts.append(Text(f"… {len(hidden)} more slot(s) not shown: {passed} passed, {running} running, "
+                              f"{len(hidden) - passed - running} other", style="bright_black"))
+        return Group(*parts)
+
     def table(self) -> Table:
         table = Table(expand=False, header_style="bold")
         for col in ("slot", "port", "serial", "phase", "progress", "outcome"):
@@ -112,9 +168,35 @@ class StationDisplay:
         return table
 
 
+#: Width of a slot's cell when slots go side by side: "123 SN6961000012   flash 3/10" fits.
+_MIN_CELL, _MAX_CELL = 36, 56
+
+
+def _failed(v: SlotView) -> bool | None:
+    """True: the run ended and did not pass; None: still running; False: passed."""
+    if v.outcome is None:
+        return None
+    return v.outcome is not Outcome.PASS
+
+
+def _cell(v: SlotView) -> Text:
+    """A slot in a few words: ``12 SN6961000012 flash 3/10`` or ``12 SN6961000012 FAIL`` (cut with … if long)."""
+    text = Text(f"{v.index:>3} ", style="bold")
+    text.append(f"{v.serial or v.port:<14} ")
+    if v.outcome is None:
+        text.append(f"{v.phase} {v.done}/{v.total}", style="cyan")
+    else:
+        text.append(v.outcome.value + (" (marginal)" if v.marginal else ""), style=OUTCOME_STYLE[v.outcome])
+    return text
+
+
 async def show_live(display: StationDisplay, events: trio.MemoryReceiveChannel[Event], console: Console) -> None:
-    """Redraw the slot table from events until the bus closes."""
-    with Live(display.table(), console=console, auto_refresh=False, transient=False) as live:
+    """Redraw the slot view from events until the bus closes."""
+
+    def view() -> Group:
+        return display.render(console.width, console.height)
+
+    with Live(view(), console=console, auto_refresh=False, transient=False) as live:
         dirty = True
         async with events:
             while True:
@@ -132,9 +214,9 @@ async def show_live(display: StationDisplay, events: trio.MemoryReceiveChannel[E
                         except (trio.WouldBlock, trio.EndOfChannel):
                             break
                 if dirty:
-                    live.update(display.table(), refresh=True)
+                    live.update(view(), refresh=True)
                     dirty = False
-        live.update(display.table(), refresh=True)
+        live.update(view(), refresh=True)
 
 
 async def show_plain(display: StationDisplay, events: trio.MemoryReceiveChannel[Event], out: TextIO) -> None:

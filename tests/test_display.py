@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import re
+
 import attrs
 from rich.console import Console
 
 from sequencer.display import StationDisplay, station_summary
 from sequencer.events import DutIdentified, PhaseFinished, PhaseProgress, PhaseStarted, RunFinished, RunStarted
+from sequencer.records import Outcome
 from tests.records_factory import sensor_run
 
 
@@ -78,3 +81,53 @@ def test_what_a_dut_sends_is_shown_as_sent_never_read_as_markup() -> None:
     console.print(station_summary([run]))
     text = console.export_text()
     assert text.count(serial) == 2 and text.count(port) == 2 and "[/phase]" in text
+
+
+def _rendered(display: StationDisplay, width: int, height: int) -> list[str]:
+    console = Console(width=width, height=height, record=True, color_system=None)
+    console.print(display.render(width, height))
+    return console.export_text().rstrip("\n").splitlines()
+
+
+def _finish(display: StationDisplay, slot: int, outcome: Outcome) -> None:
+    run = attrs.evolve(sensor_run(f"SN{slot:09d}", slot=slot), outcome=outcome)
+    display.apply(DutIdentified(run.run_id, slot, {"serial": f"SN{slot:09d}"}))
+    display.apply(RunFinished(run))
+
+
+def test_a_few_slots_get_a_row_each_under_the_counts() -> None:
+    display = StationDisplay([f"/dev/ttyUSB{i}" for i in range(8)], phases_per_run=10)
+    _finish(display, 2, Outcome.FAIL)
+    _finish(display, 3, Outcome.PASS)
+    lines = _rendered(display, 100, 30)
+    assert lines[0] == "8 slot(s): 6 running · 1 passed · 1 failed · 0 error, timeout or aborted"
+    assert sum("/dev/ttyUSB" in line for line in lines) == 8
+
+
+def test_more_slots_than_rows_go_side_by_side_and_none_is_cut_off() -> None:
+    # 40 slots in a 30-line terminal: a row each would hide slots 26..39 for the whole run
+    display = StationDisplay([f"/dev/pts/{i}" for i in range(40)], phases_per_run=10)
+    _finish(display, 39, Outcome.FAIL)
+    lines = _rendered(display, 100, 30)
+    assert len(lines) <= 29
+    text = "\n".join(lines)
+    for i in range(39):
+        assert f"/dev/pts/{i} " in text
+    assert re.search(r"\b39 SN000000039 +FAIL", text)
+
+
+def test_slots_that_do_not_fit_at_all_show_failures_first_and_count_the_rest() -> None:
+    display = StationDisplay([f"/dev/pts/{i}" for i in range(256)], phases_per_run=10)
+    for i in range(200):
+        _finish(display, i, Outcome.PASS)
+    for i in (7, 250):
+        _finish(display, i, Outcome.FAIL)
+    lines = _rendered(display, 80, 24)
+    assert len(lines) <= 23
+    assert lines[0] == "256 slot(s): 55 running · 199 passed · 2 failed · 0 error, timeout or aborted"
+    cells = re.findall(r"\b(\d+) (?:SN\d+|/dev/pts/\d+) +(FAIL|PASS|waiting \d+/\d+)", "\n".join(lines[1:-1]))
+    # two columns of 20: the failures, then running slots; no passed slot while a running one is hidden
+    assert len(cells) == 40
+    assert {int(i) for i, state in cells if state == "FAIL"} == {7, 250}
+    assert all(state.startswith("waiting") for _, state in cells if state != "FAIL")
+    assert lines[-1] == "… 216 more slot(s) not shown: 199 passed, 17 running, 0 other"
