@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from fixtures.modem import CME_ERRORS, AtModem, ModemError, at_modem, slot_ports
 from fixtures.serial_link import DeviceTimeout, open_serial_link
+from fixtures.sim.pty import PtyEndpoint
 from fixtures.sim.modem import ModemFaults, ModemIdentity, ModemTiming, open_modems
 from phases.cellular import (
     DEFAULT_APN_TABLE,
@@ -211,6 +212,41 @@ async def test_a_late_answer_is_not_read_as_the_next_commands(echo: bool) -> Non
             assert await at.command("AT+CIMI", timeout=1.0) == (modem.imsi,)
             assert f"RX {modem.imei}  [stale]" in at.transcript_text()
             assert await at.imei() == modem.imei
+
+
+async def test_an_at_that_crossed_the_boot_message_is_answered_late_and_not_taken_for_the_next() -> None:
+    # Seen with 256 simulated trackers: the host's first AT reached the module
+    # just after it booted, while its RDY was on the wire. The sync took RDY as
+    # "what came before was dropped" and sent a second AT; both were answered,
+    # the second too late for the sync, and every later command then read the
+    # answer of the one before (the IMEI query got "AT+CMEE=1").
+    imei = "356938035643809"
+
+    async def module(end: PtyEndpoint) -> None:
+        async def expect(command: bytes) -> None:
+            got = b""
+            while not got.endswith(b"\r"):
+                got += await end.read()
+            assert got == command + b"\r"
+
+        await expect(b"AT")
+        await end.write(b"\r\nRDY\r\n")  # crossed the AT on the wire
+        await expect(b"AT")
+        await end.write(b"AT\r\r\nOK\r\n")  # the first AT's answer
+        await trio.sleep(0.3)  # the second's comes late: the sync has ended (0.1 s of quiet)
+        await expect(b"AT+CMEE=1")
+        await end.write(b"AT\r\r\nOK\r\nAT+CMEE=1\r\r\nOK\r\n")
+        await expect(b"AT+CGSN")
+        await end.write(b"AT+CGSN\r\r\n" + imei.encode() + b"\r\n\r\nOK\r\n")
+
+    with PtyEndpoint() as end:
+        async with open_serial_link(end.path) as link, trio.open_nursery() as nursery:
+            nursery.start_soon(module, end)
+            at = AtModem(link, timeout=2.0)
+            await at.sync()
+            assert await at.command("AT+CMEE=1") == ()
+            assert await at.command("AT+CGSN") == (imei,)
+    assert "RX AT  [stale]" in at.transcript_text() and "RX OK  [stale]" in at.transcript_text()
 
 
 async def test_fixture_factory_maps_the_slot_to_its_modem_port() -> None:
