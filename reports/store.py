@@ -445,17 +445,21 @@ class LocalStore:
             rows = self._conn.execute(sql, args).fetchall()
             return [self._assemble(row[1], row[0]) for row in rows]
 
-    def count_runs(
+    def outcome_counts(
         self,
         *,
         batch: str | None = None,
         serial: str | None = None,
         outcome: Outcome | str | None = None,
-    ) -> int:
-        """How many runs match every given filter."""
+    ) -> dict[str, int]:
+        """How many runs matching every given filter ended each way (``RUNNING``: not ended), most first."""
         where, args = self._where(batch=batch, serial=serial, outcome=outcome, run_id_prefix=None)
         with self._lock:
-            return int(self._conn.execute(f"SELECT COUNT(*) FROM runs {where}", args).fetchone()[0])
+            rows = self._conn.execute(
+                f"SELECT COALESCE(outcome, 'RUNNING'), COUNT(*) FROM runs {where} GROUP BY 1 ORDER BY 2 DESC, 1",
+                args,
+            ).fetchall()
+        return {name: int(n) for name, n in rows}
 
     @staticmethod
     def _where(

@@ -509,13 +509,13 @@ def cmd_runs(args: argparse.Namespace) -> int:
     limit = args.limit if args.limit is not None else (0 if args.json else RUNS_SHOWN)
     try:
         runs = store.find_runs(**filters, last=limit or None)
-        total = store.count_runs(**filters) if limit and len(runs) == limit else len(runs)
+        if args.json:
+            for r in runs:
+                print(run_to_json(r))
+            return EXIT_OK
+        counts = store.outcome_counts(**filters)
     finally:
         store.close()
-    if args.json:
-        for r in runs:
-            print(run_to_json(r))
-        return EXIT_OK
     if not runs:
         given = ", ".join(f"{k} {v!r}" for k, v in filters.items() if v is not None)
         print(f"no runs{' with ' + given if given else ''} in {store.path}")
@@ -534,10 +534,11 @@ def cmd_runs(args: argparse.Namespace) -> int:
         table.add_row(r.run_id[:12], f"{r.started_at:%Y-%m-%d %H:%M:%S}", Text(r.batch), Text(r.serial or "-"),
                       str(r.slot), outcome + (" (marginal)" if r.marginal else ""))
     Console(highlight=False).print(table)
+    # How every matching run ended, not just those listed: a batch's tally at a glance.
+    total = sum(counts.values())
+    print(f"{total} run(s): " + " · ".join(f"{n} {name}" for name, n in counts.items()))
     if total > len(runs):
-        print(f"the {len(runs)} most recent of {total} runs (--limit N for more, --limit 0 for all)")
-    else:
-        print(f"{total} run(s)")
+        print(f"showing the {len(runs)} most recent (--limit N for more, --limit 0 for all)")
     return EXIT_OK
 
 

@@ -12,7 +12,7 @@ import serial
 
 from fixtures.sim.pty import PtyEndpoint
 from reports.store import LocalStore, _Write
-from sequencer.records import RunRecord
+from sequencer.records import Outcome, RunRecord
 from tests import records_factory
 from sequencer.cli import main
 from sequencer.version import SEQUENCER_VERSION
@@ -180,7 +180,8 @@ def test_runs_without_a_store_exits_2(tmp_path: Path, capsys: pytest.CaptureFixt
 
 
 def _store_with_runs(path: Path, count: int) -> list[RunRecord]:
-    runs = [records_factory.run(serial=f"SN{i:03d}", started_at=records_factory.at(i), batch="B" if i % 2 else "A")
+    runs = [records_factory.run(serial=f"SN{i:03d}", started_at=records_factory.at(i), batch="B" if i % 2 else "A",
+                                outcome=Outcome.FAIL if i % 3 == 0 else Outcome.PASS)
             for i in range(count)]
     store = LocalStore.open(path)
     store._write_batch([w for r in runs for w in (_Write("begin", run=r), _Write("finish", run=r))])
@@ -196,21 +197,27 @@ def test_runs_lists_the_most_recent_and_says_how_many_match(
     store = str(tmp_path / "s.sqlite")
     runs = _store_with_runs(tmp_path / "s.sqlite", 7)
 
-    def listed(*args: str) -> tuple[list[str], str]:
+    def listed(*args: str) -> tuple[list[str], list[str]]:
         assert main(["runs", "--store", store, *args]) == 0
         out = capsys.readouterr().out
         shown = sorted((out.index(r.run_id[:12]), r.serial) for r in runs if r.run_id[:12] in out)
-        return [serial for _, serial in shown], out.strip().splitlines()[-1]
+        lines = out.strip().splitlines()
+        footer = lines[-2:] if lines[-1].startswith("showing") else lines[-1:]
+        return [serial for _, serial in shown], footer
 
-    assert listed() == ([f"SN{i:03d}" for i in range(7)], "7 run(s)")
+    # the tally covers every matching run, listed or not: SN000, SN003 and SN006 failed
+    assert listed() == ([f"SN{i:03d}" for i in range(7)], ["7 run(s): 4 PASS · 3 FAIL"])
     assert listed("--limit", "3") == (
-        ["SN004", "SN005", "SN006"], "the 3 most recent of 7 runs (--limit N for more, --limit 0 for all)"
+        ["SN004", "SN005", "SN006"],
+        ["7 run(s): 4 PASS · 3 FAIL", "showing the 3 most recent (--limit N for more, --limit 0 for all)"],
     )
     assert listed("--limit", "0")[0] == [f"SN{i:03d}" for i in range(7)]
     assert listed("--batch", "B", "--limit", "2") == (
-        ["SN003", "SN005"], "the 2 most recent of 3 runs (--limit N for more, --limit 0 for all)"
+        ["SN003", "SN005"],
+        ["3 run(s): 2 PASS · 1 FAIL", "showing the 2 most recent (--limit N for more, --limit 0 for all)"],
     )
-    assert listed("--batch", "NOPE") == ([], f"no runs with batch 'NOPE' in {store}")
+    assert listed("--outcome", "FAIL") == (["SN000", "SN003", "SN006"], ["3 run(s): 3 FAIL"])
+    assert listed("--batch", "NOPE") == ([], [f"no runs with batch 'NOPE' in {store}"])
     # JSON is for scripts: every matching run unless --limit says otherwise
     monkeypatch.setattr("sequencer.cli.RUNS_SHOWN", 2)
     assert len(listed()[0]) == 2
