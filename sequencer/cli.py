@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
         "  sequencer runs --batch B                          what the store holds for batch B\n"
         "  sequencer report --batch B                        yield and failure Pareto (prints its path)\n"
         "\n"
+        "A station machine can name its station file once in SEQUENCER_STATION; every command\n"
+        "that takes --station then uses it unless given another.\n"
+        "\n"
         "exit codes: 0 every DUT passed (or the command succeeded), 1 a DUT did not pass,\n"
         "2 a usage or configuration error, 130 after Ctrl-C.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -84,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run a product on every slot of the station")
     run.add_argument("product", type=Path)
-    run.add_argument("--station", type=Path, help="station file (TOML)")
+    run.add_argument("--station", type=Path, metavar="FILE", help="station file (TOML; default: $SEQUENCER_STATION)")
     run.add_argument("--sim", type=int, metavar="N", help="run on N simulated DUTs")
     run.add_argument("--port", action="append", dest="ports", metavar="PATH", help="a DUT port (repeatable)")
     run.add_argument("--store", type=Path, help="local store (SQLite) path")
@@ -130,10 +133,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: A station machine names its station file once, here, so an operator's command needs no --station.
+STATION_ENV = "SEQUENCER_STATION"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     err = Console(stderr=True, highlight=False)
     try:
+        if getattr(args, "station", False) is None and os.environ.get(STATION_ENV):
+            args.station = Path(os.environ[STATION_ENV])
+            if not args.station.is_file():
+                raise UsageError(f"{STATION_ENV}={args.station}: no such station file")
         from reports.mongo_cli import cmd_find, cmd_sync
         from reports.provisioning.cli import cmd_provision_server
 
@@ -216,7 +227,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     config = load_station_config(args.station) if args.station else StationConfig()
     if args.sim is None and not args.ports and not args.station:
-        raise UsageError("say where the DUTs are: --sim N, --port PATH, or --station FILE")
+        raise UsageError(f"say where the DUTs are: --sim N, --port PATH, or --station FILE (or set {STATION_ENV})")
     config = config.with_overrides(
         sim=args.sim, ports=tuple(args.ports) if args.ports else None, store=args.store, reports=args.reports,
         batch=args.batch, operator=args.operator, seed=args.seed,

@@ -71,7 +71,7 @@ def outcomes(run: RunRecord) -> dict[str, Any]:
 
 
 @pytest.fixture(autouse=True)
-def no_ambient_mongodb(monkeypatch: pytest.MonkeyPatch) -> None:
+def no_ambient_station_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     # A developer's SEQUENCER_MONGO_URI must not make every station test ship
     # to their database; MongoDB tests pass their settings explicitly.
     monkeypatch.delenv("SEQUENCER_MONGO_URI", raising=False)
@@ -79,6 +79,8 @@ def no_ambient_mongodb(monkeypatch: pytest.MonkeyPatch) -> None:
     # Likewise the developer's provisioning service and secrets.
     monkeypatch.delenv("SEQUENCER_PROVISIONING_URL", raising=False)
     monkeypatch.delenv("SEQUENCER_SECRETS_FILE", raising=False)
+    # And the station file a station machine names for every command.
+    monkeypatch.delenv("SEQUENCER_STATION", raising=False)
 
 
 pytest_plugins = ["tests.mongo_support"]  # real-mongod fixtures (one server per session)

@@ -167,6 +167,25 @@ def test_station_file_drives_a_run_and_options_override_it(tmp_path: Path, capsy
     assert runs[0]["run_id"] in one.read_text()
 
 
+def test_the_station_file_can_be_named_once_in_the_environment(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    station = tmp_path / "station.toml"
+    station.write_text('station = "line2-st1"\nstore = "data/store.sqlite"\nsim = 2\nbatch = "ENV"\n')
+    monkeypatch.setenv("SEQUENCER_STATION", str(station))
+    assert main(["run", str(SENSOR), "--plain"]) == 0  # what an operator types
+    assert "2/2 passed" in capsys.readouterr().out
+    assert main(["runs", "--json"]) == 0  # its store, from the same file
+    assert {json.loads(line)["station"] for line in capsys.readouterr().out.splitlines()} == {"line2-st1"}
+    # an option still wins over the file it names
+    assert main(["run", str(SENSOR), "--plain", "--sim", "1", "--batch", "ONE"]) == 0
+    assert "1/1 passed" in capsys.readouterr().out
+    monkeypatch.setenv("SEQUENCER_STATION", str(tmp_path / "gone.toml"))
+    assert main(["runs"]) == 2
+    gone = tmp_path / "gone.toml"
+    assert one_line_error(capsys) == f"sequencer: error: SEQUENCER_STATION={gone}: no such station file"
+
+
 def test_report_for_unknown_batch_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     store = tmp_path / "s.sqlite"
     LocalStore.open(store).close()
