@@ -459,7 +459,9 @@ def _finish_run(
     else:
         console.print(f"{passed}/{len(runs)} passed.  Report: {escape(str(batch_path))}  (per-run reports beside it)")
     if result.aborted:
-        console.print("[yellow]aborted by the operator; every run was recorded ABORTED[/yellow]")
+        # Runs that had ended before the abort keep their outcome.
+        cut = sum(r.outcome is Outcome.ABORTED for r in runs)
+        console.print(f"[yellow]aborted by the operator; {cut} unfinished run(s) recorded ABORTED[/yellow]")
         return EXIT_ABORTED
     return EXIT_OK if runs and passed == len(runs) else EXIT_FAILED
 

@@ -68,7 +68,7 @@ def test_ctrl_c_aborts_16_slots_runs_teardowns_and_records_everything(tmp_path: 
     finally:
         proc.kill()
     assert proc.returncode == 130, err
-    assert "aborted by the operator" in out
+    assert "aborted by the operator; 16 unfinished run(s) recorded ABORTED" in out
     store = LocalStore.open(store_path, station=True)
     runs = store.find_runs(batch="ABORT-TEST")
     store.close()
