@@ -140,6 +140,9 @@ def test_identity_and_run_facts_are_all_shown() -> None:
     assert product.find("div").text == f"sha256 {r.product_sha256}"  # which test code ran
     assert facts["Product"] == f"esp32_sensor 1.4.2{product.find('div').text}"
     assert facts["Sequencer"] == r.sequencer_version == "0.1.0"
+    assert not _run_fact(root, "Sequencer").find_all("span", "uncommitted")
+    dirty = parse(render_run(attrs.evolve(r, sequencer_version="0.1.0+g0ec0a22a2947.dirty")))
+    assert _run_fact(dirty, "Sequencer").clean_text == "0.1.0+g0ec0a22a2947.dirty UNCOMMITTED"
     assert facts["Station"] == "line1-st03"
     assert facts["Slot / port"] == "0 · /dev/ttyUSB0"
     assert facts["Operator"] == "alice"
