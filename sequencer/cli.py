@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
         "keep every record, write HTML reports.",
         epilog="examples:\n"
         "  sequencer run products/esp32_sensor.py --sim 8     8 simulated DUTs, no hardware\n"
-        "  sequencer run products/esp32_sensor.py --station station.toml\n"
+        "  sequencer run --station station.toml              the product, ports and store from one file\n"
         "  sequencer runs --batch B                          what the store holds for batch B\n"
         "  sequencer report --batch B                        yield and failure Pareto (prints its path)\n"
         "\n"
@@ -81,12 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     check = sub.add_parser("check", help="validate a product file and print its phase graph")
-    check.add_argument("product", type=Path)
+    check.add_argument("product", type=Path, nargs="?", help="product file (default: the station file's product)")
     check.add_argument("--limits", type=Path, help="limits file (default: <product>.limits.toml beside it)")
     check.add_argument("--station", type=Path, help="station file, to check the resources it declares")
 
     run = sub.add_parser("run", help="run a product on every slot of the station")
-    run.add_argument("product", type=Path)
+    run.add_argument("product", type=Path, nargs="?", help="product file (default: the station file's product)")
     run.add_argument("--station", type=Path, metavar="FILE", help="station file (TOML; default: $SEQUENCER_STATION)")
     run.add_argument("--sim", type=int, metavar="N", help="run on N simulated DUTs")
     run.add_argument("--port", action="append", dest="ports", metavar="PATH", help="a DUT port (repeatable)")
@@ -168,11 +168,19 @@ def _store_error() -> type[Exception]:
 # -- check -------------------------------------------------------------------
 
 
+def _product_file(args: argparse.Namespace, config: StationConfig | None) -> Path:
+    """The product named on the command line, else the station file's ``product``."""
+    product = args.product or (config.product if config is not None else None)
+    if product is None:
+        raise UsageError(f"say which product: sequencer {args.command} PRODUCT, or product = \"...\" in the "
+                         "station file")
+    return product
+
+
 def cmd_check(args: argparse.Namespace) -> int:
-    resources = None
-    if args.station:
-        resources = load_station_config(args.station).resources.keys()
-    loaded = load_product(args.product, limits=args.limits, station_fixtures=STATION_FIXTURES,
+    station = load_station_config(args.station) if args.station else None
+    resources = station.resources.keys() if station is not None else None
+    loaded = load_product(_product_file(args, station), limits=args.limits, station_fixtures=STATION_FIXTURES,
                           station_resources=resources)
     print(describe_product(loaded))
     return EXIT_OK
@@ -226,6 +234,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from sequencer.station import tune_garbage_collector
 
     config = load_station_config(args.station) if args.station else StationConfig()
+    product = _product_file(args, config)
     if args.sim is None and not args.ports and not args.station:
         raise UsageError(f"say where the DUTs are: --sim N, --port PATH, or --station FILE (or set {STATION_ENV})")
     config = config.with_overrides(
@@ -242,10 +251,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not config.sim:
         for port in config.ports:
             check_port(port)
-    loaded = load_product(
-        args.product, limits=args.limits, station_fixtures=STATION_FIXTURES,
-        station_resources=None,
-    )
+    loaded = load_product(product, limits=args.limits, station_fixtures=STATION_FIXTURES, station_resources=None)
     faults = load_faults(args.faults, config, loaded)
     if not config.sim:
         from fixtures.station import station_services

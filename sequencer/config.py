@@ -3,6 +3,7 @@
 ::
 
     station = "shannon-line1-st3"
+    product = "products/esp32_sensor.py"      # when the command names none
     operator = "aoife"
     batch = "B2026-47"          # default: <station>-<UTC date>
     store = "/var/lib/sequencer/store.sqlite"
@@ -154,6 +155,8 @@ class StationConfig:
     seed: int = 0
     resources: Mapping[str, ResourceConfig] = attrs.field(factory=dict)
     source: Path | None = None
+    #: the product this station tests when the command names none (``product``, relative to the file)
+    product: Path | None = None
     #: central MongoDB (``[mongo]`` table); empty: the local store alone
     mongo_uri: str = ""
     mongo_db: str = ""
@@ -196,8 +199,8 @@ class StationConfig:
             raise ConfigError(f"{where}: a port is listed twice")
 
 
-_TOP_KEYS = {"station", "operator", "batch", "store", "reports", "ports", "sim", "seed", "resources", "mongo",
-             "flash", "detect", "modems", "provisioning", "secrets"}
+_TOP_KEYS = {"station", "product", "operator", "batch", "store", "reports", "ports", "sim", "seed", "resources",
+             "mongo", "flash", "detect", "modems", "provisioning", "secrets"}
 _RESOURCE_KEYS = {"capacity", "instrument", "port"}
 _MONGO_KEYS = {"uri", "database"}
 
@@ -272,6 +275,7 @@ def load_station_config(path: str | Path) -> StationConfig:
         seed=typed("seed", int, 0),
         resources=resources,
         source=p,
+        product=_product_path(p, base, typed("product", str, "")) if "product" in data else None,
         **_mongo_table(p, typed("mongo", dict, {})),
         flash=_flash_table(p, typed("flash", dict, {})),
         detect=_detect_table(p, typed("detect", dict, None)) if "detect" in data else None,
@@ -343,6 +347,12 @@ def _detect_table(p: Path, table: dict[str, Any]) -> DetectConfig:
     return _table(p, "detect", DetectConfig, table, {
         "vid": (int,), "pid": (int,), "serial": (str,), "location": (str,), "description": (str,),
     })
+
+
+def _product_path(p: Path, base: Path, value: str) -> Path:
+    if not value.strip():
+        raise ConfigError(f"{p}: product must name a product file")
+    return _relative(base, value)
 
 
 def _relative(base: Path, value: str) -> Path:

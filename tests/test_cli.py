@@ -186,6 +186,36 @@ def test_the_station_file_can_be_named_once_in_the_environment(
     assert one_line_error(capsys) == f"sequencer: error: SEQUENCER_STATION={gone}: no such station file"
 
 
+def test_a_station_file_that_names_its_product_needs_nothing_else(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The issue's operator command: `sequencer run --station station.toml`.
+    import os
+
+    station = tmp_path / "st" / "station.toml"
+    station.parent.mkdir()
+    relative = os.path.relpath(SENSOR, station.parent)  # relative to the station file, like store and reports
+    station.write_text(f'product = "{relative}"\nstore = "store.sqlite"\nsim = 2\n[resources.dmm]\ncapacity = 1\n')
+    assert main(["run", "--station", str(station), "--plain"]) == 0
+    assert "2/2 passed" in capsys.readouterr().out
+    assert main(["check", "--station", str(station)]) == 0
+    assert capsys.readouterr().out.startswith("product esp32-sensor")
+    # a product on the command line wins over the file's
+    other = tmp_path / "other.py"
+    other.write_text("from sequencer import Product, phase\n@phase()\nasync def only(): pass\n"
+                     "product = Product('other', [only])\n")
+    assert main(["run", str(other), "--station", str(station), "--plain"]) == 0
+    assert "other on 2 slot(s)" in capsys.readouterr().out
+
+    assert main(["run", "--sim", "1"]) == 2
+    assert one_line_error(capsys) == (
+        'sequencer: error: say which product: sequencer run PRODUCT, or product = "..." in the station file'
+    )
+    station.write_text('product = " "\nsim = 1\n')
+    assert main(["run", "--station", str(station)]) == 2
+    assert one_line_error(capsys) == f"sequencer: error: {station}: product must name a product file"
+
+
 def test_report_for_unknown_batch_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     store = tmp_path / "s.sqlite"
     LocalStore.open(store).close()

@@ -76,6 +76,7 @@ def test_documented_example_station_file_loads() -> None:
     assert c.provisioning_url == "https://provisioning.factory.example"
     assert c.secrets_file == Path("/etc/sequencer/secrets.toml")
     assert c.resources["printer"].instrument == "zpl-printer"
+    assert c.product is not None and c.product.resolve() == example.parents[2] / "products" / "esp32_sensor.py"
 
 
 @pytest.mark.parametrize(
