@@ -534,8 +534,8 @@ def render_section(meta: dict[str, Any], s: dict[str, Any], targets: list[dict[s
         "cancel scope and an event; a chain of phases runs in one task (the commit that makes a phase ready "
         "runs it) instead of a task per phase waiting on an event per dependency. Over the same benchmark on "
         "this machine, before these cuts and after (several runs, the machine shared, so ranges): (a) "
-        "0.86–1.05 -> 0.27–0.54 ms per phase (0.33x -> 0.18–0.24x of OpenHTF); (b) 16 DUTs 1.52x -> "
-        "1.28–1.35x, 256 DUTs 9.2x -> 3.2–3.9x of the ideal.",
+        "0.86–1.05 -> 0.27–0.54 ms per phase (0.33x -> 0.15–0.24x of OpenHTF); (b) 16 DUTs 1.52x -> "
+        "1.28–1.41x, 256 DUTs 9.2x -> 3.2–3.9x of the ideal.",
         "- *GC.* 'of which GC' is time inside CPython's cyclic garbage collector during the measured run(s), "
         "part of both wall and CPU time.",
         "- *Same Python.* Both sides run CPython of the same minor version where possible (see above), so the "
