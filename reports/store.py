@@ -72,6 +72,9 @@ CREATE INDEX IF NOT EXISTS runs_batch ON runs (batch, started_at);
 CREATE INDEX IF NOT EXISTS runs_serial ON runs (serial, started_at);
 CREATE INDEX IF NOT EXISTS runs_outcome ON runs (outcome);
 CREATE INDEX IF NOT EXISTS runs_seq ON runs (seq);
+-- `sequencer runs` lists the most recent runs: without this, a year's store
+-- (hundreds of thousands of runs) was scanned and sorted whole every time.
+CREATE INDEX IF NOT EXISTS runs_started ON runs (started_at, run_id);
 """
 
 

@@ -97,6 +97,25 @@ def test_corrupt_store_is_a_clear_error(tmp_path: Path) -> None:
         LocalStore.open(bad, station=True)
 
 
+def test_the_most_recent_runs_are_read_through_an_index_also_in_an_older_store(store_path: Path) -> None:
+    # `sequencer runs` lists the latest runs of a store that keeps every run
+    # ever taken; without an index on the start time each listing scanned and
+    # sorted them all. A store made before the index gets it when opened.
+    LocalStore.open(store_path).close()
+    conn = sqlite3.connect(store_path)
+    conn.execute("DROP INDEX runs_started")
+    conn.commit()
+    conn.close()
+    store = LocalStore.open(store_path)
+    try:
+        plan = store._conn.execute(
+            "EXPLAIN QUERY PLAN SELECT run_id FROM runs ORDER BY started_at DESC, run_id DESC LIMIT 50"
+        ).fetchall()
+    finally:
+        store.close()
+    assert any("INDEX runs_started" in step[-1] for step in plan), plan
+
+
 def test_wal_mode_is_on(store_path: Path) -> None:
     LocalStore.open(store_path).close()
     conn = sqlite3.connect(store_path)
