@@ -30,6 +30,8 @@ from sequencer.station import StationResult
 from sequencer.version import SEQUENCER_VERSION
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_ABORTED = 0, 1, 2, 130
+#: 128 + SIGPIPE, what `cat` or `grep` exit with when their reader is gone
+EXIT_BROKEN_PIPE = 141
 
 
 #: How many runs `sequencer runs` lists unless told otherwise: a station's
@@ -133,6 +135,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Console(Console):
+    """rich's console; a reader that went away (stdout a closed pipe) does not mean exit 1.
+
+    rich's own handling exits 1, which here means "a DUT did not pass". A
+    station's console (``keep_going``) goes quiet instead and testing goes
+    on: the units' outcome is the exit code. Any other command, whose output
+    is the point, ends as SIGPIPE would (:func:`main`: 141).
+    """
+
+    def __init__(self, *args: Any, keep_going: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._keep_going = keep_going
+
+    def on_broken_pipe(self) -> None:
+        if not self._keep_going:
+            raise BrokenPipeError
+        self.quiet = True
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
 #: A station machine names its station file once, here, so an operator's command needs no --station.
 STATION_ENV = "SEQUENCER_STATION"
 
@@ -157,6 +179,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _store_error() as exc:
         err.print(f"sequencer: error: {exc}", markup=False, soft_wrap=True)
         return EXIT_USAGE
+    except BrokenPipeError:
+        # The reader went away (`sequencer runs --json | head -1`): not an
+        # error worth a traceback. Point stdout at nothing so the interpreter's
+        # own flush at exit does not fail again, and exit as a process killed
+        # by SIGPIPE would.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
 
 
 def _store_error() -> type[Exception]:
@@ -264,7 +293,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     # soft_wrap: a path or a batch id is never broken across lines (it would
     # not paste back); markup is only ever in this module's own literals, and
     # every value put into it goes through escape().
-    console = Console(highlight=False, soft_wrap=True)
+    console = _Console(highlight=False, soft_wrap=True, keep_going=True)
     if store.interrupted_on_open:
         console.print(f"[yellow]{store.interrupted_on_open} run(s) left open by a previous station were marked "
                       "INTERRUPTED[/yellow]")
@@ -371,11 +400,14 @@ async def _run_station(
                 nursery.start_soon(show_plain, display, events, sys.stdout)
             try:
                 def tell_operator(aborts: int) -> None:
-                    if aborts == 1:
-                        console.print("[yellow]aborting: running teardowns and recording every run "
-                                      "(Ctrl-C again to skip teardowns)[/yellow]")
-                    else:
-                        console.print("[yellow]skipping remaining teardowns; writing records[/yellow]")
+                    try:
+                        if aborts == 1:
+                            console.print("[yellow]aborting: running teardowns and recording every run "
+                                          "(Ctrl-C again to skip teardowns)[/yellow]")
+                        else:
+                            console.print("[yellow]skipping remaining teardowns; writing records[/yellow]")
+                    except OSError:
+                        pass  # the terminal is gone (it may be why we abort); the abort goes on
 
                 result = await run_station(
                     loaded, ports, settings=settings, store=store, bus=bus, resources=resources,
@@ -440,9 +472,9 @@ def _finish_run(
     from sequencer.display import station_summary
 
     runs = list(result.runs)
-    console.print(station_summary(runs))
     if result.write_error is not None:
         # No reports: they would show runs the store does not hold in full.
+        console.print(station_summary(runs))
         raise UsageError(
             f"{result.write_error}; testing stopped on every slot (phases committed before that are in "
             f"{config.store}; retest these units once the store can be written)"
@@ -450,16 +482,22 @@ def _finish_run(
     passed = sum(r.outcome is Outcome.PASS for r in runs)
     report_dir = batch_dir(config.reports_dir, config.batch_or_default)
     batch_path = report_dir / "index.html"
+    # The reports before the summary: they are what quality reads, and a
+    # terminal that went away (stdout a closed pipe) must not cost them.
+    report_error: Exception | None = None
     try:
         report_dir.mkdir(parents=True, exist_ok=True)
         for r in runs:
             write_html(report_dir / f"{r.run_id}.html", render_run(r))
         write_html(batch_path, render_batch(batch_runs, title=batch_title(config.batch_or_default, batch_runs)))
     except Exception as exc:
+        report_error = exc
+    console.print(station_summary(runs))
+    if report_error is not None:
         # The records are safe in the store; a report can be written later
         # with `sequencer report`. Say so rather than lose the exit code.
-        console.print(f"[red]could not write the HTML report in {escape(str(report_dir))}: {type(exc).__name__}: "
-                      f"{escape(str(exc))}[/red]"
+        console.print(f"[red]could not write the HTML report in {escape(str(report_dir))}: "
+                      f"{type(report_error).__name__}: {escape(str(report_error))}[/red]"
                       f"  (records are in {escape(str(config.store))}; retry with `sequencer report --batch ...`)")
         console.print(f"{passed}/{len(runs)} passed.")
     else:
@@ -552,7 +590,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
         # Text, not str: batch ids and serials are not console markup
         table.add_row(r.run_id[:12], f"{r.started_at:%Y-%m-%d %H:%M:%S}", Text(r.batch), Text(r.serial or "-"),
                       str(r.slot), outcome + (" (marginal)" if r.marginal else ""))
-    Console(highlight=False).print(table)
+    _Console(highlight=False).print(table)
     # How every matching run ended, not just those listed: a batch's tally at a glance.
     total = sum(counts.values())
     print(f"{total} run(s): " + " · ".join(f"{n} {name}" for name, n in counts.items()))

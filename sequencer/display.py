@@ -14,7 +14,7 @@ are dropped for it alone and testing goes on at full speed.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TextIO
 
 import attrs
@@ -191,40 +191,64 @@ def _cell(v: SlotView) -> Text:
 
 
 async def show_live(display: StationDisplay, events: trio.MemoryReceiveChannel[Event], console: Console) -> None:
-    """Redraw the slot view from events until the bus closes."""
+    """Redraw the slot view from events until the bus closes.
+
+    A terminal that goes away (closed window, dropped SSH session: writes
+    fail with EIO) ends the drawing, never the testing: the events are then
+    taken and dropped until the station is done.
+    """
 
     def view() -> Group:
         return display.render(console.width, console.height)
 
+    async with events:
+        try:
+            await _draw_live(display, events, console, view)
+        except OSError:
+            async for _ in events:
+                pass
+
+
+async def _draw_live(
+    display: StationDisplay, events: trio.MemoryReceiveChannel[Event], console: Console, view: Callable[[], Group]
+) -> None:
     with Live(view(), console=console, auto_refresh=False, transient=False) as live:
         dirty = True
-        async with events:
-            while True:
-                with trio.move_on_after(0.25):
+        while True:
+            with trio.move_on_after(0.25):
+                try:
+                    event = await events.receive()
+                except trio.EndOfChannel:
+                    break
+                display.apply(event)
+                dirty = True
+                # Take everything already queued before redrawing once.
+                while True:
                     try:
-                        event = await events.receive()
-                    except trio.EndOfChannel:
+                        display.apply(events.receive_nowait())
+                    except (trio.WouldBlock, trio.EndOfChannel):
                         break
-                    display.apply(event)
-                    dirty = True
-                    # Take everything already queued before redrawing once.
-                    while True:
-                        try:
-                            display.apply(events.receive_nowait())
-                        except (trio.WouldBlock, trio.EndOfChannel):
-                            break
-                if dirty:
-                    live.update(view(), refresh=True)
-                    dirty = False
+            if dirty:
+                live.update(view(), refresh=True)
+                dirty = False
         live.update(view(), refresh=True)
 
 
 async def show_plain(display: StationDisplay, events: trio.MemoryReceiveChannel[Event], out: TextIO) -> None:
+    """Print a line per finished run and failed phase; a closed or full output only stops the printing.
+
+    What the operator sees must never stop the testing: if stdout is a pipe
+    whose reader has gone, the lines are dropped and every slot goes on.
+    """
+    printing = True
     async with events:
         async for event in events:
             line = display.apply(event)
-            if line:
-                print(line, file=out, flush=True)
+            if line and printing:
+                try:
+                    print(line, file=out, flush=True)
+                except OSError:  # BrokenPipeError, a full disk under a redirect
+                    printing = False
 
 
 def station_summary(runs: Sequence[RunRecord]) -> Group:

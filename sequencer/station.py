@@ -3,13 +3,14 @@
 All slots run in one nursery. A slot cannot crash its neighbours: phase
 exceptions are records, not exceptions, and anything else that escapes one
 slot's engine (a bug) is logged and recorded for that slot alone. The only
-things that stop every slot are the operator (Ctrl-C / SIGTERM) and the store
+things that stop every slot are the operator (Ctrl-C / SIGTERM, or SIGHUP:
+the terminal was closed or the SSH session dropped) and the store
 failing (:class:`~sequencer.engine.RecordsNotWritten` from any slot: the
 others are aborted, their teardowns still run), because testing without
 recording is worse than not testing.
 
-Ctrl-C once: every slot is aborted, teardowns run, every run is recorded
-ABORTED. Ctrl-C twice: remaining teardowns are cut short too; the records are
+Ctrl-C once: every slot is aborted, teardowns run, every unfinished run is
+recorded ABORTED. Ctrl-C twice: remaining teardowns are cut short too; the records are
 still flushed. The caller exits 130 when :attr:`StationResult.aborted`.
 """
 
@@ -83,7 +84,7 @@ async def run_station(
 ) -> StationResult:
     """Run ``product`` once on each port, concurrently; return every run's record.
 
-    With ``handle_signals`` (the CLI), SIGINT and SIGTERM abort the station as
+    With ``handle_signals`` (the CLI), SIGINT, SIGTERM and SIGHUP abort the station as
     described in the module docstring, and ``on_abort(count)`` is called on
     each so the caller can tell the operator what is happening.
     """
@@ -116,7 +117,9 @@ async def run_station(
 
     async def watch_signals(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         nonlocal aborts
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        # SIGHUP too: a closed terminal would otherwise kill the station with
+        # its DUTs powered and its runs left open (INTERRUPTED at the next start).
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
             task_status.started()
             async for _ in signals:
                 aborts += 1

@@ -103,6 +103,50 @@ def test_second_ctrl_c_skips_teardowns_but_keeps_records(tmp_path: Path) -> None
 
 
 @pytest.mark.slow
+def test_a_terminal_that_goes_away_aborts_cleanly_and_keeps_records_and_reports(tmp_path: Path) -> None:
+    # The operator closes the window (or the SSH session drops): the station
+    # gets SIGHUP and its output has no reader any more. It must abort as for
+    # Ctrl-C (teardowns run, runs recorded), not die with its DUTs powered, and
+    # failing to print must cost neither records nor reports.
+    proc, store_path = start_station(tmp_path, 4, "HUNGUP")
+    try:
+        proc.stdout.close()
+        proc.send_signal(signal.SIGHUP)
+        proc.wait(timeout=30)
+        err = proc.stderr.read()
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    store = LocalStore.open(store_path, station=True)
+    assert store.interrupted_on_open == 0  # every run was closed, none left open
+    runs = store.find_runs(batch="HUNGUP")
+    store.close()
+    assert len(runs) == 4
+    for r in runs:
+        assert r.outcome is Outcome.ABORTED
+        assert r.phase("power_off").outcome is Outcome.PASS
+    assert (tmp_path / "reports" / "HUNGUP" / "index.html").exists()
+
+
+def test_a_reader_that_stops_reading_ends_runs_quietly(tmp_path: Path) -> None:
+    # `sequencer runs --json | head -1`: no traceback, and the exit status of
+    # a process whose reader went away (141), not "a DUT did not pass".
+    from reports.store import _Write
+    from tests import records_factory
+
+    store_path = tmp_path / "store.sqlite"
+    store = LocalStore.open(store_path)
+    r = records_factory.run()
+    store._write_batch([_Write("begin", run=r), _Write("finish", run=r)])
+    store.close()
+    for args in (["runs", "--json"], ["runs"]):
+        proc = sequencer(*args, "--store", str(store_path))
+        proc.stdout.close()
+        assert proc.wait(timeout=30) == 141
+        assert proc.stderr.read() == ""
+
+
+@pytest.mark.slow
 def test_sigkill_mid_run_then_reopen_marks_interrupted_and_keeps_finished_phases(tmp_path: Path) -> None:
     proc, store_path = start_station(tmp_path, 8, "KILLED")
     try:
