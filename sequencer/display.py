@@ -127,7 +127,7 @@ class StationDisplay:
         """
         # Lines the counts, the table's rules and rich's own cursor line take.
         if len(self.slots) <= height - 6:
-            return Group(self.counts(), self.table())
+            return Group(self.counts(), self.table(width))
         columns = max(1, (width + 2) // (_MIN_CELL + 2))
         cell = min(_MAX_CELL, (width + 2) // columns - 2)  # spare width goes to phase names
         rows = max(1, height - 3)
@@ -153,10 +153,9 @@ class StationDisplay:
                               f"{len(hidden) - passed - running} other", style="bright_black"))
         return Group(*parts)
 
-    def table(self) -> Table:
-        table = Table(expand=False, header_style="bold")
-        for col in ("slot", "port", "serial", "phase", "progress", "outcome"):
-            table.add_column(col)
+    def table(self, width: int | None = None) -> Table:
+        """A row per slot; within ``width`` columns, cutting the progress detail rather than wrapping it."""
+        rows = []
         for v in self.slots:
             outcome = Text("running", style="cyan") if v.outcome is None else Text(
                 v.outcome.value + (" (marginal)" if v.marginal else ""), style=OUTCOME_STYLE[v.outcome]
@@ -164,7 +163,22 @@ class StationDisplay:
             progress = f"{v.done}/{v.total}" + (f"  {v.detail}" if v.detail else "")
             # Text, not str: a cell's string would be read as console markup, and
             # a serial or a reason is whatever the DUT sent ("[/]" must not crash the display).
-            table.add_row(str(v.index), Text(v.port), Text(v.serial or "-"), Text(v.phase), Text(progress), outcome)
+            rows.append((Text(str(v.index)), Text(v.port), Text(v.serial or "-"), Text(v.phase), Text(progress),
+                         outcome))
+        columns = ("slot", "port", "serial", "phase", "progress", "outcome")
+        widths = [max([len(col), *(len(row[i]) for row in rows)]) for i, col in enumerate(columns)]
+        if width is not None:
+            # One line per slot, always: a wrapped cell makes the table taller
+            # than render() planned, and rich would crop the last slots again.
+            # Identifiers keep their width; the progress detail is what gets cut.
+            rules = 3 * len(columns) + 1  # a space each side of every cell, and the vertical rules
+            others = sum(w for col, w in zip(columns, widths) if col != "progress")
+            widths[columns.index("progress")] = max(8, min(widths[columns.index("progress")], width - rules - others))
+        table = Table(expand=False, header_style="bold")
+        for col, w in zip(columns, widths):
+            table.add_column(col, no_wrap=True, overflow="ellipsis", width=w)
+        for row in rows:
+            table.add_row(*row)
         return table
 
 

@@ -131,3 +131,14 @@ def test_slots_that_do_not_fit_at_all_show_failures_first_and_count_the_rest() -
     assert {int(i) for i, state in cells if state == "FAIL"} == {7, 250}
     assert all(state.startswith("waiting") for _, state in cells if state != "FAIL")
     assert lines[-1] == "… 216 more slot(s) not shown: 199 passed, 17 running, 0 other"
+
+
+def test_a_long_progress_detail_never_takes_a_slot_a_second_line() -> None:
+    # A wrapped cell made the table taller than render() had room for.
+    display = StationDisplay([f"/dev/ttyUSB{i}" for i in range(8)], phases_per_run=10)
+    for i in range(8):
+        display.apply(PhaseStarted(f"run{i}", i, "flash", 1))
+        display.apply(PhaseProgress(f"run{i}", i, "flash", 0.42, "esp32-sensor-testfw.bin 58 KiB/s " * 3))
+    lines = _rendered(display, 80, 30)
+    assert len(lines) == 1 + 4 + 8  # the counts, the table's rules and heading, a line per slot
+    assert sum("/dev/ttyUSB" in line for line in lines) == 8
