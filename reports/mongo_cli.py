@@ -28,6 +28,7 @@ from rich.table import Table
 from rich.text import Text
 
 from sequencer.config import ConfigError, StationConfig, reading_config, require_store
+from sequencer.terminal import OutputConsole
 
 if TYPE_CHECKING:
     from reports.mongo import MongoSettings
@@ -173,7 +174,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
 async def _sync(args: argparse.Namespace, store: Path, settings: MongoSettings) -> int:
     from reports.shipper import Shipper, describe_backlog
 
-    out = Console(highlight=False)
+    out = OutputConsole(highlight=False)
     shipper = await Shipper.open(store, settings)
     try:
         if args.status:
@@ -328,7 +329,7 @@ def device_from_runs(runs: Sequence[RunRecord]) -> dict[str, Any]:
 
 
 def _print_devices(devices: list[dict[str, Any]], source: str) -> None:
-    out = Console(highlight=False)
+    out = OutputConsole(highlight=False)
     for d in devices:
         out.print(Text(f"device {_printable(d['serial'])}", style="bold") + Text(f"  ({source})", style="dim"),
                   soft_wrap=True)

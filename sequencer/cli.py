@@ -27,6 +27,7 @@ from sequencer.events import EventBus
 from sequencer.product import LoadedProduct, ProductError, layers, load_product
 from sequencer.records import Outcome, RunRecord, run_to_json
 from sequencer.station import StationResult
+from sequencer.terminal import OutputConsole
 from sequencer.version import SEQUENCER_VERSION
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_ABORTED = 0, 1, 2, 130
@@ -133,26 +134,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_provision_commands(sub)  # provision-server
     return parser
-
-
-class _Console(Console):
-    """rich's console; a reader that went away (stdout a closed pipe) does not mean exit 1.
-
-    rich's own handling exits 1, which here means "a DUT did not pass". A
-    station's console (``keep_going``) goes quiet instead and testing goes
-    on: the units' outcome is the exit code. Any other command, whose output
-    is the point, ends as SIGPIPE would (:func:`main`: 141).
-    """
-
-    def __init__(self, *args: Any, keep_going: bool = False, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._keep_going = keep_going
-
-    def on_broken_pipe(self) -> None:
-        if not self._keep_going:
-            raise BrokenPipeError
-        self.quiet = True
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 #: A station machine names its station file once, here, so an operator's command needs no --station.
@@ -293,7 +274,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     # soft_wrap: a path or a batch id is never broken across lines (it would
     # not paste back); markup is only ever in this module's own literals, and
     # every value put into it goes through escape().
-    console = _Console(highlight=False, soft_wrap=True, keep_going=True)
+    console = OutputConsole(highlight=False, soft_wrap=True, keep_going=True)
     if store.interrupted_on_open:
         console.print(f"[yellow]{store.interrupted_on_open} run(s) left open by a previous station were marked "
                       "INTERRUPTED[/yellow]")
@@ -590,7 +571,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
         # Text, not str: batch ids and serials are not console markup
         table.add_row(r.run_id[:12], f"{r.started_at:%Y-%m-%d %H:%M:%S}", Text(r.batch), Text(r.serial or "-"),
                       str(r.slot), outcome + (" (marginal)" if r.marginal else ""))
-    _Console(highlight=False).print(table)
+    OutputConsole(highlight=False).print(table)
     # How every matching run ended, not just those listed: a batch's tally at a glance.
     total = sum(counts.values())
     print(f"{total} run(s): " + " · ".join(f"{n} {name}" for name, n in counts.items()))

@@ -139,7 +139,7 @@ def test_a_reader_that_stops_reading_ends_runs_quietly(tmp_path: Path) -> None:
     r = records_factory.run()
     store._write_batch([_Write("begin", run=r), _Write("finish", run=r)])
     store.close()
-    for args in (["runs", "--json"], ["runs"]):
+    for args in (["runs", "--json"], ["runs"], ["find", "--local", "--serial", r.serial]):
         proc = sequencer(*args, "--store", str(store_path))
         proc.stdout.close()
         assert proc.wait(timeout=30) == 141

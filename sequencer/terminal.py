@@ -1,0 +1,31 @@
+"""The console the commands print to: rich's, with a reader that went away handled as this CLI means it."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+from rich.console import Console
+
+
+class OutputConsole(Console):
+    """rich's console; a reader that went away (stdout a closed pipe) does not mean exit 1.
+
+    rich's own handling exits 1, which here means "a DUT did not pass" (or,
+    for ``find``, "no such device"). A station's console (``keep_going``)
+    goes quiet instead and testing goes on: the units' outcome is the exit
+    code. Any other command, whose output is the point, raises
+    :exc:`BrokenPipeError`, which ``sequencer.cli.main`` ends as SIGPIPE
+    would (141).
+    """
+
+    def __init__(self, *args: Any, keep_going: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._keep_going = keep_going
+
+    def on_broken_pipe(self) -> None:
+        if not self._keep_going:
+            raise BrokenPipeError
+        self.quiet = True
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
