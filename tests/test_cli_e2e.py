@@ -46,6 +46,15 @@ def soaking_runs(store_path: Path) -> int:
         store.close()
 
 
+def reopened(store_path: Path, batch: str) -> tuple[list, int]:
+    """Open the store as the next station start would: the batch's runs, and how many were found open."""
+    store = LocalStore.open(store_path, station=True)
+    try:
+        return store.find_runs(batch=batch), store.interrupted_on_open
+    finally:
+        store.close()
+
+
 def start_station(tmp_path: Path, slots: int, batch: str) -> tuple[subprocess.Popen, Path]:
     """Start `sequencer run` on the slow product and return once every slot is soaking."""
     store_path = tmp_path / "store.sqlite"
@@ -69,10 +78,8 @@ def test_ctrl_c_aborts_16_slots_runs_teardowns_and_records_everything(tmp_path: 
         proc.kill()
     assert proc.returncode == 130, err
     assert "aborted by the operator; 16 unfinished run(s) recorded ABORTED" in out
-    store = LocalStore.open(store_path, station=True)
-    runs = store.find_runs(batch="ABORT-TEST")
-    store.close()
-    assert len(runs) == 16
+    runs, left_open = reopened(store_path, "ABORT-TEST")
+    assert len(runs) == 16 and left_open == 0
     for r in runs:
         assert r.outcome is Outcome.ABORTED
         assert r.phase("identify").outcome is Outcome.PASS
@@ -94,10 +101,8 @@ def test_second_ctrl_c_skips_teardowns_but_keeps_records(tmp_path: Path) -> None
     finally:
         proc.kill()
     assert proc.returncode == 130, err
-    store = LocalStore.open(store_path)
-    runs = store.find_runs(batch="TWICE")
-    store.close()
-    assert len(runs) == 4
+    runs, left_open = reopened(store_path, "TWICE")
+    assert len(runs) == 4 and left_open == 0
     assert all(r.outcome is Outcome.ABORTED for r in runs)
     assert all(r.phase("power_off").outcome in (Outcome.ABORTED, Outcome.SKIPPED) for r in runs)
 
@@ -117,11 +122,8 @@ def test_a_terminal_that_goes_away_aborts_cleanly_and_keeps_records_and_reports(
     finally:
         proc.kill()
     assert proc.returncode == 130, err
-    store = LocalStore.open(store_path, station=True)
-    assert store.interrupted_on_open == 0  # every run was closed, none left open
-    runs = store.find_runs(batch="HUNGUP")
-    store.close()
-    assert len(runs) == 4
+    runs, left_open = reopened(store_path, "HUNGUP")
+    assert len(runs) == 4 and left_open == 0  # every run was closed, none left open
     for r in runs:
         assert r.outcome is Outcome.ABORTED
         assert r.phase("power_off").outcome is Outcome.PASS
@@ -154,10 +156,8 @@ def test_sigkill_mid_run_then_reopen_marks_interrupted_and_keeps_finished_phases
         proc.communicate(timeout=10)
     finally:
         proc.kill()
-    store = LocalStore.open(store_path, station=True)  # the next station start
-    assert store.interrupted_on_open == 8
-    runs = store.find_runs(batch="KILLED")
-    store.close()
+    runs, left_open = reopened(store_path, "KILLED")
+    assert left_open == 8
     assert len(runs) == 8
     for r in runs:
         assert r.outcome is Outcome.INTERRUPTED
@@ -185,10 +185,16 @@ def test_a_store_that_cannot_be_written_stops_the_station_with_one_line_and_keep
     assert "testing stopped on every slot" in line
     assert not (tmp_path / "reports").exists()  # no report of runs the store does not hold in full
 
-    store = LocalStore.open(store_path, station=True)  # the next station start
-    runs = store.find_runs(batch="FULL")
-    store.close()
-    assert len(runs) == 4 and all(r.outcome is Outcome.INTERRUPTED for r in runs)
+    # A full disk refuses some writes and not others (a write into space the
+    # WAL already has succeeds), so after the first refusal a run may still
+    # have been closed, ERROR, or a phase the stop skipped still recorded.
+    # What must hold: nothing was lost or made up.
+    runs, _ = reopened(store_path, "FULL")
+    assert len(runs) == 4
+    assert all(r.outcome in (Outcome.INTERRUPTED, Outcome.ERROR) for r in runs), [r.outcome for r in runs]
     committed = [p for r in runs for p in r.phases]
-    assert committed, "the phases committed before the disk filled are kept"
-    assert all(p.outcome is Outcome.PASS for p in committed)  # what finished before the disk filled
+    assert any(p.outcome is Outcome.PASS for p in committed), "the phases committed before the disk filled are kept"
+    # each one either finished before the disk filled, or says it is a consequence of it
+    assert all(p.outcome is Outcome.PASS or "records cannot be written" in (p.reason or "") for p in committed), [
+        (p.name, p.outcome, p.reason) for p in committed
+    ]
