@@ -27,7 +27,7 @@ from sequencer.events import EventBus
 from sequencer.product import LoadedProduct, ProductError, layers, load_product
 from sequencer.records import Outcome, RunRecord, run_to_json
 from sequencer.station import StationResult
-from sequencer.terminal import OutputConsole
+from sequencer.terminal import OutputConsole, silence_stdout
 from sequencer.version import SEQUENCER_VERSION
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_ABORTED = 0, 1, 2, 130
@@ -162,10 +162,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     except BrokenPipeError:
         # The reader went away (`sequencer runs --json | head -1`): not an
-        # error worth a traceback. Point stdout at nothing so the interpreter's
-        # own flush at exit does not fail again, and exit as a process killed
-        # by SIGPIPE would.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        # error worth a traceback; exit as a process killed by SIGPIPE would.
+        silence_stdout()
         return EXIT_BROKEN_PIPE
 
 

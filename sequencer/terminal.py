@@ -9,6 +9,14 @@ from typing import Any
 from rich.console import Console
 
 
+def silence_stdout() -> None:
+    """Point stdout at /dev/null: its reader is gone, and later writes must not fail again.
+
+    The interpreter's own flush at exit is one of them.
+    """
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
 class OutputConsole(Console):
     """rich's console; a reader that went away (stdout a closed pipe) does not mean exit 1.
 
@@ -28,4 +36,4 @@ class OutputConsole(Console):
         if not self._keep_going:
             raise BrokenPipeError
         self.quiet = True
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        silence_stdout()
