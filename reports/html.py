@@ -15,11 +15,9 @@ numbers and escaped labels. Attachments that are SVG are embedded as base64
 from __future__ import annotations
 
 import base64
-import errno
 import functools
 import hashlib
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -28,6 +26,7 @@ import attrs
 import jinja2
 
 from reports import formatting, svg
+from reports.files import replacing
 from reports.yields import batch_summary, chronological, unit_key
 from sequencer.records import Attachment, MeasurementRecord, PhaseRecord, RunRecord
 
@@ -231,18 +230,6 @@ def batch_dir(reports_dir: Path, batch: str) -> Path:
 
 def write_html(path: str | os.PathLike[str], html: str) -> Path:
     """Write ``html`` to ``path`` atomically (a reader never sees half a report); return the path."""
-    target = Path(path)
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-    except FileExistsError as exc:  # a file where a folder of the path should be
-        raise NotADirectoryError(errno.ENOTDIR, "not a directory", exc.filename) from None
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(html)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a report is meant to be read
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
+    with replacing(path) as tmp:
+        tmp.write_text(html, encoding="utf-8", newline="\n")
+    return Path(path)
