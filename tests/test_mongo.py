@@ -27,22 +27,7 @@ from reports.store import LocalStore
 from sequencer.records import Outcome, RunRecord
 from tests import records_factory as rf
 from tests.mongo_support import FAST, assert_mirrors_store, database
-
-
-async def store_runs(path: Path, runs: list[RunRecord]) -> None:
-    """Write ``runs`` through the real store as a station would: begin, phase by phase, finish."""
-    store = LocalStore.open(path, station=True)
-    try:
-        async with store.writer():
-            for run in runs:
-                await store.begin_run(attrs.evolve(run, phases=(), outcome=None, ended_at=None,
-                                                   dut={"serial": run.serial} if run.serial else {}))
-                for i, p in enumerate(run.phases):
-                    await store.commit_phase(run.run_id, i, p, run.dut)
-                if run.outcome is not None:
-                    await store.finish_run(run)
-    finally:
-        store.close()
+from tests.store_support import store_runs
 
 
 async def drain(path: Path, settings: MongoSettings, **options: Any) -> Any:

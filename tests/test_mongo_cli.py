@@ -18,7 +18,7 @@ from sequencer.cli import main
 from sequencer.config import ConfigError, StationConfig, load_station_config
 from tests import records_factory as rf
 from tests.mongo_support import database
-from tests.test_mongo import store_runs
+from tests.store_support import store_runs
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -284,7 +284,7 @@ async def test_a_dead_shipper_process_is_reported_and_its_backlog_stays_in_the_s
 ) -> None:
     from reports.shipper import shipping_process
     from tests import records_factory as rf
-    from tests.test_mongo import store_runs
+    from tests.store_support import store_runs
 
     path = tmp_path / "store.sqlite"
     await store_runs(path, [rf.sensor_run("SN-1")])
