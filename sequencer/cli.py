@@ -70,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
         "  sequencer run --station station.toml              the product, ports and store from one file\n"
         "  sequencer runs --batch B                          what the store holds for batch B\n"
         "  sequencer report --batch B                        yield and failure Pareto (prints its path)\n"
+        "  sequencer export --batch B                        the same as a spreadsheet (.xlsx; or -o F.csv)\n"
         "\n"
         "A station machine can name its station file once in SEQUENCER_STATION; every command\n"
         "that takes --station then uses it unless given another.\n"
@@ -129,6 +130,18 @@ def build_parser() -> argparse.ArgumentParser:
                       help=f"the N most recent matching runs; 0 for all (default: {RUNS_SHOWN} in the table, "
                       "all with --json)")
     runs.add_argument("--json", action="store_true", help="one JSON record per line")
+
+    export = sub.add_parser("export", help="write runs as a spreadsheet (.xlsx) or a CSV table, for analysis")
+    export.add_argument("--batch", metavar="B", help="the runs of batch B")
+    export.add_argument("--serial", metavar="S", help="the runs of the unit with serial S")
+    export.add_argument("--outcome", choices=[o.value for o in Outcome], help="the runs that ended so")
+    export.add_argument("-o", "--output", metavar="FILE",
+                        help="FILE.xlsx: a summary and every table; FILE.csv or - (stdout): one table"
+                             " (default with --batch: <reports>/<batch>/<batch>.xlsx)")
+    export.add_argument("--table", choices=["runs", "phases", "measurements"],
+                        help="the table a CSV holds (default: runs, one row per run, a column per measurement)")
+    export.add_argument("--store", type=Path, metavar="PATH", help="local store (SQLite) path")
+    export.add_argument("--station", type=Path, metavar="FILE", help="station file (for its store and reports)")
     add_mongo_commands(sub)  # sync, find
     from reports.provisioning.cli import add_provision_commands
 
@@ -152,7 +165,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from reports.provisioning.cli import cmd_provision_server
 
         handler = {"check": cmd_check, "run": cmd_run, "report": cmd_report, "runs": cmd_runs,
-                   "sync": cmd_sync, "find": cmd_find, "provision-server": cmd_provision_server}[args.command]
+                   "export": cmd_export, "sync": cmd_sync, "find": cmd_find, "provision-server": cmd_provision_server}[args.command]
         return handler(args)
     except (UsageError, ConfigError, ProductError) as exc:
         err.print(f"sequencer: error: {exc}", markup=False, soft_wrap=True)
@@ -553,8 +566,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
     finally:
         store.close()
     if not runs:
-        given = ", ".join(f"{k} {v!r}" for k, v in filters.items() if v is not None)
-        print(f"no runs{' with ' + given if given else ''} in {store.path}")
+        print(_no_runs(filters, store.path))
         return EXIT_OK
     from rich import box
     from rich.table import Table
@@ -575,6 +587,57 @@ def cmd_runs(args: argparse.Namespace) -> int:
     print(f"{total} run(s): " + " · ".join(f"{n} {name}" for name, n in counts.items()))
     if total > len(runs):
         print(f"showing the {len(runs)} most recent (--limit N for more, --limit 0 for all)")
+    return EXIT_OK
+
+
+def _no_runs(filters: dict[str, str | None], store: Path) -> str:
+    given = ", ".join(f"{k} {v!r}" for k, v in filters.items() if v is not None)
+    return f"no runs{' with ' + given if given else ''} in {store}"
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from reports.export import ExportError, export_tables, write_csv, write_csv_file, write_xlsx
+    from reports.html import batch_dir, batch_title
+
+    config = reading_config(args.station, args.store)
+    if args.output is None:
+        if args.batch is None:
+            raise UsageError("export: give -o FILE (.xlsx or .csv), or --batch B to write B.xlsx beside its reports")
+        folder = batch_dir(config.reports_dir, args.batch)
+        args.output = str(folder / f"{folder.name}.xlsx")
+    kind = "csv" if args.output == "-" else Path(args.output).suffix.lower()[1:]
+    if kind not in ("csv", "xlsx"):
+        raise UsageError(f"{args.output}: an export is .xlsx (a summary and every table) or .csv (one table)")
+    if kind == "xlsx" and args.table:
+        raise UsageError(f"{args.output}: --table picks the one table a CSV holds; an .xlsx file holds them all")
+    filters = {"batch": args.batch, "serial": args.serial, "outcome": args.outcome}
+    store = _open_store(config)
+    try:
+        runs = store.find_runs(**filters)
+    finally:
+        store.close()
+    if not runs:
+        raise UsageError(_no_runs(filters, store.path))
+    tables = export_tables(runs)
+    table = tables[args.table or "runs"]
+    if args.output == "-":
+        write_csv(table, sys.stdout)
+        return EXIT_OK
+    output = Path(args.output)
+    if args.batch is not None:
+        title = batch_title(args.batch, runs)
+    else:
+        title = "Runs" + "".join(f", {k} {v}" for k, v in filters.items() if v is not None)
+    try:
+        if kind == "csv":
+            write_csv_file(output, table)
+        else:
+            write_xlsx(output, tables, runs, title=title)
+    except ExportError as exc:
+        raise UsageError(f"{output}: {exc}") from None
+    except OSError as exc:
+        raise UsageError(f"{output}: cannot write the export: {_os_reason(exc, output)}") from None
+    print(output)
     return EXIT_OK
 
 

@@ -1,0 +1,378 @@
+"""Runs as tables, for the spreadsheet or script quality analyses them with.
+
+The HTML pages answer the questions we thought of; an export answers the
+rest: a capability study of one rail, a pivot of failures by operator, a
+join with the supplier's lot list. Three tables, each a plain rectangle that
+pandas, Excel or Minitab reads without help:
+
+* **runs**: one row per run, its identity, outcome, and one column per
+  scalar measurement (``phase.measurement [units]``, the value of the phase's
+  last attempt). ``unit_run`` is 1 for a unit's first run in the export, 2 for
+  its first retest, and so on; ``unit_final`` marks the run that decides the
+  unit's final yield (see :mod:`reports.yields`).
+* **phases**: one row per phase of every run.
+* **measurements**: one row per measurement of every phase's last attempt
+  (the attempt that decided the phase; earlier attempts are in the run's
+  report), with its limits and how it was judged. A dimensioned measurement
+  (a series) is one row with its point count and verdict, not its points.
+
+CSV holds one table; an ``.xlsx`` workbook holds all three and a summary
+sheet with the yields.
+
+Every string a device sent is untrusted here as in the HTML. A spreadsheet
+runs a cell that starts with ``=`` as a formula, so the workbook stores every
+string as text, and the CSV writer puts a ``'`` before any text a spreadsheet
+would read as a formula (a leading ``=``, ``+``, ``-``, ``@``, tab or carriage
+return); numbers are written as numbers and never prefixed. Characters an
+xlsx file cannot hold (control characters) are written as ``\\x..`` escapes.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import json
+import math
+import re
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+import attrs
+
+from reports.files import replacing
+from reports.yields import PARETO_PHASE_OUTCOMES, RUNNING, batch_summary, chronological, unit_key
+from sequencer.records import MeasurementOutcome, MeasurementRecord, Outcome, RunRecord
+
+#: The tables an export holds, in the order a workbook lists them.
+TABLES = ("runs", "phases", "measurements")
+
+#: Rows and columns one worksheet can hold (the header row included).
+XLSX_MAX_ROWS = 1_048_576
+XLSX_MAX_COLUMNS = 16_384
+#: Characters one xlsx cell can hold.
+XLSX_MAX_CELL_CHARS = 32_767
+
+_TIME_FORMAT = "yyyy-mm-dd hh:mm:ss"
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+_XLSX_ILLEGAL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")
+
+
+class ExportError(Exception):
+    """The export cannot be written as asked; the message says why and what to do instead."""
+
+
+@attrs.frozen
+class Marked:
+    """A cell value with a verdict a spreadsheet can colour (``pass``, ``marginal`` or ``fail``)."""
+
+    value: Any
+    mark: str
+
+
+@attrs.frozen
+class Table:
+    """One rectangle of cells: ``columns`` names, ``rows`` of plain values or :class:`Marked` ones."""
+
+    name: str
+    columns: tuple[str, ...]
+    rows: tuple[tuple[Any, ...], ...]
+
+    def column(self, name: str) -> list[Any]:
+        """The plain values of one column (what a reader of the CSV gets), for tests and scripts."""
+        i = self.columns.index(name)
+        return [plain(row[i]) for row in self.rows]
+
+
+def plain(cell: Any) -> Any:
+    return cell.value if isinstance(cell, Marked) else cell
+
+
+def export_tables(runs: Iterable[RunRecord]) -> dict[str, Table]:
+    """The three tables of ``runs`` (any order; rows come oldest run first), by name."""
+    ordered = chronological(runs)
+    return {"runs": _runs_table(ordered), "phases": _phases_table(ordered),
+            "measurements": _measurements_table(ordered)}
+
+
+# --- building the tables --------------------------------------------------------------------------
+
+_RUN_COLUMNS = ("run_id", "batch", "serial")
+_RUN_COLUMNS_AFTER_IDENTITY = (
+    "product", "product_version", "station", "slot", "port", "operator", "started_utc", "ended_utc",
+    "duration_s", "outcome", "marginal", "unit_run", "unit_final", "failed_phases", "limits_sha256",
+    "product_sha256", "sequencer_version",
+)
+
+
+def _runs_table(ordered: Sequence[RunRecord]) -> Table:
+    fixed = set(_RUN_COLUMNS) | set(_RUN_COLUMNS_AFTER_IDENTITY)
+    identity = sorted({k for r in ordered for k in r.dut} - {"serial"})
+    # A device may report identity under a name the table already uses ("port"): keep both.
+    identity_columns = tuple(f"dut.{k}" if k in fixed else k for k in identity)
+
+    measured: dict[tuple[str, str], str] = {}  # (phase, measurement) -> column name, first seen first
+    for r in ordered:
+        for p in r.phases:
+            for m in p.measurements:
+                if not m.dimensions and (p.name, m.name) not in measured:
+                    units = f" [{m.units}]" if m.units else ""
+                    measured[(p.name, m.name)] = f"{p.name}.{m.name}{units}"
+
+    run_numbers: dict[str, int] = {}
+    final_run: dict[str, str] = {}
+    for r in ordered:
+        if r.outcome is not None:
+            final_run[unit_key(r)] = r.run_id
+
+    rows = []
+    for r in ordered:
+        key = unit_key(r)
+        run_numbers[key] = run_numbers.get(key, 0) + 1
+        values: dict[tuple[str, str], Any] = {}
+        for p in r.phases:
+            for m in p.measurements:
+                if not m.dimensions:
+                    values[(p.name, m.name)] = _marked(_value(m.value), m)
+        rows.append((
+            r.run_id, r.batch, r.serial,
+            *(r.dut.get(k) for k in identity),
+            r.product, r.product_version, r.station, r.slot, r.port, r.operator,
+            r.started_at, r.ended_at, _seconds(r.duration_s),
+            _outcome(r.outcome, r.marginal), r.marginal,
+            run_numbers[key], final_run.get(key) == r.run_id,
+            "; ".join(p.name for p in r.phases if p.outcome in PARETO_PHASE_OUTCOMES),
+            r.limits_sha256, r.product_sha256, r.sequencer_version,
+            *(values.get(k) for k in measured),
+        ))
+    columns = (*_RUN_COLUMNS, *identity_columns, *_RUN_COLUMNS_AFTER_IDENTITY, *measured.values())
+    return Table("runs", columns, tuple(rows))
+
+
+def _phases_table(ordered: Sequence[RunRecord]) -> Table:
+    columns = ("run_id", "serial", "phase", "teardown", "outcome", "attempts", "started_utc", "duration_s",
+               "resource_wait_s", "marginal", "reason", "error")
+    rows = []
+    for r in ordered:
+        for p in r.phases:
+            error = p.error
+            rows.append((
+                r.run_id, r.serial, p.name, p.teardown, _outcome(p.outcome, p.marginal), len(p.attempts),
+                p.started_at, _seconds(p.duration_s), _seconds(p.resource_wait_s), p.marginal, p.reason,
+                None if error is None else f"{error.type}: {error.message}",
+            ))
+    return Table("phases", columns, tuple(rows))
+
+
+def _measurements_table(ordered: Sequence[RunRecord]) -> Table:
+    columns = ("run_id", "serial", "phase", "attempt", "measurement", "value", "units", "outcome", "marginal",
+               "low", "high", "marginal_low", "marginal_high", "validators", "points", "reason")
+    rows = []
+    for r in ordered:
+        for p in r.phases:
+            if not p.attempts:
+                continue
+            last = p.attempts[-1]
+            for m in last.measurements:
+                series = bool(m.dimensions)
+                lim = m.limits
+                rows.append((
+                    r.run_id, r.serial, p.name, last.number, m.name,
+                    None if series else _value(m.value), m.units, _marked(m.outcome.value, m), m.marginal,
+                    *(_value(v) for v in ((lim.low, lim.high, lim.marginal_low, lim.marginal_high)
+                                          if lim is not None else (None,) * 4)),
+                    "; ".join(m.validators),
+                    (len(m.value) if isinstance(m.value, list) else 0) if series else None,
+                    m.reason,
+                ))
+    return Table("measurements", columns, tuple(rows))
+
+
+def _value(value: Any) -> Any:
+    """A measurement value as one cell: numbers, text and booleans as they are; NaN and infinities as text."""
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        if math.isfinite(value):
+            return value
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    # Lists and mappings (a custom validator's value): their JSON, as the record holds it.
+    return json.dumps(value, separators=(",", ":"), default=str)
+
+
+def _marked(value: Any, m: MeasurementRecord) -> Any:
+    if m.outcome is MeasurementOutcome.PASS:
+        return Marked(value, "marginal") if m.marginal else value
+    return Marked(value, "fail")
+
+
+def _outcome(outcome: Outcome | None, marginal: bool) -> Any:
+    if outcome is None:
+        return RUNNING
+    if outcome is Outcome.PASS:
+        return Marked(outcome.value, "marginal" if marginal else "pass")
+    if outcome is Outcome.SKIPPED:
+        return outcome.value
+    return Marked(outcome.value, "fail")
+
+
+def _seconds(value: float | None) -> float | None:
+    return None if value is None else round(value, 3)
+
+
+# --- CSV ------------------------------------------------------------------------------------------
+
+
+def write_csv(table: Table, out: TextIO) -> None:
+    """Write ``table`` as RFC 4180 CSV (UTF-8 is the caller's choice of ``out``; no BOM)."""
+    writer = csv.writer(out)
+    writer.writerow(table.columns)
+    for row in table.rows:
+        writer.writerow([_csv_cell(plain(c)) for c in row])
+
+
+def write_csv_file(path: str | Path, table: Table) -> Path:
+    """Write ``table`` to ``path`` as UTF-8 CSV, atomically."""
+    with replacing(path) as tmp, open(tmp, "w", encoding="utf-8", newline="") as out:
+        write_csv(table, out)
+    return Path(path)
+
+
+def _csv_cell(value: Any) -> Any:
+    if isinstance(value, dt.datetime):
+        return value.isoformat()
+    if isinstance(value, str) and value.startswith(_FORMULA_START):
+        return "'" + value
+    return value
+
+
+# --- xlsx -----------------------------------------------------------------------------------------
+
+_FILLS = {"pass": ("C6EFCE", "006100"), "marginal": ("FFEB9C", "9C5700"), "fail": ("FFC7CE", "9C0006")}
+
+
+def check_fits_xlsx(tables: Iterable[Table]) -> None:
+    """Raise :class:`ExportError` naming the first table too big for a worksheet."""
+    for t in tables:
+        if len(t.rows) + 1 > XLSX_MAX_ROWS or len(t.columns) > XLSX_MAX_COLUMNS:
+            raise ExportError(
+                f"the {t.name} table has {len(t.rows):,} rows and {len(t.columns):,} columns, more than a"
+                f" worksheet holds ({XLSX_MAX_ROWS - 1:,} rows, {XLSX_MAX_COLUMNS:,} columns): export it as"
+                f" CSV (-o FILE.csv --table {t.name}) or select fewer runs"
+            )
+
+
+def write_xlsx(path: str | Path, tables: dict[str, Table], runs: Sequence[RunRecord], *, title: str) -> Path:
+    """Write a workbook: a Summary sheet (yields of ``runs``), then one sheet per table; atomically."""
+    from openpyxl import Workbook  # imported here: the station's own commands never need it
+
+    check_fits_xlsx(tables.values())
+    # The file first: a workbook's sheets stream into temporary files of
+    # their own, which only saving closes.
+    with replacing(path) as tmp:
+        workbook = Workbook(write_only=True)
+        cells = _Cells()
+        _write_summary(workbook.create_sheet("Summary"), runs, title, cells)
+        for table in tables.values():
+            _write_sheet(workbook.create_sheet(table.name.capitalize()), table, cells)
+        workbook.save(tmp)
+    return Path(path)
+
+
+class _Cells:
+    """Turns table cells into what a write-only worksheet appends, with the few styles a workbook uses."""
+
+    def __init__(self) -> None:
+        from openpyxl.cell import WriteOnlyCell
+        from openpyxl.styles import Font, PatternFill
+
+        self._cell = WriteOnlyCell
+        self.bold = Font(bold=True)
+        self.marks = {
+            mark: (PatternFill("solid", start_color=fill, end_color=fill), Font(color=text))
+            for mark, (fill, text) in _FILLS.items()
+        }
+
+    def __call__(self, sheet: Any, cell: Any, *, bold: bool = False, number_format: str | None = None) -> Any:
+        value, mark = (cell.value, cell.mark) if isinstance(cell, Marked) else (cell, None)
+        if isinstance(value, dt.datetime):
+            # Excel has no time zones; every time in a record is UTC and the column says so.
+            value = value.astimezone(dt.timezone.utc).replace(tzinfo=None)
+            number_format = number_format or _TIME_FORMAT
+        elif isinstance(value, str):
+            value = _xlsx_text(value)
+        formula_like = isinstance(value, str) and value.startswith("=")
+        if not (formula_like or mark or bold or number_format):
+            return value  # a plain value: appended as it is, much faster than a styled cell
+        out = self._cell(sheet, value=value)
+        if formula_like:
+            out.data_type = "s"  # text, never a formula
+        if number_format:
+            out.number_format = number_format
+        if bold:
+            out.font = self.bold
+        if mark is not None:
+            out.fill, out.font = self.marks[mark]
+        return out
+
+
+def _write_sheet(sheet: Any, table: Table, cells: _Cells) -> None:
+    from openpyxl.utils import get_column_letter
+
+    sheet.freeze_panes = "B2"  # the header and the run id stay in view
+    for i, name in enumerate(table.columns, start=1):
+        sheet.column_dimensions[get_column_letter(i)].width = min(max(len(name) + 2, 10), 40)
+    sheet.append([cells(sheet, name, bold=True) for name in table.columns])
+    for row in table.rows:
+        sheet.append([cells(sheet, c) for c in row])
+    sheet.auto_filter.ref = f"A1:{get_column_letter(len(table.columns))}{len(table.rows) + 1}"
+
+
+def _xlsx_text(text: str) -> str:
+    text = _XLSX_ILLEGAL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+    if len(text) > XLSX_MAX_CELL_CHARS:
+        text = text[: XLSX_MAX_CELL_CHARS - 1] + "…"
+    return text
+
+
+def _write_summary(sheet: Any, runs: Sequence[RunRecord], title: str, cells: _Cells) -> None:
+    s = batch_summary(runs)
+    sheet.column_dimensions["A"].width = 34
+    sheet.column_dimensions["B"].width = 48
+
+    def row(label: str, value: Any = None, number_format: str | None = None) -> None:
+        sheet.append([cells(sheet, label, bold=True), cells(sheet, value, number_format=number_format)])
+
+    sheet.append([cells(sheet, title, bold=True)])
+    row("exported (UTC)", dt.datetime.now(dt.timezone.utc).replace(microsecond=0))
+    sheet.append([])
+    row("runs", s.runs)
+    row("units", s.units)
+    row("first-pass yield", s.first_pass_yield, "0.0%")
+    row("final yield", s.final_yield, "0.0%")
+    row("units with a verdict", s.yield_units)
+    row("marginal runs", s.marginal)
+    row("median run duration (s)", _seconds(s.median_duration_s))
+    for name, count in s.outcome_counts:
+        row(f"runs {name}", count)
+    if s.phase_pareto:
+        sheet.append([])
+        row("failures by phase", "count")
+        for p in s.phase_pareto:
+            row(p.label, p.count)
+    if s.measurement_pareto:
+        sheet.append([])
+        row("failures by measurement", "count")
+        for p in s.measurement_pareto:
+            row(p.label, p.count)
+    if len(s.code_versions) > 1:
+        sheet.append([])
+        row("warning", f"these runs were made with {len(s.code_versions)} different versions of the test code"
+                       " (product, limits or sequencer): see the batch report")
+    sheet.append([])
+    for line in (
+        "A unit is a serial number (a run without one is a unit of its own).",
+        "First-pass yield: units whose first finished run passed. Final yield: units whose last one passed.",
+        "Only PASS passes. Failures by phase count FAIL, ERROR and TIMEOUT phases of every run, retests included.",
+    ):
+        sheet.append([line])
