@@ -8,6 +8,7 @@ printer, the SQLite store, the station log and the HTML reports.
 
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 import sys
@@ -26,6 +27,7 @@ from fixtures.sim.instruments import open_simulated_instrument
 from fixtures.sim.modem import ModemFaults, open_modems
 from fixtures.station import STATION_FIXTURES, StationServices, station_fixtures
 from phases.retest_gate import retest_gate
+from reports.export import export_tables, write_csv
 from reports.html import render_batch, render_run
 from reports.provisioning.server import serve_provisioning
 from reports.provisioning.storage import SqliteStorage
@@ -104,10 +106,14 @@ class Station:
         return sorted(result.runs, key=lambda r: r.slot)
 
     def every_output(self, runs: list[RunRecord]) -> str:
-        """Everything the station wrote or showed: store, log, provisioning DB, reports, records."""
+        """Everything the station wrote or showed: store, log, provisioning DB, reports, exports, records."""
         files = [p for p in self.dir.rglob("*") if p.is_file()]
         text = "\n".join(p.read_bytes().decode("latin-1") for p in files)
         text += "\n".join(run_to_json(r) + render_run(r) for r in runs) + render_batch(runs, title="b")
+        exported = io.StringIO()
+        for table in export_tables(runs).values():
+            write_csv(table, exported)
+        text += exported.getvalue()
         attachments = [a.data.decode("latin-1") for r in runs for p in r.phases for a in p.attachments]
         return text + "\n".join(attachments)
 
