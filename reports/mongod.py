@@ -27,6 +27,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import attrs
 import pymongo
@@ -282,14 +283,29 @@ class ReplicaSet:
         return None
 
     def wait_for_primary(self, timeout: float = 30.0, *, other_than: Mongod | None = None) -> Mongod:
-        deadline = time.monotonic() + timeout
-        while True:
-            p = self.primary()
-            if p is not None and p is not other_than:
-                return p
-            if time.monotonic() > deadline:
-                raise MongodError(f"replica set {self.name}: no primary elected within {timeout:g} s")
-            time.sleep(0.1)
+        """The member that is primary once one is (other than ``other_than``, after a step-down).
+
+        pymongo's own server selection does the waiting: it watches the set's
+        topology and wakes when a member becomes primary, so there is no
+        polling loop here. The selector leaves out the member that stepped
+        down, which the client may still see as primary for a heartbeat.
+        """
+        excluded = None if other_than is None else other_than.address
+
+        def eligible(servers: list[Any]) -> list[Any]:
+            return [s for s in servers if f"{s.address[0]}:{s.address[1]}" != excluded]
+
+        client: pymongo.MongoClient[dict] = pymongo.MongoClient(
+            self.uri, server_selector=eligible, serverSelectionTimeoutMS=int(timeout * 1000),
+            heartbeatFrequencyMS=500, connectTimeoutMS=2000,
+        )
+        try:
+            me = client.admin.command("hello")["me"]
+        except pymongo.errors.PyMongoError:
+            raise MongodError(f"replica set {self.name}: no primary elected within {timeout:g} s") from None
+        finally:
+            client.close()
+        return next(m for m in self.members if m.address == me)
 
     def step_down(self, seconds: int = 30) -> Mongod:
         """Make the current primary step down (it may not stand again for ``seconds``); return it."""
