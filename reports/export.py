@@ -23,8 +23,11 @@ Every string a device sent is untrusted here as in the HTML. A spreadsheet
 runs a cell that starts with ``=`` as a formula, so the workbook stores every
 string as text, and the CSV writer puts a ``'`` before any text a spreadsheet
 would read as a formula (a leading ``=``, ``+``, ``-``, ``@``, tab or carriage
-return); numbers are written as numbers and never prefixed. Characters an
-xlsx file cannot hold (control characters) are written as ``\\x..`` escapes.
+return); numbers are written as numbers and never prefixed. The prefix does
+change such text (a PEM public key starts with ``-----``): the workbook keeps
+it exactly, and ``sequencer runs --json`` has every record exactly, for
+scripts. Characters an xlsx file cannot hold (control characters) are written
+as ``\\x..`` escapes.
 """
 
 from __future__ import annotations
