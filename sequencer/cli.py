@@ -21,6 +21,7 @@ from rich.markup import escape
 from rich.text import Text
 
 from fixtures.station import STATION_FIXTURES  # what the station provides every product
+from reports.export import TABLES as EXPORT_TABLES
 from sequencer.config import ConfigError, StationConfig, load_station_config, reading_config, require_store
 from sequencer.engine import RunSettings
 from sequencer.events import EventBus
@@ -138,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("-o", "--output", metavar="FILE",
                         help="FILE.xlsx: a summary and every table; FILE.csv or - (stdout): one table"
                              " (default with --batch: <reports>/<batch>/<batch>.xlsx)")
-    export.add_argument("--table", choices=["runs", "phases", "measurements"],
+    export.add_argument("--table", choices=EXPORT_TABLES,
                         help="the table a CSV holds (default: runs, one row per run, a column per measurement)")
     export.add_argument("--store", type=Path, metavar="PATH", help="local store (SQLite) path")
     export.add_argument("--station", type=Path, metavar="FILE", help="station file (for its store and reports)")
@@ -164,8 +165,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from reports.mongo_cli import cmd_find, cmd_sync
         from reports.provisioning.cli import cmd_provision_server
 
-        handler = {"check": cmd_check, "run": cmd_run, "report": cmd_report, "runs": cmd_runs,
-                   "export": cmd_export, "sync": cmd_sync, "find": cmd_find, "provision-server": cmd_provision_server}[args.command]
+        handler = {"check": cmd_check, "run": cmd_run, "report": cmd_report, "runs": cmd_runs, "export": cmd_export,
+                   "sync": cmd_sync, "find": cmd_find, "provision-server": cmd_provision_server}[args.command]
         return handler(args)
     except (UsageError, ConfigError, ProductError) as exc:
         err.print(f"sequencer: error: {exc}", markup=False, soft_wrap=True)
