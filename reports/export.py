@@ -44,7 +44,14 @@ from typing import Any, TextIO
 import attrs
 
 from reports.files import replacing
-from reports.yields import PARETO_PHASE_OUTCOMES, RUNNING, batch_summary, chronological, unit_key
+from reports.yields import (
+    PARETO_PHASE_OUTCOMES,
+    RUNNING,
+    batch_summary,
+    chronological,
+    unit_run_numbers,
+    unit_key,
+)
 from sequencer.records import MeasurementOutcome, MeasurementRecord, Outcome, RunRecord
 
 #: The tables an export holds, in the order a workbook lists them.
@@ -122,16 +129,13 @@ def _runs_table(ordered: Sequence[RunRecord]) -> Table:
                     units = f" [{m.units}]" if m.units else ""
                     measured[(p.name, m.name)] = f"{p.name}.{m.name}{units}"
 
-    run_numbers: dict[str, int] = {}
     final_run: dict[str, str] = {}
     for r in ordered:
         if r.outcome is not None:
             final_run[unit_key(r)] = r.run_id
 
     rows = []
-    for r in ordered:
-        key = unit_key(r)
-        run_numbers[key] = run_numbers.get(key, 0) + 1
+    for r, unit_run in zip(ordered, unit_run_numbers(ordered), strict=True):
         values: dict[tuple[str, str], Any] = {}
         for p in r.phases:
             for m in p.measurements:
@@ -143,7 +147,7 @@ def _runs_table(ordered: Sequence[RunRecord]) -> Table:
             r.product, r.product_version, r.station, r.slot, r.port, r.operator,
             r.started_at, r.ended_at, _seconds(r.duration_s),
             _outcome(r.outcome, r.marginal), r.marginal,
-            run_numbers[key], final_run.get(key) == r.run_id,
+            unit_run, final_run.get(unit_key(r)) == r.run_id,
             "; ".join(p.name for p in r.phases if p.outcome in PARETO_PHASE_OUTCOMES),
             r.limits_sha256, r.product_sha256, r.sequencer_version,
             *(values.get(k) for k in measured),

@@ -18,6 +18,7 @@ import base64
 import functools
 import hashlib
 import os
+import shlex
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -27,7 +28,7 @@ import jinja2
 
 from reports import formatting, svg
 from reports.files import replacing
-from reports.yields import batch_summary, chronological, unit_key
+from reports.yields import batch_summary, chronological, unit_key, unit_run_numbers
 from sequencer.records import Attachment, MeasurementRecord, PhaseRecord, RunRecord
 
 #: Attachments larger than this are listed (name, size, sha256) but not embedded.
@@ -185,20 +186,21 @@ def render_batch(runs: Sequence[RunRecord], *, title: str) -> str:
     """The report of many runs: counts, yields, the units table and failure Paretos."""
     ordered = chronological(runs)
     summary = batch_summary(ordered)
-    seen: dict[str, int] = {}
     runs_of_unit = {u.key: len(u.run_ids) for u in summary.unit_summaries}
-    rows = []
-    for r in ordered:
-        key = unit_key(r)
-        seen[key] = seen.get(key, 0) + 1
-        rows.append({"run": r, "test_number": seen[key], "tests": runs_of_unit[key], "failure": _first_failure(r)})
+    rows = [
+        {"run": r, "test_number": n, "tests": runs_of_unit[unit_key(r)], "failure": _first_failure(r)}
+        for r, n in zip(ordered, unit_run_numbers(ordered), strict=True)
+    ]
+    batches = sorted({r.batch for r in ordered if r.batch})
     return _environment().get_template("batch.html").render(
         title=title,
         summary=summary,
         rows=rows,
         products=sorted({f"{r.product} {r.product_version}".strip() for r in ordered}),
         stations=sorted({r.station for r in ordered}),
-        batches=sorted({r.batch for r in ordered if r.batch}),
+        batches=batches,
+        # where quality gets the numbers behind this page, for a spreadsheet
+        export_command=f"sequencer export --batch {shlex.quote(batches[0])}" if len(batches) == 1 else None,
         first_start=ordered[0].started_at if ordered else None,
         last_end=max((r.ended_at for r in ordered if r.ended_at is not None), default=None),
     )

@@ -129,6 +129,17 @@ def chronological(runs: Iterable[RunRecord]) -> list[RunRecord]:
     return sorted(runs, key=lambda r: (r.started_at, r.run_id))
 
 
+def unit_run_numbers(ordered: Sequence[RunRecord]) -> list[int]:
+    """For each of ``ordered`` (oldest first), which test of its unit it is: 1 the first, 2 the first retest, ..."""
+    seen: Counter[str] = Counter()
+    numbers = []
+    for r in ordered:
+        key = unit_key(r)
+        seen[key] += 1
+        numbers.append(seen[key])
+    return numbers
+
+
 def batch_summary(runs: Sequence[RunRecord]) -> BatchSummary:
     """Count outcomes, compute yields and Paretos for ``runs`` (any order, retests included)."""
     ordered = chronological(runs)

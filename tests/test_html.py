@@ -516,6 +516,17 @@ def test_batch_page_names_its_test_code_and_warns_when_it_is_mixed() -> None:
     assert rows[1].find("span", "uncommitted").text == "UNCOMMITTED"
 
 
+def test_batch_page_says_how_to_get_its_runs_as_a_spreadsheet() -> None:
+    footer = parse(render_batch(batch_runs(), title="B1")).find("footer")
+    assert footer.find("code").text == "sequencer export --batch B2024-05-14"
+    # a batch id a shell would split or expand is quoted, ready to paste
+    odd = [attrs.evolve(r, batch="line 2; $(rm)") for r in batch_runs()]
+    footer = parse(render_batch(odd, title="B1")).find("footer")
+    assert footer.find("code").text == "sequencer export --batch 'line 2; $(rm)'"
+    mixed = [*batch_runs(), attrs.evolve(sensor_run("SN-9"), batch="B2")]
+    assert not parse(render_batch(mixed, title="two")).find("footer").find_all("code")
+
+
 def test_batch_without_failures_or_runs() -> None:
     root = parse(render_batch([sensor_run("SN-9")], title="clean"))
     assert [p.text for p in root.find_all("p", "empty")] == ["No failures.", "No failures."]
