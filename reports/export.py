@@ -27,7 +27,9 @@ return); numbers are written as numbers and never prefixed. The prefix does
 change such text (a PEM public key starts with ``-----``): the workbook keeps
 it exactly, and ``sequencer runs --json`` has every record exactly, for
 scripts. Characters an xlsx file cannot hold (control characters) are written
-as ``\\x..`` escapes.
+as ``\\x..`` escapes. Open the workbook, not the CSV, in a spreadsheet: it
+reads a long string of digits in a CSV as a number, and an ICCID loses its
+last digits.
 """
 
 from __future__ import annotations
@@ -63,6 +65,8 @@ XLSX_MAX_COLUMNS = 16_384
 #: Characters one xlsx cell can hold.
 XLSX_MAX_CELL_CHARS = 32_767
 
+#: The largest integer a spreadsheet's numbers (IEEE doubles) hold exactly.
+_EXACT_INT = 2**53
 _TIME_FORMAT = "yyyy-mm-dd hh:mm:ss"
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 _XLSX_ILLEGAL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")
@@ -197,8 +201,12 @@ def _measurements_table(ordered: Sequence[RunRecord]) -> Table:
 
 def _value(value: Any) -> Any:
     """A measurement value as one cell: numbers, text and booleans as they are; NaN and infinities as text."""
-    if value is None or isinstance(value, (bool, int, str)):
+    if value is None or isinstance(value, (bool, str)):
         return value
+    if isinstance(value, int):
+        # A spreadsheet holds numbers as doubles: a 20-digit ICCID read as an
+        # integer would lose its last digits there. Beyond 2**53, keep the digits.
+        return value if abs(value) <= _EXACT_INT else str(value)
     if isinstance(value, float):
         if math.isfinite(value):
             return value

@@ -106,10 +106,13 @@ def test_values_a_cell_cannot_hold_as_they_are_become_text() -> None:
         rf.measurement("down", -math.inf, outcome=MeasurementOutcome.FAIL),
         rf.measurement("never", None),
         rf.measurement("blob", {"a": [1, 2]}),
+        rf.measurement("iccid", 89014108527670111820),  # beyond a double's exact integers
+        rf.measurement("count", 2**53),
     ])])
     table = export_tables([run])["measurements"]
-    assert table.column("value") == ["NaN", "Infinity", "-Infinity", None, '{"a":[1,2]}']
-    assert table.column("outcome") == ["FAIL", "FAIL", "FAIL", "UNSET", "PASS"]
+    assert table.column("value") == ["NaN", "Infinity", "-Infinity", None, '{"a":[1,2]}', "89014108527670111820",
+                                     2**53]
+    assert table.column("outcome") == ["FAIL", "FAIL", "FAIL", "UNSET", "PASS", "PASS", "PASS"]
 
 
 def test_phases_table_names_errors_without_tracebacks() -> None:
