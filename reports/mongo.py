@@ -34,7 +34,8 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-from base64 import b85decode
+import re
+from base64 import b85decode, b85encode
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 from urllib.parse import quote
@@ -47,7 +48,7 @@ from bson.raw_bson import RawBSONDocument
 from pymongo import UpdateOne
 from pymongo.uri_parser import parse_uri
 
-from sequencer.records import Outcome, RunRecord, to_dict
+from sequencer.records import SCHEMA_VERSION, Outcome, RunRecord, from_dict, to_dict
 
 #: Version of the collections' validators and indexes (``meta`` document ``_id: "schema"``).
 DB_SCHEMA = 1
@@ -373,6 +374,75 @@ def run_document(run: RunRecord | RunData | StoredRun, seq: int) -> dict[str, An
         "phases": [p.doc for p in stored.phases],
         "measurements": [m for p in stored.phases for m in p.flat],
     }
+
+
+class UnreadableRun(Exception):
+    """A ``runs`` document this sequencer cannot turn back into a record; the message names the run."""
+
+
+def run_from_document(doc: Mapping[str, Any]) -> RunRecord:
+    """The record a ``runs`` document was made from: the inverse of :func:`run_document`.
+
+    As far as MongoDB keeps it: times come back to the millisecond (BSON
+    dates), an attachment larger than ``INLINE_ATTACHMENT_MAX`` comes back
+    without its data, and the rare value BSON could not hold as it was (an
+    integer beyond 64 bits, text UTF-8 cannot carry) comes back as stored.
+    Yields, Paretos and measurements are unaffected.
+    """
+    run_id = doc.get("_id")
+    try:
+        version = doc.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise ValueError(f"record schema version {version!r} is not supported (expected {SCHEMA_VERSION})")
+        data = {
+            "run_id": run_id, "product": doc["product"], "station": doc["station"], "slot": doc["slot"],
+            "port": doc.get("port", ""), "started_at": _iso(doc["started_at"]),
+            "product_version": doc.get("product_version", ""), "operator": doc.get("operator", ""),
+            "batch": doc.get("batch", ""), "dut": decode_mapping(doc.get("dut") or {}),
+            "ended_at": _iso(doc.get("ended_at")), "outcome": doc.get("outcome"),
+            "phases": [_phase_data(p) for p in doc.get("phases") or ()],
+            "limits_file": doc.get("limits_file"), "limits_sha256": doc.get("limits_sha256"),
+            "product_sha256": doc.get("product_sha256"), "sequencer_version": doc.get("sequencer_version", ""),
+            "schema_version": version,
+        }
+        return from_dict(data, RunRecord)
+    except Exception as exc:  # any malformed document: say which run, never a traceback
+        raise UnreadableRun(f"run {run_id!r} in MongoDB cannot be read: {exc}") from None
+
+
+def _phase_data(p: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        **p,
+        "started_at": _iso(p["started_at"]), "ended_at": _iso(p["ended_at"]),
+        "attempts": [
+            {**a, "started_at": _iso(a["started_at"]), "ended_at": _iso(a["ended_at"]),
+             "measurements": [{**m, "value": _unvalue(m.get("value"))} for m in a.get("measurements") or ()]}
+            for a in p.get("attempts") or ()
+        ],
+        "logs": [{**line, "timestamp": _iso(line["timestamp"])} for line in p.get("logs") or ()],
+        "attachments": [
+            {"name": a["name"], "mimetype": a["mimetype"],
+             "data": b85encode(bytes(a["data"])).decode() if a.get("data") else ""}
+            for a in p.get("attachments") or ()
+        ],
+    }
+
+
+def _iso(when: dt.datetime | None) -> str | None:
+    """A BSON date as the record's ISO text, in UTC (a client without ``tz_aware`` gives naive UTC)."""
+    if when is None:
+        return None
+    aware = when.replace(tzinfo=dt.timezone.utc) if when.tzinfo is None else when.astimezone(dt.timezone.utc)
+    return aware.isoformat()
+
+
+def _unvalue(v: Any) -> Any:
+    """A measurement value as the record held it (mapping keys unescaped)."""
+    if isinstance(v, Mapping):
+        return {decode_key(k): _unvalue(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_unvalue(x) for x in v]
+    return v
 
 
 def _lit(v: Any) -> dict[str, Any]:
@@ -769,6 +839,33 @@ class MongoSink:
             return [_decode_device(d) for d in self.devices.find(query).sort("serial", 1).limit(100)]
         except pymongo.errors.PyMongoError as exc:
             raise MongoUnavailable(describe_failure(exc)) from None
+
+    def find_runs(
+        self,
+        *,
+        batch: str | None = None,
+        serial: str | None = None,
+        outcome: str | None = None,
+        run_id_prefix: str | None = None,
+        limit: int | None = None,
+    ) -> list[RunRecord]:
+        """Runs matching every given filter, from every station that shipped them, oldest first."""
+        query: dict[str, Any] = {}
+        if batch is not None:
+            query["batch"] = batch
+        if serial is not None:
+            query["serial"] = serial
+        if outcome is not None:
+            query["outcome"] = outcome
+        if run_id_prefix is not None:
+            query["_id"] = {"$regex": "^" + re.escape(run_id_prefix)}
+        # The flat copy of the measurements is for queries; the phases hold them.
+        try:
+            cursor = self.runs.find(query, {"measurements": 0}, limit=limit or 0)
+            docs = list(cursor.sort([("started_at", 1), ("_id", 1)]))
+        except pymongo.errors.PyMongoError as exc:
+            raise MongoUnavailable(describe_failure(exc)) from None
+        return [run_from_document(d) for d in docs]
 
     def run_history(self, serial: str) -> list[dict[str, Any]]:
         """Summaries of ``serial``'s runs, oldest first (phases left out)."""

@@ -7,8 +7,10 @@ from pathlib import Path
 from typing import Any
 
 import attrs
+import bson
 import pytest
 import trio
+from bson.codec_options import CodecOptions
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -16,10 +18,13 @@ from reports.mongo import (
     DB_SCHEMA,
     MongoSettings,
     MongoSink,
+    UnreadableRun,
     decode_key,
     decode_mapping,
     encode_key,
     ensure_schema,
+    run_document,
+    run_from_document,
 )
 from reports.mongo_cli import device_from_runs
 from reports.shipper import Shipper
@@ -28,6 +33,7 @@ from sequencer.records import Outcome, RunRecord
 from tests import records_factory as rf
 from tests.mongo_support import FAST, assert_mirrors_store, database
 from tests.store_support import store_runs
+from tests.strategies import runs as any_run
 
 
 async def drain(path: Path, settings: MongoSettings, **options: Any) -> Any:
@@ -263,6 +269,52 @@ def test_key_escaping_is_reversible_and_safe(key: str) -> None:
 @given(st.lists(st.text(max_size=5), unique=True, max_size=8))
 def test_distinct_keys_stay_distinct(keys: list[str]) -> None:
     assert len({encode_key(k) for k in keys}) == len(keys)
+
+
+def _to_the_millisecond(run: RunRecord) -> RunRecord:
+    """``run`` as BSON keeps it: every time cut to whole milliseconds."""
+    def ms(when: dt.datetime) -> dt.datetime:
+        return when.replace(microsecond=when.microsecond // 1000 * 1000)
+
+    return attrs.evolve(
+        run,
+        started_at=ms(run.started_at),
+        ended_at=None if run.ended_at is None else ms(run.ended_at),
+        phases=tuple(
+            attrs.evolve(
+                p, started_at=ms(p.started_at), ended_at=ms(p.ended_at),
+                attempts=tuple(attrs.evolve(a, started_at=ms(a.started_at), ended_at=ms(a.ended_at))
+                               for a in p.attempts),
+                logs=tuple(attrs.evolve(line, timestamp=ms(line.timestamp)) for line in p.logs),
+            )
+            for p in run.phases
+        ),
+    )
+
+
+@given(any_run)
+def test_a_run_comes_back_from_its_document_as_it_was(run: RunRecord) -> None:
+    # What MongoDB hands back (dates to the millisecond, time-zone aware as the station's client asks).
+    stored = bson.decode(bson.encode(run_document(run, seq=1)), codec_options=CodecOptions(tz_aware=True))
+    assert run_from_document(stored) == _to_the_millisecond(run)
+
+
+def test_a_measurement_mapping_comes_back_with_its_own_keys() -> None:
+    # Keys MongoDB cannot hold as they are are escaped in the document, nested in lists too.
+    value = {"rail.3v3": {"$max": [{"at.t": 1.5}]}, "": "empty"}
+    run = rf.run(phases=[rf.phase("p", measurements=[rf.measurement("m", value)])])
+    stored = bson.decode(bson.encode(run_document(run, seq=1)), codec_options=CodecOptions(tz_aware=True))
+    assert "rail.3v3" not in stored["phases"][0]["attempts"][0]["measurements"][0]["value"]
+    assert run_from_document(stored).phases[0].measurements[0].value == value
+
+
+def test_a_document_that_is_not_a_run_is_named_not_a_traceback() -> None:
+    doc = run_document(rf.sensor_run("SN-1"), seq=1)
+    del doc["product"]
+    with pytest.raises(UnreadableRun, match=r"^run '[0-9a-f]+' in MongoDB cannot be read: 'product'$"):
+        run_from_document(doc)
+    with pytest.raises(UnreadableRun, match="record schema version 9 is not supported"):
+        run_from_document({**run_document(rf.sensor_run("SN-1"), seq=1), "schema_version": 9})
 
 
 # -- rejection -------------------------------------------------------------------------
