@@ -50,9 +50,9 @@ class _Usage(ConfigError):
 # -- options -------------------------------------------------------------------
 
 
-def add_mongo_options(parser: argparse.ArgumentParser) -> None:
+def add_mongo_options(parser: argparse.ArgumentParser, purpose: str = "to stream records to") -> None:
     parser.add_argument("--mongo", metavar="URI",
-                        help=f"central MongoDB to stream records to (default: ${ENV_URI}, then the station file)")
+                        help=f"central MongoDB {purpose} (default: ${ENV_URI}, then the station file)")
     parser.add_argument("--mongo-db", metavar="NAME",
                         help=f"database name (default: ${ENV_DB}, the station file, the URI's, 'sequencer')")
 
@@ -79,6 +79,50 @@ def add_mongo_commands(sub: Any) -> None:
     find.add_argument("--local", action="store_true", help="look in the local store even if MongoDB is configured")
     find.add_argument("--json", action="store_true", help="print the devices as one JSON document")
     add_mongo_options(find)
+
+
+def add_reading_options(parser: argparse.ArgumentParser) -> None:
+    """Where ``report`` and ``export`` read runs: MongoDB when configured, else (or with ``--local``) the store."""
+    parser.add_argument("--local", action="store_true",
+                        help="read this station's local store even if MongoDB is configured")
+    add_mongo_options(parser, "to read every station's runs from")
+
+
+def read_runs(args: argparse.Namespace, **filters: Any) -> tuple[StationConfig, list[RunRecord], str]:
+    """The runs matching ``filters``, the configuration, and where the runs came from (for messages).
+
+    With MongoDB configured, the runs of every station that shipped to it:
+    quality's view of a batch tested on several stations, from a desk with
+    no store of its own. Without it, or with ``--local``, this station's
+    store. When MongoDB cannot be reached, a station says so and reads its
+    own store instead, as ``find`` does; a desk with no store cannot.
+    """
+    config = _config_for(args)
+    settings = None if args.local else mongo_settings(config)
+    if settings is not None:
+        from reports.mongo import MongoSink, MongoUnavailable, UnreadableRun
+
+        sink = MongoSink(settings)
+        try:
+            return config, sink.find_runs(**filters), f"MongoDB {settings.target}"
+        except MongoUnavailable as exc:
+            if not config.store.exists():
+                raise _Usage(f"MongoDB {settings.target} unreachable ({exc}), and no local store at"
+                             f" {config.store}") from None
+            Console(stderr=True, highlight=False).print(
+                Text(f"sequencer: MongoDB {settings.target} unreachable ({exc}); reading this station's"
+                     " local store", style="yellow"), soft_wrap=True)
+        except UnreadableRun as exc:
+            raise _Usage(str(exc)) from None
+        finally:
+            sink.close()
+    from reports.store import LocalStore
+
+    store = LocalStore.open(require_store(config))
+    try:
+        return config, store.find_runs(**filters), str(store.path)
+    finally:
+        store.close()
 
 
 def apply_mongo_options(config: StationConfig, args: argparse.Namespace) -> StationConfig:

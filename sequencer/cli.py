@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("-v", "--verbose", action="store_true", help="also print the station log to stderr")
     run.add_argument("--faults", type=Path, metavar="PROFILE",
                      help="with --sim: inject the faults a profile (TOML) describes, per slot or by probability")
-    from reports.mongo_cli import add_mongo_commands, add_mongo_options
+    from reports.mongo_cli import add_mongo_commands, add_mongo_options, add_reading_options
 
     add_mongo_options(run)
 
@@ -120,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--store", type=Path, metavar="PATH", help="local store (SQLite) path")
     report.add_argument("--station", type=Path, metavar="FILE",
                         help="station file (for its store and reports directory)")
+    add_reading_options(report)
 
     runs = sub.add_parser("runs", help="list runs in the local store")
     runs.add_argument("--batch")
@@ -143,6 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the table a CSV holds (default: runs, one row per run, a column per measurement)")
     export.add_argument("--store", type=Path, metavar="PATH", help="local store (SQLite) path")
     export.add_argument("--station", type=Path, metavar="FILE", help="station file (for its store and reports)")
+    add_reading_options(export)
     add_mongo_commands(sub)  # sync, find
     from reports.provisioning.cli import add_provision_commands
 
@@ -515,26 +517,23 @@ def _open_store(config: StationConfig) -> Any:
 def cmd_report(args: argparse.Namespace) -> int:
     from reports.html import batch_dir, batch_title, render_batch, render_run, write_html
 
-    config = reading_config(args.station, args.store)
-    store = _open_store(config)
-    try:
-        if args.run:
-            matches = store.find_runs(run_id_prefix=args.run, limit=2)
-            if not matches:
-                raise UsageError(f"run {args.run!r}: not in {store.path}")
-            if len(matches) > 1:
-                raise UsageError(f"run {args.run!r}: the prefix matches several runs; give more of the id")
-            run = matches[0]
-            output = args.output or batch_dir(config.reports_dir, run.batch) / f"{run.run_id}.html"
-            html = render_run(run)
-        else:
-            runs = store.find_runs(batch=args.batch)
-            if not runs:
-                raise UsageError(f"batch {args.batch!r}: no runs in {store.path}")
-            output = args.output or batch_dir(config.reports_dir, args.batch) / "index.html"
-            html = render_batch(runs, title=batch_title(args.batch, runs))
-    finally:
-        store.close()
+    from reports.mongo_cli import read_runs
+
+    if args.run:
+        config, matches, source = read_runs(args, run_id_prefix=args.run, limit=2)
+        if not matches:
+            raise UsageError(f"run {args.run!r}: not in {source}")
+        if len(matches) > 1:
+            raise UsageError(f"run {args.run!r}: the prefix matches several runs; give more of the id")
+        run = matches[0]
+        output = args.output or batch_dir(config.reports_dir, run.batch) / f"{run.run_id}.html"
+        html = render_run(run)
+    else:
+        config, runs, source = read_runs(args, batch=args.batch)
+        if not runs:
+            raise UsageError(f"batch {args.batch!r}: no runs in {source}")
+        output = args.output or batch_dir(config.reports_dir, args.batch) / "index.html"
+        html = render_batch(runs, title=batch_title(args.batch, runs))
     try:
         write_html(output, html)
     except OSError as exc:
@@ -591,34 +590,32 @@ def cmd_runs(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _no_runs(filters: dict[str, str | None], store: Path) -> str:
+def _no_runs(filters: dict[str, str | None], source: str | Path) -> str:
     given = ", ".join(f"{k} {v!r}" for k, v in filters.items() if v is not None)
-    return f"no runs{' with ' + given if given else ''} in {store}"
+    return f"no runs{' with ' + given if given else ''} in {source}"
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     from reports.export import ExportError, export_tables, write_csv, write_csv_file, write_xlsx
     from reports.html import batch_dir, batch_title
 
-    config = reading_config(args.station, args.store)
+    from reports.mongo_cli import read_runs
+
+    if args.output is None and args.batch is None:
+        raise UsageError("export: give -o FILE (.xlsx or .csv), or --batch B to write B.xlsx beside its reports")
+    given = "" if args.output is None else args.output
+    kind = "csv" if given == "-" else Path(given).suffix.lower()[1:] if given else "xlsx"
+    if kind not in ("csv", "xlsx"):
+        raise UsageError(f"{given}: an export is .xlsx (a summary and every table) or .csv (one table)")
+    if kind == "xlsx" and args.table:
+        raise UsageError(f"{given or 'export'}: --table picks the one table a CSV holds; an .xlsx file holds them all")
+    filters = {"batch": args.batch, "serial": args.serial, "outcome": args.outcome}
+    config, runs, source = read_runs(args, **filters)
+    if not runs:
+        raise UsageError(_no_runs(filters, source))
     if args.output is None:
-        if args.batch is None:
-            raise UsageError("export: give -o FILE (.xlsx or .csv), or --batch B to write B.xlsx beside its reports")
         folder = batch_dir(config.reports_dir, args.batch)
         args.output = str(folder / f"{folder.name}.xlsx")
-    kind = "csv" if args.output == "-" else Path(args.output).suffix.lower()[1:]
-    if kind not in ("csv", "xlsx"):
-        raise UsageError(f"{args.output}: an export is .xlsx (a summary and every table) or .csv (one table)")
-    if kind == "xlsx" and args.table:
-        raise UsageError(f"{args.output}: --table picks the one table a CSV holds; an .xlsx file holds them all")
-    filters = {"batch": args.batch, "serial": args.serial, "outcome": args.outcome}
-    store = _open_store(config)
-    try:
-        runs = store.find_runs(**filters)
-    finally:
-        store.close()
-    if not runs:
-        raise UsageError(_no_runs(filters, store.path))
     tables = export_tables(runs)
     table = tables[args.table or "runs"]
     if args.output == "-":

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import csv
+import io
 import json
 import textwrap
 from pathlib import Path
 
+import openpyxl
 import pymongo
 import pytest
 import trio
@@ -210,3 +213,81 @@ def test_find_never_sends_dut_control_sequences_to_the_terminal(
     client = pymongo.MongoClient(mongo.uri)
     assert client[mongo.database].devices.find_one({"_id": serial}) is not None
     client.close()
+
+
+# -- report and export from MongoDB ------------------------------------------------
+
+
+def _two_stations_ship_one_batch(tmp_path: Path, mongo: MongoSettings) -> tuple[Path, Path]:
+    """Station A tests SN-1 (fails) and SN-2; station B retests SN-1 (passes) and tests SN-3. Both ship."""
+    a, b = tmp_path / "a" / "store.sqlite", tmp_path / "b" / "store.sqlite"
+    trio.run(store_runs, a, [rf.sensor_run("SN-1", vdd=3.45), rf.sensor_run("SN-2", slot=1, started_at=rf.at(5))])
+    trio.run(store_runs, b, [rf.sensor_run("SN-1", started_at=rf.at(600)), rf.sensor_run("SN-3", started_at=rf.at(700))])
+    for store in (a, b):
+        assert main(["sync", "--store", str(store), "--mongo", mongo.uri, "--mongo-db", mongo.database]) == 0
+    return a, b
+
+
+def test_report_and_export_read_every_station_from_mongodb(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], mongo: MongoSettings
+) -> None:
+    a, _ = _two_stations_ship_one_batch(tmp_path, mongo)
+    capsys.readouterr()
+    # Quality's desk: no store of its own, only the central database.
+    desk = ["--store", str(tmp_path / "desk" / "none.sqlite"), "--mongo", mongo.uri, "--mongo-db", mongo.database]
+    out = tmp_path / "desk" / "batch.xlsx"
+    assert main(["export", "--batch", "B2024-05-14", "-o", str(out), *desk]) == 0
+    runs = openpyxl.load_workbook(out)["Runs"]
+    rows = list(runs.iter_rows(values_only=True))
+    col = {name: i for i, name in enumerate(rows[0])}
+    assert [(r[col["serial"]], r[col["outcome"]], r[col["unit_run"]]) for r in rows[1:]] == [
+        ("SN-1", "FAIL", 1), ("SN-2", "PASS", 1), ("SN-1", "PASS", 2), ("SN-3", "PASS", 1)]
+    assert rows[1][col["power_rails.vdd_3v3 [V]"]] == 3.45
+
+    page = tmp_path / "desk" / "batch.html"
+    assert main(["report", "--batch", "B2024-05-14", "-o", str(page), *desk]) == 0
+    html = page.read_text()
+    assert 'id="kpi-units">3<' in html and 'id="kpi-final">100.0 %<' in html and "SN-3" in html
+    first = rf.sensor_run("SN-1", vdd=3.45).run_id
+    assert main(["report", "--run", first[:10], "-o", str(tmp_path / "desk" / "run.html"), *desk]) == 0
+    assert "3.45" in (tmp_path / "desk" / "run.html").read_text()
+
+    # A station that configures MongoDB can still read only its own runs.
+    capsys.readouterr()
+    assert main(["export", "--batch", "B2024-05-14", "-o", "-", "--store", str(a), "--local",
+                 "--mongo", mongo.uri, "--mongo-db", mongo.database]) == 0
+    assert [r["serial"] for r in csv.DictReader(io.StringIO(capsys.readouterr().out))] == ["SN-1", "SN-2"]
+
+
+def test_reading_from_an_unreachable_mongodb(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    store = tmp_path / "store.sqlite"
+    trio.run(store_runs, store, [rf.sensor_run("SN-1")])
+    unreachable = f"mongodb://127.0.0.1:{free_port()}/?serverSelectionTimeoutMS=300"
+    # A station says so and reads its own store ...
+    assert main(["export", "--batch", "B2024-05-14", "-o", "-", "--store", str(store), "--mongo", unreachable]) == 0
+    captured = capsys.readouterr()
+    assert "unreachable" in captured.err and "reading this station's local store" in captured.err
+    assert [r["serial"] for r in csv.DictReader(io.StringIO(captured.out))] == ["SN-1"]
+    # ... a desk with no store cannot, and says both.
+    assert main(["report", "--batch", "B2024-05-14", "-o", str(tmp_path / "b.html"),
+                 "--store", str(tmp_path / "none.sqlite"), "--mongo", unreachable]) == 2
+    err = one_line_error(capsys)
+    assert "unreachable" in err and f"no local store at {tmp_path / 'none.sqlite'}" in err
+    assert not (tmp_path / "b.html").exists()
+
+
+def test_a_malformed_run_in_mongodb_is_one_line_naming_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], mongo: MongoSettings
+) -> None:
+    _two_stations_ship_one_batch(tmp_path, mongo)
+    db = database(mongo)
+    broken = db.runs.find_one({"serial": "SN-3"})
+    # as another writer might have left it: MongoDB's validator would refuse it from a station
+    db.runs.update_one({"_id": broken["_id"]}, {"$unset": {"product": ""}}, bypass_document_validation=True)
+    db.client.close()
+    capsys.readouterr()
+    assert main(["export", "--batch", "B2024-05-14", "-o", str(tmp_path / "x.xlsx"),
+                 "--mongo", mongo.uri, "--mongo-db", mongo.database]) == 2
+    assert one_line_error(capsys) == (
+        f"sequencer: error: run {broken['_id']!r} in MongoDB cannot be read: 'product'"
+    )
