@@ -848,24 +848,39 @@ class MongoSink:
         outcome: str | None = None,
         run_id_prefix: str | None = None,
         limit: int | None = None,
+        last: int | None = None,
     ) -> list[RunRecord]:
-        """Runs matching every given filter, from every station that shipped them, oldest first."""
-        query: dict[str, Any] = {}
-        if batch is not None:
-            query["batch"] = batch
-        if serial is not None:
-            query["serial"] = serial
-        if outcome is not None:
-            query["outcome"] = outcome
-        if run_id_prefix is not None:
-            query["_id"] = {"$regex": "^" + re.escape(run_id_prefix)}
+        """Runs matching every given filter, from every station that shipped them, oldest first.
+
+        As :meth:`reports.store.LocalStore.find_runs`: ``limit`` keeps the
+        oldest ``limit``, ``last`` the most recent ``last`` (still listed
+        oldest first).
+        """
+        query = _run_query(batch=batch, serial=serial, outcome=outcome, run_id_prefix=run_id_prefix)
+        direction = -1 if last else 1
         # The flat copy of the measurements is for queries; the phases hold them.
         try:
-            cursor = self.runs.find(query, {"measurements": 0}, limit=limit or 0)
-            docs = list(cursor.sort([("started_at", 1), ("_id", 1)]))
+            cursor = self.runs.find(query, {"measurements": 0}, limit=(last or limit or 0))
+            docs = list(cursor.sort([("started_at", direction), ("_id", direction)]))
         except pymongo.errors.PyMongoError as exc:
             raise MongoUnavailable(describe_failure(exc)) from None
+        if last:
+            docs.reverse()
         return [run_from_document(d) for d in docs]
+
+    def outcome_counts(
+        self, *, batch: str | None = None, serial: str | None = None, outcome: str | None = None
+    ) -> dict[str, int]:
+        """How many matching runs ended each way (``RUNNING``: not ended), most first, as the local store counts."""
+        pipeline = [
+            {"$match": _run_query(batch=batch, serial=serial, outcome=outcome, run_id_prefix=None)},
+            {"$group": {"_id": {"$ifNull": ["$outcome", "RUNNING"]}, "n": {"$sum": 1}}},
+        ]
+        try:
+            rows = [(d["_id"], int(d["n"])) for d in self.runs.aggregate(pipeline)]
+        except pymongo.errors.PyMongoError as exc:
+            raise MongoUnavailable(describe_failure(exc)) from None
+        return dict(sorted(rows, key=lambda kv: (-kv[1], kv[0])))
 
     def run_history(self, serial: str) -> list[dict[str, Any]]:
         """Summaries of ``serial``'s runs, oldest first (phases left out)."""
@@ -877,6 +892,21 @@ class MongoSink:
         for d in docs:
             d["dut"] = decode_mapping(d.get("dut") or {})
         return docs
+
+
+def _run_query(
+    *, batch: str | None, serial: str | None, outcome: str | None, run_id_prefix: str | None
+) -> dict[str, Any]:
+    query: dict[str, Any] = {}
+    if batch is not None:
+        query["batch"] = batch
+    if serial is not None:
+        query["serial"] = serial
+    if outcome is not None:
+        query["outcome"] = outcome
+    if run_id_prefix is not None:
+        query["_id"] = {"$regex": "^" + re.escape(run_id_prefix)}
+    return query
 
 
 def _spellings(text: str) -> list[str]:

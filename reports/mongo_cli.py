@@ -17,8 +17,8 @@ import argparse
 import json
 import os
 import sqlite3
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -88,14 +88,25 @@ def add_reading_options(parser: argparse.ArgumentParser) -> None:
     add_mongo_options(parser, "to read every station's runs from")
 
 
-def read_runs(args: argparse.Namespace, **filters: Any) -> tuple[StationConfig, list[RunRecord], str]:
-    """The runs matching ``filters``, the configuration, and where the runs came from (for messages).
+@attrs.frozen
+class RunsReading:
+    """Where a reading command reads runs: the store or MongoDB, both with ``find_runs`` and ``outcome_counts``."""
+
+    config: StationConfig
+    source: Any  # reports.store.LocalStore | reports.mongo.MongoSink
+    where: str  # for messages: the store's path, or "MongoDB host/db"
+
+
+@contextmanager
+def reading_runs(args: argparse.Namespace) -> Iterator[RunsReading]:
+    """Open what ``runs``, ``report`` and ``export`` read, for the ``with`` block.
 
     With MongoDB configured, the runs of every station that shipped to it:
     quality's view of a batch tested on several stations, from a desk with
     no store of its own. Without it, or with ``--local``, this station's
     store. When MongoDB cannot be reached, a station says so and reads its
-    own store instead, as ``find`` does; a desk with no store cannot.
+    own store instead, as ``find`` does; a desk with no store cannot. A
+    failure while reading is one line naming the database.
     """
     config = _config_for(args)
     settings = None if args.local else mongo_settings(config)
@@ -104,23 +115,30 @@ def read_runs(args: argparse.Namespace, **filters: Any) -> tuple[StationConfig, 
 
         sink = MongoSink(settings)
         try:
-            return config, sink.find_runs(**filters), f"MongoDB {settings.target}"
+            sink.ping()
         except MongoUnavailable as exc:
+            sink.close()
             if not config.store.exists():
                 raise _Usage(f"MongoDB {settings.target} unreachable ({exc}), and no local store at"
                              f" {config.store}") from None
             Console(stderr=True, highlight=False).print(
                 Text(f"sequencer: MongoDB {settings.target} unreachable ({exc}); reading this station's"
                      " local store", style="yellow"), soft_wrap=True)
-        except UnreadableRun as exc:
-            raise _Usage(str(exc)) from None
-        finally:
-            sink.close()
+        else:
+            try:
+                yield RunsReading(config, sink, f"MongoDB {settings.target}")
+            except MongoUnavailable as exc:
+                raise _Usage(f"MongoDB {settings.target}: {exc}") from None
+            except UnreadableRun as exc:
+                raise _Usage(str(exc)) from None
+            finally:
+                sink.close()
+            return
     from reports.store import LocalStore
 
     store = LocalStore.open(require_store(config))
     try:
-        return config, store.find_runs(**filters), str(store.path)
+        yield RunsReading(config, store, str(store.path))
     finally:
         store.close()
 

@@ -22,7 +22,7 @@ from rich.text import Text
 
 from fixtures.station import STATION_FIXTURES  # what the station provides every product
 from reports.export import TABLES as EXPORT_TABLES
-from sequencer.config import ConfigError, StationConfig, load_station_config, reading_config, require_store
+from sequencer.config import ConfigError, StationConfig, load_station_config
 from sequencer.engine import RunSettings
 from sequencer.events import EventBus
 from sequencer.product import LoadedProduct, ProductError, layers, load_product
@@ -122,16 +122,17 @@ def build_parser() -> argparse.ArgumentParser:
                         help="station file (for its store and reports directory)")
     add_reading_options(report)
 
-    runs = sub.add_parser("runs", help="list runs in the local store")
-    runs.add_argument("--batch")
-    runs.add_argument("--serial")
-    runs.add_argument("--outcome", choices=[o.value for o in Outcome])
+    runs = sub.add_parser("runs", help="list runs (the local store, or MongoDB when configured)")
+    runs.add_argument("--batch", metavar="B", help="the runs of batch B")
+    runs.add_argument("--serial", metavar="S", help="the runs of the unit with serial S")
+    runs.add_argument("--outcome", choices=[o.value for o in Outcome], help="the runs that ended so")
     runs.add_argument("--store", type=Path, metavar="PATH", help="local store (SQLite) path")
     runs.add_argument("--station", type=Path, metavar="FILE", help="station file (for its store)")
     runs.add_argument("--limit", type=_count, metavar="N",
                       help=f"the N most recent matching runs; 0 for all (default: {RUNS_SHOWN} in the table, "
                       "all with --json)")
     runs.add_argument("--json", action="store_true", help="one JSON record per line")
+    add_reading_options(runs)
 
     export = sub.add_parser("export", help="write runs as a spreadsheet (.xlsx) or a CSV table, for analysis")
     export.add_argument("--batch", metavar="B", help="the runs of batch B")
@@ -508,32 +509,27 @@ def _finish_run(
 # -- report and runs ---------------------------------------------------------
 
 
-def _open_store(config: StationConfig) -> Any:
-    from reports.store import LocalStore
-
-    return LocalStore.open(require_store(config))
-
-
 def cmd_report(args: argparse.Namespace) -> int:
     from reports.html import batch_dir, batch_title, render_batch, render_run, write_html
 
-    from reports.mongo_cli import read_runs
+    from reports.mongo_cli import reading_runs
 
-    if args.run:
-        config, matches, source = read_runs(args, run_id_prefix=args.run, limit=2)
-        if not matches:
-            raise UsageError(f"run {args.run!r}: not in {source}")
-        if len(matches) > 1:
-            raise UsageError(f"run {args.run!r}: the prefix matches several runs; give more of the id")
-        run = matches[0]
-        output = args.output or batch_dir(config.reports_dir, run.batch) / f"{run.run_id}.html"
-        html = render_run(run)
-    else:
-        config, runs, source = read_runs(args, batch=args.batch)
-        if not runs:
-            raise UsageError(f"batch {args.batch!r}: no runs in {source}")
-        output = args.output or batch_dir(config.reports_dir, args.batch) / "index.html"
-        html = render_batch(runs, title=batch_title(args.batch, runs))
+    with reading_runs(args) as reading:
+        if args.run:
+            matches = reading.source.find_runs(run_id_prefix=args.run, limit=2)
+            if not matches:
+                raise UsageError(f"run {args.run!r}: not in {reading.where}")
+            if len(matches) > 1:
+                raise UsageError(f"run {args.run!r}: the prefix matches several runs; give more of the id")
+            run = matches[0]
+            output = args.output or batch_dir(reading.config.reports_dir, run.batch) / f"{run.run_id}.html"
+            html = render_run(run)
+        else:
+            runs = reading.source.find_runs(batch=args.batch)
+            if not runs:
+                raise UsageError(f"batch {args.batch!r}: no runs in {reading.where}")
+            output = args.output or batch_dir(reading.config.reports_dir, args.batch) / "index.html"
+            html = render_batch(runs, title=batch_title(args.batch, runs))
     try:
         write_html(output, html)
     except OSError as exc:
@@ -551,36 +547,44 @@ def _os_reason(exc: OSError, path: Path) -> str:
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
-    store = _open_store(reading_config(args.station, args.store))
+    from reports.mongo_cli import reading_runs
+
     filters = {"batch": args.batch, "serial": args.serial, "outcome": args.outcome}
     # A person reads the table: the latest runs. A script reads the JSON: all
     # of them unless it says otherwise, never silently cut short.
     limit = args.limit if args.limit is not None else (0 if args.json else RUNS_SHOWN)
-    try:
-        runs = store.find_runs(**filters, last=limit or None)
+    with reading_runs(args) as reading:
+        runs = reading.source.find_runs(**filters, last=limit or None)
         if args.json:
             for r in runs:
                 print(run_to_json(r))
             return EXIT_OK
-        counts = store.outcome_counts(**filters)
-    finally:
-        store.close()
+        counts = reading.source.outcome_counts(**filters)
     if not runs:
-        print(_no_runs(filters, store.path))
+        print(_no_runs(filters, reading.where))
         return EXIT_OK
     from rich import box
     from rich.table import Table
 
     # No vertical rules, so the six columns fit 80 characters; identifiers and
     # times are never split across lines (a split serial reads as two units).
+    # Runs read from MongoDB may come from several stations: a slot alone
+    # then names no place, so the station is shown too, and the batch column,
+    # which --batch makes the same on every row, makes room for it.
+    several_stations = len({r.station for r in runs}) > 1
+    columns = {"run": True, "started (UTC)": True, "batch": args.batch is None, "serial": True,
+               "station": several_stations, "slot": True, "outcome": True}
     table = Table(header_style="bold", box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
-    for col in ("run", "started (UTC)", "batch", "serial", "slot", "outcome"):
-        table.add_column(col, no_wrap=col != "batch", overflow="fold")
+    for col, shown in columns.items():
+        if shown:
+            table.add_column(col, no_wrap=col != "batch", overflow="fold")
     for r in runs:
         outcome = r.outcome.value if r.outcome else "RUNNING"
-        # Text, not str: batch ids and serials are not console markup
-        table.add_row(r.run_id[:12], f"{r.started_at:%Y-%m-%d %H:%M:%S}", Text(r.batch), Text(r.serial or "-"),
-                      str(r.slot), outcome + (" (marginal)" if r.marginal else ""))
+        # Text, not str: batch ids, serials and station names are not console markup
+        cells = {"run": r.run_id[:12], "started (UTC)": f"{r.started_at:%Y-%m-%d %H:%M:%S}", "batch": Text(r.batch),
+                 "serial": Text(r.serial or "-"), "station": Text(r.station), "slot": str(r.slot),
+                 "outcome": outcome + (" (marginal)" if r.marginal else "")}
+        table.add_row(*(cells[col] for col, shown in columns.items() if shown))
     OutputConsole(highlight=False).print(table)
     # How every matching run ended, not just those listed: a batch's tally at a glance.
     total = sum(counts.values())
@@ -599,7 +603,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from reports.export import ExportError, export_tables, write_csv, write_csv_file, write_xlsx
     from reports.html import batch_dir, batch_title
 
-    from reports.mongo_cli import read_runs
+    from reports.mongo_cli import reading_runs
 
     if args.output is None and args.batch is None:
         raise UsageError("export: give -o FILE (.xlsx or .csv), or --batch B to write B.xlsx beside its reports")
@@ -610,11 +614,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     if kind == "xlsx" and args.table:
         raise UsageError(f"{given or 'export'}: --table picks the one table a CSV holds; an .xlsx file holds them all")
     filters = {"batch": args.batch, "serial": args.serial, "outcome": args.outcome}
-    config, runs, source = read_runs(args, **filters)
+    with reading_runs(args) as reading:
+        runs = reading.source.find_runs(**filters)
     if not runs:
-        raise UsageError(_no_runs(filters, source))
+        raise UsageError(_no_runs(filters, reading.where))
     if args.output is None:
-        folder = batch_dir(config.reports_dir, args.batch)
+        folder = batch_dir(reading.config.reports_dir, args.batch)
         args.output = str(folder / f"{folder.name}.xlsx")
     tables = export_tables(runs)
     table = tables[args.table or "runs"]

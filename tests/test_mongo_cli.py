@@ -8,17 +8,20 @@ import io
 import json
 import textwrap
 from pathlib import Path
+from typing import Any
 
+import attrs
 import openpyxl
 import pymongo
 import pytest
 import trio
 
 from reports.mongo import MongoSettings
-from reports.mongo_cli import apply_mongo_options
+from reports.mongo_cli import apply_mongo_options, reading_runs
 from reports.mongod import free_port
-from sequencer.cli import main
+from sequencer.cli import build_parser, main
 from sequencer.config import ConfigError, StationConfig, load_station_config
+from sequencer.records import Outcome, run_from_json
 from tests import records_factory as rf
 from tests.mongo_support import database
 from tests.store_support import store_runs
@@ -222,7 +225,8 @@ def _two_stations_ship_one_batch(tmp_path: Path, mongo: MongoSettings) -> tuple[
     """Station A tests SN-1 (fails) and SN-2; station B retests SN-1 (passes) and tests SN-3. Both ship."""
     a, b = tmp_path / "a" / "store.sqlite", tmp_path / "b" / "store.sqlite"
     trio.run(store_runs, a, [rf.sensor_run("SN-1", vdd=3.45), rf.sensor_run("SN-2", slot=1, started_at=rf.at(5))])
-    trio.run(store_runs, b, [rf.sensor_run("SN-1", started_at=rf.at(600)), rf.sensor_run("SN-3", started_at=rf.at(700))])
+    trio.run(store_runs, b, [attrs.evolve(rf.sensor_run(serial, started_at=rf.at(t)), station="line1-st04")
+                             for serial, t in (("SN-1", 600), ("SN-3", 700))])
     for store in (a, b):
         assert main(["sync", "--store", str(store), "--mongo", mongo.uri, "--mongo-db", mongo.database]) == 0
     return a, b
@@ -251,6 +255,20 @@ def test_report_and_export_read_every_station_from_mongodb(
     first = rf.sensor_run("SN-1", vdd=3.45).run_id
     assert main(["report", "--run", first[:10], "-o", str(tmp_path / "desk" / "run.html"), *desk]) == 0
     assert "3.45" in (tmp_path / "desk" / "run.html").read_text()
+
+    capsys.readouterr()
+    assert main(["runs", "--batch", "B2024-05-14", "--limit", "3", *desk]) == 0
+    table = capsys.readouterr().out
+    assert table.count("SN-1") == 1 and "SN-2" in table and "SN-3" in table  # the 3 most recent
+    assert "4 run(s): 3 PASS · 1 FAIL" in table and "showing the 3 most recent" in table
+    # two stations: which is which; the batch column, the same on every row, makes room
+    header = table.splitlines()[0].split()
+    assert "station" in header and "batch" not in header and "line1-st03" in table and "line1-st04" in table
+    assert max(len(line) for line in table.splitlines()) <= 80
+    assert main(["runs", "--serial", "SN-1", "--json", *desk]) == 0
+    records = [run_from_json(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r.outcome for r in records] == [Outcome.FAIL, Outcome.PASS]
+    assert records[0] == rf.sensor_run("SN-1", vdd=3.45)  # whole seconds: nothing lost on the way
 
     # A station that configures MongoDB can still read only its own runs.
     capsys.readouterr()
@@ -291,3 +309,12 @@ def test_a_malformed_run_in_mongodb_is_one_line_naming_it(
     assert one_line_error(capsys) == (
         f"sequencer: error: run {broken['_id']!r} in MongoDB cannot be read: 'product'"
     )
+
+
+def test_mongodb_lost_while_reading_is_one_error_naming_it(tmp_path: Path, own_mongod: Any) -> None:
+    args = build_parser().parse_args(["runs", "--store", str(tmp_path / "none.sqlite"),
+                                      "--mongo", f"{own_mongod.uri}&serverSelectionTimeoutMS=300"])
+    with pytest.raises(ConfigError, match=r"^MongoDB 127\.0\.0\.1:\d+/sequencer: ServerSelectionTimeoutError"):
+        with reading_runs(args) as reading:  # reachable when opened ...
+            own_mongod.stop()  # ... gone by the time the runs are read
+            reading.source.find_runs(batch="B")
