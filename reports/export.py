@@ -380,6 +380,11 @@ def _write_summary(sheet: Any, runs: Sequence[RunRecord], title: str, cells: _Ce
         row("failures by measurement", "count")
         for p in s.measurement_pareto:
             row(p.label, p.count)
+    if len(s.slots) > 1:
+        sheet.append([])
+        row("pass rate by station and slot", "passed / finished runs, retests included")
+        for slot in s.slots:
+            row(f"{slot.station} slot {slot.slot} ({slot.passed} / {slot.finished})", slot.pass_rate, "0.0%")
     if len(s.code_versions) > 1:
         sheet.append([])
         row("warning", f"these runs were made with {len(s.code_versions)} different versions of the test code"

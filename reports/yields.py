@@ -26,6 +26,8 @@ Definitions (also printed on the batch page):
   not failures of the run).
 * The **test code** of a batch is each distinct combination of product file,
   limits file (by SHA-256) and sequencer version its runs name.
+* A **slot's pass rate** is its passed runs over its finished runs, retests
+  included: it judges the fixture, which tested every one of them.
 """
 
 from __future__ import annotations
@@ -79,6 +81,31 @@ class CodeVersion:
 
 
 @attrs.frozen
+class SlotSummary:
+    """How the runs on one slot of one station ended.
+
+    A slot that fails more often than its neighbours on the same units
+    points at its fixture (a worn pogo pin, a loose cable), not at the units.
+    """
+
+    station: str
+    slot: int
+    runs: int
+    finished: int
+    passed: int
+    marginal: int
+
+    @property
+    def not_passed(self) -> int:
+        return self.finished - self.passed
+
+    @property
+    def pass_rate(self) -> float | None:
+        """Passed / finished runs; ``None`` while none has finished."""
+        return self.passed / self.finished if self.finished else None
+
+
+@attrs.frozen
 class ParetoRow:
     """One bar of a Pareto: how often ``phase`` (or ``phase``/``measurement``) failed."""
 
@@ -116,6 +143,8 @@ class BatchSummary:
     measurement_pareto: tuple[ParetoRow, ...]
     #: the test code the runs were made with, oldest first; more than one means the results may not compare
     code_versions: tuple[CodeVersion, ...] = ()
+    #: every slot of every station that ran any of the runs, by station then slot
+    slots: tuple[SlotSummary, ...] = ()
 
 
 def unit_key(run: RunRecord) -> str:
@@ -171,6 +200,23 @@ def batch_summary(runs: Sequence[RunRecord]) -> BatchSummary:
         phase_pareto=pareto(phase_failures(ordered)),
         measurement_pareto=pareto(measurement_failures(ordered)),
         code_versions=code_versions(ordered),
+        slots=slot_summaries(ordered),
+    )
+
+
+def slot_summaries(runs: Iterable[RunRecord]) -> tuple[SlotSummary, ...]:
+    """How the runs of each (station, slot) ended, retests included, sorted by station then slot."""
+    groups: dict[tuple[str, int], list[RunRecord]] = {}
+    for r in runs:
+        groups.setdefault((r.station, r.slot), []).append(r)
+    return tuple(
+        SlotSummary(
+            station=station, slot=slot, runs=len(group),
+            finished=sum(r.outcome is not None for r in group),
+            passed=sum(r.outcome is Outcome.PASS for r in group),
+            marginal=sum(r.marginal for r in group),
+        )
+        for (station, slot), group in sorted(groups.items())
     )
 
 

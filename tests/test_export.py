@@ -161,6 +161,9 @@ def test_workbook_has_a_summary_and_a_sheet_per_table(tmp_path: Path) -> None:
     assert summary["first-pass yield"] == pytest.approx(0.5)
     assert summary["final yield"] == 1
     assert summary["power_rails / vdd_3v3"] == 1
+    # SN-1 failed then passed on slot 0, SN-2 passed on slot 1, SN-3 is still running on slot 0
+    assert summary["line1-st03 slot 0 (1 / 2)"] == pytest.approx(0.5)
+    assert summary["line1-st03 slot 1 (1 / 1)"] == 1
     sheet = book["Runs"]
     header = [c.value for c in sheet[1]]
     col = {name: i for i, name in enumerate(header)}

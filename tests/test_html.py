@@ -516,6 +516,34 @@ def test_batch_page_names_its_test_code_and_warns_when_it_is_mixed() -> None:
     assert rows[1].find("span", "uncommitted").text == "UNCOMMITTED"
 
 
+def test_batch_page_shows_how_each_slot_did() -> None:
+    root = parse(render_batch(batch_runs(), title="B1"))
+    table = root.find("table", "slots")
+    assert [th.clean_text for th in table.find("thead").find_all("th")][:7] == [
+        "Slot", "Runs", "Passed", "Not passed", "Pass rate", "Marginal", ""]  # one station: no station column
+    rows = [cells(tr)[:6] for tr in table.find("tbody").find_all("tr")]
+    assert rows == [["0", "2", "1", "1", "50.0 %", "0"], ["1", "2", "2", "0", "100.0 %", "1"],
+                    ["2", "1", "0", "1", "0.0 %", "0"], ["3", "1", "0", "1", "0.0 %", "0"]]
+    bars = [tr.find_all("div", "bar") for tr in table.find("tbody").find_all("tr")]
+    assert bars[0][0].attrs["style"] == "width: 50.0%" and bars[1] == []  # nothing failed: no bar
+
+
+def test_batch_of_several_stations_names_the_station_of_each_slot_and_run() -> None:
+    runs = batch_runs()
+    runs[3] = attrs.evolve(runs[3], station="line1-st04")  # SN-1's retest, on another station's slot 0
+    root = parse(render_batch(runs, title="B1"))
+    slots = [cells(tr)[:4] for tr in root.find("table", "slots").find("tbody").find_all("tr")]
+    assert slots[:2] == [["line1-st03", "0", "1", "0"], ["line1-st03", "1", "2", "2"]]
+    assert slots[-1] == ["line1-st04", "0", "1", "1"]
+    units = root.find("table", "units")
+    # station and slot say where a unit was tested; the port path is on its run page
+    header = [th.clean_text for th in units.find("thead").find_all("th")]
+    assert "Station" in header and "Port" not in header
+    assert [td.clean_text for td in units.find_all("td", "station")][3] == "line1-st04"
+    # one slot in all: nothing to compare, no table
+    assert not parse(render_batch([sensor_run("SN-9")], title="one")).find_all("table", "slots")
+
+
 def test_batch_page_says_how_to_get_its_runs_as_a_spreadsheet() -> None:
     footer = parse(render_batch(batch_runs(), title="B1")).find("footer")
     assert footer.find("code").text == "sequencer export --batch B2024-05-14"

@@ -210,9 +210,29 @@ def test_summary_invariants(specs, rnd: random.Random) -> None:
         assert counts == sorted(counts, reverse=True)
         if rows:
             assert rows[-1].cumulative_percent == pytest.approx(100.0)
+    # Slots: every run on exactly one, their passes add up to the batch's.
+    assert sum(x.runs for x in s.slots) == s.runs and sum(x.passed for x in s.slots) == s.passed
+    assert sum(x.finished for x in s.slots) == s.runs - s.running
     shuffled = list(runs)
     rnd.shuffle(shuffled)
     assert batch_summary(shuffled) == s
+
+
+def test_each_slot_of_each_station_has_its_pass_rate() -> None:
+    runs = [
+        run(serial="A", slot=0, outcome=Outcome.FAIL, started_at=at(0)),
+        run(serial="A", slot=1, outcome=Outcome.PASS, started_at=at(10)),  # the retest, on another slot
+        run(serial="B", slot=0, outcome=Outcome.PASS, started_at=at(20)),
+        run(serial="C", slot=0, outcome=None, started_at=at(30)),  # still running: no verdict yet
+        run(serial="D", slot=0, outcome=Outcome.PASS, station="st2", started_at=at(40)),
+        run(serial="E", slot=5, outcome=None, started_at=at(50)),
+    ]
+    slots = {(x.station, x.slot): x for x in batch_summary(runs).slots}
+    assert list(slots) == [("line1-st03", 0), ("line1-st03", 1), ("line1-st03", 5), ("st2", 0)]
+    first = slots[("line1-st03", 0)]
+    assert (first.runs, first.finished, first.passed, first.not_passed, first.pass_rate) == (3, 2, 1, 1, 0.5)
+    assert slots[("line1-st03", 5)].pass_rate is None
+    assert slots[("st2", 0)].pass_rate == 1.0
 
 
 def test_test_code_is_one_row_per_combination_oldest_first() -> None:
