@@ -95,6 +95,8 @@ class RunsReading:
     config: StationConfig
     source: Any  # reports.store.LocalStore | reports.mongo.MongoSink
     where: str  # for messages: the store's path, or "MongoDB host/db"
+    #: every station's runs (MongoDB), not only this station's
+    every_station: bool = False
 
 
 @contextmanager
@@ -126,7 +128,7 @@ def reading_runs(args: argparse.Namespace) -> Iterator[RunsReading]:
                      " local store", style="yellow"), soft_wrap=True)
         else:
             try:
-                yield RunsReading(config, sink, f"MongoDB {settings.target}")
+                yield RunsReading(config, sink, f"MongoDB {settings.target}", every_station=True)
             except MongoUnavailable as exc:
                 raise _Usage(f"MongoDB {settings.target}: {exc}") from None
             except UnreadableRun as exc:

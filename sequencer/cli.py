@@ -36,6 +36,9 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_ABORTED = 0, 1, 2, 130
 EXIT_BROKEN_PIPE = 141
 
 
+#: The batch page `sequencer report` writes from MongoDB (every station's runs), beside the station's index.html.
+BATCH_PAGE_EVERY_STATION = "every-station.html"
+
 #: How many runs `sequencer runs` lists unless told otherwise: a station's
 #: store holds every run it ever took, and the latest are what an operator wants.
 RUNS_SHOWN = 50
@@ -116,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--batch", metavar="B", help="every run of batch B: units, yields, failure Pareto")
     report.add_argument("-o", "--output", type=Path, metavar="FILE",
                         help="file to write (default: where `sequencer run` puts it: <reports>/<batch>/index.html "
-                        "for a batch, <reports>/<batch>/<run id>.html for a run)")
+                        "for a batch, <reports>/<batch>/<run id>.html for a run; read from MongoDB, a batch's "
+                        f"page is <reports>/<batch>/{BATCH_PAGE_EVERY_STATION})")
     report.add_argument("--store", type=Path, metavar="PATH", help="local store (SQLite) path")
     report.add_argument("--station", type=Path, metavar="FILE",
                         help="station file (for its store and reports directory)")
@@ -528,7 +532,10 @@ def cmd_report(args: argparse.Namespace) -> int:
             runs = reading.source.find_runs(batch=args.batch)
             if not runs:
                 raise UsageError(f"batch {args.batch!r}: no runs in {reading.where}")
-            output = args.output or batch_dir(reading.config.reports_dir, args.batch) / "index.html"
+            # `sequencer run` keeps index.html, this station's page, up to date; the
+            # page of every station's runs is another file, so neither overwrites the other.
+            page = BATCH_PAGE_EVERY_STATION if reading.every_station else "index.html"
+            output = args.output or batch_dir(reading.config.reports_dir, args.batch) / page
             html = render_batch(runs, title=batch_title(args.batch, runs))
     try:
         write_html(output, html)

@@ -252,6 +252,12 @@ def test_report_and_export_read_every_station_from_mongodb(
     assert main(["report", "--batch", "B2024-05-14", "-o", str(page), *desk]) == 0
     html = page.read_text()
     assert 'id="kpi-units">3<' in html and 'id="kpi-final">100.0 %<' in html and "SN-3" in html
+    # Without -o: every station's page beside the one `sequencer run` keeps for this station.
+    capsys.readouterr()
+    assert main(["report", "--batch", "B2024-05-14", *desk]) == 0
+    assert Path(capsys.readouterr().out.strip()).parts[-2:] == ("B2024-05-14", "every-station.html")
+    assert main(["report", "--batch", "B2024-05-14", "--store", str(a), "--local"]) == 0
+    assert Path(capsys.readouterr().out.strip()).parts[-2:] == ("B2024-05-14", "index.html")
     first = rf.sensor_run("SN-1", vdd=3.45).run_id
     assert main(["report", "--run", first[:10], "-o", str(tmp_path / "desk" / "run.html"), *desk]) == 0
     assert "3.45" in (tmp_path / "desk" / "run.html").read_text()
