@@ -847,6 +847,8 @@ class MongoSink:
         serial: str | None = None,
         outcome: str | None = None,
         run_id_prefix: str | None = None,
+        since: dt.datetime | None = None,
+        until: dt.datetime | None = None,
         limit: int | None = None,
         last: int | None = None,
     ) -> list[RunRecord]:
@@ -856,7 +858,8 @@ class MongoSink:
         oldest ``limit``, ``last`` the most recent ``last`` (still listed
         oldest first).
         """
-        query = _run_query(batch=batch, serial=serial, outcome=outcome, run_id_prefix=run_id_prefix)
+        query = _run_query(batch=batch, serial=serial, outcome=outcome, run_id_prefix=run_id_prefix, since=since,
+                           until=until)
         direction = -1 if last else 1
         # The flat copy of the measurements is for queries; the phases hold them.
         try:
@@ -869,11 +872,18 @@ class MongoSink:
         return [run_from_document(d) for d in docs]
 
     def outcome_counts(
-        self, *, batch: str | None = None, serial: str | None = None, outcome: str | None = None
+        self,
+        *,
+        batch: str | None = None,
+        serial: str | None = None,
+        outcome: str | None = None,
+        since: dt.datetime | None = None,
+        until: dt.datetime | None = None,
     ) -> dict[str, int]:
         """How many matching runs ended each way (``RUNNING``: not ended), most first, as the local store counts."""
+        query = _run_query(batch=batch, serial=serial, outcome=outcome, run_id_prefix=None, since=since, until=until)
         pipeline = [
-            {"$match": _run_query(batch=batch, serial=serial, outcome=outcome, run_id_prefix=None)},
+            {"$match": query},
             {"$group": {"_id": {"$ifNull": ["$outcome", "RUNNING"]}, "n": {"$sum": 1}}},
         ]
         try:
@@ -895,9 +905,22 @@ class MongoSink:
 
 
 def _run_query(
-    *, batch: str | None, serial: str | None, outcome: str | None, run_id_prefix: str | None
+    *,
+    batch: str | None,
+    serial: str | None,
+    outcome: str | None,
+    run_id_prefix: str | None,
+    since: dt.datetime | None = None,
+    until: dt.datetime | None = None,
 ) -> dict[str, Any]:
     query: dict[str, Any] = {}
+    started: dict[str, dt.datetime] = {}
+    if since is not None:
+        started["$gte"] = since
+    if until is not None:
+        started["$lt"] = until
+    if started:
+        query["started_at"] = started
     if batch is not None:
         query["batch"] = batch
     if serial is not None:

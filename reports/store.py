@@ -18,6 +18,7 @@ never reads back during a run).
 
 from __future__ import annotations
 
+import datetime as dt
 import fcntl
 import json
 import os
@@ -429,15 +430,19 @@ class LocalStore:
         serial: str | None = None,
         outcome: Outcome | str | None = None,
         run_id_prefix: str | None = None,
+        since: dt.datetime | None = None,
+        until: dt.datetime | None = None,
         limit: int | None = None,
         last: int | None = None,
     ) -> list[RunRecord]:
         """Runs matching every given filter, oldest first.
 
+        ``since``/``until`` bound the start time (at or after, before).
         ``limit`` keeps the oldest ``limit`` of them, ``last`` the most recent
         ``last`` (still listed oldest first).
         """
-        where, args = self._where(batch=batch, serial=serial, outcome=outcome, run_id_prefix=run_id_prefix)
+        where, args = self._where(batch=batch, serial=serial, outcome=outcome, run_id_prefix=run_id_prefix,
+                                  since=since, until=until)
         sql = f"SELECT run_id, header FROM runs {where} ORDER BY started_at, run_id"
         if last is not None:
             sql = (f"SELECT * FROM (SELECT run_id, header, started_at FROM runs {where}"
@@ -454,9 +459,12 @@ class LocalStore:
         batch: str | None = None,
         serial: str | None = None,
         outcome: Outcome | str | None = None,
+        since: dt.datetime | None = None,
+        until: dt.datetime | None = None,
     ) -> dict[str, int]:
         """How many runs matching every given filter ended each way (``RUNNING``: not ended), most first."""
-        where, args = self._where(batch=batch, serial=serial, outcome=outcome, run_id_prefix=None)
+        where, args = self._where(batch=batch, serial=serial, outcome=outcome, run_id_prefix=None, since=since,
+                                  until=until)
         with self._lock:
             rows = self._conn.execute(
                 f"SELECT COALESCE(outcome, 'RUNNING'), COUNT(*) FROM runs {where} GROUP BY 1 ORDER BY 2 DESC, 1",
@@ -466,9 +474,22 @@ class LocalStore:
 
     @staticmethod
     def _where(
-        *, batch: str | None, serial: str | None, outcome: Outcome | str | None, run_id_prefix: str | None
+        *,
+        batch: str | None,
+        serial: str | None,
+        outcome: Outcome | str | None,
+        run_id_prefix: str | None,
+        since: dt.datetime | None = None,
+        until: dt.datetime | None = None,
     ) -> tuple[str, list[str]]:
         clauses, args = [], []
+        # Start times are stored as UTC ISO text, which sorts as the times do.
+        if since is not None:
+            clauses.append("started_at >= ?")
+            args.append(_utc_text(since))
+        if until is not None:
+            clauses.append("started_at < ?")
+            args.append(_utc_text(until))
         if batch is not None:
             clauses.append("batch = ?")
             args.append(batch)
@@ -503,6 +524,12 @@ class LocalStore:
                 "SELECT seq, run_id, header FROM runs WHERE seq > ? ORDER BY seq LIMIT ?", (after_seq, limit)
             ).fetchall()
             return [(seq, self._assemble(header, run_id)) for seq, run_id, header in rows]
+
+
+def _utc_text(when: dt.datetime) -> str:
+    """``when`` as the store writes start times (``isoformat`` in UTC), for comparing with them."""
+    aware = when.replace(tzinfo=dt.timezone.utc) if when.tzinfo is None else when.astimezone(dt.timezone.utc)
+    return aware.isoformat()
 
 
 def _mark_interrupted(conn: sqlite3.Connection) -> int:

@@ -8,6 +8,7 @@ phase, port or option), 130 after Ctrl-C.
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import os
 import sys
 from collections.abc import Sequence
@@ -52,6 +53,30 @@ def _count(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"{text!r} is negative")
     return value
+
+
+def _moment(text: str) -> dt.datetime:
+    """A date (``2026-11-23``, midnight UTC) or an ISO time (UTC unless it names its offset)."""
+    try:
+        when = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a date (YYYY-MM-DD) or an ISO time") from None
+    return when.replace(tzinfo=dt.timezone.utc) if when.tzinfo is None else when.astimezone(dt.timezone.utc)
+
+
+def _add_run_filters(parser: argparse.ArgumentParser) -> None:
+    """The filters every command that reads runs takes; a run must match all that are given."""
+    parser.add_argument("--batch", metavar="B", help="the runs of batch B")
+    parser.add_argument("--serial", metavar="S", help="the runs of the unit with serial S")
+    parser.add_argument("--outcome", choices=[o.value for o in Outcome], help="the runs that ended so")
+    parser.add_argument("--since", type=_moment, metavar="WHEN",
+                        help="runs started at or after WHEN (YYYY-MM-DD or ISO time; UTC unless given)")
+    parser.add_argument("--until", type=_moment, metavar="WHEN", help="runs started before WHEN")
+
+
+def _run_filters(args: argparse.Namespace) -> dict[str, Any]:
+    return {"batch": args.batch, "serial": args.serial, "outcome": args.outcome, "since": args.since,
+            "until": args.until}
 
 
 class UsageError(Exception):
@@ -127,9 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_reading_options(report)
 
     runs = sub.add_parser("runs", help="list runs (the local store, or MongoDB when configured)")
-    runs.add_argument("--batch", metavar="B", help="the runs of batch B")
-    runs.add_argument("--serial", metavar="S", help="the runs of the unit with serial S")
-    runs.add_argument("--outcome", choices=[o.value for o in Outcome], help="the runs that ended so")
+    _add_run_filters(runs)
     runs.add_argument("--store", type=Path, metavar="PATH", help="local store (SQLite) path")
     runs.add_argument("--station", type=Path, metavar="FILE", help="station file (for its store)")
     runs.add_argument("--limit", type=_count, metavar="N",
@@ -139,9 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_reading_options(runs)
 
     export = sub.add_parser("export", help="write runs as a spreadsheet (.xlsx) or a CSV table, for analysis")
-    export.add_argument("--batch", metavar="B", help="the runs of batch B")
-    export.add_argument("--serial", metavar="S", help="the runs of the unit with serial S")
-    export.add_argument("--outcome", choices=[o.value for o in Outcome], help="the runs that ended so")
+    _add_run_filters(export)
     export.add_argument("-o", "--output", metavar="FILE",
                         help="FILE.xlsx: a summary and every table; FILE.csv or - (stdout): one table"
                              " (default with --batch: <reports>/<batch>/<batch>.xlsx)")
@@ -556,7 +577,7 @@ def _os_reason(exc: OSError, path: Path) -> str:
 def cmd_runs(args: argparse.Namespace) -> int:
     from reports.mongo_cli import reading_runs
 
-    filters = {"batch": args.batch, "serial": args.serial, "outcome": args.outcome}
+    filters = _run_filters(args)
     # A person reads the table: the latest runs. A script reads the JSON: all
     # of them unless it says otherwise, never silently cut short.
     limit = args.limit if args.limit is not None else (0 if args.json else RUNS_SHOWN)
@@ -601,9 +622,15 @@ def cmd_runs(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _no_runs(filters: dict[str, str | None], source: str | Path) -> str:
-    given = ", ".join(f"{k} {v!r}" for k, v in filters.items() if v is not None)
-    return f"no runs{' with ' + given if given else ''} in {source}"
+def _no_runs(filters: dict[str, Any], source: str | Path) -> str:
+    return f"no runs{_described(filters, ' with ')} in {source}"
+
+
+def _described(filters: dict[str, Any], prefix: str = "") -> str:
+    """The filters given, as a person would read them: ``batch 'B', since 2026-11-23 00:00 UTC``."""
+    given = [f"{k} {v:%Y-%m-%d %H:%M:%S UTC}" if isinstance(v, dt.datetime) else f"{k} {v!r}"
+             for k, v in filters.items() if v is not None]
+    return prefix + ", ".join(given) if given else ""
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -620,7 +647,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise UsageError(f"{given}: an export is .xlsx (a summary and every table) or .csv (one table)")
     if kind == "xlsx" and args.table:
         raise UsageError(f"{given or 'export'}: --table picks the one table a CSV holds; an .xlsx file holds them all")
-    filters = {"batch": args.batch, "serial": args.serial, "outcome": args.outcome}
+    filters = _run_filters(args)
     with reading_runs(args) as reading:
         runs = reading.source.find_runs(**filters)
     if not runs:
@@ -637,7 +664,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.batch is not None:
         title = batch_title(args.batch, runs)
     else:
-        title = "Runs" + "".join(f", {k} {v}" for k, v in filters.items() if v is not None)
+        title = "Runs" + _described(filters, ", ")
     try:
         if kind == "csv":
             write_csv_file(output, table)

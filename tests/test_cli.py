@@ -395,3 +395,34 @@ def test_batch_page_covers_every_session_of_the_batch(tmp_path: Path, capsys: py
     assert len(run_ids) == 4
     page = (tmp_path / "r" / "B" / "index.html").read_text()
     assert all(run_id in page for run_id in run_ids)
+
+
+def test_reading_commands_filter_by_start_time(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # One run a day, at 08:30 UTC on 14, 15 and 16 May 2024.
+    runs = [records_factory.run(serial=f"SN{day}", started_at=records_factory.at(86400 * day)) for day in range(3)]
+    store = LocalStore.open(tmp_path / "s.sqlite")
+    store._write_batch([w for r in runs for w in (_Write("begin", run=r), _Write("finish", run=r))])
+    store.close()
+
+    def serials(*filters: str) -> list[str]:
+        assert main(["runs", "--store", str(tmp_path / "s.sqlite"), "--json", *filters]) == 0
+        return [json.loads(line)["dut"]["serial"] for line in capsys.readouterr().out.splitlines()]
+
+    assert serials("--since", "2024-05-15") == ["SN1", "SN2"]  # a date is midnight UTC
+    assert serials("--until", "2024-05-15") == ["SN0"]
+    assert serials("--since", "2024-05-15", "--until", "2024-05-16T08:30:00") == ["SN1"]  # until is exclusive
+    assert serials("--since", "2024-05-15T10:30+02:00") == ["SN1", "SN2"]  # an offset is honoured: 08:30 UTC
+
+    out = tmp_path / "week.csv"
+    assert main(["export", "--store", str(tmp_path / "s.sqlite"), "--since", "2024-05-16", "-o", str(out)]) == 0
+    assert [line.split(",")[2] for line in out.read_text().splitlines()[1:]] == ["SN2"]
+    capsys.readouterr()
+
+    assert main(["runs", "--store", str(tmp_path / "s.sqlite"), "--since", "2030-01-01"]) == 0
+    assert capsys.readouterr().out.startswith("no runs with since 2030-01-01 00:00:00 UTC in ")
+    with pytest.raises(SystemExit) as info:
+        main(["runs", "--store", str(tmp_path / "s.sqlite"), "--since", "yesterday"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("sequencer runs: error: argument --since: 'yesterday' is not a date (YYYY-MM-DD) or an ISO")
+    assert err.count("\n") == 0

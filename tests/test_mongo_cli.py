@@ -271,6 +271,8 @@ def test_report_and_export_read_every_station_from_mongodb(
     header = table.splitlines()[0].split()
     assert "station" in header and "batch" not in header and "line1-st03" in table and "line1-st04" in table
     assert max(len(line) for line in table.splitlines()) <= 80
+    assert main(["runs", "--since", "2024-05-14T08:35:00", "--json", *desk]) == 0  # station B's two
+    assert [json.loads(line)["dut"]["serial"] for line in capsys.readouterr().out.splitlines()] == ["SN-1", "SN-3"]
     assert main(["runs", "--serial", "SN-1", "--json", *desk]) == 0
     records = [run_from_json(line) for line in capsys.readouterr().out.splitlines()]
     assert [r.outcome for r in records] == [Outcome.FAIL, Outcome.PASS]
