@@ -127,6 +127,8 @@ def reading_runs(args: argparse.Namespace) -> Iterator[RunsReading]:
                 Text(f"sequencer: MongoDB {settings.target} unreachable ({exc}); reading this station's"
                      " local store", style="yellow"), soft_wrap=True)
         else:
+            if config.store.exists():
+                _warn_of_unshipped_runs(config.store, settings.target)
             try:
                 yield RunsReading(config, sink, f"MongoDB {settings.target}", every_station=True)
             except MongoUnavailable as exc:
@@ -143,6 +145,18 @@ def reading_runs(args: argparse.Namespace) -> Iterator[RunsReading]:
         yield RunsReading(config, store, str(store.path))
     finally:
         store.close()
+
+
+def _warn_of_unshipped_runs(store: Path, target: str) -> None:
+    """On a station, say when MongoDB lacks some of its runs: what MongoDB shows would silently leave them out."""
+    from reports.shipper import runs_not_in_mongodb
+
+    missing = runs_not_in_mongodb(store, target)
+    if missing:
+        Console(stderr=True, highlight=False).print(Text(
+            f"sequencer: {missing} of this station's run(s) are not in MongoDB {target} yet (`sequencer sync`"
+            " ships them); reading MongoDB without them (--local reads this station's store)", style="yellow",
+        ), soft_wrap=True)
 
 
 def apply_mongo_options(config: StationConfig, args: argparse.Namespace) -> StationConfig:

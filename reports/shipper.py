@@ -499,6 +499,27 @@ async def shipping(
         await shipper.aclose()
 
 
+def runs_not_in_mongodb(store: Path, target: str) -> int:
+    """How many of the store's runs MongoDB at ``target`` lacks in their latest state: waiting or quarantined.
+
+    Read-only: a reading command must not write the station's store. A store
+    that never shipped to ``target`` has no ledger for it, and every run counts.
+    """
+    conn = sqlite3.connect(f"{Path(store).resolve().as_uri()}?mode=ro", uri=True, timeout=10)
+    try:
+        try:
+            row = conn.execute("SELECT acked_seq FROM mongo_watermark WHERE target=?", (target,)).fetchone()
+            return int(conn.execute(
+                "SELECT COUNT(*) FROM runs WHERE seq > ?"
+                " OR run_id IN (SELECT run_id FROM mongo_quarantine WHERE target=?)",
+                (row[0] if row else 0, target),
+            ).fetchone()[0])
+        except sqlite3.OperationalError:  # no ledger: this store never shipped anywhere
+            return int(conn.execute("SELECT COUNT(*) FROM runs").fetchone()[0])
+    finally:
+        conn.close()
+
+
 def describe_backlog(status: ShipStatus) -> str:
     """One line for the operator."""
     parts = [f"MongoDB {status.target}:"]

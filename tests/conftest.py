@@ -71,7 +71,10 @@ def outcomes(run: RunRecord) -> dict[str, Any]:
 
 
 @pytest.fixture(autouse=True)
-def no_ambient_station_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+def no_ambient_station_settings(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
+    # The default store and reports live in the XDG data folder: a developer's
+    # own store there must not be what a test reads or writes by default.
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path_factory.mktemp("xdg-data")))
     # A developer's SEQUENCER_MONGO_URI must not make every station test ship
     # to their database; MongoDB tests pass their settings explicitly.
     monkeypatch.delenv("SEQUENCER_MONGO_URI", raising=False)

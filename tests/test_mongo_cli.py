@@ -326,3 +326,29 @@ def test_mongodb_lost_while_reading_is_one_error_naming_it(tmp_path: Path, own_m
         with reading_runs(args) as reading:  # reachable when opened ...
             own_mongod.stop()  # ... gone by the time the runs are read
             reading.source.find_runs(batch="B")
+
+
+def test_a_station_reading_mongodb_is_told_which_of_its_runs_are_not_there_yet(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], mongo: MongoSettings
+) -> None:
+    a, _ = _two_stations_ship_one_batch(tmp_path, mongo)
+    target = ["--store", str(a), "--mongo", mongo.uri, "--mongo-db", mongo.database]
+    capsys.readouterr()
+    assert main(["runs", "--batch", "B2024-05-14", "--json", *target]) == 0
+    assert "not in MongoDB" not in capsys.readouterr().err  # everything shipped: nothing to say
+    # Station A tests one more unit while MongoDB is away; it has not shipped yet.
+    trio.run(store_runs, a, [rf.sensor_run("SN-4", started_at=rf.at(900))])
+    assert main(["runs", "--batch", "B2024-05-14", "--json", *target]) == 0
+    captured = capsys.readouterr()
+    assert "1 of this station's run(s) are not in MongoDB" in captured.err and "`sequencer sync`" in captured.err
+    assert "SN-4" not in captured.out
+    # A store that never shipped there: every run of it is missing.
+    never = tmp_path / "never.sqlite"
+    trio.run(store_runs, never, [rf.sensor_run("SN-9")])
+    assert main(["runs", "--json", "--store", str(never), "--mongo", mongo.uri, "--mongo-db", mongo.database]) == 0
+    assert "1 of this station's run(s) are not in MongoDB" in capsys.readouterr().err
+    assert main(["sync", *target]) == 0
+    capsys.readouterr()
+    assert main(["runs", "--batch", "B2024-05-14", "--json", *target]) == 0
+    captured = capsys.readouterr()
+    assert "not in MongoDB" not in captured.err and "SN-4" in captured.out
