@@ -11,37 +11,14 @@ from pathlib import Path
 import pytest
 
 from fixtures.sim.device import Faults
-from fixtures.sim.esp32_board import open_esp32_farm
-from fixtures.sim.instruments import open_simulated_instrument
-from fixtures.station import STATION_FIXTURES, station_fixtures
-from reports.store import LocalStore
-from sequencer.config import StationConfig
-from sequencer.engine import RunSettings
-from sequencer.events import EventBus
-from sequencer.product import load_product
 from sequencer.records import Outcome, RunRecord
-from sequencer.resources import SharedResource
-from sequencer.station import run_station
+from tests.farm_support import run_on_esp32_farm
 
 SENSOR = Path(__file__).resolve().parent.parent / "products" / "esp32_sensor.py"
 
 
 async def run_farm(store_path: Path, n: int, faults: dict[int, Faults]) -> list[RunRecord]:
-    # The product flashes factory-fresh boards first: ESP32 boards held in
-    # download mode, and the station's flasher fixture.
-    loaded = load_product(SENSOR, station_fixtures=STATION_FIXTURES)
-    store = LocalStore.open(store_path, station=True)
-    try:
-        async with store.writer(), open_esp32_farm(n, seed=7, faults=faults) as devices:
-            async with open_simulated_instrument("scpi-dmm", devices, seed=7) as dmm:
-                result = await run_station(
-                    loaded, [d.path for d in devices], settings=RunSettings("test", batch="F"), store=store,
-                    bus=EventBus(), resources={"dmm": SharedResource("dmm", 1, dmm)}, handle_signals=False,
-                    fixtures=station_fixtures(StationConfig()),
-                )
-    finally:
-        store.close()
-    return sorted(result.runs, key=lambda r: r.slot)
+    return await run_on_esp32_farm(SENSOR, store_path, n, faults=faults)
 
 
 async def test_healthy_farm_passes_and_records_identity(store_path: Path) -> None:

@@ -8,18 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from fixtures.sim.esp32_board import open_esp32_farm
-from fixtures.sim.instruments import open_simulated_instrument
-from fixtures.station import STATION_FIXTURES, station_fixtures
-from reports.store import LocalStore
 from sequencer.cli import main
-from sequencer.config import StationConfig
-from sequencer.engine import RunSettings
-from sequencer.events import EventBus
-from sequencer.product import load_product
 from sequencer.records import Outcome
-from sequencer.resources import SharedResource
-from sequencer.station import run_station
+from tests.farm_support import run_on_esp32_farm
 
 ROOT = Path(__file__).resolve().parent.parent
 GUIDE = ROOT / "docs" / "writing-products.md"
@@ -89,19 +80,7 @@ def test_the_mistakes_the_guide_lists_are_the_errors_check_gives(
 
 
 async def test_the_example_runs_on_simulated_boards_as_the_guide_says(tmp_path: Path) -> None:
-    loaded = load_product(EXAMPLE, station_fixtures=STATION_FIXTURES)
-    store = LocalStore.open(tmp_path / "store.sqlite", station=True)
-    try:
-        async with store.writer(), open_esp32_farm(6, seed=3) as boards:
-            async with open_simulated_instrument("scpi-dmm", boards, seed=3) as dmm:
-                result = await run_station(
-                    loaded, [b.path for b in boards], settings=RunSettings("guide", batch="G"), store=store,
-                    bus=EventBus(), resources={"dmm": SharedResource("dmm", 1, dmm)}, handle_signals=False,
-                    fixtures=station_fixtures(StationConfig()),
-                )
-    finally:
-        store.close()
-    runs = sorted(result.runs, key=lambda r: r.slot)
+    runs = await run_on_esp32_farm(EXAMPLE, tmp_path / "store.sqlite", 6, seed=3)
     assert [r.outcome for r in runs] == [Outcome.PASS] * 6, [
         (p.name, p.outcome.value, p.reason) for r in runs for p in r.phases if p.outcome is not Outcome.PASS]
     revisions = {r.dut["hardware_rev"] for r in runs}
