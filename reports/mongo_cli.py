@@ -28,7 +28,7 @@ from rich.table import Table
 from rich.text import Text
 
 from sequencer.config import ConfigError, StationConfig, reading_config, require_store
-from sequencer.terminal import OutputConsole
+from sequencer.terminal import OutputConsole, printable
 
 if TYPE_CHECKING:
     from reports.mongo import MongoSettings
@@ -271,7 +271,7 @@ async def _sync(args: argparse.Namespace, store: Path, settings: MongoSettings) 
     finally:
         await shipper.aclose()
     for r in report.quarantined:
-        out.print(Text(f"quarantined run {r.run_id}: {_printable(r.reason)}", style="red"), soft_wrap=True)
+        out.print(Text(f"quarantined run {r.run_id}: {printable(r.reason)}", style="red"), soft_wrap=True)
     out.print(Text(f"shipped {report.shipped_runs} run(s) ({report.shipped_measurements} measurements). "
                    + describe_backlog(status)), soft_wrap=True)
     return EXIT_OK if status.backlog == 0 and status.quarantined == 0 else EXIT_INCOMPLETE
@@ -285,7 +285,7 @@ def _print_quarantine(out: Console, rows: Sequence[Any]) -> int:
     for col in ("run", "seq", "since (UTC)", "reason"):
         table.add_column(col)
     for q in rows:
-        table.add_row(Text(q.run_id), str(q.seq), Text(q.at[:19].replace("T", " ")), Text(_printable(q.reason)))
+        table.add_row(Text(q.run_id), str(q.seq), Text(q.at[:19].replace("T", " ")), Text(printable(q.reason)))
     out.print(table)
     out.print(f"{len(rows)} quarantined run(s); fix the cause, then `sequencer sync --retry-quarantined`")
     return EXIT_OK
@@ -322,7 +322,7 @@ def cmd_find(args: argparse.Namespace) -> int:
         _print_devices(devices, source)
     if not devices:
         which = next(f"{k} {v!r}" for k, v in key.items() if v is not None)
-        err.print(Text(f"sequencer: no device with {_printable(which)} in {source}"), soft_wrap=True)
+        err.print(Text(f"sequencer: no device with {printable(which)} in {source}"), soft_wrap=True)
         return EXIT_INCOMPLETE
     return EXIT_OK
 
@@ -409,7 +409,7 @@ def device_from_runs(runs: Sequence[RunRecord]) -> dict[str, Any]:
 def _print_devices(devices: list[dict[str, Any]], source: str) -> None:
     out = OutputConsole(highlight=False)
     for d in devices:
-        out.print(Text(f"device {_printable(d['serial'])}", style="bold") + Text(f"  ({source})", style="dim"),
+        out.print(Text(f"device {printable(d['serial'])}", style="bold") + Text(f"  ({source})", style="dim"),
                   soft_wrap=True)
         rows = [
             ("product", d.get("product", "")),
@@ -418,27 +418,19 @@ def _print_devices(devices: list[dict[str, Any]], source: str) -> None:
                              f"{_when(d.get('last_tested_at'))}, station {d.get('last_station', '?')})"),
             *sorted((str(k), str(v)) for k, v in (d.get("attributes") or {}).items()),
         ]
-        width = max(len(_printable(k)) for k, _ in rows)
+        width = max(len(printable(k)) for k, _ in rows)
         for k, v in rows:
-            out.print(Text(f"  {_printable(k):<{width}}  {_printable(v)}"))
+            out.print(Text(f"  {printable(k):<{width}}  {printable(v)}"))
         table = Table(header_style="bold")
         for col in ("run", "started (UTC)", "station", "batch", "slot", "outcome"):
             table.add_column(col)
         for r in d.get("history", []):
             outcome = r.get("outcome") or "RUNNING"
-            table.add_row(Text(str(r["_id"])[:12]), _when(r.get("started_at")), Text(_printable(r.get("station"))),
-                          Text(_printable(r.get("batch"))), str(r.get("slot", "")),
+            table.add_row(Text(str(r["_id"])[:12]), _when(r.get("started_at")), Text(printable(r.get("station"))),
+                          Text(printable(r.get("batch"))), str(r.get("slot", "")),
                           outcome + (" (marginal)" if r.get("marginal") else ""))
         out.print(table)
         out.print(f"{len(d.get('history', []))} run(s)")
-
-
-def _printable(value: Any) -> str:
-    """DUT text for a terminal: control characters (escape sequences) shown escaped, never sent."""
-    text = "" if value is None else str(value)
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
 def _when(t: Any) -> str:

@@ -29,7 +29,7 @@ from sequencer.events import EventBus
 from sequencer.product import LoadedProduct, ProductError, layers, load_product
 from sequencer.records import Outcome, RunRecord, run_to_json
 from sequencer.station import StationResult
-from sequencer.terminal import OutputConsole, silence_stdout
+from sequencer.terminal import OutputConsole, printable, silence_stdout
 from sequencer.version import SEQUENCER_VERSION
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_ABORTED = 0, 1, 2, 130
@@ -609,8 +609,9 @@ def cmd_runs(args: argparse.Namespace) -> int:
     for r in runs:
         outcome = r.outcome.value if r.outcome else "RUNNING"
         # Text, not str: batch ids, serials and station names are not console markup
-        cells = {"run": r.run_id[:12], "started (UTC)": f"{r.started_at:%Y-%m-%d %H:%M:%S}", "batch": Text(r.batch),
-                 "serial": Text(r.serial or "-"), "station": Text(r.station), "slot": str(r.slot),
+        cells = {"run": r.run_id[:12], "started (UTC)": f"{r.started_at:%Y-%m-%d %H:%M:%S}",
+                 "batch": Text(printable(r.batch)), "serial": Text(printable(r.serial or "-")),
+                 "station": Text(printable(r.station)), "slot": str(r.slot),
                  "outcome": outcome + (" (marginal)" if r.marginal else "")}
         table.add_row(*(cells[col] for col, shown in columns.items() if shown))
     OutputConsole(highlight=False).print(table)

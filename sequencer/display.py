@@ -34,6 +34,7 @@ from sequencer.events import (
     RunStarted,
 )
 from sequencer.records import Outcome, RunRecord
+from sequencer.terminal import printable
 
 OUTCOME_STYLE = {
     Outcome.PASS: "bold green",
@@ -72,7 +73,7 @@ class StationDisplay:
             view = self.slots[event.run.slot]
             view.phase = "starting"
         elif isinstance(event, DutIdentified):
-            self.slots[event.slot].serial = event.dut.get("serial", "")
+            self.slots[event.slot].serial = printable(event.dut.get("serial", ""))
         elif isinstance(event, PhaseStarted):
             view = self.slots[event.slot]
             view.phase = event.phase if event.attempt == 1 else f"{event.phase} (attempt {event.attempt})"
@@ -85,8 +86,9 @@ class StationDisplay:
             view.done += 1
             rec = event.phase
             if rec.outcome.is_failure and not view.failure:
-                view.failure = f"{rec.name}: {rec.reason or rec.outcome.value}"
-                return f"slot {event.slot} {view.port} {view.serial or '-'}: {rec.name} {rec.outcome.value}: {rec.reason}"
+                reason = printable(rec.reason)
+                view.failure = f"{rec.name}: {reason or rec.outcome.value}"
+                return f"slot {event.slot} {view.port} {view.serial or '-'}: {rec.name} {rec.outcome.value}: {reason}"
         elif isinstance(event, RunFinished):
             view = self.slots[event.run.slot]
             view.outcome = event.run.outcome
@@ -285,14 +287,14 @@ def station_summary(runs: Sequence[RunRecord]) -> Group:
         rows.append((
             str(r.slot),
             Text(r.port),
-            Text(r.serial or "-"),
+            Text(printable(r.serial or "-")),
             Text(outcome.value + (" (marginal)" if r.marginal else ""), style=OUTCOME_STYLE[outcome]),
             f"{r.duration_s:.1f} s" if r.duration_s is not None else "-",
         ))
         if failed is not None:
             line = Text(f"slot {r.slot} {r.port}", style="bold")
             line.append(f" {failed.name}: ", style=OUTCOME_STYLE[failed.outcome])
-            line.append(failed.reason or failed.outcome.value)
+            line.append(printable(failed.reason or failed.outcome.value))
             failures.append(line)
     table = Table(title="Summary", header_style="bold")
     # Slot, port, serial and outcome are what an operator acts on: never

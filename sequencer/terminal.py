@@ -9,6 +9,21 @@ from typing import Any
 from rich.console import Console
 
 
+def printable(value: object) -> str:
+    """Text from a device or a record, safe for a terminal: control characters shown escaped, never sent.
+
+    The serial link already refuses lines with control characters, but a
+    record can come from elsewhere (another station's MongoDB document, an
+    operator's scanned batch id), and an escape sequence printed raw can
+    clear the operator's screen or retitle the window. A newline is escaped
+    too, so one value stays on its one line.
+    """
+    text = "" if value is None else str(value)
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 def silence_stdout() -> None:
     """Point stdout at /dev/null: its reader is gone, and later writes must not fail again.
 

@@ -83,6 +83,29 @@ def test_what_a_dut_sends_is_shown_as_sent_never_read_as_markup() -> None:
     assert text.count(serial) == 2 and text.count(port) == 2 and "[/phase]" in text
 
 
+def test_control_characters_from_a_record_are_shown_escaped_never_sent() -> None:
+    # The serial link refuses such lines, but the display must not rely on
+    # every path to it doing so: an escape sequence printed raw clears the
+    # operator's screen or retitles the window.
+    serial = "SN\x1b[2J\x1b]0;owned\x07"
+    run = sensor_run(serial, slot=0, fail_rf=True)
+    failing = next(p for p in run.phases if p.outcome.is_failure)
+    run = attrs.evolve(run, phases=tuple(
+        attrs.evolve(p, reason="bad\r\nline \x1b[31mred") if p is failing else p for p in run.phases))
+    display = StationDisplay([run.port], phases_per_run=len(run.phases))
+    display.apply(RunStarted(run))
+    display.apply(DutIdentified(run.run_id, 0, {"serial": serial}))
+    printed = [line for p in run.phases if (line := display.apply(PhaseFinished(run.run_id, 0, p)))]
+    printed.append(display.apply(RunFinished(run)))
+    console = Console(width=200, record=True, color_system=None)
+    console.print(display.table())
+    console.print(station_summary([run]))
+    shown = console.export_text() + "\n".join(printed)
+    assert "\x1b" not in shown and "\x07" not in shown and "\r" not in shown
+    assert shown.count("SN\\x1b[2J\\x1b]0;owned\\x07") == 4  # table, summary, failure line, final line
+    assert "bad\\r\\nline \\x1b[31mred" in shown
+
+
 def _rendered(display: StationDisplay, width: int, height: int) -> list[str]:
     console = Console(width=width, height=height, record=True, color_system=None)
     console.print(display.render(width, height))

@@ -213,6 +213,10 @@ def test_find_never_sends_dut_control_sequences_to_the_terminal(
     out = capsys.readouterr().out
     assert "\x1b" not in out and "\x07" not in out and "\r" not in out
     assert "SN\\x1b[2J\\x1b]0;owned\\x07" in out and "[bold]x[/bold]\\r\\n" in out
+    for where in ([], ["--local"]):  # the runs table too, from MongoDB and from the store
+        assert main(["runs", "--serial", serial, *target, *where]) == 0
+        out = capsys.readouterr().out
+        assert "\x1b" not in out and "\x07" not in out and "SN\\x1b[2J" in out
     client = pymongo.MongoClient(mongo.uri)
     assert client[mongo.database].devices.find_one({"_id": serial}) is not None
     client.close()
