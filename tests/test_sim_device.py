@@ -323,6 +323,27 @@ async def test_slow_board_delays_answers_and_late_answers_are_not_misread():
             assert (await firmware.identify()).serial == device.profile.serial
 
 
+async def test_an_answer_that_comes_after_its_timeout_is_skipped_not_taken_for_the_next():
+    # A board answering 0.15 s late to a 0.1 s timeout answers IDENT after
+    # RAILS has gone out; taken as RAILS's answer it failed the phase.
+    async with open_farm(1, faults={0: Faults(slow_s=0.15)}) as (device,):
+        async with open_serial_link(device.path) as link:
+            firmware = await booted(link)
+            for command in ("IDENT", "HELP"):  # two abandoned commands owe two answers
+                with pytest.raises(DeviceTimeout, match=f"waiting for a response to '{command}'"):
+                    await firmware.query(command, timeout=0.1)
+            rails = await firmware.read_rails()
+            assert set(rails) == set(NOMINAL_RAILS)
+            with pytest.raises(DeviceTimeout):  # a series' header is read the same way
+                await firmware.query("IDENT", timeout=0.1)
+            assert len(await firmware.sample("3V3", 5)) == 5
+            # Owed answers are spent: an answer that echoes another command is still an error.
+            assert (await firmware.identify()).serial == device.profile.serial
+            await link.send_line("HELP")
+            with pytest.raises(ProtocolError, match="response to 'RAILS' does not echo it: 'HELP "):
+                await firmware.read_rails()
+
+
 async def test_overlong_fault_is_a_protocol_error():
     async with open_farm(1, faults={0: Faults(overlong=True)}) as (device,):
         async with open_serial_link(device.path, max_line=1024) as link:
