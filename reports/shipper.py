@@ -86,6 +86,9 @@ CREATE TABLE IF NOT EXISTS mongo_quarantine (
 );
 """
 
+#: A run (in the store's ``runs`` table) whose latest change the target (``?``) has not acknowledged.
+_UNACKNOWLEDGED = "seq > COALESCE((SELECT acked_seq FROM mongo_watermark WHERE target=?), 0)"
+
 
 @attrs.frozen
 class Quarantined:
@@ -124,10 +127,7 @@ class ShipLedger:
     def backlog(self) -> int:
         """Runs whose latest state MongoDB has not acknowledged (quarantined ones not counted)."""
         with self._lock:
-            row = self._conn.execute(
-                "SELECT COUNT(*) FROM runs WHERE seq > COALESCE("
-                "(SELECT acked_seq FROM mongo_watermark WHERE target=?), 0)", (self.target,)
-            ).fetchone()
+            row = self._conn.execute(f"SELECT COUNT(*) FROM runs WHERE {_UNACKNOWLEDGED}", (self.target,)).fetchone()
         return int(row[0])
 
     def quarantine(self) -> list[Quarantined]:
@@ -508,11 +508,10 @@ def runs_not_in_mongodb(store: Path, target: str) -> int:
     conn = sqlite3.connect(f"{Path(store).resolve().as_uri()}?mode=ro", uri=True, timeout=10)
     try:
         try:
-            row = conn.execute("SELECT acked_seq FROM mongo_watermark WHERE target=?", (target,)).fetchone()
             return int(conn.execute(
-                "SELECT COUNT(*) FROM runs WHERE seq > ?"
+                f"SELECT COUNT(*) FROM runs WHERE {_UNACKNOWLEDGED}"
                 " OR run_id IN (SELECT run_id FROM mongo_quarantine WHERE target=?)",
-                (row[0] if row else 0, target),
+                (target, target),
             ).fetchone()[0])
         except sqlite3.OperationalError:  # no ledger: this store never shipped anywhere
             return int(conn.execute("SELECT COUNT(*) FROM runs").fetchone()[0])

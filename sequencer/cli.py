@@ -536,7 +536,6 @@ def _finish_run(
 
 def cmd_report(args: argparse.Namespace) -> int:
     from reports.html import batch_dir, batch_title, render_batch, render_run, write_html
-
     from reports.mongo_cli import reading_runs
 
     with reading_runs(args) as reading:
@@ -637,35 +636,32 @@ def _described(filters: dict[str, Any], prefix: str = "") -> str:
 def cmd_export(args: argparse.Namespace) -> int:
     from reports.export import ExportError, export_tables, write_csv, write_csv_file, write_xlsx
     from reports.html import batch_dir, batch_title
-
     from reports.mongo_cli import reading_runs
 
     if args.output is None and args.batch is None:
         raise UsageError("export: give -o FILE (.xlsx or .csv), or --batch B to write B.xlsx beside its reports")
-    given = "" if args.output is None else args.output
-    kind = "csv" if given == "-" else Path(given).suffix.lower()[1:] if given else "xlsx"
+    named = args.output or "export"  # how messages name the output
+    kind = "xlsx" if args.output is None else "csv" if args.output == "-" else Path(args.output).suffix.lower()[1:]
     if kind not in ("csv", "xlsx"):
-        raise UsageError(f"{given}: an export is .xlsx (a summary and every table) or .csv (one table)")
+        raise UsageError(f"{named}: an export is .xlsx (a summary and every table) or .csv (one table)")
     if kind == "xlsx" and args.table:
-        raise UsageError(f"{given or 'export'}: --table picks the one table a CSV holds; an .xlsx file holds them all")
+        raise UsageError(f"{named}: --table picks the one table a CSV holds; an .xlsx file holds them all")
     filters = _run_filters(args)
     with reading_runs(args) as reading:
         runs = reading.source.find_runs(**filters)
     if not runs:
         raise UsageError(_no_runs(filters, reading.where))
-    if args.output is None:
-        folder = batch_dir(reading.config.reports_dir, args.batch)
-        args.output = str(folder / f"{folder.name}.xlsx")
     tables = export_tables(runs)
     table = tables[args.table or "runs"]
     if args.output == "-":
         write_csv(table, sys.stdout)
         return EXIT_OK
-    output = Path(args.output)
-    if args.batch is not None:
-        title = batch_title(args.batch, runs)
+    if args.output is None:
+        folder = batch_dir(reading.config.reports_dir, args.batch)
+        output = folder / f"{folder.name}.xlsx"
     else:
-        title = "Runs" + _described(filters, ", ")
+        output = Path(args.output)
+    title = batch_title(args.batch, runs) if args.batch is not None else "Runs" + _described(filters, ", ")
     try:
         if kind == "csv":
             write_csv_file(output, table)
