@@ -26,6 +26,7 @@ from reports.export import TABLES as EXPORT_TABLES
 from sequencer.config import ConfigError, StationConfig, load_station_config
 from sequencer.engine import RunSettings
 from sequencer.events import EventBus
+from sequencer.operator import OperatorDesk
 from sequencer.product import LoadedProduct, ProductError, layers, load_product
 from sequencer.records import Outcome, RunRecord, run_to_json
 from sequencer.station import StationResult
@@ -250,6 +251,9 @@ def describe_product(loaded: LoadedProduct) -> str:
     if p.resources:
         out.append("resources " + ", ".join(sorted(p.resources)))
     out.append(f"stop on failure: {'yes' if p.stop_on_failure else 'no'}")
+    if asks_operator(loaded):
+        out.append("operator: asked questions; answers from the keyboard or standard input (under --sim, the "
+                   "simulated operator)")
 
     def line(name: str) -> str:
         ph = p.phase(name)
@@ -264,6 +268,8 @@ def describe_product(loaded: LoadedProduct) -> str:
             bits.append("conditional")
         if ph.measurements:
             bits.append(f"{len(ph.measurements)} measurement" + ("s" if len(ph.measurements) > 1 else ""))
+        if "operator" in ph.parameters:
+            bits.append("asks the operator")
         return f"    {name}" + (f"  ({'; '.join(bits)})" if bits else "")
 
     for i, layer in enumerate(layers(p.main_phases)):
@@ -414,11 +420,15 @@ async def _run_station(
         interactive = live and console.is_terminal
         console.print(f"[bold]{escape(loaded.name)}[/bold] on {len(ports)} slot(s), batch {escape(settings.batch)}, "
                       f"station {escape(settings.station)}")
+        desk = OperatorDesk(bus) if asks_operator(loaded) else None
         async with trio.open_nursery() as nursery:
             if interactive:
-                nursery.start_soon(show_live, display, events, console)
+                nursery.start_soon(show_live, display, events, console, desk)
             else:
                 nursery.start_soon(show_plain, display, events, sys.stdout)
+            answering = trio.CancelScope()
+            if desk is not None:
+                nursery.start_soon(_answer_operator_questions, answering, desk, config, faults, console, interactive)
             try:
                 def tell_operator(aborts: int) -> None:
                     try:
@@ -432,11 +442,39 @@ async def _run_station(
 
                 result = await run_station(
                     loaded, ports, settings=settings, store=store, bus=bus, resources=resources,
-                    on_abort=tell_operator, fixtures=station_fixtures(config, services, flash_workers),
+                    on_abort=tell_operator, fixtures=station_fixtures(config, services, flash_workers), desk=desk,
                 )
             finally:
+                answering.cancel()
                 bus.close()
     return result
+
+
+def asks_operator(loaded: LoadedProduct) -> bool:
+    """Whether any phase of the product asks the operator something (has an ``operator`` parameter)."""
+    return any("operator" in p.parameters for p in loaded.product.phases)
+
+
+async def _answer_operator_questions(
+    scope: trio.CancelScope, desk: OperatorDesk, config: StationConfig, faults: Any, console: Console,
+    interactive: bool,
+) -> None:
+    """Feed the desk answers for the whole run: the simulated operator, the keyboard, or standard input."""
+    from sequencer.keyboard import answer_from_keyboard, answer_from_lines
+
+    with scope:
+        if config.sim:
+            from fixtures.sim.operator import simulated_operator
+
+            console.print("operator: the simulated operator answers the product's questions")
+            says_no = faults.operator_says_no() if faults is not None else frozenset()
+            await simulated_operator(desk, says_no=says_no, seed=config.seed)
+        elif interactive and os.isatty(0):
+            console.print("operator: questions appear below the slots; type the answer, then Enter")
+            await answer_from_keyboard(desk)
+        else:
+            console.print("operator: each line of standard input answers the oldest open question")
+            await answer_from_lines(desk)
 
 
 async def _open_resources(

@@ -8,6 +8,10 @@ even those do not fit (:meth:`StationDisplay.render`).
 Elsewhere (CI, a pipe, a log file): one plain line per finished run and per
 failed phase, which reads well in a log.
 
+When a phase asks the operator something (:mod:`sequencer.operator`), the
+question is shown too: under the slots on a terminal, with what the operator
+has typed so far; as a line of its own elsewhere.
+
 The display is an ordinary event-bus subscriber: if it falls behind, events
 are dropped for it alone and testing goes on at full speed.
 """
@@ -25,14 +29,18 @@ from rich.table import Table
 from rich.text import Text
 
 from sequencer.events import (
+    AnswerRefused,
     DutIdentified,
     Event,
+    OperatorAnswered,
+    OperatorAsked,
     PhaseFinished,
     PhaseProgress,
     PhaseStarted,
     RunFinished,
     RunStarted,
 )
+from sequencer.operator import OperatorDesk, Question
 from sequencer.records import Outcome, RunRecord
 from sequencer.terminal import printable
 
@@ -89,6 +97,13 @@ class StationDisplay:
                 reason = printable(rec.reason)
                 view.failure = f"{rec.name}: {reason or rec.outcome.value}"
                 return f"slot {event.slot} {view.port} {view.serial or '-'}: {rec.name} {rec.outcome.value}: {reason}"
+        elif isinstance(event, OperatorAsked):
+            q = event.question
+            return f"? {_asker(q)}: {printable(q.text)} [{printable(q.expected)}]"
+        elif isinstance(event, AnswerRefused):
+            return f"  slot {event.question.slot}: not taken: {printable(event.reason)}"
+        elif isinstance(event, OperatorAnswered):
+            return f"  slot {event.question.slot}: answered {printable(repr(event.answer))}"
         elif isinstance(event, RunFinished):
             view = self.slots[event.run.slot]
             view.outcome = event.run.outcome
@@ -117,8 +132,20 @@ class StationDisplay:
                 line.append(" · ")
         return line
 
-    def render(self, width: int, height: int) -> Group:
-        """The live view for a terminal of ``width`` x ``height``: the counts, then every slot that fits.
+    def render(self, width: int, height: int, desk: OperatorDesk | None = None) -> Group:
+        """The live view for a terminal of ``width`` x ``height``: the counts, every slot that fits, the question.
+
+        The operator's open question, if any, takes the bottom lines
+        (:func:`question_lines`); the slots get what is left.
+        """
+        asking = question_lines(desk) if desk is not None else []
+        if not asking:
+            return self._render_slots(width, height)
+        rows = sum(max(1, -(-line.cell_len // max(1, width))) for line in asking)
+        return Group(self._render_slots(width, max(4, height - rows)), *asking)
+
+    def _render_slots(self, width: int, height: int) -> Group:
+        """The counts, then every slot that fits in ``width`` x ``height``.
 
         A row per slot while the rows fit. Beyond that (a 64-slot station in
         a 30-line window) the slots go side by side in short cells; if even
@@ -184,6 +211,27 @@ class StationDisplay:
         return table
 
 
+def question_lines(desk: OperatorDesk) -> list[Text]:
+    """The open question (slot, port, serial, words, what to type), the draft, and why an answer was refused."""
+    question = desk.current
+    if question is None:
+        return []
+    head = Text("? ", style="bold yellow")
+    head.append(_asker(question), style="bold")
+    head.append(f": {printable(question.text)}  ")
+    head.append(f"[{printable(question.expected)}]", style="cyan")
+    if desk.waiting > 1:
+        head.append(f"  (+{desk.waiting - 1} waiting)", style="bright_black")
+    lines = [head, Text(f"> {printable(desk.draft)}\u2588")]  # a block for the cursor the terminal no longer shows
+    if desk.hint:
+        lines.append(Text(f"  {printable(desk.hint)}", style="red"))
+    return lines
+
+
+def _asker(question: Question) -> str:
+    return f"slot {question.slot} {question.port}" + (f" {printable(question.serial)}" if question.serial else "")
+
+
 #: Width of a slot's cell when slots go side by side: "123 SN6961000012   flash 3/10" fits.
 _MIN_CELL, _MAX_CELL = 36, 56
 
@@ -206,8 +254,13 @@ def _cell(v: SlotView) -> Text:
     return text
 
 
-async def show_live(display: StationDisplay, events: trio.MemoryReceiveChannel[Event], console: Console) -> None:
-    """Redraw the slot view from events until the bus closes.
+async def show_live(
+    display: StationDisplay,
+    events: trio.MemoryReceiveChannel[Event],
+    console: Console,
+    desk: OperatorDesk | None = None,
+) -> None:
+    """Redraw the slot view (and ``desk``'s open question) from events until the bus closes.
 
     A terminal that goes away (closed window, dropped SSH session: writes
     fail with EIO) ends the drawing, never the testing: the events are then
@@ -215,23 +268,30 @@ async def show_live(display: StationDisplay, events: trio.MemoryReceiveChannel[E
     """
 
     def view() -> Group:
-        return display.render(console.width, console.height)
+        return display.render(console.width, console.height, desk)
 
     async with events:
         try:
-            await _draw_live(display, events, console, view)
+            await _draw_live(display, events, console, view, desk)
         except OSError:
             async for _ in events:
                 pass
 
 
 async def _draw_live(
-    display: StationDisplay, events: trio.MemoryReceiveChannel[Event], console: Console, view: Callable[[], Group]
+    display: StationDisplay,
+    events: trio.MemoryReceiveChannel[Event],
+    console: Console,
+    view: Callable[[], Group],
+    desk: OperatorDesk | None,
 ) -> None:
     with Live(view(), console=console, auto_refresh=False, transient=False) as live:
         dirty = True
+        drawn = desk.version if desk is not None else 0
         while True:
-            with trio.move_on_after(0.25):
+            # While a question is open the operator is typing: redraw soon after each key.
+            asking = desk is not None and desk.current is not None
+            with trio.move_on_after(0.03 if asking else 0.25):
                 try:
                     event = await events.receive()
                 except trio.EndOfChannel:
@@ -244,6 +304,9 @@ async def _draw_live(
                         display.apply(events.receive_nowait())
                     except (trio.WouldBlock, trio.EndOfChannel):
                         break
+            if desk is not None and desk.version != drawn:
+                drawn = desk.version
+                dirty = True
             if dirty:
                 live.update(view(), refresh=True)
                 dirty = False
@@ -251,20 +314,26 @@ async def _draw_live(
 
 
 async def show_plain(display: StationDisplay, events: trio.MemoryReceiveChannel[Event], out: TextIO) -> None:
-    """Print a line per finished run and failed phase; a closed or full output only stops the printing.
+    """Print a line per finished run, failed phase and operator question; a closed or full output only stops that.
 
     What the operator sees must never stop the testing: if stdout is a pipe
     whose reader has gone, the lines are dropped and every slot goes on.
     """
     printing = True
+
+    def emit(line: str) -> None:
+        nonlocal printing
+        if printing:
+            try:
+                print(line, file=out, flush=True)
+            except OSError:  # BrokenPipeError, a full disk under a redirect
+                printing = False
+
     async with events:
         async for event in events:
             line = display.apply(event)
-            if line and printing:
-                try:
-                    print(line, file=out, flush=True)
-                except OSError:  # BrokenPipeError, a full disk under a redirect
-                    printing = False
+            if line:
+                emit(line)
 
 
 def station_summary(runs: Sequence[RunRecord]) -> Group:

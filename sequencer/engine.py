@@ -41,6 +41,7 @@ import trio
 from sequencer.context import PhaseContext, PhaseLog, bind_logger
 from sequencer.events import DutIdentified, EventBus, PhaseFinished, PhaseStarted, RunFinished, RunStarted
 from sequencer.fixtures import FixtureFactory, SlotInfo
+from sequencer.operator import Operator, OperatorDesk
 from sequencer.phase import Phase, PhaseResult
 from sequencer.product import LoadedProduct
 from sequencer.records import (
@@ -128,11 +129,14 @@ async def run_dut(
     resources: Mapping[str, SharedResource] | None = None,
     fixtures: Mapping[str, FixtureFactory] | None = None,
     control: SlotControl | None = None,
+    desk: OperatorDesk | None = None,
 ) -> RunRecord:
     """Run every phase of ``product`` on one DUT and return its finished record.
 
     ``fixtures`` are station-provided factories; the product's own take
-    precedence. Exceptions raised by phases never escape: they are recorded.
+    precedence. ``desk`` is where phases' questions for the operator go
+    (none: asking raises :class:`~sequencer.operator.NoOperator`).
+    Exceptions raised by phases never escape: they are recorded.
     """
     runner = _SlotRun(
         product=product,
@@ -143,6 +147,7 @@ async def run_dut(
         resources=resources or {},
         fixtures={**(fixtures or {}), **product.product.fixtures},
         control=control or SlotControl(),
+        desk=desk,
     )
     return await runner.run()
 
@@ -159,6 +164,7 @@ class _SlotRun:
         resources: Mapping[str, SharedResource],
         fixtures: Mapping[str, FixtureFactory],
         control: SlotControl,
+        desk: OperatorDesk | None,
     ) -> None:
         self.product = product.product
         self.store = store
@@ -166,6 +172,7 @@ class _SlotRun:
         self.resources = resources
         self.fixture_factories = fixtures
         self.control = control
+        self.desk = desk
         run_id = new_run_id()
         self.log = bind_logger(slot=slot.index, port=slot.port, run_id=run_id)
         self.slot = attrs.evolve(slot, log=self.log)
@@ -493,6 +500,9 @@ class _SlotRun:
             return self.slot
         if name == "port":
             return self.slot.port
+        if name == "operator":
+            return Operator(self.desk, run_id=self.header.run_id, phase=ctx.phase.name, slot=self.slot.index,
+                            port=self.slot.port, serial=lambda: self.dut.get("serial", ""), log=ctx.log)
         return await self._fixture(name)
 
     async def _fixture(self, name: str) -> Any:

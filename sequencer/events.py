@@ -9,12 +9,15 @@ slowing every slot to the pace of the slowest consumer.
 
 from __future__ import annotations
 
-from typing import TypeAlias
+from typing import TYPE_CHECKING, TypeAlias
 
 import attrs
 import trio
 
 from sequencer.records import MeasurementRecord, Outcome, PhaseRecord, RunRecord
+
+if TYPE_CHECKING:
+    from sequencer.operator import Question
 
 
 @attrs.frozen
@@ -73,7 +76,31 @@ class RunFinished:
         return self.run.outcome
 
 
-Event: TypeAlias = RunStarted | PhaseStarted | MeasurementTaken | DutIdentified | PhaseProgress | PhaseFinished | RunFinished
+@attrs.frozen
+class OperatorAsked:
+    """A phase asked the operator something (:class:`~sequencer.operator.Question`)."""
+
+    question: Question
+
+
+@attrs.frozen
+class AnswerRefused:
+    """What the operator answered is not an answer to the question; ``reason`` is the hint shown."""
+
+    question: Question
+    reason: str
+
+
+@attrs.frozen
+class OperatorAnswered:
+    question: Question
+    answer: str
+
+
+Event: TypeAlias = (
+    RunStarted | PhaseStarted | MeasurementTaken | DutIdentified | PhaseProgress | PhaseFinished | RunFinished
+    | OperatorAsked | AnswerRefused | OperatorAnswered
+)
 
 
 class EventBus:

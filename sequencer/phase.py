@@ -12,8 +12,10 @@
 A phase's parameters are filled by name: ``ctx`` is its :class:`PhaseContext`
 (measurements, log, attachments, DUT identity); ``resources`` the station's
 shared instruments; ``slot`` the slot's :class:`~sequencer.fixtures.SlotInfo`;
-``port`` the slot's port path; any other name is a fixture the product or the
-station must provide, which the product loader checks before anything runs.
+``port`` the slot's port path; ``operator`` asks the person at the station
+(:class:`~sequencer.operator.Operator`); any other name is a fixture the
+product or the station must provide, which the product loader checks before
+anything runs.
 
 Phases run as soon as every phase they come ``after`` has passed; phases with
 no dependency between them run concurrently. A phase ends in a
@@ -35,7 +37,7 @@ from sequencer.measurements import Measurement
 from sequencer.records import RunRecord
 
 #: Parameter names the engine fills itself; every other parameter is a fixture.
-BUILTIN_PARAMETERS = frozenset({"ctx", "resources", "slot", "port"})
+BUILTIN_PARAMETERS = frozenset({"ctx", "resources", "slot", "port", "operator"})
 
 #: Teardowns must end even when their author set no timeout: an operator's
 #: Ctrl-C waits for them.

@@ -27,6 +27,7 @@ import trio
 from sequencer.engine import RecordsNotWritten, RecordWriter, RunSettings, SlotControl, run_dut
 from sequencer.events import EventBus
 from sequencer.fixtures import FixtureFactory, SlotInfo
+from sequencer.operator import OperatorDesk
 from sequencer.product import LoadedProduct
 from sequencer.records import Outcome, RunRecord
 from sequencer.resources import SharedResource
@@ -81,12 +82,14 @@ async def run_station(
     fixtures: Mapping[str, FixtureFactory] | None = None,
     handle_signals: bool = True,
     on_abort: Callable[[int], object] | None = None,
+    desk: OperatorDesk | None = None,
 ) -> StationResult:
     """Run ``product`` once on each port, concurrently; return every run's record.
 
     With ``handle_signals`` (the CLI), SIGINT, SIGTERM and SIGHUP abort the station as
     described in the module docstring, and ``on_abort(count)`` is called on
-    each so the caller can tell the operator what is happening.
+    each so the caller can tell the operator what is happening. ``desk``
+    queues the phases' questions for the operator (:mod:`sequencer.operator`).
     """
     controls = [SlotControl() for _ in ports]
     results: list[RunRecord | None] = [None] * len(ports)
@@ -99,7 +102,7 @@ async def run_station(
         try:
             results[index] = await run_dut(
                 product, info, settings=settings, store=store, bus=bus,
-                resources=resources, fixtures=fixtures, control=controls[index],
+                resources=resources, fixtures=fixtures, control=controls[index], desk=desk,
             )
         except RecordsNotWritten as exc:
             # This slot has stopped and run its teardowns. The store is shared,

@@ -12,6 +12,7 @@ import structlog
 from reports.store import LocalStore
 from sequencer.engine import RunSettings
 from sequencer.events import EventBus
+from sequencer.operator import OperatorDesk
 from sequencer.product import LoadedProduct, Product, validate_product
 from sequencer.records import RunRecord
 from sequencer.resources import SharedResource
@@ -45,6 +46,7 @@ async def run_product(
     resources: Mapping[str, SharedResource] | None = None,
     bus: EventBus | None = None,
     fixtures: Mapping[str, Any] | None = None,
+    desk: OperatorDesk | None = None,
 ) -> list[RunRecord]:
     """Validate and run ``product`` on ``slots`` slots against a real store; return the records."""
     validate_product(product, station_fixtures=list(fixtures or ()))
@@ -60,6 +62,7 @@ async def run_product(
                 resources=resources,
                 handle_signals=False,
                 fixtures=fixtures,
+                desk=desk,
             )
     finally:
         store.close()

@@ -177,12 +177,14 @@ def test_ports_are_found_by_usb_identity_and_ordered_by_hub_position() -> None:
 # -- fault profiles ------------------------------------------------------------------
 
 
-def test_the_every_fault_profile_covers_every_kind_once() -> None:
+def test_the_every_fault_profile_covers_every_board_and_firmware_kind_once() -> None:
     plan = load_fault_profile(PROFILES / "every-fault.toml", 16)
     kinds = sorted(spec.kind for specs in plan.slots.values() for spec in specs)
     from fixtures.sim.faults import KINDS
 
-    assert kinds == sorted(KINDS)
+    # The profile is esp32_sensor's, which asks the operator nothing: an
+    # operator fault would leave its slot passing, untouched.
+    assert kinds == sorted(k for k in KINDS if k != "operator_says_no")
     assert plan.boards() == {
         1: BoardFaults(download_mode=False), 2: BoardFaults(disconnect_after=24 * 1024),
         3: BoardFaults(weak_cell=0x12000), 9: BoardFaults(block_delay_s=0.02),

@@ -1,0 +1,145 @@
+"""How the operator's answers reach the :class:`~sequencer.operator.OperatorDesk`.
+
+Two ways, chosen by what standard input is:
+
+* :func:`answer_from_keyboard` -- a terminal under the live display. The
+  terminal is put in cbreak mode without echo for the run, and every key goes
+  to the desk's draft, which the display draws under the question. Echoed
+  keys would land wherever the live display last left the cursor and be
+  wiped at its next redraw; this way the operator sees what they type.
+  Ctrl-C still interrupts (cbreak keeps signals). Keys pressed while no
+  question is open are dropped, so a stray Enter cannot answer the next one.
+* :func:`answer_from_lines` -- anything else (a pipe, a file, a terminal
+  under ``--plain``): each line answers the oldest open question, waiting for
+  one if none is open yet, so a script can feed answers ahead. The end of
+  input closes the desk: later questions end their phase ERROR, saying why.
+
+Both read standard input on the trio thread when it can be waited for, and
+restore everything they change (terminal modes) however they end.
+"""
+
+from __future__ import annotations
+
+import codecs
+import os
+import stat
+import termios
+import tty
+from collections.abc import Awaitable, Callable
+
+import trio
+
+from sequencer.operator import OperatorDesk
+
+__all__ = ["answer_from_keyboard", "answer_from_lines"]
+
+_BACKSPACE = ("\x7f", "\b")
+_ERASE_LINE = ("\x15", "\x17")  # Ctrl-U, Ctrl-W
+_ENTER = ("\r", "\n")
+
+
+async def answer_from_keyboard(desk: OperatorDesk, fd: int = 0) -> None:
+    """Type answers at a terminal: the draft is shown by the display, Enter answers."""
+    saved = termios.tcgetattr(fd)
+    try:
+        tty.setcbreak(fd, termios.TCSANOW)
+        attrs = termios.tcgetattr(fd)
+        attrs[3] &= ~termios.ECHO  # tty.setcbreak leaves echo on before Python 3.12
+        termios.tcsetattr(fd, termios.TCSANOW, attrs)
+        read = _reader(fd)
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        keys = _Keys(desk)
+        while True:
+            data = await read()
+            if not data:
+                return  # the terminal hung up; the station's own handling of SIGHUP aborts
+            for char in decoder.decode(data):
+                keys.press(char)
+    finally:
+        # TCSANOW: a station that exits must leave a usable shell behind
+        # even if output is still draining.
+        with trio.CancelScope(shield=True):
+            try:
+                termios.tcsetattr(fd, termios.TCSANOW, saved)
+            except termios.error:
+                pass  # the terminal is gone
+
+
+class _Keys:
+    """Line editing of the draft: printable keys, backspace, Ctrl-U, Enter; escape sequences dropped."""
+
+    def __init__(self, desk: OperatorDesk) -> None:
+        self._desk = desk
+        #: inside an escape sequence (an arrow key): "esc" after ESC, "csi" after ESC [, "ss3" after ESC O
+        self._escape = ""
+
+    def press(self, char: str) -> None:
+        desk = self._desk
+        if self._escape == "esc":
+            self._escape = {"[": "csi", "O": "ss3"}.get(char, "")
+            return
+        if self._escape == "csi":
+            if "@" <= char <= "~":  # a control sequence's final byte
+                self._escape = ""
+            return
+        if self._escape == "ss3":
+            self._escape = ""
+            return
+        if char == "\x1b":
+            self._escape = "esc"
+            return
+        if desk.current is None:
+            return
+        if char in _ENTER:
+            desk.answer(desk.draft)
+        elif char in _BACKSPACE:
+            desk.type(desk.draft[:-1])
+        elif char in _ERASE_LINE:
+            desk.type("")
+        elif char.isprintable():
+            desk.type(desk.draft + char)
+
+
+async def answer_from_lines(desk: OperatorDesk, fd: int = 0) -> None:
+    """Each line of ``fd`` answers the oldest open question; the end of input closes the desk."""
+    read = _reader(fd)
+    pending = b""
+    while True:
+        data = await read()
+        if not data:
+            break
+        pending += data
+        while b"\n" in pending:
+            line, pending = pending.split(b"\n", 1)
+            await desk.wait_question()
+            desk.answer(line.decode("utf-8", errors="replace"))
+    if pending.strip():
+        await desk.wait_question()
+        desk.answer(pending.decode("utf-8", errors="replace"))
+    desk.close("standard input ended: nobody is left to answer the operator's questions")
+
+
+def _reader(fd: int) -> Callable[[], Awaitable[bytes]]:
+    """``await read()`` gives the next bytes of ``fd`` (none at its end) without blocking the trio thread.
+
+    A terminal, a pipe or a socket is waited for on the trio thread. A
+    regular file or ``/dev/null`` cannot be polled (epoll refuses them), but
+    reading one never waits for anybody, so a worker thread reads it.
+    """
+    mode = os.fstat(fd).st_mode
+    if os.isatty(fd) or stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode):
+
+        async def polled() -> bytes:
+            while True:
+                await trio.lowlevel.wait_readable(fd)
+                try:
+                    return os.read(fd, 4096)
+                except BlockingIOError:  # another reader took it first
+                    continue
+
+        return polled
+
+    async def threaded() -> bytes:
+        return await trio.to_thread.run_sync(os.read, fd, 4096, abandon_on_cancel=True)
+
+    return threaded
