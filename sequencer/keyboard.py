@@ -24,7 +24,6 @@ import codecs
 import os
 import stat
 import termios
-import tty
 from collections.abc import Awaitable, Callable
 
 import trio
@@ -42,10 +41,11 @@ async def answer_from_keyboard(desk: OperatorDesk, fd: int = 0) -> None:
     """Type answers at a terminal: the draft is shown by the display, Enter answers."""
     saved = termios.tcgetattr(fd)
     try:
-        tty.setcbreak(fd, termios.TCSANOW)
-        attrs = termios.tcgetattr(fd)
-        attrs[3] &= ~termios.ECHO  # tty.setcbreak leaves echo on before Python 3.12
-        termios.tcsetattr(fd, termios.TCSANOW, attrs)
+        mode = termios.tcgetattr(fd)
+        # Keys one at a time and not echoed (cbreak); ISIG stays, so Ctrl-C still interrupts.
+        mode[3] &= ~(termios.ECHO | termios.ICANON)
+        mode[6][termios.VMIN], mode[6][termios.VTIME] = 1, 0
+        termios.tcsetattr(fd, termios.TCSANOW, mode)
         read = _reader(fd)
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         keys = _Keys(desk)

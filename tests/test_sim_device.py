@@ -143,8 +143,14 @@ async def test_device_errors_name_port_and_command():
             assert await link.request("IDENT " + "x" * 300) == "ERR line too long"
             assert await link.request("IDENT \xe9") == "ERR bad encoding"
             assert (await link.request("HELP")).split()[1:] == [
-                "IDENT", "RAILS", "SENSOR", "SELFTEST", "SAMPLE", "KEYGEN", "PUBKEY", "SIGN", "SLEEP", "RESTART", "HELP",
+                "IDENT", "RAILS", "SENSOR", "SELFTEST", "SAMPLE", "KEYGEN", "PUBKEY", "SIGN", "LED", "SLEEP", "RESTART",
+                "HELP",
             ]
+            assert await link.request("LED BLUE") == "ERR usage: LED <GREEN|RED|OFF>"
+            with pytest.raises(ValueError, match="LED colour must be one of GREEN, RED, OFF, not 'green'"):
+                await firmware.set_led("green")
+            await firmware.set_led("RED")
+            assert device.led == "RED"
             # After all that the firmware still answers properly.
             assert (await firmware.identify()).serial == device.profile.serial
 

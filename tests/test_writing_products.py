@@ -60,7 +60,8 @@ def test_the_mistakes_the_guide_lists_are_the_errors_check_gives(
 ) -> None:
     [listed] = blocks("text")
     mistakes = [
-        ("    after=[rails, regulator_startup, temperature],", '    after=[rails, regulator_startup, "temprature"],',
+        ("    after=[rails, regulator_startup, temperature, status_led],",
+         '    after=[rails, regulator_startup, "temprature", status_led],',
          None),
         ("detect = esp32.detect\n", 'detect = esp32.detect.depends_on("identify")\n', None),
         ("async def revision(ctx):", "async def revision(ctx, jig):", None),
@@ -99,3 +100,13 @@ async def test_the_example_runs_on_simulated_boards_as_the_guide_says(tmp_path: 
         vdd = r.phase("rails").measurements[0]
         assert (vdd.limits.marginal_low, vdd.limits.marginal_high) == (3.24, 3.36)
         assert r.phase("console_transcript").attachments[0].name == "console.txt"
+        led = r.phase("status_led")  # the simulated operator answered
+        assert led.outcome is Outcome.PASS and led.measurements[0].value is True
+        assert led.logs[0].message == "asked the operator question='Is the status LED green?' expected='yes/no'"
+
+
+async def test_a_led_the_operator_does_not_see_fails_that_unit_alone(tmp_path: Path) -> None:
+    runs = await run_on_esp32_farm(EXAMPLE, tmp_path / "store.sqlite", 3, seed=3, operator_says_no=[1])
+    assert [r.outcome for r in runs] == [Outcome.PASS, Outcome.FAIL, Outcome.PASS]
+    led = runs[1].phase("status_led")
+    assert (led.outcome, led.reason) == (Outcome.FAIL, "measurement 'status_led_green': False is not True")

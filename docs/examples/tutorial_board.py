@@ -100,9 +100,21 @@ async def rev_c_self_test(ctx, dut):
 
 
 @phase(
+    measurements=[Measurement("status_led_green", description="the operator saw the LED lit green").equals(True)],
+    timeout=120,
+    after=[identify],
+)
+async def status_led(ctx, dut, operator):
+    """Light the status LED green and ask the operator: only a person can see it."""
+    await dut.set_led("GREEN")
+    ctx.measurements.status_led_green = await operator.confirm("Is the status LED green?")
+    await dut.set_led("OFF")
+
+
+@phase(
     measurements=[Measurement("sleep_current", units="A").in_range(0, 25e-6, marginal=(None, 15e-6))],
     timeout=20,
-    after=[rails, regulator_startup, temperature],
+    after=[rails, regulator_startup, temperature, status_led],
 )
 async def sleep_current(ctx, dut, slot, resources):
     """Put the board to sleep and measure its supply current with the station's one DMM."""
@@ -122,7 +134,7 @@ product = Product(
     name="tutorial-board",
     version="1.0",
     phases=[detect, flash, boot, identify, rails, revision, regulator_startup, temperature, rev_c_self_test,
-            sleep_current, console_transcript],
+            sleep_current, status_led, console_transcript],
     fixtures={"dut": test_firmware(wait_boot=False)},
     resources={"dmm": "scpi-dmm"},
 )
