@@ -389,3 +389,50 @@ def test_check_names_the_phases_that_ask_the_operator(capsys: pytest.CaptureFixt
     out = capsys.readouterr().out
     assert "status_led  (after identify; timeout 60 s; 1 measurement; asks the operator)" in out
     assert "    identify  (timeout 10 s)\n" in out
+
+
+def _controlling_terminal() -> None:
+    """In the child: a session of its own, with the pty (its stdin) as controlling terminal, as a login shell has."""
+    os.setsid()
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+
+async def test_ctrl_c_at_an_open_question_aborts_and_gives_the_terminal_back(tmp_path: Path) -> None:
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 120, 0, 0))
+    before = termios.tcgetattr(slave)
+    screen = bytearray()
+
+    async def read_screen() -> None:
+        while True:
+            await trio.lowlevel.wait_readable(master)
+            try:
+                screen.extend(os.read(master, 65536))
+            except OSError:
+                return
+
+    env = {**os.environ, "TERM": "xterm-256color"}
+    try:
+        async with open_farm(1, seed=6) as devices, trio.open_nursery() as nursery:
+            nursery.start_soon(read_screen)
+            proc = await trio.lowlevel.open_process(
+                [sys.executable, "-m", "sequencer.cli", "run", str(ASKING), "--port", devices[0].path,
+                 "--store", str(tmp_path / "s.sqlite")],
+                stdin=slave, stdout=slave, stderr=slave, cwd=ROOT, env=env, preexec_fn=_controlling_terminal)
+            with trio.fail_after(30):
+                while b"Is the status LED green?" not in _ANSI.sub(b"", bytes(screen)):
+                    await trio.sleep(0.02)
+                os.write(master, b"\x03")  # the terminal turns it into SIGINT: cbreak keeps signals on
+                await proc.wait()
+            nursery.cancel_scope.cancel()
+        assert proc.returncode == 130, bytes(screen).decode(errors="replace")[-2000:]
+        after = termios.tcgetattr(slave)
+        assert after[3] & (termios.ECHO | termios.ICANON) == before[3] & (termios.ECHO | termios.ICANON)
+    finally:
+        os.close(master)
+        os.close(slave)
+    (run,) = LocalStore.open(tmp_path / "s.sqlite").find_runs()
+    assert run.outcome is Outcome.ABORTED
+    led = run.phase("status_led")
+    assert led.outcome is Outcome.ABORTED
+    assert [line.message.split(" ")[0:3] for line in led.logs] == [["asked", "the", "operator"]]
