@@ -101,9 +101,9 @@ class StationDisplay:
             q = event.question
             return f"? {_asker(q)}: {printable(q.text)} [{printable(q.expected)}]"
         elif isinstance(event, AnswerRefused):
-            return f"  slot {event.question.slot}: not taken: {printable(event.reason)}"
+            return f"  {_who(event.question)}: not taken: {printable(event.reason)}"
         elif isinstance(event, OperatorAnswered):
-            return f"  slot {event.question.slot}: answered {printable(repr(event.answer))}"
+            return f"  {_who(event.question)}: answered {printable(repr(event.answer))}"
         elif isinstance(event, RunFinished):
             view = self.slots[event.run.slot]
             view.outcome = event.run.outcome
@@ -228,8 +228,24 @@ def question_lines(desk: OperatorDesk) -> list[Text]:
     return lines
 
 
+def _who(question: Question) -> str:
+    return "station" if question.slot < 0 else f"slot {question.slot}"
+
+
 def _asker(question: Question) -> str:
-    return f"slot {question.slot} {question.port}" + (f" {printable(question.serial)}" if question.serial else "")
+    """Who asks, as the operator finds it: the slot, its port and the DUT's serial."""
+    if question.slot < 0:
+        return _who(question)
+    return f"{_who(question)} {question.port}" + (f" {printable(question.serial)}" if question.serial else "")
+
+
+async def show_question_live(desk: OperatorDesk, console: Console) -> None:
+    """Between rounds, when no slot is shown: the open question and the draft, redrawn as the operator types."""
+    with Live(Group(*question_lines(desk)), console=console, auto_refresh=False, transient=False) as live:
+        seen = desk.version
+        while True:
+            seen = await desk.wait_changed(seen)
+            live.update(Group(*question_lines(desk)), refresh=True)
 
 
 #: Width of a slot's cell when slots go side by side: "123 SN6961000012   flash 3/10" fits.

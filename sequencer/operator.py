@@ -50,7 +50,7 @@ class NoOperator(Exception):
 
 @attrs.frozen(eq=False)
 class Question:
-    """One question from one slot, and what counts as an answer to it.
+    """One question from one slot (or, with ``slot`` -1, from the station), and what counts as an answer.
 
     ``choices`` empty means free text; ``pattern`` (a regular expression the
     whole answer must match) narrows it. Compared by identity: two slots may
@@ -66,12 +66,14 @@ class Question:
     #: the run and phase asking
     run_id: str = ""
     phase: str = ""
+    #: the answer Enter alone gives (one of ``choices``), if any
+    default: str | None = None
 
     @property
     def expected(self) -> str:
         """What to type, in a few words: ``yes/no``, ``text matching SN\\d{10}``."""
         if self.choices:
-            return "/".join(self.choices)
+            return "/".join(self.choices) + (f", Enter: {self.default}" if self.default is not None else "")
         return f"text matching {self.pattern}" if self.pattern is not None else "text"
 
     def answer_from(self, typed: str) -> str:
@@ -81,6 +83,8 @@ class Question:
         has: ``y`` is ``yes``.
         """
         text = typed.strip()
+        if not text and self.default is not None:
+            return self.default
         if not text:
             raise ValueError(f"type {self.expected}, then Enter")
         if len(text) > MAX_ANSWER_CHARS:

@@ -284,7 +284,7 @@ def test_sim_operator_answers_and_a_faulty_slot_fails_its_led_check(tmp_path: Pa
     profile.write_text('[slots]\n1 = "operator_says_no"\n')
     done = station("--sim", "3", "--faults", str(profile), "--store", str(tmp_path / "s.sqlite"), "--plain")
     assert done.returncode == 1, done.stderr
-    assert "operator: the simulated operator answers the product's questions" in done.stdout
+    assert "operator: the simulated operator answers the station's questions" in done.stdout
     assert re.search(r"\? slot \d /dev/pts/\d+ SN\d+: Is the status LED green\? \[yes/no\]", done.stdout)
     runs = {r.slot: r for r in LocalStore.open(tmp_path / "s.sqlite").find_runs()}
     assert [runs[i].outcome for i in range(3)] == [Outcome.PASS, Outcome.FAIL, Outcome.PASS]

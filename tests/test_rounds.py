@@ -1,0 +1,159 @@
+"""`sequencer run --rounds N`: set after set of boards in one session, the operator saying when to go on."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import pty
+import signal
+import struct
+import subprocess
+import sys
+import termios
+from pathlib import Path
+
+import trio
+
+from fixtures.sim.farm import open_farm
+from reports.store import LocalStore
+from sequencer.records import Outcome
+from tests.test_operator import _ANSI
+
+ROOT = Path(__file__).resolve().parent.parent
+WIDGET = ROOT / "tests" / "products" / "mongo_widget.py"  # no DUT protocol: any port will do
+
+
+def sequencer(*args: str) -> list[str]:
+    return [sys.executable, "-m", "sequencer.cli", *args]
+
+
+def runs_in(store: Path) -> list:
+    reader = LocalStore.open(store)
+    try:
+        return reader.find_runs()
+    finally:
+        reader.close()
+
+
+def test_simulated_rounds_test_new_boards_each_round_and_report_them_all(tmp_path: Path) -> None:
+    done = subprocess.run(
+        sequencer("run", "products/esp32_sensor.py", "--sim", "2", "--rounds", "3", "--plain",
+                  "--store", str(tmp_path / "s.sqlite"), "--batch", "R3"),
+        capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    assert "esp32-sensor on 2 slot(s), batch R3, station " in out and out.count(" (round ") == 3
+    assert "round 1 of 3: 2/2 passed\n? station: round 2 of 3: put the next boards in, then press Enter " \
+           "[next/stop, Enter: next]\n  station: answered 'next'\n" in out
+    assert out.rstrip().splitlines()[-1].startswith("6/6 passed.  Report: ")
+    runs = runs_in(tmp_path / "s.sqlite")
+    assert len(runs) == 6 and all(r.outcome is Outcome.PASS for r in runs)
+    assert len({r.serial for r in runs}) == 6  # new boards every round
+    assert sorted(r.slot for r in runs) == [0, 0, 0, 1, 1, 1]
+    page = (tmp_path / "reports" / "R3" / "index.html").read_text(encoding="utf-8")
+    assert all(r.serial in page for r in runs)
+
+
+async def test_enter_goes_on_stop_ends_and_the_end_of_input_ends_after_the_round(tmp_path: Path) -> None:
+    async with open_farm(2) as devices:
+        ports = [arg for d in devices for arg in ("--port", d.path)]
+
+        async def session(name: str, answers: bytes) -> tuple[int, str]:
+            done = await trio.run_process(
+                sequencer("run", str(WIDGET), *ports, "--rounds", "3", "--plain", "--store",
+                          str(tmp_path / f"{name}.sqlite")),
+                stdin=answers, capture_stdout=True, capture_stderr=True, check=False, cwd=ROOT)
+            return done.returncode, done.stdout.decode()
+
+        code, out = await session("enter-stop", b"\nstop\n")
+        assert code == 0, out
+        assert "  station: answered 'next'\n" in out and "  station: answered 'stop'\n" in out
+        assert len(runs_in(tmp_path / "enter-stop.sqlite")) == 4  # two rounds of two slots
+        code, out = await session("typo", b"nope\nSTOP\n")
+        assert code == 0
+        assert "  station: not taken: 'nope' is not one of next, stop\n" in out
+        assert len(runs_in(tmp_path / "typo.sqlite")) == 2
+        code, out = await session("nobody", b"")
+        assert code == 0
+        assert "standard input ended: nobody is left to answer the operator's questions: stopping after round 1" in out
+        assert len(runs_in(tmp_path / "nobody.sqlite")) == 2
+
+
+async def test_ctrl_c_at_the_round_question_stops_the_station_and_keeps_the_round(tmp_path: Path) -> None:
+    store = tmp_path / "s.sqlite"
+    async with open_farm(2) as devices:
+        ports = [arg for d in devices for arg in ("--port", d.path)]
+        read, write = os.pipe()  # standard input that stays open and says nothing
+        try:
+            async with trio.open_nursery() as nursery:
+                proc = await trio.lowlevel.open_process(
+                    sequencer("run", str(WIDGET), *ports, "--rounds", "2", "--plain", "--store", str(store)),
+                    stdin=read, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
+                    env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                out = bytearray()
+
+                async def collect() -> None:
+                    async for chunk in proc.stdout:
+                        out.extend(chunk)
+
+                nursery.start_soon(collect)
+                with trio.fail_after(60):
+                    while b"? station: round 2 of 2" not in out:
+                        await trio.sleep(0.02)
+                    proc.send_signal(signal.SIGINT)
+                    await proc.wait()
+        finally:
+            os.close(read)
+            os.close(write)
+    text = out.decode()
+    assert proc.returncode == 130, text
+    assert "stopped by the operator between rounds" in text
+    runs = runs_in(store)
+    assert len(runs) == 2 and all(r.outcome is Outcome.PASS for r in runs)
+
+
+async def test_the_operator_presses_enter_under_the_live_display_for_the_next_round(tmp_path: Path) -> None:
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 120, 0, 0))
+    screen = bytearray()
+
+    async def read_screen() -> None:
+        while True:
+            await trio.lowlevel.wait_readable(master)
+            try:
+                screen.extend(os.read(master, 65536))
+            except OSError:
+                return
+
+    def shown() -> str:
+        return _ANSI.sub(b"", bytes(screen)).decode(errors="replace")
+
+    try:
+        async with open_farm(1) as devices, trio.open_nursery() as nursery:
+            nursery.start_soon(read_screen)
+            proc = await trio.lowlevel.open_process(
+                sequencer("run", str(WIDGET), "--port", devices[0].path, "--rounds", "2", "--store",
+                          str(tmp_path / "s.sqlite")),
+                stdin=slave, stdout=slave, stderr=slave, cwd=ROOT, env={**os.environ, "TERM": "xterm-256color"})
+            with trio.fail_after(60):
+                while "? station: round 2 of 2: put the next boards in" not in shown():
+                    await trio.sleep(0.02)
+                os.write(master, b"\r")
+                await proc.wait()
+            nursery.cancel_scope.cancel()
+    finally:
+        os.close(master)
+        os.close(slave)
+    assert proc.returncode == 0, shown()[-2000:]
+    assert "(round 2 of 2)" in shown()
+    assert len(runs_in(tmp_path / "s.sqlite")) == 2
+
+
+def test_rounds_must_be_at_least_one(tmp_path: Path) -> None:
+    done = subprocess.run(sequencer("run", str(WIDGET), "--sim", "1", "--rounds", "0", "--store",
+                                    str(tmp_path / "s.sqlite")), capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 2
+    assert done.stderr.strip() == ("sequencer run: error: argument --rounds: a station runs at least one round "
+                                   "(see 'sequencer run --help')")
+    assert not (tmp_path / "s.sqlite").exists()
+
