@@ -1,0 +1,262 @@
+"""A station session, as ``sequencer run`` runs one: set up once, then one or more rounds of every slot.
+
+The session owns what lasts from the first DUT to the last: the store's
+writer, the MongoDB shipper, the flash workers, and where the operator's
+answers come from (:mod:`sequencer.keyboard`, or the simulated operator).
+Each round gets its own slots (under ``--sim``, a fresh farm: new boards),
+shared instruments and display; between rounds the operator says whether
+the next boards are in. The command line (:mod:`sequencer.cli`) turns the
+result into reports, a summary and an exit code.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from contextlib import AsyncExitStack
+from typing import Any
+
+import attrs
+import trio
+from rich.console import Console
+from rich.markup import escape
+
+from sequencer.config import ConfigError, StationConfig
+from sequencer.engine import RunSettings
+from sequencer.events import EventBus
+from sequencer.operator import NoOperator, OperatorDesk, Question
+from sequencer.product import LoadedProduct
+from sequencer.records import Outcome
+from sequencer.station import StationResult
+
+__all__ = ["asks_operator", "run_session"]
+
+
+async def run_session(
+    loaded: LoadedProduct, config: StationConfig, store: Any, console: Console, live: bool, faults: Any = None,
+    rounds: int = 1,
+) -> StationResult:
+    """The station session: set up once, then ``rounds`` rounds of every slot, the operator saying when to go on.
+
+    What lasts the whole session is opened once: the store's writer, the
+    MongoDB shipper, the flash workers, the operator's input. Each round gets
+    its own slots (under ``--sim``, a fresh farm: new boards, new serials),
+    instruments and display. The runs of every round come back as one result.
+    """
+    from fixtures.station import flashes
+
+    bus = EventBus()
+    settings = RunSettings(station=config.station, operator=config.operator, batch=config.batch_or_default)
+    interactive = live and console.is_terminal
+    desk = OperatorDesk(bus) if rounds > 1 or asks_operator(loaded) else None
+    results: list[StationResult] = []
+    stopped = False
+    async with AsyncExitStack() as stack:
+        from reports.mongo_cli import station_shipping
+
+        # Entered first so it exits last: its final drain sees the writer's final flush.
+        await stack.enter_async_context(station_shipping(config, console))
+        await stack.enter_async_context(store.writer())
+        flash_workers = None
+        if flashes(loaded):
+            from fixtures.flasher import FlashWorkers
+
+            # One process imports esptool; every slot's worker is forked from it.
+            flash_workers = await stack.enter_async_context(FlashWorkers.open())
+        async with trio.open_nursery() as answering:
+            if desk is not None:
+                answering.start_soon(_answer_operator_questions, desk, config, faults, console, interactive)
+            try:
+                for number in range(1, rounds + 1):
+                    # New simulated boards each round: the same slots, other units.
+                    round_config = attrs.evolve(config, seed=config.seed + 1000 * (number - 1))
+                    result = await _run_round(loaded, round_config, store, console, bus, settings, desk, faults,
+                                              flash_workers, interactive, f" (round {number} of {rounds})"
+                                              if rounds > 1 else "")
+                    results.append(result)
+                    if number == rounds or result.aborted or result.write_error is not None:
+                        break
+                    go_on = await _next_round(desk, bus, result, number, rounds, console, interactive)
+                    if go_on != "next":
+                        stopped = go_on == "interrupted"
+                        break
+            finally:
+                answering.cancel_scope.cancel()
+    return StationResult(
+        tuple(r for result in results for r in result.runs),
+        aborted=stopped or any(result.aborted for result in results),
+        write_error=next((result.write_error for result in results if result.write_error is not None), None),
+    )
+
+
+async def _run_round(
+    loaded: LoadedProduct, config: StationConfig, store: Any, console: Console, bus: EventBus,
+    settings: RunSettings, desk: OperatorDesk | None, faults: Any, flash_workers: Any, interactive: bool,
+    which: str,
+) -> StationResult:
+    """One round: every slot runs the product once, shown live (or as plain lines)."""
+    from fixtures.station import station_fixtures
+    from sequencer.display import StationDisplay, show_live, show_plain
+    from sequencer.station import run_station
+
+    async with AsyncExitStack() as stack:
+        ports = list(config.ports)
+        devices: list[Any] = []
+        if config.sim:
+            from fixtures.station import open_sim_services, open_station_farm
+
+            # ESP32 boards in download mode if the product flashes; --faults applied.
+            devices = await stack.enter_async_context(open_station_farm(loaded, config, faults))
+            if faults is not None:
+                console.print(f"faults ({escape(str(faults.source))}): {escape(faults.summary() or 'none drawn')}")
+            ports = [d.path for d in devices]
+            services = await stack.enter_async_context(open_sim_services(loaded, config, devices))
+            if services.provisioning_url and not config.provisioning_url:
+                console.print(f"provisioning: simulated service at {escape(services.provisioning_url)}")
+        else:
+            from fixtures.station import station_services
+
+            services = station_services(config, loaded, ports)
+        resources = await _open_resources(stack, loaded, config, devices)
+        display = StationDisplay(ports, len(loaded.product.phases))
+        events = bus.subscribe("display", buffer=4096)
+        console.print(f"[bold]{escape(loaded.name)}[/bold] on {len(ports)} slot(s), batch {escape(settings.batch)}, "
+                      f"station {escape(settings.station)}{which}")
+        async with trio.open_nursery() as nursery:
+            if interactive:
+                nursery.start_soon(show_live, display, events, console, desk)
+            else:
+                nursery.start_soon(show_plain, display, events, sys.stdout)
+            try:
+                def tell_operator(aborts: int) -> None:
+                    try:
+                        if aborts == 1:
+                            console.print("[yellow]aborting: running teardowns and recording every run "
+                                          "(Ctrl-C again to skip teardowns)[/yellow]")
+                        else:
+                            console.print("[yellow]skipping remaining teardowns; writing records[/yellow]")
+                    except OSError:
+                        pass  # the terminal is gone (it may be why we abort); the abort goes on
+
+                return await run_station(
+                    loaded, ports, settings=settings, store=store, bus=bus, resources=resources,
+                    on_abort=tell_operator, fixtures=station_fixtures(config, services, flash_workers), desk=desk,
+                )
+            finally:
+                bus.close()  # ends the display; the next round subscribes anew
+
+
+async def _next_round(
+    desk: OperatorDesk | None, bus: EventBus, result: StationResult, number: int, rounds: int, console: Console,
+    interactive: bool,
+) -> str:
+    """Between two rounds: this round's summary, then the operator says go on (Enter) or stop.
+
+    ``"next"``; ``"stop"`` when the operator says so or nobody is left to
+    answer (standard input ended); ``"interrupted"`` after Ctrl-C (no run is
+    open now, so nothing is aborted).
+    """
+    from sequencer.display import StationDisplay, show_plain, show_question_live, station_summary
+
+    assert desk is not None
+    passed = sum(r.outcome is Outcome.PASS for r in result.runs)
+    console.print(station_summary(result.runs))
+    console.print(f"round {number} of {rounds}: {passed}/{len(result.runs)} passed")
+    question = Question(-1, "", "", f"round {number + 1} of {rounds}: put the next boards in, then press Enter",
+                        ("next", "stop"), default="next")
+    answer = "interrupted"
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+        async with trio.open_nursery() as printing:
+            if not interactive:
+                # Ends when the bus closes, after printing what the desk published (the answer too).
+                printing.start_soon(show_plain, StationDisplay([], 0), bus.subscribe("between rounds"), sys.stdout)
+            try:
+                async with trio.open_nursery() as asking:
+
+                    async def stop_on_signal() -> None:
+                        async for _ in signals:
+                            asking.cancel_scope.cancel()
+                            return
+
+                    asking.start_soon(stop_on_signal)
+                    if interactive:
+                        asking.start_soon(show_question_live, desk, console)
+                    try:
+                        answer = await desk.ask(question)
+                    except NoOperator as exc:
+                        console.print(f"[yellow]{escape(str(exc))}: stopping after round {number}[/yellow]")
+                        answer = "stop"
+                    asking.cancel_scope.cancel()
+            finally:
+                bus.close()
+    return answer
+
+
+def asks_operator(loaded: LoadedProduct) -> bool:
+    """Whether any phase of the product asks the operator something (has an ``operator`` parameter)."""
+    return any("operator" in p.parameters for p in loaded.product.phases)
+
+
+async def _answer_operator_questions(
+    desk: OperatorDesk, config: StationConfig, faults: Any, console: Console, interactive: bool
+) -> None:
+    """Feed the desk answers for the whole session: the simulated operator, the keyboard, or standard input."""
+    from sequencer.keyboard import answer_from_keyboard, answer_from_lines
+
+    if config.sim:
+        from fixtures.sim.operator import simulated_operator
+
+        console.print("operator: the simulated operator answers the station's questions")
+        says_no = faults.operator_says_no() if faults is not None else frozenset()
+        await simulated_operator(desk, says_no=says_no, seed=config.seed)
+    elif interactive and os.isatty(0):
+        console.print("operator: questions appear below the slots; type the answer, then Enter")
+        await answer_from_keyboard(desk)
+    else:
+        console.print("operator: each line of standard input answers the oldest open question")
+        await answer_from_lines(desk)
+
+
+async def _open_resources(
+    stack: AsyncExitStack, loaded: LoadedProduct, config: StationConfig, devices: list[Any]
+) -> dict[str, Any]:
+    """Open every shared instrument the product needs, simulated or from the station file."""
+    from sequencer.resources import SharedResource
+
+    resources: dict[str, SharedResource] = {}
+    for name, kind in loaded.product.resources.items():
+        declared = config.resources.get(name)
+        if declared is not None and declared.instrument is not None:
+            kind = declared.instrument
+        if config.sim:
+            from fixtures.sim.instruments import open_simulated_instrument
+
+            instrument = await stack.enter_async_context(
+                open_simulated_instrument(kind, devices, seed=config.seed)
+            )
+        elif declared is None:
+            raise ConfigError(
+                f"product {loaded.name!r} needs station resource {name!r}: declare [resources.{name}] in the "
+                "station file"
+            )
+        elif kind is None:
+            instrument = None
+        elif kind == "zpl-printer":
+            from fixtures.label_printer import LabelPrinterError, open_label_printer
+
+            where = f"{config.source or 'station'}: resources.{name}"
+            if not declared.port:
+                raise ConfigError(f'{where}: a zpl-printer needs port = "host:9100"')
+            try:
+                instrument = await stack.enter_async_context(open_label_printer(declared.port))
+            except (ValueError, LabelPrinterError) as exc:
+                raise ConfigError(f"{where}: {exc}") from None
+        else:
+            raise ConfigError(
+                f"{config.source or 'station'}: resources.{name}: instrument {kind!r} needs a switch-matrix "
+                "driver to share it across slots, and none is configured yet"
+            )
+        capacity = declared.capacity if declared is not None else 1
+        resources[name] = SharedResource(name, capacity, instrument)
+    return resources
