@@ -77,6 +77,7 @@ async def run_session(
                     results.append(result)
                     if number == rounds or result.aborted or result.write_error is not None:
                         break
+                    assert desk is not None  # there is one whenever there are rounds
                     go_on = await _next_round(desk, bus, result, number, rounds, console, interactive)
                     if go_on != "next":
                         stopped = go_on == "interrupted"
@@ -148,7 +149,7 @@ async def _run_round(
 
 
 async def _next_round(
-    desk: OperatorDesk | None, bus: EventBus, result: StationResult, number: int, rounds: int, console: Console,
+    desk: OperatorDesk, bus: EventBus, result: StationResult, number: int, rounds: int, console: Console,
     interactive: bool,
 ) -> str:
     """Between two rounds: this round's summary, then the operator says go on (Enter) or stop.
@@ -159,7 +160,6 @@ async def _next_round(
     """
     from sequencer.display import StationDisplay, show_plain, show_question_live, station_summary
 
-    assert desk is not None
     passed = sum(r.outcome is Outcome.PASS for r in result.runs)
     console.print(station_summary(result.runs))
     console.print(f"round {number} of {rounds}: {passed}/{len(result.runs)} passed")
