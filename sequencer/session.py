@@ -210,6 +210,9 @@ async def _answer_operator_questions(
         console.print("operator: the simulated operator answers the station's questions")
         says_no = faults.operator_says_no() if faults is not None else frozenset()
         await simulated_operator(desk, says_no=says_no, seed=config.seed)
+    elif sys.stdin is None:
+        # Started with standard input closed: descriptor 0 may since be some file the station opened.
+        desk.close("the station has no standard input: nobody can answer the operator's questions")
     elif interactive and os.isatty(0):
         console.print("operator: questions appear below the slots; type the answer, then Enter")
         await answer_from_keyboard(desk)

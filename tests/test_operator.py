@@ -303,6 +303,10 @@ async def test_answers_on_standard_input_and_none_when_it_is_empty(tmp_path: Pat
             [sys.executable, "-m", "sequencer.cli", "run", str(ASKING), "--port", devices[0].path,
              "--store", str(tmp_path / "b.sqlite"), "--plain"],
             stdin=subprocess.DEVNULL, capture_stdout=True, capture_stderr=True, check=False, cwd=ROOT)
+        closed = await trio.run_process(  # started with descriptor 0 closed: the store may open as fd 0
+            [sys.executable, "-m", "sequencer.cli", "run", str(ASKING), "--port", devices[0].path,
+             "--store", str(tmp_path / "c.sqlite"), "--plain"],
+            preexec_fn=lambda: os.close(0), capture_stdout=True, capture_stderr=True, check=False, cwd=ROOT)
     out = answered.stdout.decode()
     assert answered.returncode == 0, answered.stderr.decode()
     assert "? slot 0 %s %s: Scan the label [text matching SN\\d+]\n" % (port, serial) in out
@@ -314,6 +318,10 @@ async def test_answers_on_standard_input_and_none_when_it_is_empty(tmp_path: Pat
     assert run.phase("status_led").outcome is Outcome.ERROR
     assert run.phase("status_led").reason == (
         "NoOperator: standard input ended: nobody is left to answer the operator's questions")
+    assert closed.returncode == 1, closed.stderr.decode()
+    (run,) = LocalStore.open(tmp_path / "c.sqlite").find_runs()
+    assert run.phase("status_led").reason == (
+        "NoOperator: the station has no standard input: nobody can answer the operator's questions")
 
 
 _ANSI = re.compile(rb"\x1b\[[0-9;?]*[A-Za-z]|\x1b[()][A-Z0-9]|\r")
