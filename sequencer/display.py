@@ -99,10 +99,14 @@ class StationDisplay:
                 return f"slot {event.slot} {view.port} {view.serial or '-'}: {rec.name} {rec.outcome.value}: {reason}"
         elif isinstance(event, OperatorAsked):
             q = event.question
+            if 0 <= q.slot < len(self.slots):  # which boards wait for the operator, at a glance
+                self.slots[q.slot].detail = "waiting for the operator"
             return f"? {_asker(q)}: {printable(q.text)} [{printable(q.expected)}]"
         elif isinstance(event, AnswerRefused):
             return f"  {_who(event.question)}: not taken: {printable(event.reason)}"
         elif isinstance(event, OperatorAnswered):
+            if 0 <= event.question.slot < len(self.slots):
+                self.slots[event.question.slot].detail = ""
             return f"  {_who(event.question)}: answered {printable(repr(event.answer))}"
         elif isinstance(event, RunFinished):
             view = self.slots[event.run.slot]

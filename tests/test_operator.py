@@ -271,6 +271,21 @@ def test_the_question_is_drawn_under_the_slots_and_the_slots_keep_their_rows() -
     assert screen[-3].startswith("? slot 3") and any("/dev/ttyUSB7" in row or "ttyUSB7" in row for row in screen)
 
 
+def test_the_slot_table_shows_which_boards_wait_for_the_operator_and_plain_lines_tell_the_story() -> None:
+    from sequencer.events import AnswerRefused, OperatorAnswered, OperatorAsked
+
+    display = StationDisplay(["/dev/ttyUSB0", "/dev/ttyUSB1"], phases_per_run=3)
+    asked = question(1, serial="SN7")
+    lines = [display.apply(OperatorAsked(asked)), display.apply(AnswerRefused(asked, "'m' is not one of yes, no"))]
+    assert display.slots[1].detail == "waiting for the operator" and display.slots[0].detail == ""
+    lines.append(display.apply(OperatorAnswered(asked, "yes")))
+    assert display.slots[1].detail == ""
+    assert lines == ["? slot 1 /dev/pts/1 SN7: Is the LED green? [yes/no]",
+                     "  slot 1: not taken: 'm' is not one of yes, no", "  slot 1: answered 'yes'"]
+    station = Question(-1, "", "", "next boards?", ("next", "stop"), default="next")
+    assert StationDisplay([], 0).apply(OperatorAsked(station)) == "? station: next boards? [next/stop, Enter: next]"
+
+
 # -- the station, end to end -----------------------------------------------------------------------
 
 
