@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import fcntl
 import os
-import pty
 import re
-import struct
 import subprocess
 import sys
-import termios
 from functools import partial
 from pathlib import Path
 
@@ -26,6 +22,7 @@ from sequencer.keyboard import _Keys, answer_from_lines
 from sequencer.operator import NoOperator, OperatorDesk, Question
 from sequencer.records import Outcome
 from tests.conftest import run_product
+from tests.terminal_support import open_terminal
 
 ROOT = Path(__file__).resolve().parent.parent
 ASKING = ROOT / "tests" / "products" / "asking_widget.py"
@@ -339,64 +336,26 @@ async def test_answers_on_standard_input_and_none_when_it_is_empty(tmp_path: Pat
         "NoOperator: the station has no standard input: nobody can answer the operator's questions")
 
 
-_ANSI = re.compile(rb"\x1b\[[0-9;?]*[A-Za-z]|\x1b[()][A-Z0-9]|\r")
-
-
 async def test_the_operator_types_answers_under_the_live_display(tmp_path: Path) -> None:
-    master, slave = pty.openpty()
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 120, 0, 0))
-    before = termios.tcgetattr(slave)
-    screen = bytearray()
-
-    async def read_screen() -> None:
-        while True:
-            await trio.lowlevel.wait_readable(master)
-            try:
-                screen.extend(os.read(master, 65536))
-            except OSError:  # EIO: the station exited and closed the terminal
-                return
-
-    async def shown(pattern: bytes, since: int = 0) -> re.Match:
-        with trio.fail_after(30):
-            while True:
-                match = re.search(pattern, _ANSI.sub(b"", bytes(screen[since:])))
-                if match:
-                    return match
-                await trio.sleep(0.02)
-
-    async def type_keys(keys: bytes) -> int:
-        mark = len(screen)
-        os.write(master, keys)
-        return mark
-
-    env = {**os.environ, "TERM": "xterm-256color", "COLUMNS": "120", "LINES": "30"}
-    try:
-        async with open_farm(2, seed=5) as devices, trio.open_nursery() as nursery:
-            nursery.start_soon(read_screen)
-            proc = await trio.lowlevel.open_process(
-                [sys.executable, "-m", "sequencer.cli", "run", str(ASKING), "--port", devices[0].path,
-                 "--port", devices[1].path, "--store", str(tmp_path / "s.sqlite")],
-                stdin=slave, stdout=slave, stderr=slave, cwd=ROOT, env=env)
-            first = int((await shown(rb"\? slot (\d) \S+ SN\d+: Is the status LED green\?  \[yes/no\]"))[1])
-            await shown(rb"\(\+1 waiting\)")
-            await type_keys(b"mayb")
-            await shown(rb"> mayb")
-            mark = await type_keys(b"e\r")
-            await shown(rb"'maybe' is not one of yes, no", mark)
-            mark = await type_keys(b"y\r")
-            second = int((await shown(rb"\? slot (\d) \S+ SN\d+: Is the status LED green\?", mark))[1])
-            mark = await type_keys(b"no\r")
-            await shown(rb"Scan the label", mark)
-            await type_keys(b"SN4242\r")
-            with trio.fail_after(60):
-                await proc.wait()
-            nursery.cancel_scope.cancel()
-        assert proc.returncode == 1, bytes(screen).decode(errors="replace")[-3000:]
-        after = termios.tcgetattr(slave)
-        assert after[3] & (termios.ECHO | termios.ICANON) == before[3] & (termios.ECHO | termios.ICANON)
-    finally:
-        os.close(master)
-        os.close(slave)
+    async with open_farm(2, seed=5) as devices, open_terminal() as terminal:
+        before = terminal.modes()
+        proc = await terminal.station(
+            [sys.executable, "-m", "sequencer.cli", "run", str(ASKING), "--port", devices[0].path,
+             "--port", devices[1].path, "--store", str(tmp_path / "s.sqlite")], ROOT)
+        first = int((await terminal.shown(r"\? slot (\d) \S+ SN\d+: Is the status LED green\?  \[yes/no\]"))[1])
+        await terminal.shown(r"\(\+1 waiting\)")
+        await terminal.shown(r"1/3  waiting for the operator")
+        terminal.type(b"mayb")
+        await terminal.shown(r"> mayb")
+        await terminal.shown(r"'maybe' is not one of yes, no", terminal.type(b"e\r"))
+        mark = terminal.type(b"y\r")
+        second = int((await terminal.shown(r"\? slot (\d) \S+ SN\d+: Is the status LED green\?", mark))[1])
+        await terminal.shown(r"Scan the label", terminal.type(b"no\r"))
+        terminal.type(b"SN4242\r")
+        with trio.fail_after(60):
+            await proc.wait()
+        assert proc.returncode == 1, terminal.text()[-3000:]
+        assert terminal.modes() == before  # echo and line editing are back for the shell
     assert {first, second} == {0, 1}
     runs = {r.slot: r for r in LocalStore.open(tmp_path / "s.sqlite").find_runs()}
     assert runs[first].outcome is Outcome.PASS
@@ -414,46 +373,18 @@ def test_check_names_the_phases_that_ask_the_operator(capsys: pytest.CaptureFixt
     assert "    identify  (timeout 10 s)\n" in out
 
 
-def _controlling_terminal() -> None:
-    """In the child: a session of its own, with the pty (its stdin) as controlling terminal, as a login shell has."""
-    os.setsid()
-    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
-
-
 async def test_ctrl_c_at_an_open_question_aborts_and_gives_the_terminal_back(tmp_path: Path) -> None:
-    master, slave = pty.openpty()
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 120, 0, 0))
-    before = termios.tcgetattr(slave)
-    screen = bytearray()
-
-    async def read_screen() -> None:
-        while True:
-            await trio.lowlevel.wait_readable(master)
-            try:
-                screen.extend(os.read(master, 65536))
-            except OSError:
-                return
-
-    env = {**os.environ, "TERM": "xterm-256color"}
-    try:
-        async with open_farm(1, seed=6) as devices, trio.open_nursery() as nursery:
-            nursery.start_soon(read_screen)
-            proc = await trio.lowlevel.open_process(
-                [sys.executable, "-m", "sequencer.cli", "run", str(ASKING), "--port", devices[0].path,
-                 "--store", str(tmp_path / "s.sqlite")],
-                stdin=slave, stdout=slave, stderr=slave, cwd=ROOT, env=env, preexec_fn=_controlling_terminal)
-            with trio.fail_after(30):
-                while b"Is the status LED green?" not in _ANSI.sub(b"", bytes(screen)):
-                    await trio.sleep(0.02)
-                os.write(master, b"\x03")  # the terminal turns it into SIGINT: cbreak keeps signals on
-                await proc.wait()
-            nursery.cancel_scope.cancel()
-        assert proc.returncode == 130, bytes(screen).decode(errors="replace")[-2000:]
-        after = termios.tcgetattr(slave)
-        assert after[3] & (termios.ECHO | termios.ICANON) == before[3] & (termios.ECHO | termios.ICANON)
-    finally:
-        os.close(master)
-        os.close(slave)
+    async with open_farm(1, seed=6) as devices, open_terminal() as terminal:
+        before = terminal.modes()
+        proc = await terminal.station(
+            [sys.executable, "-m", "sequencer.cli", "run", str(ASKING), "--port", devices[0].path,
+             "--store", str(tmp_path / "s.sqlite")], ROOT, controlling=True)
+        await terminal.shown(r"Is the status LED green\?")
+        terminal.type(b"\x03")  # the terminal turns it into SIGINT: cbreak keeps signals on
+        with trio.fail_after(30):
+            await proc.wait()
+        assert proc.returncode == 130, terminal.text()[-2000:]
+        assert terminal.modes() == before
     (run,) = LocalStore.open(tmp_path / "s.sqlite").find_runs()
     assert run.outcome is Outcome.ABORTED
     led = run.phase("status_led")

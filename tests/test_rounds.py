@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import fcntl
 import os
-import pty
 import signal
-import struct
 import subprocess
 import sys
-import termios
 from pathlib import Path
 
 import trio
@@ -17,7 +13,7 @@ import trio
 from fixtures.sim.farm import open_farm
 from reports.store import LocalStore
 from sequencer.records import Outcome
-from tests.test_operator import _ANSI
+from tests.terminal_support import open_terminal
 
 ROOT = Path(__file__).resolve().parent.parent
 WIDGET = ROOT / "tests" / "products" / "mongo_widget.py"  # no DUT protocol: any port will do
@@ -113,39 +109,16 @@ async def test_ctrl_c_at_the_round_question_stops_the_station_and_keeps_the_roun
 
 
 async def test_the_operator_presses_enter_under_the_live_display_for_the_next_round(tmp_path: Path) -> None:
-    master, slave = pty.openpty()
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 120, 0, 0))
-    screen = bytearray()
-
-    async def read_screen() -> None:
-        while True:
-            await trio.lowlevel.wait_readable(master)
-            try:
-                screen.extend(os.read(master, 65536))
-            except OSError:
-                return
-
-    def shown() -> str:
-        return _ANSI.sub(b"", bytes(screen)).decode(errors="replace")
-
-    try:
-        async with open_farm(1) as devices, trio.open_nursery() as nursery:
-            nursery.start_soon(read_screen)
-            proc = await trio.lowlevel.open_process(
-                sequencer("run", str(WIDGET), "--port", devices[0].path, "--rounds", "2", "--store",
-                          str(tmp_path / "s.sqlite")),
-                stdin=slave, stdout=slave, stderr=slave, cwd=ROOT, env={**os.environ, "TERM": "xterm-256color"})
-            with trio.fail_after(60):
-                while "? station: round 2 of 2: put the next boards in" not in shown():
-                    await trio.sleep(0.02)
-                os.write(master, b"\r")
-                await proc.wait()
-            nursery.cancel_scope.cancel()
-    finally:
-        os.close(master)
-        os.close(slave)
-    assert proc.returncode == 0, shown()[-2000:]
-    assert "(round 2 of 2)" in shown()
+    async with open_farm(1) as devices, open_terminal() as terminal:
+        proc = await terminal.station(
+            sequencer("run", str(WIDGET), "--port", devices[0].path, "--rounds", "2", "--store",
+                      str(tmp_path / "s.sqlite")), ROOT)
+        await terminal.shown(r"\? station: round 2 of 2: put the next boards in")
+        terminal.type(b"\r")
+        with trio.fail_after(60):
+            await proc.wait()
+        assert proc.returncode == 0, terminal.text()[-2000:]
+        assert "(round 2 of 2)" in terminal.text()
     assert len(runs_in(tmp_path / "s.sqlite")) == 2
 
 
