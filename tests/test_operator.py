@@ -253,19 +253,25 @@ async def test_lines_of_input_answer_in_turn_and_the_end_of_input_closes_the_des
     assert got == ["yes", "SN5"]
 
 
-def test_the_question_is_drawn_under_the_slots_and_the_slots_keep_their_rows() -> None:
+async def test_the_question_is_drawn_under_the_slots_and_the_slots_keep_their_rows() -> None:
     desk = OperatorDesk()
-    desk._queue.append(type("P", (), {"question": question(3, serial="SN\x1b[2J7")})())
-    desk.draft, desk.hint = "mayb", "'may' is not one of yes, no"
-    lines = [line.plain for line in question_lines(desk)]
-    assert lines == ["? slot 3 /dev/pts/3 SN\\x1b[2J7: Is the LED green?  [yes/no]", "> mayb\u2588",
-                     "  'may' is not one of yes, no"]
-    display = StationDisplay([f"/dev/ttyUSB{i}" for i in range(8)], phases_per_run=3)
-    console = Console(width=80, height=14, record=True, force_terminal=False)
-    console.print(display.render(80, 14, desk))
-    screen = console.export_text().splitlines()
-    assert len(screen) <= 13  # one row is rich's cursor line
-    assert screen[-3].startswith("? slot 3") and any("/dev/ttyUSB7" in row or "ttyUSB7" in row for row in screen)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(desk.ask, question(3, serial="SN\x1b[2J7"))  # a serial with an escape sequence
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(desk.ask, question(4))
+        await trio.testing.wait_all_tasks_blocked()
+        desk.answer("may")
+        desk.type("mayb")
+        lines = [line.plain for line in question_lines(desk)]
+        assert lines == ["? slot 3 /dev/pts/3 SN\\x1b[2J7: Is the LED green?  [yes/no]  (+1 waiting)",
+                         "> mayb\u2588", "  'may' is not one of yes, no"]
+        display = StationDisplay([f"/dev/ttyUSB{i}" for i in range(8)], phases_per_run=3)
+        console = Console(width=80, height=14, record=True, force_terminal=False)
+        console.print(display.render(80, 14, desk))
+        screen = console.export_text().splitlines()
+        assert len(screen) <= 13  # one row is rich's cursor line
+        assert screen[-3].startswith("? slot 3") and "ttyUSB7" in "".join(screen)  # every slot still shown
+        nursery.cancel_scope.cancel()
 
 
 def test_the_slot_table_shows_which_boards_wait_for_the_operator_and_plain_lines_tell_the_story() -> None:
