@@ -102,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="examples:\n"
         "  sequencer run products/esp32_sensor.py --sim 8     8 simulated DUTs, no hardware\n"
         "  sequencer run --station station.toml              the product, ports and store from one file\n"
+        "  sequencer run --station station.toml --rounds 10  ten sets of boards, Enter between them\n"
         "  sequencer runs --batch B                          what the store holds for batch B\n"
         "  sequencer report --batch B                        yield and failure Pareto (prints its path)\n"
         "  sequencer export --batch B                        the same as a spreadsheet (.xlsx; or -o F.csv)\n"
