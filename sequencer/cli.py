@@ -138,9 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, help="seed for simulated devices' variation")
     run.add_argument("--plain", action="store_true", help="plain progress lines instead of the live table")
     run.add_argument("-v", "--verbose", action="store_true", help="also print the station log to stderr")
-    run.add_argument("--rounds", type=_rounds, default=1, metavar="N",
+    run.add_argument("--rounds", type=_rounds, metavar="N",
                      help="test N sets of boards, one after another: after each round the operator puts the next "
-                          "boards in and presses Enter (or types stop)")
+                          "boards in and presses Enter (or types stop); default 1, or the station file's rounds")
     run.add_argument("--faults", type=Path, metavar="PROFILE",
                      help="with --sim: inject the faults a profile (TOML) describes, per slot or by probability")
     from reports.mongo_cli import add_mongo_commands, add_mongo_options, add_reading_options
@@ -303,7 +303,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise UsageError(f"say where the DUTs are: --sim N, --port PATH, or --station FILE (or set {STATION_ENV})")
     config = config.with_overrides(
         sim=args.sim, ports=tuple(args.ports) if args.ports else None, store=args.store, reports=args.reports,
-        batch=args.batch, operator=args.operator, seed=args.seed,
+        batch=args.batch, operator=args.operator, seed=args.seed, rounds=args.rounds,
     )
     from reports.mongo_cli import apply_mongo_options
 
@@ -335,7 +335,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     log_handle = configure_logging(config.store.parent / "station.log", verbose=args.verbose)
     tune_garbage_collector()
     try:
-        result = trio.run(run_session, loaded, config, store, console, not args.plain, faults, args.rounds)
+        result = trio.run(run_session, loaded, config, store, console, not args.plain, faults)
         # The batch page covers the whole batch, earlier sessions and retests included.
         batch_runs = store.find_runs(batch=config.batch_or_default)
     finally:

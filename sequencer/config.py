@@ -153,6 +153,8 @@ class StationConfig:
     ports: tuple[str, ...] = attrs.field(default=(), converter=tuple)
     sim: int = 0
     seed: int = 0
+    #: sets of boards per session (``rounds``, ``--rounds``): the operator puts the next set in between rounds
+    rounds: int = 1
     resources: Mapping[str, ResourceConfig] = attrs.field(factory=dict)
     source: Path | None = None
     #: the product this station tests when the command names none (``product``, relative to the file)
@@ -191,6 +193,9 @@ class StationConfig:
         where = str(self.source) if self.source else "station"
         if self.sim < 0:
             raise ConfigError(f"{where}: sim must be >= 0, got {self.sim}")
+        if self.rounds < 1:
+            raise ConfigError(f"{where}: rounds must be >= 1 (a session tests at least one set of boards), "
+                              f"got {self.rounds}")
         if self.sim and self.ports:
             raise ConfigError(f"{where}: give either ports or sim, not both")
         if not self.sim and not self.ports and self.detect is None:
@@ -199,7 +204,7 @@ class StationConfig:
             raise ConfigError(f"{where}: a port is listed twice")
 
 
-_TOP_KEYS = {"station", "product", "operator", "batch", "store", "reports", "ports", "sim", "seed", "resources",
+_TOP_KEYS = {"station", "product", "operator", "batch", "store", "reports", "ports", "sim", "seed", "rounds", "resources",
              "mongo", "flash", "detect", "modems", "provisioning", "secrets"}
 _RESOURCE_KEYS = {"capacity", "instrument", "port"}
 _MONGO_KEYS = {"uri", "database"}
@@ -273,6 +278,7 @@ def load_station_config(path: str | Path) -> StationConfig:
         ports=tuple(ports),
         sim=typed("sim", int, 0),
         seed=typed("seed", int, 0),
+        rounds=typed("rounds", int, 1),
         resources=resources,
         source=p,
         product=_product_path(p, base, typed("product", str, "")) if "product" in data else None,

@@ -34,10 +34,9 @@ __all__ = ["asks_operator", "run_session"]
 
 
 async def run_session(
-    loaded: LoadedProduct, config: StationConfig, store: Any, console: Console, live: bool, faults: Any = None,
-    rounds: int = 1,
+    loaded: LoadedProduct, config: StationConfig, store: Any, console: Console, live: bool, faults: Any = None
 ) -> StationResult:
-    """The station session: set up once, then ``rounds`` rounds of every slot, the operator saying when to go on.
+    """The station session: set up once, then ``config.rounds`` rounds of every slot, the operator saying when to go on.
 
     What lasts the whole session is opened once: the store's writer, the
     MongoDB shipper, the flash workers, the operator's input. Each round gets
@@ -46,6 +45,7 @@ async def run_session(
     """
     from fixtures.station import flashes
 
+    rounds = config.rounds
     bus = EventBus()
     settings = RunSettings(station=config.station, operator=config.operator, batch=config.batch_or_default)
     interactive = live and console.is_terminal

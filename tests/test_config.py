@@ -45,6 +45,7 @@ def test_reports_go_beside_the_store_unless_given(tmp_path: Path) -> None:
         ('prots = ["/dev/ttyUSB0"]\n', "unknown key 'prots'"),
         ("sim = 'eight'\n", "sim must be a whole number"),
         ("sim = true\n", "sim must be a whole number"),
+        ("rounds = 2.5\n", "rounds must be a whole number"),
         ("[resources.dmm]\ncapacity = 0\n", r"resources.dmm.capacity must be a whole number >= 1"),
         ("[resources.dmm]\nspeed = 1\n", r"resources.dmm: unknown key 'speed'"),
         ("station = \n", "bad TOML"),
@@ -61,6 +62,8 @@ def test_bad_station_files(tmp_path: Path, text: str, message: str) -> None:
 def test_station_needs_ports_or_sim() -> None:
     with pytest.raises(ConfigError, match="no DUT ports"):
         StationConfig().check()
+    with pytest.raises(ConfigError, match=r"rounds must be >= 1 \(a session tests at least one set of boards\), got 0"):
+        StationConfig(sim=1, rounds=0).check()
     with pytest.raises(ConfigError, match="listed twice"):
         StationConfig(ports=("/dev/a", "/dev/a")).check()
 
