@@ -246,6 +246,7 @@ def _asker(question: Question) -> str:
 async def show_question_live(desk: OperatorDesk, console: Console) -> None:
     """Between rounds, when no slot is shown: the open question and the draft, redrawn as the operator types."""
     with Live(Group(*question_lines(desk)), console=console, auto_refresh=False, transient=False) as live:
+        console.bell()
         seen = desk.version
         while True:
             seen = await desk.wait_changed(seen)
@@ -327,6 +328,9 @@ async def _draw_live(
             if desk is not None and desk.version != drawn:
                 drawn = desk.version
                 dirty = True
+                if not asking and desk.current is not None:
+                    # A question after none: the operator's hands are on the boards, not the keyboard.
+                    console.bell()
             if dirty:
                 live.update(view(), refresh=True)
                 dirty = False

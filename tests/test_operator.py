@@ -350,6 +350,7 @@ async def test_the_operator_types_answers_under_the_live_display(tmp_path: Path)
              "--port", devices[1].path, "--store", str(tmp_path / "s.sqlite")], ROOT)
         first = int((await terminal.shown(r"\? slot (\d) \S+ SN\d+: Is the status LED green\?  \[yes/no\]"))[1])
         await terminal.shown(r"\(\+1 waiting\)")
+        assert terminal.output.count(b"\x07") == 1  # the terminal bell, once: a question came after none
         await terminal.shown(r"1/3  waiting for the operator")
         terminal.type(b"mayb")
         await terminal.shown(r"> mayb")
