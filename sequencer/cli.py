@@ -399,6 +399,9 @@ def _finish_run(
             f"{result.write_error}; testing stopped on every slot (phases committed before that are in "
             f"{config.store}; retest these units once the store can be written)"
         )
+    if not runs and result.aborted:
+        console.print("[yellow]stopped by the operator before any board was tested[/yellow]")
+        return EXIT_ABORTED
     passed = sum(r.outcome is Outcome.PASS for r in runs)
     report_dir = batch_dir(config.reports_dir, config.batch_or_default)
     batch_path = report_dir / "index.html"
@@ -425,7 +428,7 @@ def _finish_run(
     if result.aborted:
         # Runs that had ended before the abort keep their outcome.
         cut = sum(r.outcome is Outcome.ABORTED for r in runs)
-        if cut or not runs:
+        if cut:
             console.print(f"[yellow]aborted by the operator; {cut} unfinished run(s) recorded ABORTED[/yellow]")
         else:
             console.print("[yellow]stopped by the operator between rounds[/yellow]")

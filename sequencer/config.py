@@ -145,6 +145,8 @@ def default_data_dir() -> Path:
 class StationConfig:
     station: str = attrs.field(factory=lambda: socket.gethostname() or "station")
     operator: str = ""
+    #: ask who is testing at the start of each session (a badge scan), unless the operator is given
+    ask_operator: bool = False
     batch: str = ""
     store: Path = attrs.field(factory=lambda: default_data_dir() / "store.sqlite", converter=Path)
     #: HTML reports; None: a ``reports`` folder beside the store, so that a
@@ -204,8 +206,8 @@ class StationConfig:
             raise ConfigError(f"{where}: a port is listed twice")
 
 
-_TOP_KEYS = {"station", "product", "operator", "batch", "store", "reports", "ports", "sim", "seed", "rounds", "resources",
-             "mongo", "flash", "detect", "modems", "provisioning", "secrets"}
+_TOP_KEYS = {"station", "product", "operator", "ask_operator", "batch", "store", "reports", "ports", "sim", "seed",
+             "rounds", "resources", "mongo", "flash", "detect", "modems", "provisioning", "secrets"}
 _RESOURCE_KEYS = {"capacity", "instrument", "port"}
 _MONGO_KEYS = {"uri", "database"}
 
@@ -272,6 +274,7 @@ def load_station_config(path: str | Path) -> StationConfig:
     config = StationConfig(
         station=typed("station", str, defaults.station),
         operator=typed("operator", str, ""),
+        ask_operator=typed("ask_operator", bool, False),
         batch=typed("batch", str, ""),
         store=_relative(base, typed("store", str, str(defaults.store))),
         reports=_relative(base, typed("reports", str, "")) if "reports" in data else None,

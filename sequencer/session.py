@@ -29,8 +29,12 @@ from sequencer.operator import NoOperator, OperatorDesk, Question
 from sequencer.product import LoadedProduct
 from sequencer.records import Outcome
 from sequencer.station import StationResult
+from sequencer.terminal import printable
 
 __all__ = ["asks_operator", "run_session"]
+
+#: ``ask_operator``: the station's first question, whose answer is stamped on every run of the session.
+WHO_IS_TESTING = Question(-1, "", "", "who is testing? Scan your badge or type your name, then press Enter")
 
 
 async def run_session(
@@ -49,9 +53,10 @@ async def run_session(
     bus = EventBus()
     settings = RunSettings(station=config.station, operator=config.operator, batch=config.batch_or_default)
     interactive = live and console.is_terminal
-    desk = OperatorDesk(bus) if rounds > 1 or asks_operator(loaded) else None
+    desk = OperatorDesk(bus) if rounds > 1 or asks_operator(loaded) or config.ask_operator else None
     results: list[StationResult] = []
     stopped = False
+    nobody: NoOperator | None = None
     async with AsyncExitStack() as stack:
         from reports.mongo_cli import station_shipping
 
@@ -68,6 +73,17 @@ async def run_session(
             if desk is not None:
                 answering.start_soon(_answer_operator_questions, desk, config, faults, console, interactive)
             try:
+                if config.ask_operator and not config.operator:
+                    assert desk is not None
+                    try:
+                        name = await _ask_station(desk, bus, WHO_IS_TESTING, console, interactive)
+                    except NoOperator as exc:
+                        nobody, name = exc, None
+                    if name is None:
+                        stopped = nobody is None  # Ctrl-C
+                        rounds = 0  # test nothing: nobody said who is testing
+                    else:
+                        settings = attrs.evolve(settings, operator=name)
                 for number in range(1, rounds + 1):
                     # New simulated boards each round: the same slots, other units.
                     round_config = attrs.evolve(config, seed=config.seed + 1000 * (number - 1))
@@ -84,6 +100,9 @@ async def run_session(
                         break
             finally:
                 answering.cancel_scope.cancel()
+    if nobody is not None:
+        raise ConfigError(f"the station asks who is testing (ask_operator), and nobody can answer: {nobody}; "
+                          "give --operator NAME")
     return StationResult(
         tuple(r for result in results for r in result.runs),
         aborted=stopped or any(result.aborted for result in results),
@@ -122,8 +141,9 @@ async def _run_round(
         resources = await _open_resources(stack, loaded, config, devices)
         display = StationDisplay(ports, len(loaded.product.phases))
         events = bus.subscribe("display", buffer=4096)
+        tested_by = f", operator {escape(printable(settings.operator))}" if settings.operator else ""
         console.print(f"[bold]{escape(loaded.name)}[/bold] on {len(ports)} slot(s), batch {escape(settings.batch)}, "
-                      f"station {escape(settings.station)}{which}")
+                      f"station {escape(settings.station)}{tested_by}{which}")
         async with trio.open_nursery() as nursery:
             if interactive:
                 nursery.start_soon(show_live, display, events, console, desk)
@@ -155,22 +175,40 @@ async def _next_round(
     """Between two rounds: this round's summary, then the operator says go on (Enter) or stop.
 
     ``"next"``; ``"stop"`` when the operator says so or nobody is left to
-    answer (standard input ended); ``"interrupted"`` after Ctrl-C (no run is
-    open now, so nothing is aborted).
+    answer (standard input ended); ``"interrupted"`` after Ctrl-C.
     """
-    from sequencer.display import StationDisplay, show_plain, show_question_live, station_summary
+    from sequencer.display import station_summary
 
     passed = sum(r.outcome is Outcome.PASS for r in result.runs)
     console.print(station_summary(result.runs))
     console.print(f"round {number} of {rounds}: {passed}/{len(result.runs)} passed")
     question = Question(-1, "", "", f"round {number + 1} of {rounds}: put the next boards in, then press Enter",
                         ("next", "stop"), default="next")
-    answer = "interrupted"
+    try:
+        answer = await _ask_station(desk, bus, question, console, interactive)
+    except NoOperator as exc:
+        console.print(f"[yellow]{escape(str(exc))}: stopping after round {number}[/yellow]")
+        return "stop"
+    return "interrupted" if answer is None else answer
+
+
+async def _ask_station(
+    desk: OperatorDesk, bus: EventBus, question: Question, console: Console, interactive: bool
+) -> str | None:
+    """Ask the station's own question while no slot runs: the answer, or None after Ctrl-C (SIGTERM, SIGHUP).
+
+    No run is open, so a signal here has nothing to abort; it only ends
+    the session. :class:`NoOperator` (nobody left to answer) propagates.
+    """
+    from sequencer.display import StationDisplay, show_plain, show_question_live
+
+    answer: str | None = None
+    nobody: NoOperator | None = None
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         async with trio.open_nursery() as printing:
             if not interactive:
                 # Ends when the bus closes, after printing what the desk published (the answer too).
-                printing.start_soon(show_plain, StationDisplay([], 0), bus.subscribe("between rounds"), sys.stdout)
+                printing.start_soon(show_plain, StationDisplay([], 0), bus.subscribe("station question"), sys.stdout)
             try:
                 async with trio.open_nursery() as asking:
 
@@ -185,11 +223,12 @@ async def _next_round(
                     try:
                         answer = await desk.ask(question)
                     except NoOperator as exc:
-                        console.print(f"[yellow]{escape(str(exc))}: stopping after round {number}[/yellow]")
-                        answer = "stop"
+                        nobody = exc  # raised outside the nurseries, not wrapped in an exception group
                     asking.cancel_scope.cancel()
             finally:
                 bus.close()
+    if nobody is not None:
+        raise nobody
     return answer
 
 

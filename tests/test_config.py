@@ -46,6 +46,7 @@ def test_reports_go_beside_the_store_unless_given(tmp_path: Path) -> None:
         ("sim = 'eight'\n", "sim must be a whole number"),
         ("sim = true\n", "sim must be a whole number"),
         ("rounds = 2.5\n", "rounds must be a whole number"),
+        ("ask_operator = 'yes'\n", "ask_operator must be true or false"),
         ("[resources.dmm]\ncapacity = 0\n", r"resources.dmm.capacity must be a whole number >= 1"),
         ("[resources.dmm]\nspeed = 1\n", r"resources.dmm: unknown key 'speed'"),
         ("station = \n", "bad TOML"),

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import trio
 
 from fixtures.sim.farm import open_farm
@@ -75,15 +76,24 @@ async def test_enter_goes_on_stop_ends_and_the_end_of_input_ends_after_the_round
         assert len(runs_in(tmp_path / "nobody.sqlite")) == 2
 
 
-async def test_ctrl_c_at_the_round_question_stops_the_station_and_keeps_the_round(tmp_path: Path) -> None:
+@pytest.mark.parametrize("asked, said, kept", [
+    ("? station: round 2 of 2", "stopped by the operator between rounds", 2),
+    ("? station: who is testing?", "stopped by the operator before any board was tested", 0),
+])
+async def test_ctrl_c_at_a_station_question_stops_the_station_and_keeps_every_finished_run(
+    tmp_path: Path, asked: str, said: str, kept: int
+) -> None:
     store = tmp_path / "s.sqlite"
     async with open_farm(2) as devices:
-        ports = [arg for d in devices for arg in ("--port", d.path)]
+        station = tmp_path / "station.toml"
+        station.write_text(f"ports = {[d.path for d in devices]!r}\nask_operator = {str(not kept).lower()}\n"
+                           .replace("'", '"'))
         read, write = os.pipe()  # standard input that stays open and says nothing
         try:
             async with trio.open_nursery() as nursery:
                 proc = await trio.lowlevel.open_process(
-                    sequencer("run", str(WIDGET), *ports, "--rounds", "2", "--plain", "--store", str(store)),
+                    sequencer("run", str(WIDGET), "--station", str(station), "--rounds", "2", "--plain", "--store",
+                              str(store)),
                     stdin=read, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
                 out = bytearray()
@@ -94,7 +104,7 @@ async def test_ctrl_c_at_the_round_question_stops_the_station_and_keeps_the_roun
 
                 nursery.start_soon(collect)
                 with trio.fail_after(60):
-                    while b"? station: round 2 of 2" not in out:
+                    while asked.encode() not in out:
                         await trio.sleep(0.02)
                     proc.send_signal(signal.SIGINT)
                     await proc.wait()
@@ -103,9 +113,9 @@ async def test_ctrl_c_at_the_round_question_stops_the_station_and_keeps_the_roun
             os.close(write)
     text = out.decode()
     assert proc.returncode == 130, text
-    assert "stopped by the operator between rounds" in text
-    runs = runs_in(store)
-    assert len(runs) == 2 and all(r.outcome is Outcome.PASS for r in runs)
+    assert text.rstrip().endswith(said)
+    runs = runs_in(store) if store.exists() else []
+    assert len(runs) == kept and all(r.outcome is Outcome.PASS for r in runs)
 
 
 async def test_the_operator_presses_enter_under_the_live_display_for_the_next_round(tmp_path: Path) -> None:
@@ -130,3 +140,33 @@ def test_rounds_must_be_at_least_one(tmp_path: Path) -> None:
                                    "(see 'sequencer run --help')")
     assert not (tmp_path / "s.sqlite").exists()
 
+
+
+async def test_a_station_that_asks_who_is_testing_stamps_the_answer_on_every_run(tmp_path: Path) -> None:
+    async with open_farm(2) as devices:
+        station = tmp_path / "station.toml"
+        station.write_text(f"ports = {[d.path for d in devices]!r}\nask_operator = true\n".replace("'", '"'))
+
+        async def session(name: str, *args: str, answers: bytes) -> tuple[int, str, str]:
+            done = await trio.run_process(
+                sequencer("run", str(WIDGET), "--station", str(station), "--plain", "--store",
+                          str(tmp_path / f"{name}.sqlite"), *args),
+                stdin=answers, capture_stdout=True, capture_stderr=True, check=False, cwd=ROOT)
+            return done.returncode, done.stdout.decode(), done.stderr.decode()
+
+        code, out, err = await session("badge", answers=b"  \naoife\n")
+        assert code == 0, err
+        assert "? station: who is testing? Scan your badge or type your name, then press Enter [text]\n" in out
+        assert "  station: not taken: type text, then Enter\n  station: answered 'aoife'\n" in out
+        assert ", operator aoife\n" in out
+        assert [r.operator for r in runs_in(tmp_path / "badge.sqlite")] == ["aoife", "aoife"]
+        code, out, err = await session("given", "--operator", "bob", answers=b"")
+        assert code == 0, err
+        assert "who is testing" not in out
+        assert [r.operator for r in runs_in(tmp_path / "given.sqlite")] == ["bob", "bob"]
+        code, out, err = await session("nobody", answers=b"")
+        assert code == 2
+        assert err.strip() == (
+            "sequencer: error: the station asks who is testing (ask_operator), and nobody can answer: standard input "
+            "ended: nobody is left to answer the operator's questions; give --operator NAME")
+        assert runs_in(tmp_path / "nobody.sqlite") == []
