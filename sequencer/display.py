@@ -244,13 +244,19 @@ def _asker(question: Question) -> str:
 
 
 async def show_question_live(desk: OperatorDesk, console: Console) -> None:
-    """Between rounds, when no slot is shown: the open question and the draft, redrawn as the operator types."""
-    with Live(Group(*question_lines(desk)), console=console, auto_refresh=False, transient=False) as live:
-        console.bell()
-        seen = desk.version
-        while True:
-            seen = await desk.wait_changed(seen)
-            live.update(Group(*question_lines(desk)), refresh=True)
+    """When no slot is shown (between rounds): the open question and the draft, redrawn as the operator types.
+
+    A terminal that goes away only ends the drawing, as for :func:`show_live`.
+    """
+    try:
+        with Live(Group(*question_lines(desk)), console=console, auto_refresh=False, transient=False) as live:
+            console.bell()
+            seen = desk.version
+            while True:
+                seen = await desk.wait_changed(seen)
+                live.update(Group(*question_lines(desk)), refresh=True)
+    except OSError:
+        pass
 
 
 #: Width of a slot's cell when slots go side by side: "123 SN6961000012   flash 3/10" fits.
