@@ -58,11 +58,10 @@ async def answer_from_keyboard(desk: OperatorDesk, fd: int = 0) -> None:
     finally:
         # TCSANOW: a station that exits must leave a usable shell behind
         # even if output is still draining.
-        with trio.CancelScope(shield=True):
-            try:
-                termios.tcsetattr(fd, termios.TCSANOW, saved)
-            except termios.error:
-                pass  # the terminal is gone
+        try:
+            termios.tcsetattr(fd, termios.TCSANOW, saved)
+        except termios.error:
+            pass  # the terminal is gone
 
 
 class _Keys:
