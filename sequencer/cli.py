@@ -53,13 +53,6 @@ def _count(text: str) -> int:
     return value
 
 
-def _rounds(text: str) -> int:
-    value = _count(text)
-    if value == 0:
-        raise argparse.ArgumentTypeError("a station runs at least one round")
-    return value
-
-
 def _moment(text: str) -> dt.datetime:
     """A date (``2026-11-23``, midnight UTC) or an ISO time (UTC unless it names its offset)."""
     try:
@@ -138,9 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, help="seed for simulated devices' variation")
     run.add_argument("--plain", action="store_true", help="plain progress lines instead of the live table")
     run.add_argument("-v", "--verbose", action="store_true", help="also print the station log to stderr")
-    run.add_argument("--rounds", type=_rounds, metavar="N",
+    run.add_argument("--rounds", type=_count, metavar="N",
                      help="test N sets of boards, one after another: after each round the operator puts the next "
-                          "boards in and presses Enter (or types stop); default 1, or the station file's rounds")
+                          "boards in and presses Enter (or types stop); 0: until the operator types stop; "
+                          "default 1, or the station file's rounds")
     run.add_argument("--faults", type=Path, metavar="PROFILE",
                      help="with --sim: inject the faults a profile (TOML) describes, per slot or by probability")
     from reports.mongo_cli import add_mongo_commands, add_mongo_options, add_reading_options

@@ -155,7 +155,8 @@ class StationConfig:
     ports: tuple[str, ...] = attrs.field(default=(), converter=tuple)
     sim: int = 0
     seed: int = 0
-    #: sets of boards per session (``rounds``, ``--rounds``): the operator puts the next set in between rounds
+    #: sets of boards per session (``rounds``, ``--rounds``): the operator puts the next set in between
+    #: rounds; 0: until the operator types stop
     rounds: int = 1
     resources: Mapping[str, ResourceConfig] = attrs.field(factory=dict)
     source: Path | None = None
@@ -195,9 +196,11 @@ class StationConfig:
         where = str(self.source) if self.source else "station"
         if self.sim < 0:
             raise ConfigError(f"{where}: sim must be >= 0, got {self.sim}")
-        if self.rounds < 1:
-            raise ConfigError(f"{where}: rounds must be >= 1 (a session tests at least one set of boards), "
-                              f"got {self.rounds}")
+        if self.rounds < 0:
+            raise ConfigError(f"{where}: rounds must be >= 0 (0: until the operator types stop), got {self.rounds}")
+        if self.rounds == 0 and self.sim:
+            raise ConfigError(f"{where}: rounds = 0 goes on until the operator types stop, and the simulated "
+                              "operator never does: give simulated stations a number of rounds")
         if self.sim and self.ports:
             raise ConfigError(f"{where}: give either ports or sim, not both")
         if not self.sim and not self.ports and self.detect is None:

@@ -40,20 +40,21 @@ WHO_IS_TESTING = Question(-1, "", "", "who is testing? Scan your badge or type y
 async def run_session(
     loaded: LoadedProduct, config: StationConfig, store: Any, console: Console, live: bool, faults: Any = None
 ) -> StationResult:
-    """The station session: set up once, then ``config.rounds`` rounds of every slot, the operator saying when to go on.
+    """The station session: set up once, then rounds of every slot, the operator saying when to go on.
 
-    What lasts the whole session is opened once: the store's writer, the
+    ``config.rounds`` rounds, or with 0 until the operator types stop. What
+    lasts the whole session is opened once: the store's writer, the
     MongoDB shipper, the flash workers, the operator's input. Each round gets
     its own slots (under ``--sim``, a fresh farm: new boards, new serials),
     instruments and display. The runs of every round come back as one result.
     """
     from fixtures.station import flashes
 
-    rounds = config.rounds
+    rounds = config.rounds  # 0: until the operator says stop
     bus = EventBus()
     settings = RunSettings(station=config.station, operator=config.operator, batch=config.batch_or_default)
     interactive = live and console.is_terminal
-    desk = OperatorDesk(bus) if rounds > 1 or asks_operator(loaded) or config.ask_operator else None
+    desk = OperatorDesk(bus) if rounds != 1 or asks_operator(loaded) or config.ask_operator else None
     results: list[StationResult] = []
     stopped = False
     nobody: NoOperator | None = None
@@ -73,23 +74,25 @@ async def run_session(
             if desk is not None:
                 answering.start_soon(_answer_operator_questions, desk, config, faults, console, interactive)
             try:
+                testing = True
                 if config.ask_operator and not config.operator:
                     assert desk is not None
                     try:
                         name = await _ask_station(desk, bus, WHO_IS_TESTING, console, interactive)
                     except NoOperator as exc:
                         nobody, name = exc, None
-                    if name is None:
-                        stopped = nobody is None  # Ctrl-C
-                        rounds = 0  # test nothing: nobody said who is testing
+                    if name is None:  # nobody said who is testing: test nothing
+                        stopped, testing = nobody is None, False
                     else:
                         settings = attrs.evolve(settings, operator=name)
-                for number in range(1, rounds + 1):
+                number = 0
+                while testing:
+                    number += 1
                     # New simulated boards each round: the same slots, other units.
                     round_config = attrs.evolve(config, seed=config.seed + 1000 * (number - 1))
                     result = await _run_round(loaded, round_config, store, console, bus, settings, desk, faults,
-                                              flash_workers, interactive, f" (round {number} of {rounds})"
-                                              if rounds > 1 else "")
+                                              flash_workers, interactive,
+                                              f" (round {number}{_of(rounds)})" if rounds != 1 else "")
                     results.append(result)
                     if number == rounds or result.aborted or result.write_error is not None:
                         break
@@ -181,8 +184,8 @@ async def _next_round(
 
     passed = sum(r.outcome is Outcome.PASS for r in result.runs)
     console.print(station_summary(result.runs))
-    console.print(f"round {number} of {rounds}: {passed}/{len(result.runs)} passed")
-    question = Question(-1, "", "", f"round {number + 1} of {rounds}: put the next boards in, then press Enter",
+    console.print(f"round {number}{_of(rounds)}: {passed}/{len(result.runs)} passed")
+    question = Question(-1, "", "", f"round {number + 1}{_of(rounds)}: put the next boards in, then press Enter",
                         ("next", "stop"), default="next")
     try:
         answer = await _ask_station(desk, bus, question, console, interactive)
@@ -190,6 +193,11 @@ async def _next_round(
         console.print(f"[yellow]{escape(str(exc))}: stopping after round {number}[/yellow]")
         return "stop"
     return "interrupted" if answer is None else answer
+
+
+def _of(rounds: int) -> str:
+    """`` of N`` after a round's number, or nothing when the session goes on until the operator stops it."""
+    return f" of {rounds}" if rounds else ""
 
 
 async def _ask_station(

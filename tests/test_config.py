@@ -63,8 +63,11 @@ def test_bad_station_files(tmp_path: Path, text: str, message: str) -> None:
 def test_station_needs_ports_or_sim() -> None:
     with pytest.raises(ConfigError, match="no DUT ports"):
         StationConfig().check()
-    with pytest.raises(ConfigError, match=r"rounds must be >= 1 \(a session tests at least one set of boards\), got 0"):
+    with pytest.raises(ConfigError, match=r"rounds must be >= 0 \(0: until the operator types stop\), got -1"):
+        StationConfig(ports=("/dev/a",), rounds=-1).check()
+    with pytest.raises(ConfigError, match="the simulated operator never does: give simulated stations a number"):
         StationConfig(sim=1, rounds=0).check()
+    StationConfig(ports=("/dev/a",), rounds=0).check()  # a real station: until the operator types stop
     with pytest.raises(ConfigError, match="listed twice"):
         StationConfig(ports=("/dev/a", "/dev/a")).check()
 

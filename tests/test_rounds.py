@@ -55,9 +55,9 @@ async def test_enter_goes_on_stop_ends_and_the_end_of_input_ends_after_the_round
     async with open_farm(2) as devices:
         ports = [arg for d in devices for arg in ("--port", d.path)]
 
-        async def session(name: str, answers: bytes) -> tuple[int, str]:
+        async def session(name: str, answers: bytes, rounds: str = "3") -> tuple[int, str]:
             done = await trio.run_process(
-                sequencer("run", str(WIDGET), *ports, "--rounds", "3", "--plain", "--store",
+                sequencer("run", str(WIDGET), *ports, "--rounds", rounds, "--plain", "--store",
                           str(tmp_path / f"{name}.sqlite")),
                 stdin=answers, capture_stdout=True, capture_stderr=True, check=False, cwd=ROOT)
             return done.returncode, done.stdout.decode()
@@ -66,6 +66,11 @@ async def test_enter_goes_on_stop_ends_and_the_end_of_input_ends_after_the_round
         assert code == 0, out
         assert "  station: answered 'next'\n" in out and "  station: answered 'stop'\n" in out
         assert len(runs_in(tmp_path / "enter-stop.sqlite")) == 4  # two rounds of two slots
+        code, out = await session("until-stop", b"\n\nstop\n", rounds="0")
+        assert code == 0, out
+        assert "(round 3)\n" in out and "? station: round 3: put the next boards in, then press Enter " in out
+        assert "round 3: 2/2 passed\n? station: round 4: put the next boards in" in out
+        assert len(runs_in(tmp_path / "until-stop.sqlite")) == 6
         code, out = await session("typo", b"nope\nSTOP\n")
         assert code == 0
         assert "  station: not taken: 'nope' is not one of next, stop\n" in out
@@ -132,14 +137,14 @@ async def test_the_operator_presses_enter_under_the_live_display_for_the_next_ro
     assert len(runs_in(tmp_path / "s.sqlite")) == 2
 
 
-def test_rounds_must_be_at_least_one(tmp_path: Path) -> None:
+def test_a_simulated_station_needs_a_number_of_rounds(tmp_path: Path) -> None:
     done = subprocess.run(sequencer("run", str(WIDGET), "--sim", "1", "--rounds", "0", "--store",
                                     str(tmp_path / "s.sqlite")), capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 2
-    assert done.stderr.strip() == ("sequencer run: error: argument --rounds: a station runs at least one round "
-                                   "(see 'sequencer run --help')")
+    assert done.stderr.strip() == (
+        "sequencer: error: station: rounds = 0 goes on until the operator types stop, and the simulated operator "
+        "never does: give simulated stations a number of rounds")
     assert not (tmp_path / "s.sqlite").exists()
-
 
 
 async def test_a_station_that_asks_who_is_testing_stamps_the_answer_on_every_run(tmp_path: Path) -> None:
