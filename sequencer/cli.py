@@ -25,7 +25,7 @@ from reports.export import TABLES as EXPORT_TABLES
 from sequencer.config import ConfigError, StationConfig, load_station_config
 from sequencer.product import LoadedProduct, ProductError, layers, load_product
 from sequencer.records import Outcome, RunRecord, run_to_json
-from sequencer.session import asks_operator, run_session
+from sequencer.session import run_session
 from sequencer.station import StationResult
 from sequencer.terminal import OutputConsole, printable, silence_stdout
 from sequencer.version import SEQUENCER_VERSION
@@ -253,7 +253,7 @@ def describe_product(loaded: LoadedProduct) -> str:
     if p.resources:
         out.append("resources " + ", ".join(sorted(p.resources)))
     out.append(f"stop on failure: {'yes' if p.stop_on_failure else 'no'}")
-    if asks_operator(loaded):
+    if p.uses("operator"):
         out.append("operator: asked questions; answers from the keyboard or standard input (under --sim, the "
                    "simulated operator)")
 

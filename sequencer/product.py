@@ -71,6 +71,10 @@ class Product:
         main = self.main_phases
         return {p.name: tuple(d for d in main if p.name in d.after) for p in main}
 
+    def uses(self, parameter: str) -> bool:
+        """Whether any phase names ``parameter``: a fixture (``modem``) or a built-in (``operator``)."""
+        return any(parameter in p.parameters for p in self.phases)
+
     def phase(self, name: str) -> Phase:
         for p in self.phases:
             if p.name == name:

@@ -31,7 +31,7 @@ from sequencer.records import Outcome
 from sequencer.station import StationResult
 from sequencer.terminal import printable
 
-__all__ = ["asks_operator", "run_session"]
+__all__ = ["run_session"]
 
 #: ``ask_operator``: the station's first question, whose answer is stamped on every run of the session.
 WHO_IS_TESTING = Question(-1, "", "", "who is testing? Scan your badge or type your name, then press Enter")
@@ -54,7 +54,7 @@ async def run_session(
     bus = EventBus()
     settings = RunSettings(station=config.station, operator=config.operator, batch=config.batch_or_default)
     interactive = live and console.is_terminal
-    desk = OperatorDesk(bus) if rounds != 1 or asks_operator(loaded) or config.ask_operator else None
+    desk = OperatorDesk(bus) if rounds != 1 or loaded.product.uses("operator") or config.ask_operator else None
     results: list[StationResult] = []
     stopped = False
     nobody: NoOperator | None = None
@@ -238,11 +238,6 @@ async def _ask_station(
     if nobody is not None:
         raise nobody
     return answer
-
-
-def asks_operator(loaded: LoadedProduct) -> bool:
-    """Whether any phase of the product asks the operator something (has an ``operator`` parameter)."""
-    return any("operator" in p.parameters for p in loaded.product.phases)
 
 
 async def _answer_operator_questions(
