@@ -393,8 +393,8 @@ def _finish_run(
             f"{result.write_error}; testing stopped on every slot (phases committed before that are in "
             f"{config.store}; retest these units once the store can be written)"
         )
-    if not runs and result.aborted:
-        console.print("[yellow]stopped by the operator before any board was tested[/yellow]")
+    if not runs and result.stopped is not None:
+        console.print(f"[yellow]stopped by the operator {result.stopped}[/yellow]")
         return EXIT_ABORTED
     passed = sum(r.outcome is Outcome.PASS for r in runs)
     report_dir = batch_dir(config.reports_dir, config.batch_or_default)
@@ -421,11 +421,11 @@ def _finish_run(
         console.print(f"{passed}/{len(runs)} passed.  Report: {escape(str(batch_path))}  (per-run reports beside it)")
     if result.aborted:
         # Runs that had ended before the abort keep their outcome.
-        cut = sum(r.outcome is Outcome.ABORTED for r in runs)
-        if cut:
-            console.print(f"[yellow]aborted by the operator; {cut} unfinished run(s) recorded ABORTED[/yellow]")
+        if result.stopped is not None:
+            console.print(f"[yellow]stopped by the operator {result.stopped}[/yellow]")
         else:
-            console.print("[yellow]stopped by the operator between rounds[/yellow]")
+            cut = sum(r.outcome is Outcome.ABORTED for r in runs)
+            console.print(f"[yellow]aborted by the operator; {cut} unfinished run(s) recorded ABORTED[/yellow]")
         return EXIT_ABORTED
     return EXIT_OK if runs and passed == len(runs) else EXIT_FAILED
 

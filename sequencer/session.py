@@ -56,7 +56,7 @@ async def run_session(
     interactive = live and console.is_terminal
     desk = OperatorDesk(bus) if rounds != 1 or loaded.product.uses("operator") or config.ask_operator else None
     results: list[StationResult] = []
-    stopped = False
+    stopped: str | None = None  # when the operator stopped the session with no run open
     nobody: NoOperator | None = None
     async with AsyncExitStack() as stack:
         from reports.mongo_cli import station_shipping
@@ -82,7 +82,7 @@ async def run_session(
                     except NoOperator as exc:
                         nobody, name = exc, None
                     if name is None:  # nobody said who is testing: test nothing
-                        stopped, testing = nobody is None, False
+                        stopped, testing = ("before any board was tested" if nobody is None else None), False
                     else:
                         settings = attrs.evolve(settings, operator=name)
                 number = 0
@@ -99,7 +99,7 @@ async def run_session(
                     assert desk is not None  # there is one whenever there are rounds
                     go_on = await _next_round(desk, bus, result, number, rounds, console, interactive)
                     if go_on != "next":
-                        stopped = go_on == "interrupted"
+                        stopped = "between rounds" if go_on == "interrupted" else None
                         break
             finally:
                 answering.cancel_scope.cancel()
@@ -108,8 +108,9 @@ async def run_session(
                           "give --operator NAME")
     return StationResult(
         tuple(r for result in results for r in result.runs),
-        aborted=stopped or any(result.aborted for result in results),
+        aborted=stopped is not None or any(result.aborted for result in results),
         write_error=next((result.write_error for result in results if result.write_error is not None), None),
+        stopped=stopped,
     )
 
 

@@ -65,6 +65,8 @@ class StationResult:
     aborted: bool = False
     #: the store's first refusal, if it refused a record: the station stopped testing
     write_error: str | None = None
+    #: when the operator stopped a session while no run was open (``aborted`` too): "between rounds", ...
+    stopped: str | None = None
 
     @property
     def all_passed(self) -> bool:
