@@ -1,25 +1,31 @@
 """The local store: SQLite in WAL mode, the station's source of truth.
 
-Durability rule: a phase's record is committed before its slot moves on. With
-many slots that means many small transactions, so writes go through one
-writer thread that *group-commits*: every record queued while the previous
-transaction ran goes into the next one, and each slot waits only for the
-transaction holding its own record. A slot never waits on a disk flush per
-phase, and 256 slots cost a few transactions per phase boundary, not 256.
+Durability rule: a phase's record is durable before its slot moves on. It is
+made so by appending it to the store's *journal* (segment files beside the
+database, ``<store>.journal-NNNNNN``) with one ``write`` on the trio thread;
+a writer thread then copies journalled records into SQLite in group commits,
+on its own schedule, and deletes each segment once all of it is in the
+database. A slot never waits for a transaction, a thread hand-off or another
+slot's records: only for its own append, a few microseconds into the page
+cache.
 
-WAL with ``synchronous=NORMAL`` survives the station process being killed at
-any point (the data is in the OS); only a power loss can drop the last few
-transactions. Runs a killed process left open are marked ``INTERRUPTED`` when
-the store is next opened.
+An append that has returned survives the station process being killed at any
+point, exactly as a WAL commit with ``synchronous=NORMAL`` does (the data is
+in the OS, not yet on the platter); only a power loss can drop the last few
+records. When the store is next opened by a station (or by anyone while no
+station holds it), journal segments left behind are replayed into the
+database, then runs left open are marked ``INTERRUPTED``.
 
 Reads are synchronous and meant for the CLI and reports (the station itself
-never reads back during a run).
+never reads back during a run); they see a record once the writer thread has
+copied it, milliseconds after its append.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import fcntl
+import glob
 import json
 import os
 import queue
@@ -31,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import attrs
+import orjson
 import trio
 
 from sequencer.records import (
@@ -83,6 +90,8 @@ CREATE INDEX IF NOT EXISTS runs_started ON runs (started_at, run_id);
 CHECKPOINT_INTERVAL_S = 1.0
 #: SQLite's own default, restored for readers when the writer stops.
 SQLITE_AUTOCHECKPOINT_PAGES = 1000
+#: Past this size the journal starts a new segment, so copied ones can be deleted (see :class:`_Journal`).
+JOURNAL_SEGMENT_BYTES = 4 << 20
 
 
 class StoreError(Exception):
@@ -91,33 +100,55 @@ class StoreError(Exception):
 
 @attrs.frozen
 class _Write:
+    """One write, as the writer thread applies it and as the journal keeps it (one line each)."""
+
     kind: str  # "begin" | "phase" | "finish"
-    run: RunRecord | None = None
-    run_id: str = ""
+    run_id: str
+    #: begin/finish: the run without its phases, as JSON (``to_dict`` form)
+    header: str = ""
+    #: begin/finish: batch, serial, product, station, slot, outcome, started_at, ended_at
+    columns: tuple[Any, ...] = ()
     index: int = 0
-    phase: PhaseRecord | None = None
-    dut: dict[str, str] | None = None
+    #: phase: its name and outcome (indexed columns) and the whole record as JSON
+    name: str = ""
+    outcome: str = ""
+    record: str = ""
+    dut: dict[str, str] = attrs.field(factory=dict)
 
+    @classmethod
+    def begin(cls, run: RunRecord) -> _Write:
+        return cls("begin", run.run_id, header=_header_json(run), columns=_record_columns(run), dut=dict(run.dut))
 
-@attrs.define(eq=False)
-class _Pending:
-    """A write handed to the writer thread, and the task waiting for its transaction."""
+    @classmethod
+    def finish(cls, run: RunRecord) -> _Write:
+        return cls("finish", run.run_id, header=_header_json(run), columns=_record_columns(run))
 
-    write: _Write | None  # None asks the writer thread to stop
-    task: trio.lowlevel.Task = attrs.field(factory=trio.lowlevel.current_task)
-    error: BaseException | None = None
+    @classmethod
+    def phase(cls, run_id: str, index: int, phase: PhaseRecord, dut: dict[str, str]) -> _Write:
+        return cls("phase", run_id, index=index, name=phase.name, outcome=phase.outcome.value,
+                   record=phase_to_json(phase), dut=dut)
 
-    async def wait(self) -> None:
-        """Wait, uncancellably, until the writer thread has answered.
+    def line(self) -> bytes:
+        """The journal line: tab-separated fields, JSON where a field is structured (JSON never holds a raw tab)."""
+        if self.kind == "phase":
+            return b"P\t%s\t%d\t%s\t%s\n" % (
+                _json_bytes(self.run_id), self.index, _json_bytes(self.dut), self.record.encode())
+        return b"%s\t%s\n" % (b"B" if self.kind == "begin" else b"F", self.header.encode())
 
-        A write that is queued is written even if the waiting task is
-        cancelled meanwhile; refusing the abort keeps the caller's
-        "committed" promise true when it returns after an abort, and the
-        cancellation is delivered at the caller's next checkpoint instead.
-        This is what a shielded ``Event.wait`` would do, without a cancel
-        scope and an event per phase: this wait is on every phase's path.
-        """
-        await trio.lowlevel.wait_task_rescheduled(lambda _: trio.lowlevel.Abort.FAILED)
+    @classmethod
+    def from_line(cls, text: str) -> _Write:
+        """Parse a journal line (without its newline); ``ValueError`` (or ``KeyError``) if it is damaged."""
+        kind, rest = text.split("\t", 1)
+        if kind == "P":
+            run_id, index, dut, record = rest.split("\t", 3)
+            data = json.loads(record)
+            return cls("phase", json.loads(run_id), index=int(index), name=data["name"], outcome=data["outcome"],
+                       record=record, dut={str(k): str(v) for k, v in json.loads(dut).items()})
+        if kind in ("B", "F"):
+            data = json.loads(rest)
+            return cls("begin" if kind == "B" else "finish", data["run_id"], header=rest,
+                       columns=_header_columns(data), dut={str(k): str(v) for k, v in data["dut"].items()})
+        raise ValueError(f"unknown journal entry {kind!r}")
 
 
 class _Checkpointer:
@@ -163,10 +194,11 @@ class _Checkpointer:
             conn.close()
 
 
-def _answer(batch: list[_Pending]) -> None:
-    """Wake every task waiting on ``batch`` (on the trio thread)."""
-    for p in batch:
-        trio.lowlevel.reschedule(p.task)
+def _json_bytes(value: Any) -> bytes:
+    try:
+        return orjson.dumps(value)
+    except TypeError:  # a DUT's text with a lone surrogate: the json module escapes it (as phase_to_json does)
+        return json.dumps(value, separators=(",", ":")).encode()
 
 
 def _header_json(run: RunRecord) -> str:
@@ -174,36 +206,158 @@ def _header_json(run: RunRecord) -> str:
     return json.dumps(data, separators=(",", ":"))
 
 
+def _record_columns(r: RunRecord) -> tuple[Any, ...]:
+    return (r.batch, r.serial, r.product, r.station, r.slot, r.outcome.value if r.outcome else None,
+            r.started_at.isoformat(), r.ended_at.isoformat() if r.ended_at else None)
+
+
+def _header_columns(data: dict[str, Any]) -> tuple[Any, ...]:
+    """:func:`_record_columns` of a header as stored (the ``to_dict`` form keeps the same texts)."""
+    return (data["batch"], data["dut"].get("serial"), data["product"], data["station"], data["slot"],
+            data["outcome"], data["started_at"], data["ended_at"])
+
+
+class _Journal:
+    """The store's intake while a station writes: append-only segment files beside the database.
+
+    Appended to by the trio thread only (one ``os.write`` per record, so a
+    killed process leaves whole lines and at most one torn last line);
+    segments are deleted by the writer thread once everything in them is in
+    SQLite. A new segment starts past ``segment_bytes``, so a station that
+    runs for weeks keeps a journal of about one segment, not one that grows.
+
+    Why append on the trio thread, when every other blocking call goes to a
+    worker thread: the append is on every phase's critical path (dependents
+    wait for it), it is a copy of a few kilobytes into the page cache (the
+    station log's lines are written the same way), and handing it to a
+    thread and waking the slot again cost more than the write itself, at
+    least twice per phase.
+    """
+
+    def __init__(self, db_path: Path, segment_bytes: int) -> None:
+        self._db_path = db_path
+        self._segment_bytes = segment_bytes
+        existing = _journal_segments(db_path)
+        #: the segment being appended to (numbered from 1, after any a recovery left, which are not ours to delete)
+        self.segment = existing[-1][0] if existing else 0
+        self._fd: int | None = None
+        self._size = 0
+        self._open_next()
+        #: segments below this one are deleted (writer thread only)
+        self._released = self.segment
+
+    def _open_next(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        self.segment += 1
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC
+        self._fd = os.open(_segment_path(self._db_path, self.segment), flags, 0o644)
+        self._size = 0
+
+    def append(self, line: bytes) -> int:
+        """Append one record; return the segment it went into. ``OSError`` if the disk refuses it."""
+        if self._size >= self._segment_bytes:
+            self._open_next()
+        assert self._fd is not None
+        view = memoryview(line)
+        while view:  # a regular file takes it all at once unless the disk is full, which then raises
+            written = os.write(self._fd, view)
+            view = view[written:]
+        self._size += len(line)
+        return self.segment
+
+    def release_before(self, segment: int) -> None:
+        """Delete every segment below ``segment``: all of their records are in the database (writer thread)."""
+        while self._released < segment:
+            _segment_path(self._db_path, self._released).unlink(missing_ok=True)
+            self._released += 1
+
+    def close(self, *, applied: bool) -> None:
+        """Stop appending; with ``applied``, every record is in the database and the journal is deleted."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        if applied:
+            self.release_before(self.segment + 1)
+
+
+def _segment_path(db_path: Path, segment: int) -> Path:
+    return db_path.with_name(f"{db_path.name}.journal-{segment:06d}")
+
+
+def _journal_segments(db_path: Path) -> list[tuple[int, Path]]:
+    """The journal segments beside ``db_path``, oldest first."""
+    prefix = f"{db_path.name}.journal-"
+    found = []
+    for entry in db_path.parent.glob(f"{glob.escape(prefix)}*"):
+        number = entry.name[len(prefix):]
+        if number.isdigit():
+            found.append((int(number), entry))
+    return sorted(found)
+
+
+def _read_journal(paths: list[Path]) -> tuple[list[_Write], int]:
+    """Every record in these segments, in order, and how many lines could not be read."""
+    writes: list[_Write] = []
+    damaged = 0
+    for path in paths:
+        data = path.read_bytes()
+        for raw in data.split(b"\n")[:-1]:  # the last piece is empty, or a line whose write never finished
+            try:
+                writes.append(_Write.from_line(raw.decode()))
+            except (ValueError, KeyError, TypeError, AttributeError):
+                damaged += 1
+        if data and not data.endswith(b"\n"):
+            damaged += 1
+    return writes, damaged
+
+
 class LocalStore:
     """A station's SQLite store. Open with :meth:`open`; write through :meth:`writer`."""
 
-    def __init__(self, path: Path, conn: sqlite3.Connection, interrupted: int, lock_fd: int | None) -> None:
+    def __init__(self, path: Path, conn: sqlite3.Connection, lock_fd: int | None) -> None:
         self.path = path
         self._conn = conn
         self._lock_fd = lock_fd
         self._lock = threading.Lock()  # the connection is shared by the writer thread and readers
         #: runs found open (and marked INTERRUPTED) when the store was opened
-        self.interrupted_on_open = interrupted
-        self._inbox: queue.SimpleQueue[_Pending] | None = None
-        #: identity last written for each run this process has open (writer thread only)
-        self._open_duts: dict[str, dict[str, str]] = {}
+        self.interrupted_on_open = 0
+        #: records a dead station had journalled but not yet copied, replayed into the database on open
+        self.replayed_on_open = 0
+        #: journal lines that could not be read on open (a write torn by a power cut), skipped
+        self.damaged_on_open = 0
         #: how often the WAL is checkpointed while a writer runs (see :class:`_Checkpointer`)
         self.checkpoint_interval_s = CHECKPOINT_INTERVAL_S
+        #: journal segment size (see :class:`_Journal`)
+        self.journal_segment_bytes = JOURNAL_SEGMENT_BYTES
+        self._inbox: queue.SimpleQueue[tuple[int, _Write] | None] | None = None
+        self._journal: _Journal | None = None
+        #: runs begun and not finished by this writer (trio thread): a write for any other run is refused
+        self._open_runs: set[str] = set()
+        #: why the database refused a transaction (set by the writer thread); every later write is refused
+        self._failure: BaseException | None = None
+        self._failure_told = False
+        #: identity last written for each run this process has open (writer thread only)
+        self._open_duts: dict[str, dict[str, str]] = {}
         #: the last change number written (writer thread only; read once, then kept: one writer per store)
         self._seq: int | None = None
 
     @classmethod
     def open(cls, path: str | Path, *, station: bool = False) -> LocalStore:
-        """Open (creating if needed) and recover runs a dead station left open.
+        """Open (creating if needed) and recover what a dead station left behind.
 
         A station (``station=True``) holds an exclusive lock beside the
         database for as long as the store is open, so a second station on the
-        same store is refused. Recovery (open runs become INTERRUPTED) happens
-        only when no station holds that lock: a report opened while a station
-        is testing must not declare its runs dead.
+        same store is refused. Recovery happens only when no station holds
+        that lock: records left in the journal are replayed into the
+        database, then runs left open become INTERRUPTED. A report opened
+        while a station is testing must not declare its runs dead, nor copy
+        its journal behind its back.
         """
         p = Path(path)
         lock_fd = None
+        conn = None
         try:
             p.parent.mkdir(parents=True, exist_ok=True)
             lock_fd = os.open(f"{p}.lock", os.O_RDWR | os.O_CREAT, 0o644)
@@ -224,10 +378,14 @@ class LocalStore:
                 conn.execute("INSERT INTO meta VALUES ('schema', ?)", (str(STORE_SCHEMA),))
             elif int(row[0]) != STORE_SCHEMA:
                 raise StoreError(f"{p}: store schema {row[0]} is not supported (expected {STORE_SCHEMA})")
-            interrupted = _mark_interrupted(conn) if locked else 0
+            store = cls(p, conn, lock_fd)
+            if locked:
+                store._recover()
             if not station and locked:
                 fcntl.flock(lock_fd, fcntl.LOCK_UN)
         except BaseException as exc:
+            if conn is not None:
+                conn.close()
             if lock_fd is not None:
                 os.close(lock_fd)
             if isinstance(exc, sqlite3.DatabaseError):
@@ -235,7 +393,32 @@ class LocalStore:
             if isinstance(exc, OSError):
                 raise StoreError(f"{p}: cannot open the local store: {exc.strerror or exc}") from None
             raise
-        return cls(p, conn, interrupted, lock_fd)
+        return store
+
+    def _recover(self) -> None:
+        """Replay a dead station's journal, then mark its open runs INTERRUPTED (lock held)."""
+        segments = _journal_segments(self.path)
+        if segments:
+            writes, damaged = _read_journal([path for _, path in segments])
+            # Replaying is idempotent: a record already copied before the
+            # station died is written again with the same content.
+            try:
+                self._write_batch(writes)
+            except sqlite3.IntegrityError:
+                # A record the database refuses (its run's beginning was in a
+                # line that was lost): keep every other one.
+                for w in writes:
+                    try:
+                        self._write_batch([w])
+                    except sqlite3.IntegrityError:
+                        damaged += 1
+            for _, path in segments:
+                path.unlink(missing_ok=True)
+            self.replayed_on_open = len(writes)
+            self.damaged_on_open = damaged
+            self._open_duts.clear()
+        self.interrupted_on_open = _mark_interrupted(self._conn)
+        self._seq = None  # marking took change numbers of its own
 
     def close(self) -> None:
         with self._lock:
@@ -248,154 +431,193 @@ class LocalStore:
 
     @asynccontextmanager
     async def writer(self) -> AsyncIterator[LocalStore]:
-        """Run the store's writer thread for the duration of the block.
+        """Journal writes, and run the thread that copies them into SQLite, for the duration of the block.
 
         Why a thread of its own rather than ``trio.to_thread.run_sync`` per
-        transaction: a commit is on every slot's critical path (dependents
-        wait for it), and handing a record to a thread already waiting on its
-        queue takes about half the time of a round trip through trio's thread
-        pool, with no task in between to feed the pool. One long-lived thread
-        also writes the transactions in the order they were queued.
-
+        transaction: nobody waits for a transaction, so there is nothing for
+        a task to await; the thread takes whatever was journalled since its
+        last transaction into the next one, in the order it was journalled.
         While it runs, the WAL is copied back into the database by a
         :class:`_Checkpointer` of its own, not by the commits.
 
-        On exit — including cancellation, and an abort — everything queued
-        is still written: the wait for the writer to drain is shielded,
-        because losing records on Ctrl-C is the one thing a station must
-        never do.
+        On exit, including cancellation and an abort, everything journalled
+        is still copied before the block ends: the wait is shielded, because
+        a station's records are what it must never lose. If the database
+        refused a transaction that nobody has been told of yet, the exit
+        raises :class:`StoreError`; the journal then keeps every record for
+        the next open to replay.
         """
         if self._inbox is not None:
             raise RuntimeError(f"{self.path}: the store already has a writer")
+        try:
+            journal = _Journal(self.path, self.journal_segment_bytes)
+        except OSError as exc:
+            raise StoreError(f"{self.path}: cannot start the store's journal: {exc.strerror or exc}") from None
         with self._lock:
             self._conn.execute("PRAGMA wal_autocheckpoint=0")
         checkpointer = _Checkpointer(self.path, self.checkpoint_interval_s)
         checkpointer.start()
-        inbox: queue.SimpleQueue[_Pending] = queue.SimpleQueue()
+        inbox: queue.SimpleQueue[tuple[int, _Write] | None] = queue.SimpleQueue()
         thread = threading.Thread(
-            target=self._write_thread,
-            args=(inbox, trio.lowlevel.current_trio_token()),
-            name=f"store writer {self.path.name}",
-            daemon=True,
+            target=self._write_thread, args=(inbox, journal), name=f"store writer {self.path.name}", daemon=True
         )
         thread.start()
-        self._inbox = inbox
+        self._inbox, self._journal = inbox, journal
+        self._failure, self._failure_told = None, False
         try:
             yield self
         finally:
-            # Slots cancelled by an abort still wait (uncancellably) for the
-            # commits they queued; the stop request queues behind them, so
-            # when it is answered every one of them has been written.
+            # The stop request queues behind every journalled write, so when
+            # the thread ends each of them has been copied (or refused).
             with trio.CancelScope(shield=True):
-                stop = _Pending(None)
-                inbox.put(stop)
-                await stop.wait()
-                self._inbox = None
+                inbox.put(None)
 
                 def join_threads() -> None:
-                    thread.join()  # returns right after answering the stop
+                    thread.join()
                     checkpointer.stop()  # after the checkpoint in progress, if any
 
                 await trio.to_thread.run_sync(join_threads)
+            self._inbox, self._journal = None, None
+            self._open_runs.clear()
+            journal.close(applied=self._failure is None)
             with self._lock:
                 self._conn.execute(f"PRAGMA wal_autocheckpoint={SQLITE_AUTOCHECKPOINT_PAGES}")
+        if self._failure is not None and not self._failure_told:
+            raise self._refusal()
 
     async def begin_run(self, run: RunRecord) -> None:
-        await self._submit(_Write("begin", run=run))
+        self._append(_Write.begin(run))
+        self._open_runs.add(run.run_id)
+        await trio.lowlevel.cancel_shielded_checkpoint()
 
     async def commit_phase(self, run_id: str, index: int, phase: PhaseRecord, dut: dict[str, str]) -> None:
-        await self._submit(_Write("phase", run_id=run_id, index=index, phase=phase, dut=dut))
+        """Make a phase's record durable; on return it survives the station being killed.
+
+        A schedule point that does not raise ``Cancelled``: a record written
+        is never reported as lost, and an abort lands at the caller's next
+        checkpoint instead.
+        """
+        self._check_open(run_id)
+        self._append(_Write.phase(run_id, index, phase, dut))
+        await trio.lowlevel.cancel_shielded_checkpoint()
 
     async def finish_run(self, run: RunRecord) -> None:
-        await self._submit(_Write("finish", run=run))
+        self._check_open(run.run_id)
+        self._append(_Write.finish(run))
+        self._open_runs.discard(run.run_id)
+        await trio.lowlevel.cancel_shielded_checkpoint()
 
-    async def _submit(self, write: _Write) -> None:
-        if self._inbox is None:
+    def _check_open(self, run_id: str) -> None:
+        if self._inbox is not None and run_id not in self._open_runs:
+            raise StoreError(f"{self.path}: write failed: run {run_id!r} is not open (never begun, or finished)")
+
+    def _append(self, write: _Write) -> None:
+        """Journal ``write`` and queue it for the database (trio thread)."""
+        if self._inbox is None or self._journal is None:
             raise RuntimeError(f"{self.path}: writing needs `async with store.writer():`")
-        pending = _Pending(write)
-        self._inbox.put(pending)
-        await pending.wait()
-        if pending.error is not None:
-            raise StoreError(f"{self.path}: write failed: {pending.error}") from pending.error
+        if self._failure is not None:
+            raise self._refusal()
+        try:
+            segment = self._journal.append(write.line())
+        except OSError as exc:
+            # A line the disk took only part of would run into the next
+            # one: after a refused append, nothing more is appended.
+            self._failure = exc
+            raise self._refusal() from None
+        self._inbox.put((segment, write))
 
-    def _write_thread(self, inbox: queue.SimpleQueue[_Pending], token: trio.lowlevel.TrioToken) -> None:
-        """The writer: each transaction takes everything queued while the last one ran."""
+    def _refusal(self) -> StoreError:
+        self._failure_told = True
+        exc = self._failure
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        return StoreError(f"{self.path}: write failed: {reason}")
+
+    def _write_thread(self, inbox: queue.SimpleQueue[tuple[int, _Write] | None], journal: _Journal) -> None:
+        """The copier: each transaction takes everything journalled while the last one ran."""
         while True:
-            batch = [inbox.get()]
+            items = [inbox.get()]
             while True:
                 try:
-                    batch.append(inbox.get_nowait())
+                    items.append(inbox.get_nowait())
                 except queue.Empty:
                     break
-            writes = [p.write for p in batch if p.write is not None]
-            error: BaseException | None = None
-            if writes:
+            queued = [item for item in items if item is not None]
+            if queued and self._failure is None:
                 try:
-                    self._write_batch(writes)
-                except BaseException as exc:  # noqa: BLE001 - every waiter must hear how its write ended
-                    error = exc
-            for p in batch:
-                p.error = error
-            # The stop request is answered last, so nothing queued is left behind.
-            token.run_sync_soon(_answer, batch)
-            if any(p.write is None for p in batch):
+                    self._write_batch([w for _, w in queued])
+                except BaseException as exc:  # noqa: BLE001 - told to the next writer, and at the writer's exit
+                    # Nothing more is copied (the records after a missing one
+                    # could not all be written); the journal keeps them all.
+                    self._failure = exc
+                else:
+                    # Writes are copied in journal order: every segment
+                    # before the newest one seen here is in the database.
+                    journal.release_before(queued[-1][0])
+            if len(queued) < len(items):
                 return
 
     def _write_batch(self, writes: list[_Write]) -> None:
+        """Copy ``writes`` (in journal order) into the database in one transaction.
+
+        A run's row changes with every write (its change number, and its
+        header when the identity changed), but only its state at the end of
+        the transaction matters: the phases go in with one ``executemany``,
+        and each run still open is updated once. This keeps the copier's
+        Python work, and so its share of the GIL the slots run under, small.
+        """
         # Identity as this transaction leaves it; kept only once it commits,
         # so a rolled-back batch cannot make the cache claim a header that
         # was never written (the next phase would then skip rewriting it).
         duts: dict[str, dict[str, str] | None] = {}
-
-        def last_dut(run_id: str) -> dict[str, str] | None:
-            return duts[run_id] if run_id in duts else self._open_duts.get(run_id)
-
+        phase_rows: list[tuple[str, int, str, str, str]] = []
+        #: runs whose last write here was a phase: their last change number and identity
+        touched: dict[str, tuple[int, dict[str, str]]] = {}
         with self._lock, self._transaction() as conn:
             if self._seq is None:
                 self._seq = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM runs").fetchone()[0]
             seq = self._seq
             for w in writes:
                 seq += 1
-                if w.kind == "begin":
-                    assert w.run is not None
-                    r = w.run
+                if w.kind == "phase":
+                    phase_rows.append((w.run_id, w.index, w.name, w.outcome, w.record))
+                    touched[w.run_id] = (seq, w.dut)
+                elif w.kind == "begin":
+                    batch, serial, product, station, slot, _, started_at, _ = w.columns
+                    # A replayed journal may hold the beginning of a run the
+                    # database already has: what follows it brings it up to date.
                     conn.execute(
                         "INSERT INTO runs (run_id, batch, serial, product, station, slot, outcome, started_at,"
-                        " ended_at, header, seq) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                        (r.run_id, r.batch, r.serial, r.product, r.station, r.slot, None,
-                         r.started_at.isoformat(), None, _header_json(r), seq),
+                        " ended_at, header, seq) VALUES (?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT (run_id) DO NOTHING",
+                        (w.run_id, batch, serial, product, station, slot, None, started_at, None, w.header, seq),
                     )
-                    duts[r.run_id] = dict(r.dut)
-                elif w.kind == "phase":
-                    assert w.phase is not None and w.dut is not None
-                    conn.execute(
-                        "INSERT OR REPLACE INTO phases (run_id, idx, name, outcome, record) VALUES (?,?,?,?,?)",
-                        (w.run_id, w.index, w.phase.name, w.phase.outcome.value,
-                         phase_to_json(w.phase)),
-                    )
-                    # Identity changes a few times per run, phases commit many
-                    # times: rewrite the header only when the identity changed.
-                    if last_dut(w.run_id) != w.dut:
-                        header = conn.execute("SELECT header FROM runs WHERE run_id=?", (w.run_id,)).fetchone()
-                        data = json.loads(header[0])
-                        data["dut"] = w.dut
-                        conn.execute(
-                            "UPDATE runs SET header=?, serial=?, seq=? WHERE run_id=?",
-                            (json.dumps(data, separators=(",", ":")), w.dut.get("serial"), seq, w.run_id),
-                        )
-                        duts[w.run_id] = dict(w.dut)
-                    else:
-                        conn.execute("UPDATE runs SET seq=? WHERE run_id=?", (seq, w.run_id))
+                    duts[w.run_id] = dict(w.dut)
                 else:
-                    assert w.run is not None
-                    r = w.run
+                    _, serial, _, _, _, outcome, _, ended_at = w.columns
                     conn.execute(
                         "UPDATE runs SET outcome=?, ended_at=?, serial=?, header=?, seq=? WHERE run_id=?",
-                        (r.outcome.value if r.outcome else None,
-                         r.ended_at.isoformat() if r.ended_at else None,
-                         r.serial, _header_json(r), seq, r.run_id),
+                        (outcome, ended_at, serial, w.header, seq, w.run_id),
                     )
-                    duts[r.run_id] = None  # finished: no longer open
+                    touched.pop(w.run_id, None)  # the finished header has the final identity
+                    duts[w.run_id] = None  # finished: no longer open
+            conn.executemany(
+                "INSERT OR REPLACE INTO phases (run_id, idx, name, outcome, record) VALUES (?,?,?,?,?)", phase_rows
+            )
+            unchanged = []
+            for run_id, (run_seq, dut) in touched.items():
+                last = duts[run_id] if run_id in duts else self._open_duts.get(run_id)
+                if last == dut:
+                    unchanged.append((run_seq, run_id))
+                    continue
+                # Identity changes a few times per run: rewrite the header only then.
+                header = conn.execute("SELECT header FROM runs WHERE run_id=?", (run_id,)).fetchone()
+                data = json.loads(header[0])
+                data["dut"] = dut
+                conn.execute(
+                    "UPDATE runs SET header=?, serial=?, seq=? WHERE run_id=?",
+                    (json.dumps(data, separators=(",", ":")), dut.get("serial"), run_seq, run_id),
+                )
+                duts[run_id] = dict(dut)
+            conn.executemany("UPDATE runs SET seq=? WHERE run_id=?", unchanged)
         # Committed: the change numbers are taken, the identities written.
         self._seq = seq
         for run_id, dut in duts.items():

@@ -326,6 +326,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     if store.interrupted_on_open:
         console.print(f"[yellow]{store.interrupted_on_open} run(s) left open by a previous station were marked "
                       "INTERRUPTED[/yellow]")
+    if store.damaged_on_open:
+        console.print(f"[yellow]{store.damaged_on_open} line(s) of {escape(str(config.store))}'s journal could not "
+                      "be read (a write cut short by a crash or a full disk) and were skipped[/yellow]")
     log_handle = configure_logging(config.store.parent / "station.log", verbose=args.verbose)
     tune_garbage_collector()
     try:

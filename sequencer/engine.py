@@ -373,7 +373,7 @@ class _SlotRun:
         index = len(self.committed)
         self.committed.append(record)
         self.outcomes[p.name] = record.outcome
-        # The wait for the commit cannot be cancelled: once queued, a record is written.
+        # The commit raises no Cancelled: a record it took is never reported as lost.
         try:
             await self.store.commit_phase(self.header.run_id, index, record, dict(self.dut))
         except Exception as exc:

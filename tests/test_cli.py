@@ -233,7 +233,7 @@ def _store_with_runs(path: Path, count: int) -> list[RunRecord]:
                                 outcome=Outcome.FAIL if i % 3 == 0 else Outcome.PASS)
             for i in range(count)]
     store = LocalStore.open(path)
-    store._write_batch([w for r in runs for w in (_Write("begin", run=r), _Write("finish", run=r))])
+    store._write_batch([w for r in runs for w in (_Write.begin(r), _Write.finish(r))])
     store.close()
     return runs
 
@@ -375,7 +375,7 @@ def test_runs_table_fits_80_columns_without_splitting_identifiers(
     # an open run, found INTERRUPTED: the longest outcome
     r = records_factory.run(serial="SN6961000012345", batch="a-rather-long-batch-name-2026-47", outcome=None)
     store = LocalStore.open(tmp_path / "s.sqlite")
-    store._write_batch([_Write("begin", run=r)])
+    store._write_batch([_Write.begin(r)])
     store.close()
     assert main(["runs", "--store", str(tmp_path / "s.sqlite")]) == 0
     lines = capsys.readouterr().out.splitlines()
@@ -401,7 +401,7 @@ def test_reading_commands_filter_by_start_time(tmp_path: Path, capsys: pytest.Ca
     # One run a day, at 08:30 UTC on 14, 15 and 16 May 2024.
     runs = [records_factory.run(serial=f"SN{day}", started_at=records_factory.at(86400 * day)) for day in range(3)]
     store = LocalStore.open(tmp_path / "s.sqlite")
-    store._write_batch([w for r in runs for w in (_Write("begin", run=r), _Write("finish", run=r))])
+    store._write_batch([w for r in runs for w in (_Write.begin(r), _Write.finish(r))])
     store.close()
 
     def serials(*filters: str) -> list[str]:

@@ -139,13 +139,36 @@ def test_a_reader_that_stops_reading_ends_runs_quietly(tmp_path: Path) -> None:
     store_path = tmp_path / "store.sqlite"
     store = LocalStore.open(store_path)
     r = records_factory.run()
-    store._write_batch([_Write("begin", run=r), _Write("finish", run=r)])
+    store._write_batch([_Write.begin(r), _Write.finish(r)])
     store.close()
     for args in (["runs", "--json"], ["runs"], ["find", "--local", "--serial", r.serial]):
         proc = sequencer(*args, "--store", str(store_path))
         proc.stdout.close()
         assert proc.wait(timeout=30) == 141
         assert proc.stderr.read() == ""
+
+
+def test_a_station_started_after_a_crash_copies_the_journal_and_says_what_it_could_not_read(tmp_path: Path) -> None:
+    from reports.store import _Write
+    from tests import records_factory
+
+    store_path = tmp_path / "store.sqlite"
+    LocalStore.open(store_path).close()
+    crashed = records_factory.run(outcome=None, batch="CRASHED")
+    boot = records_factory.phase("boot")
+    journal = [_Write.begin(crashed).line(),
+               _Write.phase(crashed.run_id, 0, boot, dict(crashed.dut)).line(), b"P\tgarbage\n"]
+    (tmp_path / "store.sqlite.journal-000001").write_bytes(b"".join(journal))
+    proc = sequencer("run", str(ROOT / "products" / "esp32_sensor.py"), "--sim", "1", "--store", str(store_path),
+                     "--plain", "--batch", "NEXT")
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out + err
+    assert "1 run(s) left open by a previous station were marked INTERRUPTED" in out
+    assert f"1 line(s) of {store_path}'s journal could not be read" in out
+    [run], _ = reopened(store_path, "CRASHED")
+    assert run.outcome is Outcome.INTERRUPTED
+    assert [p.name for p in run.phases] == [boot.name]
+    assert not list(tmp_path.glob("store.sqlite.journal-*"))
 
 
 @pytest.mark.slow

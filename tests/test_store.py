@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import signal
 import sqlite3
+import subprocess
+import sys
+import threading
 from pathlib import Path
 
 import attrs
 import pytest
 import trio
 
-from reports.store import LocalStore, StoreError, _Write
+from reports.store import LocalStore, StoreError, _journal_segments, _Write
 from sequencer.records import AttemptRecord, Outcome, PhaseRecord, RunRecord, utcnow
 
 
@@ -44,7 +48,11 @@ async def test_reader_does_not_interrupt_a_live_station(store_path: Path) -> Non
         await station.begin_run(make_run("live"))
         reader = LocalStore.open(store_path)
         assert reader.interrupted_on_open == 0
+        with trio.fail_after(10):
+            while reader.get_run("live") is None:  # readers see a record once it is copied from the journal
+                await trio.sleep(0.001)
         assert reader.get_run("live").outcome is None
+        assert _journal_segments(store_path) != []  # the reader did not replay the live station's journal
         reader.close()
         with pytest.raises(StoreError, match="in use by another station process"):
             LocalStore.open(store_path, station=True)
@@ -172,15 +180,161 @@ async def test_a_commit_cancelled_while_it_waits_still_returns_and_the_cancel_la
     store.close()
 
 
-async def test_a_failed_write_is_reported_to_its_waiter_and_the_writer_goes_on(store_path: Path) -> None:
+async def test_a_write_for_a_run_that_is_not_open_is_refused_at_once_and_the_writer_goes_on(
+    store_path: Path,
+) -> None:
+    # Refused before it reaches the journal: a record the database would
+    # refuse (no such run) must not sit in the journal to be replayed.
     store = LocalStore.open(store_path, station=True)
     async with store.writer():
-        with pytest.raises(StoreError, match="write failed: FOREIGN KEY"):
+        with pytest.raises(StoreError, match="write failed: run 'no-such-run' is not open"):
             await store.commit_phase("no-such-run", 0, make_phase("boot"), {})
-        await store.begin_run(make_run("r1"))  # the writer thread survived the failed transaction
+        await store.begin_run(make_run("r1"))
         await store.commit_phase("r1", 0, make_phase("boot"), {"serial": "SN1"})
+        await store.finish_run(attrs.evolve(make_run("r1"), outcome=Outcome.PASS, ended_at=utcnow()))
+        with pytest.raises(StoreError, match="run 'r1' is not open"):
+            await store.commit_phase("r1", 1, make_phase("late"), {"serial": "SN1"})
     assert [p.name for p in store.get_run("r1").phases] == ["boot"]
+    assert _journal_segments(store_path) == []  # all of it copied, so the journal is gone
     store.close()
+
+
+_KILLED_BEFORE_THE_COPY = """
+import os, signal, sys, threading
+import trio
+from reports.store import LocalStore
+from sequencer.records import AttemptRecord, Outcome, PhaseRecord, RunRecord, utcnow
+
+store = LocalStore.open(sys.argv[1], station=True)
+never = threading.Event()
+store._write_batch = lambda writes: never.wait()  # the copy into SQLite never gets through
+
+
+async def main():
+    async with store.writer():
+        await store.begin_run(RunRecord("r1", "widget", "st1", 0, "/dev/tty0", utcnow(), batch="B1"))
+        for k, name in enumerate(["boot", "identify", "rails"]):
+            now = utcnow()
+            phase = PhaseRecord(name, Outcome.PASS, now, now, (AttemptRecord(1, Outcome.PASS, now, now),))
+            await store.commit_phase("r1", k, phase, {"serial": "SN1"})
+        print("committed", flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+trio.run(main)
+"""
+
+
+def test_a_commit_that_returned_survives_a_kill_before_it_reached_the_database(store_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-c", _KILLED_BEFORE_THE_COPY, str(store_path)], capture_output=True,
+                          text=True, timeout=60, cwd=Path(__file__).resolve().parent.parent)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert proc.stdout == "committed\n"
+    assert len(_journal_segments(store_path)) == 1
+    reader = LocalStore.open(store_path)  # no station holds the store, so it recovers
+    assert (reader.replayed_on_open, reader.damaged_on_open, reader.interrupted_on_open) == (4, 0, 1)
+    run = reader.get_run("r1")
+    assert run.outcome is Outcome.INTERRUPTED
+    assert [p.name for p in run.phases] == ["boot", "identify", "rails"]
+    assert run.serial == "SN1"
+    assert _journal_segments(store_path) == []
+    reader.close()
+    again = LocalStore.open(store_path, station=True)  # replayed once, not again
+    assert (again.replayed_on_open, again.interrupted_on_open) == (0, 0)
+    assert again.get_run("r1") == run
+    again.close()
+
+
+def test_a_damaged_journal_line_is_skipped_and_counted_and_the_rest_is_replayed(store_path: Path) -> None:
+    LocalStore.open(store_path).close()
+    run = make_run("r1")
+    lines = [
+        _Write.begin(run).line(),
+        _Write.phase("r1", 0, make_phase("boot"), {"serial": "SN1"}).line(),
+        b"P\t\"r1\"\t1\t{not json\n",  # damaged in the middle
+        _Write.phase("r1", 2, make_phase("rails"), {"serial": "SN1"}).line(),
+        _Write.phase("orphan", 0, make_phase("boot"), {}).line(),  # its run's beginning was lost
+    ]
+    torn = _Write.phase("r1", 3, make_phase("sensor"), {"serial": "SN1"}).line()[:40]  # the write never finished
+    store_path.with_name("store.sqlite.journal-000001").write_bytes(b"".join(lines[:3]))
+    store_path.with_name("store.sqlite.journal-000002").write_bytes(b"".join(lines[3:]) + torn)
+    store = LocalStore.open(store_path, station=True)
+    assert (store.replayed_on_open, store.damaged_on_open, store.interrupted_on_open) == (4, 3, 1)
+    assert [p.name for p in store.get_run("r1").phases] == ["boot", "rails"]
+    assert store.get_run("r1").serial == "SN1"
+    assert store.get_run("orphan") is None
+    assert _journal_segments(store_path) == []
+    store.close()
+
+
+async def test_journal_segments_are_deleted_once_copied_while_the_station_writes(store_path: Path) -> None:
+    store = LocalStore.open(store_path, station=True)
+    store.journal_segment_bytes = 4096  # a segment every few phases
+    async with store.writer():
+        await store.begin_run(make_run("r1"))
+        for k in range(200):
+            await store.commit_phase("r1", k, make_phase(f"p{k}"), {"serial": "SN1"})
+        first = store._journal.segment
+        assert first >= 10
+        with trio.fail_after(10):
+            while len(_journal_segments(store_path)) > 1:  # the copier catches up and deletes behind itself
+                await trio.sleep(0.01)
+        assert [n for n, _ in _journal_segments(store_path)] == [first]
+    assert _journal_segments(store_path) == []
+    assert len(store.get_run("r1").phases) == 200
+    store.close()
+
+
+async def test_after_the_database_refuses_a_transaction_every_write_is_refused_and_the_journal_keeps_all(
+    store_path: Path,
+) -> None:
+    store = LocalStore.open(store_path, station=True)
+    copy = store._write_batch
+    refusing = threading.Event()
+
+    def write_batch(writes: list[_Write]) -> None:
+        if refusing.is_set():
+            raise sqlite3.OperationalError("disk I/O error")
+        copy(writes)
+
+    store._write_batch = write_batch  # type: ignore[method-assign]
+    async with store.writer():
+        await store.begin_run(make_run("r1"))
+        await store.commit_phase("r1", 0, make_phase("boot"), {"serial": "SN1"})
+        with trio.fail_after(10):
+            while (run := store.get_run("r1")) is None or not run.phases:  # copied into the database
+                await trio.sleep(0.001)
+        refusing.set()
+        await store.commit_phase("r1", 1, make_phase("rails"), {"serial": "SN1"})  # journalled: durable
+        with pytest.raises(StoreError, match=f"{store_path}: write failed: disk I/O error"):
+            with trio.fail_after(10):
+                for k in range(2, 10_000):  # the refusal reaches the slots at their next write
+                    await store.commit_phase("r1", k, make_phase(f"p{k}"), {"serial": "SN1"})
+                    await trio.sleep(0.001)
+        # told once; the writer's exit does not raise it again
+    assert [p.name for p in store.get_run("r1").phases] == ["boot"]  # what the database had before it refused
+    store.close()
+    assert _journal_segments(store_path) != []
+    reopened = LocalStore.open(store_path, station=True)
+    run = reopened.get_run("r1")
+    assert [p.name for p in run.phases][:2] == ["boot", "rails"]  # nothing the store said was written is lost
+    assert run.outcome is Outcome.INTERRUPTED
+    reopened.close()
+
+
+async def test_a_refusal_nobody_heard_of_is_raised_when_the_writer_stops(store_path: Path) -> None:
+    store = LocalStore.open(store_path, station=True)
+
+    def refuse(writes: list[_Write]) -> None:
+        raise sqlite3.OperationalError("database or disk is full")
+
+    store._write_batch = refuse  # type: ignore[method-assign]
+    with pytest.raises(StoreError, match="write failed: database or disk is full"):
+        async with store.writer():
+            await store.begin_run(make_run("r1"))
+    store.close()
+    reopened = LocalStore.open(store_path, station=True)
+    assert reopened.replayed_on_open == 1 and reopened.get_run("r1").outcome is Outcome.INTERRUPTED
+    reopened.close()
 
 
 async def test_writing_needs_the_writer_running(store_path: Path) -> None:
@@ -221,9 +375,9 @@ def test_a_rolled_back_batch_does_not_leave_the_identity_it_tried_to_write_behin
     # back must not update that memory, or the next phase with the same
     # identity would skip the header and the run would lose its serial.
     store = LocalStore.open(store_path, station=True)
-    store._write_batch([_Write("begin", run=make_run("r1"))])
-    identified = _Write("phase", run_id="r1", index=0, phase=make_phase("identify"), dut={"serial": "SN1"})
-    orphan = _Write("phase", run_id="no-such-run", index=0, phase=make_phase("boot"), dut={})
+    store._write_batch([_Write.begin(make_run("r1"))])
+    identified = _Write.phase("r1", 0, make_phase("identify"), {"serial": "SN1"})
+    orphan = _Write.phase("no-such-run", 0, make_phase("boot"), {})
     with pytest.raises(sqlite3.IntegrityError):
         store._write_batch([identified, orphan])
     assert store.get_run("r1").serial is None  # rolled back
