@@ -23,12 +23,12 @@ copied it, milliseconds after its append.
 
 from __future__ import annotations
 
+import collections
 import datetime as dt
 import fcntl
 import glob
 import json
 import os
-import queue
 import sqlite3
 import threading
 from collections.abc import AsyncIterator, Iterator
@@ -90,6 +90,8 @@ CREATE INDEX IF NOT EXISTS runs_started ON runs (started_at, run_id);
 CHECKPOINT_INTERVAL_S = 1.0
 #: SQLite's own default, restored for readers when the writer stops.
 SQLITE_AUTOCHECKPOINT_PAGES = 1000
+#: How often journalled records are copied into SQLite: readers see a record at most about this late.
+COPY_INTERVAL_S = 0.01
 #: Past this size the journal starts a new segment, so copied ones can be deleted (see :class:`_Journal`).
 JOURNAL_SEGMENT_BYTES = 4 << 20
 
@@ -331,7 +333,10 @@ class LocalStore:
         self.checkpoint_interval_s = CHECKPOINT_INTERVAL_S
         #: journal segment size (see :class:`_Journal`)
         self.journal_segment_bytes = JOURNAL_SEGMENT_BYTES
-        self._inbox: queue.SimpleQueue[tuple[int, _Write] | None] | None = None
+        #: how often the copier thread moves journalled records into SQLite
+        self.copy_interval_s = COPY_INTERVAL_S
+        #: journalled and not yet copied, oldest first (appended on the trio thread, taken by the copier)
+        self._pending: collections.deque[tuple[int, _Write]] | None = None
         self._journal: _Journal | None = None
         #: runs begun and not finished by this writer (trio thread): a write for any other run is refused
         self._open_runs: set[str] = set()
@@ -447,7 +452,7 @@ class LocalStore:
         raises :class:`StoreError`; the journal then keeps every record for
         the next open to replay.
         """
-        if self._inbox is not None:
+        if self._pending is not None:
             raise RuntimeError(f"{self.path}: the store already has a writer")
         try:
             journal = _Journal(self.path, self.journal_segment_bytes)
@@ -457,27 +462,30 @@ class LocalStore:
             self._conn.execute("PRAGMA wal_autocheckpoint=0")
         checkpointer = _Checkpointer(self.path, self.checkpoint_interval_s)
         checkpointer.start()
-        inbox: queue.SimpleQueue[tuple[int, _Write] | None] = queue.SimpleQueue()
+        pending: collections.deque[tuple[int, _Write]] = collections.deque()
+        stop = threading.Event()
         thread = threading.Thread(
-            target=self._write_thread, args=(inbox, journal), name=f"store writer {self.path.name}", daemon=True
+            target=self._copy_thread, args=(pending, stop, journal), name=f"store copier {self.path.name}",
+            daemon=True,
         )
         thread.start()
-        self._inbox, self._journal = inbox, journal
+        self._pending, self._journal = pending, journal
         self._failure, self._failure_told = None, False
         try:
             yield self
         finally:
-            # The stop request queues behind every journalled write, so when
-            # the thread ends each of them has been copied (or refused).
+            # Asked to stop after every journalled write, the copier takes
+            # them all in its last round: when it ends each has been copied
+            # (or refused).
             with trio.CancelScope(shield=True):
-                inbox.put(None)
+                stop.set()
 
                 def join_threads() -> None:
                     thread.join()
                     checkpointer.stop()  # after the checkpoint in progress, if any
 
                 await trio.to_thread.run_sync(join_threads)
-            self._inbox, self._journal = None, None
+            self._pending, self._journal = None, None
             self._open_runs.clear()
             journal.close(applied=self._failure is None)
             with self._lock:
@@ -508,12 +516,12 @@ class LocalStore:
         await trio.lowlevel.cancel_shielded_checkpoint()
 
     def _check_open(self, run_id: str) -> None:
-        if self._inbox is not None and run_id not in self._open_runs:
+        if self._pending is not None and run_id not in self._open_runs:
             raise StoreError(f"{self.path}: write failed: run {run_id!r} is not open (never begun, or finished)")
 
     def _append(self, write: _Write) -> None:
         """Journal ``write`` and queue it for the database (trio thread)."""
-        if self._inbox is None or self._journal is None:
+        if self._pending is None or self._journal is None:
             raise RuntimeError(f"{self.path}: writing needs `async with store.writer():`")
         if self._failure is not None:
             raise self._refusal()
@@ -524,7 +532,7 @@ class LocalStore:
             # one: after a refused append, nothing more is appended.
             self._failure = exc
             raise self._refusal() from None
-        self._inbox.put((segment, write))
+        self._pending.append((segment, write))
 
     def _refusal(self) -> StoreError:
         self._failure_told = True
@@ -532,16 +540,18 @@ class LocalStore:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         return StoreError(f"{self.path}: write failed: {reason}")
 
-    def _write_thread(self, inbox: queue.SimpleQueue[tuple[int, _Write] | None], journal: _Journal) -> None:
-        """The copier: each transaction takes everything journalled while the last one ran."""
+    def _copy_thread(self, pending: collections.deque[tuple[int, _Write]], stop: threading.Event,
+                     journal: _Journal) -> None:
+        """The copier: every ``copy_interval_s``, one transaction with everything journalled since the last.
+
+        On a timer rather than woken by each record: a thread woken per
+        record competes with the slots for the GIL at every record (each
+        hand-over costs more than the append it follows), and nobody waits
+        for the copy.
+        """
         while True:
-            items = [inbox.get()]
-            while True:
-                try:
-                    items.append(inbox.get_nowait())
-                except queue.Empty:
-                    break
-            queued = [item for item in items if item is not None]
+            stopping = stop.wait(self.copy_interval_s)  # set after the last append, so this round takes it
+            queued = [pending.popleft() for _ in range(len(pending))]
             if queued and self._failure is None:
                 try:
                     self._write_batch([w for _, w in queued])
@@ -553,7 +563,7 @@ class LocalStore:
                     # Writes are copied in journal order: every segment
                     # before the newest one seen here is in the database.
                     journal.release_before(queued[-1][0])
-            if len(queued) < len(items):
+            if stopping:
                 return
 
     def _write_batch(self, writes: list[_Write]) -> None:

@@ -278,35 +278,39 @@ def phase_to_json(phase: PhaseRecord) -> str:
 def _phase_data(p: PhaseRecord) -> tuple[dict[str, Any], bool]:
     # The same shape as ``to_dict(p)``, field for field. A field added to a
     # record class must be added here too; tests/test_records.py compares the
-    # two forms over generated records, so forgetting fails there.
+    # two forms over generated records, so forgetting fails there. Enums,
+    # tuples and datetimes are left for orjson, which writes them as
+    # ``to_dict`` does (value, array, ``isoformat``) at C speed: this runs
+    # once per phase on the trio thread.
     finite = math.isfinite(p.resource_wait_s)
     attempts = []
     for a in p.attempts:
         measurements = []
         for m in a.measurements:
             lim = m.limits
-            limits = None
-            if lim is not None:
-                limits = {"low": lim.low, "high": lim.high, "marginal_low": lim.marginal_low,
-                          "marginal_high": lim.marginal_high}
-                finite = finite and _finite(lim.low, lim.high, lim.marginal_low, lim.marginal_high)
-            finite = finite and _finite(m.value)
+            if lim is None:
+                limits = None
+            else:
+                low, high, marginal_low, marginal_high = lim.low, lim.high, lim.marginal_low, lim.marginal_high
+                limits = {"low": low, "high": high, "marginal_low": marginal_low, "marginal_high": marginal_high}
+                finite = finite and _finite(low, high, marginal_low, marginal_high)
+            value = m.value
+            finite = finite and (value is None or _finite(value))
             measurements.append({
-                "name": m.name, "outcome": m.outcome.value, "value": m.value, "units": m.units,
-                "description": m.description, "validators": list(m.validators), "limits": limits,
-                "marginal": m.marginal, "reason": m.reason, "dimensions": [list(d) for d in m.dimensions],
+                "name": m.name, "outcome": m.outcome, "value": value, "units": m.units,
+                "description": m.description, "validators": m.validators, "limits": limits,
+                "marginal": m.marginal, "reason": m.reason, "dimensions": m.dimensions,
             })
         e = a.error
         attempts.append({
-            "number": a.number, "outcome": a.outcome.value, "started_at": a.started_at.isoformat(),
-            "ended_at": a.ended_at.isoformat(), "measurements": measurements, "reason": a.reason,
+            "number": a.number, "outcome": a.outcome, "started_at": a.started_at, "ended_at": a.ended_at,
+            "measurements": measurements, "reason": a.reason,
             "error": None if e is None else {"type": e.type, "message": e.message, "traceback": e.traceback},
         })
     data = {
-        "name": p.name, "outcome": p.outcome.value, "started_at": p.started_at.isoformat(),
-        "ended_at": p.ended_at.isoformat(), "attempts": attempts, "reason": p.reason, "teardown": p.teardown,
-        "resource_wait_s": p.resource_wait_s,
-        "logs": [{"timestamp": ln.timestamp.isoformat(), "level": ln.level, "message": ln.message} for ln in p.logs],
+        "name": p.name, "outcome": p.outcome, "started_at": p.started_at, "ended_at": p.ended_at,
+        "attempts": attempts, "reason": p.reason, "teardown": p.teardown, "resource_wait_s": p.resource_wait_s,
+        "logs": [{"timestamp": ln.timestamp, "level": ln.level, "message": ln.message} for ln in p.logs],
         "attachments": [
             {"name": at.name, "mimetype": at.mimetype, "data": b85encode(at.data).decode() if at.data else ""}
             for at in p.attachments

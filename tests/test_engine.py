@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from reports.store import LocalStore
+from reports.store import LocalStore, _journal_segments, _read_journal
 from sequencer import Measurement, PhaseResult, Product, phase
 from sequencer.events import EventBus, MeasurementTaken, RunFinished
 from sequencer.records import MeasurementOutcome, Outcome
@@ -397,10 +397,16 @@ async def test_records_are_committed_before_dependents_start(store_path: Path) -
 
     @phase(after=[first])
     async def second(ctx) -> None:
+        # Durable means where the next open would find it: in the database,
+        # or in the journal it replays (the copy into SQLite runs behind).
         reader = LocalStore.open(store_path)
         run = reader.get_run(ctx.record.run_id)
         reader.close()
-        seen_in_store.append(run is not None and run.phase("first") is not None)
+        journalled, _ = _read_journal([path for _, path in _journal_segments(store_path)])
+        seen_in_store.append(
+            (run is not None and run.phase("first") is not None)
+            or any(w.kind == "phase" and w.run_id == ctx.record.run_id and w.name == "first" for w in journalled)
+        )
 
     await run_product(Product("p", [first, second]), store_path)
     assert seen_in_store == [True]
