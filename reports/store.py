@@ -3,8 +3,8 @@
 Durability rule: a phase's record is durable before its slot moves on. It is
 made so by appending it to the store's *journal* (segment files beside the
 database, ``<store>.journal-NNNNNN``) with one ``write`` on the trio thread;
-a writer thread then copies journalled records into SQLite in group commits,
-on its own schedule, and deletes each segment once all of it is in the
+a copier thread moves journalled records into SQLite every 10 ms, all of
+them in one transaction, and deletes each segment once all of it is in the
 database. A slot never waits for a transaction, a thread hand-off or another
 slot's records: only for its own append, a few microseconds into the page
 cache.
@@ -17,8 +17,8 @@ station holds it), journal segments left behind are replayed into the
 database, then runs left open are marked ``INTERRUPTED``.
 
 Reads are synchronous and meant for the CLI and reports (the station itself
-never reads back during a run); they see a record once the writer thread has
-copied it, milliseconds after its append.
+never reads back during a run); they see a record once the copier thread has
+copied it, about 10 ms after its append.
 """
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ class StoreError(Exception):
 
 @attrs.frozen
 class _Write:
-    """One write, as the writer thread applies it and as the journal keeps it (one line each)."""
+    """One write, as the copier thread applies it and as the journal keeps it (one line each)."""
 
     kind: str  # "begin" | "phase" | "finish"
     run_id: str
@@ -224,7 +224,7 @@ class _Journal:
 
     Appended to by the trio thread only (one ``os.write`` per record, so a
     killed process leaves whole lines and at most one torn last line);
-    segments are deleted by the writer thread once everything in them is in
+    segments are deleted by the copier thread once everything in them is in
     SQLite. A new segment starts past ``segment_bytes``, so a station that
     runs for weeks keeps a journal of about one segment, not one that grows.
 
@@ -245,7 +245,7 @@ class _Journal:
         self._fd: int | None = None
         self._size = 0
         self._open_next()
-        #: segments below this one are deleted (writer thread only)
+        #: segments below this one are deleted (copier thread only)
         self._released = self.segment
 
     def _open_next(self) -> None:
@@ -270,7 +270,7 @@ class _Journal:
         return self.segment
 
     def release_before(self, segment: int) -> None:
-        """Delete every segment below ``segment``: all of their records are in the database (writer thread)."""
+        """Delete every segment below ``segment``: all of their records are in the database (copier thread)."""
         while self._released < segment:
             _segment_path(self._db_path, self._released).unlink(missing_ok=True)
             self._released += 1
@@ -322,7 +322,7 @@ class LocalStore:
         self.path = path
         self._conn = conn
         self._lock_fd = lock_fd
-        self._lock = threading.Lock()  # the connection is shared by the writer thread and readers
+        self._lock = threading.Lock()  # the connection is shared by the copier thread and readers
         #: runs found open (and marked INTERRUPTED) when the store was opened
         self.interrupted_on_open = 0
         #: records a dead station had journalled but not yet copied, replayed into the database on open
@@ -340,12 +340,12 @@ class LocalStore:
         self._journal: _Journal | None = None
         #: runs begun and not finished by this writer (trio thread): a write for any other run is refused
         self._open_runs: set[str] = set()
-        #: why the database refused a transaction (set by the writer thread); every later write is refused
+        #: why the database refused a transaction (set by the copier thread); every later write is refused
         self._failure: BaseException | None = None
         self._failure_told = False
-        #: identity last written for each run this process has open (writer thread only)
+        #: identity last written for each run this process has open (copier thread only)
         self._open_duts: dict[str, dict[str, str]] = {}
-        #: the last change number written (writer thread only; read once, then kept: one writer per store)
+        #: the last change number written (copier thread only; read once, then kept: one writer per store)
         self._seq: int | None = None
 
     @classmethod
