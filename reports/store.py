@@ -47,7 +47,7 @@ from sequencer.records import (
     from_dict,
     phase_to_json,
     run_from_json,
-    to_dict,
+    run_header_json,
     utcnow,
 )
 
@@ -119,11 +119,11 @@ class _Write:
 
     @classmethod
     def begin(cls, run: RunRecord) -> _Write:
-        return cls("begin", run.run_id, header=_header_json(run), columns=_record_columns(run), dut=dict(run.dut))
+        return cls("begin", run.run_id, header=run_header_json(run), columns=_record_columns(run), dut=dict(run.dut))
 
     @classmethod
     def finish(cls, run: RunRecord) -> _Write:
-        return cls("finish", run.run_id, header=_header_json(run), columns=_record_columns(run))
+        return cls("finish", run.run_id, header=run_header_json(run), columns=_record_columns(run))
 
     @classmethod
     def phase(cls, run_id: str, index: int, phase: PhaseRecord, dut: dict[str, str]) -> _Write:
@@ -201,11 +201,6 @@ def _json_bytes(value: Any) -> bytes:
         return orjson.dumps(value)
     except TypeError:  # a DUT's text with a lone surrogate: the json module escapes it (as phase_to_json does)
         return json.dumps(value, separators=(",", ":")).encode()
-
-
-def _header_json(run: RunRecord) -> str:
-    data = to_dict(attrs.evolve(run, phases=()))
-    return json.dumps(data, separators=(",", ":"))
 
 
 def _record_columns(r: RunRecord) -> tuple[Any, ...]:

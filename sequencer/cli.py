@@ -15,13 +15,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-import trio
 from rich.console import Console
 from rich.markup import escape
 from rich.text import Text
 
 from fixtures.station import STATION_FIXTURES  # what the station provides every product
 from reports.export import TABLES as EXPORT_TABLES
+from sequencer.clock import run_on_station_clock
 from sequencer.config import ConfigError, StationConfig, load_station_config
 from sequencer.product import LoadedProduct, ProductError, layers, load_product
 from sequencer.records import Outcome, RunRecord, run_to_json
@@ -332,7 +332,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     log_handle = configure_logging(config.store.parent / "station.log", verbose=args.verbose)
     tune_garbage_collector()
     try:
-        result = trio.run(run_session, loaded, config, store, console, not args.plain, faults)
+        result = run_on_station_clock(run_session, loaded, config, store, console, not args.plain, faults)
         # The batch page covers the whole batch, earlier sessions and retests included.
         batch_runs = store.find_runs(batch=config.batch_or_default)
     finally:

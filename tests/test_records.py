@@ -6,6 +6,7 @@ import datetime as dt
 import json
 import math
 
+import attrs
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -21,6 +22,7 @@ from sequencer.records import (
     from_dict,
     phase_to_json,
     run_from_json,
+    run_header_json,
     run_outcome,
     run_to_json,
     to_dict,
@@ -77,6 +79,14 @@ def test_the_stored_phase_text_is_the_general_json_form(phase: PhaseRecord) -> N
     fast = phase_to_json(phase)
     general = json.dumps(to_dict(phase), separators=(",", ":"))
     assert _canonical(fast) == _canonical(general)
+
+
+@given(runs)
+def test_the_stored_run_header_is_the_general_json_form_without_phases(run: RunRecord) -> None:
+    fast = run_header_json(run)
+    general = json.dumps(to_dict(attrs.evolve(run, phases=())), separators=(",", ":"))
+    assert _canonical(fast) == _canonical(general)
+    assert run_from_json(fast) == attrs.evolve(run, phases=())
 
 
 @given(phases)

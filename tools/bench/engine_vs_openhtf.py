@@ -141,6 +141,7 @@ def child_sequencer(args: argparse.Namespace) -> None:
         from sequencer.events import EventBus
         from sequencer.logs import configure_logging
         from sequencer.product import LoadedProduct, validate_product
+        from sequencer.clock import run_on_station_clock
         from sequencer.records import MeasurementOutcome, Outcome
         from sequencer.station import run_station, tune_garbage_collector
     rss_after_import = _common.rss_kib()
@@ -210,7 +211,7 @@ def child_sequencer(args: argparse.Namespace) -> None:
                         nursery.start_soon(bare_dut)
             out["floor_s"] = floor.wall_s
 
-    trio.run(main)
+    run_on_station_clock(main)  # as `sequencer run` runs a station
     # Read the records back from the store: every run complete and PASS.
     bad = []
     for run_id in out.pop("run_ids"):

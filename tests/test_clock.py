@@ -1,0 +1,92 @@
+"""The station's clock: deadlines wake the event loop through a timer, not at trio's millisecond timeout."""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import sys
+import time
+
+import pytest
+import trio
+
+from sequencer.clock import StationClock, _Itimerspec, run_on_station_clock, wake_at_deadlines
+
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="timerfd is Linux's")
+
+
+def remaining(clock: StationClock) -> float:
+    """Seconds until the clock's timer fires (0.0: disarmed), from the kernel."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    spec = _Itimerspec()
+    assert libc.timerfd_gettime(clock.fd, ctypes.byref(spec)) == 0
+    return spec.it_value.tv_sec + spec.it_value.tv_nsec / 1e9
+
+
+@linux_only
+def test_the_timer_is_armed_at_the_next_deadline_and_disarmed_when_there_is_none() -> None:
+    clock = StationClock()
+    clock.start_clock()
+    try:
+        assert clock.fd >= 0
+        deadline = clock.current_time() + 5.0
+        assert 4.9 < clock.deadline_to_sleep_time(deadline) <= 5.0
+        assert 4.9 < remaining(clock) <= 5.0
+        later = clock.current_time() + 30.0
+        clock.deadline_to_sleep_time(later)
+        assert 29.9 < remaining(clock) <= 30.0
+        assert clock.deadline_to_sleep_time(math.inf) == math.inf
+        assert remaining(clock) == 0.0
+    finally:
+        clock.close()
+    assert clock.fd == -1
+
+
+def test_the_clock_is_the_monotonic_clock() -> None:
+    clock = StationClock()
+    before = time.monotonic()
+    now = clock.current_time()
+    assert before <= now <= time.monotonic()
+
+
+@linux_only
+def test_each_sleep_wakes_the_loop_through_the_timer() -> None:
+    async def main() -> tuple[StationClock, list[float]]:
+        clock = trio.lowlevel.current_clock()
+        assert isinstance(clock, StationClock)
+        late = []
+        for _ in range(20):
+            deadline = trio.current_time() + 0.0013  # not a whole number of milliseconds
+            await trio.sleep_until(deadline)
+            late.append(trio.current_time() - deadline)
+        return clock, late
+
+    clock, late = run_on_station_clock(main)
+    assert clock.fired >= 20  # one per deadline, at least
+    assert all(x >= 0 for x in late)  # never early
+    assert clock.fd == -1  # closed with the run
+
+
+async def test_without_the_station_clock_the_waker_has_nothing_to_do() -> None:
+    with trio.fail_after(5):
+        await wake_at_deadlines()  # returns at once under trio's own clock
+
+
+@linux_only
+def test_sleeps_and_timeouts_keep_their_meaning_on_the_station_clock() -> None:
+    async def main() -> list[str]:
+        order: list[str] = []
+
+        async def sleeper(name: str, seconds: float) -> None:
+            await trio.sleep(seconds)
+            order.append(name)
+
+        async with trio.open_nursery() as nursery:
+            for name, seconds in (("c", 0.03), ("a", 0.01), ("b", 0.02)):
+                nursery.start_soon(sleeper, name, seconds)
+        with trio.move_on_after(0.005) as scope:
+            await trio.sleep_forever()
+        order.append("timed out" if scope.cancelled_caught else "not timed out")
+        return order
+
+    assert run_on_station_clock(main) == ["a", "b", "c", "timed out"]
