@@ -265,9 +265,16 @@ class _Journal:
         return self.segment
 
     def release_before(self, segment: int) -> None:
-        """Delete every segment below ``segment``: all of their records are in the database (copier thread)."""
+        """Delete every segment below ``segment``: all of their records are in the database (copier thread).
+
+        A segment that cannot be deleted is left for the next open, which
+        replays it harmlessly (replaying is idempotent).
+        """
         while self._released < segment:
-            _segment_path(self._db_path, self._released).unlink(missing_ok=True)
+            try:
+                _segment_path(self._db_path, self._released).unlink(missing_ok=True)
+            except OSError:
+                return
             self._released += 1
 
     def close(self, *, applied: bool) -> None:
@@ -463,9 +470,9 @@ class LocalStore:
             target=self._copy_thread, args=(pending, stop, journal), name=f"store copier {self.path.name}",
             daemon=True,
         )
+        self._failure, self._failure_told = None, False
         thread.start()
         self._pending, self._journal = pending, journal
-        self._failure, self._failure_told = None, False
         try:
             yield self
         finally:
@@ -544,6 +551,16 @@ class LocalStore:
         hand-over costs more than the append it follows), and nobody waits
         for the copy.
         """
+        try:
+            self._copy_rounds(pending, stop, journal)
+        except BaseException as exc:  # noqa: BLE001
+            # A copier that died quietly would leave records uncopied, and the
+            # writer's exit would then delete the journal that holds them.
+            if self._failure is None:
+                self._failure = exc
+
+    def _copy_rounds(self, pending: collections.deque[tuple[int, _Write]], stop: threading.Event,
+                     journal: _Journal) -> None:
         while True:
             stopping = stop.wait(self.copy_interval_s)  # set after the last append, so this round takes it
             queued = [pending.popleft() for _ in range(len(pending))]

@@ -1,19 +1,17 @@
-"""The station's clock: deadlines wake the event loop through a timer, not at trio's millisecond timeout."""
+"""The station's clock: deadlines wake the event loop through a timer, not at trio's millisecond timeout.
+
+Stations run on Linux (as the rest of the suite assumes), where the timer is a timerfd.
+"""
 
 from __future__ import annotations
 
 import ctypes
 import math
-import sys
 import time
 
-import pytest
 import trio
 
 from sequencer.clock import StationClock, _Itimerspec, run_on_station_clock, wake_at_deadlines
-
-linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="timerfd is Linux's")
-
 
 def remaining(clock: StationClock) -> float:
     """Seconds until the clock's timer fires (0.0: disarmed), from the kernel."""
@@ -23,7 +21,6 @@ def remaining(clock: StationClock) -> float:
     return spec.it_value.tv_sec + spec.it_value.tv_nsec / 1e9
 
 
-@linux_only
 def test_the_timer_is_armed_at_the_next_deadline_and_disarmed_when_there_is_none() -> None:
     clock = StationClock()
     clock.start_clock()
@@ -49,7 +46,6 @@ def test_the_clock_is_the_monotonic_clock() -> None:
     assert before <= now <= time.monotonic()
 
 
-@linux_only
 def test_each_sleep_wakes_the_loop_through_the_timer() -> None:
     async def main() -> tuple[StationClock, list[float]]:
         clock = trio.lowlevel.current_clock()
@@ -72,7 +68,6 @@ async def test_without_the_station_clock_the_waker_has_nothing_to_do() -> None:
         await wake_at_deadlines()  # returns at once under trio's own clock
 
 
-@linux_only
 def test_sleeps_and_timeouts_keep_their_meaning_on_the_station_clock() -> None:
     async def main() -> list[str]:
         order: list[str] = []
