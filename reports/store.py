@@ -495,27 +495,30 @@ class LocalStore:
         if self._failure is not None and not self._failure_told:
             raise self._refusal()
 
+    # The three writes are async for the engine's RecordWriter protocol, but
+    # they never yield: see commit_phase.
+
     async def begin_run(self, run: RunRecord) -> None:
         self._append(_Write.begin(run))
         self._open_runs.add(run.run_id)
-        await trio.lowlevel.cancel_shielded_checkpoint()
 
     async def commit_phase(self, run_id: str, index: int, phase: PhaseRecord, dut: dict[str, str]) -> None:
         """Make a phase's record durable; on return it survives the station being killed.
 
-        A schedule point that does not raise ``Cancelled``: a record written
-        is never reported as lost, and an abort lands at the caller's next
-        checkpoint instead.
+        Not a schedule point, so never ``Cancelled``: a record written is
+        never reported as lost, and an abort lands at the caller's next
+        checkpoint (the engine has one after every commit). Not yielding
+        also lets a slot go straight on to its next phase: when a yield
+        here put each slot behind every other slot's commit, sixteen slots
+        woken together took most of a millisecond more per phase.
         """
         self._check_open(run_id)
         self._append(_Write.phase(run_id, index, phase, dut))
-        await trio.lowlevel.cancel_shielded_checkpoint()
 
     async def finish_run(self, run: RunRecord) -> None:
         self._check_open(run.run_id)
         self._append(_Write.finish(run))
         self._open_runs.discard(run.run_id)
-        await trio.lowlevel.cancel_shielded_checkpoint()
 
     def _check_open(self, run_id: str) -> None:
         if self._pending is not None and run_id not in self._open_runs:

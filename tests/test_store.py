@@ -160,10 +160,10 @@ async def test_cancelling_the_station_from_outside_still_writes_every_queued_rec
     assert set(committed) <= stored  # nothing a slot was told is committed went missing
 
 
-async def test_a_commit_cancelled_while_it_waits_still_returns_and_the_cancel_lands_after(store_path: Path) -> None:
+async def test_a_commit_in_a_cancelled_scope_still_returns_and_the_cancel_lands_after(store_path: Path) -> None:
     # The engine sets a phase "done" right after commit_phase returns, so a
-    # return must mean "on disk" even when an abort arrives during the wait;
-    # the cancellation then lands at the task's next checkpoint.
+    # return must mean "on disk" even when an abort has come; the
+    # cancellation then lands at the task's next checkpoint.
     store = LocalStore.open(store_path, station=True)
     steps: list[str] = []
     async with store.writer():
