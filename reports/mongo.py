@@ -45,7 +45,7 @@ import bson
 import pymongo
 import pymongo.errors
 from bson.raw_bson import RawBSONDocument
-from pymongo import UpdateOne
+from pymongo import IndexModel, UpdateOne
 from pymongo.uri_parser import parse_uri
 
 from sequencer.records import SCHEMA_VERSION, Outcome, RunRecord, from_dict, to_dict
@@ -601,7 +601,7 @@ DEVICES_VALIDATOR: dict[str, Any] = {"$jsonSchema": {
     },
 }}
 
-#: (collection, keys, options) — created idempotently by every migration run.
+#: (collection, keys, options) — ensured by every shipper when it connects (see :func:`ensure_schema`).
 INDEXES: tuple[tuple[str, list[tuple[str, int]], dict[str, Any]], ...] = (
     ("devices", [("serial", 1)], {"unique": True, "name": "serial"}),
     ("devices", [("attributes.mac", 1)], {"name": "mac"}),
@@ -612,6 +612,9 @@ INDEXES: tuple[tuple[str, list[tuple[str, int]], dict[str, Any]], ...] = (
     ("runs", [("batch", 1), ("started_at", 1)], {"name": "batch_started"}),
     ("runs", [("outcome", 1)], {"name": "outcome"}),
     ("runs", [("station", 1), ("started_at", 1)], {"name": "station_started"}),
+    # --since/--until across batches, and the most recent runs (`sequencer runs`): without it
+    # both scanned and sorted every run ever shipped.
+    ("runs", [("started_at", 1), ("_id", 1)], {"name": "started"}),
 )
 
 
@@ -626,8 +629,6 @@ def _migrate_to_1(db: Any) -> None:
                 db.create_collection(name, **options)
             except pymongo.errors.CollectionInvalid:  # another station created it just now
                 db.command("collMod", name, **options)
-    for coll, keys, options in INDEXES:
-        db[coll].create_index(keys, **options)
 
 
 #: Migration to version N is MIGRATIONS[N]; each is idempotent (two stations may race).
@@ -635,10 +636,14 @@ MIGRATIONS = {1: _migrate_to_1}
 
 
 def ensure_schema(db: Any) -> int:
-    """Bring the collections to :data:`DB_SCHEMA`; return the version found before.
+    """Bring the collections to :data:`DB_SCHEMA` and ensure :data:`INDEXES`; return the version found before.
 
-    Cheap once done (one read of ``meta``), so every shipper calls it on
-    connect. A database migrated by a newer sequencer is left alone.
+    Cheap once done (one read of ``meta``, one ``createIndexes`` per
+    collection that MongoDB answers at once when the indexes exist), so
+    every shipper calls it on connect. Indexes are outside the versioned
+    migrations: a database made before an index was added gets it from the
+    next shipper that connects, and stations still on an older sequencer
+    go on writing. A database migrated by a newer sequencer is left alone.
     """
     meta = db["meta"].find_one({"_id": "schema"}) or {}
     found = int(meta.get("version", 0))
@@ -653,6 +658,11 @@ def ensure_schema(db: Any) -> int:
             {"$max": {"version": version}, "$currentDate": {"migrated_at": True}},
             upsert=True,
         )
+    by_collection: dict[str, list[IndexModel]] = {}
+    for coll, keys, options in INDEXES:
+        by_collection.setdefault(coll, []).append(IndexModel(keys, **options))
+    for coll, models in by_collection.items():
+        db[coll].create_indexes(models)
     return found
 
 

@@ -91,6 +91,26 @@ async def test_run_and_device_documents(tmp_path: Path, mongo: MongoSettings) ->
     db.client.close()
 
 
+async def test_a_database_made_before_an_index_gets_it_from_the_next_shipper_and_uses_it(
+    mongo: MongoSettings,
+) -> None:
+    def check() -> None:
+        db = database(mongo)
+        ensure_schema(db)
+        db.runs.drop_index("started")  # as a database made before the index existed
+        assert "started" not in {i["name"] for i in db.runs.list_indexes()}
+        assert ensure_schema(db) == DB_SCHEMA  # no migration: the version stays
+        runs = {i["name"]: dict(i["key"]) for i in db.runs.list_indexes()}
+        assert runs["started"] == {"started_at": 1, "_id": 1}
+        since = dt.datetime(2026, 11, 23, tzinfo=dt.timezone.utc)
+        for query, order in (({"started_at": {"$gte": since}}, 1), ({}, -1)):  # --since; the most recent
+            plan = db.runs.find(query).sort([("started_at", order), ("_id", order)]).limit(50).explain()
+            assert "'indexName': 'started'" in str(plan["queryPlanner"]["winningPlan"]), plan
+        db.client.close()
+
+    await trio.to_thread.run_sync(check)
+
+
 async def test_collections_are_created_with_validators_and_indexes(mongo: MongoSettings) -> None:
     def check() -> None:
         db = database(mongo)
