@@ -6,15 +6,19 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import threading
 from pathlib import Path
 
 import attrs
 import pytest
 import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from reports.store import LocalStore, StoreError, _journal_segments, _Write
 from sequencer.records import AttemptRecord, Outcome, PhaseRecord, RunRecord, utcnow
+from tests.strategies import runs
 
 
 def make_run(run_id: str, *, batch: str = "B1", slot: int = 0) -> RunRecord:
@@ -384,3 +388,42 @@ def test_a_rolled_back_batch_does_not_leave_the_identity_it_tried_to_write_behin
     store._write_batch([identified])
     assert store.get_run("r1").serial == "SN1"
     store.close()
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(runs, min_size=1, max_size=3, unique_by=lambda r: r.run_id))
+def test_a_replayed_journal_gives_the_same_records_as_the_live_copy(finished: list[RunRecord]) -> None:
+    # Any record (tabs, newlines, quotes and backslashes in any text field,
+    # infinite measurement values) survives the journal's line framing: replaying what
+    # a station journalled gives exactly what the copier would have written.
+    finished = [attrs.evolve(r, outcome=r.outcome or Outcome.PASS, ended_at=r.ended_at or r.started_at)
+                for r in finished]
+    writes = []
+    for r in finished:
+        writes.append(_Write.begin(attrs.evolve(r, phases=(), outcome=None, ended_at=None)))
+        writes += [_Write.phase(r.run_id, i, p, dict(r.dut)) for i, p in enumerate(r.phases)]
+        writes.append(_Write.finish(r))
+    with tempfile.TemporaryDirectory() as tmp:
+        live_path, replayed_path = Path(tmp) / "live.sqlite", Path(tmp) / "replayed.sqlite"
+        live = LocalStore.open(live_path, station=True)
+
+        async def station() -> None:
+            async with live.writer():
+                for r in finished:
+                    await live.begin_run(attrs.evolve(r, phases=(), outcome=None, ended_at=None))
+                    for i, p in enumerate(r.phases):
+                        await live.commit_phase(r.run_id, i, p, dict(r.dut))
+                    await live.finish_run(r)
+
+        trio.run(station)
+        LocalStore.open(replayed_path).close()
+        replayed_path.with_name("replayed.sqlite.journal-000001").write_bytes(b"".join(w.line() for w in writes))
+        replayed = LocalStore.open(replayed_path, station=True)
+        try:
+            assert (replayed.replayed_on_open, replayed.damaged_on_open) == (len(writes), 0)
+            for r in finished:
+                assert replayed.get_run(r.run_id) == live.get_run(r.run_id)
+                assert [p.name for p in replayed.get_run(r.run_id).phases] == [p.name for p in r.phases]
+        finally:
+            replayed.close()
+            live.close()
