@@ -138,8 +138,10 @@ def child_engine(args: argparse.Namespace) -> None:
         finally:
             store.close()
 
+    from sequencer.clock import run_on_station_clock
+
     with Clock() as whole:
-        trio.run(main)
+        run_on_station_clock(main)  # the station's event loop, as `sequencer run` runs it
     result["process"] = whole.as_dict()
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
     result["shipper_process_cpu_s"] = children.ru_utime + children.ru_stime
