@@ -229,9 +229,14 @@ class _SlotRun:
         try:
             with self.control.main_scope:
                 async with trio.open_nursery() as nursery:
-                    for p in self.product.main_phases:
-                        if not p.after:
-                            nursery.start_soon(self._phase_chain, nursery, p)
+                    roots = [p for p in self.product.main_phases if not p.after]
+                    for p in roots[1:]:
+                        nursery.start_soon(self._phase_chain, nursery, p)
+                    if roots:
+                        # The first chain runs in this task: no task to spawn, and
+                        # the slot starts testing without first waiting for every
+                        # other slot of the station to start its run.
+                        await self._phase_chain(nursery, roots[0])
             with self.control.teardown_scope:
                 await self._record_unfinished(self.product.main_phases)
                 for p in self.product.teardowns:
