@@ -320,10 +320,12 @@ def _read_journal(paths: list[Path]) -> tuple[list[_Write], int]:
 class LocalStore:
     """A station's SQLite store. Open with :meth:`open`; write through :meth:`writer`."""
 
-    def __init__(self, path: Path, conn: sqlite3.Connection, lock_fd: int | None) -> None:
+    def __init__(self, path: Path, conn: sqlite3.Connection, lock_fd: int | None, *, station: bool = False) -> None:
         self.path = path
         self._conn = conn
         self._lock_fd = lock_fd
+        #: holds the station lock: the only kind of store that takes writes
+        self.station = station
         self._lock = threading.Lock()  # the connection is shared by the copier thread and readers
         #: runs found open (and marked INTERRUPTED) when the store was opened
         self.interrupted_on_open = 0
@@ -385,7 +387,7 @@ class LocalStore:
                 conn.execute("INSERT INTO meta VALUES ('schema', ?)", (str(STORE_SCHEMA),))
             elif int(row[0]) != STORE_SCHEMA:
                 raise StoreError(f"{p}: store schema {row[0]} is not supported (expected {STORE_SCHEMA})")
-            store = cls(p, conn, lock_fd)
+            store = cls(p, conn, lock_fd, station=station)
             if locked:
                 store._recover()
             if not station and locked:
@@ -456,6 +458,9 @@ class LocalStore:
         """
         if self._pending is not None:
             raise RuntimeError(f"{self.path}: the store already has a writer")
+        if not self.station:
+            # Its journal would sit beside a live station's, and nobody would replay it.
+            raise RuntimeError(f"{self.path}: only a station's store takes writes (LocalStore.open(..., station=True))")
         try:
             journal = _Journal(self.path, self.journal_segment_bytes)
         except OSError as exc:

@@ -341,6 +341,15 @@ async def test_a_refusal_nobody_heard_of_is_raised_when_the_writer_stops(store_p
     reopened.close()
 
 
+async def test_only_a_stations_store_takes_writes(store_path: Path) -> None:
+    reader = LocalStore.open(store_path)
+    with pytest.raises(RuntimeError, match="only a station's store takes writes"):
+        async with reader.writer():
+            pass
+    reader.close()
+    assert _journal_segments(store_path) == []
+
+
 async def test_writing_needs_the_writer_running(store_path: Path) -> None:
     store = LocalStore.open(store_path, station=True)
     with pytest.raises(RuntimeError, match="store.writer"):
