@@ -409,6 +409,7 @@ class LocalStore:
         segments = _journal_segments(self.path)
         if segments:
             writes, damaged = _read_journal([path for _, path in segments])
+            refused = 0
             # Replaying is idempotent: a record already copied before the
             # station died is written again with the same content.
             try:
@@ -420,11 +421,11 @@ class LocalStore:
                     try:
                         self._write_batch([w])
                     except sqlite3.IntegrityError:
-                        damaged += 1
+                        refused += 1
             for _, path in segments:
                 path.unlink(missing_ok=True)
-            self.replayed_on_open = len(writes)
-            self.damaged_on_open = damaged
+            self.replayed_on_open = len(writes) - refused
+            self.damaged_on_open = damaged + refused
             self._open_duts.clear()
         self.interrupted_on_open = _mark_interrupted(self._conn)
         self._seq = None  # marking took change numbers of its own
