@@ -331,7 +331,7 @@ class LocalStore:
         self.interrupted_on_open = 0
         #: records a dead station had journalled but not yet copied, replayed into the database on open
         self.replayed_on_open = 0
-        #: journal lines that could not be read on open (a write torn by a power cut), skipped
+        #: journal lines that could not be restored on open (a torn write; a record whose run's beginning was lost)
         self.damaged_on_open = 0
         #: how often the WAL is checkpointed while a writer runs (see :class:`_Checkpointer`)
         self.checkpoint_interval_s = CHECKPOINT_INTERVAL_S

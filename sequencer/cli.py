@@ -328,7 +328,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                       "INTERRUPTED[/yellow]")
     if store.damaged_on_open:
         console.print(f"[yellow]{store.damaged_on_open} line(s) of {escape(str(config.store))}'s journal could not "
-                      "be read (a write cut short by a crash or a full disk) and were skipped[/yellow]")
+                      "be restored (cut short by a crash or a full disk) and were skipped[/yellow]")
     log_handle = configure_logging(config.store.parent / "station.log", verbose=args.verbose)
     tune_garbage_collector()
     try:

@@ -148,7 +148,7 @@ def test_a_reader_that_stops_reading_ends_runs_quietly(tmp_path: Path) -> None:
         assert proc.stderr.read() == ""
 
 
-def test_a_station_started_after_a_crash_copies_the_journal_and_says_what_it_could_not_read(tmp_path: Path) -> None:
+def test_a_station_started_after_a_crash_copies_the_journal_and_says_what_it_could_not_restore(tmp_path: Path) -> None:
     from reports.store import _Write
     from tests import records_factory
 
@@ -164,7 +164,7 @@ def test_a_station_started_after_a_crash_copies_the_journal_and_says_what_it_cou
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, out + err
     assert "1 run(s) left open by a previous station were marked INTERRUPTED" in out
-    assert f"1 line(s) of {store_path}'s journal could not be read" in out
+    assert f"1 line(s) of {store_path}'s journal could not be restored" in out
     [run], _ = reopened(store_path, "CRASHED")
     assert run.outcome is Outcome.INTERRUPTED
     assert [p.name for p in run.phases] == [boot.name]
