@@ -160,6 +160,7 @@ def scenario_b(htf: Any, args: argparse.Namespace, out: Path) -> dict[str, Any]:
         "rss_before_kib": baseline,
         "threads_peak": sampler.peak,
         "floor_s": floor.wall_s,
+        "floor_cpu_s": floor.cpu_s,
         "check": check_records(files, args.phases, args.measurements, args.n),
     }
 
