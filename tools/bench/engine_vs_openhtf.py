@@ -594,7 +594,7 @@ def render_section(meta: dict[str, Any], s: dict[str, Any], targets: list[dict[s
         "clock wakes the loop at deadlines (above), and a run's first chain of phases runs in the run's own "
         "task. Over the same benchmark on this machine, before these cuts and after (several runs, the "
         "machine shared, so ranges): (a) 0.86–1.05 -> 0.13–0.24 ms per phase (0.33x -> 0.06–0.09x of "
-        "OpenHTF); (b) 16 DUTs 1.52x -> 1.06x, 64 DUTs 2.0x -> 1.13x, 256 DUTs 9.2x -> 2.9–4.4x of the "
+        "OpenHTF); (b) 16 DUTs 1.52x -> 1.06–1.08x, 64 DUTs 2.0x -> 1.13–1.23x, 256 DUTs 9.2x -> 2.9–4.6x of the "
         "ideal (at 256 the spread between runs is wide: the trio thread is saturated, so every burst of "
         "load from elsewhere on this shared machine lands on the wall time).",
         "- *GC.* 'of which GC' is time inside CPython's cyclic garbage collector during the measured run(s), "
