@@ -305,6 +305,14 @@ async def show_live(
                 pass
 
 
+#: Least time between two redraws while slots run, and while the operator types an answer. Drawing
+#: a 64-slot view takes rich several milliseconds of the trio thread the slots run on: redrawn at
+#: every event, a 64-slot station spent over a quarter of its time drawing.
+REDRAW_S, TYPING_REDRAW_S = 0.2, 0.03
+#: With nothing new to draw, how often the operator's desk is looked at for a new question.
+_IDLE_POLL_S = 0.25
+
+
 async def _draw_live(
     display: StationDisplay,
     events: trio.MemoryReceiveChannel[Event],
@@ -312,33 +320,38 @@ async def _draw_live(
     view: Callable[[], Group],
     desk: OperatorDesk | None,
 ) -> None:
+    """Apply events as they come; redraw at most every :data:`REDRAW_S`, and at once after a quiet spell."""
     with Live(view(), console=console, auto_refresh=False, transient=False) as live:
-        dirty = True
-        drawn = desk.version if desk is not None else 0
-        while True:
+        drawn_at = trio.current_time()
+        dirty = False
+        seen = desk.version if desk is not None else 0
+        closed = False
+        while not closed:
             # While a question is open the operator is typing: redraw soon after each key.
             asking = desk is not None and desk.current is not None
-            with trio.move_on_after(0.03 if asking else 0.25):
-                try:
-                    event = await events.receive()
-                except trio.EndOfChannel:
-                    break
-                display.apply(event)
-                dirty = True
-                # Take everything already queued before redrawing once.
+            due = drawn_at + (TYPING_REDRAW_S if asking else REDRAW_S)
+            with trio.move_on_at(due if dirty else trio.current_time() + (TYPING_REDRAW_S if asking else _IDLE_POLL_S)):
                 while True:
                     try:
-                        display.apply(events.receive_nowait())
-                    except (trio.WouldBlock, trio.EndOfChannel):
+                        event = await events.receive()
+                    except trio.EndOfChannel:
+                        closed = True
                         break
-            if desk is not None and desk.version != drawn:
-                drawn = desk.version
+                    display.apply(event)
+                    dirty = True
+                    if trio.current_time() >= due:
+                        break  # the first event after a quiet spell is shown at once
+            if desk is not None and desk.version != seen:
+                seen = desk.version
                 dirty = True
+                # A new question, or a key typed: shown as soon as a typist would expect.
+                due = drawn_at + TYPING_REDRAW_S
                 if not asking and desk.current is not None:
                     # A question after none: the operator's hands are on the boards, not the keyboard.
                     console.bell()
-            if dirty:
+            if dirty and trio.current_time() >= due:
                 live.update(view(), refresh=True)
+                drawn_at = trio.current_time()
                 dirty = False
         live.update(view(), refresh=True)
 

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import io
+import math
 import re
+from typing import Any
 
 import attrs
+import pytest
+import trio
 from rich.console import Console
 
-from sequencer.display import StationDisplay, station_summary
+from sequencer.display import REDRAW_S, TYPING_REDRAW_S, StationDisplay, _draw_live, station_summary
 from sequencer.events import DutIdentified, PhaseFinished, PhaseProgress, PhaseStarted, RunFinished, RunStarted
+from sequencer.operator import OperatorDesk, Question
 from sequencer.records import Outcome
 from tests.records_factory import sensor_run
 
@@ -165,3 +171,96 @@ def test_a_long_progress_detail_never_takes_a_slot_a_second_line() -> None:
     lines = _rendered(display, 80, 30)
     assert len(lines) == 1 + 4 + 8  # the counts, the table's rules and heading, a line per slot
     assert sum("/dev/ttyUSB" in line for line in lines) == 8
+
+
+# -- the live view's redraws -----------------------------------------------------
+
+
+class _Drawn:
+    """A view for ``_draw_live`` that notes when it was drawn and what slot 0 showed."""
+
+    def __init__(self, display: StationDisplay) -> None:
+        self.display = display
+        self.at: list[float] = []
+        self.details: list[str] = []
+
+    def __call__(self) -> Any:
+        self.at.append(trio.current_time())
+        self.details.append(self.display.slots[0].detail)
+        return self.display.render(120, 40)
+
+
+async def _live(display: StationDisplay, send: Any, receive: Any, desk: OperatorDesk | None = None) -> _Drawn:
+    drawn = _Drawn(display)
+    console = Console(file=io.StringIO(), force_terminal=True, width=120, height=40)
+    await _draw_live(display, receive, console, drawn, desk)
+    return drawn
+
+
+async def test_a_stream_of_events_is_drawn_a_few_times_a_second_and_its_end_is_drawn(autojump_clock: Any) -> None:
+    display = StationDisplay([f"/dev/ttyUSB{i}" for i in range(64)], phases_per_run=10)
+    send, receive = trio.open_memory_channel[Any](math.inf)
+    result: list[_Drawn] = []
+
+    async def feed() -> None:
+        async with send:
+            for i in range(1000):  # a second of progress events, one a millisecond
+                await send.send(PhaseProgress("r0", 0, "flash", i / 1000, f"step {i}"))
+                await trio.sleep(0.001)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(feed)
+        result.append(await _live(display, send, receive))
+    drawn = result[0]
+    gaps = [b - a for a, b in zip(drawn.at[1:-1], drawn.at[2:-1])]
+    # One draw on start, about five a second while events flow, one at the end.
+    assert 1 / REDRAW_S <= len(drawn.at) <= 1 / REDRAW_S + 3, drawn.at
+    assert all(gap >= REDRAW_S - 1e-9 for gap in gaps), gaps
+    assert drawn.details[-1].endswith("step 999")  # nothing applied is left undrawn
+
+
+async def test_an_event_after_a_quiet_spell_is_drawn_at_once(autojump_clock: Any) -> None:
+    display = StationDisplay(["/dev/ttyUSB0"], phases_per_run=3)
+    send, receive = trio.open_memory_channel[Any](math.inf)
+    result: list[_Drawn] = []
+
+    async def feed() -> None:
+        async with send:
+            await trio.sleep(5)
+            await send.send(PhaseStarted("r0", 0, "boot", 1))
+            await trio.sleep(5)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(feed)
+        result.append(await _live(display, send, receive))
+    drawn = result[0]
+    # Drawn on start, the moment the event came (not up to a redraw interval later), and at the end.
+    assert drawn.at[1] - drawn.at[0] == pytest.approx(5)
+    assert len(drawn.at) == 3
+
+
+async def test_what_the_operator_types_is_redrawn_within_a_few_hundredths(autojump_clock: Any) -> None:
+    display = StationDisplay(["/dev/ttyUSB0"], phases_per_run=3)
+    send, receive = trio.open_memory_channel[Any](math.inf)
+    desk = OperatorDesk()
+    question = Question(slot=0, port="/dev/ttyUSB0", serial="SN1", text="LED green?", choices=("yes", "no"))
+    typed_at: list[float] = []
+    result: list[_Drawn] = []
+
+    async def operator() -> None:
+        async with send:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(desk.ask, question)
+                await trio.sleep(1)
+                for draft in ("y", "ye", "yes"):
+                    desk.type(draft)
+                    typed_at.append(trio.current_time())
+                    await trio.sleep(0.1)
+                desk.answer("yes")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(operator)
+        result.append(await _live(display, send, receive, desk))
+    drawn = result[0]
+    for t in typed_at:
+        assert any(t <= at <= t + TYPING_REDRAW_S + 1e-9 for at in drawn.at), (t, drawn.at)
