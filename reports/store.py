@@ -31,6 +31,7 @@ import json
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
@@ -94,6 +95,8 @@ SQLITE_AUTOCHECKPOINT_PAGES = 1000
 COPY_INTERVAL_S = 0.01
 #: Past this size the journal starts a new segment, so copied ones can be deleted (see :class:`_Journal`).
 JOURNAL_SEGMENT_BYTES = 4 << 20
+#: How long a station waits for the store's lock that a reader (a report, a listing) holds for a moment.
+STATION_LOCK_WAIT_S = 5.0
 
 
 class StoreError(Exception):
@@ -139,7 +142,7 @@ class _Write:
 
     @classmethod
     def from_line(cls, text: str) -> _Write:
-        """Parse a journal line (without its newline); ``ValueError`` (or ``KeyError``) if it is damaged."""
+        """Parse a journal line (without its newline); raises (``ValueError``, ``KeyError``, ...) if it is damaged."""
         kind, rest = text.split("\t", 1)
         if kind == "P":
             run_id, index, dut, record = rest.split("\t", 3)
@@ -151,6 +154,13 @@ class _Write:
             return cls("begin" if kind == "B" else "finish", data["run_id"], header=rest,
                        columns=_header_columns(data), dut={str(k): str(v) for k, v in data["dut"].items()})
         raise ValueError(f"unknown journal entry {kind!r}")
+
+    def check_record(self) -> None:
+        """Raise if the record would not read back as a record (a line damaged into other valid JSON)."""
+        if self.kind == "phase":
+            from_dict(json.loads(self.record), PhaseRecord)
+        else:
+            run_from_json(self.header)
 
 
 class _Checkpointer:
@@ -235,7 +245,8 @@ class _Journal:
         self._db_path = db_path
         self._segment_bytes = segment_bytes
         existing = _journal_segments(db_path)
-        #: the segment being appended to (numbered from 1, after any a recovery left, which are not ours to delete)
+        #: the segment being appended to, numbered on from any already there (normally none: a station's
+        #: open replays them); this journal never deletes one it did not write
         self.segment = existing[-1][0] if existing else 0
         self._fd: int | None = None
         self._size = 0
@@ -245,8 +256,8 @@ class _Journal:
 
     def _open_next(self) -> None:
         if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+            fd, self._fd = self._fd, None  # forgotten first: a close that fails is never tried again
+            os.close(fd)
         self.segment += 1
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC
         self._fd = os.open(_segment_path(self._db_path, self.segment), flags, 0o644)
@@ -267,8 +278,9 @@ class _Journal:
     def release_before(self, segment: int) -> None:
         """Delete every segment below ``segment``: all of their records are in the database (copier thread).
 
-        A segment that cannot be deleted is left for the next open, which
-        replays it harmlessly (replaying is idempotent).
+        A segment that cannot be deleted is left, and so is every later one,
+        for the next open, which replays them harmlessly (replaying is
+        idempotent).
         """
         while self._released < segment:
             try:
@@ -280,10 +292,23 @@ class _Journal:
     def close(self, *, applied: bool) -> None:
         """Stop appending; with ``applied``, every record is in the database and the journal is deleted."""
         if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+            fd, self._fd = self._fd, None
+            os.close(fd)
         if applied:
             self.release_before(self.segment + 1)
+
+
+def _try_lock(fd: int, wait_s: float) -> bool:
+    """Take the exclusive lock on ``fd``, trying for up to ``wait_s`` seconds (before any event loop runs)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.05)
 
 
 def _segment_path(db_path: Path, segment: int) -> Path:
@@ -301,6 +326,11 @@ def _journal_segments(db_path: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+#: What the database says of a record it will not take (as opposed to a full disk or a locked file).
+_REFUSED_RECORD = (sqlite3.IntegrityError, sqlite3.InterfaceError, sqlite3.ProgrammingError, sqlite3.DataError,
+                   OverflowError)
+
+
 def _read_journal(paths: list[Path]) -> tuple[list[_Write], int]:
     """Every record in these segments, in order, and how many lines could not be read."""
     writes: list[_Write] = []
@@ -309,9 +339,12 @@ def _read_journal(paths: list[Path]) -> tuple[list[_Write], int]:
         data = path.read_bytes()
         for raw in data.split(b"\n")[:-1]:  # the last piece is empty, or a line whose write never finished
             try:
-                writes.append(_Write.from_line(raw.decode()))
-            except (ValueError, KeyError, TypeError, AttributeError):
+                write = _Write.from_line(raw.decode())
+                write.check_record()
+            except Exception:  # noqa: BLE001 - whatever a damaged line makes the parsers raise, it is damaged
                 damaged += 1
+            else:
+                writes.append(write)
         if data and not data.endswith(b"\n"):
             damaged += 1
     return writes, damaged
@@ -347,6 +380,8 @@ class LocalStore:
         #: why the database refused a transaction (set by the copier thread); every later write is refused
         self._failure: BaseException | None = None
         self._failure_told = False
+        #: the writer's block has ended and its last copy is under way: writes are refused (trio thread)
+        self._closing = False
         #: identity last written for each run this process has open (copier thread only)
         self._open_duts: dict[str, dict[str, str]] = {}
         #: the last change number written (copier thread only; read once, then kept: one writer per store)
@@ -370,11 +405,9 @@ class LocalStore:
         try:
             p.parent.mkdir(parents=True, exist_ok=True)
             lock_fd = os.open(f"{p}.lock", os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                locked = True
-            except BlockingIOError:
-                locked = False
+            # A reader holds the lock too, for a moment (longer while it
+            # replays a dead station's journal): a station waits that out.
+            locked = _try_lock(lock_fd, STATION_LOCK_WAIT_S if station else 0.0)
             if station and not locked:
                 raise StoreError(f"{p}: the store is in use by another station process")
             conn = sqlite3.connect(p, check_same_thread=False, isolation_level=None, timeout=10)
@@ -414,14 +447,22 @@ class LocalStore:
             # station died is written again with the same content.
             try:
                 self._write_batch(writes)
-            except sqlite3.IntegrityError:
+            except _REFUSED_RECORD:
                 # A record the database refuses (its run's beginning was in a
-                # line that was lost): keep every other one.
-                for w in writes:
-                    try:
-                        self._write_batch([w])
-                    except sqlite3.IntegrityError:
-                        refused += 1
+                # line that was lost): keep every other one. A second pass
+                # takes the phases of a run that only a later line restored.
+                # Any other error (a full disk, a locked database) ends the
+                # open with the journal kept.
+                left = writes
+                for _ in range(2):
+                    refused_now = []
+                    for w in left:
+                        try:
+                            self._write_batch([w])
+                        except _REFUSED_RECORD:
+                            refused_now.append(w)
+                    left = refused_now
+                refused = len(left)
             for _, path in segments:
                 path.unlink(missing_ok=True)
             self.replayed_on_open = len(writes) - refused
@@ -452,13 +493,19 @@ class LocalStore:
 
         On exit, including cancellation and an abort, everything journalled
         is still copied before the block ends: the wait is shielded, because
-        a station's records are what it must never lose. If the database
-        refused a transaction that nobody has been told of yet, the exit
-        raises :class:`StoreError`; the journal then keeps every record for
-        the next open to replay.
+        a station's records are what it must never lose. Writes made after
+        the block has ended (by a task that outlived it) are refused. If the
+        database refused a transaction that nobody has been told of yet, the
+        exit raises :class:`StoreError` (when the block itself raised, its
+        own exception goes on); either way the journal keeps every record
+        for the next open to replay, and this store takes no more writes.
         """
         if self._pending is not None:
             raise RuntimeError(f"{self.path}: the store already has a writer")
+        if self._failure is not None:
+            # What was refused is still in the journal, for the next open to
+            # replay; a new writer on this store would copy around it.
+            raise self._refusal()
         if not self.station:
             # Its journal would sit beside a live station's, and nobody would replay it.
             raise RuntimeError(f"{self.path}: only a station's store takes writes (LocalStore.open(..., station=True))")
@@ -476,12 +523,14 @@ class LocalStore:
             target=self._copy_thread, args=(pending, stop, journal), name=f"store copier {self.path.name}",
             daemon=True,
         )
-        self._failure, self._failure_told = None, False
         thread.start()
         self._pending, self._journal = pending, journal
         try:
             yield self
         finally:
+            # From here on every write is refused: one journalled after the
+            # copier's last round would be deleted with the journal.
+            self._closing = True
             # Asked to stop after every journalled write, the copier takes
             # them all in its last round: when it ends each has been copied
             # (or refused).
@@ -493,7 +542,7 @@ class LocalStore:
                     checkpointer.stop()  # after the checkpoint in progress, if any
 
                 await trio.to_thread.run_sync(join_threads)
-            self._pending, self._journal = None, None
+            self._pending, self._journal, self._closing = None, None, False
             self._open_runs.clear()
             journal.close(applied=self._failure is None)
             with self._lock:
@@ -534,6 +583,8 @@ class LocalStore:
         """Journal ``write`` and queue it for the database (trio thread)."""
         if self._pending is None or self._journal is None:
             raise RuntimeError(f"{self.path}: writing needs `async with store.writer():`")
+        if self._closing:
+            raise StoreError(f"{self.path}: write refused: the store's writer is closing")
         if self._failure is not None:
             raise self._refusal()
         try:
@@ -579,7 +630,10 @@ class LocalStore:
                 except BaseException as exc:  # noqa: BLE001 - told to the next writer, and at the writer's exit
                     # Nothing more is copied (the records after a missing one
                     # could not all be written); the journal keeps them all.
-                    self._failure = exc
+                    # A refused append may have come first: that one is what
+                    # the slots were told.
+                    if self._failure is None:
+                        self._failure = exc
                 else:
                     # Writes are copied in journal order: every segment
                     # before the newest one seen here is in the database.
@@ -623,10 +677,16 @@ class LocalStore:
                     )
                     duts[w.run_id] = dict(w.dut)
                 else:
-                    _, serial, _, _, _, outcome, _, ended_at = w.columns
+                    batch, serial, product, station, slot, outcome, started_at, ended_at = w.columns
+                    # An insert only when replaying a journal that lost the
+                    # run's beginning: the finish carries the whole header.
                     conn.execute(
-                        "UPDATE runs SET outcome=?, ended_at=?, serial=?, header=?, seq=? WHERE run_id=?",
-                        (outcome, ended_at, serial, w.header, seq, w.run_id),
+                        "INSERT INTO runs (run_id, batch, serial, product, station, slot, outcome, started_at,"
+                        " ended_at, header, seq) VALUES (?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT (run_id) DO UPDATE SET"
+                        " outcome=excluded.outcome, ended_at=excluded.ended_at, serial=excluded.serial,"
+                        " header=excluded.header, seq=excluded.seq",
+                        (w.run_id, batch, serial, product, station, slot, outcome, started_at, ended_at, w.header,
+                         seq),
                     )
                     touched.pop(w.run_id, None)  # the finished header has the final identity
                     duts[w.run_id] = None  # finished: no longer open

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import fcntl
+import os
 import signal
 import sqlite3
 import subprocess
@@ -16,6 +18,7 @@ import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import reports.store as store_module
 from reports.store import LocalStore, StoreError, _journal_segments, _Write
 from sequencer.records import AttemptRecord, Outcome, PhaseRecord, RunRecord, utcnow
 from tests.strategies import runs
@@ -58,8 +61,10 @@ async def test_reader_does_not_interrupt_a_live_station(store_path: Path) -> Non
         assert reader.get_run("live").outcome is None
         assert _journal_segments(store_path) != []  # the reader did not replay the live station's journal
         reader.close()
-        with pytest.raises(StoreError, match="in use by another station process"):
-            LocalStore.open(store_path, station=True)
+        with pytest.MonkeyPatch.context() as patched:
+            patched.setattr(store_module, "STATION_LOCK_WAIT_S", 0.2)
+            with pytest.raises(StoreError, match="in use by another station process"):
+                LocalStore.open(store_path, station=True)
     station.close()
 
 
@@ -270,6 +275,54 @@ def test_a_damaged_journal_line_is_skipped_and_counted_and_the_rest_is_replayed(
     store.close()
 
 
+def test_lines_damaged_into_other_valid_text_are_skipped_and_a_finish_restores_a_lost_beginning(
+    store_path: Path,
+) -> None:
+    LocalStore.open(store_path).close()
+    kept, lost = make_run("r1"), make_run("r2", slot=1)
+    boot = _Write.phase("r1", 0, make_phase("boot"), {"serial": "SN1"}).line()
+    lines = [
+        _Write.begin(kept).line(),
+        boot,
+        # Each still splits into fields and parses as JSON:
+        boot.replace(b"\t0\t", b"\t99999999999999999999\t", 1),  # an index SQLite cannot hold
+        b'P\t"r1"\t2\t{}\t{"name":{"x":1},"outcome":"PASS"}\n',  # a name that is no text
+        boot.replace(b"\t0\t", b"\t3\t", 1).replace(b'"outcome":"PASS"', b'"outcome":"PBSS"'),  # no such outcome
+        # r2's beginning was lost; its finish carries the whole run.
+        _Write.finish(attrs.evolve(lost, ended_at=utcnow(), outcome=Outcome.PASS)).line(),
+    ]
+    store_path.with_name("store.sqlite.journal-000001").write_bytes(b"".join(lines))
+    store = LocalStore.open(store_path, station=True)
+    assert (store.replayed_on_open, store.damaged_on_open) == (3, 3)
+    assert [p.name for p in store.get_run("r1").phases] == ["boot"]
+    assert store.get_run("r2").outcome is Outcome.PASS and store.get_run("r2").slot == 1
+    assert _journal_segments(store_path) == []
+    store.close()
+    again = LocalStore.open(store_path, station=True)
+    assert (again.replayed_on_open, again.damaged_on_open) == (0, 0)
+    again.close()
+
+
+def test_a_recovery_the_database_cannot_take_now_keeps_the_journal(
+    store_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    LocalStore.open(store_path).close()
+    segment = store_path.with_name("store.sqlite.journal-000001")
+    segment.write_bytes(_Write.begin(make_run("r1")).line())
+
+    def full(self: LocalStore, writes: list[_Write]) -> None:
+        raise sqlite3.OperationalError("database or disk is full")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(LocalStore, "_write_batch", full)
+        with pytest.raises(StoreError, match="cannot open the local store: database or disk is full"):
+            LocalStore.open(store_path, station=True)
+    assert segment.exists()  # not counted as damaged and deleted: a full disk says nothing of the record
+    store = LocalStore.open(store_path, station=True)
+    assert store.replayed_on_open == 1 and store.get_run("r1").outcome is Outcome.INTERRUPTED
+    store.close()
+
+
 async def test_journal_segments_are_deleted_once_copied_while_the_station_writes(store_path: Path) -> None:
     store = LocalStore.open(store_path, station=True)
     store.journal_segment_bytes = 4096  # a segment every few phases
@@ -339,6 +392,61 @@ async def test_a_refusal_nobody_heard_of_is_raised_when_the_writer_stops(store_p
     reopened = LocalStore.open(store_path, station=True)
     assert reopened.replayed_on_open == 1 and reopened.get_run("r1").outcome is Outcome.INTERRUPTED
     reopened.close()
+
+
+async def test_a_write_after_the_writers_block_ended_is_refused_not_lost(store_path: Path) -> None:
+    store = LocalStore.open(store_path, station=True)
+    returned: list[int] = []
+    refused: list[StoreError] = []
+
+    async def slot_that_outlives_the_writer() -> None:
+        for k in range(1000):
+            try:
+                await store.commit_phase("r1", k, make_phase(f"p{k}"), {})
+            except StoreError as exc:
+                refused.append(exc)
+                return
+            returned.append(k)
+            await trio.sleep(0)
+
+    async with trio.open_nursery() as nursery:
+        async with store.writer():
+            await store.begin_run(make_run("r1"))
+            nursery.start_soon(slot_that_outlives_the_writer)
+            await trio.sleep(0)
+    assert refused and "write refused: the store's writer is closing" in str(refused[0])
+    assert [p.name for p in store.get_run("r1").phases] == [f"p{k}" for k in returned]  # every commit that returned
+    store.close()
+
+
+async def test_a_store_that_refused_takes_no_new_writer(store_path: Path) -> None:
+    store = LocalStore.open(store_path, station=True)
+
+    def refuse(writes: list[_Write]) -> None:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    store._write_batch = refuse  # type: ignore[method-assign]
+    with pytest.raises(StoreError):
+        async with store.writer():
+            await store.begin_run(make_run("r1"))
+    with pytest.raises(StoreError, match="write failed: disk I/O error"):
+        async with store.writer():
+            pass  # would copy around the records the journal kept
+    store.close()
+
+
+def test_a_station_waits_out_a_reader_holding_the_lock_for_a_moment(store_path: Path) -> None:
+    LocalStore.open(store_path).close()
+    fd = os.open(f"{store_path}.lock", os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # as a reader does while it opens (or replays a dead station's journal)
+    release = threading.Timer(0.3, os.close, (fd,))
+    release.start()
+    try:
+        store = LocalStore.open(store_path, station=True)
+    finally:
+        release.join()
+    assert store.station
+    store.close()
 
 
 async def test_only_a_stations_store_takes_writes(store_path: Path) -> None:
