@@ -35,7 +35,6 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import re
-from base64 import b85decode, b85encode
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 from urllib.parse import quote
@@ -48,6 +47,7 @@ from bson.raw_bson import RawBSONDocument
 from pymongo import IndexModel, UpdateOne
 from pymongo.uri_parser import parse_uri
 
+from sequencer.base85 import b85decode, b85encode
 from sequencer.records import SCHEMA_VERSION, Outcome, RunRecord, from_dict, to_dict
 
 #: Version of the collections' validators and indexes (``meta`` document ``_id: "schema"``).

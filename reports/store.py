@@ -46,6 +46,7 @@ from sequencer.records import (
     PhaseRecord,
     RunRecord,
     from_dict,
+    json_loads,
     phase_to_json,
     run_from_json,
     run_header_json,
@@ -827,7 +828,7 @@ class LocalStore:
     def _assemble(self, header: str, run_id: str) -> RunRecord:
         rows = self._conn.execute("SELECT record FROM phases WHERE run_id=? ORDER BY idx", (run_id,)).fetchall()
         run = run_from_json(header)
-        phases = tuple(from_dict(json.loads(r[0]), PhaseRecord) for r in rows)
+        phases = tuple(from_dict(json_loads(r[0]), PhaseRecord) for r in rows)
         return attrs.evolve(run, phases=phases)
 
     def iter_changes(self, after_seq: int, limit: int = 500) -> list[tuple[int, RunRecord]]:
