@@ -210,11 +210,15 @@ def test_a_store_that_cannot_be_written_stops_the_station_with_one_line_and_keep
 
     # A full disk refuses some writes and not others (a write into space the
     # WAL already has succeeds), so after the first refusal a run may still
-    # have been closed, ERROR, or a phase the stop skipped still recorded.
-    # What must hold: nothing was lost or made up.
+    # have been closed, ERROR, or a phase the stop skipped still recorded; and
+    # on a busy machine a run may have finished, and been journalled, before
+    # the disk filled. What must hold: nothing was lost or made up.
     runs, _ = reopened(store_path, "FULL")
     assert len(runs) == 4
-    assert all(r.outcome in (Outcome.INTERRUPTED, Outcome.ERROR) for r in runs), [r.outcome for r in runs]
+    assert all(r.outcome in (Outcome.INTERRUPTED, Outcome.ERROR, Outcome.PASS) for r in runs), [r.outcome for r in runs]
+    assert any(r.outcome is not Outcome.PASS for r in runs)  # the slot the store refused, at least
+    phases_per_run = max(len(r.phases) for r in runs)
+    assert all(len(r.phases) == phases_per_run for r in runs if r.outcome is Outcome.PASS)  # whole, if PASS
     committed = [p for r in runs for p in r.phases]
     assert any(p.outcome is Outcome.PASS for p in committed), "the phases committed before the disk filled are kept"
     # each one either finished before the disk filled, or says it is a consequence of it
