@@ -413,6 +413,8 @@ def _finish_run(
     except Exception as exc:
         report_error = exc
     console.print(station_summary(runs))
+    for line in result.crashed:
+        console.print(f"[red]{escape(line)} (a bug: the run has no complete record; see the station log)[/red]")
     if report_error is not None:
         # The records are safe in the store; a report can be written later
         # with `sequencer report`. Say so rather than lose the exit code.
@@ -430,7 +432,7 @@ def _finish_run(
             cut = sum(r.outcome is Outcome.ABORTED for r in runs)
             console.print(f"[yellow]aborted by the operator; {cut} unfinished run(s) recorded ABORTED[/yellow]")
         return EXIT_ABORTED
-    return EXIT_OK if runs and passed == len(runs) else EXIT_FAILED
+    return EXIT_OK if runs and passed == len(runs) and not result.crashed else EXIT_FAILED
 
 
 # -- report and runs ---------------------------------------------------------

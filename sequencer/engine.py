@@ -28,7 +28,6 @@ whatever happens to the process later, what was finished is on disk.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import traceback
 import uuid
@@ -207,9 +206,14 @@ class _SlotRun:
         self.partial: dict[str, tuple[list[AttemptRecord], PhaseLog, list[Attachment]]] = {}
         self.fixture_values: dict[str, Any] = {}
         self.fixture_locks: dict[str, trio.Lock] = {}
-        self.exit_stack = contextlib.AsyncExitStack()
+        #: where each fixture lives, in a task of its own (see _host_fixture); set by run()
+        self.fixture_hosts: trio.Nursery | None = None
+        #: per open fixture, in the order opened: what ends its host, and its host's end
+        self.fixture_holds: list[tuple[trio.CancelScope, trio.Event]] = []
         #: the store's first refusal; the run stops, teardowns still run
         self.write_error: Exception | None = None
+        #: a bug that escaped the phases (the engine's, a fixture's): this run ends ERROR, no other slot cares
+        self.engine_error: Exception | None = None
 
     # -- the run ---------------------------------------------------------
 
@@ -226,36 +230,44 @@ class _SlotRun:
             raise RecordsNotWritten(str(exc), self._finish()) from exc
         self.bus.publish(RunStarted(self.header))
         self.log.info("run started", product=self.product.name)
-        try:
-            with self.control.main_scope:
-                async with trio.open_nursery() as nursery:
-                    roots = [p for p in self.product.main_phases if not p.after]
-                    for p in roots[1:]:
-                        nursery.start_soon(self._phase_chain, nursery, p)
-                    if roots:
-                        # The first chain runs in this task: no task to spawn, and
-                        # the slot starts testing without first waiting for every
-                        # other slot of the station to start its run.
-                        await self._phase_chain(nursery, roots[0])
-            with self.control.teardown_scope:
-                await self._record_unfinished(self.product.main_phases)
-                for p in self.product.teardowns:
-                    await self._run_and_commit(p)
-        finally:
-            # Whatever happened above (a second Ctrl-C included), record what
-            # was not recorded and close the hardware; both are shielded
-            # because they are how the station keeps its promises.
-            with trio.CancelScope(shield=True):
+        # Outside the main scope: an abort does not close the fixtures under the teardowns.
+        async with trio.open_nursery() as self.fixture_hosts:
+            try:
                 try:
-                    await self._record_unfinished(self.product.phases)
-                finally:
-                    await self._close_fixtures()  # whatever else failed, the ports are released
-                final = self._finish()
-                try:
-                    await self.store.finish_run(final)
+                    with self.control.main_scope:
+                        async with trio.open_nursery() as nursery:
+                            roots = [p for p in self.product.main_phases if not p.after]
+                            for p in roots[1:]:
+                                nursery.start_soon(self._phase_chain, nursery, p)
+                            if roots:
+                                # The first chain runs in this task: no task to spawn, and
+                                # the slot starts testing without first waiting for every
+                                # other slot of the station to start its run.
+                                await self._phase_chain(nursery, roots[0])
                 except Exception as exc:
-                    self._store_failed(exc)
-                    final = self._finish()  # ERROR now: the record could not be closed
+                    self._engine_failed(exc)
+                try:
+                    with self.control.teardown_scope:
+                        await self._record_unfinished(self.product.main_phases)
+                        for p in self.product.teardowns:
+                            await self._run_and_commit(p)
+                except Exception as exc:
+                    self._engine_failed(exc)
+            finally:
+                # Whatever happened above (a second Ctrl-C included), record what
+                # was not recorded and close the hardware; both are shielded
+                # because they are how the station keeps its promises.
+                with trio.CancelScope(shield=True):
+                    try:
+                        await self._record_unfinished(self.product.phases)
+                    finally:
+                        await self._close_fixtures()  # whatever else failed, the ports are released
+                    final = self._finish()
+                    try:
+                        await self.store.finish_run(final)
+                    except Exception as exc:
+                        self._store_failed(exc)
+                        final = self._finish()  # ERROR now: the record could not be closed
         self.bus.publish(RunFinished(final))
         self.log.info("run finished", outcome=final.outcome.value if final.outcome else None)
         if self.write_error is not None:
@@ -266,6 +278,8 @@ class _SlotRun:
         phases = tuple(self.committed)
         if self.write_error is not None:
             outcome = Outcome.ERROR  # whatever the phases say, the unit has no complete record
+        elif self.engine_error is not None:
+            outcome = Outcome.ERROR  # the unit was not tested as the product says
         elif self.control.aborted:
             outcome = Outcome.ABORTED
         else:
@@ -315,12 +329,13 @@ class _SlotRun:
             ready = [d for d in self.product.dependents[p.name] if self.committed_names.issuperset(d.after)]
             if not ready:
                 return
+            # An abort that came during the commit ends the chain here, before
+            # any phase it made ready touches the DUT; the phases not started
+            # are recorded as such.
+            await trio.lowlevel.checkpoint_if_cancelled()
             for other in ready[1:]:
                 nursery.start_soon(self._phase_chain, nursery, other)
             p = ready[0]
-            # An abort that came during the commit ends the chain here, and the
-            # phases not started are recorded as such.
-            await trio.lowlevel.checkpoint_if_cancelled()
 
     async def _run_ready(self, p: Phase) -> None:
         if self.stop_reason is not None:
@@ -332,6 +347,14 @@ class _SlotRun:
                 await self._commit(p, self._skipped(p, f"dependency {dep!r} ended {dep_outcome.value}"))
                 return
         await self._run_and_commit(p)
+
+    def _engine_failed(self, exc: Exception) -> None:
+        """Something other than a phase raised (a bug): this run stops and ends ERROR; teardowns still run."""
+        if self.engine_error is None:
+            self.engine_error = exc
+            self.log.error("the engine failed outside any phase; stopping the run", error=_describe(exc),
+                           traceback="".join(traceback.format_exception(exc)))
+        self._stop(f"run stopped: the engine failed ({_describe(exc)})")
 
     def _store_failed(self, exc: Exception) -> None:
         """The store refused a record: stop the run, but still run the teardowns (the hardware needs them)."""
@@ -345,7 +368,8 @@ class _SlotRun:
             self.stop_reason = reason
             self.log.info("run stopping", reason=reason)
         for name, scope in self.in_flight.items():
-            self.stopped.add(name)
+            if not scope.cancel_called:  # its deadline came first: that stays a TIMEOUT
+                self.stopped.add(name)
             scope.cancel()
 
     async def _run_and_commit(self, p: Phase) -> PhaseRecord | None:
@@ -356,6 +380,8 @@ class _SlotRun:
                 record = self._phase_record(
                     p, Outcome.ERROR, utcnow(), reason=f"run_if raised {type(exc).__name__}: {exc}", attempts=()
                 )
+                if self.product.stop_on_failure and not p.teardown:
+                    self._stop(f"run stopped: phase {p.name!r} ended {record.outcome.value}")
                 await self._commit(p, record)
                 return record
             if not wanted:
@@ -402,7 +428,7 @@ class _SlotRun:
         failures = 0
         repeats = 0
         while True:
-            if self.stop_reason is not None and attempts:  # stopped between two attempts
+            if self.stop_reason is not None and attempts and not p.teardown:  # stopped between two attempts
                 now = utcnow()
                 attempts.append(AttemptRecord(len(attempts) + 1, Outcome.ABORTED, now, now, reason=self.stop_reason))
                 break
@@ -466,22 +492,39 @@ class _SlotRun:
         # One scope per attempt carries the deadline and is also what a stop cancels.
         scope = trio.CancelScope(deadline=trio.current_time() + timeout if timeout is not None else math.inf)
         self.in_flight[p.name] = scope
-        with scope:
-            try:
-                kwargs = {name: await self._argument(name, ctx, access) for name in p.parameters}
-                returned = await p.fn(**kwargs)
-                if returned is not None and not isinstance(returned, PhaseResult):
-                    raise TypeError(f"phase returned {returned!r}; return a PhaseResult or None")
-                result = returned or PhaseResult.CONTINUE
-            except Exception as exc:
-                error = ErrorInfo(type(exc).__name__, str(exc), traceback.format_exc())
-                reason = f"{type(exc).__name__}: {exc}"
-                log.error("phase raised", error=reason)
-        del self.in_flight[p.name]
+        #: the phase raised while being cancelled (its own nursery: both came out together)
+        cut_short = False
+        try:
+            with scope:
+                try:
+                    kwargs = {name: await self._argument(name, ctx, access) for name in p.parameters}
+                    returned = await p.fn(**kwargs)
+                    if returned is not None and not isinstance(returned, PhaseResult):
+                        raise TypeError(f"phase returned {returned!r}; return a PhaseResult or None")
+                    result = returned or PhaseResult.CONTINUE
+                except Exception as exc:
+                    error = ErrorInfo(type(exc).__name__, str(exc), traceback.format_exc())
+                    reason = _describe(exc)
+                    log.error("phase raised", error=reason)
+                except BaseExceptionGroup as group:
+                    # A nursery in the phase, cancelled (timeout, stop, abort)
+                    # while a task of it raised: Cancelled and the error together.
+                    cancelled, raised = group.split(trio.Cancelled)
+                    if raised is None or raised.split(Exception)[1] is not None:
+                        raise  # only cancellation (the scopes take it), or KeyboardInterrupt and the like
+                    error = ErrorInfo(type(raised).__name__, str(raised), "".join(traceback.format_exception(raised)))
+                    reason = _describe(raised)
+                    log.error("phase raised", error=reason)
+                    if cancelled is not None and not scope.cancel_called:
+                        raise cancelled from None  # an abort from outside this phase goes on
+                    cut_short = cancelled is not None
+        finally:
+            del self.in_flight[p.name]
+        cut_short = cut_short or scope.cancelled_caught
         measurements = tuple(ctx.measurements.record(m) for m in p.measurements)
-        if scope.cancelled_caught and p.name in self.stopped:
+        if cut_short and p.name in self.stopped:
             outcome, reason = Outcome.ABORTED, self._abort_reason(p)
-        elif scope.cancelled_caught:
+        elif cut_short:
             outcome, reason = Outcome.TIMEOUT, f"timed out after {timeout:g} s"
         elif error is not None:
             outcome = Outcome.ERROR
@@ -516,18 +559,58 @@ class _SlotRun:
         lock = self.fixture_locks.setdefault(name, trio.Lock())
         async with lock:  # two concurrent phases asking for it open it once
             if name not in self.fixture_values:
-                factory = self.fixture_factories[name]
-                self.fixture_values[name] = await self.exit_stack.enter_async_context(factory(self.slot))
+                assert self.fixture_hosts is not None
+                self.fixture_values[name] = await self.fixture_hosts.start(
+                    self._host_fixture, name, self.fixture_factories[name]
+                )
         return self.fixture_values[name]
 
+    async def _host_fixture(
+        self, name: str, factory: FixtureFactory, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Open a fixture, hand it to the phase that asked for it, and keep it open until the run closes it.
+
+        In a task of its own, because a fixture may hold tasks or cancel
+        scopes across its ``yield`` (a reader task in a nursery, say), and
+        trio closes a scope only in the task that opened it; the phases that
+        use a fixture come and go in other tasks. Opening happens under the
+        asking phase's timeout (``nursery.start``), and an error opening it
+        is that phase's.
+        """
+        hold, closed = trio.CancelScope(), trio.Event()
+        opened = False
+        try:
+            async with factory(self.slot) as value:
+                with hold:
+                    self.fixture_holds.append((hold, closed))
+                    opened = True
+                    task_status.started(value)
+                    await trio.sleep_forever()
+        except Exception as exc:
+            if not opened:
+                raise
+            self.log.warning("a fixture failed while open or closing", fixture=name, error=_describe(exc))
+        except BaseExceptionGroup as group:
+            if not opened:
+                raise
+            cancelled, raised = group.split(trio.Cancelled)
+            if raised is not None:
+                self.log.warning("a fixture failed while open or closing", fixture=name, error=_describe(raised))
+            if cancelled is not None:
+                raise cancelled from None
+        finally:
+            closed.set()
+
     async def _close_fixtures(self) -> None:
+        """Close every fixture, the last opened first, within FIXTURE_CLOSE_TIMEOUT_S in all."""
         with trio.move_on_after(FIXTURE_CLOSE_TIMEOUT_S) as scope:
-            try:
-                await self.exit_stack.aclose()
-            except Exception as exc:
-                self.log.warning("closing a fixture failed", error=f"{type(exc).__name__}: {exc}")
+            for hold, closed in reversed(self.fixture_holds):
+                hold.cancel()
+                await closed.wait()
         if scope.cancelled_caught:
             self.log.warning("closing fixtures timed out", seconds=FIXTURE_CLOSE_TIMEOUT_S)
+            assert self.fixture_hosts is not None
+            self.fixture_hosts.cancel_scope.cancel()  # what is still closing is cut short
 
     def _identify(self, fields: dict[str, str]) -> None:
         self.dut.update(fields)
@@ -547,6 +630,13 @@ class _SlotRun:
             name=p.name, outcome=outcome, started_at=started, ended_at=utcnow(), attempts=attempts,
             reason=reason, teardown=p.teardown,
         )
+
+
+def _describe(exc: BaseException) -> str:
+    """``Type: message`` of an exception; of each one a group holds, when it is a group."""
+    if isinstance(exc, BaseExceptionGroup):
+        return "; ".join(_describe(e) for e in exc.exceptions)
+    return f"{type(exc).__name__}: {exc}"
 
 
 def _judge(measurements: tuple[MeasurementRecord, ...]) -> tuple[Outcome, str | None]:

@@ -111,6 +111,7 @@ async def run_session(
         aborted=stopped is not None or any(result.aborted for result in results),
         write_error=next((result.write_error for result in results if result.write_error is not None), None),
         stopped=stopped,
+        crashed=tuple(line for result in results for line in result.crashed),
     )
 
 

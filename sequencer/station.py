@@ -1,8 +1,10 @@
 """Running a product on every slot of a station at once.
 
 All slots run in one nursery. A slot cannot crash its neighbours: phase
-exceptions are records, not exceptions, and anything else that escapes one
-slot's engine (a bug) is logged and recorded for that slot alone. The only
+exceptions are records, not exceptions; a bug elsewhere in a slot's run ends
+that run in ERROR (teardowns still run); and anything that still escapes one
+slot's engine is logged and reported for that slot alone
+(:attr:`StationResult.crashed`), never taken for a pass. The only
 things that stop every slot are the operator (Ctrl-C / SIGTERM, or SIGHUP:
 the terminal was closed or the SSH session dropped) and the store
 failing (:class:`~sequencer.engine.RecordsNotWritten` from any slot: the
@@ -67,10 +69,12 @@ class StationResult:
     write_error: str | None = None
     #: when the operator stopped a session while no run was open (``aborted`` too): "between rounds", ...
     stopped: str | None = None
+    #: one line per slot whose run escaped the engine (a bug): "slot 3 /dev/ttyUSB3: RuntimeError: ..."
+    crashed: tuple[str, ...] = ()
 
     @property
     def all_passed(self) -> bool:
-        return bool(self.runs) and all(r.outcome is Outcome.PASS for r in self.runs)
+        return bool(self.runs) and not self.crashed and all(r.outcome is Outcome.PASS for r in self.runs)
 
 
 async def run_station(
@@ -95,6 +99,7 @@ async def run_station(
     """
     controls = [SlotControl() for _ in ports]
     results: list[RunRecord | None] = [None] * len(ports)
+    crashed: list[str] = []
     aborts = 0
     write_error: str | None = None
 
@@ -115,10 +120,11 @@ async def run_station(
                 log.error("the store refused a record: stopping every slot", slot=index, port=port, error=str(exc))
                 for c in controls:
                     c.abort(by="because records cannot be written")
-        except Exception:
+        except Exception as exc:
             # The engine records phase failures itself; reaching here is a bug
             # in the engine or the store. Keep the other slots running.
             log.exception("slot failed outside any phase", slot=index, port=port)
+            crashed.append(f"slot {index} {port}: {type(exc).__name__}: {exc}")
 
     async def watch_signals(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         nonlocal aborts
@@ -150,4 +156,5 @@ async def run_station(
         runs=tuple(r for r in results if r is not None),
         aborted=aborts > 0,
         write_error=write_error,
+        crashed=tuple(crashed),
     )

@@ -571,3 +571,249 @@ def test_a_station_process_tunes_the_garbage_collector() -> None:
     finally:
         gc.unfreeze()
         gc.set_threshold(*before)
+
+
+# -- what a phase's or a fixture's own tasks may do -------------------------------
+
+
+async def test_a_phase_whose_own_task_fails_as_it_times_out_is_that_slots_timeout_alone(store_path: Path) -> None:
+    # The phase's nursery is cancelled by the phase's timeout while one of its
+    # tasks raises in its cleanup: Cancelled and OSError come out together.
+    torn_down: list[int] = []
+
+    @phase(timeout=0.05)
+    async def talk(slot) -> None:
+        async def reader() -> None:
+            try:
+                await trio.sleep_forever()
+            finally:
+                if slot.index == 1:
+                    raise OSError("serial port closed under us")
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(reader)
+            await trio.sleep(0.01 if slot.index == 0 else 10)
+            nursery.cancel_scope.cancel()
+
+    @phase
+    async def beside() -> None:
+        await trio.sleep(0.1)  # still running when talk times out
+
+    @phase(teardown=True)
+    async def power_off(slot) -> None:
+        torn_down.append(slot.index)
+
+    runs = await run_product(Product("p", [talk, beside, power_off]), store_path, slots=2)
+    assert [outcomes(r) for r in runs] == [
+        {"talk": "PASS", "beside": "PASS", "power_off": "PASS"},
+        {"talk": "TIMEOUT", "beside": "PASS", "power_off": "PASS"},
+    ]
+    attempt = runs[1].phase("talk").attempts[0]
+    assert attempt.reason == "timed out after 0.05 s"
+    assert "OSError: serial port closed under us" in attempt.error.traceback  # what went wrong is kept too
+    assert sorted(torn_down) == [0, 1]
+
+
+async def test_a_fixture_may_keep_a_task_running_across_phases_and_tasks(store_path: Path) -> None:
+    events: list[str] = []
+
+    @asynccontextmanager
+    async def link(slot):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trio.sleep_forever)  # a reader, say
+            events.append("opened")
+            yield f"link on {slot.port}"
+            nursery.cancel_scope.cancel()
+        events.append("closed")
+
+    @phase
+    async def first(link) -> None:
+        await trio.sleep(0.01)
+
+    @phase
+    async def second(link) -> None:  # a root of its own: another task than first's
+        await trio.sleep(0.02)
+
+    @phase(after=[first, second])
+    async def third(link) -> None:
+        pass
+
+    @phase(teardown=True)
+    async def td(link) -> None:
+        events.append("teardown used it")
+
+    [run] = await run_product(Product("p", [first, second, third, td], fixtures={"link": lambda slot: link(slot)}),
+                              store_path)
+    assert outcomes(run) == {"first": "PASS", "second": "PASS", "third": "PASS", "td": "PASS"}
+    assert events == ["opened", "teardown used it", "closed"]
+
+
+async def test_a_fixture_that_fails_closing_leaves_the_run_finished(
+    store_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sequencer.engine as engine
+
+    monkeypatch.setattr(engine, "FIXTURE_CLOSE_TIMEOUT_S", 0.1)
+
+    @asynccontextmanager
+    async def link(slot):
+        async def stubborn() -> None:
+            try:
+                await trio.sleep_forever()
+            finally:
+                with trio.CancelScope(shield=True):
+                    await trio.sleep(1)  # longer than the close may take
+                raise OSError("port gone")
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(stubborn)
+            yield "link"
+            nursery.cancel_scope.cancel()
+
+    @phase
+    async def uses(link) -> None:
+        pass
+
+    [run] = await run_product(Product("p", [uses], fixtures={"link": lambda slot: link(slot)}), store_path)
+    assert run.outcome is Outcome.PASS
+    store = LocalStore.open(store_path, station=True)
+    assert store.interrupted_on_open == 0 and store.get_run(run.run_id).outcome is Outcome.PASS
+    store.close()
+
+
+# -- stopping, aborting ------------------------------------------------------------
+
+
+async def test_after_a_stop_a_teardown_keeps_its_retries(store_path: Path) -> None:
+    calls: list[int] = []
+
+    @phase
+    async def fails() -> PhaseResult:
+        return PhaseResult.FAIL
+
+    @phase(teardown=True, retries=1)
+    async def power_off() -> PhaseResult:
+        calls.append(1)
+        return PhaseResult.FAIL if len(calls) == 1 else PhaseResult.CONTINUE
+
+    [run] = await run_product(Product("p", [fails, power_off], stop_on_failure=True), store_path)
+    assert [a.outcome.value for a in run.phase("power_off").attempts] == ["FAIL", "PASS"]
+    assert run.phase("power_off").outcome is Outcome.PASS
+
+
+async def test_a_run_if_that_raises_stops_the_run_as_any_failure_does(store_path: Path) -> None:
+    @phase(run_if=lambda record: record.dut["hw"] == "B")  # no "hw": KeyError
+    async def rev_b_only() -> None:
+        pass
+
+    @phase
+    async def slow_independent() -> None:
+        await trio.sleep(5)
+
+    [run] = await run_product(Product("p", [rev_b_only, slow_independent], stop_on_failure=True), store_path)
+    assert outcomes(run) == {"rev_b_only": "ERROR", "slow_independent": "SKIPPED"}  # not run, let alone waited for
+    assert run.phase("slow_independent").reason == "run stopped: phase 'rev_b_only' ended ERROR"
+
+
+async def test_an_abort_during_a_commit_starts_none_of_the_phases_it_made_ready(store_path: Path) -> None:
+    from sequencer.engine import RunSettings, SlotControl, run_dut
+    from sequencer.fixtures import SlotInfo
+    from sequencer.product import LoadedProduct
+
+    ran: list[str] = []
+    release = trio.Event()
+    control = SlotControl()
+
+    @phase
+    async def a() -> None:
+        await release.wait()  # woken in the same scheduler batch as the abort
+
+    @phase(after=[a])
+    async def b() -> None:
+        ran.append("b")
+
+    @phase(after=[a])
+    async def c() -> None:
+        ran.append("c")
+
+    store = LocalStore.open(store_path, station=True)
+    async with store.writer():
+        async def operator() -> None:
+            await trio.sleep(0.05)
+            release.set()
+            control.abort()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(operator)
+            run = await run_dut(LoadedProduct(Product("p", [a, b, c]), Path("<t>")), SlotInfo(0, "/dev/x", "st"),
+                                settings=RunSettings("st"), store=store, bus=EventBus(), control=control)
+    store.close()
+    assert ran == []  # neither touched the DUT after Ctrl-C
+    assert outcomes(run) == {"a": "PASS", "b": "SKIPPED", "c": "SKIPPED"}
+    assert run.outcome is Outcome.ABORTED
+
+
+async def test_a_bug_outside_any_phase_ends_that_run_in_error_and_its_teardowns_still_run(
+    store_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sequencer.engine import _SlotRun
+
+    run_ready = _SlotRun._run_ready
+    torn_down: list[int] = []
+
+    async def buggy_on_slot_1(self: _SlotRun, p) -> None:
+        if self.slot.index == 1 and p.name == "second":
+            raise RuntimeError("a bug in the engine")
+        await run_ready(self, p)
+
+    monkeypatch.setattr(_SlotRun, "_run_ready", buggy_on_slot_1)
+
+    @phase
+    async def first() -> None:
+        pass
+
+    @phase(after=[first])
+    async def second() -> None:
+        pass
+
+    @phase(teardown=True)
+    async def td(slot) -> None:
+        torn_down.append(slot.index)
+
+    runs = await run_product(Product("p", [first, second, td]), store_path, slots=2)
+    assert [r.outcome for r in runs] == [Outcome.PASS, Outcome.ERROR]
+    assert outcomes(runs[1]) == {"first": "PASS", "second": "SKIPPED", "td": "PASS"}
+    assert runs[1].phase("second").reason == "run stopped: the engine failed (RuntimeError: a bug in the engine)"
+    assert sorted(torn_down) == [0, 1]
+
+
+async def test_a_slot_whose_run_escapes_the_engine_is_reported_never_taken_for_a_pass(
+    store_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sequencer.station as station
+    from sequencer.engine import RunSettings
+    from sequencer.product import LoadedProduct
+
+    run_dut = station.run_dut
+
+    async def escapes_on_slot_1(product, slot, **kwargs):
+        if slot.index == 1:
+            raise RuntimeError("a bug past the engine's own guard")
+        return await run_dut(product, slot, **kwargs)
+
+    monkeypatch.setattr(station, "run_dut", escapes_on_slot_1)
+
+    @phase
+    async def work() -> None:
+        await trio.sleep(0.01)
+
+    store = LocalStore.open(store_path, station=True)
+    async with store.writer():
+        result = await station.run_station(
+            LoadedProduct(Product("p", [work]), Path("<t>")), ["/dev/a", "/dev/b", "/dev/c"],
+            settings=RunSettings("st"), store=store, bus=EventBus(), handle_signals=False,
+        )
+    store.close()
+    assert [r.slot for r in result.runs] == [0, 2] and all(r.outcome is Outcome.PASS for r in result.runs)
+    assert result.crashed == ("slot 1 /dev/b: RuntimeError: a bug past the engine's own guard",)
+    assert not result.all_passed
