@@ -49,9 +49,11 @@ class PhaseResult(enum.Enum):
 
     #: Judge the measurements and go on (the same as returning ``None``).
     CONTINUE = "CONTINUE"
-    #: Run the phase again (not counted as a retry), up to ``repeat_limit`` times.
+    #: Run the phase again (not counted as a retry). A phase runs at most
+    #: ``repeat_limit`` times: asking to repeat on the last of them fails it.
     REPEAT = "REPEAT"
-    #: Record the phase as SKIPPED; its measurements are discarded.
+    #: Record the phase as SKIPPED; what it measured stays in its record but
+    #: does not decide the outcome.
     SKIP = "SKIP"
     #: Judge this phase, then stop the run: phases not yet started are SKIPPED,
     #: teardowns still run.

@@ -177,10 +177,17 @@ def validate_product(
         for dep in p.after:
             if dep not in names:
                 raise ProductError(f"{where}: phase {p.name!r}: depends on unknown phase {dep!r}")
-            if names[dep].teardown != p.teardown:
-                kind = "a teardown" if p.teardown else "a main phase"
+            if p.teardown:
+                # A teardown always runs, whatever ran before it; the order of
+                # teardowns is the product's list.
                 raise ProductError(
-                    f"{where}: phase {p.name!r}: {kind} cannot depend on {dep!r}; teardowns run after every main phase"
+                    f"{where}: phase {p.name!r}: a teardown cannot depend on {dep!r}; teardowns run after every main "
+                    "phase, one after another in the product's order, whatever happened before"
+                )
+            if names[dep].teardown:
+                raise ProductError(
+                    f"{where}: phase {p.name!r}: a main phase cannot depend on {dep!r}; teardowns run after every "
+                    "main phase"
                 )
     cycle = find_cycle(product.phases)
     if cycle:

@@ -89,6 +89,13 @@ def test_graph_errors_name_the_phase() -> None:
     td = phase(noop, name="td", teardown=True, after=["a"])
     with pytest.raises(ProductError, match="phase 'td': a teardown cannot depend on 'a'"):
         validate_product(Product("p", [a, td]))
+    first_td = phase(noop, name="first_td", teardown=True)
+    second_td = phase(noop, name="second_td", teardown=True, after=[first_td])
+    with pytest.raises(ProductError, match="phase 'second_td': a teardown cannot depend on 'first_td'; teardowns run"):
+        validate_product(Product("p", [a, first_td, second_td]))
+    after_td = phase(noop, name="after_td", after=[first_td])
+    with pytest.raises(ProductError, match="phase 'after_td': a main phase cannot depend on 'first_td'"):
+        validate_product(Product("p", [a, first_td, after_td]))
 
 
 def test_missing_fixture_and_resource_are_named() -> None:
