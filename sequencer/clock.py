@@ -12,7 +12,9 @@ slots that is most of a millisecond per phase, on every phase.
 whenever trio is about to wait; the event loop watches that descriptor (see
 :func:`wake_at_deadlines`), so ``epoll_wait`` returns when the deadline
 passes, to the timer slack of the kernel (about 50 µs), and the millisecond
-timeout becomes a backstop. Elsewhere (no ``timerfd``) it is trio's own clock.
+timeout becomes a backstop. Elsewhere (no ``timerfd``, or the kernel refuses
+one) it is a plain monotonic clock, and deadlines wake the loop at trio's
+millisecond timeout as before; the station log says so once.
 """
 
 from __future__ import annotations
@@ -26,9 +28,16 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
+import structlog
 import trio
 
 T = TypeVar("T")
+
+log = structlog.get_logger("sequencer.clock")
+
+#: Deadlines further away than this arm the timer this far ahead (a harmless early wake-up) rather
+#: than at a time a ``timespec`` may not hold; trio itself never waits longer than a day at once.
+_FURTHEST_S = 86_400.0
 
 _CLOCK_MONOTONIC = 1
 _TFD_CLOEXEC = 0o2000000
@@ -57,7 +66,10 @@ def _libc() -> ctypes.CDLL | None:
 
 
 class StationClock(trio.abc.Clock):
-    """trio's clock (``CLOCK_MONOTONIC``, as ``time.monotonic``), plus a timer armed at the next deadline.
+    """A monotonic clock (``time.monotonic``: ``CLOCK_MONOTONIC``), plus a timer armed at the next deadline.
+
+    (trio's default clock is ``perf_counter`` with a random offset; deadlines
+    compare within one run only, so which monotonic clock does not matter.)
 
     Pass it to ``trio.run(..., clock=StationClock())`` and start
     :func:`wake_at_deadlines` inside the run; without that task it is just a
@@ -68,6 +80,8 @@ class StationClock(trio.abc.Clock):
         self._libc = _libc()
         self._fd = -1
         self._armed = math.inf
+        #: the kernel refused to arm the timer once: it is not used again
+        self._failed = False
         self._spec = _Itimerspec()
         #: how many times a deadline woke the loop through the timer
         self.fired = 0
@@ -80,7 +94,11 @@ class StationClock(trio.abc.Clock):
     def start_clock(self) -> None:
         if self._libc is not None and self._fd < 0:
             fd = self._libc.timerfd_create(_CLOCK_MONOTONIC, _TFD_NONBLOCK | _TFD_CLOEXEC)
-            self._fd = fd if fd >= 0 else -1
+            if fd >= 0:
+                self._fd = fd
+            else:
+                log.warning("no deadline timer: sleeps and timeouts end at the next whole millisecond",
+                            error=os.strerror(ctypes.get_errno()))
 
     def current_time(self) -> float:
         return time.monotonic()
@@ -88,7 +106,7 @@ class StationClock(trio.abc.Clock):
     def deadline_to_sleep_time(self, deadline: float) -> float:
         # Called by trio's run loop each time it is about to wait, with the
         # earliest deadline: re-arm only when that changed (one syscall).
-        if deadline != self._armed and self._fd >= 0:
+        if deadline != self._armed and self._fd >= 0 and not self._failed:
             self._arm(deadline)
         return deadline - time.monotonic()
 
@@ -97,12 +115,22 @@ class StationClock(trio.abc.Clock):
         if math.isinf(deadline):
             value.tv_sec, value.tv_nsec = 0, 0  # disarm
         else:
-            seconds = math.floor(deadline)
-            # A zero it_value would disarm: a deadline at 0 s is long past anyway.
-            value.tv_sec, value.tv_nsec = seconds, max(1, int((deadline - seconds) * 1e9))
-        self._armed = deadline
+            at = min(deadline, time.monotonic() + _FURTHEST_S)
+            seconds = math.floor(at)
+            # Rounded up: never before the deadline. A zero it_value would
+            # disarm: a deadline at 0 s is long past anyway.
+            value.tv_sec, value.tv_nsec = seconds, min(999_999_999, max(1, math.ceil((at - seconds) * 1e9)))
         assert self._libc is not None
-        self._libc.timerfd_settime(self._fd, _TFD_TIMER_ABSTIME, ctypes.byref(self._spec), None)
+        if self._libc.timerfd_settime(self._fd, _TFD_TIMER_ABSTIME, ctypes.byref(self._spec), None) == 0:
+            self._armed = deadline
+            return
+        # Called from inside trio's run loop, where raising would end the run:
+        # go on without the timer instead (millisecond wake-ups, as trio's
+        # own). The descriptor stays open: the loop is watching it.
+        error = os.strerror(ctypes.get_errno())
+        self._failed = True
+        log.warning("the deadline timer failed; sleeps and timeouts now end at the next whole millisecond",
+                    error=error)
 
     def close(self) -> None:
         if self._fd >= 0:

@@ -91,3 +91,39 @@ def test_sleeps_and_timeouts_keep_their_meaning_on_the_station_clock() -> None:
     assert len(woke) == 3
     assert all(at >= deadline for deadline, at in woke)  # never before its deadline
     assert timed_out
+
+
+def test_a_deadline_further_than_a_timespec_holds_arms_the_timer_a_day_ahead() -> None:
+    clock = StationClock()
+    clock.start_clock()
+    try:
+        for far in (clock.current_time() + 1e7, 1e19, 1e300):
+            clock.deadline_to_sleep_time(far)
+            assert 86_399 < remaining(clock) <= 86_400  # a harmless early wake-up, never a wrapped time
+        near = clock.current_time() + 2.0
+        clock.deadline_to_sleep_time(near)
+        assert 1.9 < remaining(clock) <= 2.0
+    finally:
+        clock.close()
+
+
+def test_a_timer_the_kernel_refuses_leaves_the_millisecond_wakeups() -> None:
+    clock = StationClock()
+    clock.start_clock()
+    try:
+        libc = clock._libc
+        assert libc is not None
+
+        class Refusing:
+            def __getattr__(self, name: str):
+                return getattr(libc, name)
+
+            def timerfd_settime(self, *args) -> int:
+                return -1
+
+        clock._libc = Refusing()  # type: ignore[assignment]
+        deadline = clock.current_time() + 5.0
+        assert 4.9 < clock.deadline_to_sleep_time(deadline) <= 5.0  # still a clock: no exception in trio's loop
+        assert clock._failed and clock.fd >= 0  # not armed again; the descriptor trio watches stays open
+    finally:
+        clock.close()
