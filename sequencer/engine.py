@@ -77,7 +77,14 @@ class RecordsNotWritten(Exception):
 
 
 class RecordWriter:
-    """What the engine needs from a store (see :class:`reports.store.LocalStore`)."""
+    """What the engine needs from a store (see :class:`reports.store.LocalStore`).
+
+    ``commit_phase`` returns once the record is durable, and should not be a
+    checkpoint (or shield itself): a commit cancelled halfway would leave the
+    engine unsure whether the store has the record. ``LocalStore`` never
+    yields in its writes; a writer that does is also run correctly by the
+    engine, but an abort may then land inside a commit.
+    """
 
     async def begin_run(self, run: RunRecord) -> None: ...
 
