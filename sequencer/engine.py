@@ -300,13 +300,11 @@ class _SlotRun:
                 continue
             if p.name in self.partial:
                 attempts, log, attachments = self.partial[p.name]
-                now = utcnow()
-                aborted = AttemptRecord(len(attempts) + 1, Outcome.ABORTED, now, now, reason=self._abort_reason(p))
+                now, why = utcnow(), self._abort_reason(p)
+                aborted = AttemptRecord(len(attempts) + 1, Outcome.ABORTED, now, now, reason=why)
                 rec = attrs.evolve(
-                    self._phase_record(
-                        p, Outcome.ABORTED, self.started_at[p.name], reason=self._abort_reason(p),
-                        attempts=(*attempts, aborted),
-                    ),
+                    self._phase_record(p, Outcome.ABORTED, self.started_at[p.name], reason=why,
+                                       attempts=(*attempts, aborted)),
                     logs=tuple(log.lines),
                     attachments=tuple(attachments),
                 )
