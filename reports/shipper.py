@@ -731,9 +731,13 @@ async def shipping_process(
                 handle.exit_message = message
 
     async with trio.open_nursery() as nursery:
+        # A session of its own: the terminal's Ctrl-C (or hang-up) is for the
+        # station, which aborts, records ABORTED and only then closes the
+        # child's stdin; a child that got the signal too drained and quit
+        # before those records existed.
         proc: trio.Process = await nursery.start(partial(
             trio.run_process, argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            env=env, check=False,
+            env=env, check=False, start_new_session=True,
         ))
         first = trio.Event()
         nursery.start_soon(read_lines, proc, first)

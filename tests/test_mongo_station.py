@@ -218,11 +218,12 @@ async def test_primary_stepped_down_mid_batch_loses_nothing(tmp_path: Path, repl
 # -- the real command, killed --------------------------------------------------------
 
 
-def sequencer(*args: str, phase_s: float = 0.0) -> subprocess.Popen[str]:
+def sequencer(*args: str, phase_s: float = 0.0, own_session: bool = False) -> subprocess.Popen[str]:
+    """``sequencer ...`` in a child; ``own_session``: its own process group, as a terminal's foreground job."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "MONGO_WIDGET_PHASE_S": str(phase_s)}
     return subprocess.Popen(
         [sys.executable, "-m", "sequencer.cli", *args],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT, start_new_session=own_session,
     )
 
 
@@ -276,6 +277,28 @@ def test_station_killed_mid_batch_then_restarted_drains_the_backlog(tmp_path: Pa
     assert [e["outcome"] for e in retested["runs"]] == ["INTERRUPTED", "PASS"]
     assert retested["last_outcome"] == "PASS" and retested["attributes"]["imei"] == "350000000000000"
     assert db.devices.count_documents({}) == 8
+    db.client.close()
+
+
+@pytest.mark.slow
+def test_ctrl_c_at_a_shipping_station_ships_the_aborted_runs(tmp_path: Path, mongo: MongoSettings) -> None:
+    store_path = tmp_path / "store.sqlite"
+    db = database(mongo)
+    proc = sequencer("run", str(WIDGET), "--sim", "4", "--batch", "CTRLC", "--store", str(store_path),
+                     "--reports", str(tmp_path / "reports"), "--plain", "--mongo", mongo.uri,
+                     "--mongo-db", mongo.database, phase_s=0.5, own_session=True)
+    try:
+        wait_until_sync(lambda: db.runs.count_documents({"batch": "CTRLC", "outcome": None}) == 4,
+                        what="four open runs streamed")
+        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: the terminal signals its whole foreground job
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, out + err
+    assert "nothing waiting to ship" in out, out
+    # The shipper outlived the abort: every run is in MongoDB as the store has it, ABORTED.
+    assert_mirrors_store(store_path, mongo)
+    assert [d["outcome"] for d in db.runs.find({"batch": "CTRLC"})] == [Outcome.ABORTED.value] * 4
     db.client.close()
 
 
