@@ -284,6 +284,38 @@ async def test_workers_forked_by_the_station_server_flash_and_die_with_a_cancel(
     assert workers._process.returncode is not None  # the server went with the station
 
 
+async def test_a_worker_request_cut_short_by_a_deadline_never_hands_its_answer_to_the_next() -> None:
+    def live_children(ppid: int) -> set[int]:
+        found = set()
+        for entry in Path("/proc").iterdir():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            if fields[1] == str(ppid) and fields[0] != "Z":
+                found.add(int(entry.name))
+        return found
+
+    async with FlashWorkers.open() as workers:
+        server = workers._process.pid
+        cut_short = 0
+        for i in range(100):
+            first = None
+            with trio.move_on_after((i % 20) * 50e-6) as scope:  # lands before, during or after the fork
+                first = await workers.start("/dev/x")
+                await trio.lowlevel.checkpoint()
+            cut_short += scope.cancelled_caught
+            # The next request gets its own worker's pid, never an answer left over from the one cut short.
+            second = await workers.start("/dev/x")
+            alive = live_children(server)
+            assert second.handle.pid in alive
+            if first is not None:  # a request that had begun finished: its worker is its own, alive too
+                assert first.handle.pid in alive and first.handle.pid != second.handle.pid
+                await first.aclose()
+            await second.aclose()
+        assert cut_short > 10  # the deadlines did land around the requests
+
+
 async def test_eight_slots_flash_at_once_each_on_its_own_board() -> None:
     async with open_esp32_farm(8, seed=4) as devices:
 
