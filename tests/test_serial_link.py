@@ -33,6 +33,30 @@ async def test_read_line_strips_terminators(device):
         assert [await link.read_line() for _ in range(4)] == ["hello", "world", "", "été"]
 
 
+async def test_every_carriage_return_before_the_newline_is_a_terminator(device):
+    # ESP-IDF's console translates LF to CRLF, so firmware printing "\r\n" sends "\r\r\n".
+    async with open_serial_link(device.path) as link:
+        await device.write(b"READY\r\r\nIDENT x=1\r\n")
+        assert [await link.read_line(), await link.read_line()] == ["READY", "IDENT x=1"]
+
+
+async def test_a_port_that_goes_away_while_lent_is_port_lost_unless_the_borrower_said_why():
+    class BorrowerFailed(Exception):
+        pass
+
+    endpoint = PtyEndpoint()
+    async with open_serial_link(endpoint.path) as link:
+        with pytest.raises(BorrowerFailed):  # what the borrower ran into is what the caller hears
+            with link.lend():
+                endpoint.close()
+                raise BorrowerFailed("no answer from the bootloader")
+    endpoint = PtyEndpoint()
+    async with open_serial_link(endpoint.path) as link:
+        with pytest.raises(PortLost, match=f"^{endpoint.path}: the port went away while it was lent"):
+            with link.lend():
+                endpoint.close()
+
+
 async def test_send_line_reaches_device(device):
     async with open_serial_link(device.path) as link:
         await link.send_line("IDENT")
