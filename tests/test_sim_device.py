@@ -144,8 +144,10 @@ async def test_device_errors_name_port_and_command():
             assert await link.request("IDENT \xe9") == "ERR bad encoding"
             assert (await link.request("HELP")).split()[1:] == [
                 "IDENT", "RAILS", "SENSOR", "SELFTEST", "SAMPLE", "KEYGEN", "PUBKEY", "SIGN", "LED", "SLEEP", "RESTART",
-                "HELP",
+                "SYNC", "HELP",
             ]
+            assert await link.request("SYNC 4f2a") == "SYNC 4f2a"
+            assert await link.request("SYNC a-b") == "ERR usage: SYNC <token: 1..32 letters and digits>"
             assert await link.request("LED BLUE") == "ERR usage: LED <GREEN|RED|OFF>"
             with pytest.raises(ValueError, match="LED colour must be one of GREEN, RED, OFF, not 'green'"):
                 await firmware.set_led("green")
@@ -348,6 +350,40 @@ async def test_an_answer_that_comes_after_its_timeout_is_skipped_not_taken_for_t
             await link.send_line("HELP")
             with pytest.raises(ProtocolError, match="response to 'RAILS' does not echo it: 'HELP "):
                 await firmware.read_rails()
+
+
+@pytest.mark.parametrize(
+    "late, then",
+    [
+        (lambda fw: fw.read_sensor("BME280"), lambda fw: fw.identify()),  # a late ERR echoes no command
+        (lambda fw: fw.sample("3V3", 50), lambda fw: fw.read_rails()),  # a late series is many lines
+        (lambda fw: fw.read_sensor("SHT40"), lambda fw: fw.read_sensor("LIS3DH")),  # the same first word
+    ],
+    ids=["late ERR", "late SAMPLE series", "late answer to the same command"],
+)
+async def test_whatever_an_abandoned_command_still_sends_is_skipped(late, then):
+    async with open_farm(1) as (device,):
+        async with open_serial_link(device.path) as link:
+            firmware = await booted(link)
+            firmware.timeout = 0.1
+            device.faults = Faults(slow_s=0.2)  # answers after the command gave up on it
+            with pytest.raises(DeviceTimeout):
+                await late(firmware)
+            device.faults = Faults()
+            firmware.timeout = 1.0
+            assert await then(firmware)  # its own answer, not the one left over
+
+
+async def test_a_device_that_answers_only_garbage_says_so_not_that_it_is_silent():
+    async with open_farm(1) as (device,):
+        async with open_serial_link(device.path) as link:
+            firmware = await booted(link)
+            device.faults = Faults(garbage=True)
+            with pytest.raises(ProtocolError, match="line is not UTF-8"):
+                await firmware.identify()
+            with pytest.raises(ProtocolError, match=r"line is not UTF-8.*no readable line since; waited 1 s for a "
+                                                    r"response to 'RAILS'"):
+                await firmware.read_rails()  # resynchronising first: garbage again
 
 
 async def test_overlong_fault_is_a_protocol_error():
