@@ -214,6 +214,39 @@ async def test_a_late_answer_is_not_read_as_the_next_commands(echo: bool) -> Non
             assert await at.imei() == modem.imei
 
 
+async def test_with_echo_off_a_dropped_command_costs_only_itself() -> None:
+    # Nothing ever answers the dropped command: counted as owed, the next
+    # command's own OK was thrown away, and every command after it timed out.
+    async with open_modems(1) as (modem,):
+        async with open_serial_link(modem.path) as link:
+            at = AtModem(link, timeout=0.3)
+            await at.sync()
+            await at.command("ATE0")
+            modem.faults = ModemFaults(silent=True)
+            with pytest.raises(DeviceTimeout):
+                await at.command("AT+CGMI")
+            modem.faults = ModemFaults()
+            assert await at.imei() == modem.imei
+            assert await at.imsi() == modem.imsi
+            assert await at.command("AT") == ()
+
+
+async def test_lines_with_control_characters_never_become_values() -> None:
+    async def module(end: PtyEndpoint) -> None:
+        got = b""
+        while not got.endswith(b"\r"):
+            got += await end.read()
+        await end.write(b"\r\n+CPIN: READY\x1b]0;owned\x07\r\n\r\nOK\r\n")
+
+    with PtyEndpoint() as end:
+        async with open_serial_link(end.path) as link, trio.open_nursery() as nursery:
+            nursery.start_soon(module, end)
+            at = AtModem(link, timeout=2.0)
+            assert await at.command("AT+CPIN?") == ()  # the line is skipped as unreadable
+    assert at.unreadable == 1
+    assert "\\x07" in at.transcript_text() and "\x07" not in at.transcript_text()  # shown escaped, never sent
+
+
 async def test_an_at_that_crossed_the_boot_message_is_answered_late_and_not_taken_for_the_next() -> None:
     # Seen with 256 simulated trackers: the host's first AT reached the module
     # just after it booted, while its RDY was on the wire. The sync took RDY as
