@@ -743,14 +743,40 @@ class MongoSink:
 
     def __init__(self, settings: MongoSettings) -> None:
         self.settings = settings
-        self.client = settings.client()
-        self.db = self.client[settings.database]
-        self.runs = self.db["runs"]
-        self.devices = self.db["devices"]
+        self._client: pymongo.MongoClient[dict[str, Any]] | None = None
         self._schema_checked = False
 
+    @property
+    def client(self) -> pymongo.MongoClient[dict[str, Any]]:
+        """The client, made on first use; :class:`MongoUnavailable` while it cannot be.
+
+        Made lazily because a ``mongodb+srv://`` URI is resolved (DNS SRV
+        records) when the client is made: with DNS down, an eager client
+        made every command fail with a traceback, and a station's shipper
+        died at start instead of backing off until DNS came back.
+        """
+        if self._client is None:
+            try:
+                self._client = self.settings.client()
+            except pymongo.errors.ConfigurationError as exc:
+                raise MongoUnavailable(describe_failure(exc)) from None
+        return self._client
+
+    @property
+    def db(self) -> Any:
+        return self.client[self.settings.database]
+
+    @property
+    def runs(self) -> Any:
+        return self.db["runs"]
+
+    @property
+    def devices(self) -> Any:
+        return self.db["devices"]
+
     def close(self) -> None:
-        self.client.close()
+        if self._client is not None:
+            self._client.close()
 
     def ensure_schema(self) -> None:
         if not self._schema_checked:

@@ -141,6 +141,21 @@ def test_sync_against_an_unreachable_database_keeps_the_backlog(
     assert "shipped 0 run(s)" in out and "1 run(s) waiting to ship; unreachable:" in out
 
 
+def test_a_cluster_whose_dns_records_cannot_be_found_is_unreachable_not_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # mongodb+srv:// is resolved when a client is made; DNS failing is MongoDB being away.
+    store = tmp_path / "store.sqlite"
+    trio.run(store_runs, store, [rf.sensor_run("SN-1")])
+    srv = "mongodb+srv://station:s3cret@cluster.example.invalid/?connectTimeoutMS=2000"
+    assert main(["sync", "--store", str(store), "--mongo", srv, "--status"]) == 0  # the store alone
+    assert main(["sync", "--store", str(store), "--mongo", srv]) == 1
+    captured = capsys.readouterr()
+    out = captured.out.strip().splitlines()
+    assert captured.err == "" and "s3cret" not in captured.out
+    assert "1 run(s) waiting to ship; unreachable: ConfigurationError:" in out[-1]
+
+
 def test_sync_without_mongodb_configured_is_a_usage_error(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
