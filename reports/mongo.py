@@ -44,7 +44,7 @@ import bson
 import pymongo
 import pymongo.errors
 from bson.raw_bson import RawBSONDocument
-from pymongo import IndexModel, UpdateOne
+from pymongo import DeleteMany, IndexModel, UpdateMany, UpdateOne
 from pymongo.uri_parser import parse_uri
 
 from sequencer.base85 import b85decode, b85encode
@@ -512,22 +512,54 @@ def device_update(run: RunRecord | RunData | StoredRun, seq: int) -> UpdateOne |
                     "sortBy": {"started_at": 1, "run_id": 1},
                 }}]},
             }},
-            {"$set": {"_last": {"$last": "$runs"}}},
-            {"$set": {
-                "first_tested_at": {"$min": "$runs.started_at"},
-                "attributes": {"$reduce": {"input": "$runs", "initialValue": {},
-                                           "in": {"$mergeObjects": ["$$value", "$$this.attributes"]}}},
-                "product": "$_last.product",
-                "last_outcome": "$_last.outcome",
-                "last_tested_at": "$_last.started_at",
-                "last_run_id": "$_last.run_id",
-                "last_station": "$_last.station",
-                "updated_at": "$$NOW",
-            }},
-            {"$unset": "_last"},
+            *_DEVICE_SUMMARY,
         ],
         upsert=True,
     )
+
+
+def device_detach(run: RunRecord | RunData | StoredRun, seq: int) -> list[UpdateMany | DeleteMany]:
+    """Take ``run`` off every other serial's device that lists an older state of it.
+
+    A run identified as one serial and later as another (a label scanned,
+    then the DUT's own answer) was folded into both devices; the first then
+    showed it RUNNING for good. Sent with a run's last state (once it has an
+    outcome), so a run costs these lookups (on the ``runs.run_id`` index)
+    once, not at every change. A device left with no run is deleted: it was
+    only ever that run's mistaken serial.
+    """
+    stored = StoredRun.of(run)
+    serial = _clean_text(stored.serial) if stored.serial else None
+    rid = _clean_text(stored.run_id)
+    older_here = {"_id": {"$ne": serial}, "runs": {"$elemMatch": {"run_id": rid, "seq": {"$lt": seq}}}}
+    return [
+        DeleteMany({**older_here, "runs": {"$size": 1, **older_here["runs"]}}),
+        UpdateMany(
+            {**older_here, "runs.1": {"$exists": True}},
+            [
+                {"$set": {"runs": {"$filter": {"input": "$runs", "cond": {"$ne": ["$$this.run_id", _lit(rid)]}}}}},
+                *_DEVICE_SUMMARY,
+            ],
+        ),
+    ]
+
+
+#: A device's fields, recomputed from its ``runs`` (sorted oldest first) after any change to them.
+_DEVICE_SUMMARY: list[dict[str, Any]] = [
+    {"$set": {"_last": {"$last": "$runs"}}},
+    {"$set": {
+        "first_tested_at": {"$min": "$runs.started_at"},
+        "attributes": {"$reduce": {"input": "$runs", "initialValue": {},
+                                   "in": {"$mergeObjects": ["$$value", "$$this.attributes"]}}},
+        "product": "$_last.product",
+        "last_outcome": "$_last.outcome",
+        "last_tested_at": "$_last.started_at",
+        "last_run_id": "$_last.run_id",
+        "last_station": "$_last.station",
+        "updated_at": "$$NOW",
+    }},
+    {"$unset": "_last"},
+]
 
 
 def _clean_text(v: Any) -> Any:
@@ -820,14 +852,15 @@ class MongoSink:
             for index, reason in self._bulk(self.runs, ops).items():
                 seq, r = keyed[index]
                 rejected[r.run_id] = Rejection(r.run_id, seq, reason)
-        device_ops: list[UpdateOne] = []
+        device_ops: list[UpdateOne | UpdateMany | DeleteMany] = []
         device_keyed: list[tuple[int, StoredRun]] = []
         for seq, r in keyed:
             if r.run_id in rejected:
                 continue
             op = device_update(r, seq)
-            if op is not None:
-                device_ops.append(op)
+            more = device_detach(r, seq) if r.header.get("outcome") else []
+            for o in ([op] if op is not None else []) + more:
+                device_ops.append(o)
                 device_keyed.append((seq, r))
         if device_ops:
             for index, reason in self._bulk(self.devices, device_ops).items():
@@ -840,7 +873,7 @@ class MongoSink:
             sum(r.measurements for _, r in landed),
         )
 
-    def _bulk(self, collection: Any, ops: list[UpdateOne]) -> dict[int, str]:
+    def _bulk(self, collection: Any, ops: Sequence[UpdateOne | UpdateMany | DeleteMany]) -> dict[int, str]:
         """Run ``ops``; return {index: reason} of the permanently refused ones, raise if any may be lost."""
         try:
             collection.bulk_write(ops, ordered=False)

@@ -242,6 +242,41 @@ HOSTILE_VALUES = ["$gt", "{\"$ne\": null}", "$$ROOT", "$where: 1", "\x1b[2J\x1b[
                   "'; db.dropDatabase(); '", "<script>", "\ud800lone", "x" * 5000, ""]
 
 
+async def test_a_run_whose_serial_changed_leaves_no_trace_on_the_first_serials_device(
+    tmp_path: Path, mongo: MongoSettings
+) -> None:
+    path = tmp_path / "store.sqlite"
+    earlier_on_a = rf.sensor_run("SN-A", slot=1)  # SN-A is a real unit too, tested before
+    await store_runs(path, [earlier_on_a])
+    misread = {"SN-A": rf.sensor_run("SN-B"), "SN-Z": rf.sensor_run("SN-C", slot=2)}  # SN-Z: no such unit
+    store = LocalStore.open(path, station=True)
+    async with store.writer():
+        for wrong, run in misread.items():  # a label scanned wrong first ...
+            await store.begin_run(attrs.evolve(run, phases=(), outcome=None, ended_at=None, dut={}))
+            await store.commit_phase(run.run_id, 0, run.phases[0], {"serial": wrong})
+        await trio.sleep(0.1)  # copied from the journal
+        await drain(path, mongo)  # ... and shipped while the runs were open
+        db = database(mongo)
+        for wrong, run in misread.items():
+            assert run.run_id in [e["run_id"] for e in db.devices.find_one({"_id": wrong})["runs"]]
+        for run in misread.values():  # then the DUTs said who they are, and the runs ended
+            for i, phase in enumerate(run.phases[1:], 1):
+                await store.commit_phase(run.run_id, i, phase, dict(run.dut))
+            await store.finish_run(run)
+    store.close()
+    await drain(path, mongo)
+    await drain(path, mongo)  # idempotent
+    sn_a = db.devices.find_one({"_id": "SN-A"})
+    assert [e["run_id"] for e in sn_a["runs"]] == [earlier_on_a.run_id]
+    assert sn_a["last_outcome"] == earlier_on_a.outcome.value and sn_a["last_run_id"] == earlier_on_a.run_id
+    assert db.devices.find_one({"_id": "SN-Z"}) is None  # only ever a misread
+    for run in misread.values():
+        device = db.devices.find_one({"_id": run.serial})
+        assert [e["run_id"] for e in device["runs"]] == [run.run_id] and device["last_outcome"] == "PASS"
+    assert_mirrors_store(path, mongo)
+    db.client.close()
+
+
 @pytest.mark.parametrize("variant", ["keys", "values"])
 async def test_hostile_dut_keys_and_values_are_stored_safely(tmp_path: Path, mongo: MongoSettings,
                                                              variant: str) -> None:
