@@ -777,6 +777,8 @@ class MongoSink:
         self.settings = settings
         self._client: pymongo.MongoClient[dict[str, Any]] | None = None
         self._schema_checked = False
+        #: the schema version the database had when this sink first checked it (0: no collections of ours)
+        self.found_schema: int | None = None
 
     @property
     def client(self) -> pymongo.MongoClient[dict[str, Any]]:
@@ -813,7 +815,7 @@ class MongoSink:
     def ensure_schema(self) -> None:
         if not self._schema_checked:
             try:
-                ensure_schema(self.db)
+                self.found_schema = ensure_schema(self.db)
             except (pymongo.errors.ConnectionFailure, pymongo.errors.OperationFailure) as exc:
                 if isinstance(exc, pymongo.errors.OperationFailure) and exc.code in (13, 18):
                     raise MongoSchemaError(f"not allowed to create or migrate the collections: {exc}") from None

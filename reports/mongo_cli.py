@@ -68,6 +68,8 @@ def add_mongo_commands(sub: Any) -> None:
     what.add_argument("--quarantine", action="store_true", help="list quarantined runs with the reason")
     what.add_argument("--retry-quarantined", action="store_true",
                       help="ship quarantined runs again (after fixing the schema or the data), then the backlog")
+    what.add_argument("--all", action="store_true", dest="ship_all",
+                      help="ship every run again, from the first (after MongoDB was restored from a backup)")
 
     find = sub.add_parser("find", help="a device and its run history (MongoDB when configured, else local)")
     key = find.add_mutually_exclusive_group(required=True)
@@ -215,7 +217,8 @@ async def station_shipping(config: StationConfig, console: Console) -> AsyncIter
     from reports.shipper import ShipEvent, describe_backlog, shipping_process
 
     def tell(event: ShipEvent) -> None:
-        style = {"quarantined": "red", "unreachable": "yellow", "error": "red"}.get(event.kind, "green")
+        styles = {"quarantined": "red", "unreachable": "yellow", "error": "red", "reset": "yellow"}
+        style = styles.get(event.kind, "green")
         console.print(Text(event.message, style=style), soft_wrap=True)
 
     async with shipping_process(config.store, settings, final_drain=5.0, on_event=tell) as shipper:
@@ -261,6 +264,8 @@ async def _sync(args: argparse.Namespace, store: Path, settings: MongoSettings) 
         if args.quarantine:
             return _print_quarantine(out, await shipper.quarantine())
         retried = None
+        if args.ship_all:
+            await shipper.start_over()
         if args.retry_quarantined:
             retried = await shipper.retry_quarantined()
             if retried.error is None:

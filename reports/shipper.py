@@ -138,6 +138,11 @@ class ShipLedger:
             ).fetchall()
         return [Quarantined(*r) for r in rows]
 
+    def forget_watermark(self) -> None:
+        """Take the watermark back to the start: every run is shipped again."""
+        with self._lock:
+            self._conn.execute("DELETE FROM mongo_watermark WHERE target=?", (self.target,))
+
     def current_seq(self, run_id: str) -> int | None:
         with self._lock:
             row = self._conn.execute("SELECT seq FROM runs WHERE run_id=?", (run_id,)).fetchone()
@@ -389,6 +394,11 @@ class Shipper:
             error = f"stopped after {timeout:g} s with runs left to ship"
         return SyncReport(shipped, measurements, tuple(rejected), self._backlog, error)
 
+    async def start_over(self) -> None:
+        """Take the watermark back to the start: the next passes ship every run again (idempotently)."""
+        await trio.to_thread.run_sync(self._ledger.forget_watermark)
+        await self.refresh()
+
     async def retry_quarantined(self) -> SyncReport:
         """Ship every quarantined run again as it is now (after the schema or the data was fixed)."""
 
@@ -423,6 +433,16 @@ class Shipper:
 
     def _pass_sync(self) -> _Pass:
         """One batch, in a worker thread: read, write, acknowledge."""
+        if self._sink.found_schema is None:  # the first contact with the database
+            self._sink.ensure_schema()
+            if self._sink.found_schema == 0 and self._ledger.acked_seq() > 0:
+                # None of our collections there, yet this station shipped to
+                # this address before: the database was dropped or replaced.
+                # Everything goes again (idempotently); the watermark would
+                # have said it was all there.
+                self._ledger.forget_watermark()
+                self._emit(ShipEvent("reset", f"MongoDB {self.settings.target} holds none of this station's"
+                                              " records any more (dropped or replaced): shipping them all again"))
         rows = iter_change_rows(self._store, self._ledger.acked_seq(), self.batch_size)
         changes = [(seq, self._phases.stored_run(header, phases)) for seq, header, phases in rows]
         if changes:

@@ -277,6 +277,23 @@ async def test_a_run_whose_serial_changed_leaves_no_trace_on_the_first_serials_d
     db.client.close()
 
 
+async def test_a_database_dropped_since_the_last_sync_gets_everything_again(
+    tmp_path: Path, mongo: MongoSettings
+) -> None:
+    path = tmp_path / "store.sqlite"
+    await store_runs(path, [rf.sensor_run("SN-1"), rf.sensor_run("SN-2", slot=1)])
+    (first, _) = await drain(path, mongo)
+    assert first.shipped_runs == 2
+    db = database(mongo)
+    db.client.drop_database(mongo.database)  # a DBA resets it, or it moved to a new server at the same address
+    (again, _) = await drain(path, mongo)
+    assert again.shipped_runs == 2 and again.backlog == 0
+    assert_mirrors_store(path, mongo)
+    (third, _) = await drain(path, mongo)
+    assert third.shipped_runs == 0  # and only once
+    db.client.close()
+
+
 @pytest.mark.parametrize("variant", ["keys", "values"])
 async def test_hostile_dut_keys_and_values_are_stored_safely(tmp_path: Path, mongo: MongoSettings,
                                                              variant: str) -> None:

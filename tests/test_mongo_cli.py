@@ -23,7 +23,7 @@ from sequencer.cli import build_parser, main
 from sequencer.config import ConfigError, StationConfig, load_station_config
 from sequencer.records import Outcome, run_from_json
 from tests import records_factory as rf
-from tests.mongo_support import database
+from tests.mongo_support import assert_mirrors_store, database
 from tests.store_support import store_runs
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -139,6 +139,24 @@ def test_sync_against_an_unreachable_database_keeps_the_backlog(
     out = capsys.readouterr().out.strip()
     assert out.count("\n") == 0
     assert "shipped 0 run(s)" in out and "1 run(s) waiting to ship; unreachable:" in out
+
+
+def test_sync_all_ships_every_run_again_after_a_restore(
+    tmp_path: Path, mongo: MongoSettings, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store = tmp_path / "store.sqlite"
+    trio.run(store_runs, store, [rf.sensor_run("SN-1"), rf.sensor_run("SN-2", slot=1)])
+    common = ["--store", str(store), "--mongo", mongo.uri, "--mongo-db", mongo.database]
+    assert main(["sync", *common]) == 0
+    db = database(mongo)
+    db.runs.delete_many({})  # restored from a backup older than both runs: the collections stay
+    db.devices.delete_many({})
+    assert main(["sync", *common]) == 0 and db.runs.count_documents({}) == 0  # not noticed
+    capsys.readouterr()
+    assert main(["sync", "--all", *common]) == 0
+    assert "shipped 2 run(s)" in capsys.readouterr().out
+    assert_mirrors_store(store, mongo)
+    db.client.close()
 
 
 def test_a_cluster_whose_dns_records_cannot_be_found_is_unreachable_not_a_traceback(
