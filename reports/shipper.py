@@ -581,10 +581,20 @@ async def _follow(a: argparse.Namespace) -> int:
     import sys
 
     out = sys.stdout
+    station_listening = True
 
     def emit(kind: str, **fields: object) -> None:
-        out.write(json.dumps({"event": kind, **fields}) + "\n")
-        out.flush()
+        # A station killed (SIGKILL) reads no more: its records still get the
+        # final drain, which a BrokenPipeError here would have cut short.
+        nonlocal station_listening
+        if station_listening:
+            try:
+                out.write(json.dumps({"event": kind, **fields}) + "\n")
+                out.flush()
+            except OSError:
+                station_listening = False
+                # Nor at exit, when Python flushes stdout once more.
+                os.dup2(os.open(os.devnull, os.O_WRONLY), out.fileno())
 
     settings = MongoSettings.parse(a.uri, a.database)
     shipper = await Shipper.open(

@@ -302,6 +302,34 @@ def test_ctrl_c_at_a_shipping_station_ships_the_aborted_runs(tmp_path: Path, mon
     db.client.close()
 
 
+def test_a_shipper_whose_station_stopped_reading_still_ships_and_exits_cleanly(
+    tmp_path: Path, mongo: MongoSettings
+) -> None:
+    # As after the station was killed: nobody reads the child's reports any more.
+    from tests import records_factory as rf
+    from tests.store_support import store_runs
+
+    path = tmp_path / "store.sqlite"
+    trio.run(store_runs, path, [rf.sensor_run("SN-1"), rf.sensor_run("SN-2", slot=1)])
+    child = subprocess.Popen(
+        [sys.executable, "-m", "reports.shipper", "--store", str(path), "--database", mongo.database,
+         "--poll", "0.1", "--final-drain", "5"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
+        env={**os.environ, "SEQUENCER_MONGO_URI": mongo.uri},
+    )
+    assert child.stdout is not None and child.stdin is not None
+    child.stdout.close()  # the reader is gone: every report now meets a broken pipe
+    db = database(mongo)
+    try:
+        wait_until_sync(lambda: db.runs.count_documents({}) == 2, what="both runs shipped")
+        child.stdin.close()  # end of its stdin: the final drain, then exit
+        assert child.wait(timeout=30) == 0
+        assert b"Traceback" not in child.stderr.read()
+    finally:
+        child.kill()
+    db.client.close()
+
+
 async def test_a_dead_shipper_process_is_reported_and_its_backlog_stays_in_the_store(
     tmp_path: Path, mongo: MongoSettings
 ) -> None:
