@@ -32,7 +32,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from fixtures.station import station_fixtures, station_services
-from sequencer.config import StationConfig
+from sequencer.config import ConfigError, StationConfig
 from phases.register import (
     ProvisioningClient,
     ProvisioningError,
@@ -45,7 +45,7 @@ from phases.register import (
     registration_body,
 )
 from reports.provisioning.app import create_app
-from reports.provisioning.cli import add_provision_commands
+from reports.provisioning.cli import add_provision_commands, cmd_provision_server
 from reports.provisioning.model import CLAIM_PATTERN, RegistrationRequest, public_key_fingerprint, verify_secret
 from reports.provisioning.server import serve_provisioning
 from reports.provisioning.storage import MongoStorage, ProvisioningStorage, SqliteStorage
@@ -300,6 +300,64 @@ async def test_serial_with_another_mac_or_key_is_409_registered_elsewhere(storag
     assert other_key.status_code == 409 and other_key.json()["conflict"] == ["public_key"]
     assert await storage.count_devices() == 1
     assert len(stored_requests(storage)) == 1  # refusals are not kept under their keys
+
+
+async def test_a_board_registered_once_cannot_come_back_under_another_serial(storage: ProvisioningStorage) -> None:
+    ident = identity(4)
+    async with serving(storage) as (url, _), httpx.AsyncClient(base_url=url) as http:
+        first = await http.post("/v1/devices", json=body(ident), headers={"Idempotency-Key": "station-a-00000004"})
+        misread = await http.post("/v1/devices", json=body({**ident, "serial": "SN999999999"}),
+                                  headers={"Idempotency-Key": "station-a-00000005"})
+    assert first.status_code == 201
+    assert misread.status_code == 409 and misread.json()["conflict"] == ["serial"]
+    assert misread.json()["error"].startswith(f"MAC {ident['mac']} is already registered as serial {ident['serial']}")
+    assert await storage.count_devices() == 1
+
+
+async def test_malformed_bodies_are_400_or_413_never_500_and_never_read_whole(storage: ProvisioningStorage) -> None:
+    from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+
+    def pem(key: Any) -> str:
+        return key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+
+    unknown_algorithm = (  # a SubjectPublicKeyInfo with the made-up algorithm OID 1.2.3.4
+        "-----BEGIN PUBLIC KEY-----\nMBIwBwYDKgMEBQADBwAEAQIDBAU=\n-----END PUBLIC KEY-----\n"
+    )
+    keys = {
+        "RSA": pem(rsa.generate_private_key(public_exponent=65537, key_size=2048).public_key()),
+        "Ed25519": pem(ed25519.Ed25519PrivateKey.generate().public_key()),
+        "P-384": pem(ec.generate_private_key(ec.SECP384R1()).public_key()),
+        "unknown algorithm": unknown_algorithm,
+    }
+    async with serving(storage) as (url, _), httpx.AsyncClient(base_url=url) as http:
+        for n, (name, key) in enumerate(keys.items()):
+            reply = await http.post("/v1/devices", json=body(identity(50 + n, key=key)),
+                                    headers={"Idempotency-Key": f"station-a-0000005{n}"})
+            assert reply.status_code == 400, name
+            assert reply.json()["error"].startswith("public_key: not"), name
+        for n, bad in enumerate([{"product": "\ud800"}, {"broker": {"client_id": "c", "username": "u",
+                                                                      "password": "pw\ud800"}}]):
+            raw = json.dumps(body(identity(60 + n), **bad))  # the JSON escape of a lone surrogate
+            reply = await http.post("/v1/devices", content=raw, headers={
+                "Idempotency-Key": f"station-a-0000006{n}", "Content-Type": "application/json"})
+            assert reply.status_code == 400 and "not valid Unicode text" in reply.json()["error"]
+            assert "ud800" not in reply.text.lower().replace("\\ud800", "")  # nothing quoted back
+        # 64 MiB announced, a few bytes sent: refused on the header, before any of it is waited for.
+        host, port = httpx.URL(url).host, httpx.URL(url).port
+        async with await trio.open_tcp_stream(host, port) as raw:
+            await raw.send_all(b"POST /v1/devices HTTP/1.1\r\nHost: x\r\nIdempotency-Key: station-a-00000070\r\n"
+                               b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n{" % (64 << 20))
+            with trio.fail_after(5):
+                head = await raw.receive_some(4096)
+        declared_status = int(head.split(b" ", 2)[1])
+
+        async def streamed() -> AsyncIterator[bytes]:
+            for _ in range(1024):  # 64 MiB, chunked: no length announced
+                yield b" " * 65536
+
+        chunked = await http.post("/v1/devices", content=streamed(), headers={"Idempotency-Key": "station-a-00000071"})
+    assert declared_status == 413 and chunked.status_code == 413
+    assert await storage.count_devices() == 0
 
 
 async def test_concurrent_identical_requests_create_one_device(storage: ProvisioningStorage) -> None:
@@ -567,3 +625,7 @@ def test_provision_server_command(tmp_path: Path) -> None:
             proc.wait()
         if proc.stderr is not None:
             proc.stderr.close()
+    (tmp_path / "a-file").write_text("")
+    bad_db = tmp_path / "a-file" / "p.sqlite"
+    with pytest.raises(ConfigError, match=f"^provision-server: cannot open the database {bad_db}: "):
+        cmd_provision_server(parser.parse_args(["provision-server", "--port", "0", "--db", str(bad_db)]))

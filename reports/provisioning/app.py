@@ -13,7 +13,9 @@ The registration rules, applied by :func:`register`:
    ``replayed: true`` and the ``Idempotent-Replayed: true`` header; a
    different request under that key is ``422`` (the client has a bug: a new
    request needs a new key).
-2. The serial is new: create the device (new device id and claim code), ``201``.
+2. The serial is new: create the device (new device id and claim code), ``201``;
+   unless its MAC is registered under another serial (the same board with a
+   misread or reprinted serial): ``409``, "already registered as serial ...".
 3. The serial is registered and its identity (MAC, public key, product)
    matches: a retest. Same device id and claim code, details updated, ``200``
    with ``created: false``.
@@ -94,6 +96,12 @@ async def register(
         device = await storage.get_device(req.serial)
         if device is not None and (differ := device.conflicts(req)):
             return _conflict(device, req, differ)
+        if device is None:
+            # A unit is registered once: its MAC under another serial is the
+            # same board with a misread or reprinted serial, not a new unit.
+            same_board = [d for d in await storage.find_by_mac(req.mac) if d.serial != req.serial]
+            if same_board:
+                return _registered_as(same_board[0], req)
         if req.broker is not None and password_hash is None:
             password_hash = await trio.to_thread.run_sync(hash_secret, req.broker.password, limiter=hashing)
         now = clock()
@@ -141,6 +149,12 @@ def _conflict(device: Device, req: RegistrationRequest, differ: list[str]) -> Re
                  conflict=differ)
 
 
+def _registered_as(device: Device, req: RegistrationRequest) -> Reply:
+    return error(409, f"MAC {device.mac} is already registered as serial {device.serial} (product {device.product}, "
+                      f"first registered {device.first_registered_at:%Y-%m-%d %H:%M:%S} UTC); a unit is registered "
+                      f"once: check the serial {req.serial}", conflict=["serial"])
+
+
 def create_app(storage: ProvisioningStorage, *, logger: Any = None) -> Starlette:
     """The ASGI app serving ``storage``. The caller owns ``storage`` (opens and closes it).
 
@@ -157,8 +171,8 @@ def create_app(storage: ProvisioningStorage, *, logger: Any = None) -> Starlette
                                     " request, a new key for a new request"))
         if not IDEMPOTENCY_KEY_PATTERN.fullmatch(key):
             return _json(error(400, f"Idempotency-Key: must match /{IDEMPOTENCY_KEY_PATTERN.pattern}/"))
-        body = await request.body()
-        if len(body) > MAX_BODY_BYTES:
+        body = await _body_at_most(request, MAX_BODY_BYTES)
+        if body is None:
             return _json(error(413, f"the body is larger than {MAX_BODY_BYTES} bytes"))
         try:
             req = RegistrationRequest.parse(json.loads(body))
@@ -216,6 +230,26 @@ def create_app(storage: ProvisioningStorage, *, logger: Any = None) -> Starlette
         Route("/healthz", healthz, methods=["GET"]),
     ])
 
+
+
+async def _body_at_most(request: Request, limit: int) -> bytes | None:
+    """The request's body, or None as soon as it is known to exceed ``limit`` bytes.
+
+    Read as it streams in: ``request.body()`` took a 256 MiB body whole
+    before it could be refused, and a few of those at once would take the
+    server's memory.
+    """
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        return None
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 def _json(reply: Reply) -> JSONResponse:
     headers = {REPLAYED_HEADER: "true"} if reply.replayed else None

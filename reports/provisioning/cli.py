@@ -70,7 +70,11 @@ def cmd_provision_server(args: argparse.Namespace) -> int:
         if settings is not None:
             storage = await trio.to_thread.run_sync(MongoStorage.open, settings)
         else:
-            storage = SqliteStorage.open(args.db or default_data_dir() / "provisioning.sqlite")
+            db = args.db or default_data_dir() / "provisioning.sqlite"
+            try:
+                storage = SqliteStorage.open(db)
+            except OSError as exc:  # not the port's fault: say which file
+                raise ConfigError(f"provision-server: cannot open the database {db}: {exc.strerror or exc}") from None
         # Ctrl-C and SIGTERM end the serving block like any return: the server
         # shuts down gracefully and the storage closes, rather than a
         # KeyboardInterrupt landing wherever hypercorn happens to be.
@@ -88,6 +92,8 @@ def cmd_provision_server(args: argparse.Namespace) -> int:
         leaf = _leaf(exc)
         if isinstance(leaf, KeyboardInterrupt):
             return EXIT_ABORTED
+        if isinstance(leaf, ConfigError):
+            raise leaf from None
         if isinstance(leaf, OSError):  # the port is taken, the address is not this machine's
             raise ConfigError(f"provision-server: cannot listen on {args.host}:{args.port}: "
                               f"{leaf.strerror or leaf}") from None

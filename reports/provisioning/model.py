@@ -122,12 +122,17 @@ def public_key_fingerprint(pem: str) -> str:
     The same number ``openssl pkey -pubin -outform DER | sha256sum`` prints.
     Raises :class:`InvalidRequest` if ``pem`` is not a public key.
     """
+    from cryptography.exceptions import UnsupportedAlgorithm
     from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
 
     try:
         key = serialization.load_pem_public_key(pem.encode("ascii"))
-    except (ValueError, UnicodeEncodeError, TypeError):
+    except (ValueError, UnicodeEncodeError, TypeError, UnsupportedAlgorithm):
         raise InvalidRequest("public_key: not a PEM public key") from None
+    # What the devices make (keygen: ECDSA P-256) and what signs their proofs.
+    if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP256R1):
+        raise InvalidRequest("public_key: not an ECDSA P-256 (secp256r1) key")
     der = key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     return hashlib.sha256(der).hexdigest()
 
@@ -169,6 +174,10 @@ def _text(data: Mapping[str, Any], name: str, where: str, required: bool, limit:
         return None
     if not isinstance(value, str):
         raise InvalidRequest(f"{label}: must be text")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate ("\ud800" in the JSON): no text can be stored
+        raise InvalidRequest(f"{label}: not valid Unicode text") from None
     if len(value) > limit:
         raise InvalidRequest(f"{label}: longer than {limit} characters")
     if secret:
