@@ -55,6 +55,7 @@ from fixtures.device_config import DeviceConfig, LayeredConfig, Secret, SecretSo
 from fixtures.images import FlashImage, ImageSet
 from fixtures.nvs import (
     NVS_KEYS,
+    NvsEntry,
     NvsError,
     build_nvs_image,
     find_partition,
@@ -97,7 +98,9 @@ class NvsEncryption:
 NVS_MEASUREMENTS = [
     # First, so that when it fails it is the phase's reason.
     Measurement("nvs_verdict").reported("pass").doc("quality gates and flash verification; otherwise what failed"),
-    Measurement("nvs_sha256").matches(r"[0-9a-f]{64}").doc("SHA-256 of the NVS partition image written"),
+    Measurement("nvs_sha256").matches(r"[0-9a-f]{64}").doc(
+        "SHA-256 of the NVS partition image written; of it with its secrets blanked when they are in the clear"
+    ),
     Measurement("nvs_bytes", units="B").doc("size of the NVS partition image (the whole partition)"),
     Measurement("nvs_offset").doc("flash offset of the NVS partition, from the partition table"),
     Measurement("nvs_entries").doc("keys written"),
@@ -115,6 +118,10 @@ class _Built:
     key: Secret | None
     #: keys the generator added on its own (Wi-Fi derived keys)
     added: tuple[str, ...]
+    #: what the record says the image's SHA-256 is (see :func:`_recorded_sha256`)
+    recorded_sha256: str
+    #: True when that is the image's own; False when of it with the secrets blanked
+    sha256_is_the_image: bool
 
 
 def nvs_config(
@@ -183,7 +190,7 @@ def nvs_config(
                 _build, config, identity, batch, source, target, keys_target, encryption, workdir
             )
             group = built.config.group or ""
-            ctx.measurements.nvs_sha256 = built.nvs.sha256
+            ctx.measurements.nvs_sha256 = built.recorded_sha256
             ctx.measurements.nvs_bytes = built.nvs.size
             ctx.measurements.nvs_offset = built.nvs.offset
             ctx.measurements.nvs_entries = len(built.config.values)
@@ -191,7 +198,7 @@ def nvs_config(
             ctx.log.info(
                 "nvs image built", group=group or None, entries=len(built.config.values),
                 secret_keys=", ".join(built.config.secret_keys), offset=f"{target.offset:#x}", bytes=target.size,
-                sha256=built.nvs.sha256, encrypted=built.key is not None,
+                sha256=built.recorded_sha256, encrypted=built.key is not None,
             )
             if built.added:
                 ctx.log.info("the NVS generator added keys of its own", keys=", ".join(built.added))
@@ -267,14 +274,47 @@ def _build(
     if keys_target is not None:
         assert raw_key is not None
         images.append(_image(workdir / f"{keys_target.label}.bin", keys_target.offset, nvs_keys_image(raw_key)))
+    recorded, own = _recorded_sha256(config, images[0], target, raw_key)
     return _Built(config, ImageSet(sorted(images, key=lambda i: i.offset)), images[0], key,
-                  tuple(e.name for e in added))
+                  tuple(e.name for e in added), recorded, own)
+
+
+def _recorded_sha256(
+    config: DeviceConfig, written: FlashImage, target: Partition, raw_key: bytes | None
+) -> tuple[str, bool]:
+    """The SHA-256 a record may hold for the image written, and whether it is that image's own.
+
+    An image that holds secrets in the clear is not hashed as written:
+    with the record's list of keys, types and public values, anyone could
+    rebuild it for each guess of a short secret (a SIM PIN: ten thousand
+    tries, half a second) and compare. The record then holds the hash of the
+    same image with every secret value blanked (zeros of the same type and
+    length), which still tells two configurations apart. An encrypted image
+    is hashed as written: its key is random and never recorded.
+    """
+    if raw_key is not None or not config.secret_keys:
+        return written.sha256, True
+    secret = set(config.secret_keys)
+    blanked = [
+        NvsEntry(e.namespace, e.key, e.type, _blank(e.value)) if e.name in secret else e
+        for e in config.nvs_entries()
+    ]
+    return hashlib.sha256(build_nvs_image(blanked, target.size)).hexdigest(), False
+
+
+def _blank(value: int | str | bytes) -> int | str | bytes:
+    if isinstance(value, bytes):
+        return bytes(len(value))
+    if isinstance(value, str):
+        return "0" * len(value)
+    return 0
 
 
 def _summary(built: _Built, target: Partition, keys_target: Partition | None) -> str:
     summary: dict[str, Any] = {
         "partition": {"label": target.label, "offset": target.offset, "size": target.size},
-        "sha256": built.nvs.sha256,
+        "sha256": built.recorded_sha256,
+        "sha256_of": "the image written" if built.sha256_is_the_image else "the image with its secrets blanked",
         "encrypted": built.key is not None,
         "keys_partition": (
             {"label": keys_target.label, "offset": keys_target.offset, "size": keys_target.size}

@@ -558,6 +558,29 @@ def everything_recorded(run: RunRecord) -> str:
     return run_to_json(run) + "\n".join(attachments) + "\n".join(line.message for p in run.phases for line in p.logs)
 
 
+async def test_the_recorded_image_hash_tests_no_guess_of_a_short_secret(tmp_path: Path) -> None:
+    from fixtures.partition_table import Partition
+    from phases.nvs_config import _build, _summary
+
+    layers = LayeredConfig.from_mappings(
+        product={"nvs": {"modem": {"pin": {"secret": "sim_pin", "type": "u16"}, "apn": "iot.example"}}},
+    )
+    target = Partition("nvs", 1, 2, 0x9000, 0x6000)
+
+    def recorded(pin: str) -> tuple[str, dict]:
+        workdir = tmp_path / pin
+        workdir.mkdir()
+        built = _build(layers, {"serial": "SN0001"}, "", SecretSource(env={"SIM_PIN": Secret(pin)}), target, None,
+                       None, workdir)
+        return built.recorded_sha256, json.loads(_summary(built, target, None))
+
+    sha_4711, summary = recorded("4711")
+    sha_1234, _ = recorded("1234")
+    assert sha_4711 == sha_1234  # the same record whatever the PIN: nothing to test guesses against
+    assert summary["sha256"] == sha_4711 and summary["sha256_of"] == "the image with its secrets blanked"
+    assert "4711" not in json.dumps(summary)
+
+
 async def test_the_phase_writes_the_nvs_into_the_board_and_no_secret_anywhere_else(tmp_path: Path) -> None:
     config_dir = tmp_path / "config"
     shutil.copytree(CONFIG, config_dir)
@@ -579,8 +602,14 @@ async def test_the_phase_writes_the_nvs_into_the_board_and_no_secret_anywhere_el
 
     # The board's flash at the NVS offset is the image built, and holds what the layers say.
     flash = devices[0].board.chip.flash.read(0x9000, 0x6000)
-    assert hashlib.sha256(flash).hexdigest() == values["nvs_sha256"]
     on_board = {e.name: e.value for e in read_nvs_image(flash)}
+    # Its secrets are in the clear, so the record holds the hash of it with them blanked, not its own.
+    assert hashlib.sha256(flash).hexdigest() != values["nvs_sha256"]
+    secret = {f"{e['namespace']}.{e['key']}" for e in json.loads(next(
+        a.data for a in configure.attachments if a.name == "nvs_config.json"))["entries"] if e["secret"]}
+    blanked = [attrs.evolve(e, value=(0 if isinstance(e.value, int) else type(e.value)(len(e.value)) if isinstance(
+        e.value, bytes) else "0" * len(e.value))) if e.name in secret else e for e in read_nvs_image(flash)]
+    assert hashlib.sha256(build_nvs_image(blanked, 0x6000)).hexdigest() == values["nvs_sha256"]
     password = seen[0]
     assert on_board["mqtt.password"] == password and len(password) == 24
     assert on_board["mqtt.client_id"] == "trk-SN900000000" and on_board["mqtt.username"] == "SN900000000"
