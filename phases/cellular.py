@@ -168,7 +168,8 @@ def _entry(path: str, number: int, raw: Any, seen: Mapping[str, int]) -> ApnEntr
         )
     for key in ("username", "password", "operator"):
         if key in raw and not isinstance(raw[key], str):
-            raise ApnTableError(f"{where}: {key} must be a string, not {raw[key]!r}")
+            # The value is not quoted: it may be a password written without quotes.
+            raise ApnTableError(f"{where}: {key} must be a string (in quotes), not a {type(raw[key]).__name__}")
     return ApnEntry(
         prefix=prefix,
         apn=apn,
@@ -260,7 +261,7 @@ def cellular_identity_phase(
             "AT+CPIN?, or the error the module gave instead"
         ),
         Measurement("imsi").with_validator(_HasApn(table)).doc("the SIM's IMSI (AT+CIMI)"),
-        Measurement("iccid").matches(r"89\d{16,18}").doc("the SIM's ICCID (AT+CICCID)"),
+        Measurement("iccid").matches(r"89[0-9]{16,18}").doc("the SIM's ICCID (AT+CICCID)"),
         Measurement("apn").doc(f"APN for the IMSI's network, from {Path(table.source).name}"),
     ]
 

@@ -374,7 +374,7 @@ def _entry(prefix: str = '"310410"', apn: str = '"broadband"', extra: str = "") 
         (_entry('"3104"'), "prefix must be 5 to 15 digits (MCC+MNC or longer), not 4"),
         (_entry(apn='"broad band"'), "apn 'broad band' is not an APN"),
         (_entry(extra='user = "x"'), "unknown key 'user' (keys: prefix, apn, username, password, operator)"),
-        (_entry(extra="password = 1234"), "password must be a string, not 1234"),
+        (_entry(extra="password = 1234"), "password must be a string (in quotes), not a int"),
         ('[networks]\nx = 1\n', "unknown key 'networks'; the table is [[network]] entries"),
         ("", "no [[network]] entries"),
         ("[[network]\n", "not valid TOML"),
@@ -388,6 +388,8 @@ def test_apn_table_errors_are_one_line_naming_file_and_entry(tmp_path: Path, tex
     assert str(caught.value).startswith(f"{path}: ")
     assert message in str(caught.value)
     assert "\n" not in str(caught.value)
+    if "password = 1234" in text:
+        assert "1234" not in str(caught.value)  # a password is never quoted back
 
 
 def test_missing_table_file(tmp_path: Path) -> None:

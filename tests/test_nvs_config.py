@@ -558,7 +558,14 @@ def everything_recorded(run: RunRecord) -> str:
     return run_to_json(run) + "\n".join(attachments) + "\n".join(line.message for p in run.phases for line in p.logs)
 
 
-async def test_the_recorded_image_hash_tests_no_guess_of_a_short_secret(tmp_path: Path) -> None:
+async def test_a_secret_that_is_not_utf8_text_is_named_not_quoted() -> None:
+    from fixtures.nvs import check_value
+
+    # An environment variable holding bytes that are not UTF-8 decodes to lone surrogates.
+    assert check_value("string", "pw\udcff42") == "a string needs valid UTF-8 text"
+
+
+def test_the_recorded_image_hash_tests_no_guess_of_a_short_secret(tmp_path: Path) -> None:
     from fixtures.partition_table import Partition
     from phases.nvs_config import _build, _summary
 

@@ -542,7 +542,8 @@ def test_request_validation_and_fingerprint() -> None:
     assert req.fingerprint() != RegistrationRequest.parse(body(ident, password=None)).fingerprint()  # ...its presence is
     for bad, field in [({"serial": "SN 1"}, "serial"), ({"public_key": "x"}, "public_key"),
                        ({"public_key_sha256": "0" * 64}, "public_key_sha256"), ({"seriall": "x"}, "unknown"),
-                       ({"test_outcome": "GREAT"}, "test_outcome"), ({"imei": "12"}, "imei")]:
+                       ({"test_outcome": "GREAT"}, "test_outcome"), ({"imei": "12"}, "imei"),
+                       ({"imei": "\u0663" * 15}, "imei")]:  # Arabic-Indic digits are digits to \\d, not an IMEI
         with pytest.raises(ValueError, match=field):
             RegistrationRequest.parse({**body(ident), **bad})
     with pytest.raises(ValueError) as info:

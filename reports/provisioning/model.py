@@ -150,9 +150,10 @@ def normalize_mac(mac: str) -> str:
 _FIELDS: dict[str, tuple[bool, int, re.Pattern[str] | None]] = {
     "serial": (True, 128, _SERIAL),
     "mac": (True, 17, None),
-    "imei": (False, 16, re.compile(r"\d{14,16}")),
-    "imsi": (False, 15, re.compile(r"\d{6,15}")),
-    "iccid": (False, 22, re.compile(r"\d{18,21}F?")),
+    # [0-9], not \d: \d also takes the digits of other scripts.
+    "imei": (False, 16, re.compile(r"[0-9]{14,16}")),
+    "imsi": (False, 15, re.compile(r"[0-9]{6,15}")),
+    "iccid": (False, 22, re.compile(r"[0-9]{18,21}F?")),
     "public_key": (True, 8192, None),
     "public_key_sha256": (False, 64, _SHA256),
     "firmware_version": (False, 64, None),

@@ -296,9 +296,15 @@ class MongoStorage(ProvisioningStorage):
     """
 
     def __init__(self, settings: MongoSettings, client: Any) -> None:
+        from pymongo.read_concern import ReadConcern
+
         self.settings = settings
         self._client = client
-        self._devices = client[settings.database][COLLECTION]
+        # Majority reads too: a registration a majority has not taken yet
+        # (its write still waiting, or timed out after reaching the primary)
+        # must not be replayed to a station, which would print its claim code
+        # on a label that a failover could then orphan.
+        self._devices = client[settings.database][COLLECTION].with_options(read_concern=ReadConcern("majority"))
         self.description = f"mongodb:{settings.target}/{COLLECTION}"
 
     @classmethod
