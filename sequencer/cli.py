@@ -189,6 +189,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     err = Console(stderr=True, highlight=False)
     try:
+        _check_text_options(args)
         if getattr(args, "station", False) is None and os.environ.get(STATION_ENV):
             args.station = Path(os.environ[STATION_ENV])
             if not args.station.is_file():
@@ -198,18 +199,52 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         handler = {"check": cmd_check, "run": cmd_run, "report": cmd_report, "runs": cmd_runs, "export": cmd_export,
                    "sync": cmd_sync, "find": cmd_find, "provision-server": cmd_provision_server}[args.command]
-        return handler(args)
+        try:
+            return handler(args)
+        except BaseExceptionGroup as group:
+            # An error raised inside a nursery comes wrapped (trio's strict
+            # groups): one configuration error is still one line.
+            raise _sole(group) from None
     except (UsageError, ConfigError, ProductError) as exc:
         err.print(f"sequencer: error: {exc}", markup=False, soft_wrap=True)
         return EXIT_USAGE
     except _store_error() as exc:
         err.print(f"sequencer: error: {exc}", markup=False, soft_wrap=True)
         return EXIT_USAGE
+    except KeyboardInterrupt:
+        # Ctrl-C before a station started (importing a product, a long report):
+        # nothing to record, nothing to say beyond the exit status.
+        return EXIT_ABORTED
     except BrokenPipeError:
         # The reader went away (`sequencer runs --json | head -1`): not an
         # error worth a traceback; exit as a process killed by SIGPIPE would.
         silence_stdout()
         return EXIT_BROKEN_PIPE
+
+
+def _sole(group: BaseExceptionGroup) -> BaseException:
+    """The one exception inside nested single-exception groups, or the group itself."""
+    exc: BaseException = group
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
+
+
+def _check_text_options(args: argparse.Namespace) -> None:
+    """Refuse option values that are not text: they go into every record, and no store could take them back.
+
+    Bytes that are not UTF-8 on the command line arrive as lone surrogates
+    (``--batch $'bad\xff'``); a record holding one could not be written
+    into SQLite, nor read back. Paths are left alone: a file name may be
+    any bytes.
+    """
+    for name, value in vars(args).items():
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                shown = value.encode("utf-8", "backslashreplace").decode()
+                raise UsageError(f"--{name.replace('_', '-')}: not valid UTF-8 text ({shown})") from None
 
 
 def _store_error() -> type[Exception]:
@@ -443,7 +478,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     from reports.mongo_cli import reading_runs
 
     with reading_runs(args) as reading:
-        if args.run:
+        if args.run is not None:
+            if not args.run.strip():
+                raise UsageError("--run: give a run id (or the start of one)")
             matches = reading.source.find_runs(run_id_prefix=args.run, limit=2)
             if not matches:
                 raise UsageError(f"run {args.run!r}: not in {reading.where}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import os
 import importlib.util
 import sys
 import tomllib
@@ -127,7 +128,7 @@ def load_product(
 def _import_product(source: Path) -> Product:
     if not source.is_file():
         raise ProductError(f"{source}: no such product file")
-    module_name = f"sequencer_product_{hashlib.sha1(str(source.resolve()).encode()).hexdigest()[:12]}"
+    module_name = f"sequencer_product_{hashlib.sha1(os.fsencode(source.resolve())).hexdigest()[:12]}"
     spec = importlib.util.spec_from_file_location(module_name, source)
     if spec is None or spec.loader is None:
         raise ProductError(f"{source}: not a Python file")

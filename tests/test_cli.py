@@ -87,6 +87,46 @@ def test_unknown_option_exits_2_with_one_line(capsys: pytest.CaptureFixture[str]
     assert "unrecognized arguments: --frobnicate" in err
 
 
+def test_an_option_that_is_not_text_exits_2_before_anything_is_recorded(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Bytes that are not UTF-8 arrive as lone surrogates: a record holding one could never be read back.
+    store = tmp_path / "store.sqlite"
+    assert main(["run", str(SENSOR), "--sim", "1", "--store", str(store), "--batch", "bad\udcff"]) == 2
+    assert one_line_error(capsys) == "sequencer: error: --batch: not valid UTF-8 text (bad\\udcff)"
+    assert not store.exists()
+    assert main(["runs", "--store", str(store), "--serial", "\udcff"]) == 2
+    assert "--serial: not valid UTF-8 text" in one_line_error(capsys)
+
+
+def test_an_empty_run_id_is_a_usage_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    store = tmp_path / "store.sqlite"
+    LocalStore.open(store).close()
+    assert main(["report", "--run", "", "--store", str(store)]) == 2
+    assert one_line_error(capsys) == "sequencer: error: --run: give a run id (or the start of one)"
+
+
+def test_an_error_from_inside_the_session_is_still_one_line_and_ctrl_c_is_130(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import sequencer.cli as cli
+    from sequencer.config import ConfigError
+
+    def raises_in_a_nursery(args: object) -> int:
+        raise ExceptionGroup("nursery", [ExceptionGroup("inner", [ConfigError("station.toml: resources.dmm: bad")])])
+
+    monkeypatch.setattr(cli, "cmd_check", raises_in_a_nursery)
+    assert main(["check", str(SENSOR)]) == 2
+    assert one_line_error(capsys) == "sequencer: error: station.toml: resources.dmm: bad"
+
+    def interrupted(args: object) -> int:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "cmd_check", interrupted)
+    assert main(["check", str(SENSOR)]) == 130
+    assert capsys.readouterr().err == ""
+
+
 def test_run_needs_to_know_where_the_duts_are(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["run", str(SENSOR), "--store", str(tmp_path / "s.sqlite")]) == 2
     assert "--sim N, --port PATH, or --station FILE" in one_line_error(capsys)
