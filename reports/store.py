@@ -329,7 +329,7 @@ def _journal_segments(db_path: Path) -> list[tuple[int, Path]]:
 
 #: What the database says of a record it will not take (as opposed to a full disk or a locked file).
 _REFUSED_RECORD = (sqlite3.IntegrityError, sqlite3.InterfaceError, sqlite3.ProgrammingError, sqlite3.DataError,
-                   OverflowError)
+                   OverflowError, UnicodeEncodeError)
 
 
 def _read_journal(paths: list[Path]) -> tuple[list[_Write], int]:

@@ -287,13 +287,14 @@ def test_lines_damaged_into_other_valid_text_are_skipped_and_a_finish_restores_a
         # Each still splits into fields and parses as JSON:
         boot.replace(b"\t0\t", b"\t99999999999999999999\t", 1),  # an index SQLite cannot hold
         b'P\t"r1"\t2\t{}\t{"name":{"x":1},"outcome":"PASS"}\n',  # a name that is no text
+        _Write.begin(make_run("r3", batch="bad\udcff")).line(),  # text SQLite cannot take (a lone surrogate)
         boot.replace(b"\t0\t", b"\t3\t", 1).replace(b'"outcome":"PASS"', b'"outcome":"PBSS"'),  # no such outcome
         # r2's beginning was lost; its finish carries the whole run.
         _Write.finish(attrs.evolve(lost, ended_at=utcnow(), outcome=Outcome.PASS)).line(),
     ]
     store_path.with_name("store.sqlite.journal-000001").write_bytes(b"".join(lines))
     store = LocalStore.open(store_path, station=True)
-    assert (store.replayed_on_open, store.damaged_on_open) == (3, 3)
+    assert (store.replayed_on_open, store.damaged_on_open) == (3, 4)
     assert [p.name for p in store.get_run("r1").phases] == ["boot"]
     assert store.get_run("r2").outcome is Outcome.PASS and store.get_run("r2").slot == 1
     assert _journal_segments(store_path) == []
