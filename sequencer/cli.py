@@ -542,19 +542,34 @@ def cmd_runs(args: argparse.Namespace) -> int:
     several_stations = len({r.station for r in runs}) > 1
     columns = {"run": True, "started (UTC)": True, "batch": args.batch is None, "serial": True,
                "station": several_stations, "slot": True, "outcome": True}
-    table = Table(header_style="bold", box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
-    for col, shown in columns.items():
-        if shown:
-            table.add_column(col, no_wrap=col != "batch", overflow="fold")
+    rows = []
     for r in runs:
         outcome = r.outcome.value if r.outcome else "RUNNING"
         # Text, not str: batch ids, serials and station names are not console markup
-        cells = {"run": r.run_id[:12], "started (UTC)": f"{r.started_at:%Y-%m-%d %H:%M:%S}",
-                 "batch": Text(printable(r.batch)), "serial": Text(printable(r.serial or "-")),
-                 "station": Text(printable(r.station)), "slot": str(r.slot),
-                 "outcome": outcome + (" (marginal)" if r.marginal else "")}
-        table.add_row(*(cells[col] for col, shown in columns.items() if shown))
-    OutputConsole(highlight=False).print(table)
+        rows.append({"run": Text(r.run_id[:12]), "started (UTC)": Text(f"{r.started_at:%Y-%m-%d %H:%M:%S}"),
+                     "batch": Text(printable(r.batch)), "serial": Text(printable(r.serial or "-")),
+                     "station": Text(printable(r.station)), "slot": Text(str(r.slot)),
+                     "outcome": Text(outcome + (" (marginal)" if r.marginal else ""))})
+    table = Table(header_style="bold", box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
+    needed = -3  # the gaps: three characters between columns
+    for col, shown in columns.items():
+        if not shown:
+            continue
+        width = max([len(col), *(row[col].cell_len for row in rows)])
+        if col in ("batch", "station"):
+            table.add_column(col, overflow="fold")  # these give way, onto further lines if need be
+            width = min(width, 4)
+        else:
+            # Never narrowed: a serial cut short is another unit's serial.
+            table.add_column(col, no_wrap=True, min_width=width)
+        needed += width + 3
+    for row in rows:
+        table.add_row(*(row[col] for col, shown in columns.items() if shown))
+    console = OutputConsole(highlight=False)
+    if needed > console.width:
+        # Wider than the terminal rather than a column dropped or cut: a long line wraps, a cut one lies.
+        console = OutputConsole(highlight=False, width=needed)
+    console.print(table)
     # How every matching run ended, not just those listed: a batch's tally at a glance.
     total = sum(counts.values())
     print(f"{total} run(s): " + " · ".join(f"{n} {name}" for name, n in counts.items()))

@@ -424,6 +424,22 @@ def test_runs_table_fits_80_columns_without_splitting_identifiers(
     assert "SN6961000012345" in row and f"{r.started_at:%Y-%m-%d %H:%M:%S}" in row and "INTERRUPTED" in row
 
 
+def test_runs_from_several_stations_never_show_a_serial_cut_short(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COLUMNS", "80")
+    runs = [records_factory.run(serial=f"SN69610000{i}", batch="B", station=f"shannon-line1-st{i}", slot=i)
+            for i in range(3)]
+    store = LocalStore.open(tmp_path / "s.sqlite")
+    store._write_batch([_Write.begin(r) for r in runs] + [_Write.finish(r) for r in runs])
+    store.close()
+    assert main(["runs", "--store", str(tmp_path / "s.sqlite")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    for r in runs:  # rather a line wider than the terminal than SN6961000 for SN69610000
+        row = next(line for line in lines if r.run_id[:12] in line)
+        assert r.serial in row.split() and r.outcome.value in row.split()
+
+
 def test_batch_page_covers_every_session_of_the_batch(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     args = ["run", str(SENSOR), "--sim", "2", "--store", str(tmp_path / "s.sqlite"), "--reports",
             str(tmp_path / "r"), "--batch", "B", "--plain"]
