@@ -203,10 +203,16 @@ class StationDisplay:
         if width is not None:
             # One line per slot, always: a wrapped cell makes the table taller
             # than render() planned, and rich would crop the last slots again.
-            # Identifiers keep their width; the progress detail is what gets cut.
+            # Slot, serial, phase and outcome keep their width; the progress
+            # detail gives way first, then a long port path (its end kept).
             rules = 3 * len(columns) + 1  # a space each side of every cell, and the vertical rules
-            others = sum(w for col, w in zip(columns, widths) if col != "progress")
-            widths[columns.index("progress")] = max(8, min(widths[columns.index("progress")], width - rules - others))
+            progress, port = columns.index("progress"), columns.index("port")
+            others = sum(w for i, w in enumerate(widths) if i != progress)
+            widths[progress] = max(8, min(widths[progress], width - rules - others))
+            over = rules + sum(widths) - width
+            if over > 0:
+                widths[port] = max(len("port"), MIN_PORT, widths[port] - over)
+                rows = [(r[0], Text(short_port(r[1].plain, widths[port])), *r[2:]) for r in rows]
         table = Table(expand=False, header_style="bold")
         for col, w in zip(columns, widths):
             table.add_column(col, no_wrap=True, overflow="ellipsis", width=w)
@@ -257,6 +263,15 @@ async def show_question_live(desk: OperatorDesk, console: Console) -> None:
                 live.update(Group(*question_lines(desk)), refresh=True)
     except OSError:
         pass
+
+
+#: A port path is never shown narrower than this (its end: ``…-if00-port0``).
+MIN_PORT = 12
+
+
+def short_port(port: str, width: int) -> str:
+    """``port`` in at most ``width`` characters, keeping its end: by-id paths differ only there."""
+    return port if len(port) <= width else "…" + port[-(width - 1):]
 
 
 #: Width of a slot's cell when slots go side by side: "123 SN6961000012   flash 3/10" fits.
@@ -379,6 +394,10 @@ async def show_plain(display: StationDisplay, events: trio.MemoryReceiveChannel[
                 emit(line)
 
 
+#: The widest a port is shown in the station summary: slot, serial and outcome must fit beside it.
+SUMMARY_PORT = 28
+
+
 def station_summary(runs: Sequence[RunRecord]) -> Group:
     """The end-of-station summary: one short row per slot, then each first failure in full.
 
@@ -398,7 +417,7 @@ def station_summary(runs: Sequence[RunRecord]) -> Group:
             failed = next((p for p in r.phases if p.reason), None)
         rows.append((
             str(r.slot),
-            Text(r.port),
+            Text(short_port(r.port, SUMMARY_PORT)),
             Text(printable(r.serial or "-")),
             Text(outcome.value + (" (marginal)" if r.marginal else ""), style=OUTCOME_STYLE[outcome]),
             f"{r.duration_s:.1f} s" if r.duration_s is not None else "-",

@@ -173,6 +173,28 @@ def test_a_long_progress_detail_never_takes_a_slot_a_second_line() -> None:
     assert sum("/dev/ttyUSB" in line for line in lines) == 8
 
 
+BY_ID = "/dev/serial/by-id/usb-Silicon_Labs_CP2102N_USB_to_UART_Bridge_Controller_7c1a2f{:02d}-if00-port0"
+
+
+def test_long_port_paths_give_way_to_the_slot_serial_and_outcome() -> None:
+    ports = [BY_ID.format(i) for i in range(3)]
+    display = StationDisplay(ports, phases_per_run=10)
+    for i in range(3):
+        _finish(display, i, Outcome.PASS if i != 1 else Outcome.FAIL)
+    lines = _rendered(display, 100, 30)
+    for i in range(3):
+        row = next(line for line in lines if f"SN{i:09d}" in line)
+        assert ("PASS" if i != 1 else "FAIL") in row and f"7c1a2f{i:02d}-if00-port0" in row  # the end that differs
+    assert all(len(line) <= 100 for line in lines)
+    runs = [attrs.evolve(sensor_run(f"SN{i:09d}", slot=i), port=ports[i]) for i in range(3)]
+    console = Console(width=80, record=True, color_system=None)
+    console.print(station_summary(runs))
+    summary = console.export_text().splitlines()
+    for r in runs:
+        row = next(line for line in summary if r.serial in line and line.startswith("│"))
+        assert r.outcome.value in row and row.split("│")[1].strip() == str(r.slot)
+
+
 # -- the live view's redraws -----------------------------------------------------
 
 
