@@ -307,7 +307,9 @@ def describe_product(loaded: LoadedProduct) -> str:
             bits.append(f"{len(ph.measurements)} measurement" + ("s" if len(ph.measurements) > 1 else ""))
         if "operator" in ph.parameters:
             bits.append("asks the operator")
-        return f"    {name}" + (f"  ({'; '.join(bits)})" if bits else "")
+        head = f"    {name}" + (f"  ({'; '.join(bits)})" if bits else "")
+        summary = ph.description.strip().splitlines()[0] if ph.description.strip() else ""
+        return head + (f"\n        {summary}" if summary else "")  # the docstring's first line
 
     for i, layer in enumerate(layers(p.main_phases)):
         out.append(f"  layer {i}" + ("  (concurrent)" if len(layer) > 1 else ""))

@@ -108,8 +108,15 @@ class Phase:
         return attrs.evolve(self, after=tuple(p.name if isinstance(p, Phase) else str(p) for p in phases))
 
     def configured(self, **options: Any) -> Phase:
-        """This phase with other options (``timeout``, ``retries``, ``name``, ...)."""
-        return attrs.evolve(self, **options)
+        """This phase with other options (``timeout``, ``retries``, ``name``, ...), checked as ``@phase`` does."""
+        current: dict[str, Any] = {
+            "name": self.name, "measurements": self.measurements, "timeout": self.timeout, "retries": self.retries,
+            "repeat_limit": self.repeat_limit, "after": self.after, "run_if": self.run_if, "teardown": self.teardown,
+        }
+        unknown = sorted(set(options) - set(current))
+        if unknown:
+            raise TypeError(f"phase {self.name!r}: configured() takes {', '.join(current)}, not {', '.join(unknown)}")
+        return phase(self.fn, **{**current, **options})
 
     def __str__(self) -> str:
         return self.name
@@ -164,7 +171,21 @@ def phase(
                 raise TypeError(f"{where}: *args/**kwargs cannot be injected; name each fixture")
             if p.default is p.empty:
                 params.append(p.name)
-        deps = tuple(d.name if isinstance(d, Phase) else str(d) for d in after)
+        if isinstance(after, (str, Phase)):
+            given: Iterable[Phase | str] = (after,)  # one dependency, not a list of one (nor a string's letters)
+        elif isinstance(after, Iterable):
+            given = after
+        else:
+            raise TypeError(f"{where}: after must be phases or their names, got {after!r}")
+        deps = []
+        for d in given:
+            if not isinstance(d, (Phase, str)):
+                raise TypeError(f"{where}: after must be phases or their names, got {d!r}")
+            deps.append(d.name if isinstance(d, Phase) else d)
+        if run_if is not None and not callable(run_if):
+            raise TypeError(f"{where}: run_if must be a function of the record so far, got {run_if!r}")
+        if not isinstance(teardown, bool):
+            raise TypeError(f"{where}: teardown must be True or False, got {teardown!r}")
         return Phase(
             fn=f,
             name=phase_name,
@@ -172,7 +193,7 @@ def phase(
             timeout=timeout,
             retries=retries,
             repeat_limit=repeat_limit,
-            after=deps,
+            after=tuple(deps),
             run_if=run_if,
             teardown=teardown,
             description=inspect.getdoc(f) or "",

@@ -22,7 +22,7 @@ from typing import Any
 import attrs
 
 from sequencer.fixtures import FixtureFactory
-from sequencer.measurements import InRange, Measurement
+from sequencer.measurements import Equals, InRange, Matches, Measurement, OneOf
 from sequencer.phase import Phase
 
 
@@ -167,6 +167,17 @@ def validate_product(
     where = str(source)
     if not product.phases:
         raise ProductError(f"{where}: product {product.name!r} has no phases")
+    if not isinstance(product.stop_on_failure, bool):
+        raise ProductError(f"{where}: product {product.name!r}: stop_on_failure must be True or False, "
+                           f"got {product.stop_on_failure!r}")
+    for name, factory in product.fixtures.items():
+        if not isinstance(name, str) or not callable(factory):
+            raise ProductError(f"{where}: product {product.name!r}: fixture {name!r} must be a factory (a function "
+                               f"of the slot that returns an async context manager), got {factory!r}")
+    for name, kind in product.resources.items():
+        if not isinstance(name, str) or not (kind is None or isinstance(kind, str)):
+            raise ProductError(f"{where}: product {product.name!r}: resources are instrument names (and kinds), "
+                               f"got {name!r}: {kind!r}")
     names: dict[str, Phase] = {}
     for p in product.phases:
         if not isinstance(p, Phase):
@@ -308,9 +319,15 @@ def apply_limits_file(product: Product, path: Path) -> tuple[Product, str]:
             for k, v in limits.items():
                 if isinstance(v, bool) or not isinstance(v, (int, float)):
                     raise ProductError(f"{where}: {k} must be a number, got {v!r}")
+            text = next((v for v in new_measurements[index].validators if isinstance(v, (Equals, OneOf, Matches))),
+                        None)
+            if text is not None:
+                # A range beside equals/one_of/matches would fail every DUT ("'1.0' is not a number").
+                raise ProductError(f"{where}: the measurement is judged by {type(text).__name__.lower()}, not a "
+                                   "range; a limits file sets in_range limits only")
             try:
                 new_measurements[index] = _override(new_measurements[index], limits)
-            except ValueError as exc:
+            except (ValueError, OverflowError) as exc:
                 raise ProductError(f"{where}: {exc}") from None
         replaced[phase_name] = ph.with_measurements(new_measurements)
     phases = tuple(replaced.get(p.name, p) for p in product.phases)

@@ -21,9 +21,10 @@ def write(tmp_path: Path, body: str, name: str = "prod.py") -> Path:
 
 
 GOOD = """
-@phase(measurements=[Measurement("vdd", units="V").in_range(3.2, 3.4)])
+@phase(measurements=[Measurement("vdd", units="V").in_range(3.2, 3.4), Measurement("fw").equals("1.0")])
 async def rails(ctx):
     ctx.measurements.vdd = 3.3
+    ctx.measurements.fw = "1.0"
 
 @phase(after=[rails])
 async def sensor(ctx):
@@ -133,6 +134,9 @@ def test_limits_file_overrides_and_is_hashed(tmp_path: Path) -> None:
         ("[rails]\nvdd = { lo = 1 }\n", r"\[rails\] vdd: unknown key 'lo'"),
         ("[rails]\nvdd = { low = 'one' }\n", r"\[rails\] vdd: low must be a number"),
         ("[rails]\nvdd = 3\n", r"expected an inline table"),
+        ("[rails]\nfw = { low = 1, high = 2 }\n", r"\[rails\] fw: the measurement is judged by equals, not a range"),
+        ("[rails]\nvdd = { low = 1e400 }\n", r"\[rails\] vdd: "),  # inf: not a limit
+        ("[rails]\nvdd = { low = 99999999999999999999999999999999 }\n", r"\[rails\] vdd: "),
     ],
 )
 def test_bad_limits_files(tmp_path: Path, text: str, message: str) -> None:
@@ -146,6 +150,42 @@ def test_bad_limits_files(tmp_path: Path, text: str, message: str) -> None:
 def test_explicit_limits_file_must_exist(tmp_path: Path) -> None:
     with pytest.raises(ProductError, match="cannot read limits file"):
         load_product(write(tmp_path, GOOD), limits=tmp_path / "missing.toml")
+
+
+def test_phase_and_product_options_are_checked_when_declared() -> None:
+    @phase
+    async def a() -> None:
+        pass
+
+    @phase
+    async def bb() -> None:
+        pass
+
+    assert phase(noop, name="c", after="bb").after == ("bb",)  # one name, not its letters
+    assert phase(noop, name="c", after=bb).after == ("bb",)
+    with pytest.raises(TypeError, match="phase 'c': after must be phases or their names, got 5"):
+        phase(noop, name="c", after=[5])
+    with pytest.raises(TypeError, match="phase 'c': run_if must be a function"):
+        phase(noop, name="c", run_if=5)
+    with pytest.raises(TypeError, match="phase 'c': teardown must be True or False"):
+        phase(noop, name="c", teardown="yes")
+    # configured() checks what @phase checks
+    with pytest.raises(ValueError, match="phase 'bad name!': name must start with a letter"):
+        a.configured(name="bad name!")
+    with pytest.raises(ValueError, match="phase 'a': retries must be a whole number >= 0, got -5"):
+        a.configured(retries=-5)
+    with pytest.raises(ValueError, match="phase 'a': timeout must be a positive number"):
+        a.configured(timeout=-1)
+    with pytest.raises(TypeError, match="phase 'a': configured\\(\\) takes .*, not colour"):
+        a.configured(colour="red")
+    assert a.configured(timeout=5, retries=2).timeout == 5
+    for bad, message in [
+        (Product("p", [a], fixtures={"dut": 5}), "fixture 'dut' must be a factory"),
+        (Product("p", [a], stop_on_failure="no"), "stop_on_failure must be True or False, got 'no'"),
+        (Product("p", [a], resources=["dmm", 5]), "resources are instrument names"),
+    ]:
+        with pytest.raises(ProductError, match=message):
+            validate_product(bad)
 
 
 def test_measurement_declared_twice_is_rejected() -> None:
