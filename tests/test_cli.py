@@ -50,8 +50,8 @@ def test_check_prints_the_graph_in_layers(capsys: pytest.CaptureFixture[str]) ->
     assert "teardown (always runs, in order)" in out
     lines = out.splitlines()
     detect = next(i for i, line in enumerate(lines) if line.strip().startswith("detect  ("))
-    assert lines[detect + 1].strip() == "Sync with the ROM loader on the slot's port; read the chip's model, revision " \
-                                        "and factory MAC."  # the phase's docstring, its first line
+    # the phase's docstring, its first line
+    assert lines[detect + 1].strip().startswith("Sync with the ROM loader on the slot's port;")
 
 
 @pytest.mark.parametrize(
