@@ -147,8 +147,9 @@ async def _run_round(
         display = StationDisplay(ports, len(loaded.product.phases))
         events = bus.subscribe("display", buffer=4096)
         tested_by = f", operator {escape(printable(settings.operator))}" if settings.operator else ""
-        console.print(f"[bold]{escape(loaded.name)}[/bold] on {len(ports)} slot(s), batch {escape(settings.batch)}, "
-                      f"station {escape(settings.station)}{tested_by}{which}")
+        console.print(f"[bold]{escape(printable(loaded.name))}[/bold] on {len(ports)} slot(s), batch "
+                      f"{escape(printable(settings.batch))}, station {escape(printable(settings.station))}"
+                      f"{tested_by}{which}")
         async with trio.open_nursery() as nursery:
             if interactive:
                 nursery.start_soon(show_live, display, events, console, desk)
@@ -279,9 +280,12 @@ async def _open_resources(
         if config.sim:
             from fixtures.sim.instruments import open_simulated_instrument
 
-            instrument = await stack.enter_async_context(
-                open_simulated_instrument(kind, devices, seed=config.seed)
-            )
+            try:
+                instrument = await stack.enter_async_context(
+                    open_simulated_instrument(kind, devices, seed=config.seed)
+                )
+            except ConfigError as exc:
+                raise ConfigError(f"product {loaded.name!r}: resource {name!r}: {exc}") from None
         elif declared is None:
             raise ConfigError(
                 f"product {loaded.name!r} needs station resource {name!r}: declare [resources.{name}] in the "

@@ -103,6 +103,24 @@ def test_an_option_that_is_not_text_exits_2_before_anything_is_recorded(
     assert "--serial: not valid UTF-8 text" in one_line_error(capsys)
 
 
+def test_a_resource_no_simulator_provides_is_one_line_from_inside_the_session(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    product = tmp_path / "nope.py"
+    product.write_text(textwrap.dedent("""
+        from sequencer import Product, phase
+
+        @phase
+        async def a(resources) -> None:
+            pass
+
+        product = Product("nope", [a], resources={"dmm": "nope-kind"})
+    """))
+    assert main(["run", str(product), "--sim", "1", "--store", str(tmp_path / "s.sqlite"), "--plain"]) == 2
+    assert one_line_error(capsys) == ("sequencer: error: product 'nope': resource 'dmm': no simulated instrument of "
+                                      "kind 'nope-kind' (known: scpi-dmm, zpl-printer)")
+
+
 def test_an_empty_run_id_is_a_usage_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     store = tmp_path / "store.sqlite"
     LocalStore.open(store).close()
