@@ -326,8 +326,7 @@ def expected_results(data: bytes) -> list[str | type[ProtocolError]]:
         if len(segment) > MAX_LINE:
             results.append(ProtocolError)
             continue
-        if segment.endswith(b"\r"):
-            segment = segment[:-1]
+        segment = segment.rstrip(b"\r")  # every CR before the LF (ESP-IDF's console sends CR CR LF)
         try:
             text = segment.decode("utf-8")
         except UnicodeDecodeError:
