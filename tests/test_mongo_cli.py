@@ -129,11 +129,17 @@ def test_sync_ships_the_backlog_shows_status_and_quarantine(
     db.client.close()
 
 
+def one_run_waiting(tmp_path: Path) -> Path:
+    """A store holding one finished run that no database has yet."""
+    store = tmp_path / "store.sqlite"
+    trio.run(store_runs, store, [rf.sensor_run("SN-1")])
+    return store
+
+
 def test_sync_against_an_unreachable_database_keeps_the_backlog(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    store = tmp_path / "store.sqlite"
-    trio.run(store_runs, store, [rf.sensor_run("SN-1")])
+    store = one_run_waiting(tmp_path)
     unreachable = f"mongodb://127.0.0.1:{free_port()}/?serverSelectionTimeoutMS=300"
     assert main(["sync", "--store", str(store), "--mongo", unreachable]) == 1
     out = capsys.readouterr().out.strip()
@@ -163,8 +169,7 @@ def test_a_cluster_whose_dns_records_cannot_be_found_is_unreachable_not_a_traceb
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # mongodb+srv:// is resolved when a client is made; DNS failing is MongoDB being away.
-    store = tmp_path / "store.sqlite"
-    trio.run(store_runs, store, [rf.sensor_run("SN-1")])
+    store = one_run_waiting(tmp_path)
     srv = "mongodb+srv://station:s3cret@cluster.example.invalid/?connectTimeoutMS=2000"
     assert main(["sync", "--store", str(store), "--mongo", srv, "--status"]) == 0  # the store alone
     assert main(["sync", "--store", str(store), "--mongo", srv]) == 1

@@ -379,13 +379,19 @@ async def test_after_the_database_refuses_a_transaction_every_write_is_refused_a
     reopened.close()
 
 
-async def test_a_refusal_nobody_heard_of_is_raised_when_the_writer_stops(store_path: Path) -> None:
+def refusing_store(store_path: Path, reason: str) -> LocalStore:
+    """A station's store whose database refuses every transaction with ``reason``."""
     store = LocalStore.open(store_path, station=True)
 
     def refuse(writes: list[_Write]) -> None:
-        raise sqlite3.OperationalError("database or disk is full")
+        raise sqlite3.OperationalError(reason)
 
     store._write_batch = refuse  # type: ignore[method-assign]
+    return store
+
+
+async def test_a_refusal_nobody_heard_of_is_raised_when_the_writer_stops(store_path: Path) -> None:
+    store = refusing_store(store_path, "database or disk is full")
     with pytest.raises(StoreError, match="write failed: database or disk is full"):
         async with store.writer():
             await store.begin_run(make_run("r1"))
@@ -421,12 +427,7 @@ async def test_a_write_after_the_writers_block_ended_is_refused_not_lost(store_p
 
 
 async def test_a_store_that_refused_takes_no_new_writer(store_path: Path) -> None:
-    store = LocalStore.open(store_path, station=True)
-
-    def refuse(writes: list[_Write]) -> None:
-        raise sqlite3.OperationalError("disk I/O error")
-
-    store._write_batch = refuse  # type: ignore[method-assign]
+    store = refusing_store(store_path, "disk I/O error")
     with pytest.raises(StoreError):
         async with store.writer():
             await store.begin_run(make_run("r1"))
