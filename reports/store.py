@@ -394,7 +394,10 @@ class LocalStore:
 
         A station (``station=True``) holds an exclusive lock beside the
         database for as long as the store is open, so a second station on the
-        same store is refused. Recovery happens only when no station holds
+        same store is refused. Blocking: a station's open waits up to
+        :data:`STATION_LOCK_WAIT_S` for a reader's moment on the lock, so call
+        it before the event loop starts (as ``sequencer run`` does) or from a
+        worker thread. Recovery happens only when no station holds
         that lock: records left in the journal are replayed into the
         database, then runs left open become INTERRUPTED. A report opened
         while a station is testing must not declare its runs dead, nor copy
