@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import errno
 import os
 import sys
 from collections.abc import Sequence
@@ -409,9 +410,13 @@ def check_port(port: str) -> None:
 
     if not os.path.exists(port):
         raise UsageError(f"port {port}: does not exist")
+    if os.path.isdir(port):
+        raise UsageError(f"port {port}: is a directory, not a serial port")
     try:
         serial.Serial(port, exclusive=True).close()
     except serial.SerialException as exc:
+        if getattr(exc, "errno", None) == errno.ENOTTY or "Inappropriate ioctl" in str(exc):
+            raise UsageError(f"port {port}: not a serial port (a terminal device is needed)") from None
         reason = str(exc).split(":")[-1].strip() or "cannot be opened"
         raise UsageError(f"port {port}: busy or not usable ({reason})") from None
 

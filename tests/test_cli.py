@@ -157,6 +157,11 @@ def test_run_needs_to_know_where_the_duts_are(tmp_path: Path, capsys: pytest.Cap
 def test_missing_port_exits_2_naming_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["run", str(SENSOR), "--port", "/dev/ttyNOPE9", "--store", str(tmp_path / "s.sqlite")]) == 2
     assert "port /dev/ttyNOPE9: does not exist" in one_line_error(capsys)
+    assert main(["run", str(SENSOR), "--port", str(tmp_path), "--store", str(tmp_path / "s.sqlite")]) == 2
+    assert one_line_error(capsys).endswith(f"port {tmp_path}: is a directory, not a serial port")
+    (tmp_path / "file").write_text("")
+    assert main(["run", str(SENSOR), "--port", str(tmp_path / "file"), "--store", str(tmp_path / "s.sqlite")]) == 2
+    assert one_line_error(capsys).endswith(f"port {tmp_path / 'file'}: not a serial port (a terminal device is needed)")
 
 
 def test_busy_port_exits_2_naming_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
