@@ -194,6 +194,10 @@ class StationConfig:
 
     def check(self) -> None:
         where = str(self.source) if self.source else "station"
+        if not self.station.strip() or self.station != self.station.strip() or not self.station.isprintable():
+            # It names the station in every record and starts the default batch id.
+            raise ConfigError(f"{where}: station must be a name (printable, no spaces at either end), "
+                              f"got {self.station!r}")
         if self.sim < 0:
             raise ConfigError(f"{where}: sim must be >= 0, got {self.sim}")
         if self.rounds < 0:

@@ -192,6 +192,9 @@ def test_station_file_with_unknown_key_exits_2(tmp_path: Path, capsys: pytest.Ca
     station.write_text("sim = 2\nprots = ['/dev/ttyUSB0']\n")
     assert main(["run", str(SENSOR), "--station", str(station)]) == 2
     assert "unknown key 'prots'" in one_line_error(capsys)
+    station.write_text('station = ""\nsim = 1\n')  # it would name every record, and start the batch id
+    assert main(["run", str(SENSOR), "--station", str(station)]) == 2
+    assert one_line_error(capsys).endswith("station must be a name (printable, no spaces at either end), got ''")
 
 
 def test_station_file_drives_a_run_and_options_override_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
