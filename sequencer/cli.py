@@ -268,7 +268,8 @@ def _product_file(args: argparse.Namespace, config: StationConfig | None) -> Pat
 
 def cmd_check(args: argparse.Namespace) -> int:
     station = load_station_config(args.station) if args.station else None
-    resources = station.resources.keys() if station is not None else None
+    # A simulated station simulates every instrument a product needs, as `run` does.
+    resources = station.resources.keys() if station is not None and not station.sim else None
     loaded = load_product(_product_file(args, station), limits=args.limits, station_fixtures=STATION_FIXTURES,
                           station_resources=resources)
     print(describe_product(loaded))

@@ -270,6 +270,10 @@ def test_a_station_file_that_names_its_product_needs_nothing_else(
     assert "2/2 passed" in capsys.readouterr().out
     assert main(["check", "--station", str(station)]) == 0
     assert capsys.readouterr().out.startswith("product esp32-sensor")
+    # A simulated station simulates the instruments: check agrees with run without [resources.dmm] too.
+    station.write_text(f'product = "{relative}"\nstore = "store.sqlite"\nsim = 2\n')
+    assert main(["check", "--station", str(station)]) == 0
+    assert capsys.readouterr().out.startswith("product esp32-sensor")
     # a product on the command line wins over the file's
     other = tmp_path / "other.py"
     other.write_text("from sequencer import Product, phase\n@phase()\nasync def only(): pass\n"
