@@ -182,6 +182,12 @@ def render_run(run: RunRecord) -> str:
     return _environment().get_template("run.html").render(run=run, first_failure=_first_failure(run))
 
 
+
+def _export_command(batch: str) -> str:
+    """The command that exports ``batch``, ready to paste (``--batch=`` when the id starts with a dash)."""
+    quoted = shlex.quote(batch)
+    return f"sequencer export --batch={quoted}" if batch.startswith("-") else f"sequencer export --batch {quoted}"
+
 def render_batch(runs: Sequence[RunRecord], *, title: str) -> str:
     """The report of many runs: counts, yields, the units table and failure Paretos."""
     ordered = chronological(runs)
@@ -200,7 +206,7 @@ def render_batch(runs: Sequence[RunRecord], *, title: str) -> str:
         stations=sorted({r.station for r in ordered}),
         batches=batches,
         # where quality gets the numbers behind this page, for a spreadsheet
-        export_command=f"sequencer export --batch {shlex.quote(batches[0])}" if len(batches) == 1 else None,
+        export_command=_export_command(batches[0]) if len(batches) == 1 else None,
         first_start=ordered[0].started_at if ordered else None,
         last_end=max((r.ended_at for r in ordered if r.ended_at is not None), default=None),
     )

@@ -551,6 +551,9 @@ def test_batch_page_says_how_to_get_its_runs_as_a_spreadsheet() -> None:
     odd = [attrs.evolve(r, batch="line 2; $(rm)") for r in batch_runs()]
     footer = parse(render_batch(odd, title="B1")).find("footer")
     assert footer.find("code").text == "sequencer export --batch 'line 2; $(rm)'"
+    dashed = [attrs.evolve(r, batch="-20261202") for r in batch_runs()]  # an option to the shell's argparse
+    assert parse(render_batch(dashed, title="B1")).find("footer").find("code").text == \
+        "sequencer export --batch=-20261202"
     mixed = [*batch_runs(), attrs.evolve(sensor_run("SN-9"), batch="B2")]
     assert not parse(render_batch(mixed, title="two")).find("footer").find_all("code")
 
