@@ -121,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run a product on every slot of the station")
     run.add_argument("product", type=Path, nargs="?", help="product file (default: the station file's product)")
     run.add_argument("--station", type=Path, metavar="FILE", help="station file (TOML; default: $SEQUENCER_STATION)")
-    run.add_argument("--sim", type=int, metavar="N", help="run on N simulated DUTs")
+    run.add_argument("--sim", type=_count, metavar="N", help="run on N simulated DUTs")
     run.add_argument("--port", action="append", dest="ports", metavar="PATH", help="a DUT port (repeatable)")
     run.add_argument("--store", type=Path, help="local store (SQLite) path")
     run.add_argument("--reports", type=Path,

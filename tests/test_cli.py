@@ -89,6 +89,10 @@ def test_unknown_option_exits_2_with_one_line(capsys: pytest.CaptureFixture[str]
     assert info.value.code == 2
     err = one_line_error(capsys)
     assert "unrecognized arguments: --frobnicate" in err
+    with pytest.raises(SystemExit) as info:
+        main(["run", str(SENSOR), "--sim", "-3"])
+    assert info.value.code == 2
+    assert "argument --sim: '-3' is negative" in capsys.readouterr().err  # the option, not a station file
 
 
 def test_an_option_that_is_not_text_exits_2_before_anything_is_recorded(
