@@ -28,7 +28,7 @@ from sequencer.product import LoadedProduct, ProductError, layers, load_product
 from sequencer.records import Outcome, RunRecord, run_to_json
 from sequencer.session import run_session
 from sequencer.station import StationResult
-from sequencer.terminal import OutputConsole, printable, silence_stdout
+from sequencer.terminal import OutputConsole, printable, silence_stdout, sole_exception
 from sequencer.version import SEQUENCER_VERSION
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_ABORTED = 0, 1, 2, 130
@@ -205,7 +205,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except BaseExceptionGroup as group:
             # An error raised inside a nursery comes wrapped (trio's strict
             # groups): one configuration error is still one line.
-            raise _sole(group) from None
+            raise sole_exception(group) from None
     except (UsageError, ConfigError, ProductError) as exc:
         err.print(f"sequencer: error: {exc}", markup=False, soft_wrap=True)
         return EXIT_USAGE
@@ -221,14 +221,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         # error worth a traceback; exit as a process killed by SIGPIPE would.
         silence_stdout()
         return EXIT_BROKEN_PIPE
-
-
-def _sole(group: BaseExceptionGroup) -> BaseException:
-    """The one exception inside nested single-exception groups, or the group itself."""
-    exc: BaseException = group
-    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-        exc = exc.exceptions[0]
-    return exc
 
 
 def _check_text_options(args: argparse.Namespace) -> None:

@@ -1,4 +1,8 @@
-"""The console the commands print to: rich's, with a reader that went away handled as this CLI means it."""
+"""What the commands print to: rich's console, with a reader that went away handled as this CLI means it.
+
+Also the small helpers every command needs to say one line: text made safe
+for a terminal, and the one error inside trio's exception groups.
+"""
 
 from __future__ import annotations
 
@@ -52,3 +56,10 @@ class OutputConsole(Console):
             raise BrokenPipeError
         self.quiet = True
         silence_stdout()
+
+
+def sole_exception(exc: BaseException) -> BaseException:
+    """The one exception inside nested single-exception groups (trio's nurseries wrap what they re-raise)."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc

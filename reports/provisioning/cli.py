@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from sequencer.config import ConfigError, default_data_dir
+from sequencer.terminal import sole_exception
 
 __all__ = ["add_provision_commands", "cmd_provision_server"]
 
@@ -89,7 +90,7 @@ def cmd_provision_server(args: argparse.Namespace) -> int:
         trio.run(serve)
         return EXIT_ABORTED  # serve() only returns when the operator stopped it
     except BaseException as exc:  # noqa: BLE001 - sorted below; nurseries wrap errors in groups
-        leaf = _leaf(exc)
+        leaf = sole_exception(exc)
         if isinstance(leaf, KeyboardInterrupt):
             return EXIT_ABORTED
         if isinstance(leaf, ConfigError):
@@ -100,13 +101,6 @@ def cmd_provision_server(args: argparse.Namespace) -> int:
         if isinstance(leaf, (StorageUnavailable, sqlite3.Error)):
             raise ConfigError(f"provision-server: {leaf}") from None
         raise
-
-
-def _leaf(exc: BaseException) -> BaseException:
-    """The one exception inside nested single-exception groups (trio's nurseries wrap what they re-raise)."""
-    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-        exc = exc.exceptions[0]
-    return exc
 
 
 def _mongo_settings(args: argparse.Namespace) -> Any:
