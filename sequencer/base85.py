@@ -37,6 +37,9 @@ def b85decode(data: str | bytes) -> bytes:
         raw = bytes(data)
     if raw.translate(None, _ALPHABET):
         position = next(i for i, c in enumerate(raw) if c not in _ALPHABET)
+        # The standard library goes group by group: an overflowing group before
+        # the bad character's is the error it names.
+        b85decode(raw[: position - position % 5])
         raise ValueError(f"bad base85 character at position {position}")
     padding = -len(raw) % 5
     digits = (raw + b"~" * padding).translate(_TO_DIGITS)

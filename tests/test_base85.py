@@ -36,6 +36,8 @@ def test_any_text_decodes_or_fails_as_the_standard_library_does(text: str) -> No
     [
         ("|NsC0|NsC1", "base85 overflow in hunk starting at byte 5"),  # 85**5 - 1 in the second group
         ("ab cd", "bad base85 character at position 2"),
+        ('}0000"', "base85 overflow in hunk starting at byte 0"),  # the overflow comes first, group by group
+        ('}000"0', "bad base85 character at position 4"),  # within a group, the character first
         ("abcé", "string argument should contain only ASCII characters"),
     ],
 )
