@@ -4,7 +4,7 @@ The ``register`` phase sends the DUT's identity (serial, MAC, IMEI, IMSI,
 ICCID, public key, firmware version), the run's product, station, batch and
 outcome so far, and - when the product provides a ``device_config`` fixture
 - the broker credentials the device was provisioned with, to
-``POST /v1/devices`` of the provisioning service (``reports/provisioning/``,
+``POST /v1/devices`` of the provisioning service (``web/provisioning/``,
 ``docs/provisioning.md``). It records the ``device_id`` and ``claim_code``
 the service answers as measurements and in the DUT identity (the claim code
 is not a secret: it goes on the label).
@@ -39,7 +39,7 @@ import attrs
 import httpx
 import trio
 
-from reports.provisioning.model import CLAIM_PATTERN
+from web.provisioning.model import CLAIM_PATTERN
 from sequencer import Measurement, phase
 from sequencer.phase import Phase
 from sequencer.records import run_outcome

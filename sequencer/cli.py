@@ -21,7 +21,7 @@ from rich.markup import escape
 from rich.text import Text
 
 from fixtures.station import STATION_FIXTURES  # what the station provides every product
-from reports.export import TABLES as EXPORT_TABLES
+from reports.render.export import TABLES as EXPORT_TABLES
 from sequencer.clock import run_on_station_clock
 from sequencer.config import ConfigError, StationConfig, load_station_config
 from sequencer.product import LoadedProduct, ProductError, layers, load_product
@@ -138,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "default 1, or the station file's rounds")
     run.add_argument("--faults", type=Path, metavar="PROFILE",
                      help="with --sim: inject the faults a profile (TOML) describes, per slot or by probability")
-    from reports.mongo_cli import add_mongo_commands, add_mongo_options, add_reading_options
+    from reports.storage.mongo_cli import add_mongo_commands, add_mongo_options, add_reading_options
 
     add_mongo_options(run)
 
@@ -176,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--station", type=Path, metavar="FILE", help="station file (for its store and reports)")
     add_reading_options(export)
     add_mongo_commands(sub)  # sync, find
-    from reports.provisioning.cli import add_provision_commands
+    from web.provisioning.cli import add_provision_commands
 
     add_provision_commands(sub)  # provision-server
     return parser
@@ -195,8 +195,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.station = Path(os.environ[STATION_ENV])
             if not args.station.is_file():
                 raise UsageError(f"{STATION_ENV}={args.station}: no such station file")
-        from reports.mongo_cli import cmd_find, cmd_sync
-        from reports.provisioning.cli import cmd_provision_server
+        from reports.storage.mongo_cli import cmd_find, cmd_sync
+        from web.provisioning.cli import cmd_provision_server
 
         handler = {"check": cmd_check, "run": cmd_run, "report": cmd_report, "runs": cmd_runs, "export": cmd_export,
                    "sync": cmd_sync, "find": cmd_find, "provision-server": cmd_provision_server}[args.command]
@@ -241,7 +241,7 @@ def _check_text_options(args: argparse.Namespace) -> None:
 
 
 def _store_error() -> type[Exception]:
-    from reports.store import StoreError
+    from reports.storage.store import StoreError
 
     return StoreError
 
@@ -318,7 +318,7 @@ def describe_product(loaded: LoadedProduct) -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from reports.store import LocalStore
+    from reports.storage.store import LocalStore
     from sequencer.logs import configure_logging
     from sequencer.station import tune_garbage_collector
 
@@ -330,7 +330,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         sim=args.sim, ports=tuple(args.ports) if args.ports else None, store=args.store, reports=args.reports,
         batch=args.batch, operator=args.operator, seed=args.seed, rounds=args.rounds,
     )
-    from reports.mongo_cli import apply_mongo_options
+    from reports.storage.mongo_cli import apply_mongo_options
 
     config = apply_mongo_options(config, args)  # --mongo, SEQUENCER_MONGO_URI, [mongo]
     config.check()
@@ -420,7 +420,7 @@ def _finish_run(
     config: StationConfig,
     console: Console,
 ) -> int:
-    from reports.html import batch_dir, batch_title, render_batch, render_run, write_html
+    from reports.render.html import batch_dir, batch_title, render_batch, render_run, write_html
     from sequencer.display import station_summary
 
     runs = list(result.runs)
@@ -474,8 +474,8 @@ def _finish_run(
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from reports.html import batch_dir, batch_title, render_batch, render_run, write_html
-    from reports.mongo_cli import reading_runs
+    from reports.render.html import batch_dir, batch_title, render_batch, render_run, write_html
+    from reports.storage.mongo_cli import reading_runs
 
     with reading_runs(args) as reading:
         if args.run is not None:
@@ -515,7 +515,7 @@ def _os_reason(exc: OSError, path: Path) -> str:
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
-    from reports.mongo_cli import reading_runs
+    from reports.storage.mongo_cli import reading_runs
 
     filters = _run_filters(args)
     # A person reads the table: the latest runs. A script reads the JSON: all
@@ -590,9 +590,9 @@ def _described(filters: dict[str, Any], prefix: str = "") -> str:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from reports.export import ExportError, export_tables, write_csv, write_csv_file, write_xlsx
-    from reports.html import batch_dir, batch_title
-    from reports.mongo_cli import reading_runs
+    from reports.render.export import ExportError, export_tables, write_csv, write_csv_file, write_xlsx
+    from reports.render.html import batch_dir, batch_title
+    from reports.storage.mongo_cli import reading_runs
 
     if args.output is None and args.batch is None:
         raise UsageError("export: give -o FILE (.xlsx or .csv), or --batch B to write B.xlsx beside its reports")

@@ -77,7 +77,7 @@ class RecordsNotWritten(Exception):
 
 
 class RecordWriter:
-    """What the engine needs from a store (see :class:`reports.store.LocalStore`).
+    """What the engine needs from a store (see :class:`reports.storage.store.LocalStore`).
 
     ``commit_phase`` returns once the record is durable, and should not be a
     checkpoint (or shield itself): a commit cancelled halfway would leave the

@@ -59,7 +59,7 @@ async def run_session(
     stopped: str | None = None  # when the operator stopped the session with no run open
     nobody: NoOperator | None = None
     async with AsyncExitStack() as stack:
-        from reports.mongo_cli import station_shipping
+        from reports.storage.mongo_cli import station_shipping
 
         # Entered first so it exits last: its final drain sees the writer's final flush.
         await stack.enter_async_context(station_shipping(config, console))

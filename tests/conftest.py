@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import structlog
 
-from reports.store import LocalStore
+from reports.storage.store import LocalStore
 from sequencer.engine import RunSettings
 from sequencer.events import EventBus
 from sequencer.operator import OperatorDesk

@@ -13,7 +13,7 @@ from fixtures.sim.esp32_board import open_esp32_farm
 from fixtures.sim.instruments import open_simulated_instrument
 from fixtures.sim.operator import simulated_operator
 from fixtures.station import STATION_FIXTURES, station_fixtures
-from reports.store import LocalStore
+from reports.storage.store import LocalStore
 from sequencer.config import StationConfig
 from sequencer.engine import RunSettings
 from sequencer.events import EventBus

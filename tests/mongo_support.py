@@ -21,9 +21,9 @@ import pymongo
 import pytest
 import trio
 
-from reports.mongo import MongoSettings
-from reports.mongod import Mongod, ReplicaSet
-from reports.store import LocalStore
+from reports.storage.mongo import MongoSettings
+from reports.storage.mongod import Mongod, ReplicaSet
+from reports.storage.store import LocalStore
 
 #: Short timeouts: a test that waits on an unreachable database should fail fast, not hang.
 FAST = {"server_selection_timeout_s": 1.0, "connect_timeout_s": 1.0, "timeout_s": 10.0}
@@ -119,7 +119,7 @@ def assert_mirrors_store(store_path: Path, settings: MongoSettings) -> None:
     still go wrong: each device lists each of its runs once, and no run is
     in MongoDB that the store does not have.
     """
-    from reports.mongo_cli import device_from_runs
+    from reports.storage.mongo_cli import device_from_runs
 
     db = database(settings)
     try:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import attrs
 
-from reports.store import LocalStore
+from reports.storage.store import LocalStore
 from sequencer.records import RunRecord
 
 

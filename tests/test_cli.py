@@ -11,7 +11,7 @@ import pytest
 import serial
 
 from fixtures.sim.pty import PtyEndpoint
-from reports.store import LocalStore, _Write
+from reports.storage.store import LocalStore, _Write
 from sequencer.records import Outcome, RunRecord
 from tests import records_factory
 from sequencer.cli import main

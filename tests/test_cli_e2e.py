@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from reports.store import LocalStore
+from reports.storage.store import LocalStore
 from sequencer.records import Outcome
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -133,7 +133,7 @@ def test_a_terminal_that_goes_away_aborts_cleanly_and_keeps_records_and_reports(
 def test_a_reader_that_stops_reading_ends_runs_quietly(tmp_path: Path) -> None:
     # `sequencer runs --json | head -1`: no traceback, and the exit status of
     # a process whose reader went away (141), not "a DUT did not pass".
-    from reports.store import _Write
+    from reports.storage.store import _Write
     from tests import records_factory
 
     store_path = tmp_path / "store.sqlite"
@@ -149,7 +149,7 @@ def test_a_reader_that_stops_reading_ends_runs_quietly(tmp_path: Path) -> None:
 
 
 def test_a_station_started_after_a_crash_copies_the_journal_and_says_what_it_could_not_restore(tmp_path: Path) -> None:
-    from reports.store import _Write
+    from reports.storage.store import _Write
     from tests import records_factory
 
     store_path = tmp_path / "store.sqlite"

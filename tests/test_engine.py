@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from reports.store import LocalStore, _journal_segments, _read_journal
+from reports.storage.store import LocalStore, _journal_segments, _read_journal
 from sequencer import Measurement, PhaseResult, Product, phase
 from sequencer.events import EventBus, MeasurementTaken, RunFinished
 from sequencer.records import MeasurementOutcome, Outcome

@@ -21,7 +21,7 @@ from fixtures.sim.esp32_board import BoardFaults, DownloadMode, open_esp32_farm
 from fixtures.sim.instruments import open_simulated_instrument
 from fixtures.station import STATION_FIXTURES
 from fixtures.flasher import esp_flasher
-from reports.store import LocalStore
+from reports.storage.store import LocalStore
 from sequencer.config import FlashConfig
 from sequencer.engine import RunSettings, SlotControl, run_dut
 from sequencer.events import EventBus, PhaseProgress

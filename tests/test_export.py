@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from reports.export import (
+from reports.render.export import (
     XLSX_MAX_ROWS,
     ExportError,
     Table,

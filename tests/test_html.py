@@ -16,8 +16,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from reports import formatting
-from reports.html import (
+from reports.render import formatting
+from reports.render.html import (
     MAX_EMBED_BYTES,
     MAX_INLINE_TEXT_CHARS,
     batch_dir,

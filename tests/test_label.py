@@ -28,7 +28,7 @@ from fixtures.label_printer import (
 )
 from fixtures.sim.label_printer import SimLabelPrinter, open_sim_printer, open_simulated_printer
 from phases.label import QR_ERROR, label_phase, qr_payload, qr_svg
-from reports.html import render_run, write_html
+from reports.render.html import render_run, write_html
 from sequencer import Product, phase
 from sequencer.fixtures import SlotInfo
 from sequencer.records import Outcome, RunRecord

@@ -27,11 +27,11 @@ from fixtures.sim.instruments import open_simulated_instrument
 from fixtures.sim.modem import ModemFaults, open_modems
 from fixtures.station import STATION_FIXTURES, StationServices, station_fixtures
 from phases.retest_gate import retest_gate
-from reports.export import export_tables, write_csv
-from reports.html import render_batch, render_run
-from reports.provisioning.server import serve_provisioning
-from reports.provisioning.storage import SqliteStorage
-from reports.store import LocalStore
+from reports.render.export import export_tables, write_csv
+from reports.render.html import render_batch, render_run
+from web.provisioning.server import serve_provisioning
+from web.provisioning.storage import SqliteStorage
+from reports.storage.store import LocalStore
 from sequencer.config import StationConfig
 from sequencer.engine import RunSettings
 from sequencer.events import EventBus

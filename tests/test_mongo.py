@@ -14,7 +14,7 @@ from bson.codec_options import CodecOptions
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from reports.mongo import (
+from reports.storage.mongo import (
     DB_SCHEMA,
     MongoSettings,
     MongoSink,
@@ -26,9 +26,9 @@ from reports.mongo import (
     run_document,
     run_from_document,
 )
-from reports.mongo_cli import device_from_runs
-from reports.shipper import Shipper
-from reports.store import LocalStore
+from reports.storage.mongo_cli import device_from_runs
+from reports.storage.shipper import Shipper
+from reports.storage.store import LocalStore
 from sequencer.records import Outcome, RunRecord
 from tests import records_factory as rf
 from tests.mongo_support import FAST, assert_mirrors_store, database
@@ -450,7 +450,7 @@ async def test_a_document_too_large_for_mongodb_is_quarantined(tmp_path: Path, m
 
 
 async def test_unreachable_mongodb_leaves_the_backlog_and_says_so(tmp_path: Path) -> None:
-    from reports.mongod import free_port
+    from reports.storage.mongod import free_port
 
     path = tmp_path / "store.sqlite"
     await store_runs(path, [rf.sensor_run("SN-1")])
@@ -462,7 +462,7 @@ async def test_unreachable_mongodb_leaves_the_backlog_and_says_so(tmp_path: Path
 
 
 def test_settings_pick_the_database_and_refuse_bad_uris() -> None:
-    from reports.mongo import MongoConfigError
+    from reports.storage.mongo import MongoConfigError
 
     assert MongoSettings.parse("mongodb://h1:27017,h2/factory?replicaSet=rs").database == "factory"
     assert MongoSettings.parse("mongodb://h1/factory", "other").database == "other"
@@ -476,7 +476,7 @@ def test_settings_pick_the_database_and_refuse_bad_uris() -> None:
 def test_a_mongod_that_cannot_start_is_reported_with_its_reason(tmp_path: Path) -> None:
     import socket
 
-    from reports.mongod import Mongod, MongodError
+    from reports.storage.mongod import Mongod, MongodError
 
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

@@ -16,9 +16,9 @@ import pymongo
 import pytest
 import trio
 
-from reports.mongo import MongoSettings
-from reports.mongo_cli import apply_mongo_options, reading_runs
-from reports.mongod import free_port
+from reports.storage.mongo import MongoSettings
+from reports.storage.mongo_cli import apply_mongo_options, reading_runs
+from reports.storage.mongod import free_port
 from sequencer.cli import build_parser, main
 from sequencer.config import ConfigError, StationConfig, load_station_config
 from sequencer.records import Outcome, run_from_json

@@ -13,10 +13,10 @@ from typing import Any
 import pytest
 import trio
 
-from reports.mongo import MongoSettings
-from reports.mongod import Mongod, ReplicaSet
-from reports.shipper import ShipEvent, shipping
-from reports.store import LocalStore
+from reports.storage.mongo import MongoSettings
+from reports.storage.mongod import Mongod, ReplicaSet
+from reports.storage.shipper import ShipEvent, shipping
+from reports.storage.store import LocalStore
 from sequencer import Measurement, Product, phase
 from sequencer.records import Outcome
 from tests.conftest import run_product
@@ -230,14 +230,14 @@ def sequencer(*args: str, phase_s: float = 0.0, own_session: bool = False) -> su
 
 
 def shipper_processes(store_path: Path) -> list[int]:
-    """Pids of `python -m reports.shipper` children shipping ``store_path``."""
+    """Pids of `python -m reports.storage.shipper` children shipping ``store_path``."""
     found = []
     for proc in Path("/proc").iterdir():
         try:
             argv = (proc / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"reports.shipper" in argv and str(store_path).encode() in argv:
+        if b"reports.storage.shipper" in argv and str(store_path).encode() in argv:
             found.append(int(proc.name))
     return found
 
@@ -314,7 +314,7 @@ def test_a_shipper_whose_station_stopped_reading_still_ships_and_exits_cleanly(
     path = tmp_path / "store.sqlite"
     trio.run(store_runs, path, [rf.sensor_run("SN-1"), rf.sensor_run("SN-2", slot=1)])
     child = subprocess.Popen(
-        [sys.executable, "-m", "reports.shipper", "--store", str(path), "--database", mongo.database,
+        [sys.executable, "-m", "reports.storage.shipper", "--store", str(path), "--database", mongo.database,
          "--poll", "0.1", "--final-drain", "5"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
         env={**os.environ, "SEQUENCER_MONGO_URI": mongo.uri},
@@ -335,7 +335,7 @@ def test_a_shipper_whose_station_stopped_reading_still_ships_and_exits_cleanly(
 async def test_a_dead_shipper_process_is_reported_and_its_backlog_stays_in_the_store(
     tmp_path: Path, mongo: MongoSettings
 ) -> None:
-    from reports.shipper import shipping_process
+    from reports.storage.shipper import shipping_process
     from tests import records_factory as rf
     from tests.store_support import store_runs
 

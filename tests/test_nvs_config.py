@@ -56,7 +56,7 @@ from fixtures.sim.esp32_board import open_esp32_farm
 from fixtures.station import STATION_FIXTURES, station_fixtures
 from phases import esp32
 from phases.nvs_config import NvsEncryption, nvs_config
-from reports.store import LocalStore
+from reports.storage.store import LocalStore
 from sequencer import Measurement, Product, phase
 from sequencer.config import StationConfig
 from sequencer.engine import RunSettings

@@ -15,7 +15,7 @@ from rich.console import Console
 
 from fixtures.sim.farm import open_farm
 from fixtures.sim.operator import simulated_operator
-from reports.store import LocalStore
+from reports.storage.store import LocalStore
 from sequencer import Measurement, Product, phase
 from sequencer.display import StationDisplay, question_lines
 from sequencer.keyboard import _Keys, answer_from_lines

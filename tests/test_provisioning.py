@@ -44,11 +44,11 @@ from phases.register import (
     register_phase,
     registration_body,
 )
-from reports.provisioning.app import create_app
-from reports.provisioning.cli import add_provision_commands, cmd_provision_server
-from reports.provisioning.model import CLAIM_PATTERN, RegistrationRequest, public_key_fingerprint, verify_secret
-from reports.provisioning.server import serve_provisioning
-from reports.provisioning.storage import MongoStorage, ProvisioningStorage, SqliteStorage
+from web.provisioning.app import create_app
+from web.provisioning.cli import add_provision_commands, cmd_provision_server
+from web.provisioning.model import CLAIM_PATTERN, RegistrationRequest, public_key_fingerprint, verify_secret
+from web.provisioning.server import serve_provisioning
+from web.provisioning.storage import MongoStorage, ProvisioningStorage, SqliteStorage
 from sequencer import Product, phase
 from sequencer.phase import Phase
 from sequencer.records import Outcome, RunRecord, run_to_json
@@ -602,7 +602,7 @@ def test_provision_server_command(tmp_path: Path) -> None:
     add_provision_commands(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["provision-server", "--port", "0", "--db", str(tmp_path / "p.sqlite")])
     assert (args.host, args.port, args.mongo, args.db) == ("127.0.0.1", 0, None, tmp_path / "p.sqlite")
-    code = ("import argparse, sys; from reports.provisioning.cli import add_provision_commands, cmd_provision_server;"
+    code = ("import argparse, sys; from web.provisioning.cli import add_provision_commands, cmd_provision_server;"
             "p = argparse.ArgumentParser(); add_provision_commands(p.add_subparsers(dest='command'));"
             "sys.exit(cmd_provision_server(p.parse_args(sys.argv[1:])))")
     env = {k: v for k, v in os.environ.items() if k != "SEQUENCER_MONGO_URI"}

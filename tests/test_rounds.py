@@ -12,7 +12,7 @@ import pytest
 import trio
 
 from fixtures.sim.farm import open_farm
-from reports.store import LocalStore
+from reports.storage.store import LocalStore
 from sequencer.records import Outcome
 from tests.terminal_support import open_terminal
 

@@ -18,8 +18,8 @@ import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import reports.store as store_module
-from reports.store import LocalStore, StoreError, _journal_segments, _Write
+import reports.storage.store as store_module
+from reports.storage.store import LocalStore, StoreError, _journal_segments, _Write
 from sequencer.records import AttemptRecord, Outcome, PhaseRecord, RunRecord, utcnow
 from tests.strategies import runs
 
@@ -211,7 +211,7 @@ async def test_a_write_for_a_run_that_is_not_open_is_refused_at_once_and_the_wri
 _KILLED_BEFORE_THE_COPY = """
 import os, signal, sys, threading
 import trio
-from reports.store import LocalStore
+from reports.storage.store import LocalStore
 from sequencer.records import AttemptRecord, Outcome, PhaseRecord, RunRecord, utcnow
 
 store = LocalStore.open(sys.argv[1], station=True)

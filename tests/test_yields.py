@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from reports.yields import RUNNING, batch_summary, code_versions, pareto, unit_key
+from reports.quality.yields import RUNNING, batch_summary, code_versions, pareto, unit_key
 from sequencer.records import MeasurementOutcome, Outcome
 from tests.records_factory import at, attempt, measurement, phase, run
 

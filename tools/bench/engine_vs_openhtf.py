@@ -135,7 +135,7 @@ def child_sequencer(args: argparse.Namespace) -> None:
     with Clock() as imp:
         import trio
 
-        from reports.store import LocalStore
+        from reports.storage.store import LocalStore
         from sequencer.engine import RunSettings
         from sequencer.events import EventBus
         from sequencer.logs import configure_logging

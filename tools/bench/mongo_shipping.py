@@ -85,9 +85,9 @@ def child_engine(args: argparse.Namespace) -> None:
     import structlog
     import trio
 
-    from reports.mongo import MongoSettings
-    from reports.shipper import ShipLedger, shipping, shipping_process
-    from reports.store import LocalStore
+    from reports.storage.mongo import MongoSettings
+    from reports.storage.shipper import ShipLedger, shipping, shipping_process
+    from reports.storage.store import LocalStore
     from sequencer.engine import RunSettings
     from sequencer.events import EventBus
     from sequencer.product import LoadedProduct, validate_product
@@ -179,7 +179,7 @@ def child_backlog(args: argparse.Namespace) -> None:
     import attrs
     import trio
 
-    from reports.store import LocalStore
+    from reports.storage.store import LocalStore
     from sequencer.records import (
         AttemptRecord,
         Limits,
@@ -223,8 +223,8 @@ def child_catchup(args: argparse.Namespace) -> None:
     """Drain the backlog the previous child wrote; time it."""
     import trio
 
-    from reports.mongo import MongoSettings
-    from reports.shipper import Shipper
+    from reports.storage.mongo import MongoSettings
+    from reports.storage.shipper import Shipper
 
     settings = MongoSettings.parse(args.mongo, args.database)
 
@@ -277,7 +277,7 @@ MODES = ("none", "process", "thread")
 def main_parent(args: argparse.Namespace) -> None:
     import signal
 
-    from reports.mongod import Mongod, mongod_binary
+    from reports.storage.mongod import Mongod, mongod_binary
 
     # mongod runs in its own session: on SIGTERM, unwind so the finally below stops it.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -367,7 +367,7 @@ def render(engine: dict[str, list[dict[str, Any]]], catchup: dict[str, Any], rou
         BEGIN,
         "## MongoDB shipping (store-and-forward)",
         "",
-        "The station streams its records to MongoDB through the shipper (`reports/shipper.py`): it reads the "
+        "The station streams its records to MongoDB through the shipper (`reports/storage/shipper.py`): it reads the "
         "local store on its own schedule (a poll every second, the default) and writes in bulk, so a slot never "
         "waits for the database. `sequencer run` runs it in a child process; the same shipper can also run in "
         "a worker thread of the station's process (what `sequencer sync` and the tests do), measured here for "

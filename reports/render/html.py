@@ -7,7 +7,7 @@ Content-Security-Policy that forbids scripts and remote loads outright.
 
 Everything a device says about itself (serial, MAC, log lines, attachments) is
 untrusted. Templates are rendered with autoescape on for every template;
-the only markup produced in Python is the SVG of :mod:`reports.svg`, built from
+the only markup produced in Python is the SVG of :mod:`reports.render.svg`, built from
 numbers and escaped labels. Attachments that are SVG are embedded as base64
 ``<img>`` sources, where a browser never runs their scripts, and never inlined.
 """
@@ -26,9 +26,9 @@ from typing import Any, Literal
 import attrs
 import jinja2
 
-from reports import formatting, svg
-from reports.files import replacing
-from reports.yields import batch_summary, chronological, unit_key, unit_run_numbers
+from reports.render import formatting, svg
+from reports.render.files import replacing
+from reports.quality.yields import batch_summary, chronological, unit_key, unit_run_numbers
 from sequencer.records import Attachment, MeasurementRecord, PhaseRecord, RunRecord
 
 #: Attachments larger than this are listed (name, size, sha256) but not embedded.
@@ -135,7 +135,7 @@ def _environment() -> jinja2.Environment:
     state that renders could see each other through.
     """
     env = jinja2.Environment(
-        loader=jinja2.PackageLoader("reports", "templates"),
+        loader=jinja2.PackageLoader("reports.render", "templates"),
         autoescape=True,
         undefined=jinja2.StrictUndefined,
         trim_blocks=True,

@@ -2,7 +2,7 @@
 
 Both backends offer the same few primitives, each atomic on its own and
 guarded by unique constraints (serial, device id, claim code, idempotency
-key). The registration rules (``reports/provisioning/app.py``) are written
+key). The registration rules (``web/provisioning/app.py``) are written
 once on top of them, optimistically: read, decide, write; a write that a
 unique constraint refuses (:class:`DuplicateKey`) means a concurrent request
 got there first, and the rules are simply applied again to what is now
@@ -12,7 +12,7 @@ at once because the client gave up on the first - create one device.
 Every blocking call runs in a worker thread (``trio.to_thread.run_sync``),
 handed over whole and never abandoned on cancellation: when a write returns,
 it is durable (SQLite ``synchronous=FULL``; MongoDB ``w: majority, j: true``
-as ``reports/mongo.py`` configures its clients), and a cancelled request
+as ``reports/storage/mongo.py`` configures its clients), and a cancelled request
 cannot leave a half-written registration behind.
 
 MongoDB: collection ``provisioned_devices``, one document per device
@@ -36,10 +36,10 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import attrs
 import trio
 
-from reports.provisioning.model import Device, Registration
+from web.provisioning.model import Device, Registration
 
 if TYPE_CHECKING:
-    from reports.mongo import MongoSettings
+    from reports.storage.mongo import MongoSettings
 
 __all__ = ["DuplicateKey", "MongoStorage", "ProvisioningStorage", "SqliteStorage", "StorageUnavailable"]
 
@@ -289,7 +289,7 @@ def _date(text: str) -> dt.datetime:
 class MongoStorage(ProvisioningStorage):
     """The ``provisioned_devices`` collection of the line's MongoDB.
 
-    Uses :meth:`reports.mongo.MongoSettings.client`, so the same short
+    Uses :meth:`reports.storage.mongo.MongoSettings.client`, so the same short
     timeouts and the same write guarantees as the record shipper: a
     registration the station is told about is majority-committed and
     journaled, and a failover cannot take it back.

@@ -1,6 +1,6 @@
 """``sequencer provision-server``: run the provisioning service.
 
-Wired into ``sequencer/cli.py`` like ``reports/mongo_cli.py``:
+Wired into ``sequencer/cli.py`` like ``reports/storage/mongo_cli.py``:
 :func:`add_provision_commands` adds the subcommand to the parser and
 :func:`cmd_provision_server` runs it.
 
@@ -51,7 +51,7 @@ def cmd_provision_server(args: argparse.Namespace) -> int:
     """Serve until Ctrl-C. A bad URI or port is a one-line ConfigError (exit 2, printed by the caller)."""
     import trio
 
-    from reports.provisioning.storage import MongoStorage, SqliteStorage, StorageUnavailable
+    from web.provisioning.storage import MongoStorage, SqliteStorage, StorageUnavailable
 
     if not 0 <= args.port <= 65535:
         raise ConfigError(f"--port: {args.port} is not a port number")
@@ -64,8 +64,8 @@ def cmd_provision_server(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s")
 
     async def serve() -> None:
-        from reports.provisioning.server import serve_provisioning
-        from reports.provisioning.storage import ProvisioningStorage
+        from web.provisioning.server import serve_provisioning
+        from web.provisioning.storage import ProvisioningStorage
 
         storage: ProvisioningStorage
         if settings is not None:
@@ -109,7 +109,7 @@ def _mongo_settings(args: argparse.Namespace) -> Any:
         uri, where = os.environ[ENV_URI], ENV_URI
     if not uri:
         return None
-    from reports.mongo import MongoConfigError, MongoSettings
+    from reports.storage.mongo import MongoConfigError, MongoSettings
 
     try:
         return MongoSettings.parse(uri, args.mongo_db or os.environ.get(ENV_DB) or None, where=where)

@@ -9,7 +9,7 @@ pandas, Excel or Minitab reads without help:
   scalar measurement (``phase.measurement [units]``, the value of the phase's
   last attempt). ``unit_run`` is 1 for a unit's first run in the export, 2 for
   its first retest, and so on; ``unit_final`` marks the run that decides the
-  unit's final yield (see :mod:`reports.yields`).
+  unit's final yield (see :mod:`reports.quality.yields`).
 * **phases**: one row per phase of every run.
 * **measurements**: one row per measurement of every phase's last attempt
   (the attempt that decided the phase; earlier attempts are in the run's
@@ -45,8 +45,8 @@ from typing import Any, TextIO
 
 import attrs
 
-from reports.files import replacing
-from reports.yields import (
+from reports.render.files import replacing
+from reports.quality.yields import (
     PARETO_PHASE_OUTCOMES,
     RUNNING,
     batch_summary,

@@ -31,7 +31,7 @@ from sequencer.config import ConfigError, StationConfig, reading_config, require
 from sequencer.terminal import OutputConsole, printable
 
 if TYPE_CHECKING:
-    from reports.mongo import MongoSettings
+    from reports.storage.mongo import MongoSettings
     from sequencer.records import RunRecord
 
 # pymongo costs a tenth of a second to import: the modules that need it are
@@ -95,7 +95,7 @@ class RunsReading:
     """Where a reading command reads runs: the store or MongoDB, both with ``find_runs`` and ``outcome_counts``."""
 
     config: StationConfig
-    source: Any  # reports.store.LocalStore | reports.mongo.MongoSink
+    source: Any  # reports.storage.store.LocalStore | reports.storage.mongo.MongoSink
     where: str  # for messages: the store's path, or "MongoDB host/db"
     #: every station's runs (MongoDB), not only this station's
     every_station: bool = False
@@ -115,7 +115,7 @@ def reading_runs(args: argparse.Namespace) -> Iterator[RunsReading]:
     config = _config_for(args)
     settings = None if args.local else mongo_settings(config)
     if settings is not None:
-        from reports.mongo import MongoSink, MongoUnavailable, UnreadableRun
+        from reports.storage.mongo import MongoSink, MongoUnavailable, UnreadableRun
 
         sink = MongoSink(settings)
         try:
@@ -140,7 +140,7 @@ def reading_runs(args: argparse.Namespace) -> Iterator[RunsReading]:
             finally:
                 sink.close()
             return
-    from reports.store import LocalStore
+    from reports.storage.store import LocalStore
 
     store = LocalStore.open(require_store(config))
     try:
@@ -151,7 +151,7 @@ def reading_runs(args: argparse.Namespace) -> Iterator[RunsReading]:
 
 def _warn_of_unshipped_runs(store: Path, target: str) -> None:
     """On a station, say when MongoDB lacks some of its runs: what MongoDB shows would silently leave them out."""
-    from reports.shipper import runs_not_in_mongodb
+    from reports.storage.shipper import runs_not_in_mongodb
 
     missing = runs_not_in_mongodb(store, target)
     if missing:
@@ -186,7 +186,7 @@ def mongo_settings(config: StationConfig, **timeouts: float) -> MongoSettings | 
 
 
 def _settings(config: StationConfig, where: str, **timeouts: float) -> MongoSettings:
-    from reports.mongo import MongoConfigError, MongoSettings
+    from reports.storage.mongo import MongoConfigError, MongoSettings
 
     try:
         return MongoSettings.parse(config.mongo_uri, config.mongo_db or None, where=where, **timeouts)
@@ -205,7 +205,7 @@ def _config_for(args: argparse.Namespace) -> StationConfig:
 async def station_shipping(config: StationConfig, console: Console) -> AsyncIterator[Any]:
     """Ship the station's store to MongoDB while the block runs (nothing without a URI).
 
-    The shipper runs in a child process (``reports.shipper.shipping_process``)
+    The shipper runs in a child process (``reports.storage.shipper.shipping_process``)
     so that its work never competes with the slots for the GIL. Tells the
     operator the backlog at the start and the end, and once per outage that
     MongoDB is away (testing goes on; the records wait locally).
@@ -214,7 +214,7 @@ async def station_shipping(config: StationConfig, console: Console) -> AsyncIter
     if settings is None:
         yield None
         return
-    from reports.shipper import ShipEvent, describe_backlog, shipping_process
+    from reports.storage.shipper import ShipEvent, describe_backlog, shipping_process
 
     def tell(event: ShipEvent) -> None:
         styles = {"quarantined": "red", "unreachable": "yellow", "error": "red", "reset": "yellow"}
@@ -253,7 +253,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
 
 
 async def _sync(args: argparse.Namespace, store: Path, settings: MongoSettings) -> int:
-    from reports.shipper import Shipper, describe_backlog
+    from reports.storage.shipper import Shipper, describe_backlog
 
     out = OutputConsole(highlight=False)
     shipper = await Shipper.open(store, settings)
@@ -300,7 +300,7 @@ def _print_quarantine(out: Console, rows: Sequence[Any]) -> int:
 
 
 def cmd_find(args: argparse.Namespace) -> int:
-    from reports.mongo import MongoUnavailable
+    from reports.storage.mongo import MongoUnavailable
     from sequencer.logs import configure_logging
 
     configure_logging(None)
@@ -333,7 +333,7 @@ def cmd_find(args: argparse.Namespace) -> int:
 
 
 def _find_in_mongo(settings: MongoSettings, **key: str | None) -> list[dict[str, Any]]:
-    from reports.mongo import MongoSink
+    from reports.storage.mongo import MongoSink
 
     sink = MongoSink(settings)
     try:
@@ -348,7 +348,7 @@ def _find_in_mongo(settings: MongoSettings, **key: str | None) -> list[dict[str,
 def find_local(store_path: Path, *, serial: str | None = None, mac: str | None = None,
                imei: str | None = None) -> list[dict[str, Any]]:
     """Devices from the station's own store, shaped like MongoDB's ``devices`` with a ``history``."""
-    from reports.store import LocalStore
+    from reports.storage.store import LocalStore
 
     store = LocalStore.open(store_path)
     try:

@@ -869,7 +869,7 @@ def _mark_interrupted(conn: sqlite3.Connection) -> int:
     return len(rows)
 
 
-# -- raw change feed (for the MongoDB shipper; added with reports/shipper.py) ------
+# -- raw change feed (for the MongoDB shipper; added with reports/storage/shipper.py) ------
 #
 # The shipper turns each changed run into a MongoDB document, re-sending an
 # open run as each phase lands. Going through RunRecord (cattrs structuring

@@ -1,4 +1,4 @@
-"""Serving the provisioning app with hypercorn on trio, in the caller's own nursery.
+"""Serving the provisioning app (:func:`web.server.serve_app`: hypercorn on trio, in the caller's nursery).
 
 :func:`serve_provisioning` is what the CLI, the tests and a demo use: it
 binds (port 0 picks a free port), yields the base URL actually bound, and
@@ -10,15 +10,11 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from functools import partial
 from typing import Any
 
-import trio
-from hypercorn.config import Config
-from hypercorn.trio import serve
-
-from reports.provisioning.app import create_app
-from reports.provisioning.storage import ProvisioningStorage
+from web.provisioning.app import create_app
+from web.provisioning.storage import ProvisioningStorage
+from web.server import serve_app
 
 __all__ = ["serve_provisioning"]
 
@@ -44,19 +40,10 @@ async def serve_provisioning(
     yielded has the real one. The storage stays the caller's to close.
 
     hypercorn's own messages go to ``error_log`` (default: the standard
-    logger ``reports.provisioning.http``, which the caller configures); it
+    logger ``web.provisioning.http``, which the caller configures); it
     keeps no access log. Neither ever sees a request body.
     """
     app = create_app(app_or_storage) if isinstance(app_or_storage, ProvisioningStorage) else app_or_storage
-    config = Config()
-    config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
-    config.accesslog = None
-    config.errorlog = error_log or logging.getLogger("reports.provisioning.http")
-    config.graceful_timeout = graceful_timeout
-    stop = trio.Event()
-    async with trio.open_nursery() as nursery:
-        binds: list[str] = await nursery.start(partial(serve, app, config, shutdown_trigger=stop.wait))
-        try:
-            yield binds[0]
-        finally:
-            stop.set()
+    async with serve_app(app, host, port, graceful_timeout=graceful_timeout,
+                         error_log=error_log or logging.getLogger("web.provisioning.http")) as url:
+        yield url

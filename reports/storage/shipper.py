@@ -5,7 +5,7 @@ shipper reads runs changed since its *watermark* (the highest store change
 number ``seq`` MongoDB has acknowledged), writes them in bulk, and only then
 moves the watermark. A crash anywhere in between re-ships a batch that may
 already have landed, which is harmless: every write is an idempotent upsert
-guarded by ``seq`` (``reports/mongo.py``). So delivery is at-least-once on the
+guarded by ``seq`` (``reports/storage/mongo.py``). So delivery is at-least-once on the
 wire and exactly-once in the database.
 
 Why the watermark is enough: the store assigns ``seq`` inside its write
@@ -54,7 +54,7 @@ import attrs
 import structlog
 import trio
 
-from reports.mongo import (
+from reports.storage.mongo import (
     MongoSchemaError,
     MongoSettings,
     MongoSink,
@@ -65,7 +65,7 @@ from reports.mongo import (
     WriteReport,
     prepare_phase,
 )
-from reports.store import LocalStore, StoreError, iter_change_rows
+from reports.storage.store import LocalStore, StoreError, iter_change_rows
 from sequencer.records import SCHEMA_VERSION, utcnow
 
 log = structlog.get_logger("sequencer.shipper")
@@ -643,8 +643,8 @@ async def _follow(a: argparse.Namespace) -> int:
 
 
 def follow_main(argv: list[str] | None = None) -> int:
-    """``python -m reports.shipper``: ship one store until told to stop (the station's child)."""
-    parser = argparse.ArgumentParser(prog="python -m reports.shipper", description=follow_main.__doc__)
+    """``python -m reports.storage.shipper``: ship one store until told to stop (the station's child)."""
+    parser = argparse.ArgumentParser(prog="python -m reports.storage.shipper", description=follow_main.__doc__)
     parser.add_argument("--store", type=Path, required=True)
     parser.add_argument("--uri", default=os.environ.get("SEQUENCER_MONGO_URI"),
                         help="MongoDB URI (default: $SEQUENCER_MONGO_URI)")
@@ -700,9 +700,9 @@ async def shipping_process(
     from functools import partial
 
     handle = ShipperProcess(settings.target)
-    argv = [sys.executable, "-m", "reports.shipper", "--store", str(store_path), "--database", settings.database,
-            "--poll", str(poll_interval), "--final-drain", str(final_drain)]
-    root = str(Path(__file__).resolve().parent.parent)
+    argv = [sys.executable, "-m", "reports.storage.shipper", "--store", str(store_path),
+            "--database", settings.database, "--poll", str(poll_interval), "--final-drain", str(final_drain)]
+    root = str(Path(__file__).resolve().parents[2])  # the folder holding reports/, for a checkout not installed
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p),

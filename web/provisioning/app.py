@@ -44,7 +44,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from reports.provisioning.model import (
+from web.provisioning.model import (
     IDEMPOTENCY_KEY_PATTERN,
     MAX_BODY_BYTES,
     Device,
@@ -59,7 +59,7 @@ from reports.provisioning.model import (
     utcnow,
     verify_secret,
 )
-from reports.provisioning.storage import DuplicateKey, ProvisioningStorage, StorageUnavailable
+from web.provisioning.storage import DuplicateKey, ProvisioningStorage, StorageUnavailable
 
 __all__ = ["create_app", "register"]
 

@@ -14,7 +14,7 @@ Two collections (``docs/mongodb.md`` has the full shapes)::
              earliest start.
 
 Both writes are idempotent and order-independent, which is what lets the
-shipper (``reports/shipper.py``) be at-least-once underneath and exactly-once
+shipper (``reports/storage/shipper.py``) be at-least-once underneath and exactly-once
 in the database: shipping the same change twice, two changes out of order, or
 a retry of a batch that may or may not have landed all converge on the same
 documents.
@@ -259,7 +259,7 @@ class PreparedPhase:
 
     Phases never change once committed, so the shipper prepares each once and
     reuses the encoded bytes every time its run is re-sent
-    (``reports/shipper.py``); a run document is then mostly a copy of them.
+    (``reports/storage/shipper.py``); a run document is then mostly a copy of them.
     ``error`` says why the phase cannot be stored at all (its run is
     quarantined with that reason).
     """
@@ -925,7 +925,7 @@ class MongoSink:
     ) -> list[RunRecord]:
         """Runs matching every given filter, from every station that shipped them, oldest first.
 
-        As :meth:`reports.store.LocalStore.find_runs`: ``limit`` keeps the
+        As :meth:`reports.storage.store.LocalStore.find_runs`: ``limit`` keeps the
         oldest ``limit``, ``last`` the most recent ``last`` (still listed
         oldest first).
         """
