@@ -13,6 +13,7 @@ import errno
 import os
 import sys
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -330,11 +331,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         sim=args.sim, ports=tuple(args.ports) if args.ports else None, store=args.store, reports=args.reports,
         batch=args.batch, operator=args.operator, seed=args.seed, rounds=args.rounds,
     )
-    from reports.storage.mongo_cli import apply_mongo_options
+    from reports.storage.mongo_cli import apply_mongo_options, station_shipping
 
     config = apply_mongo_options(config, args)  # --mongo, SEQUENCER_MONGO_URI, [mongo]
     config.check()
-    from fixtures.station import detected_ports, load_faults
+    from fixtures.station import detected_ports, load_faults, open_hardware
 
     config = detected_ports(config)  # [detect]: USB serial ports by VID/PID/serial/location
     if not config.sim:
@@ -363,7 +364,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     log_handle = configure_logging(config.store.parent / "station.log", verbose=args.verbose)
     tune_garbage_collector()
     try:
-        result = run_on_station_clock(run_session, loaded, config, store, console, not args.plain, faults)
+        result = run_on_station_clock(partial(
+            run_session, loaded, config, store, console, not args.plain,
+            open_hardware=partial(open_hardware, loaded, config, faults),
+            open_shipping=partial(station_shipping, config, console),
+        ))
         # The batch page covers the whole batch, earlier sessions and retests included.
         batch_runs = store.find_runs(batch=config.batch_or_default)
     finally:

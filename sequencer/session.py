@@ -7,6 +7,11 @@ Each round gets its own slots (under ``--sim``, a fresh farm: new boards),
 shared instruments and display; between rounds the operator says whether
 the next boards are in. The command line (:mod:`sequencer.cli`) turns the
 result into reports, a summary and an exit code.
+
+The session is core: it names no fixture and no store. What it opens
+beyond the core comes from the command line, which builds it: the
+station's hardware (:class:`Hardware`; ``fixtures/station.py`` for real
+ports or the simulated farm) and the MongoDB shipper.
 """
 
 from __future__ import annotations
@@ -14,8 +19,9 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from contextlib import AsyncExitStack
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager, AsyncExitStack
+from typing import Any, Protocol
 
 import attrs
 import trio
@@ -25,20 +31,52 @@ from rich.markup import escape
 from sequencer.config import ConfigError, StationConfig
 from sequencer.engine import RunSettings
 from sequencer.events import EventBus
+from sequencer.fixtures import FixtureFactory
 from sequencer.operator import NoOperator, OperatorDesk, Question
 from sequencer.product import LoadedProduct
 from sequencer.records import Outcome
+from sequencer.resources import SharedResource
 from sequencer.station import StationResult
 from sequencer.terminal import printable
 
-__all__ = ["run_session"]
+__all__ = ["Hardware", "RoundSetup", "run_session"]
 
 #: ``ask_operator``: the station's first question, whose answer is stamped on every run of the session.
 WHO_IS_TESTING = Question(-1, "", "", "who is testing? Scan your badge or type your name, then press Enter")
 
 
+@attrs.frozen
+class RoundSetup:
+    """One round's slots as the hardware side opened them: what :func:`sequencer.station.run_station` takes."""
+
+    ports: Sequence[str]
+    fixtures: Mapping[str, FixtureFactory]
+    resources: Mapping[str, SharedResource]
+    #: what the operator is told before the round (faults drawn, a simulated service's address)
+    notices: tuple[str, ...] = ()
+
+
+class Hardware(Protocol):
+    """The station's side of a session, open for all of it (the flash workers, say)."""
+
+    def open_round(self, config: StationConfig) -> AbstractAsyncContextManager[RoundSetup]:
+        """The round's ports, fixtures and shared instruments (under ``--sim``, a fresh farm)."""
+        ...
+
+    async def answer_as_simulated_operator(self, desk: OperatorDesk, seed: int) -> None:
+        """Answer the desk's questions as the simulated operator would, until cancelled."""
+        ...
+
+
 async def run_session(
-    loaded: LoadedProduct, config: StationConfig, store: Any, console: Console, live: bool, faults: Any = None
+    loaded: LoadedProduct,
+    config: StationConfig,
+    store: Any,
+    console: Console,
+    live: bool,
+    *,
+    open_hardware: Callable[[], AbstractAsyncContextManager[Hardware]],
+    open_shipping: Callable[[], AbstractAsyncContextManager[object]],
 ) -> StationResult:
     """The station session: set up once, then rounds of every slot, the operator saying when to go on.
 
@@ -47,9 +85,9 @@ async def run_session(
     MongoDB shipper, the flash workers, the operator's input. Each round gets
     its own slots (under ``--sim``, a fresh farm: new boards, new serials),
     instruments and display. The runs of every round come back as one result.
+    ``open_shipping`` forwards the store to MongoDB while the session runs
+    (or does nothing); ``open_hardware`` opens the station's side.
     """
-    from fixtures.station import flashes
-
     rounds = config.rounds  # 0: until the operator says stop
     bus = EventBus()
     settings = RunSettings(station=config.station, operator=config.operator, batch=config.batch_or_default)
@@ -59,20 +97,13 @@ async def run_session(
     stopped: str | None = None  # when the operator stopped the session with no run open
     nobody: NoOperator | None = None
     async with AsyncExitStack() as stack:
-        from reports.storage.mongo_cli import station_shipping
-
         # Entered first so it exits last: its final drain sees the writer's final flush.
-        await stack.enter_async_context(station_shipping(config, console))
+        await stack.enter_async_context(open_shipping())
         await stack.enter_async_context(store.writer())
-        flash_workers = None
-        if flashes(loaded):
-            from fixtures.flasher import FlashWorkers
-
-            # One process imports esptool; every slot's worker is forked from it.
-            flash_workers = await stack.enter_async_context(FlashWorkers.open())
+        hardware = await stack.enter_async_context(open_hardware())
         async with trio.open_nursery() as answering:
             if desk is not None:
-                answering.start_soon(_answer_operator_questions, desk, config, faults, console, interactive)
+                answering.start_soon(_answer_operator_questions, desk, config, hardware, console, interactive)
             try:
                 testing = True
                 if config.ask_operator and not config.operator:
@@ -90,9 +121,8 @@ async def run_session(
                     number += 1
                     # New simulated boards each round: the same slots, other units.
                     round_config = attrs.evolve(config, seed=config.seed + 1000 * (number - 1))
-                    result = await _run_round(loaded, round_config, store, console, bus, settings, desk, faults,
-                                              flash_workers, interactive,
-                                              f" (round {number}{_of(rounds)})" if rounds != 1 else "")
+                    result = await _run_round(loaded, round_config, store, console, bus, settings, desk, hardware,
+                                              interactive, f" (round {number}{_of(rounds)})" if rounds != 1 else "")
                     results.append(result)
                     if number == rounds or result.aborted or result.write_error is not None:
                         break
@@ -117,33 +147,16 @@ async def run_session(
 
 async def _run_round(
     loaded: LoadedProduct, config: StationConfig, store: Any, console: Console, bus: EventBus,
-    settings: RunSettings, desk: OperatorDesk | None, faults: Any, flash_workers: Any, interactive: bool,
-    which: str,
+    settings: RunSettings, desk: OperatorDesk | None, hardware: Hardware, interactive: bool, which: str,
 ) -> StationResult:
     """One round: every slot runs the product once, shown live (or as plain lines)."""
-    from fixtures.station import station_fixtures
     from sequencer.display import StationDisplay, show_live, show_plain
     from sequencer.station import run_station
 
-    async with AsyncExitStack() as stack:
-        ports = list(config.ports)
-        devices: list[Any] = []
-        if config.sim:
-            from fixtures.station import open_sim_services, open_station_farm
-
-            # ESP32 boards in download mode if the product flashes; --faults applied.
-            devices = await stack.enter_async_context(open_station_farm(loaded, config, faults))
-            if faults is not None:
-                console.print(f"faults ({escape(str(faults.source))}): {escape(faults.summary() or 'none drawn')}")
-            ports = [d.path for d in devices]
-            services = await stack.enter_async_context(open_sim_services(loaded, config, devices))
-            if services.provisioning_url and not config.provisioning_url:
-                console.print(f"provisioning: simulated service at {escape(services.provisioning_url)}")
-        else:
-            from fixtures.station import station_services
-
-            services = station_services(config, loaded, ports)
-        resources = await _open_resources(stack, loaded, config, devices)
+    async with hardware.open_round(config) as setup:
+        ports = setup.ports
+        for notice in setup.notices:
+            console.print(escape(notice))
         display = StationDisplay(ports, len(loaded.product.phases))
         events = bus.subscribe("display", buffer=4096)
         tested_by = f", operator {escape(printable(settings.operator))}" if settings.operator else ""
@@ -167,8 +180,8 @@ async def _run_round(
                         pass  # the terminal is gone (it may be why we abort); the abort goes on
 
                 return await run_station(
-                    loaded, ports, settings=settings, store=store, bus=bus, resources=resources,
-                    on_abort=tell_operator, fixtures=station_fixtures(config, services, flash_workers), desk=desk,
+                    loaded, ports, settings=settings, store=store, bus=bus, resources=setup.resources,
+                    on_abort=tell_operator, fixtures=setup.fixtures, desk=desk,
                 )
             finally:
                 bus.close()  # ends the display; the next round subscribes anew
@@ -244,17 +257,14 @@ async def _ask_station(
 
 
 async def _answer_operator_questions(
-    desk: OperatorDesk, config: StationConfig, faults: Any, console: Console, interactive: bool
+    desk: OperatorDesk, config: StationConfig, hardware: Hardware, console: Console, interactive: bool
 ) -> None:
     """Feed the desk answers for the whole session: the simulated operator, the keyboard, or standard input."""
     from sequencer.keyboard import answer_from_keyboard, answer_from_lines
 
     if config.sim:
-        from fixtures.sim.operator import simulated_operator
-
         console.print("operator: the simulated operator answers the station's questions")
-        says_no = faults.operator_says_no() if faults is not None else frozenset()
-        await simulated_operator(desk, says_no=says_no, seed=config.seed)
+        await hardware.answer_as_simulated_operator(desk, config.seed)
     elif sys.stdin is None:
         # Started with standard input closed: descriptor 0 may since be some file the station opened.
         desk.close("the station has no standard input: nobody can answer the operator's questions")
@@ -264,50 +274,3 @@ async def _answer_operator_questions(
     else:
         console.print("operator: each line of standard input answers the oldest open question")
         await answer_from_lines(desk)
-
-
-async def _open_resources(
-    stack: AsyncExitStack, loaded: LoadedProduct, config: StationConfig, devices: list[Any]
-) -> dict[str, Any]:
-    """Open every shared instrument the product needs, simulated or from the station file."""
-    from sequencer.resources import SharedResource
-
-    resources: dict[str, SharedResource] = {}
-    for name, kind in loaded.product.resources.items():
-        declared = config.resources.get(name)
-        if declared is not None and declared.instrument is not None:
-            kind = declared.instrument
-        if config.sim:
-            from fixtures.sim.instruments import open_simulated_instrument
-
-            try:
-                instrument = await stack.enter_async_context(
-                    open_simulated_instrument(kind, devices, seed=config.seed)
-                )
-            except ConfigError as exc:
-                raise ConfigError(f"product {loaded.name!r}: resource {name!r}: {exc}") from None
-        elif declared is None:
-            raise ConfigError(
-                f"product {loaded.name!r} needs station resource {name!r}: declare [resources.{name}] in the "
-                "station file"
-            )
-        elif kind is None:
-            instrument = None
-        elif kind == "zpl-printer":
-            from fixtures.label_printer import LabelPrinterError, open_label_printer
-
-            where = f"{config.source or 'station'}: resources.{name}"
-            if not declared.port:
-                raise ConfigError(f'{where}: a zpl-printer needs port = "host:9100"')
-            try:
-                instrument = await stack.enter_async_context(open_label_printer(declared.port))
-            except (ValueError, LabelPrinterError) as exc:
-                raise ConfigError(f"{where}: {exc}") from None
-        else:
-            raise ConfigError(
-                f"{config.source or 'station'}: resources.{name}: instrument {kind!r} needs a switch-matrix "
-                "driver to share it across slots, and none is configured yet"
-            )
-        capacity = declared.capacity if declared is not None else 1
-        resources[name] = SharedResource(name, capacity, instrument)
-    return resources
