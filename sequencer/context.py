@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import attrs
 import structlog
 
 from sequencer.events import EventBus, MeasurementTaken, PhaseProgress
@@ -144,17 +145,11 @@ class PhaseContext:
         self._attachments = attachments
         self._snapshot = snapshot
         self._identify = identify
-        self.measurements = Measurements(phase, self._measured)
-
-    def _measured(self, name: str, value: Any) -> MeasurementRecord | None:
-        # Judged now only for someone watching live; the record reuses it.
-        if not self._bus.has_subscribers:
-            return None
-        declared = self.phase.measurement(name)
-        assert declared is not None
-        judged = declared.judge(value)
-        self._bus.publish(MeasurementTaken(self._run_id, self._slot, self.phase.name, judged))
-        return judged
+        # Not a method of this context: ctx -> measurements -> ctx would be a
+        # reference cycle, and through the run's snapshot and identify a
+        # finished run's fixtures and records would wait for the cyclic
+        # collector instead of being freed when the attempt ends.
+        self.measurements = Measurements(phase, _LiveJudge(phase, bus, run_id, slot))
 
     def measure(self, name: str, value: Any) -> None:
         self.measurements[name] = value
@@ -181,6 +176,25 @@ class PhaseContext:
         self._bus.publish(
             PhaseProgress(self._run_id, self._slot, self.phase.name, max(0.0, min(1.0, fraction)), detail)
         )
+
+
+@attrs.frozen
+class _LiveJudge:
+    """Judges a value as it is set, for someone watching live; the record reuses the judgement."""
+
+    phase: Phase
+    bus: EventBus
+    run_id: str
+    slot: int
+
+    def __call__(self, name: str, value: Any) -> MeasurementRecord | None:
+        if not self.bus.has_subscribers:
+            return None
+        declared = self.phase.measurement(name)
+        assert declared is not None
+        judged = declared.judge(value)
+        self.bus.publish(MeasurementTaken(self.run_id, self.slot, self.phase.name, judged))
+        return judged
 
 
 def bind_logger(**context: Any) -> Any:
