@@ -81,6 +81,10 @@ class Measurements:
         judged = self._judged.get(declared.name)
         return judged if judged is not None else declared.judge(self._values[declared.name])
 
+    def unjudged(self, declared: Measurement, reason: str) -> MeasurementRecord:
+        """``declared`` as the attempt left it, not judged (its phase asked to skip or repeat)."""
+        return declared.unjudged(self._values.get(declared.name), reason)
+
 
 class PhaseLog:
     """A logger that keeps lines in the phase record and sends them to the station log."""

@@ -14,9 +14,11 @@ Three kinds of cancellation, kept apart on purpose:
 
 * a phase's **timeout** is its own ``move_on_after``; the attempt ends TIMEOUT
   (and may be retried);
-* **stopping** the run (``stop_on_failure``, a phase returning STOP) cancels
-  each in-flight phase's own scope: they end ABORTED with the reason, phases
-  not yet started are SKIPPED, and teardowns run;
+* **stopping** the run (``stop_on_failure``, a phase returning STOP or
+  repeating past its limit) cancels each in-flight phase's own scope: they
+  end ABORTED with the reason, phases not yet started are SKIPPED, and
+  teardowns run; the run's verdict is the stopping phase's (FAIL for STOP),
+  not ABORTED;
 * **aborting** the slot (the operator's Ctrl-C) cancels the slot's main
   scope: every unfinished phase is recorded, teardowns run shielded under
   their own timeouts, and the run is ABORTED. A second abort cancels the
@@ -289,6 +291,10 @@ class _SlotRun:
             outcome = Outcome.ERROR  # the unit was not tested as the product says
         elif self.control.aborted:
             outcome = Outcome.ABORTED
+        elif self.stopped:
+            # A stop is the verdict of the phase that asked for it; the phases it cut short
+            # (ABORTED) are its consequence, not an operator's abort.
+            outcome = run_outcome(tuple(p for p in phases if p.name not in self.stopped))
         else:
             outcome = run_outcome(phases)
         return attrs.evolve(self.header, dut=dict(self.dut), phases=phases, ended_at=utcnow(), outcome=outcome)
@@ -397,6 +403,8 @@ class _SlotRun:
         # Decide on stopping before the commit wakes this phase's dependents.
         if result is PhaseResult.STOP:
             self._stop(f"run stopped by phase {p.name!r}")
+        elif result is PhaseResult.REPEAT and record.outcome is Outcome.FAIL and not p.teardown:
+            self._stop(f"run stopped: phase {p.name!r} reached its repeat limit")
         elif record.outcome.is_failure and self.product.stop_on_failure and not p.teardown:
             self._stop(f"run stopped: phase {p.name!r} ended {record.outcome.value}")
         await self._commit(p, record)
@@ -441,31 +449,31 @@ class _SlotRun:
             attempt, result = await self._attempt(p, len(attempts) + 1, log, attachments, access)
             waited += access.waited_s
             attempts.append(attempt)
-            if result is PhaseResult.REPEAT and attempt.outcome is Outcome.PASS:
+            if result is PhaseResult.REPEAT and attempt.outcome is Outcome.SKIPPED:
                 repeats += 1
                 if repeats < p.repeat_limit:
                     continue
+                # As OpenHTF: asking to repeat on the last allowed run fails the phase (and stops the run).
                 attempts[-1] = attrs.evolve(
-                    attempt, outcome=Outcome.FAIL, reason=f"repeat limit {p.repeat_limit} reached"
+                    attempt, outcome=Outcome.FAIL,
+                    reason=f"repeat limit {p.repeat_limit} reached: the phase asked to repeat on its last allowed run",
                 )
                 break
-            if attempt.outcome in (Outcome.FAIL, Outcome.ERROR, Outcome.TIMEOUT) and failures < p.retries:
+            if (attempt.outcome in (Outcome.FAIL, Outcome.ERROR, Outcome.TIMEOUT) and failures < p.retries
+                    and result is not PhaseResult.STOP):  # a phase that stops the run is not tried again
                 failures += 1
                 log.info("retrying", attempt=attempt.number, outcome=attempt.outcome.value)
                 continue
             break
         del self.partial[p.name]
         last = attempts[-1]
-        outcome = last.outcome
-        if outcome is Outcome.PASS and result is PhaseResult.SKIP:
-            outcome = Outcome.SKIPPED
         record = PhaseRecord(
             name=p.name,
-            outcome=outcome,
+            outcome=last.outcome,
             started_at=started,
             ended_at=utcnow(),
             attempts=tuple(attempts),
-            reason=last.reason if outcome is not Outcome.SKIPPED else "skipped by the phase",
+            reason=last.reason,
             teardown=p.teardown,
             resource_wait_s=waited,
             logs=tuple(log.lines),
@@ -526,19 +534,26 @@ class _SlotRun:
         finally:
             del self.in_flight[p.name]
         cut_short = cut_short or scope.cancelled_caught
-        measurements = tuple(ctx.measurements.record(m) for m in p.measurements)
-        if cut_short and p.name in self.stopped:
-            outcome, reason = Outcome.ABORTED, self._abort_reason(p)
-        elif cut_short:
-            outcome, reason = Outcome.TIMEOUT, f"timed out after {timeout:g} s"
-        elif error is not None:
-            outcome = Outcome.ERROR
-        elif result is PhaseResult.FAIL:
-            outcome, reason = Outcome.FAIL, "failed by the phase"
-        elif result in (PhaseResult.SKIP, PhaseResult.REPEAT):
-            outcome = Outcome.PASS
+        if not cut_short and error is None and result in _UNJUDGED:
+            # SKIP and REPEAT: what the attempt measured is kept, and decides nothing.
+            outcome, reason = Outcome.SKIPPED, _UNJUDGED[result]
+            why = f"not judged: the phase returned {result.value}"
+            measurements = tuple(ctx.measurements.unjudged(m, why) for m in p.measurements)
         else:
-            outcome, reason = _judge(measurements)
+            measurements = tuple(ctx.measurements.record(m) for m in p.measurements)
+            if cut_short and p.name in self.stopped:
+                outcome, reason = Outcome.ABORTED, self._abort_reason(p)
+            elif cut_short:
+                outcome, reason = Outcome.TIMEOUT, f"timed out after {timeout:g} s"
+            elif error is not None:
+                outcome = Outcome.ERROR
+            elif result is PhaseResult.FAIL:
+                outcome, reason = Outcome.FAIL, "failed by the phase"
+            else:
+                outcome, reason = _judge(measurements)
+                if result is PhaseResult.STOP and outcome is Outcome.PASS:
+                    # As OpenHTF: a test a phase stopped is not a pass, whatever that phase measured.
+                    outcome, reason = Outcome.FAIL, f"run stopped by phase {p.name!r}"
         return (
             AttemptRecord(number, outcome, started, utcnow(), measurements, reason=reason, error=error),
             result,
@@ -635,6 +650,10 @@ class _SlotRun:
             name=p.name, outcome=outcome, started_at=started, ended_at=utcnow(), attempts=attempts,
             reason=reason, teardown=p.teardown,
         )
+
+
+#: The results that leave an attempt's measurements unjudged, and the attempt's reason.
+_UNJUDGED = {PhaseResult.SKIP: "skipped by the phase", PhaseResult.REPEAT: "repeated: the phase returned REPEAT"}
 
 
 def _describe(exc: BaseException) -> str:

@@ -9,6 +9,8 @@ are immutable and built fluently::
 Judging rules, in order:
 
 * a value never set is ``UNSET`` and fails its phase;
+* in an attempt whose phase returns SKIP or REPEAT nothing is judged: each
+  measurement is recorded ``SKIPPED``, with the value it was set to;
 * NaN and infinities never pass, whatever the validators say;
 * every validator must pass; a value inside its limits but outside a marginal
   band passes and is flagged ``marginal``.
@@ -370,6 +372,10 @@ class Measurement:
 
     def unset(self) -> MeasurementRecord:
         return self._record(MeasurementOutcome.UNSET, None, reason="not set")
+
+    def unjudged(self, value: Any, reason: str) -> MeasurementRecord:
+        """The record of ``value`` (None if never set) kept without judging it: its phase asked to skip or repeat."""
+        return self._record(MeasurementOutcome.SKIPPED, value, reason=reason)
 
     def judge(self, value: Any) -> MeasurementRecord:
         """Judge ``value`` against every validator and return the record."""

@@ -49,16 +49,18 @@ class PhaseResult(enum.Enum):
 
     #: Judge the measurements and go on (the same as returning ``None``).
     CONTINUE = "CONTINUE"
-    #: Run the phase again (not counted as a retry). A phase runs at most
-    #: ``repeat_limit`` times: asking to repeat on the last of them fails it.
+    #: Run the phase again (not counted as a retry); this attempt is recorded
+    #: SKIPPED, its measurements kept but not judged. A phase runs at most
+    #: ``repeat_limit`` times: asking to repeat on the last of them fails it
+    #: and stops the run.
     REPEAT = "REPEAT"
-    #: Record the phase as SKIPPED; what it measured stays in its record but
-    #: does not decide the outcome.
+    #: Record the phase as SKIPPED; what it measured stays in its record,
+    #: marked SKIPPED, and decides nothing.
     SKIP = "SKIP"
-    #: Judge this phase, then stop the run: phases not yet started are SKIPPED,
-    #: teardowns still run.
+    #: Judge this phase, then stop the run, which ends FAIL ("run stopped by
+    #: phase X"): phases not yet started are SKIPPED, teardowns still run.
     STOP = "STOP"
-    #: Fail the phase whatever its measurements say.
+    #: Fail the phase whatever its measurements say; the run goes on.
     FAIL = "FAIL"
 
 
@@ -104,8 +106,13 @@ class Phase:
         return attrs.evolve(self, measurements=tuple(measurements))
 
     def depends_on(self, *phases: Phase | str) -> Phase:
-        """This phase, to run after ``phases``: how a product wires a reusable phase into its graph."""
-        return attrs.evolve(self, after=tuple(p.name if isinstance(p, Phase) else str(p) for p in phases))
+        """This phase, to run after ``phases`` as well: how a product wires a reusable phase into its graph.
+
+        Adds to the phase's own ``after``, never replaces it: a shared phase
+        that needs another to have passed keeps needing it.
+        """
+        added = (p.name if isinstance(p, Phase) else str(p) for p in phases)
+        return attrs.evolve(self, after=tuple(dict.fromkeys((*self.after, *added))))
 
     def configured(self, **options: Any) -> Phase:
         """This phase with other options (``timeout``, ``retries``, ``name``, ...), checked as ``@phase`` does."""

@@ -52,9 +52,13 @@ _FAILURES = frozenset({Outcome.FAIL, Outcome.ERROR, Outcome.TIMEOUT, Outcome.ABO
 
 
 class MeasurementOutcome(str, enum.Enum):
+    """How a measurement was judged. ``SKIPPED``: not judged, because its phase asked to skip or repeat
+    (the value is kept as it was set, and decides nothing)."""
+
     PASS = "PASS"
     FAIL = "FAIL"
     UNSET = "UNSET"
+    SKIPPED = "SKIPPED"
 
 
 def utcnow() -> dt.datetime:

@@ -219,6 +219,8 @@ def _value(value: Any) -> Any:
 def _marked(value: Any, m: MeasurementRecord) -> Any:
     if m.outcome is MeasurementOutcome.PASS:
         return Marked(value, "marginal") if m.marginal else value
+    if m.outcome is MeasurementOutcome.SKIPPED:
+        return value  # kept, not judged: neither a pass nor a failure
     return Marked(value, "fail")
 
 

@@ -159,16 +159,20 @@ def outcome_label(outcome: Outcome | None) -> str:
 
 
 def measurement_class(m: MeasurementRecord) -> str:
-    """``m-fail``, ``m-unset``, ``m-marginal`` (passed inside the limits but outside the band) or ``m-pass``."""
+    """``m-fail``, ``m-unset``, ``m-skipped`` (kept, not judged: its phase skipped or repeated), ``m-marginal``
+    (passed inside the limits but outside the band) or ``m-pass``."""
     if m.outcome is MeasurementOutcome.FAIL:
         return "m-fail"
     if m.outcome is MeasurementOutcome.UNSET:
         return "m-unset"
+    if m.outcome is MeasurementOutcome.SKIPPED:
+        return "m-skipped"
     return "m-marginal" if m.marginal else "m-pass"
 
 
 def measurement_label(m: MeasurementRecord) -> str:
-    return {"m-fail": "FAIL", "m-unset": "UNSET", "m-marginal": "MARGINAL", "m-pass": "PASS"}[measurement_class(m)]
+    return {"m-fail": "FAIL", "m-unset": "UNSET", "m-skipped": "SKIPPED", "m-marginal": "MARGINAL",
+            "m-pass": "PASS"}[measurement_class(m)]
 
 
 def level_class(level: str) -> str:
@@ -181,7 +185,7 @@ def measurement_counts(measurements: tuple[MeasurementRecord, ...]) -> str:
         return ""
     classes = [measurement_class(m) for m in measurements]
     parts = [f"{len(measurements)} measured"]
-    for cls, word in (("m-fail", "fail"), ("m-marginal", "marginal"), ("m-unset", "unset")):
+    for cls, word in (("m-fail", "fail"), ("m-marginal", "marginal"), ("m-unset", "unset"), ("m-skipped", "not judged")):
         if n := classes.count(cls):
             parts.append(f"{n} {word}")
     return " · ".join(parts)
