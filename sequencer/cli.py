@@ -273,6 +273,9 @@ def describe_product(loaded: LoadedProduct) -> str:
     p = loaded.product
     out = [f"product {p.name}" + (f" {p.version}" if p.version else "") + f"  ({loaded.source})"
            + (f"  sha256 {loaded.source_sha256}" if loaded.source_sha256 else "")]
+    if len(loaded.source_files) > 1:
+        # What the hash above covers: the product file and the modules it imports from its own folder.
+        out.extend(f"  file  {f.path}  sha256 {f.sha256}" for f in loaded.source_files)
     if loaded.limits_file:
         out.append(f"limits  {loaded.limits_file}  sha256 {loaded.limits_sha256}")
     # What every record of a run will name as the code that produced it.

@@ -197,6 +197,7 @@ class _SlotRun:
             limits_file=str(product.limits_file) if product.limits_file else None,
             limits_sha256=product.limits_sha256,
             product_sha256=product.source_sha256,
+            product_files=product.source_files,
             sequencer_version=SEQUENCER_VERSION,
         )
         self.dut: dict[str, str] = {}

@@ -24,6 +24,8 @@ import attrs
 from sequencer.fixtures import FixtureFactory
 from sequencer.measurements import Equals, InRange, Matches, Measurement, OneOf
 from sequencer.phase import Phase
+from sequencer.provenance import ProductCode, import_base, modules_since, product_code
+from sequencer.records import SourceFile
 
 
 class ProductError(Exception):
@@ -91,12 +93,21 @@ class LoadedProduct:
     source: Path
     limits_file: Path | None = None
     limits_sha256: str | None = None
-    #: SHA-256 of the product file as imported, stamped on every run
-    source_sha256: str | None = None
+    #: the product file and the modules it imports from its own folder, as imported (sequencer/provenance.py)
+    code: ProductCode | None = None
 
     @property
     def name(self) -> str:
         return self.product.name
+
+    @property
+    def source_sha256(self) -> str | None:
+        """The hash of the product's code stamped on every run (its file's, when it is one file)."""
+        return self.code.sha256 if self.code is not None else None
+
+    @property
+    def source_files(self) -> tuple[SourceFile, ...]:
+        return self.code.files if self.code is not None else ()
 
 
 def load_product(
@@ -113,8 +124,7 @@ def load_product(
     given (``sequencer check`` without a station cannot know them).
     """
     source = Path(path)
-    product = _import_product(source)
-    source_digest = hashlib.sha256(source.read_bytes()).hexdigest()
+    product, code = _import_product(source)
     limits_path = Path(limits) if limits is not None else source.with_name(f"{source.stem}.limits.toml")
     digest = None
     if limits is not None or limits_path.exists():
@@ -122,10 +132,10 @@ def load_product(
     else:
         limits_path = None
     validate_product(product, source=source, station_fixtures=station_fixtures, station_resources=station_resources)
-    return LoadedProduct(product, source, limits_path, digest, source_digest)
+    return LoadedProduct(product, source, limits_path, digest, code)
 
 
-def _import_product(source: Path) -> Product:
+def _import_product(source: Path) -> tuple[Product, ProductCode]:
     if not source.is_file():
         raise ProductError(f"{source}: no such product file")
     module_name = f"sequencer_product_{hashlib.sha1(os.fsencode(source.resolve())).hexdigest()[:12]}"
@@ -133,6 +143,11 @@ def _import_product(source: Path) -> Product:
     if spec is None or spec.loader is None:
         raise ProductError(f"{source}: not a Python file")
     module = importlib.util.module_from_spec(spec)
+    # As `python board.py` would: the product imports the modules beside it (its fixtures, its helpers).
+    base = str(import_base(source))
+    if base not in sys.path:
+        sys.path.insert(0, base)
+    before = set(sys.modules)
     sys.modules[module_name] = module
     try:
         spec.loader.exec_module(module)
@@ -146,7 +161,11 @@ def _import_product(source: Path) -> Product:
     product = getattr(module, "product", None)
     if not isinstance(product, Product):
         raise ProductError(f"{source}: defines no `product = Product(...)`")
-    return product
+    try:
+        code = product_code(source, modules_since(before))
+    except OSError as exc:
+        raise ProductError(f"{source}: cannot read the product's code: {exc}") from None
+    return product, code
 
 
 def _line_in(source: Path, exc: BaseException) -> str:

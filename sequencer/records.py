@@ -173,6 +173,14 @@ class PhaseRecord:
 
 
 @attrs.frozen
+class SourceFile:
+    """One file of a product's test code as it was loaded: its path (relative to the product's folder) and hash."""
+
+    path: str
+    sha256: str
+
+
+@attrs.frozen
 class RunRecord:
     """One DUT's pass through one product on one slot.
 
@@ -195,10 +203,14 @@ class RunRecord:
     phases: tuple[PhaseRecord, ...] = ()
     limits_file: str | None = None
     limits_sha256: str | None = None
-    #: the product file's SHA-256 as loaded, and the sequencer that ran it: which test code produced this record
+    #: which test code produced this record: the product's code as loaded (the product file's SHA-256, or
+    #: when it imports modules of its own, the SHA-256 of ``product_files``; see sequencer/provenance.py)
+    #: and the sequencer that ran it
     product_sha256: str | None = None
     sequencer_version: str = ""
     schema_version: int = SCHEMA_VERSION
+    #: the product file and every module it imports from its own folder or package, each with its SHA-256
+    product_files: tuple[SourceFile, ...] = ()
 
     @property
     def serial(self) -> str | None:
@@ -275,6 +287,7 @@ def run_header_json(run: RunRecord) -> str:
         "batch": run.batch, "dut": run.dut, "ended_at": run.ended_at, "outcome": run.outcome, "phases": [],
         "limits_file": run.limits_file, "limits_sha256": run.limits_sha256, "product_sha256": run.product_sha256,
         "sequencer_version": run.sequencer_version, "schema_version": run.schema_version,
+        "product_files": [{"path": f.path, "sha256": f.sha256} for f in run.product_files],
     }
     try:
         return orjson.dumps(data).decode()

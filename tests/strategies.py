@@ -21,6 +21,7 @@ from sequencer.records import (
     Outcome,
     PhaseRecord,
     RunRecord,
+    SourceFile,
 )
 
 times = st.datetimes(
@@ -87,4 +88,5 @@ runs = st.builds(
     limits_sha256=st.none() | text,
     product_sha256=st.none() | text,
     sequencer_version=text,
+    product_files=st.lists(st.builds(SourceFile, text, text), max_size=3).map(tuple),
 )

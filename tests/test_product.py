@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import hashlib
 import textwrap
+import uuid
 from pathlib import Path
 
 import pytest
 
+from reports.storage.store import LocalStore
 from sequencer import Measurement, Product, phase
+from sequencer.engine import RunSettings
+from sequencer.events import EventBus
 from sequencer.product import ProductError, layers, load_product, validate_product
+from sequencer.station import run_station
 
 HEADER = "from sequencer import Measurement, Product, phase\n"
 
@@ -191,3 +196,98 @@ def test_phase_and_product_options_are_checked_when_declared() -> None:
 def test_measurement_declared_twice_is_rejected() -> None:
     with pytest.raises(ValueError, match="measurement 'x' is declared twice"):
         phase(noop, name="p", measurements=[Measurement("x"), Measurement("x")])
+
+
+def _write_tree(root: Path, files: dict[str, str]) -> None:
+    for name, text in files.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(textwrap.dedent(text))
+
+
+def test_the_product_hash_covers_every_module_it_imports_from_its_own_folder(tmp_path: Path) -> None:
+    # Unique module names: a module another test imported would stay in sys.modules.
+    tag = uuid.uuid4().hex[:8]
+    _write_tree(tmp_path, {
+        "board.py": f"""
+            import importlib
+            from sequencer import Measurement, Product, phase
+            from fx_{tag} import jig_limit
+            importlib.import_module("late_{tag}")
+
+            @phase(measurements=[Measurement("v").in_range(0, jig_limit())])
+            async def measure(ctx):
+                ctx.measurements.v = 5
+
+            product = Product("board", [measure])
+        """,
+        f"fx_{tag}.py": f"from lib_{tag}.numbers import LIMIT\ndef jig_limit():\n    return LIMIT\n",
+        f"lib_{tag}/__init__.py": "",
+        f"lib_{tag}/numbers.py": "LIMIT = 1\n",
+        f"late_{tag}.py": "",
+        "unrelated.py": "",  # beside the product, never imported: not its code
+    })
+    loaded = load_product(tmp_path / "board.py")
+    files = {f.path: f.sha256 for f in loaded.source_files}
+    assert list(files) == ["board.py", f"fx_{tag}.py", f"late_{tag}.py", f"lib_{tag}/__init__.py",
+                           f"lib_{tag}/numbers.py"]
+    for path, digest in files.items():
+        assert digest == hashlib.sha256((tmp_path / path).read_bytes()).hexdigest()
+    manifest = "".join(f"{files[p]}  {p}\n" for p in sorted(files))
+    assert loaded.source_sha256 == hashlib.sha256(manifest.encode()).hexdigest()  # as `sha256sum ... | sha256sum`
+    before = loaded.source_sha256
+
+    # The edit the issue describes: a limit in the product's own helper module turns FAIL into PASS.
+    (tmp_path / f"lib_{tag}" / "numbers.py").write_text("LIMIT = 10\n")
+    assert load_product(tmp_path / "board.py").source_sha256 != before
+
+
+async def test_every_run_record_names_the_products_code(tmp_path: Path) -> None:
+    tag = uuid.uuid4().hex[:8]
+    _write_tree(tmp_path / "line", {
+        "board.py": f"""
+            from sequencer import Product
+            from steps_{tag} import measure
+            product = Product("board", [measure])
+        """,
+        f"steps_{tag}.py": """
+            from sequencer import phase
+            @phase
+            async def measure():
+                pass
+        """,
+    })
+    loaded = load_product(tmp_path / "line" / "board.py")
+    store = LocalStore.open(tmp_path / "store.sqlite", station=True)
+    try:
+        async with store.writer():
+            result = await run_station(loaded, ["/dev/x"], settings=RunSettings(station="st"), store=store,
+                                       bus=EventBus(), handle_signals=False)
+        [run] = result.runs
+        stored = store.get_run(run.run_id)
+    finally:
+        store.close()
+    assert stored.product_sha256 == loaded.source_sha256
+    assert [f.path for f in stored.product_files] == ["board.py", f"steps_{tag}.py"]
+
+
+def test_a_product_inside_a_package_names_its_files_from_the_top_package(tmp_path: Path) -> None:
+    tag = uuid.uuid4().hex[:8]
+    _write_tree(tmp_path, {
+        f"pkg_{tag}/__init__.py": "",
+        f"pkg_{tag}/board.py": f"""
+            from sequencer import Product
+            from pkg_{tag}.steps import measure
+            product = Product("board", [measure])
+        """,
+        f"pkg_{tag}/steps.py": "from sequencer import phase\n@phase\nasync def measure():\n    pass\n",
+    })
+    loaded = load_product(tmp_path / f"pkg_{tag}" / "board.py")
+    assert [f.path for f in loaded.source_files] == ["board.py", "__init__.py", "steps.py"]
+
+
+def test_a_product_of_one_file_keeps_its_files_hash(tmp_path: Path) -> None:
+    src = write(tmp_path, GOOD)
+    loaded = load_product(src)
+    assert [f.path for f in loaded.source_files] == ["prod.py"]
+    assert loaded.source_sha256 == hashlib.sha256(src.read_bytes()).hexdigest()

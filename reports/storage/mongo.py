@@ -371,6 +371,7 @@ def run_document(run: RunRecord | RunData | StoredRun, seq: int) -> dict[str, An
         "limits_sha256": d.get("limits_sha256"),
         "product_sha256": d.get("product_sha256"),
         "sequencer_version": d.get("sequencer_version", ""),
+        "product_files": d.get("product_files") or [],
         "phases": [p.doc for p in stored.phases],
         "measurements": [m for p in stored.phases for m in p.flat],
     }
@@ -404,6 +405,7 @@ def run_from_document(doc: Mapping[str, Any]) -> RunRecord:
             "limits_file": doc.get("limits_file"), "limits_sha256": doc.get("limits_sha256"),
             "product_sha256": doc.get("product_sha256"), "sequencer_version": doc.get("sequencer_version", ""),
             "schema_version": version,
+            "product_files": [{"path": f["path"], "sha256": f["sha256"]} for f in doc.get("product_files") or ()],
         }
         return from_dict(data, RunRecord)
     except Exception as exc:  # any malformed document: say which run, never a traceback
