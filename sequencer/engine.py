@@ -199,6 +199,7 @@ class _SlotRun:
             product_sha256=product.source_sha256,
             product_files=product.source_files,
             sequencer_version=SEQUENCER_VERSION,
+            identity=self.product.identity,
         )
         self.dut: dict[str, str] = {}
         self.committed: list[PhaseRecord] = []

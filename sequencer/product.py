@@ -26,6 +26,7 @@ from sequencer.measurements import Equals, InRange, Matches, Measurement, OneOf
 from sequencer.phase import Phase
 from sequencer.provenance import ProductCode, import_base, modules_since, product_code
 from sequencer.records import SourceFile
+from sequencer.records import DEFAULT_IDENTITY
 
 
 class ProductError(Exception):
@@ -36,6 +37,11 @@ def _resource_map(value: Mapping[str, str | None] | Iterable[str]) -> dict[str, 
     if isinstance(value, Mapping):
         return dict(value)
     return {name: None for name in value}
+
+
+def _names(value: str | Iterable[str]) -> tuple[str, ...]:
+    # A lone name is one name, not its letters (identity="serial").
+    return (value,) if isinstance(value, str) else tuple(value)
 
 
 @attrs.frozen
@@ -56,6 +62,11 @@ class Product:
     #: be (e.g. ``{"dmm": "scpi-dmm"}``), or None for a plain lock
     resources: Mapping[str, str | None] = attrs.field(factory=dict, converter=_resource_map)
     stop_on_failure: bool = False
+    #: the ``dut`` keys that name one physical unit, most trusted first: runs that
+    #: share any of them (and disagree on none) are the same unit in yields, retest
+    #: counts, ``find`` and MongoDB's ``devices``. A board whose identify phase failed
+    #: still has the MAC that ``detect`` read, so its retest is recognised.
+    identity: tuple[str, ...] = attrs.field(default=DEFAULT_IDENTITY, converter=_names)
 
     @functools.cached_property
     def main_phases(self) -> tuple[Phase, ...]:
@@ -189,6 +200,10 @@ def validate_product(
     if not isinstance(product.stop_on_failure, bool):
         raise ProductError(f"{where}: product {product.name!r}: stop_on_failure must be True or False, "
                            f"got {product.stop_on_failure!r}")
+    if not product.identity or not all(isinstance(k, str) and k for k in product.identity) \
+            or len(set(product.identity)) != len(product.identity):
+        raise ProductError(f"{where}: product {product.name!r}: identity must name distinct dut keys, most trusted "
+                           f"first (e.g. identity=(\"serial\", \"mac\")), got {product.identity!r}")
     for name, factory in product.fixtures.items():
         if not isinstance(name, str) or not callable(factory):
             raise ProductError(f"{where}: product {product.name!r}: fixture {name!r} must be a factory (a function "

@@ -26,6 +26,8 @@ from cattrs.preconf.json import make_converter
 from sequencer.base85 import b85decode, b85encode
 
 SCHEMA_VERSION = 1
+#: Which ``dut`` keys name a unit when a product does not say: its serial, then its MAC.
+DEFAULT_IDENTITY: tuple[str, ...] = ("serial", "mac")
 
 
 class Outcome(str, enum.Enum):
@@ -211,6 +213,8 @@ class RunRecord:
     schema_version: int = SCHEMA_VERSION
     #: the product file and every module it imports from its own folder or package, each with its SHA-256
     product_files: tuple[SourceFile, ...] = ()
+    #: the ``dut`` keys that name the unit, most trusted first (the product's ``identity``)
+    identity: tuple[str, ...] = DEFAULT_IDENTITY
 
     @property
     def serial(self) -> str | None:
@@ -288,6 +292,7 @@ def run_header_json(run: RunRecord) -> str:
         "limits_file": run.limits_file, "limits_sha256": run.limits_sha256, "product_sha256": run.product_sha256,
         "sequencer_version": run.sequencer_version, "schema_version": run.schema_version,
         "product_files": [{"path": f.path, "sha256": f.sha256} for f in run.product_files],
+        "identity": run.identity,
     }
     try:
         return orjson.dumps(data).decode()

@@ -251,7 +251,10 @@ def sensor_run(
     pushes the RF sweep out of limits, ``crash`` makes the self-test raise.
     """
     b = started_at
-    dut = {"serial": serial, "mac": "24:0a:c4:12:34:56", "chip": "ESP32-D0WD-V3", **(dut_extra or {})}
+    # Each board its own MAC, as on a line (the same MAC under two serials is an identity conflict).
+    nic = hashlib.sha1(serial.encode()).digest()[:3]
+    mac = "24:0a:c4:" + ":".join(f"{b:02x}" for b in nic)
+    dut = {"serial": serial, "mac": mac, "chip": "ESP32-D0WD-V3", **(dut_extra or {})}
     rails = [
         measurement("vdd_3v3", vdd, units="V", low=3.2, high=3.4, marginal=(3.25, 3.35),
                     description="3V3 rail at the LDO output"),

@@ -89,4 +89,5 @@ runs = st.builds(
     product_sha256=st.none() | text,
     sequencer_version=text,
     product_files=st.lists(st.builds(SourceFile, text, text), max_size=3).map(tuple),
+    identity=st.lists(text, min_size=1, max_size=3, unique=True).map(tuple),
 )

@@ -818,3 +818,21 @@ async def test_a_slot_whose_run_escapes_the_engine_is_reported_never_taken_for_a
     assert [r.slot for r in result.runs] == [0, 2] and all(r.outcome is Outcome.PASS for r in result.runs)
     assert result.crashed == ("slot 1 /dev/b: RuntimeError: a bug past the engine's own guard",)
     assert not result.all_passed
+
+
+async def test_a_run_records_which_dut_keys_name_its_unit(store_path: Path) -> None:
+    @phase()
+    async def identify(ctx) -> None:
+        ctx.identify(imei="356938035643809")
+
+    [default] = await run_product(Product("p", [identify]), store_path)
+    assert default.identity == ("serial", "mac")
+    [tracker] = await run_product(Product("t", [identify], identity="imei"), store_path)
+    assert tracker.identity == ("imei",)
+    from reports.storage.store import LocalStore
+
+    store = LocalStore.open(store_path)
+    try:  # as the store keeps it, read back
+        assert [r.identity for r in store.find_runs()] == [("serial", "mac"), ("imei",)]
+    finally:
+        store.close()

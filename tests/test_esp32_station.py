@@ -243,3 +243,31 @@ def test_fault_and_detect_mistakes_are_one_line_usage_errors(tmp_path: Path, cap
     station = tmp_path / "station.toml"
     station.write_text("[detect]\nvid = 0xFFFF\npid = 0x0001\n")
     assert "detect: no serial port matches vid=65535, pid=1" in error(["run", str(SENSOR), "--station", str(station), *store])
+
+
+def test_a_board_that_failed_before_identify_and_passed_its_retest_is_one_unit(tmp_path: Path) -> None:
+    """Issue 19: corrupt_write on one of 4 boards, then a clean retest: 4 units, 75 % first pass, 100 % final."""
+    store_path, reports = tmp_path / "store.sqlite", tmp_path / "reports"
+    profile = tmp_path / "faults.toml"
+    profile.write_text('[slots]\n1 = "corrupt_write"\n')
+    common = ["--store", str(store_path), "--reports", str(reports), "--batch", "B1", "--plain"]
+    env = {**os.environ, "COLUMNS": "200"}
+    first = subprocess.run([sys.executable, "-m", "sequencer.cli", "run", str(SENSOR), "--sim", "4",
+                            "--faults", str(profile), *common], capture_output=True, text=True, cwd=ROOT,
+                           timeout=120, env=env)
+    assert first.returncode == 1, first.stdout + first.stderr
+    # the same seed: boards 0 and 1 again, board 1 now with a flash that holds
+    retest = subprocess.run([sys.executable, "-m", "sequencer.cli", "run", str(SENSOR), "--sim", "2", *common],
+                            capture_output=True, text=True, cwd=ROOT, timeout=120, env=env)
+    assert retest.returncode == 0, retest.stdout + retest.stderr
+    store = LocalStore.open(store_path)
+    runs = store.find_runs(batch="B1")
+    store.close()
+    failed_run = next(r for r in runs if r.outcome is Outcome.FAIL)
+    assert failed_run.serial is None and failed_run.dut["mac"]  # no serial: identify never ran; detect read the MAC
+
+    from tests.htmltree import parse
+
+    page = parse((reports / "B1" / "index.html").read_text(encoding="utf-8"))
+    kpi = {k: page.find(id=f"kpi-{k}").text for k in ("units", "fpy", "final")}
+    assert kpi == {"units": "4", "fpy": "75.0 %", "final": "100.0 %"}

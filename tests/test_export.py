@@ -62,7 +62,9 @@ def test_runs_table_has_a_row_per_run_and_a_column_per_scalar_measurement() -> N
     assert table.column("flash_firmware.flash_verified") == [True, True, True, None]
     assert table.column("identify.chip_id")[3] == "ESP32"
     # identity beyond the serial: every key any run reported, absent where a run did not
-    assert table.column("mac") == ["24:0a:c4:12:34:56"] * 3 + [None]
+    macs = {r.serial: r.dut["mac"] for r in runs if "mac" in r.dut}
+    assert table.column("mac") == [macs["SN-1"], macs["SN-2"], macs["SN-1"], None]
+    assert table.column("failed_phases") == ["power_rails", "", "", ""]
     # a series has no single value: it is in the measurements table, not a column here
     assert not [c for c in table.columns if "rssi_sweep" in c]
     assert table.column("duration_s")[0] == 24.9
@@ -177,6 +179,44 @@ def test_workbook_has_a_summary_and_a_sheet_per_table(tmp_path: Path) -> None:
     assert sheet[4][col["outcome"]].fill.start_color.rgb.endswith("C6EFCE")
     assert sheet.freeze_panes == "B2"
     assert sheet.auto_filter.ref == f"A1:{sheet.cell(1, len(header)).column_letter}5"
+
+
+def test_a_period_of_two_products_has_a_yield_per_product_never_one_across_them(tmp_path: Path) -> None:
+    runs = [
+        rf.run(serial="SN-1", started_at=rf.at(0), product="board_test", outcome=Outcome.PASS),
+        rf.run(serial="SN-2", started_at=rf.at(10), product="board_test", outcome=Outcome.FAIL),
+        rf.run(serial="SN-1", started_at=rf.at(20), product="final_test", product_version="2.0",
+               limits_sha256="ab" * 32, outcome=Outcome.PASS),
+    ]
+    path = write_xlsx(tmp_path / "p.xlsx", export_tables(runs), runs, title="period")
+    summary = {row[0]: row[1] for row in openpyxl.load_workbook(path)["Summary"].iter_rows(values_only=True)
+               if row and row[0]}
+    assert "first-pass yield" not in summary  # no blended yield
+    assert summary["board_test first-pass yield"] == pytest.approx(0.5)
+    assert summary["final_test first-pass yield"] == 1
+    assert summary["product final_test"] == "2.0"
+    assert summary["units"] == 3
+    table = export_tables(runs)["runs"]
+    assert table.column("product") == ["board_test", "board_test", "final_test"]
+
+
+def test_runs_table_names_the_unit_by_identity_and_keeps_errors_apart_from_failures() -> None:
+    mac = "24:0a:c4:00:00:07"
+    runs = [
+        rf.run(serial=None, dut={"mac": mac}, started_at=rf.at(0),
+               phases=[rf.phase("flash", Outcome.FAIL)]),  # failed before identify: no serial
+        rf.run(serial="SN-7", dut={"serial": "SN-7", "mac": mac.upper()}, started_at=rf.at(50),
+               phases=[rf.phase("identify", Outcome.ERROR, error=rf.ErrorInfo("DutProtocolError", "no reply"))]),
+        rf.run(serial="SN-7", dut={"serial": "SN-7", "mac": mac}, started_at=rf.at(100)),
+        rf.run(serial="SN-7", dut={"serial": "SN-7", "mac": "24:0a:c4:00:00:99"}, started_at=rf.at(150)),
+    ]
+    table = export_tables(runs)["runs"]
+    assert table.column("unit_run") == [1, 2, 3, 1]  # the MAC-only run is SN-7's first test
+    assert table.column("unit_final") == [False, False, True, True]
+    assert table.column("failed_phases") == ["flash", "", "", ""]
+    assert table.column("error_phases") == ["", "identify", "", ""]
+    conflict = table.column("identity_conflict")
+    assert conflict[:3] == [None, None, None] and "24:0a:c4:00:00:99" in conflict[3]
 
 
 def test_workbook_stores_device_text_as_text_never_as_formula(tmp_path: Path) -> None:

@@ -463,12 +463,14 @@ def batch_runs() -> list[RunRecord]:
 def test_batch_page_counts_and_yields() -> None:
     root = parse(render_batch(batch_runs(), title="esp32_sensor — B1"))
     assert root.find("h1").text == "esp32_sensor — B1"
-    kpi = {k: root.find(id=f"kpi-{k}").text for k in ("units", "passed", "failed", "other", "fpy", "final", "marginal")}
+    kpis = ("units", "passed", "failed", "errored", "other", "fpy", "final", "marginal")
+    kpi = {k: root.find(id=f"kpi-{k}").text for k in kpis}
     # Units: SN-1 (twice), SN-2, SN-3, SN-4 and one run without a serial.
-    assert kpi == {"units": "5", "passed": "3", "failed": "1", "other": "2", "fpy": "40.0 %", "final": "60.0 %",
-                   "marginal": "1"}
-    other = root.find(id="kpi-other").parent.find("div", "s").text
-    assert other == "1 error, 1 timeout"
+    # FAIL (judged bad) apart from ERROR and TIMEOUT (station or communication trouble).
+    assert kpi == {"units": "5", "passed": "3", "failed": "1", "errored": "2", "other": "0", "fpy": "40.0 %",
+                   "final": "60.0 %", "marginal": "1"}
+    errored = root.find(id="kpi-errored").parent.find("div", "s").text
+    assert errored == "1 error, 1 timeout"
     assert "units whose first finished run passed" in root.find("dl", "definitions").clean_text
 
 
@@ -493,8 +495,9 @@ def test_batch_units_table_is_chronological_link_free_and_marks_retests() -> Non
 def test_batch_pareto_tables() -> None:
     root = parse(render_batch(batch_runs(), title="B1"))
     by_phase = [cells(tr)[:4] for tr in root.find("table", "pareto-phase").find("tbody").find_all("tr")]
-    assert by_phase == [["identify", "1", "33.3 %", "33.3 %"], ["rf_sweep", "1", "33.3 %", "66.7 %"],
-                        ["self_test", "1", "33.3 %", "100.0 %"]]
+    assert by_phase == [["rf_sweep", "1", "100.0 %", "100.0 %"]]  # product failures: FAIL phases only
+    trouble = [cells(tr)[:4] for tr in root.find("table", "pareto-trouble").find("tbody").find_all("tr")]
+    assert trouble == [["identify", "1", "50.0 %", "50.0 %"], ["self_test", "1", "50.0 %", "100.0 %"]]
     by_m = [cells(tr)[:4] for tr in root.find("table", "pareto-measurement").find("tbody").find_all("tr")]
     assert by_m == [["rf_sweep / rssi_sweep", "1", "100.0 %", "100.0 %"]]
     bar = root.find("table", "pareto-measurement").find("div", "bar")
@@ -560,7 +563,8 @@ def test_batch_page_says_how_to_get_its_runs_as_a_spreadsheet() -> None:
 
 def test_batch_without_failures_or_runs() -> None:
     root = parse(render_batch([sensor_run("SN-9")], title="clean"))
-    assert [p.text for p in root.find_all("p", "empty")] == ["No failures.", "No failures."]
+    assert [p.text for p in root.find_all("p", "empty")] == [
+        "No failures.", "No failures.", "No station or communication trouble."]
     empty = parse(render_batch([], title="nothing"))
     assert empty.find(id="kpi-fpy").text == "—"
     assert empty.find_all("p", "empty")[-1].text == "No runs."

@@ -23,7 +23,8 @@ ALLOWED: dict[str, frozenset[str]] = {
     "sequencer": frozenset({"sequencer"}),
     "reports.quality": frozenset({"sequencer", "reports.quality"}),
     "reports.render": frozenset({"sequencer", "reports.quality", "reports.render"}),
-    "reports.storage": frozenset({"sequencer", "reports.storage"}),
+    # Storage answers find by the units quality defines (which runs are one device): arithmetic over records.
+    "reports.storage": frozenset({"sequencer", "reports.quality", "reports.storage"}),
     "web": frozenset({"sequencer", "reports", "web"}),
     # The simulated station serves the real provisioning service and keeps its devices where records go.
     "fixtures": frozenset({"sequencer", "fixtures", "reports.storage", "web.provisioning"}),

@@ -193,7 +193,7 @@ def test_sync_without_mongodb_configured_is_a_usage_error(
 
 def _retested_unit(tmp_path: Path) -> Path:
     store = tmp_path / "store.sqlite"
-    first = rf.sensor_run("SN-7", fail_rf=True, dut_extra={"imei": "356938035643809"})
+    first = rf.sensor_run("SN-7", fail_rf=True, dut_extra={"imei": "356938035643809", "mac": "24:0a:c4:00:00:07"})
     second = rf.sensor_run("SN-7", started_at=rf.at(7200), dut_extra={"mac": "24:0A:C4:00:00:07"})
     other = rf.sensor_run("SN-8", slot=1, dut_extra={"mac": "24:0a:c4:00:00:08"})
     trio.run(store_runs, store, [first, second, other])
@@ -225,6 +225,70 @@ def test_find_by_serial_mac_and_imei(
 
     assert main(["find", "--serial", "NOPE", *target]) == 1
     assert "no device with serial 'NOPE'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("source", ["mongodb", "local"])
+def test_find_a_mac_seen_only_in_a_run_that_failed_before_identify(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], mongo: MongoSettings, source: str
+) -> None:
+    store = tmp_path / "store.sqlite"
+    mac = "24:0A:C4:00:00:09"
+    flash = rf.phase("flash_firmware", Outcome.FAIL, reason="verify failed at 0x12000 (MD5 mismatch)")
+    failed = rf.run(serial=None, dut={"mac": mac, "chip": "ESP32"}, phases=[flash], started_at=rf.at(0))
+    trio.run(store_runs, store, [failed])
+    target = ["--store", str(store), "--mongo", mongo.uri, "--mongo-db", mongo.database]
+    assert main(["sync", *target]) == 0
+    if source == "local":
+        target.append("--local")
+    capsys.readouterr()
+    assert main(["find", "--mac", mac.lower().replace(":", "-"), *target, "--json"]) == 0
+    [device] = json.loads(capsys.readouterr().out)["devices"]
+    assert device["serial"] is None and device["identity"] == {"mac": mac}
+    assert [h["failure"] for h in device["history"]] == [
+        "FAIL at flash_firmware: verify failed at 0x12000 (MD5 mismatch)"]
+
+    # the clean retest knows its serial: one device, two runs, found by either
+    retest = rf.run(serial="SN-9", dut={"serial": "SN-9", "mac": mac.lower()}, started_at=rf.at(3600))
+    trio.run(store_runs, store, [retest])
+    assert main(["sync", *target[:6]]) == 0
+    capsys.readouterr()
+    for key in (["--mac", mac], ["--serial", "SN-9"]):
+        assert main(["find", *key, *target]) == 0
+        out = capsys.readouterr().out
+        assert "device SN-9" in out and "2 run(s)" in out
+        assert "flash_firmware: verify failed at 0x12000 (MD5 mismatch)" in out.replace("\n", "")
+
+
+@pytest.mark.parametrize("source", ["mongodb", "local"])
+def test_find_keeps_products_apart_and_shows_a_public_key_as_pem(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], mongo: MongoSettings, source: str
+) -> None:
+    pem = ("-----BEGIN PUBLIC KEY-----\nMFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEx8qYkqgGoSV2dDlvv0c0ZRv1bWRu\n"
+           "A3JfNw8oQb+q8Yb0z8sQIbRZ4Cnq6lWv4lO1h9Q6l8qZ7XJtS3wRuU8Gzw==\n-----END PUBLIC KEY-----\n")
+    store = tmp_path / "store.sqlite"
+    board = rf.run(serial="SN-5", product="board_test", started_at=rf.at(0), limits_sha256="aa" * 32)
+    final_1 = rf.run(serial="SN-5", product="final_test", product_version="2.0", started_at=rf.at(100),
+                     limits_sha256="bb" * 32, phases=[rf.phase("rf", Outcome.FAIL, reason="rssi too low")])
+    final_2 = rf.run(serial="SN-5", product="final_test", product_version="2.1", started_at=rf.at(200),
+                     limits_sha256="cc" * 32, dut={"serial": "SN-5", "public_key": pem})
+    trio.run(store_runs, store, [board, final_1, final_2])
+    target = ["--store", str(store), "--mongo", mongo.uri, "--mongo-db", mongo.database]
+    assert main(["sync", *target]) == 0
+    if source == "local":
+        target.append("--local")
+    capsys.readouterr()
+    assert main(["find", "--serial", "SN-5", *target, "--json"]) == 0
+    devices = json.loads(capsys.readouterr().out)["devices"]
+    assert [(d["product"], len(d["history"]), d["last_outcome"]) for d in devices] == [
+        ("board_test", 1, "PASS"), ("final_test", 2, "PASS")]
+    assert main(["find", "--serial", "SN-5", *target]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    # the key as a block one can copy: each line whole, as the device gave it
+    start = lines.index("-----BEGIN PUBLIC KEY-----")
+    assert "\n".join(lines[start:start + 4]) + "\n" == pem
+    # the final test's two runs differ in version and limits: both are shown
+    assert "version" in out and "2.0" in out and "2.1" in out and "rssi too low" in out
 
 
 def test_find_falls_back_to_the_local_store_when_mongodb_is_away(

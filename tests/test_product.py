@@ -188,6 +188,9 @@ def test_phase_and_product_options_are_checked_when_declared() -> None:
         (Product("p", [a], fixtures={"dut": 5}), "fixture 'dut' must be a factory"),
         (Product("p", [a], stop_on_failure="no"), "stop_on_failure must be True or False, got 'no'"),
         (Product("p", [a], resources=["dmm", 5]), "resources are instrument names"),
+        (Product("p", [a], identity=()), "identity must name distinct dut keys"),
+        (Product("p", [a], identity=("mac", "mac")), "identity must name distinct dut keys"),
+        (Product("p", [a], identity=("serial", "")), "identity must name distinct dut keys"),
     ]:
         with pytest.raises(ProductError, match=message):
             validate_product(bad)

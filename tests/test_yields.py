@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import random
 
+import attrs
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from reports.quality.yields import RUNNING, batch_summary, code_versions, pareto, unit_key
+from reports.quality.units import group_units
+from reports.quality.yields import RUNNING, batch_summary, code_versions, pareto
 from sequencer.records import MeasurementOutcome, Outcome
 from tests.records_factory import at, attempt, measurement, phase, run
 
@@ -70,14 +73,15 @@ def test_runs_without_a_serial_are_units_of_their_own() -> None:
     s = batch_summary(runs)
     assert s.units == 3
     assert (s.first_pass_units, s.final_pass_units) == (2, 2)
-    assert {u.key for u in s.unit_summaries} == {"run:aaa", "run:bbb", "run:ccc"}
+    assert len({u.key for u in s.unit_summaries}) == 3
     assert all(u.serial is None for u in s.unit_summaries)
 
 
 def test_a_serial_equal_to_a_run_id_is_still_a_different_unit() -> None:
     runs = [r("abc", Outcome.PASS, 0, run_id="x1"), r(None, Outcome.FAIL, 10, run_id="abc")]
     assert batch_summary(runs).units == 2
-    assert unit_key(runs[0]) != unit_key(runs[1])
+    units = group_units(runs)
+    assert units.of(runs[0]).key != units.of(runs[1]).key
 
 
 def test_open_runs_count_as_runs_but_never_in_a_yield() -> None:
@@ -99,7 +103,8 @@ def test_open_runs_count_as_runs_but_never_in_a_yield() -> None:
 @pytest.mark.parametrize("bad", [Outcome.ERROR, Outcome.TIMEOUT, Outcome.ABORTED, Outcome.INTERRUPTED])
 def test_only_pass_is_a_pass(bad: Outcome) -> None:
     s = batch_summary([r("SN-1", bad, 0), r("SN-2", Outcome.PASS, 1)])
-    assert (s.passed, s.failed, s.other) == (1, 0, 1)
+    trouble = bad in (Outcome.ERROR, Outcome.TIMEOUT)
+    assert (s.passed, s.failed, s.errored, s.other) == (1, 0, int(trouble), int(not trouble))
     assert s.first_pass_yield == 0.5
     assert dict(s.outcome_counts) == {"PASS": 1, bad.value: 1}
 
@@ -129,11 +134,14 @@ def test_phase_pareto_counts_causes_sorted_with_cumulative_share() -> None:
         r("E", Outcome.FAIL, 4, phases=[failing("rails", "vdd")]),
         r("A", Outcome.FAIL, 5, phases=[failing("rf", "rssi")]),  # retest: its failure counts too
     ]
-    rows = batch_summary(runs).phase_pareto
-    assert [(p.phase, p.count) for p in rows] == [("rails", 3), ("rf", 2), ("flash", 1)]
-    assert [round(p.percent, 3) for p in rows] == [50.0, 33.333, 16.667]
-    assert [round(p.cumulative_percent, 3) for p in rows] == [50.0, 83.333, 100.0]
+    s = batch_summary(runs)
+    rows = s.phase_pareto
+    assert [(p.phase, p.count) for p in rows] == [("rails", 3), ("rf", 1)]
+    assert [round(p.percent, 3) for p in rows] == [75.0, 25.0]
+    assert [round(p.cumulative_percent, 3) for p in rows] == [75.0, 100.0]
     assert all(p.measurement is None for p in rows)
+    # ERROR and TIMEOUT are station or communication trouble, in a Pareto of their own
+    assert [(p.phase, p.count) for p in s.trouble_pareto] == [("flash", 1), ("rf", 1)]
 
 
 def test_measurement_pareto_uses_the_last_attempt_and_keeps_phases_apart() -> None:
@@ -192,11 +200,12 @@ def _runs(specs):
 def test_summary_invariants(specs, rnd: random.Random) -> None:
     runs = _runs(specs)
     s = batch_summary(runs)
-    assert s.passed + s.failed + s.other == s.runs == len(runs)
+    assert s.passed + s.failed + s.errored + s.other == s.runs == len(runs)
     assert sum(n for _, n in s.outcome_counts) == s.runs
-    assert s.units == len({unit_key(x) for x in runs}) == len(s.unit_summaries)
+    units = group_units(sorted(runs, key=lambda x: (x.started_at, x.run_id)))
+    assert s.units == len({units.of(x).key for x in runs}) == len(s.unit_summaries)
     assert sum(len(u.run_ids) for u in s.unit_summaries) == s.runs
-    assert s.yield_units == sum(any(x.outcome is not None for x in runs if unit_key(x) == u.key)
+    assert s.yield_units == sum(any(x.outcome is not None for x in runs if units.of(x).key == u.key)
                                 for u in s.unit_summaries)
     for y, n in ((s.first_pass_yield, s.first_pass_units), (s.final_yield, s.final_pass_units)):
         if s.yield_units == 0:
@@ -205,7 +214,7 @@ def test_summary_invariants(specs, rnd: random.Random) -> None:
             assert y == n / s.yield_units and 0.0 <= y <= 1.0
     # A unit passes first time at most once, so first-pass passes never exceed passed runs.
     assert s.first_pass_units <= s.passed and s.final_pass_units <= s.passed
-    for rows in (s.phase_pareto, s.measurement_pareto):
+    for rows in (s.phase_pareto, s.measurement_pareto, s.trouble_pareto):
         counts = [p.count for p in rows]
         assert counts == sorted(counts, reverse=True)
         if rows:
@@ -251,3 +260,80 @@ def test_test_code_is_one_row_per_combination_oldest_first() -> None:
     assert {v.product for v in versions} == {"esp32_sensor 1.4.2"}
     assert batch_summary(runs).code_versions == versions
     assert code_versions([]) == ()
+
+
+# -- unit identity, products, failures apart from trouble (issue 19) --------
+
+
+def test_a_unit_whose_identify_failed_is_recognised_by_its_mac_at_the_retest() -> None:
+    """4 boards, one failed before identify (no serial, its MAC from detect) and passed its retest: 75 % / 100 %."""
+    macs = [f"24:0A:C4:00:00:0{i}" for i in range(4)]
+    runs = [r(f"SN{i}", Outcome.PASS, i, dut={"serial": f"SN{i}", "mac": macs[i]}) for i in (0, 2, 3)]
+    runs.append(r(None, Outcome.FAIL, 1, dut={"mac": macs[1]}, phases=[failing("flash", "verified")]))
+    runs.append(r("SN1", Outcome.PASS, 100, dut={"serial": "SN1", "mac": macs[1].lower()}))  # the retest
+    s = batch_summary(runs)
+    assert s.units == 4
+    assert (s.first_pass_units, s.final_pass_units, s.yield_units) == (3, 4, 4)
+    assert (s.first_pass_yield, s.final_yield) == (0.75, 1.0)
+    retested = next(u for u in s.unit_summaries if u.serial == "SN1")
+    assert len(retested.run_ids) == 2 and retested.first_outcome is Outcome.FAIL
+    assert s.conflicts == ()
+
+
+def test_a_run_whose_serial_and_mac_disagree_with_an_earlier_unit_is_flagged_not_merged() -> None:
+    runs = [
+        r("SN1", Outcome.PASS, 0, dut={"serial": "SN1", "mac": "aa:aa:aa:aa:aa:01"}),
+        r("SN1", Outcome.FAIL, 10, dut={"serial": "SN1", "mac": "aa:aa:aa:aa:aa:02"}),  # the label of another board
+        r("SN2", Outcome.PASS, 20, dut={"serial": "SN2", "mac": "aa:aa:aa:aa:aa:03"}),
+        r("SN3", Outcome.PASS, 30, dut={"serial": "SN3", "mac": "aa:aa:aa:aa:aa:03"}),  # one board, two serials
+    ]
+    s = batch_summary(runs)
+    assert s.units == 4
+    flagged = s.conflicts
+    assert [u.run_ids for u in flagged] == [(runs[1].run_id,), (runs[3].run_id,)]
+    assert "serial SN1 was tested before with mac aa:aa:aa:aa:aa:01" in flagged[0].conflict
+    assert "aa:aa:aa:aa:aa:02" in flagged[0].conflict
+    assert "mac aa:aa:aa:aa:aa:03" in flagged[1].conflict
+    # SN1's own unit keeps its first pass: the conflicting FAIL is not its retest
+    sn1 = next(u for u in s.unit_summaries if u.serial == "SN1" and u.conflict is None)
+    assert sn1.run_ids == (runs[0].run_id,) and sn1.final_outcome is Outcome.PASS
+
+
+def test_a_product_may_name_its_own_identity() -> None:
+    runs = [
+        r(None, Outcome.FAIL, 0, dut={"imei": "356938035643809", "mac": "aa:01"}),
+        r("T-1", Outcome.PASS, 10, dut={"serial": "T-1", "imei": "356938035643809", "mac": "aa:02"}),
+    ]
+    assert batch_summary(runs).units == 2  # by default (serial, mac): the MAC differs, no serial to share
+    tracker = [attrs.evolve(x, identity=("imei",)) for x in runs]
+    s = batch_summary(tracker)
+    assert s.units == 1 and s.unit_summaries[0].run_ids == tuple(x.run_id for x in tracker)
+
+
+def test_units_and_yields_are_per_product() -> None:
+    runs = [
+        r("SN1", Outcome.PASS, 0, product="board_test"),
+        r("SN1", Outcome.FAIL, 10, product="final_test", product_version="2.0", limits_sha256="ab" * 32),
+        r("SN1", Outcome.PASS, 20, product="final_test", product_version="2.1", limits_sha256="cd" * 32),
+        r("SN2", Outcome.FAIL, 30, product="board_test"),
+    ]
+    s = batch_summary(runs)
+    assert s.units == 3  # SN1 is a unit of each product
+    assert s.first_pass_yield is None and s.final_yield is None  # never one yield across products
+    board, final = s.products
+    assert (board.product, board.units, board.first_pass_yield, board.final_yield) == ("board_test", 2, 0.5, 0.5)
+    assert (final.product, final.units, final.first_pass_yield, final.final_yield) == ("final_test", 1, 0.0, 1.0)
+    assert final.versions == ("2.0", "2.1") and final.limits_sha256 == ("ab" * 32, "cd" * 32)
+
+
+def test_fail_is_counted_apart_from_error_and_timeout() -> None:
+    runs = [
+        r("A", Outcome.FAIL, 0, phases=[failing("rails", "vdd")]),
+        r("B", Outcome.ERROR, 1, phases=[phase("identify", Outcome.ERROR)]),
+        r("C", Outcome.TIMEOUT, 2, phases=[phase("identify", Outcome.TIMEOUT)]),
+        r("D", Outcome.ABORTED, 3, phases=[phase("rails", Outcome.ABORTED)]),
+    ]
+    s = batch_summary(runs)
+    assert (s.failed, s.errored, s.other) == (1, 2, 1)
+    assert [(p.phase, p.count) for p in s.phase_pareto] == [("rails", 1)]
+    assert [(p.phase, p.count) for p in s.trouble_pareto] == [("identify", 2)]

@@ -1,5 +1,6 @@
-"""The arithmetic over records that quality reads: yields and failure Paretos.
+"""Quality arithmetic: which runs are one unit, yields, Paretos and measurement statistics.
 
-Pure functions of records, with no storage and no markup, so the HTML
-reports, the exports and the portal all count the same way.
+Pure functions of run records (or of sums a database computed), with no
+formatting: the HTML pages, the exports, the period reports and the portal
+all show the same numbers because they all come from here.
 """

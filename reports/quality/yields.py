@@ -5,9 +5,13 @@ numbers from the same definitions. Nothing here formats or rounds for display.
 
 Definitions (also printed on the batch page):
 
-* A **unit** is one physical device: runs with the same non-empty ``serial``
-  are the same unit; a run without a serial is a unit of its own (keyed by its
-  run id), because there is no way to tell that it was a retest.
+* A **unit** is one physical device of one product: runs that share a value of
+  any key of the product's ``identity`` (serial, then MAC, by default) and
+  disagree on none are the same unit (:mod:`reports.quality.units`); a run
+  with none of them is a unit of its own; a run whose serial and MAC disagree
+  with an earlier unit's is a unit of its own, *flagged*.
+* Yields are **per product**: a batch or period with two products has a yield
+  for each (:attr:`BatchSummary.products`), never one across them.
 * Only **finished** runs (``outcome`` is not ``None``) have a verdict. Open runs
   are counted as runs, never in a yield.
 * **First-pass yield** = units whose *first* finished run passed / units with
@@ -19,9 +23,12 @@ Definitions (also printed on the batch page):
   runs are not passes either: the unit left the station without a passing record.
 * "First" and "last" are by ``started_at`` (then run id, so ties are stable).
 * The **failure Paretos** count every run, retests included (each failure cost
-  station time). A phase counts when it ended ``FAIL``, ``ERROR`` or ``TIMEOUT``;
-  ``ABORTED`` and ``SKIPPED`` phases are consequences of another failure or of
-  the operator, not causes. A measurement counts when it ``FAIL``\\ ed in the
+  station time). Product failures (phases that ended ``FAIL``: the unit was
+  measured and judged bad) are counted apart from station or communication
+  trouble (``ERROR`` and ``TIMEOUT``: nothing was judged); ``ABORTED`` and
+  ``SKIPPED`` phases are consequences of another failure or of the operator,
+  not causes. Runs are counted the same way: ``failed`` (FAIL), ``errored``
+  (ERROR, TIMEOUT), ``other`` (ABORTED, INTERRUPTED, still running). A measurement counts when it ``FAIL``\\ ed in the
   last attempt of its phase (earlier attempts that a retry recovered from are
   not failures of the run).
 * The **test code** of a batch is each distinct combination of product file,
@@ -35,14 +42,17 @@ from __future__ import annotations
 import datetime as dt
 import statistics
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import attrs
 
-from sequencer.records import MeasurementOutcome, Outcome, RunRecord
+from reports.quality.units import Unit, Units, group_units
+from sequencer.records import MeasurementOutcome, Outcome, PhaseRecord, RunRecord
 
-#: Phase outcomes that count as a cause of failure in the phase Pareto.
-PARETO_PHASE_OUTCOMES = frozenset({Outcome.FAIL, Outcome.ERROR, Outcome.TIMEOUT})
+#: Phase outcomes that are the product's failures: the unit was measured and judged bad.
+FAILURE_OUTCOMES = frozenset({Outcome.FAIL})
+#: Phase outcomes that are station or communication trouble: nothing was judged.
+TROUBLE_OUTCOMES = frozenset({Outcome.ERROR, Outcome.TIMEOUT})
 
 #: Key used in ``outcome_counts`` for runs that have not finished.
 RUNNING = "RUNNING"
@@ -57,10 +67,40 @@ class UnitSummary:
     run_ids: tuple[str, ...]
     first_outcome: Outcome | None
     final_outcome: Outcome | None
+    product: str = ""
+    #: how the unit is named where it has no serial (``mac 24:0a:...``)
+    label: str = ""
+    #: why its run was not merged with an earlier unit it partly matches
+    conflict: str | None = None
 
     @property
     def retested(self) -> bool:
         return len(self.run_ids) > 1
+
+
+@attrs.frozen
+class ProductYield:
+    """The yields of one product's units: what a batch or period is judged by, product by product."""
+
+    product: str
+    #: product versions and limits files (SHA-256) its runs name, oldest first
+    versions: tuple[str, ...]
+    limits_sha256: tuple[str | None, ...]
+    runs: int
+    units: int
+    yield_units: int
+    first_pass_units: int
+    final_pass_units: int
+    #: units flagged because their identity disagreed with an earlier unit's
+    conflicts: int
+
+    @property
+    def first_pass_yield(self) -> float | None:
+        return self.first_pass_units / self.yield_units if self.yield_units else None
+
+    @property
+    def final_yield(self) -> float | None:
+        return self.final_pass_units / self.yield_units if self.yield_units else None
 
 
 @attrs.frozen
@@ -122,7 +162,11 @@ class ParetoRow:
 
 @attrs.frozen
 class BatchSummary:
-    """The numbers on top of a batch report; see the module docstring for definitions."""
+    """The numbers on top of a batch report; see the module docstring for definitions.
+
+    ``first_pass_yield`` and ``final_yield`` are ``None`` when the runs are of
+    more than one product: each product's are in ``products``.
+    """
 
     runs: int
     units: int
@@ -139,18 +183,24 @@ class BatchSummary:
     final_yield: float | None
     median_duration_s: float | None
     unit_summaries: tuple[UnitSummary, ...]
+    #: phases that FAILed (product failures), every run
     phase_pareto: tuple[ParetoRow, ...]
     measurement_pareto: tuple[ParetoRow, ...]
     #: the test code the runs were made with, oldest first; more than one means the results may not compare
     code_versions: tuple[CodeVersion, ...] = ()
     #: every slot of every station that ran any of the runs, by station then slot
     slots: tuple[SlotSummary, ...] = ()
+    #: runs that ended ERROR or TIMEOUT (station or communication trouble)
+    errored: int = 0
+    #: phases that ended ERROR or TIMEOUT, every run
+    trouble_pareto: tuple[ParetoRow, ...] = ()
+    #: each product's yields, by product name
+    products: tuple[ProductYield, ...] = ()
 
-
-def unit_key(run: RunRecord) -> str:
-    """The identity a run is grouped by: its serial, or its run id when it has none."""
-    serial = run.serial
-    return f"serial:{serial}" if serial else f"run:{run.run_id}"
+    @property
+    def conflicts(self) -> tuple[UnitSummary, ...]:
+        """Units flagged because their identity disagreed with an earlier unit's."""
+        return tuple(u for u in self.unit_summaries if u.conflict is not None)
 
 
 def chronological(runs: Iterable[RunRecord]) -> list[RunRecord]:
@@ -158,50 +208,99 @@ def chronological(runs: Iterable[RunRecord]) -> list[RunRecord]:
     return sorted(runs, key=lambda r: (r.started_at, r.run_id))
 
 
-def unit_run_numbers(ordered: Sequence[RunRecord]) -> list[int]:
+def unit_run_numbers(ordered: Sequence[RunRecord], units: Units | None = None) -> list[int]:
     """For each of ``ordered`` (oldest first), which test of its unit it is: 1 the first, 2 the first retest, ..."""
+    units = units if units is not None else group_units(ordered)
     seen: Counter[str] = Counter()
     numbers = []
     for r in ordered:
-        key = unit_key(r)
+        key = units.of(r).key
         seen[key] += 1
         numbers.append(seen[key])
     return numbers
 
 
-def batch_summary(runs: Sequence[RunRecord]) -> BatchSummary:
-    """Count outcomes, compute yields and Paretos for ``runs`` (any order, retests included)."""
+def batch_summary(runs: Sequence[RunRecord], units: Units | None = None) -> BatchSummary:
+    """Count outcomes, compute yields and Paretos for ``runs`` (any order, retests included).
+
+    ``units`` is :func:`group_units` of the same runs, when the caller has it already.
+    """
     ordered = chronological(runs)
     counts = Counter(r.outcome.value if r.outcome is not None else RUNNING for r in ordered)
-    units = _units(ordered)
-    judged = [u for u in units if u.first_outcome is not None]
+    grouped = units if units is not None else group_units(ordered)
+    by_id = {r.run_id: r for r in ordered}
+    summaries = [_unit_summary(u, by_id) for u in grouped.units]
+    products = product_yields(ordered, summaries)
+    judged = [u for u in summaries if u.first_outcome is not None]
     first_pass = sum(u.first_outcome is Outcome.PASS for u in judged)
     final_pass = sum(u.final_outcome is Outcome.PASS for u in judged)
+    blended = len(products) > 1
     durations = [d for r in ordered if (d := r.duration_s) is not None]
     passed = counts.get(Outcome.PASS.value, 0)
     failed = counts.get(Outcome.FAIL.value, 0)
+    errored = counts.get(Outcome.ERROR.value, 0) + counts.get(Outcome.TIMEOUT.value, 0)
     running = counts.get(RUNNING, 0)
     return BatchSummary(
         runs=len(ordered),
-        units=len(units),
+        units=len(summaries),
         passed=passed,
         failed=failed,
-        other=len(ordered) - passed - failed,
+        other=len(ordered) - passed - failed - errored,
         running=running,
         marginal=sum(r.marginal for r in ordered),
         outcome_counts=tuple(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))),
         first_pass_units=first_pass,
         final_pass_units=final_pass,
         yield_units=len(judged),
-        first_pass_yield=first_pass / len(judged) if judged else None,
-        final_yield=final_pass / len(judged) if judged else None,
+        first_pass_yield=first_pass / len(judged) if judged and not blended else None,
+        final_yield=final_pass / len(judged) if judged and not blended else None,
         median_duration_s=statistics.median(durations) if durations else None,
-        unit_summaries=tuple(units),
+        unit_summaries=tuple(summaries),
         phase_pareto=pareto(phase_failures(ordered)),
         measurement_pareto=pareto(measurement_failures(ordered)),
         code_versions=code_versions(ordered),
         slots=slot_summaries(ordered),
+        errored=errored,
+        trouble_pareto=pareto(phase_failures(ordered, TROUBLE_OUTCOMES)),
+        products=products,
     )
+
+
+def _unit_summary(unit: Unit, by_id: Mapping[str, RunRecord]) -> UnitSummary:
+    finished = [r for rid in unit.run_ids if (r := by_id[rid]).outcome is not None]
+    return UnitSummary(
+        key=unit.key,
+        serial=unit.serial,
+        run_ids=unit.run_ids,
+        first_outcome=finished[0].outcome if finished else None,
+        final_outcome=finished[-1].outcome if finished else None,
+        product=unit.product,
+        label=unit.label,
+        conflict=unit.conflict,
+    )
+
+
+def product_yields(ordered: Sequence[RunRecord], units: Sequence[UnitSummary]) -> tuple[ProductYield, ...]:
+    """Each product's yields over its own units, by product name."""
+    runs_of: dict[str, list[RunRecord]] = {}
+    for r in ordered:
+        runs_of.setdefault(r.product, []).append(r)
+    result = []
+    for product, runs in sorted(runs_of.items()):
+        mine = [u for u in units if u.product == product]
+        judged = [u for u in mine if u.first_outcome is not None]
+        result.append(ProductYield(
+            product=product,
+            versions=tuple(dict.fromkeys(r.product_version for r in runs)),
+            limits_sha256=tuple(dict.fromkeys(r.limits_sha256 for r in runs)),
+            runs=len(runs),
+            units=len(mine),
+            yield_units=len(judged),
+            first_pass_units=sum(u.first_outcome is Outcome.PASS for u in judged),
+            final_pass_units=sum(u.final_outcome is Outcome.PASS for u in judged),
+            conflicts=sum(u.conflict is not None for u in mine),
+        ))
+    return tuple(result)
 
 
 def slot_summaries(runs: Iterable[RunRecord]) -> tuple[SlotSummary, ...]:
@@ -238,31 +337,14 @@ def code_versions(runs: Iterable[RunRecord]) -> tuple[CodeVersion, ...]:
     )
 
 
-def _units(ordered: Sequence[RunRecord]) -> list[UnitSummary]:
-    groups: dict[str, list[RunRecord]] = {}
-    for r in ordered:
-        groups.setdefault(unit_key(r), []).append(r)
-    result = []
-    for key, group in groups.items():
-        finished = [r for r in group if r.outcome is not None]
-        result.append(
-            UnitSummary(
-                key=key,
-                serial=group[0].serial or None,
-                run_ids=tuple(r.run_id for r in group),
-                first_outcome=finished[0].outcome if finished else None,
-                final_outcome=finished[-1].outcome if finished else None,
-            )
-        )
-    return result
-
-
-def phase_failures(runs: Iterable[RunRecord]) -> Counter[tuple[str, str | None]]:
-    """How many times each phase was the cause of a failure, over all runs."""
+def phase_failures(
+    runs: Iterable[RunRecord], outcomes: frozenset[Outcome] = FAILURE_OUTCOMES,
+) -> Counter[tuple[str, str | None]]:
+    """How many times each phase ended in one of ``outcomes`` (product failures: FAIL), over all runs."""
     found: Counter[tuple[str, str | None]] = Counter()
     for r in runs:
         for p in r.phases:
-            if p.outcome in PARETO_PHASE_OUTCOMES:
+            if p.outcome in outcomes:
                 found[(p.name, None)] += 1
     return found
 
@@ -287,3 +369,25 @@ def pareto(counts: Counter[tuple[str, str | None]]) -> tuple[ParetoRow, ...]:
         cumulative += count
         rows.append(ParetoRow(phase, measurement, count, 100.0 * count / total, 100.0 * cumulative / total))
     return tuple(rows)
+
+
+def first_failure(run: RunRecord) -> PhaseRecord | None:
+    """The phase that failed the run first (in record order), or ``None``."""
+    for p in run.phases:
+        if p.outcome.is_failure:
+            return p
+    return None
+
+
+def failure_summary(run: RunRecord) -> str | None:
+    """Why a run did not pass, in one line: ``FAIL at supply_rails: measurement 'vdd_3v3': 3.59 is above 3.4``.
+
+    ``None`` for a run that passed or is still running.
+    """
+    if run.outcome is None or run.outcome is Outcome.PASS:
+        return None
+    p = first_failure(run)
+    if p is None:
+        return run.outcome.value
+    why = p.reason or (f"{p.error.type}: {p.error.message}" if p.error is not None else "")
+    return f"{p.outcome.value} at {p.name}" + (f": {why}" if why else "")

@@ -46,13 +46,14 @@ from typing import Any, TextIO
 import attrs
 
 from reports.render.files import replacing
+from reports.quality.units import group_units
 from reports.quality.yields import (
-    PARETO_PHASE_OUTCOMES,
+    FAILURE_OUTCOMES,
     RUNNING,
+    TROUBLE_OUTCOMES,
     batch_summary,
     chronological,
     unit_run_numbers,
-    unit_key,
 )
 from sequencer.records import MeasurementOutcome, MeasurementRecord, Outcome, RunRecord
 
@@ -115,8 +116,8 @@ def export_tables(runs: Iterable[RunRecord]) -> dict[str, Table]:
 _RUN_COLUMNS = ("run_id", "batch", "serial")
 _RUN_COLUMNS_AFTER_IDENTITY = (
     "product", "product_version", "station", "slot", "port", "operator", "started_utc", "ended_utc",
-    "duration_s", "outcome", "marginal", "unit_run", "unit_final", "failed_phases", "limits_sha256",
-    "product_sha256", "sequencer_version",
+    "duration_s", "outcome", "marginal", "unit", "unit_run", "unit_final", "identity_conflict", "failed_phases",
+    "error_phases", "limits_sha256", "product_sha256", "sequencer_version",
 )
 
 
@@ -134,13 +135,15 @@ def _runs_table(ordered: Sequence[RunRecord]) -> Table:
                     units = f" [{m.units}]" if m.units else ""
                     measured[(p.name, m.name)] = f"{p.name}.{m.name}{units}"
 
+    units = group_units(ordered)
     final_run: dict[str, str] = {}
     for r in ordered:
         if r.outcome is not None:
-            final_run[unit_key(r)] = r.run_id
+            final_run[units.of(r).key] = r.run_id
 
     rows = []
-    for r, unit_run in zip(ordered, unit_run_numbers(ordered), strict=True):
+    for r, unit_run in zip(ordered, unit_run_numbers(ordered, units), strict=True):
+        unit = units.of(r)
         values: dict[tuple[str, str], Any] = {}
         for p in r.phases:
             for m in p.measurements:
@@ -152,8 +155,9 @@ def _runs_table(ordered: Sequence[RunRecord]) -> Table:
             r.product, r.product_version, r.station, r.slot, r.port, r.operator,
             r.started_at, r.ended_at, _seconds(r.duration_s),
             _outcome(r.outcome, r.marginal), r.marginal,
-            unit_run, final_run.get(unit_key(r)) == r.run_id,
-            "; ".join(p.name for p in r.phases if p.outcome in PARETO_PHASE_OUTCOMES),
+            unit.label, unit_run, final_run.get(unit.key) == r.run_id, unit.conflict,
+            "; ".join(p.name for p in r.phases if p.outcome in FAILURE_OUTCOMES),
+            "; ".join(p.name for p in r.phases if p.outcome in TROUBLE_OUTCOMES),
             r.limits_sha256, r.product_sha256, r.sequencer_version,
             *(values.get(k) for k in measured),
         ))
@@ -371,23 +375,33 @@ def _write_summary(sheet: Any, runs: Sequence[RunRecord], title: str, cells: _Ce
     sheet.append([])
     row("runs", s.runs)
     row("units", s.units)
-    row("first-pass yield", s.first_pass_yield, "0.0%")
-    row("final yield", s.final_yield, "0.0%")
-    row("units with a verdict", s.yield_units)
+    for y in s.products:
+        heading = y.product if len(s.products) > 1 else ""
+        if heading:
+            sheet.append([])
+            row(f"product {y.product}", ", ".join(v or "(no version)" for v in y.versions))
+            row("limits files (sha256)", ", ".join((h or "none")[:16] for h in y.limits_sha256))
+            row(f"{heading} units", y.units)
+        row(f"{heading} first-pass yield".strip(), y.first_pass_yield, "0.0%")
+        row(f"{heading} final yield".strip(), y.final_yield, "0.0%")
+        row(f"{heading} units with a verdict".strip(), y.yield_units)
+    if s.conflicts:
+        row("units flagged (identity conflict)", len(s.conflicts))
+    sheet.append([])
+    row("runs failed (FAIL)", s.failed)
+    row("runs with station or communication trouble (ERROR, TIMEOUT)", s.errored)
     row("marginal runs", s.marginal)
     row("median run duration (s)", _seconds(s.median_duration_s))
     for name, count in s.outcome_counts:
         row(f"runs {name}", count)
-    if s.phase_pareto:
-        sheet.append([])
-        row("failures by phase", "count")
-        for p in s.phase_pareto:
-            row(p.label, p.count)
-    if s.measurement_pareto:
-        sheet.append([])
-        row("failures by measurement", "count")
-        for p in s.measurement_pareto:
-            row(p.label, p.count)
+    for heading, rows in (("product failures (FAIL) by phase", s.phase_pareto),
+                          ("failures by measurement", s.measurement_pareto),
+                          ("station or communication trouble (ERROR, TIMEOUT) by phase", s.trouble_pareto)):
+        if rows:
+            sheet.append([])
+            row(heading, "count")
+            for p in rows:
+                row(p.label, p.count)
     if len(s.slots) > 1:
         sheet.append([])
         row("pass rate by station and slot", "passed / finished runs, retests included")
@@ -399,8 +413,11 @@ def _write_summary(sheet: Any, runs: Sequence[RunRecord], title: str, cells: _Ce
                        " (product, limits or sequencer): see the batch report")
     sheet.append([])
     for line in (
-        "A unit is a serial number (a run without one is a unit of its own).",
-        "First-pass yield: units whose first finished run passed. Final yield: units whose last one passed.",
-        "Only PASS passes. Failures by phase count FAIL, ERROR and TIMEOUT phases of every run, retests included.",
+        "A unit is one device of one product: runs sharing its serial or MAC (the product's identity) and"
+        " disagreeing on none. A run whose serial and MAC disagree with an earlier unit's is flagged, not merged.",
+        "Yields are per product. First-pass yield: units whose first finished run passed. Final yield: units whose"
+        " last one passed.",
+        "Only PASS passes. Product failures are FAIL phases; ERROR and TIMEOUT phases are station or communication"
+        " trouble, counted apart; every run, retests included.",
     ):
         sheet.append([line])

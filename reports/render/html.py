@@ -28,7 +28,8 @@ import jinja2
 
 from reports.render import formatting, svg
 from reports.render.files import replacing
-from reports.quality.yields import batch_summary, chronological, unit_key, unit_run_numbers
+from reports.quality.units import group_units
+from reports.quality.yields import batch_summary, chronological, first_failure, unit_run_numbers
 from sequencer.records import Attachment, MeasurementRecord, PhaseRecord, RunRecord
 
 #: Attachments larger than this are listed (name, size, sha256) but not embedded.
@@ -170,16 +171,9 @@ def _environment() -> jinja2.Environment:
     return env
 
 
-def _first_failure(run: RunRecord) -> PhaseRecord | None:
-    for p in run.phases:
-        if p.outcome.is_failure:
-            return p
-    return None
-
-
 def render_run(run: RunRecord) -> str:
     """The report of one run: verdict, identity, phases, measurements, errors, logs and attachments."""
-    return _environment().get_template("run.html").render(run=run, first_failure=_first_failure(run))
+    return _environment().get_template("run.html").render(run=run, first_failure=first_failure(run))
 
 
 
@@ -191,11 +185,12 @@ def _export_command(batch: str) -> str:
 def render_batch(runs: Sequence[RunRecord], *, title: str) -> str:
     """The report of many runs: counts, yields, the units table and failure Paretos."""
     ordered = chronological(runs)
-    summary = batch_summary(ordered)
-    runs_of_unit = {u.key: len(u.run_ids) for u in summary.unit_summaries}
+    units = group_units(ordered)
+    summary = batch_summary(ordered, units)
     rows = [
-        {"run": r, "test_number": n, "tests": runs_of_unit[unit_key(r)], "failure": _first_failure(r)}
-        for r, n in zip(ordered, unit_run_numbers(ordered), strict=True)
+        {"run": r, "unit": units.of(r), "test_number": n, "tests": len(units.of(r).run_ids),
+         "failure": first_failure(r)}
+        for r, n in zip(ordered, unit_run_numbers(ordered, units), strict=True)
     ]
     batches = sorted({r.batch for r in ordered if r.batch})
     return _environment().get_template("batch.html").render(

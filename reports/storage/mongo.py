@@ -48,7 +48,7 @@ from pymongo import DeleteMany, IndexModel, UpdateMany, UpdateOne
 from pymongo.uri_parser import parse_uri
 
 from sequencer.base85 import b85decode, b85encode
-from sequencer.records import SCHEMA_VERSION, Outcome, RunRecord, from_dict, to_dict
+from sequencer.records import DEFAULT_IDENTITY, SCHEMA_VERSION, Outcome, RunRecord, from_dict, to_dict
 
 #: Version of the collections' validators and indexes (``meta`` document ``_id: "schema"``).
 DB_SCHEMA = 1
@@ -372,6 +372,7 @@ def run_document(run: RunRecord | RunData | StoredRun, seq: int) -> dict[str, An
         "product_sha256": d.get("product_sha256"),
         "sequencer_version": d.get("sequencer_version", ""),
         "product_files": d.get("product_files") or [],
+        "identity": list(d.get("identity") or DEFAULT_IDENTITY),
         "phases": [p.doc for p in stored.phases],
         "measurements": [m for p in stored.phases for m in p.flat],
     }
@@ -406,6 +407,7 @@ def run_from_document(doc: Mapping[str, Any]) -> RunRecord:
             "product_sha256": doc.get("product_sha256"), "sequencer_version": doc.get("sequencer_version", ""),
             "schema_version": version,
             "product_files": [{"path": f["path"], "sha256": f["sha256"]} for f in doc.get("product_files") or ()],
+            "identity": doc.get("identity") or DEFAULT_IDENTITY,
         }
         return from_dict(data, RunRecord)
     except Exception as exc:  # any malformed document: say which run, never a traceback
@@ -646,6 +648,10 @@ INDEXES: tuple[tuple[str, list[tuple[str, int]], dict[str, Any]], ...] = (
     ("runs", [("batch", 1), ("started_at", 1)], {"name": "batch_started"}),
     ("runs", [("outcome", 1)], {"name": "outcome"}),
     ("runs", [("station", 1), ("started_at", 1)], {"name": "station_started"}),
+    # `find --mac`: a MAC seen only in runs that never learnt their serial
+    ("runs", [("dut.mac", 1)], {"name": "dut_mac"}),
+    # period reports: one product's runs over a span of time
+    ("runs", [("product", 1), ("started_at", 1)], {"name": "product_started"}),
     # --since/--until across batches, and the most recent runs (`sequencer runs`): without it
     # both scanned and sorted every run ever shipped.
     ("runs", [("started_at", 1), ("_id", 1)], {"name": "started"}),
@@ -924,6 +930,8 @@ class MongoSink:
         until: dt.datetime | None = None,
         limit: int | None = None,
         last: int | None = None,
+        product: str | None = None,
+        station: str | None = None,
     ) -> list[RunRecord]:
         """Runs matching every given filter, from every station that shipped them, oldest first.
 
@@ -932,7 +940,7 @@ class MongoSink:
         oldest first).
         """
         query = _run_query(batch=batch, serial=serial, outcome=outcome, run_id_prefix=run_id_prefix, since=since,
-                           until=until)
+                           until=until, product=product, station=station)
         direction = -1 if last else 1
         # The flat copy of the measurements is for queries; the phases hold them.
         try:
@@ -942,6 +950,17 @@ class MongoSink:
             raise MongoUnavailable(describe_failure(exc)) from None
         if last:
             docs.reverse()
+        return [run_from_document(d) for d in docs]
+
+    def find_runs_by_identity(self, key: str, value: str, *, limit: int = 1000) -> list[RunRecord]:
+        """The runs whose ``dut[key]`` is ``value`` (a MAC in the usual spellings), oldest first, at most ``limit``."""
+        field = "serial" if key == "serial" else f"dut.{encode_key(key)}"
+        values = _mac_spellings(value) if key.endswith("mac") else [value]
+        try:
+            cursor = self.runs.find({field: {"$in": values}}, {"measurements": 0}, limit=limit)
+            docs = list(cursor.sort([("started_at", 1), ("_id", 1)]))
+        except pymongo.errors.PyMongoError as exc:
+            raise MongoUnavailable(describe_failure(exc)) from None
         return [run_from_document(d) for d in docs]
 
     def outcome_counts(
@@ -985,8 +1004,14 @@ def _run_query(
     run_id_prefix: str | None,
     since: dt.datetime | None = None,
     until: dt.datetime | None = None,
+    product: str | None = None,
+    station: str | None = None,
 ) -> dict[str, Any]:
     query: dict[str, Any] = {}
+    if product is not None:
+        query["product"] = product
+    if station is not None:
+        query["station"] = station
     started: dict[str, dt.datetime] = {}
     if since is not None:
         started["$gte"] = since
@@ -1008,6 +1033,14 @@ def _run_query(
 def _spellings(text: str) -> list[str]:
     """A MAC or IMEI as typed, and in lower and upper case (stations differ)."""
     return list(dict.fromkeys([text, text.lower(), text.upper()]))
+
+
+def _mac_spellings(text: str) -> list[str]:
+    """A MAC as typed, and with colons or dashes or none, in lower and upper case (stations differ)."""
+    bare = text.strip().translate(str.maketrans("", "", ":-. ")).lower()
+    pairs = [bare[i:i + 2] for i in range(0, len(bare), 2)]
+    forms = [bare, ":".join(pairs), "-".join(pairs)]
+    return list(dict.fromkeys([text, *forms, *(f.upper() for f in forms)]))
 
 
 def _decode_device(doc: dict[str, Any]) -> dict[str, Any]:

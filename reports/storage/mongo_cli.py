@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sqlite3
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
@@ -305,75 +304,104 @@ def cmd_find(args: argparse.Namespace) -> int:
 
     configure_logging(None)
     config = _config_for(args)
-    key = {"serial": args.serial, "mac": args.mac, "imei": args.imei}
+    key, value = next((k, v) for k, v in (("serial", args.serial), ("mac", args.mac), ("imei", args.imei))
+                      if v is not None)
     settings = None if args.local else mongo_settings(config)
     err = Console(stderr=True, highlight=False)
     devices: list[dict[str, Any]] | None = None
     source = ""
     if settings is not None:
+        from reports.storage.mongo import MongoSink
+
+        sink = MongoSink(settings)
         try:
-            devices = _find_in_mongo(settings, **key)
+            devices = find_devices(sink, key, value)
             source = f"MongoDB {settings.target}"
         except MongoUnavailable as exc:
             err.print(Text(f"sequencer: MongoDB {settings.target} unreachable ({exc}); showing this station's"
                            " local store", style="yellow"), soft_wrap=True)
+        finally:
+            sink.close()
     if devices is None:
-        require_store(config)
-        devices = find_local(config.store, **key)
+        devices = find_local(require_store(config), key, value)
         source = f"local store {config.store}"
     if args.json:
         print(json.dumps({"source": source, "devices": devices}, default=_json_default, indent=2))
     else:
         _print_devices(devices, source)
     if not devices:
-        which = next(f"{k} {v!r}" for k, v in key.items() if v is not None)
-        err.print(Text(f"sequencer: no device with {printable(which)} in {source}"), soft_wrap=True)
+        err.print(Text(f"sequencer: no device with {printable(key)} {printable(repr(value))} in {source}"),
+                  soft_wrap=True)
         return EXIT_INCOMPLETE
     return EXIT_OK
 
 
-def _find_in_mongo(settings: MongoSettings, **key: str | None) -> list[dict[str, Any]]:
-    from reports.storage.mongo import MongoSink
-
-    sink = MongoSink(settings)
-    try:
-        devices = sink.find_devices(**key)
-        for d in devices:
-            d["history"] = sink.run_history(d["serial"])
-        return devices
-    finally:
-        sink.close()
+#: How many runs ``find`` gathers for one search at most (a MAC shared by every board is a fault, not a device).
+FIND_MAX_RUNS = 2000
 
 
-def find_local(store_path: Path, *, serial: str | None = None, mac: str | None = None,
-               imei: str | None = None) -> list[dict[str, Any]]:
-    """Devices from the station's own store, shaped like MongoDB's ``devices`` with a ``history``."""
+def find_devices(source: Any, key: str, value: str) -> list[dict[str, Any]]:
+    """The units (one per product) that ``dut[key] == value`` names, each with every run that tested it.
+
+    ``source`` is a :class:`~reports.storage.store.LocalStore` or a
+    :class:`~reports.storage.mongo.MongoSink`. The runs that match are gathered with
+    the runs that share an identity value with them (the failed run that
+    knew only its MAC, the retest that knew its serial too), then grouped
+    into units as yields group them (:mod:`reports.quality.units`), so a
+    unit here is a unit in the batch report.
+    """
+    from reports.quality.units import group_units, identity_of, normal_value
+    from reports.quality.yields import chronological
+
+    runs: dict[str, RunRecord] = {}
+    asked: set[tuple[str, str]] = set()
+    wanted = {(key, normal_value(key, value))}
+    spelled = {(key, normal_value(key, value)): value}
+    while wanted and len(runs) < FIND_MAX_RUNS:
+        k, v = wanted.pop()
+        asked.add((k, v))
+        for r in source.find_runs_by_identity(k, spelled[(k, v)], limit=FIND_MAX_RUNS):
+            runs[r.run_id] = r
+            for ik, iv in identity_of(r):
+                pair = (ik, normal_value(ik, iv))
+                if pair not in asked:
+                    wanted.add(pair)
+                    spelled.setdefault(pair, iv)
+    ordered = chronological(runs.values())
+    units = group_units(ordered)
+    target = normal_value(key, value)
+    matched = [u for u in units.units
+               if any(normal_value(key, runs[rid].dut.get(key, "")) == target for rid in u.run_ids)]
+    return [device_of_unit(u, [runs[rid] for rid in u.run_ids]) for u in matched]
+
+
+def find_local(store_path: Path, key: str, value: str) -> list[dict[str, Any]]:
+    """:func:`find_devices` in the station's own store."""
     from reports.storage.store import LocalStore
 
     store = LocalStore.open(store_path)
     try:
-        if serial is not None:
-            serials = [serial]
-        else:
-            field, value = ("mac", mac) if mac is not None else ("imei", imei)
-            conn = sqlite3.connect(f"file:{store_path}?mode=ro", uri=True)
-            try:
-                rows = conn.execute(
-                    f"SELECT DISTINCT serial FROM runs WHERE serial IS NOT NULL"
-                    f" AND lower(json_extract(header, '$.dut.{field}')) = lower(?) ORDER BY serial",
-                    (value,),
-                ).fetchall()
-            finally:
-                conn.close()
-            serials = [r[0] for r in rows]
-        devices = []
-        for s in serials:
-            runs = store.find_runs(serial=s)
-            if runs:
-                devices.append(device_from_runs(runs))
-        return devices
+        return find_devices(store, key, value)
     finally:
         store.close()
+
+
+def device_of_unit(unit: Any, runs: Sequence[RunRecord]) -> dict[str, Any]:
+    """What ``find`` shows of one unit: its identity, its newest state, and each run with why it failed."""
+    from reports.quality.yields import failure_summary
+
+    device = device_from_runs(runs)
+    device.update(
+        serial=unit.serial,
+        label=unit.label,
+        identity=dict(unit.identity),
+        conflict=unit.conflict,
+        product_version=runs[-1].product_version,
+    )
+    for entry, r in zip(device["history"], runs, strict=True):
+        entry.update(product_version=r.product_version, limits_sha256=r.limits_sha256,
+                     failure=failure_summary(r))
+    return device
 
 
 def device_from_runs(runs: Sequence[RunRecord]) -> dict[str, Any]:
@@ -414,28 +442,56 @@ def device_from_runs(runs: Sequence[RunRecord]) -> dict[str, Any]:
 def _print_devices(devices: list[dict[str, Any]], source: str) -> None:
     out = OutputConsole(highlight=False)
     for d in devices:
-        out.print(Text(f"device {printable(d['serial'])}", style="bold") + Text(f"  ({source})", style="dim"),
-                  soft_wrap=True)
+        out.print(Text(f"device {printable(d.get('label') or d['serial'])}", style="bold")
+                  + Text(f"  ({source})", style="dim"), soft_wrap=True)
+        history = d.get("history", [])
+        attributes = d.get("attributes") or {}
+        blocks = {k: v for k, v in attributes.items() if _is_pem(v)}
         rows = [
-            ("product", d.get("product", "")),
+            ("product", f"{d.get('product', '')} {d.get('product_version') or ''}".strip()),
             ("first tested", _when(d.get("first_tested_at"))),
             ("last outcome", f"{d.get('last_outcome')}  (run {str(d.get('last_run_id', ''))[:12]}, "
                              f"{_when(d.get('last_tested_at'))}, station {d.get('last_station', '?')})"),
-            *sorted((str(k), str(v)) for k, v in (d.get("attributes") or {}).items()),
+            *sorted((str(k), str(v)) for k, v in attributes.items() if k not in blocks),
         ]
         width = max(len(printable(k)) for k, _ in rows)
         for k, v in rows:
-            out.print(Text(f"  {printable(k):<{width}}  {printable(v)}"))
+            out.print(Text(f"  {printable(k):<{width}}  {printable(v)}"), soft_wrap=True)
+        if d.get("conflict"):
+            out.print(Text(f"  identity conflict: {printable(d['conflict'])}", style="yellow"), soft_wrap=True)
         table = Table(header_style="bold")
-        for col in ("run", "started (UTC)", "station", "batch", "slot", "outcome"):
-            table.add_column(col)
-        for r in d.get("history", []):
+        # version and limits only where the runs differ: a widened limit explains a changed verdict
+        varies = {c: len({r.get(c) for r in history}) > 1 for c in ("product_version", "limits_sha256")}
+        columns = ["run", "started (UTC)", "station", "batch", "slot",
+                   *(["version"] if varies["product_version"] else []),
+                   *(["limits"] if varies["limits_sha256"] else []), "outcome"]
+        for col in columns:
+            table.add_column(col, overflow="fold")
+        for r in history:
             outcome = r.get("outcome") or "RUNNING"
-            table.add_row(Text(str(r["_id"])[:12]), _when(r.get("started_at")), Text(printable(r.get("station"))),
-                          Text(printable(r.get("batch"))), str(r.get("slot", "")),
-                          outcome + (" (marginal)" if r.get("marginal") else ""))
+            table.add_row(
+                Text(str(r["_id"])[:12]), _when(r.get("started_at")), Text(printable(r.get("station"))),
+                Text(printable(r.get("batch"))), str(r.get("slot", "")),
+                *([Text(printable(r.get("product_version")))] if varies["product_version"] else []),
+                *([Text(str(r.get("limits_sha256") or "-")[:12])] if varies["limits_sha256"] else []),
+                outcome + (" (marginal)" if r.get("marginal") else ""),
+            )
         out.print(table)
-        out.print(f"{len(d.get('history', []))} run(s)")
+        out.print(f"{len(history)} run(s)")
+        # Why each failed run failed, whole, below the table: a table cell would fold it.
+        for r in history:
+            if r.get("failure"):
+                out.print(Text(f"  {str(r['_id'])[:12]}  {printable(r['failure'])}"), soft_wrap=True)
+        for k, v in sorted(blocks.items()):
+            # As a block, line by line, nothing folded: copied from the terminal it is the key.
+            out.print(Text(f"{printable(k)}:", style="bold"))
+            for line in str(v).strip().splitlines():
+                out.print(Text(printable(line)), soft_wrap=True, crop=False)
+
+
+def _is_pem(value: Any) -> bool:
+    text = str(value).strip()
+    return text.startswith("-----BEGIN ") and text.rstrip().endswith("-----")
 
 
 def _when(t: Any) -> str:

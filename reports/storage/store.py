@@ -41,6 +41,7 @@ import attrs
 import orjson
 import trio
 
+from reports.quality.units import normal_value
 from sequencer.records import (
     Outcome,
     PhaseRecord,
@@ -751,6 +752,8 @@ class LocalStore:
         until: dt.datetime | None = None,
         limit: int | None = None,
         last: int | None = None,
+        product: str | None = None,
+        station: str | None = None,
     ) -> list[RunRecord]:
         """Runs matching every given filter, oldest first.
 
@@ -759,13 +762,33 @@ class LocalStore:
         ``last`` (still listed oldest first).
         """
         where, args = self._where(batch=batch, serial=serial, outcome=outcome, run_id_prefix=run_id_prefix,
-                                  since=since, until=until)
+                                  since=since, until=until, product=product, station=station)
         sql = f"SELECT run_id, header FROM runs {where} ORDER BY started_at, run_id"
         if last is not None:
             sql = (f"SELECT * FROM (SELECT run_id, header, started_at FROM runs {where}"
                    f" ORDER BY started_at DESC, run_id DESC LIMIT {int(last)}) ORDER BY started_at, run_id")
         elif limit is not None:
             sql += f" LIMIT {int(limit)}"
+        with self._lock:
+            rows = self._conn.execute(sql, args).fetchall()
+            return [self._assemble(row[1], row[0]) for row in rows]
+
+    def find_runs_by_identity(self, key: str, value: str, *, limit: int = 1000) -> list[RunRecord]:
+        """The runs whose ``dut[key]`` is ``value`` (a MAC in any spelling), oldest first, at most ``limit``.
+
+        What ``find`` starts from: a MAC seen only in runs that never learnt
+        their serial still finds them.
+        """
+        if key == "serial":
+            clause, args = "serial = ?", [value]
+        elif key.replace("_", "").isalnum() and key.isascii():
+            column = f"json_extract(header, '$.dut.{key}')"
+            if key.endswith("mac"):
+                column = f"lower(replace(replace(replace({column}, ':', ''), '-', ''), '.', ''))"
+            clause, args = f"{column} = ?", [normal_value(key, value)]
+        else:
+            return []
+        sql = f"SELECT run_id, header FROM runs WHERE {clause} ORDER BY started_at, run_id LIMIT {int(limit)}"
         with self._lock:
             rows = self._conn.execute(sql, args).fetchall()
             return [self._assemble(row[1], row[0]) for row in rows]
@@ -798,8 +821,16 @@ class LocalStore:
         run_id_prefix: str | None,
         since: dt.datetime | None = None,
         until: dt.datetime | None = None,
+        product: str | None = None,
+        station: str | None = None,
     ) -> tuple[str, list[str]]:
         clauses, args = [], []
+        if product is not None:
+            clauses.append("product = ?")
+            args.append(product)
+        if station is not None:
+            clauses.append("station = ?")
+            args.append(station)
         # Start times are stored as UTC ISO text, which sorts as the times do.
         if since is not None:
             clauses.append("started_at >= ?")
