@@ -180,6 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     from web.provisioning.cli import add_provision_commands
 
     add_provision_commands(sub)  # provision-server
+    from web.portal.cli import add_portal_commands
+
+    add_portal_commands(sub)  # portal, portal add-user, portal add-token
     return parser
 
 
@@ -197,10 +200,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not args.station.is_file():
                 raise UsageError(f"{STATION_ENV}={args.station}: no such station file")
         from reports.storage.mongo_cli import cmd_find, cmd_sync
+        from web.portal.cli import cmd_portal
         from web.provisioning.cli import cmd_provision_server
 
         handler = {"check": cmd_check, "run": cmd_run, "report": cmd_report, "runs": cmd_runs, "export": cmd_export,
-                   "sync": cmd_sync, "find": cmd_find, "provision-server": cmd_provision_server}[args.command]
+                   "sync": cmd_sync, "find": cmd_find, "provision-server": cmd_provision_server,
+                   "portal": cmd_portal}[args.command]
         try:
             return handler(args)
         except BaseExceptionGroup as group:

@@ -172,6 +172,8 @@ class StationConfig:
     modems: Mapping[str, str] = attrs.field(factory=dict)
     #: the provisioning service (``[provisioning] url``); with --sim and none, the station runs one
     provisioning_url: str = ""
+    #: where ``sequencer portal`` listens (``[portal] host`` and ``port``); empty: its defaults
+    portal: Mapping[str, Any] = attrs.field(factory=dict)
     #: secrets file (``[secrets] file``); SEQUENCER_SECRETS_FILE when empty
     secrets_file: Path | None = None
 
@@ -214,7 +216,8 @@ class StationConfig:
 
 
 _TOP_KEYS = {"station", "product", "operator", "ask_operator", "batch", "store", "reports", "ports", "sim", "seed",
-             "rounds", "resources", "mongo", "flash", "detect", "modems", "provisioning", "secrets"}
+             "rounds", "resources", "mongo", "flash", "detect", "modems", "provisioning", "secrets",
+             "portal"}
 _RESOURCE_KEYS = {"capacity", "instrument", "port"}
 _MONGO_KEYS = {"uri", "database"}
 
@@ -298,6 +301,7 @@ def load_station_config(path: str | Path) -> StationConfig:
         modems=_modems_table(p, typed("modems", dict, {})),
         provisioning_url=_text_table(p, "provisioning", typed("provisioning", dict, {}), "url"),
         secrets_file=_secrets_file(p, typed("secrets", dict, {})),
+        portal=_portal_table(p, typed("portal", dict, {})),
     )
     return config
 
@@ -320,6 +324,20 @@ def _text_table(p: Path, name: str, table: dict[str, Any], *keys: str) -> str:
         if not isinstance(value, str):
             raise ConfigError(f"{p}: {name}.{key} must be text")
     return table.get(keys[0], "")
+
+
+def _portal_table(p: Path, table: dict[str, Any]) -> dict[str, Any]:
+    """``[portal]``: ``host`` (text) and ``port`` (0 to 65535) for ``sequencer portal``."""
+    for key, value in table.items():
+        if key == "host" and isinstance(value, str) and value:
+            continue
+        if key == "port" and isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 65535:
+            continue
+        if key in ("host", "port"):
+            raise ConfigError(f"{p}: portal.{key}: {'an address' if key == 'host' else 'a port number'} is needed, "
+                              f"got {value!r}")
+        raise ConfigError(f"{p}: portal: unknown key {key!r} (known: host, port)")
+    return dict(table)
 
 
 def _secrets_file(p: Path, table: dict[str, Any]) -> Path | None:

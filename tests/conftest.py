@@ -89,4 +89,5 @@ def no_ambient_station_settings(monkeypatch: pytest.MonkeyPatch, tmp_path_factor
     monkeypatch.delenv("SEQUENCER_STATION", raising=False)
 
 
-pytest_plugins = ["tests.mongo_support"]  # real-mongod fixtures (one server per session)
+# real-mongod fixtures (one server per session), and the portal served over one
+pytest_plugins = ["tests.mongo_support", "tests.portal_support"]

@@ -1,0 +1,247 @@
+"""The portal over a real mongod: logging in, search, device and run pages, the JSON API, notes, and attacks on them."""
+
+from __future__ import annotations
+
+import datetime as dt
+import html
+import re
+
+import httpx
+import pytest
+import trio
+
+from reports.render.html import render_run
+from tests.records_factory import T0, measurement, phase, run, sensor_run
+from sequencer.records import Outcome
+from tests.mongo_support import database
+from tests.portal_support import Portal, csrf_of
+
+
+def tracker_run(serial: str, *, outcome: str = "PASS", minutes: float = 0, station: str = "line1-st01",
+                slot: int = 0, batch: str = "B1", imei: str = "356938035643809") -> object:
+    phases = [phase("identify", Outcome.PASS if outcome != "FAIL" else Outcome.FAIL,
+                    measurements=[measurement("vdd", 3.3 if outcome != "FAIL" else 3.6, units="V", low=3.2, high=3.4)])]
+    return run(serial=serial, phases=phases, started_at=T0 + dt.timedelta(minutes=minutes), station=station,
+               slot=slot, batch=batch, product="lte_tracker",
+               dut={"serial": serial, "mac": "24:0A:C4:00:00:%02X" % (hash(serial) % 256), "imei": imei,
+                    "imsi": "901700000012345", "iccid": "8988211000000123456", "claim_code": f"CLM-{serial}"})
+
+
+# -- logging in ------------------------------------------------------------------
+
+
+async def test_a_page_needs_a_login_and_the_right_password_gives_one(portal: Portal) -> None:
+    async with portal.client() as http:
+        r = await http.get("/search")
+        assert r.status_code == 303 and r.headers["location"].startswith("/login?next=/search")
+        r = await http.get("/api/v1/runs")
+        assert r.status_code == 401 and r.json() == {"error": "log in first"}
+        page = await http.get("/login")
+        assert page.status_code == 200
+        cookie = page.headers["set-cookie"].lower()
+        assert "httponly" in cookie and "samesite=lax" in cookie
+        assert "frame-ancestors 'self'" in page.headers["content-security-policy"]
+        wrong = await http.post("/login", data={"name": "viewer", "password": "nope", "csrf": csrf_of(page.text)})
+        assert wrong.status_code == 401 and "wrong name or password" in wrong.text
+        right = await http.post("/login", data={"name": "viewer", "password": "pw-viewer", "csrf": csrf_of(page.text),
+                                                "next": "/search"})
+        assert right.status_code == 303 and right.headers["location"] == "/search"
+        r = await http.get("/search")
+        assert r.status_code == 200 and "viewer" in r.text
+
+
+async def test_a_login_form_without_its_csrf_token_is_refused(portal: Portal) -> None:
+    async with portal.client() as http:
+        await http.get("/login")
+        r = await http.post("/login", data={"name": "viewer", "password": "pw-viewer"})
+        assert r.status_code == 403 and "CSRF" in r.text
+        assert "set-cookie" not in r.headers or "sequencer_session" not in r.headers.get("set-cookie", "") \
+            or (await http.get("/search")).status_code == 303
+
+
+async def test_failed_logins_are_slowed_then_refused_for_a_while_even_with_the_right_password(portal: Portal) -> None:
+    async with portal.client() as http:
+        page = await http.get("/login")
+        token = csrf_of(page.text)
+        started = trio.current_time()
+        for _ in range(5):
+            r = await http.post("/login", data={"name": "admin", "password": "guess", "csrf": token})
+            assert r.status_code == 401
+        assert trio.current_time() - started >= 5 * 1.0  # each failure answers no sooner than a second
+        r = await http.post("/login", data={"name": "admin", "password": "pw-admin", "csrf": token})
+        assert r.status_code == 429 and int(r.headers["retry-after"]) > 0
+        assert "too many failed logins" in r.text
+        assert (await http.get("/search")).status_code == 303  # still not logged in
+
+
+async def test_a_redirect_after_login_stays_on_the_portal(portal: Portal) -> None:
+    async with portal.client() as http:
+        page = await http.get("/login")
+        r = await http.post("/login", data={"name": "viewer", "password": "pw-viewer", "csrf": csrf_of(page.text),
+                                            "next": "//evil.example/x"})
+        assert r.status_code == 303 and r.headers["location"] == "/"
+
+
+# -- search, device, run ------------------------------------------------------------
+
+
+async def test_search_finds_a_device_by_every_identity_and_filters_and_pages(portal: Portal) -> None:
+    await portal.aship([tracker_run("TRK-1", outcome="FAIL", minutes=0), tracker_run("TRK-1", minutes=5),
+                        tracker_run("TRK-2", minutes=1, slot=1, imei="356938035643817", batch="B2")])
+    async with portal.logged_in("viewer") as http:
+        for params in ({"serial": "TRK-1"}, {"imei": "356938035643809"}, {"claim_code": "CLM-TRK-1"},
+                       {"find": "TRK-1", "by": "serial"}):
+            r = await http.get("/search", params=params)
+            assert r.status_code == 200, r.text
+            assert r.text.count('href="/devices/TRK-1"') == 2 and "TRK-2" not in r.text
+        mac = tracker_run("TRK-2").dut["mac"].lower()  # type: ignore[attr-defined]
+        assert "TRK-2" in (await http.get("/search", params={"mac": mac})).text  # either case
+        r = await http.get("/search", params={"batch": "B1", "outcome": "FAIL"})
+        assert r.text.count('href="/devices/TRK-1"') == 1
+        r = await http.get("/api/v1/runs", params={"batch": "B1", "limit": "1"})
+        first = r.json()
+        assert [x["serial"] for x in first["runs"]] == ["TRK-1"] and first["runs"][0]["outcome"] == "PASS"
+        r = await http.get("/api/v1/runs", params=first["next"])
+        assert [x["outcome"] for x in r.json()["runs"]] == ["FAIL"]
+
+
+async def test_the_device_page_shows_every_run_and_the_run_page_is_the_report_itself(portal: Portal) -> None:
+    first = sensor_run("SN-7", vdd=3.45, started_at=T0)
+    second = sensor_run("SN-7", started_at=T0 + dt.timedelta(hours=1))
+    await portal.aship([first, second])
+    async with portal.logged_in("viewer") as http:
+        r = await http.get("/devices/SN-7")
+        assert r.status_code == 200
+        assert first.run_id[:12] in r.text and second.run_id[:12] in r.text
+        assert f'src="/runs/{second.run_id}"' in r.text  # the newest run's report, framed
+        report = await http.get(f"/runs/{second.run_id}")
+        stored = portal.data.run(second.run_id)
+        assert report.text == render_run(stored)
+        a = await http.get(f"/runs/{second.run_id}/attachments/2/0")
+        assert a.content == second.phases[2].attachments[0].data
+        assert a.headers["content-type"] == "application/octet-stream"
+        assert a.headers["content-disposition"] == 'attachment; filename="esptool.log"'
+        assert (await http.get("/devices/NOPE")).status_code == 404
+
+
+async def test_the_api_lists_devices_with_their_runs_by_serial_mac_or_imei(portal: Portal) -> None:
+    await portal.aship([tracker_run("TRK-1", outcome="FAIL"), tracker_run("TRK-1", minutes=5)])
+    token = await trio.to_thread.run_sync(portal.auth.add_token, "mes", portal.auth.user("viewer").role)
+    async with portal.client(headers={"Authorization": f"Bearer {token}"}) as http:
+        for params in ({"serial": "TRK-1"}, {"imei": "356938035643809"},
+                       {"mac": tracker_run("TRK-1").dut["mac"]}):  # type: ignore[attr-defined]
+            body = (await http.get("/api/v1/devices", params=params)).json()
+            assert [d["serial"] for d in body["devices"]] == ["TRK-1"]
+            assert [r["outcome"] for r in body["devices"][0]["runs"]] == ["PASS", "FAIL"]
+            assert body["devices"][0]["attributes"]["claim_code"] == "CLM-TRK-1"
+        run_id = body["devices"][0]["runs"][0]["run_id"]
+        one = await http.get(f"/api/v1/runs/{run_id}")
+        assert one.json()["run_id"] == run_id and one.json()["phases"][0]["name"] == "identify"
+    async with portal.client(headers={"Authorization": "Bearer sqp_not-a-token"}) as http:
+        assert (await http.get("/api/v1/runs")).status_code == 401
+
+
+# -- attacks ------------------------------------------------------------------------------
+
+
+async def test_operator_injection_huge_and_malformed_parameters_are_refused(portal: Portal) -> None:
+    await portal.aship([tracker_run("TRK-1")])
+    async with portal.logged_in("viewer") as http:
+        for query, status in (("serial[$ne]=", 400), ("serial[$gt]=&x=1", 400), ("since=yesterday", 400),
+                              ("outcome=WHATEVER", 400), ("limit=100000", 400), ("serial=a&serial=b", 400),
+                              ("serial=" + "A" * 300, 400), ("serial=" + "A" * 5000, 414),
+                              ("before=nonsense", 400)):
+            for path in ("/api/v1/runs", "/api/v1/devices", "/search"):
+                r = await http.get(f"{path}?{query}")
+                assert r.status_code == status, (path, query, r.status_code)
+        # Operators as values are text: they match nothing.
+        for value in ('{"$ne": null}', "$ne", "$where"):
+            body = (await http.get("/api/v1/devices", params={"serial": value})).json()
+            assert body == {"devices": []}
+            assert (await http.get("/api/v1/runs", params={"batch": value})).json()["runs"] == []
+        assert (await http.get("/runs/..%2F..%2Fetc%2Fpasswd")).status_code in (400, 404)
+        for path in ("/runs/x/attachments/../../../../etc/passwd", "/runs/%2e%2e/attachments/0/0",
+                     "/runs/abc/attachments/0/-1", "/runs/abc/attachments/9/9"):
+            r = await http.get(path)
+            assert r.status_code in (400, 404) and "root:" not in r.text
+
+
+async def test_script_in_dut_strings_and_notes_is_shown_as_text(portal: Portal) -> None:
+    evil = '<script>alert(1)</script>'
+    await portal.aship([run(serial="SN-X", dut={"serial": "SN-X", "mac": evil, "model": '"><img src=x onerror=alert(1)>'},
+                            phases=[phase("identify", Outcome.PASS)])])
+    async with portal.logged_in("operator") as http:
+        page = await http.get("/devices/SN-X")
+        r = await http.post("/devices/SN-X/notes", data={"text": evil, "csrf": csrf_of(page.text)})
+        assert r.status_code == 303
+        page = await http.get("/devices/SN-X")
+        assert evil not in page.text and "<img src=x" not in page.text
+        assert page.text.count(html.escape(evil)) >= 2  # the MAC and the note, as text
+        search = await http.get("/search", params={"mac": evil})
+        assert evil not in search.text
+
+
+async def test_notes_need_the_role_and_the_csrf_token_and_nothing_is_stored_otherwise(portal: Portal) -> None:
+    await portal.aship([tracker_run("TRK-1")])
+    notes = database(portal.settings)["notes"]
+    async with portal.logged_in("viewer") as viewer:
+        page = await viewer.get("/devices/TRK-1")
+        assert 'id="add-note"' not in page.text  # no form for a viewer
+        r = await viewer.post("/devices/TRK-1/notes", data={"text": "hi", "csrf": csrf_of(page.text)})
+        assert r.status_code == 403
+    async with portal.logged_in("operator") as operator:
+        page = await operator.get("/devices/TRK-1")
+        assert 'name="disposition"' not in page.text  # an operator notes, quality disposes
+        r = await operator.post("/devices/TRK-1/notes", data={"text": "no token"})
+        assert r.status_code == 403
+        r = await operator.post("/devices/TRK-1/notes", data={"text": "forged", "csrf": "x" * 43})
+        assert r.status_code == 403
+        r = await operator.post("/devices/TRK-1/notes",
+                                data={"text": "scrap it", "disposition": "scrap", "csrf": csrf_of(page.text)})
+        assert r.status_code == 403
+        assert notes.count_documents({}) == 0
+        r = await operator.post("/devices/TRK-1/notes", data={"text": "reseated the antenna",
+                                                              "csrf": csrf_of(page.text)})
+        assert r.status_code == 303
+    async with portal.logged_in("quality") as quality:
+        page = await quality.get("/devices/TRK-1")
+        r = await quality.post("/devices/TRK-1/notes",
+                               data={"text": "", "disposition": "hold", "csrf": csrf_of(page.text)})
+        assert r.status_code == 303
+        r = await quality.post("/devices/TRK-1/notes",
+                               data={"text": "x", "disposition": "burn", "csrf": csrf_of(page.text)})
+        assert r.status_code == 400
+        page = await quality.get("/devices/TRK-1")
+        assert 'id="disposition">hold<' in page.text and "reseated the antenna" in page.text
+    stored = list(notes.find({}, {"_id": 0, "created_at": 0}).sort("created_at", 1))
+    assert stored == [
+        {"serial": "TRK-1", "run_id": None, "author": "operator", "role": "operator", "text": "reseated the antenna",
+         "disposition": None},
+        {"serial": "TRK-1", "run_id": None, "author": "quality", "role": "quality", "text": "", "disposition": "hold"},
+    ]
+
+
+async def test_the_notes_schema_refuses_what_the_portal_never_writes(portal: Portal) -> None:
+    import pymongo.errors
+
+    notes = database(portal.settings)["notes"]
+    with pytest.raises(pymongo.errors.WriteError):
+        notes.insert_one({"serial": "S", "author": "a", "role": "viewer", "text": "t",
+                          "created_at": dt.datetime.now(dt.timezone.utc), "disposition": "burn"})
+    with pytest.raises(pymongo.errors.WriteError):
+        notes.insert_one({"serial": "S", "text": "anonymous", "created_at": dt.datetime.now(dt.timezone.utc)})
+
+
+async def test_a_note_by_api_token_needs_json_and_the_role(portal: Portal) -> None:
+    await portal.aship([tracker_run("TRK-1")])
+    viewer = await trio.to_thread.run_sync(portal.auth.add_token, "dash", portal.auth.user("viewer").role)
+    operator = await trio.to_thread.run_sync(portal.auth.add_token, "mes", portal.auth.user("operator").role)
+    async with portal.client(headers={"Authorization": f"Bearer {viewer}"}) as http:
+        assert (await http.post("/api/v1/devices/TRK-1/notes", json={"text": "hi"})).status_code == 403
+    async with portal.client(headers={"Authorization": f"Bearer {operator}"}) as http:
+        r = await http.post("/api/v1/devices/TRK-1/notes", json={"text": {"$set": 1}})
+        assert r.status_code == 400
+        r = await http.post("/api/v1/devices/TRK-1/notes", json={"text": "from the MES"})
+        assert r.status_code == 201 and r.json()["author"] == "mes"
+        body = (await http.get("/api/v1/devices", params={"serial": "TRK-1"})).json()
+        assert [n["text"] for n in body["devices"][0]["notes"]] == ["from the MES"]
