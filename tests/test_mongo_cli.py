@@ -458,3 +458,30 @@ def test_a_station_reading_mongodb_is_told_which_of_its_runs_are_not_there_yet(
     assert main(["runs", "--batch", "B2024-05-14", "--json", *target]) == 0
     captured = capsys.readouterr()
     assert "not in MongoDB" not in captured.err and "SN-4" in captured.out
+
+
+def test_find_shows_the_notes_and_the_disposition_quality_gave_the_device(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], mongo: MongoSettings
+) -> None:
+    import datetime as dt
+
+    from reports.storage.notes import Note, add_note, ensure_notes
+
+    store = _retested_unit(tmp_path)
+    target = ["--store", str(store), "--mongo", mongo.uri, "--mongo-db", mongo.database]
+    assert main(["sync", *target]) == 0
+    db = database(mongo)
+    ensure_notes(db)
+    when = dt.datetime(2026, 12, 1, 9, 30, tzinfo=dt.timezone.utc)
+    add_note(db, Note("SN-7", "carol", "operator", "RF retested after the shield was reseated", when))
+    add_note(db, Note("SN-7", "quinn", "quality", "ok to ship", when + dt.timedelta(hours=1),
+                      disposition="released"))
+    capsys.readouterr()
+    assert main(["find", "--serial", "SN-7", *target]) == 0
+    out = capsys.readouterr().out
+    assert "disposition   released" in out
+    assert "note 2026-12-01 09:30:00 carol (operator): RF retested after the shield was reseated" in out
+    assert "note 2026-12-01 10:30:00 quinn (quality) [released]: ok to ship" in out
+    assert main(["find", "--serial", "SN-7", *target, "--json"]) == 0
+    [device] = json.loads(capsys.readouterr().out)["devices"]
+    assert device["disposition"] == "released" and [n["author"] for n in device["notes"]] == ["carol", "quinn"]

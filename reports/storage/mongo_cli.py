@@ -316,6 +316,7 @@ def cmd_find(args: argparse.Namespace) -> int:
         sink = MongoSink(settings)
         try:
             devices = find_devices(sink, key, value)
+            _attach_notes(sink, devices)
             source = f"MongoDB {settings.target}"
         except MongoUnavailable as exc:
             err.print(Text(f"sequencer: MongoDB {settings.target} unreachable ({exc}); showing this station's"
@@ -338,6 +339,21 @@ def cmd_find(args: argparse.Namespace) -> int:
 
 #: How many runs ``find`` gathers for one search at most (a MAC shared by every board is a fault, not a device).
 FIND_MAX_RUNS = 2000
+
+
+def _attach_notes(sink: Any, devices: list[dict[str, Any]]) -> None:
+    """Each device's notes and disposition from MongoDB's ``notes`` (the portal's; append-only)."""
+    from reports.storage.mongo import MongoUnavailable, describe_failure
+    from reports.storage.notes import disposition, notes_for
+
+    try:
+        notes = notes_for(sink.db, [d["serial"] for d in devices if d.get("serial")])
+    except Exception as exc:  # noqa: BLE001 - any driver error, as reading the runs reports it
+        raise MongoUnavailable(describe_failure(exc)) from None
+    for d in devices:
+        mine = notes.get(d.get("serial") or "", [])
+        d["notes"] = [n.as_json() for n in mine]
+        d["disposition"] = disposition(mine)
 
 
 def find_devices(source: Any, key: str, value: str) -> list[dict[str, Any]]:
@@ -453,6 +469,7 @@ def _print_devices(devices: list[dict[str, Any]], source: str) -> None:
             ("last outcome", f"{d.get('last_outcome')}  (run {str(d.get('last_run_id', ''))[:12]}, "
                              f"{_when(d.get('last_tested_at'))}, station {d.get('last_station', '?')})"),
             *sorted((str(k), str(v)) for k, v in attributes.items() if k not in blocks),
+            *([("disposition", d["disposition"])] if d.get("disposition") else []),
         ]
         width = max(len(printable(k)) for k, _ in rows)
         for k, v in rows:
@@ -487,6 +504,11 @@ def _print_devices(devices: list[dict[str, Any]], source: str) -> None:
             out.print(Text(f"{printable(k)}:", style="bold"))
             for line in str(v).strip().splitlines():
                 out.print(Text(printable(line)), soft_wrap=True, crop=False)
+        for n in d.get("notes", []):
+            about = f", run {n['run_id'][:12]}" if n.get("run_id") else ""
+            set_to = f" [{n['disposition']}]" if n.get("disposition") else ""
+            out.print(Text(f"  note {n['created_at'][:19].replace('T', ' ')} {printable(n['author'])} "
+                           f"({n['role']}{about}){set_to}: ") + Text(printable(n["text"])), soft_wrap=True)
 
 
 def _is_pem(value: Any) -> bool:
