@@ -8,6 +8,7 @@ station ships them: through :class:`reports.storage.mongo.MongoSink`.
 
 from __future__ import annotations
 
+import datetime as dt
 import re
 from contextlib import asynccontextmanager
 from collections.abc import AsyncIterator, Sequence
@@ -23,8 +24,13 @@ from sequencer.records import RunRecord
 from web.auth import AuthStore, Role
 from web.portal.data import MongoData
 from web.portal.server import serve_portal
+from web.portal.webhooks import WebhookSettings
 
 ROLES = ("viewer", "operator", "quality", "admin")
+#: Webhook times a test can wait for: retries after 50 ms doubling to 200 ms, a lease of two seconds.
+FAST_WEBHOOKS = WebhookSettings(first_retry=dt.timedelta(milliseconds=50), max_retry=dt.timedelta(milliseconds=200),
+                                lease=dt.timedelta(seconds=2), poll_interval_s=0.05, fpy_window=4, fpy_threshold=0.75,
+                                slot_failures=3)
 _CSRF = re.compile(r'name="csrf" value="([^"]+)"')
 
 
@@ -80,7 +86,7 @@ async def portal(mongo: MongoSettings) -> AsyncIterator[Portal]:
     for role in ROLES:
         await trio.to_thread.run_sync(auth.add_user, role, Role.parse(role), f"pw-{role}")
     try:
-        async with serve_portal(data, auth, poll_interval=0.1) as url:
+        async with serve_portal(data, auth, poll_interval=0.1, webhook_settings=FAST_WEBHOOKS) as url:
             yield Portal(url, data, auth, mongo)
     finally:
         data.close()

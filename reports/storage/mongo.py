@@ -655,6 +655,16 @@ INDEXES: tuple[tuple[str, list[tuple[str, int]], dict[str, Any]], ...] = (
     # --since/--until across batches, and the most recent runs (`sequencer runs`): without it
     # both scanned and sorted every run ever shipped.
     ("runs", [("started_at", 1), ("_id", 1)], {"name": "started"}),
+    # The portal: finding a unit by any identity, a product's runs, what shipped since (the line
+    # board, webhooks) and when each station was last heard.
+    ("runs", [("dut.mac", 1)], {"name": "dut_mac"}),
+    ("runs", [("dut.imei", 1)], {"name": "dut_imei"}),
+    ("runs", [("dut.imsi", 1)], {"name": "dut_imsi"}),
+    ("runs", [("dut.iccid", 1)], {"name": "dut_iccid"}),
+    ("runs", [("dut.claim_code", 1)], {"name": "dut_claim_code"}),
+    ("runs", [("product", 1), ("started_at", 1)], {"name": "product_started"}),
+    ("runs", [("shipped_at", 1), ("_id", 1)], {"name": "shipped"}),
+    ("runs", [("station", 1), ("shipped_at", -1)], {"name": "station_shipped"}),
 )
 
 

@@ -178,9 +178,11 @@ async def _note_from(request: Request, principal: Any, serial: str, fields: dict
         stored = await _read(request, data.add_note, note)
     except ValueError as exc:
         raise HTTPException(400, str(exc)) from None
-    hooks = getattr(request.app.state, "on_note", None)
-    if hooks is not None:
-        await hooks(stored, device)
+    webhooks = getattr(request.app.state, "webhooks", None)
+    if webhooks is not None:
+        event = webhooks.note_event(stored, device)
+        if await trio.to_thread.run_sync(webhooks.enqueue, [event]):
+            webhooks.wake()
     return stored
 
 
@@ -194,7 +196,7 @@ def _quote(text: str) -> str:
 
 
 async def api_devices(request: Request) -> Response:
-    """``GET /api/v1/devices?serial=S`` (or mac=, imei=, imsi=, iccid=, claim_code=): the devices, each with its runs."""
+    """``GET /api/v1/devices?serial=S`` (or mac=, imei=, imsi=, iccid=, claim_code=): the devices, with runs."""
     require(request, Role.VIEWER)
     q = _query(request)
     if not q.identity:
@@ -280,4 +282,74 @@ def portal_routes() -> list[BaseRoute]:
         Route("/api/v1/devices/{serial:path}/notes", api_note, methods=["POST"]),
         Route("/api/v1/runs", api_runs),
         Route("/api/v1/runs/{run_id}", api_run),
+        *webhook_routes(),
+    ]
+
+
+# -- webhooks (admins) -------------------------------------------------------------------------
+
+
+def _webhooks(request: Request) -> Any:
+    hooks = getattr(request.app.state, "webhooks", None)
+    if hooks is None:
+        raise HTTPException(405, "this portal reads a station's store: webhooks need the factory's MongoDB")
+    return hooks
+
+
+async def webhooks_page(request: Request) -> Response:
+    require(request, Role.ADMIN)
+    hooks = _webhooks(request)
+    from web.portal.webhooks import EVENTS
+
+    return render(request, "webhooks.html", endpoints=await trio.to_thread.run_sync(hooks.endpoints),
+                  events=EVENTS, created=None)
+
+
+async def add_webhook(request: Request) -> Response:
+    principal = require(request, Role.ADMIN)
+    hooks = _webhooks(request)
+    form = await csrf_form(request)
+    from web.portal.webhooks import EVENTS
+
+    fields = {k: str(form.get(k) or "").strip() for k in ("url", "product", "group", "secret")}
+    try:
+        _, secret = await trio.to_thread.run_sync(lambda: hooks.add_endpoint(
+            fields["url"], [str(e) for e in form.getlist("events")], secret=fields["secret"],
+            product=fields["product"] or None, group=fields["group"] or None, created_by=principal.name))
+    except ValueError as exc:
+        raise HTTPException(400, str(exc)) from None
+    return render(request, "webhooks.html", status_code=201, endpoints=await trio.to_thread.run_sync(hooks.endpoints),
+                  events=EVENTS, created=secret)
+
+
+async def set_webhook(request: Request) -> Response:
+    require(request, Role.ADMIN)
+    hooks = _webhooks(request)
+    await csrf_form(request)
+    endpoint_id = _path_text(request.path_params["endpoint_id"], "endpoint")
+    if not await trio.to_thread.run_sync(hooks.set_active, endpoint_id, request.path_params["action"] == "enable"):
+        raise HTTPException(404, "no such endpoint")
+    return RedirectResponse("/admin/webhooks", status_code=303)
+
+
+async def webhook_page(request: Request) -> Response:
+    require(request, Role.ADMIN)
+    hooks = _webhooks(request)
+    endpoint_id = _path_text(request.path_params["endpoint_id"], "endpoint")
+    endpoint = next((e for e in await trio.to_thread.run_sync(hooks.endpoints) if e["_id"] == endpoint_id), None)
+    if endpoint is None:
+        raise HTTPException(404, "no such endpoint")
+    outbox = await trio.to_thread.run_sync(hooks.outbox, endpoint_id)
+    return render(request, "webhook.html", endpoint=endpoint,
+                  deliveries=await trio.to_thread.run_sync(hooks.deliveries, endpoint_id),
+                  pending=sum(e["state"] == "pending" for e in outbox),
+                  failed=sum(e["state"] == "failed" for e in outbox))
+
+
+def webhook_routes() -> list[BaseRoute]:
+    return [
+        Route("/admin/webhooks", webhooks_page),
+        Route("/admin/webhooks", add_webhook, methods=["POST"]),
+        Route("/admin/webhooks/{endpoint_id}", webhook_page),
+        Route("/admin/webhooks/{endpoint_id}/{action:str}", set_webhook, methods=["POST"]),
     ]

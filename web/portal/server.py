@@ -14,6 +14,7 @@ from web.app import WebSettings, create_web_app
 from web.auth import AuthStore, Role
 from web.portal.app import portal_routes
 from web.portal.board import BoardFeed, board_routes
+from web.portal.webhooks import Webhooks, WebhookSettings
 from web.server import serve_app
 
 __all__ = ["create_portal", "serve_portal"]
@@ -24,19 +25,24 @@ NAVIGATION = (("Line board", "/board", Role.VIEWER), ("Search", "/search", Role.
 
 
 def create_portal(data: Any, auth: AuthStore | None, *, cookie_secret: bytes, board: BoardFeed,
-                  https_only: bool = False, extra_state: dict[str, Any] | None = None) -> Any:
+                  webhooks: Webhooks | None = None, https_only: bool = False) -> Any:
     """The portal's ASGI app over ``data`` (:mod:`web.portal.data`); ``auth`` None serves read-only without logins."""
     settings = WebSettings(title="Sequencer portal", auth=auth, cookie_secret=cookie_secret,
                            template_packages=("web.portal",), static_packages=("web.portal", "web"),
                            https_only=https_only, navigation=NAVIGATION)
     return create_web_app(settings, [*board_routes(), *portal_routes()],
-                          state={"data": data, "board": board, **(extra_state or {})})
+                          state={"data": data, "board": board, "webhooks": webhooks})
 
 
 @asynccontextmanager
 async def serve_portal(data: Any, auth: AuthStore | None, host: str = "127.0.0.1", port: int = 0, *,
-                       https_only: bool = False, poll_interval: float = 1.0) -> AsyncIterator[str]:
-    """Serve the portal while the block runs; yields its base URL. ``data`` and ``auth`` stay the caller's to close."""
+                       https_only: bool = False, poll_interval: float = 1.0,
+                       webhook_settings: WebhookSettings | None = None) -> AsyncIterator[str]:
+    """Serve the portal while the block runs; yields its base URL. ``data`` and ``auth`` stay the caller's to close.
+
+    Over MongoDB, webhooks are found and delivered in the same nursery
+    (:mod:`web.portal.webhooks`); a store served read-only has none.
+    """
     await trio.to_thread.run_sync(data.ensure)
     if auth is not None:
         await trio.to_thread.run_sync(auth.ensure)
@@ -44,9 +50,13 @@ async def serve_portal(data: Any, auth: AuthStore | None, host: str = "127.0.0.1
     else:
         cookie_secret = secrets.token_bytes(32)
     board = BoardFeed(data, poll_interval=poll_interval)
+    webhooks = Webhooks(data.db, webhook_settings) if data.writable else None
     async with trio.open_nursery() as nursery:
         await nursery.start(board.run)
-        app = create_portal(data, auth, cookie_secret=cookie_secret, board=board, https_only=https_only)
+        if webhooks is not None:
+            await nursery.start(webhooks.run)
+        app = create_portal(data, auth, cookie_secret=cookie_secret, board=board, webhooks=webhooks,
+                            https_only=https_only)
         async with serve_app(app, host, port, graceful_timeout=GRACEFUL_TIMEOUT_S,
                              error_log=logging.getLogger("web.portal.http")) as url:
             yield url
