@@ -91,8 +91,10 @@ async def test_a_bench_portal_serves_a_stations_store_read_only(tmp_path: Path) 
             page = await http.get("/search", params={"serial": "SN-2"})
             assert page.status_code == 200 and "SN-2" in page.text and "read-only" in page.text
             assert 'href="/devices/SN-1"' not in page.text
-            body = (await http.get("/api/v1/devices", params={"mac": "24:0A:C4:12:34:56"})).json()
-            assert [d["serial"] for d in body["devices"]] == ["SN-1", "SN-2"]
+            mac = rf.sensor_run("SN-1").dut["mac"].upper()
+            body = (await http.get("/api/v1/devices", params={"mac": mac})).json()
+            assert [d["serial"] for d in body["devices"]] == ["SN-1"]
+            assert [r["outcome"] for r in body["devices"][0]["runs"]] == ["PASS"]
             device = await http.get("/devices/SN-2")
             assert 'id="add-note"' not in device.text
             assert (await http.post("/devices/SN-2/notes", data={"text": "x"})).status_code == 403

@@ -655,14 +655,12 @@ INDEXES: tuple[tuple[str, list[tuple[str, int]], dict[str, Any]], ...] = (
     # --since/--until across batches, and the most recent runs (`sequencer runs`): without it
     # both scanned and sorted every run ever shipped.
     ("runs", [("started_at", 1), ("_id", 1)], {"name": "started"}),
-    # The portal: finding a unit by any identity, a product's runs, what shipped since (the line
-    # board, webhooks) and when each station was last heard.
-    ("runs", [("dut.mac", 1)], {"name": "dut_mac"}),
+    # The portal: finding a unit by any identity, what shipped since (the line board, webhooks)
+    # and when each station was last heard.
     ("runs", [("dut.imei", 1)], {"name": "dut_imei"}),
     ("runs", [("dut.imsi", 1)], {"name": "dut_imsi"}),
     ("runs", [("dut.iccid", 1)], {"name": "dut_iccid"}),
     ("runs", [("dut.claim_code", 1)], {"name": "dut_claim_code"}),
-    ("runs", [("product", 1), ("started_at", 1)], {"name": "product_started"}),
     ("runs", [("shipped_at", 1), ("_id", 1)], {"name": "shipped"}),
     ("runs", [("station", 1), ("shipped_at", -1)], {"name": "station_shipped"}),
 )
@@ -965,7 +963,7 @@ class MongoSink:
     def find_runs_by_identity(self, key: str, value: str, *, limit: int = 1000) -> list[RunRecord]:
         """The runs whose ``dut[key]`` is ``value`` (a MAC in the usual spellings), oldest first, at most ``limit``."""
         field = "serial" if key == "serial" else f"dut.{encode_key(key)}"
-        values = _mac_spellings(value) if key.endswith("mac") else [value]
+        values = mac_spellings(value) if key.endswith("mac") else [value]
         try:
             cursor = self.runs.find({field: {"$in": values}}, {"measurements": 0}, limit=limit)
             docs = list(cursor.sort([("started_at", 1), ("_id", 1)]))
@@ -1045,7 +1043,7 @@ def _spellings(text: str) -> list[str]:
     return list(dict.fromkeys([text, text.lower(), text.upper()]))
 
 
-def _mac_spellings(text: str) -> list[str]:
+def mac_spellings(text: str) -> list[str]:
     """A MAC as typed, and with colons or dashes or none, in lower and upper case (stations differ)."""
     bare = text.strip().translate(str.maketrans("", "", ":-. ")).lower()
     pairs = [bare[i:i + 2] for i in range(0, len(bare), 2)]

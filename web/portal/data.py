@@ -38,11 +38,16 @@ def _utc(when: dt.datetime | None) -> dt.datetime | None:
     return when.replace(tzinfo=dt.timezone.utc) if when.tzinfo is None else when.astimezone(dt.timezone.utc)
 
 
+def _text(outcome: Any) -> str | None:
+    """An outcome as its name (a record's form holds the enum, a document the text)."""
+    return getattr(outcome, "value", outcome)
+
+
 def run_row(doc: Mapping[str, Any]) -> dict[str, Any]:
     """A run as lists show it, from a ``runs`` document (or a record's ``to_dict`` form)."""
     dut = decode_mapping(doc.get("dut") or {})
     phases = doc.get("phases") or []
-    failed = next((p["name"] for p in phases if p.get("outcome") not in ("PASS", "SKIPPED", None)), None)
+    failed = next((p["name"] for p in phases if _text(p.get("outcome")) not in ("PASS", "SKIPPED", None)), None)
     started = doc["started_at"]
     started = dt.datetime.fromisoformat(started) if isinstance(started, str) else started
     ended = doc.get("ended_at")
@@ -52,7 +57,7 @@ def run_row(doc: Mapping[str, Any]) -> dict[str, Any]:
         "serial": doc.get("serial") if "serial" in doc else dut.get("serial"),
         "product": doc.get("product", ""), "product_version": doc.get("product_version", ""),
         "station": doc.get("station", ""), "slot": doc.get("slot"), "batch": doc.get("batch", ""),
-        "operator": doc.get("operator", ""), "outcome": doc.get("outcome"), "marginal": bool(doc.get("marginal")),
+        "operator": doc.get("operator", ""), "outcome": _text(doc.get("outcome")), "marginal": bool(doc.get("marginal")),
         "started_at": _utc(started), "ended_at": _utc(ended),
         "dut": {k: str(dut[k]) for k in ROW_IDENTITY if dut.get(k) is not None},
         "phases_done": len(phases), "last_phase": phases[-1]["name"] if phases else None, "failed_phase": failed,

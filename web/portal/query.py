@@ -14,6 +14,7 @@ from typing import Any
 
 import attrs
 
+from reports.storage.mongo import mac_spellings
 from sequencer.records import Outcome
 
 __all__ = ["BadQuery", "IDENTITY_KEYS", "RunQuery", "parse_run_query"]
@@ -130,8 +131,8 @@ def mongo_filter(q: RunQuery) -> dict[str, Any]:
     query: dict[str, Any] = {}
     for name, value in q.identity:
         field = IDENTITY_KEYS[name]
-        # MACs are written in either case by different stations.
-        query[field] = {"$in": list(dict.fromkeys([value, value.lower(), value.upper()]))} if name == "mac" else value
+        # Stations write MACs in either case, with colons, dashes or neither.
+        query[field] = {"$in": mac_spellings(value)} if name == "mac" else value
     for name in ("batch", "product", "station"):
         if getattr(q, name) is not None:
             query[name] = getattr(q, name)
@@ -154,7 +155,7 @@ def matches(q: RunQuery, run: Mapping[str, Any]) -> bool:
     """Whether a run summary (:func:`web.portal.data.run_row`) matches ``q``, for a store without query support."""
     for name, value in q.identity:
         have = run.get("serial") if name == "serial" else (run.get("dut") or {}).get(name)
-        if have is None or (str(have).lower() != value.lower() if name == "mac" else str(have) != value):
+        if have is None or (str(have) not in mac_spellings(value) if name == "mac" else str(have) != value):
             return False
     for name in ("batch", "product", "station"):
         if getattr(q, name) is not None and run.get(name) != getattr(q, name):
