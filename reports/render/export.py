@@ -39,7 +39,7 @@ import datetime as dt
 import json
 import math
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -121,87 +121,131 @@ _RUN_COLUMNS_AFTER_IDENTITY = (
 )
 
 
-def _runs_table(ordered: Sequence[RunRecord]) -> Table:
-    fixed = set(_RUN_COLUMNS) | set(_RUN_COLUMNS_AFTER_IDENTITY)
-    identity = sorted({k for r in ordered for k in r.dut} - {"serial"})
-    # A device may report identity under a name the table already uses ("port"): keep both.
-    identity_columns = tuple(f"dut.{k}" if k in fixed else k for k in identity)
-
-    measured: dict[tuple[str, str], str] = {}  # (phase, measurement) -> column name, first seen first
+def measured_columns(ordered: Iterable[RunRecord]) -> dict[tuple[str, str], str]:
+    """The runs table's measurement columns: (phase, measurement) -> ``phase.name [units]``, first seen first."""
+    measured: dict[tuple[str, str], str] = {}
     for r in ordered:
         for p in r.phases:
             for m in p.measurements:
                 if not m.dimensions and (p.name, m.name) not in measured:
-                    units = f" [{m.units}]" if m.units else ""
-                    measured[(p.name, m.name)] = f"{p.name}.{m.name}{units}"
+                    measured[(p.name, m.name)] = measured_column(p.name, m.name, m.units)
+    return measured
 
-    units = group_units(ordered)
-    final_run: dict[str, str] = {}
-    for r in ordered:
-        if r.outcome is not None:
-            final_run[units.of(r).key] = r.run_id
 
-    rows = []
-    for r, unit_run in zip(ordered, unit_run_numbers(ordered, units), strict=True):
-        unit = units.of(r)
+def measured_column(phase: str, measurement: str, units: str | None) -> str:
+    return f"{phase}.{measurement}{f' [{units}]' if units else ''}"
+
+
+@attrs.frozen
+class RunsLayout:
+    """The runs table's columns and each run's unit, decided over every run before any row is made.
+
+    Made from the runs themselves (:meth:`of`), or, for an export streamed
+    a run at a time, from their headers (phases left out: identity and
+    outcome are all the units need) and the measurement columns found
+    another way; rows are then made one run at a time (:meth:`row`).
+    """
+
+    identity: tuple[str, ...]
+    measured: dict[tuple[str, str], str]
+    units: Any  # reports.quality.units.Units
+    final_run: dict[str, str]  # unit key -> the run its final yield counts
+    unit_run: dict[str, int]  # run id -> which test of its unit it is
+
+    @classmethod
+    def of(cls, ordered: Sequence[RunRecord], measured: dict[tuple[str, str], str] | None = None) -> RunsLayout:
+        """``ordered`` oldest first (or their headers, with ``measured`` given)."""
+        units = group_units(ordered)
+        final_run: dict[str, str] = {}
+        for r in ordered:
+            if r.outcome is not None:
+                final_run[units.of(r).key] = r.run_id
+        numbers = unit_run_numbers(ordered, units)
+        return cls(
+            identity=tuple(sorted({k for r in ordered for k in r.dut} - {"serial"})),
+            measured=measured if measured is not None else measured_columns(ordered),
+            units=units, final_run=final_run,
+            unit_run={r.run_id: n for r, n in zip(ordered, numbers, strict=True)},
+        )
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        fixed = set(_RUN_COLUMNS) | set(_RUN_COLUMNS_AFTER_IDENTITY)
+        # A device may report identity under a name the table already uses ("port"): keep both.
+        identity_columns = tuple(f"dut.{k}" if k in fixed else k for k in self.identity)
+        return (*_RUN_COLUMNS, *identity_columns, *_RUN_COLUMNS_AFTER_IDENTITY, *self.measured.values())
+
+    def row(self, r: RunRecord) -> tuple[Any, ...]:
+        unit = self.units.of(r)
         values: dict[tuple[str, str], Any] = {}
         for p in r.phases:
             for m in p.measurements:
                 if not m.dimensions:
                     values[(p.name, m.name)] = _marked(_value(m.value), m)
-        rows.append((
+        return (
             r.run_id, r.batch, r.serial,
-            *(r.dut.get(k) for k in identity),
+            *(r.dut.get(k) for k in self.identity),
             r.product, r.product_version, r.station, r.slot, r.port, r.operator,
             r.started_at, r.ended_at, _seconds(r.duration_s),
             _outcome(r.outcome, r.marginal), r.marginal,
-            unit.label, unit_run, final_run.get(unit.key) == r.run_id, unit.conflict,
+            unit.label, self.unit_run[r.run_id], self.final_run.get(unit.key) == r.run_id, unit.conflict,
             "; ".join(p.name for p in r.phases if p.outcome in FAILURE_OUTCOMES),
             "; ".join(p.name for p in r.phases if p.outcome in TROUBLE_OUTCOMES),
             r.limits_sha256, r.product_sha256, r.sequencer_version,
-            *(values.get(k) for k in measured),
-        ))
-    columns = (*_RUN_COLUMNS, *identity_columns, *_RUN_COLUMNS_AFTER_IDENTITY, *measured.values())
-    return Table("runs", columns, tuple(rows))
+            *(values.get(k) for k in self.measured),
+        )
+
+
+def _runs_table(ordered: Sequence[RunRecord]) -> Table:
+    layout = RunsLayout.of(ordered)
+    return Table("runs", layout.columns, tuple(layout.row(r) for r in ordered))
+
+
+PHASE_COLUMNS = ("run_id", "serial", "phase", "teardown", "outcome", "attempts", "started_utc", "duration_s",
+                 "resource_wait_s", "marginal", "reason", "error")
+
+
+def phase_rows(r: RunRecord) -> Iterator[tuple[Any, ...]]:
+    """The phases table's rows of one run."""
+    for p in r.phases:
+        error = p.error
+        yield (
+            r.run_id, r.serial, p.name, p.teardown, _outcome(p.outcome, p.marginal), len(p.attempts),
+            p.started_at, _seconds(p.duration_s), _seconds(p.resource_wait_s), p.marginal, p.reason,
+            None if error is None else f"{error.type}: {error.message}",
+        )
 
 
 def _phases_table(ordered: Sequence[RunRecord]) -> Table:
-    columns = ("run_id", "serial", "phase", "teardown", "outcome", "attempts", "started_utc", "duration_s",
-               "resource_wait_s", "marginal", "reason", "error")
-    rows = []
-    for r in ordered:
-        for p in r.phases:
-            error = p.error
-            rows.append((
-                r.run_id, r.serial, p.name, p.teardown, _outcome(p.outcome, p.marginal), len(p.attempts),
-                p.started_at, _seconds(p.duration_s), _seconds(p.resource_wait_s), p.marginal, p.reason,
-                None if error is None else f"{error.type}: {error.message}",
-            ))
-    return Table("phases", columns, tuple(rows))
+    return Table("phases", PHASE_COLUMNS, tuple(row for r in ordered for row in phase_rows(r)))
+
+
+MEASUREMENT_COLUMNS = ("run_id", "serial", "phase", "attempt", "measurement", "value", "units", "outcome",
+                       "marginal", "low", "high", "marginal_low", "marginal_high", "validators", "points", "reason")
+
+
+def measurement_rows(r: RunRecord) -> Iterator[tuple[Any, ...]]:
+    """The measurements table's rows of one run: each phase's deciding (last) attempt."""
+    for p in r.phases:
+        if not p.attempts:
+            continue
+        last = p.attempts[-1]
+        for m in last.measurements:
+            series = bool(m.dimensions)
+            lim = m.limits
+            yield (
+                r.run_id, r.serial, p.name, last.number, m.name,
+                None if series else _value(m.value), m.units, _marked(m.outcome.value, m), m.marginal,
+                *(_value(v) for v in ((lim.low, lim.high, lim.marginal_low, lim.marginal_high)
+                                      if lim is not None else (None,) * 4)),
+                "; ".join(m.validators),
+                (len(m.value) if isinstance(m.value, list) else 0) if series else None,
+                m.reason,
+            )
 
 
 def _measurements_table(ordered: Sequence[RunRecord]) -> Table:
-    columns = ("run_id", "serial", "phase", "attempt", "measurement", "value", "units", "outcome", "marginal",
-               "low", "high", "marginal_low", "marginal_high", "validators", "points", "reason")
-    rows = []
-    for r in ordered:
-        for p in r.phases:
-            if not p.attempts:
-                continue
-            last = p.attempts[-1]
-            for m in last.measurements:
-                series = bool(m.dimensions)
-                lim = m.limits
-                rows.append((
-                    r.run_id, r.serial, p.name, last.number, m.name,
-                    None if series else _value(m.value), m.units, _marked(m.outcome.value, m), m.marginal,
-                    *(_value(v) for v in ((lim.low, lim.high, lim.marginal_low, lim.marginal_high)
-                                          if lim is not None else (None,) * 4)),
-                    "; ".join(m.validators),
-                    (len(m.value) if isinstance(m.value, list) else 0) if series else None,
-                    m.reason,
-                ))
-    return Table("measurements", columns, tuple(rows))
+    return Table("measurements", MEASUREMENT_COLUMNS, tuple(row for r in ordered for row in measurement_rows(r)))
 
 
 def _value(value: Any) -> Any:
@@ -250,7 +294,12 @@ def write_csv(table: Table, out: TextIO) -> None:
     writer = csv.writer(out)
     writer.writerow(table.columns)
     for row in table.rows:
-        writer.writerow([_csv_cell(plain(c)) for c in row])
+        writer.writerow(csv_cells(row))
+
+
+def csv_cells(row: Iterable[Any]) -> list[Any]:
+    """One row's cells as CSV writes them: plain values, times in ISO form, formula-like text defused."""
+    return [_csv_cell(plain(c)) for c in row]
 
 
 def write_csv_file(path: str | Path, table: Table) -> Path:
@@ -293,7 +342,7 @@ def write_xlsx(path: str | Path, tables: dict[str, Table], runs: Sequence[RunRec
     # their own, which only saving closes.
     with replacing(path) as tmp:
         workbook = Workbook(write_only=True)
-        cells = _Cells()
+        cells = XlsxCells()
         _write_summary(workbook.create_sheet("Summary"), runs, title, cells)
         for table in tables.values():
             _write_sheet(workbook.create_sheet(table.name.capitalize()), table, cells)
@@ -301,7 +350,7 @@ def write_xlsx(path: str | Path, tables: dict[str, Table], runs: Sequence[RunRec
     return Path(path)
 
 
-class _Cells:
+class XlsxCells:
     """Turns table cells into what a write-only worksheet appends, with the few styles a workbook uses."""
 
     def __init__(self) -> None:
@@ -338,16 +387,27 @@ class _Cells:
         return out
 
 
-def _write_sheet(sheet: Any, table: Table, cells: _Cells) -> None:
+def _write_sheet(sheet: Any, table: Table, cells: XlsxCells) -> None:
+    write_rows(sheet, table.columns, table.rows, cells)
+
+
+def write_rows(sheet: Any, columns: Sequence[str], rows: Iterable[Sequence[Any]], cells: XlsxCells) -> int:
+    """A table into a write-only worksheet, a row at a time (``rows`` may be a generator); the rows written."""
     from openpyxl.utils import get_column_letter
 
     sheet.freeze_panes = "B2"  # the header and the run id stay in view
-    for i, name in enumerate(table.columns, start=1):
+    for i, name in enumerate(columns, start=1):
         sheet.column_dimensions[get_column_letter(i)].width = min(max(len(name) + 2, 10), 40)
-    sheet.append([cells(sheet, name, bold=True) for name in table.columns])
-    for row in table.rows:
+    sheet.append([cells(sheet, name, bold=True) for name in columns])
+    n = 0
+    for row in rows:
+        if n + 2 > XLSX_MAX_ROWS:
+            raise ExportError(f"more rows than a worksheet holds ({XLSX_MAX_ROWS - 1:,}): export CSV or select "
+                              "fewer runs")
         sheet.append([cells(sheet, c) for c in row])
-    sheet.auto_filter.ref = f"A1:{get_column_letter(len(table.columns))}{len(table.rows) + 1}"
+        n += 1
+    sheet.auto_filter.ref = f"A1:{get_column_letter(len(columns))}{n + 1}"
+    return n
 
 
 def _escaped(match: re.Match[str]) -> str:
@@ -362,7 +422,7 @@ def _xlsx_text(text: str) -> str:
     return text
 
 
-def _write_summary(sheet: Any, runs: Sequence[RunRecord], title: str, cells: _Cells) -> None:
+def _write_summary(sheet: Any, runs: Sequence[RunRecord], title: str, cells: XlsxCells) -> None:
     s = batch_summary(runs)
     sheet.column_dimensions["A"].width = 34
     sheet.column_dimensions["B"].width = 48
