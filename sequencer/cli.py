@@ -17,6 +17,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, NoReturn
 
+import trio
 from rich.console import Console
 from rich.markup import escape
 from rich.text import Text
@@ -27,7 +28,7 @@ from sequencer.clock import run_on_station_clock
 from sequencer.config import ConfigError, StationConfig, load_station_config
 from sequencer.product import LoadedProduct, ProductError, layers, load_product
 from sequencer.records import Outcome, RunRecord, run_to_json
-from sequencer.session import run_session
+from sequencer.session import SessionResult, run_session
 from sequencer.station import StationResult
 from sequencer.terminal import OutputConsole, printable, silence_stdout, sole_exception
 from sequencer.version import SEQUENCER_VERSION
@@ -371,11 +372,13 @@ def cmd_run(args: argparse.Namespace) -> int:
                       "be restored (cut short by a crash or a full disk) and were skipped[/yellow]")
     log_handle = configure_logging(config.store.parent / "station.log", verbose=args.verbose)
     tune_garbage_collector()
+    reports = _RoundReports(config)
     try:
         result = run_on_station_clock(partial(
             run_session, loaded, config, store, console, not args.plain,
             open_hardware=partial(open_hardware, loaded, config, faults),
             open_shipping=partial(station_shipping, config, console),
+            round_ended=reports.write,
         ))
         # The batch page covers the whole batch, earlier sessions and retests included.
         batch_runs = store.find_runs(batch=config.batch_or_default)
@@ -388,7 +391,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                     f"[yellow]{log_handle.dropped} line(s) could not be written to {escape(str(log_handle.path))}"
                     "[/yellow]"
                 )
-    return _finish_run(result, batch_runs, config, console)
+    return _finish_run(result, batch_runs, reports, config, console)
 
 
 def _raise_open_file_limit() -> None:
@@ -427,16 +430,58 @@ def check_port(port: str) -> None:
         raise UsageError(f"port {port}: busy or not usable ({reason})") from None
 
 
+class _RoundReports:
+    """Each round's per-run reports, written as the round ends, so a session of many rounds holds no old run.
+
+    The reports come before the round's summary: they are what quality
+    reads, and a terminal that went away (stdout a closed pipe) must not
+    cost them. After the first failure nothing more is written (the
+    records are safe in the store; ``sequencer report`` writes them later).
+    """
+
+    def __init__(self, config: StationConfig) -> None:
+        from reports.render.html import batch_dir
+
+        self.folder = batch_dir(config.reports_dir, config.batch_or_default)
+        self.error: Exception | None = None
+
+    async def write(self, result: StationResult) -> None:
+        if result.write_error is not None or self.error is not None:
+            return  # no reports of a round the store does not hold in full
+        try:
+            await trio.to_thread.run_sync(self._write_runs, result.runs)
+        except Exception as exc:
+            self.error = exc
+
+    def _write_runs(self, runs: Sequence[RunRecord]) -> None:
+        from reports.render.html import render_run, write_html
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        for r in runs:
+            write_html(self.folder / f"{r.run_id}.html", render_run(r))
+
+    def write_batch(self, batch: str, batch_runs: list[RunRecord]) -> None:
+        from reports.render.html import batch_title, render_batch, write_html
+
+        if self.error is not None:
+            return
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            write_html(self.folder / "index.html", render_batch(batch_runs, title=batch_title(batch, batch_runs)))
+        except Exception as exc:
+            self.error = exc
+
+
 def _finish_run(
-    result: StationResult,
+    result: SessionResult,
     batch_runs: list[RunRecord],
+    reports: _RoundReports,
     config: StationConfig,
     console: Console,
 ) -> int:
-    from reports.render.html import batch_dir, batch_title, render_batch, render_run, write_html
     from sequencer.display import station_summary
 
-    runs = list(result.runs)
+    runs = result.last_round
     if result.write_error is not None:
         # No reports: they would show runs the store does not hold in full.
         console.print(station_summary(runs))
@@ -444,22 +489,16 @@ def _finish_run(
             f"{result.write_error}; testing stopped on every slot (phases committed before that are in "
             f"{config.store}; retest these units once the store can be written)"
         )
-    if not runs and result.stopped is not None:
+    if not result.runs and result.stopped is not None:
         console.print(f"[yellow]stopped by the operator {result.stopped}[/yellow]")
         return EXIT_ABORTED
-    passed = sum(r.outcome is Outcome.PASS for r in runs)
-    report_dir = batch_dir(config.reports_dir, config.batch_or_default)
+    passed, total = result.passed, result.runs
+    report_dir = reports.folder
     batch_path = report_dir / "index.html"
-    # The reports before the summary: they are what quality reads, and a
-    # terminal that went away (stdout a closed pipe) must not cost them.
-    report_error: Exception | None = None
-    try:
-        report_dir.mkdir(parents=True, exist_ok=True)
-        for r in runs:
-            write_html(report_dir / f"{r.run_id}.html", render_run(r))
-        write_html(batch_path, render_batch(batch_runs, title=batch_title(config.batch_or_default, batch_runs)))
-    except Exception as exc:
-        report_error = exc
+    # Before the summary, as each round's reports were (see _RoundReports).
+    reports.write_batch(config.batch_or_default, batch_runs)
+    report_error = reports.error
+    # The last round's runs: the earlier rounds' summaries were shown as they ended.
     console.print(station_summary(runs))
     for line in result.crashed:
         console.print(f"[red]{escape(line)} (a bug: the run has no complete record; see the station log)[/red]")
@@ -469,18 +508,18 @@ def _finish_run(
         console.print(f"[red]could not write the HTML report in {escape(str(report_dir))}: "
                       f"{type(report_error).__name__}: {escape(str(report_error))}[/red]"
                       f"  (records are in {escape(str(config.store))}; retry with `sequencer report --batch ...`)")
-        console.print(f"{passed}/{len(runs)} passed.")
+        console.print(f"{passed}/{total} passed.")
     else:
-        console.print(f"{passed}/{len(runs)} passed.  Report: {escape(str(batch_path))}  (per-run reports beside it)")
+        console.print(f"{passed}/{total} passed.  Report: {escape(str(batch_path))}  (per-run reports beside it)")
     if result.aborted:
         # Runs that had ended before the abort keep their outcome.
         if result.stopped is not None:
             console.print(f"[yellow]stopped by the operator {result.stopped}[/yellow]")
         else:
-            cut = sum(r.outcome is Outcome.ABORTED for r in runs)
+            cut = result.outcomes.get(Outcome.ABORTED, 0)
             console.print(f"[yellow]aborted by the operator; {cut} unfinished run(s) recorded ABORTED[/yellow]")
         return EXIT_ABORTED
-    return EXIT_OK if runs and passed == len(runs) and not result.crashed else EXIT_FAILED
+    return EXIT_OK if total and passed == total and not result.crashed else EXIT_FAILED
 
 
 # -- report and runs ---------------------------------------------------------

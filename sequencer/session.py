@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from typing import Any, Protocol
 
@@ -34,12 +34,12 @@ from sequencer.events import EventBus
 from sequencer.fixtures import FixtureFactory
 from sequencer.operator import NoOperator, OperatorDesk, Question
 from sequencer.product import LoadedProduct
-from sequencer.records import Outcome
+from sequencer.records import Outcome, RunRecord
 from sequencer.resources import SharedResource
 from sequencer.station import StationResult
 from sequencer.terminal import printable
 
-__all__ = ["Hardware", "RoundSetup", "run_session"]
+__all__ = ["Hardware", "RoundSetup", "SessionResult", "run_session"]
 
 #: ``ask_operator``: the station's first question, whose answer is stamped on every run of the session.
 WHO_IS_TESTING = Question(-1, "", "", "who is testing? Scan your badge or type your name, then press Enter")
@@ -77,23 +77,29 @@ async def run_session(
     *,
     open_hardware: Callable[[], AbstractAsyncContextManager[Hardware]],
     open_shipping: Callable[[], AbstractAsyncContextManager[object]],
-) -> StationResult:
+    round_ended: Callable[[StationResult], Awaitable[None]] | None = None,
+) -> SessionResult:
     """The station session: set up once, then rounds of every slot, the operator saying when to go on.
 
     ``config.rounds`` rounds, or with 0 until the operator types stop. What
     lasts the whole session is opened once: the store's writer, the
     MongoDB shipper, the flash workers, the operator's input. Each round gets
     its own slots (under ``--sim``, a fresh farm: new boards, new serials),
-    instruments and display. The runs of every round come back as one result.
-    ``open_shipping`` forwards the store to MongoDB while the session runs
-    (or does nothing); ``open_hardware`` opens the station's side.
+    instruments and display. ``open_shipping`` forwards the store to MongoDB
+    while the session runs (or does nothing); ``open_hardware`` opens the
+    station's side.
+
+    ``round_ended`` is given each round's result as the round ends (the
+    command line writes its runs' reports then). The session itself keeps
+    only the last round's runs and counts: a station that runs all week
+    must not hold every record it ever took.
     """
     rounds = config.rounds  # 0: until the operator says stop
     bus = EventBus()
     settings = RunSettings(station=config.station, operator=config.operator, batch=config.batch_or_default)
     interactive = live and console.is_terminal
     desk = OperatorDesk(bus) if rounds != 1 or loaded.product.uses("operator") or config.ask_operator else None
-    results: list[StationResult] = []
+    tally = _Tally()
     stopped: str | None = None  # when the operator stopped the session with no run open
     nobody: NoOperator | None = None
     async with AsyncExitStack() as stack:
@@ -123,7 +129,9 @@ async def run_session(
                     round_config = attrs.evolve(config, seed=config.seed + 1000 * (number - 1))
                     result = await _run_round(loaded, round_config, store, console, bus, settings, desk, hardware,
                                               interactive, f" (round {number}{_of(rounds)})" if rounds != 1 else "")
-                    results.append(result)
+                    tally.add(result)
+                    if round_ended is not None:
+                        await round_ended(result)
                     if number == rounds or result.aborted or result.write_error is not None:
                         break
                     assert desk is not None  # there is one whenever there are rounds
@@ -136,13 +144,57 @@ async def run_session(
     if nobody is not None:
         raise ConfigError(f"the station asks who is testing (ask_operator), and nobody can answer: {nobody}; "
                           "give --operator NAME")
-    return StationResult(
-        tuple(r for result in results for r in result.runs),
-        aborted=stopped is not None or any(result.aborted for result in results),
-        write_error=next((result.write_error for result in results if result.write_error is not None), None),
-        stopped=stopped,
-        crashed=tuple(line for result in results for line in result.crashed),
-    )
+    return tally.result(stopped)
+
+
+@attrs.frozen
+class SessionResult:
+    """How a session went: its last round's runs, and counts over every round."""
+
+    #: the last round's runs (the earlier rounds' were summed up as they ended)
+    last_round: tuple[RunRecord, ...]
+    #: runs taken in the whole session, by outcome
+    outcomes: Mapping[Outcome, int]
+    aborted: bool = False
+    #: the store's first refusal: the station stopped testing
+    write_error: str | None = None
+    #: when the operator stopped the session while no run was open: "between rounds", ...
+    stopped: str | None = None
+    #: one line per slot whose run escaped the engine, in every round
+    crashed: tuple[str, ...] = ()
+
+    @property
+    def runs(self) -> int:
+        return sum(self.outcomes.values())
+
+    @property
+    def passed(self) -> int:
+        return self.outcomes.get(Outcome.PASS, 0)
+
+
+class _Tally:
+    """A session's rounds added up as they end, so no round's records outlive the next round."""
+
+    def __init__(self) -> None:
+        self.last_round: tuple[RunRecord, ...] = ()
+        self.outcomes: dict[Outcome, int] = {}
+        self.aborted = False
+        self.write_error: str | None = None
+        self.crashed: list[str] = []
+
+    def add(self, result: StationResult) -> None:
+        self.last_round = result.runs
+        for run in result.runs:
+            outcome = run.outcome or Outcome.ABORTED
+            self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
+        self.aborted = self.aborted or result.aborted
+        if self.write_error is None:
+            self.write_error = result.write_error
+        self.crashed += result.crashed
+
+    def result(self, stopped: str | None) -> SessionResult:
+        return SessionResult(self.last_round, dict(self.outcomes), aborted=self.aborted or stopped is not None,
+                             write_error=self.write_error, stopped=stopped, crashed=tuple(self.crashed))
 
 
 async def _run_round(

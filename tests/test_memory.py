@@ -19,10 +19,14 @@ from typing import Any
 
 import trio
 
+from reports.storage.store import LocalStore
 from sequencer import Measurement, PhaseResult, Product, phase
 from sequencer.events import EventBus
 from sequencer.fixtures import SlotInfo
+from sequencer.cli import main
 from tests.conftest import run_product
+
+COUNTING = Path(__file__).resolve().parent / "products" / "counting_widget.py"
 
 
 @contextmanager
@@ -120,3 +124,19 @@ async def test_a_finished_run_leaves_nothing_for_the_cyclic_collector(store_path
         del events
         assert len(watched.refs) > 8
         assert watched.alive() == []
+
+
+def test_a_session_of_many_rounds_keeps_no_earlier_round(tmp_path: Path) -> None:
+    # Every run counts the run records alive in the station as it runs; a
+    # session that kept every round's runs (for the summary and reports at
+    # its end) held two more at each round.
+    store = tmp_path / "s.sqlite"
+    assert main(["run", str(COUNTING), "--sim", "2", "--rounds", "5", "--plain", "--store", str(store)]) == 0
+    reader = LocalStore.open(store)
+    try:
+        runs = reader.find_runs()
+    finally:
+        reader.close()
+    alive = [r.phases[0].measurements[0].value for r in runs]  # oldest first: two runs per round
+    assert len(alive) == 10
+    assert max(alive[-2:]) <= max(alive[2:4]), alive
