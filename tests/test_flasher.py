@@ -201,6 +201,20 @@ async def test_board_that_drops_off_mid_flash_is_link_lost_and_takes_a_reflash()
         assert dev.boot_count == 1
 
 
+async def test_the_boot_log_the_worker_read_past_the_loaders_last_reply_reaches_the_console() -> None:
+    # On a busy station the worker may read the reply to FLASH_END late, when
+    # the boot log is already behind it: it reads both at once. What it read
+    # past the reply is the console's, not lost with the worker (the boot
+    # phase then waited 5 s for a READY that had come and gone).
+    async with board(BoardFaults(reply_with_boot_log=True)) as (dev, link), flasher_for() as flasher:
+        await flasher.flash(link, IMAGES)
+        await flasher.start_app(link)
+        banner = await read_boot_banner(link, 5)
+        assert banner == {"model": "esp32-sensor", "fw": "1.4.2", "hw": dev.profile.hardware_rev}
+        assert any(e.text.startswith("ets Jun  8 2016") for e in link.transcript)  # the ROM's first line, kept
+        assert (await link.request("IDENT")).startswith("IDENT model=esp32-sensor")
+
+
 async def test_corrupted_write_is_a_verify_failure_naming_the_image() -> None:
     async with board(BoardFaults(weak_cell=0x12000)) as (dev, link), flasher_for() as flasher:
         with pytest.raises(FlashVerifyFailed) as info:

@@ -57,6 +57,19 @@ async def test_a_port_that_goes_away_while_lent_is_port_lost_unless_the_borrower
                 endpoint.close()
 
 
+async def test_input_the_borrower_read_and_gave_back_comes_before_what_the_port_still_holds(device):
+    async with open_serial_link(device.path) as link:
+        await device.write(b"before\n")
+        assert await link.read_line() == "before"
+        with pytest.raises(RuntimeError, match="only be returned while the port is lent"):
+            link.return_input(b"x\n")
+        with link.lend():
+            link.return_input(b"ets Jun  8\r\nBOO")
+            await device.write(b"T esp32\r\nREADY\r\n")
+        assert [await link.read_line() for _ in range(3)] == ["ets Jun  8", "BOOT esp32", "READY"]
+        assert [e.text for e in link.transcript][-3:] == ["ets Jun  8", "BOOT esp32", "READY"]
+
+
 async def test_send_line_reaches_device(device):
     async with open_serial_link(device.path) as link:
         await link.send_line("IDENT")
