@@ -8,6 +8,7 @@
     ctx.identify(serial="SN0042", mac="...")   # DUT identity, in the record
     ctx.progress(0.4, "flashing app")          # live display only
     ctx.record.phase("flash").outcome          # the run so far (read-only)
+    ctx.no_retry("board too old for the build")  # this attempt's outcome is final
 """
 
 from __future__ import annotations
@@ -154,6 +155,8 @@ class PhaseContext:
         # finished run's fixtures and records would wait for the cyclic
         # collector instead of being freed when the attempt ends.
         self.measurements = Measurements(phase, _LiveJudge(phase, bus, run_id, slot))
+        #: why a retry cannot change how this attempt ends, if the phase said so
+        self.no_retry_reason: str | None = None
 
     def measure(self, name: str, value: Any) -> None:
         self.measurements[name] = value
@@ -175,6 +178,17 @@ class PhaseContext:
     def record(self) -> RunRecord:
         """The run so far: phases finished before this one, and the identity known now."""
         return self._snapshot()
+
+    def no_retry(self, reason: str) -> None:
+        """Say that retrying cannot change how this attempt ends; the engine then does not retry it.
+
+        For failures that are facts about the unit or the station, not
+        chance: a board whose chip is older than the build needs, a port
+        that is gone. Retrying those only repeats the work (re-flashing
+        every image) and then reports the same failure -- or a misleading
+        one. The phase's log says why it was not retried.
+        """
+        self.no_retry_reason = str(reason)
 
     def progress(self, fraction: float, detail: str = "") -> None:
         self._bus.publish(

@@ -448,7 +448,7 @@ class _SlotRun:
                 attempts.append(AttemptRecord(len(attempts) + 1, Outcome.ABORTED, now, now, reason=self.stop_reason))
                 break
             access = ResourceAccess(self.resources)
-            attempt, result = await self._attempt(p, len(attempts) + 1, log, attachments, access)
+            attempt, result, final = await self._attempt(p, len(attempts) + 1, log, attachments, access)
             waited += access.waited_s
             attempts.append(attempt)
             if result is PhaseResult.REPEAT and attempt.outcome is Outcome.SKIPPED:
@@ -463,6 +463,9 @@ class _SlotRun:
                 break
             if (attempt.outcome in (Outcome.FAIL, Outcome.ERROR, Outcome.TIMEOUT) and failures < p.retries
                     and result is not PhaseResult.STOP):  # a phase that stops the run is not tried again
+                if final is not None:
+                    log.info("not retried: a retry cannot change this", reason=final)
+                    break
                 failures += 1
                 log.info("retrying", attempt=attempt.number, outcome=attempt.outcome.value)
                 continue
@@ -485,7 +488,8 @@ class _SlotRun:
 
     async def _attempt(
         self, p: Phase, number: int, log: PhaseLog, attachments: list[Attachment], access: ResourceAccess
-    ) -> tuple[AttemptRecord, PhaseResult]:
+    ) -> tuple[AttemptRecord, PhaseResult, str | None]:
+        """One attempt of ``p``: its record, what the phase returned, and why it may not be retried (if so)."""
         if self.bus.has_subscribers:
             self.bus.publish(PhaseStarted(self.header.run_id, self.header.slot, p.name, number))
         started = utcnow()
@@ -559,6 +563,7 @@ class _SlotRun:
         return (
             AttemptRecord(number, outcome, started, utcnow(), measurements, reason=reason, error=error),
             result,
+            ctx.no_retry_reason,
         )
 
     async def _argument(self, name: str, ctx: PhaseContext, access: ResourceAccess) -> Any:

@@ -126,6 +126,34 @@ async def test_retries_are_bounded(store_path: Path) -> None:
     assert [a.outcome for a in run.phase("always_fails").attempts] == [Outcome.FAIL, Outcome.FAIL]
 
 
+async def test_a_phase_that_says_a_retry_cannot_help_is_not_retried(store_path: Path) -> None:
+    calls = 0
+
+    @phase(retries=2, measurements=[Measurement("verdict").reported("pass")])
+    async def gate(ctx) -> None:
+        nonlocal calls
+        calls += 1
+        ctx.measurements.verdict = "the build needs chip revision v3.1 or higher (this chip is revision v3.0)"
+        ctx.no_retry("a fact about the board")
+
+    @phase(retries=2)
+    async def port_gone(ctx) -> None:
+        ctx.no_retry("the port is gone")
+        raise OSError("/dev/ttyUSB0: port lost")
+
+    @phase(retries=1)
+    async def passes_after_all(ctx) -> None:
+        ctx.no_retry("said, but the attempt passed")
+
+    [run] = await run_product(Product("p", [gate, port_gone, passes_after_all]), store_path)
+    assert calls == 1 and [a.outcome for a in run.phase("gate").attempts] == [Outcome.FAIL]
+    assert "not retried: a retry cannot change this reason='a fact about the board'" in [
+        line.message for line in run.phase("gate").logs
+    ]
+    assert [a.outcome for a in run.phase("port_gone").attempts] == [Outcome.ERROR]
+    assert run.phase("passes_after_all").outcome is Outcome.PASS
+
+
 async def test_timeout_is_enforced_for_a_phase_blocked_in_a_thread(store_path: Path) -> None:
     @phase(timeout=0.3)
     async def stuck() -> None:
