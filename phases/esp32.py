@@ -18,20 +18,23 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import trio
 
-from fixtures.flasher import EspFlasher, FlashReport, FlashVerifyFailed
+from fixtures.flasher import EspFlasher, FlashError, FlashReport, FlashVerifyFailed
 from fixtures.images import ImageSet, load_image_set
 from fixtures.serial_link import DeviceTimeout, ProtocolError, SerialLink
 from phases.evt import BOOT_MEASUREMENTS
 from sequencer import Measurement, phase
 from sequencer.phase import Phase
 
-__all__ = ["BOOT_WAIT_S", "BootFailed", "boot", "detect", "flash_images", "read_boot_banner", "write_images"]
+__all__ = [
+    "BOOT_WAIT_S", "BootFailed", "boot", "detect", "flash_failures", "flash_images", "read_boot_banner", "write_images",
+]
 
 MAC_PATTERN = r"([0-9A-F]{2}:){5}[0-9A-F]{2}"
 
@@ -94,27 +97,48 @@ def flash_images(
     The phase FAILs (``flash_verdict``) when a station quality gate refuses
     the images or the time taken, or when verification finds the flash does
     not hold what was written; it ends in ERROR when the board cannot be
-    reached or the link drops.
+    reached or the link drops. ``flash_verdict`` is ``"pass"`` only for a
+    flash that was written, verified, judged and started. Failures a retry
+    cannot change (a board the build does not fit, a port that is gone, a
+    reset the port cannot do) are not retried.
     """
     image_set = images if isinstance(images, ImageSet) else load_image_set(images)
 
     @phase(name=name, measurements=FLASH_MEASUREMENTS, timeout=timeout, retries=retries)
     async def flash(ctx, flasher, dut):
         """Write the image set with esptool (ROM or stub loader, per the station), verify, start the app."""
-        report, verdict = await write_images(ctx, flasher, dut.link, image_set)
-        ctx.measurements.flash_verdict = verdict
-        if report is not None:
-            ctx.attach("flash.json", report.to_json(), "application/json")
-            ctx.measurements.flash_seconds = round(report.write_seconds, 3)
-            ctx.measurements.flash_bytes = report.bytes
-            ctx.measurements.flash_throughput = round(report.throughput)
-            app = image_set.app or image_set.images[-1]
-            ctx.measurements.app_sha256 = app.sha256
-        if verdict == "pass":
-            ctx.log.info("starting the app", how=await flasher.start_app(dut.link))
-        # Otherwise left in its loader, where a retry can flash it again.
+        with flash_failures(ctx, "flash_verdict"):
+            report, verdict = await write_images(ctx, flasher, dut.link, image_set)
+            ctx.measurements.flash_verdict = verdict
+            if report is not None:
+                ctx.attach("flash.json", report.to_json(), "application/json")
+                ctx.measurements.flash_seconds = round(report.write_seconds, 3)
+                ctx.measurements.flash_bytes = report.bytes
+                ctx.measurements.flash_throughput = round(report.throughput)
+                app = image_set.app or image_set.images[-1]
+                ctx.measurements.app_sha256 = app.sha256
+            if verdict == "pass":
+                ctx.log.info("starting the app", how=await flasher.start_app(dut.link))
+            # Otherwise left in its loader, where a retry can flash it again.
 
     return flash
+
+
+@contextmanager
+def flash_failures(ctx: Any, verdict: str) -> Iterator[None]:
+    """Record a :class:`~fixtures.flasher.FlashError` raised inside as the ``verdict`` measurement, then re-raise it.
+
+    So that no failed flash's record says ``"pass"`` (a flash judged and
+    then refused by the board when started had said so), and so that a
+    failure a retry cannot change is not retried (``ctx.no_retry``).
+    """
+    try:
+        yield
+    except FlashError as exc:
+        ctx.measurements[verdict] = exc.message
+        if not exc.retryable:
+            ctx.no_retry(exc.message)
+        raise
 
 
 async def write_images(

@@ -65,7 +65,7 @@ from fixtures.nvs import (
     verify_nvs_image,
 )
 from fixtures.partition_table import NVS, Partition, PartitionTable
-from phases.esp32 import BOOT_WAIT_S, read_boot_banner, write_images
+from phases.esp32 import BOOT_WAIT_S, flash_failures, read_boot_banner, write_images
 from sequencer import Measurement, phase
 from sequencer.phase import Phase
 
@@ -206,12 +206,14 @@ def nvs_config(
 
             if from_app:
                 await dut.restart()
-            _, verdict = await write_images(ctx, flasher, dut.link, built.images)
-            ctx.measurements.nvs_verdict = verdict
-            if verdict != "pass":
-                return
+            with flash_failures(ctx, "nvs_verdict"):
+                _, verdict = await write_images(ctx, flasher, dut.link, built.images)
+                ctx.measurements.nvs_verdict = verdict
+                if verdict != "pass":
+                    return
+                if from_app:
+                    ctx.log.info("starting the app", how=await flasher.start_app(dut.link))
             if from_app:
-                ctx.log.info("starting the app", how=await flasher.start_app(dut.link))
                 await read_boot_banner(dut.link, BOOT_WAIT_S)  # BootFailed / DeviceTimeout: ERROR
             # Only a configuration that is on the board is handed on: the
             # registration phase must not register a password the unit lacks.

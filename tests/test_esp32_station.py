@@ -61,7 +61,7 @@ def test_every_fault_on_a_16_slot_farm_shows_as_the_right_outcome_with_its_reaso
     )
     assert result.returncode == 1, result.stdout + result.stderr
     assert "faults (" in result.stdout and "1: no_download_mode" in result.stdout
-    assert "7/16 passed" in result.stdout
+    assert "6/16 passed" in result.stdout
     assert "\x1b" not in result.stdout + result.stderr  # slot 12's serial never reached the terminal
     store = LocalStore.open(store_path)
     runs = {r.slot: r for r in store.find_runs(batch="FAULTS")}
@@ -69,7 +69,7 @@ def test_every_fault_on_a_16_slot_farm_shows_as_the_right_outcome_with_its_reaso
     assert sorted(runs) == list(range(16))
 
     # Healthy boards: flashed, booted, identified by ROM and firmware alike.
-    for slot in (0, 13, 14, 15):
+    for slot in (0, 14, 15):
         run = runs[slot]
         assert run.outcome is Outcome.PASS and not run.marginal, failed(run)
         assert run.dut["chip"] == "ESP32-D0WD-V3" and run.dut["chip_revision"] == "v3.0"
@@ -118,13 +118,17 @@ def test_every_fault_on_a_16_slot_farm_shows_as_the_right_outcome_with_its_reaso
     def seconds(run: RunRecord) -> float:
         return next(m.value for m in run.phase("flash").measurements if m.name == "flash_seconds")
 
-    assert seconds(slow_flash) > max(seconds(runs[slot]) for slot in (0, 13, 14, 15))
+    assert seconds(slow_flash) > max(seconds(runs[slot]) for slot in (0, 14, 15))
 
     assert runs[10].outcome is Outcome.FAIL and "'psram' is not ''" in runs[10].phase("self_test").reason
     assert runs[11].outcome is Outcome.ERROR and "line longer than 1024 bytes" in runs[11].phase("identify").reason
     hostile = runs[12]
     assert hostile.outcome is Outcome.ERROR and "control character in line" in hostile.phase("identify").reason
     assert "serial" not in hostile.dut and "\x1b" not in run_to_json(hostile)
+
+    unplugged = runs[13]
+    assert attempts(unplugged, "flash") == [("ERROR", unplugged.phase("flash").reason)]  # not retried
+    assert "port lost while writing esp32-sensor-testfw.bin at 0x10000 (" in unplugged.phase("flash").reason
 
     for run in runs.values():  # the console transcript teardown ran everywhere
         assert run.phase("console_transcript").outcome is Outcome.PASS
@@ -212,6 +216,57 @@ async def test_station_flash_time_gate_fails_a_slow_board_and_not_the_others(sto
         if isinstance(event, PhaseProgress) and event.phase == "flash" and event.slot == 0:
             seen.append(event)
     assert seen and seen[-1].fraction == pytest.approx(1.0) and "esp32-sensor-testfw.bin" in seen[-1].detail
+
+
+async def test_a_port_unplugged_mid_flash_is_port_lost_naming_the_port_and_is_not_retried(store_path: Path) -> None:
+    loaded = load_product(SENSOR, station_fixtures=STATION_FIXTURES)
+    store = LocalStore.open(store_path, station=True)
+    try:
+        async with store.writer(), open_esp32_farm(2, seed=4, boards={0: BoardFaults(unplug_after=24 * 1024)}) as devs:
+            async with open_simulated_instrument("scpi-dmm", devs, seed=4) as dmm:
+                result = await run_station(
+                    loaded, [d.path for d in devs], settings=RunSettings("test", batch="UNPLUG"), store=store,
+                    bus=EventBus(), resources={"dmm": SharedResource("dmm", 1, dmm)}, handle_signals=False,
+                    fixtures={"flasher": esp_flasher()},
+                )
+    finally:
+        store.close()
+    unplugged, other = sorted(result.runs, key=lambda r: r.slot)
+    assert other.outcome is Outcome.PASS, failed(other)
+    flash = unplugged.phase("flash")
+    # One attempt: a retry would only have blamed a silent board ("no response from bootloader").
+    [(outcome, reason)] = attempts(unplugged, "flash")
+    assert outcome == "ERROR" and flash.reason == reason
+    assert reason.startswith(f"FlashPortLost: {devs[0].path}: port lost while writing esp32-sensor-testfw.bin at "
+                             "0x10000 ("), reason
+    assert "% sent): read: end of file, the device hung up" in reason and "\n" not in reason
+    assert "not retried: a retry cannot change this" in " ".join(line.message for line in flash.logs)
+    verdict = next(m for m in flash.measurements if m.name == "flash_verdict")
+    assert verdict.value != "pass" and "port lost while writing" in verdict.value
+    assert unplugged.phase("boot").outcome is Outcome.SKIPPED
+
+
+async def test_a_reset_the_port_cannot_do_is_not_retried_and_its_record_never_says_pass(store_path: Path) -> None:
+    # Written and verified with the stub, then the board cannot be started:
+    # the port has no RTS line. A retry re-flashed everything to fail the
+    # same way, and the record kept the judged write's flash_verdict = pass.
+    loaded = load_product(SENSOR, station_fixtures=STATION_FIXTURES)
+    store = LocalStore.open(store_path, station=True)
+    try:
+        async with store.writer(), open_esp32_farm(1, seed=5) as devs:
+            result = await run_station(
+                loaded, [d.path for d in devs], settings=RunSettings("test", batch="NORESET"), store=store,
+                bus=EventBus(), handle_signals=False,
+                fixtures={"flasher": esp_flasher(FlashConfig(stub=True, boot="hard-reset"))},
+            )
+    finally:
+        store.close()
+    [run] = result.runs
+    flash = run.phase("flash")
+    assert [outcome for outcome, _ in attempts(run, "flash")] == ["ERROR"]
+    assert "the port has no RTS/DTR lines to reset the board" in flash.reason
+    verdict = next(m for m in flash.measurements if m.name == "flash_verdict")
+    assert verdict.value.startswith("the port has no RTS/DTR lines") and verdict.outcome.value == "FAIL"
 
 
 # -- the command line's flashing options ----------------------------------------------

@@ -187,7 +187,7 @@ def test_the_every_fault_profile_covers_every_board_and_firmware_kind_once() -> 
     assert kinds == sorted(k for k in KINDS if k != "operator_says_no")
     assert plan.boards() == {
         1: BoardFaults(download_mode=False), 2: BoardFaults(disconnect_after=24 * 1024),
-        3: BoardFaults(weak_cell=0x12000), 9: BoardFaults(block_delay_s=0.02),
+        3: BoardFaults(weak_cell=0x12000), 9: BoardFaults(block_delay_s=0.02), 13: BoardFaults(unplug_after=24 * 1024),
     }
     assert plan.firmware()[6] == Faults(hang=True) and plan.firmware()[4] == Faults(rail_offsets={"3V3": 0.3})
     assert 0 not in plan.slots and 15 not in plan.slots

@@ -22,12 +22,14 @@ from fixtures.flasher import (
     BootloaderNotResponding,
     EspFlasher,
     FlashLinkLost,
+    FlashPortLost,
     FlashResetUnsupported,
     FlashVerifyFailed,
+    FlashWorkerFailed,
     FlashWorkers,
 )
 from fixtures.images import load_image_set
-from fixtures.serial_link import SerialLink, open_serial_link
+from fixtures.serial_link import PortLost, SerialLink, open_serial_link
 from fixtures.sim.esp32_board import BoardFaults, DownloadMode, open_esp32_farm
 from fixtures.sim.device import VirtualDevice
 from phases.esp32 import BootFailed, read_boot_banner
@@ -213,6 +215,57 @@ async def test_the_boot_log_the_worker_read_past_the_loaders_last_reply_reaches_
         assert banner == {"model": "esp32-sensor", "fw": "1.4.2", "hw": dev.profile.hardware_rev}
         assert any(e.text.startswith("ets Jun  8 2016") for e in link.transcript)  # the ROM's first line, kept
         assert (await link.request("IDENT")).startswith("IDENT model=esp32-sensor")
+
+
+async def test_a_port_unplugged_mid_flash_is_port_lost_naming_the_port_and_stays_lost() -> None:
+    # Linux hangs up a ttyUSB whose adapter is pulled: reads see end of file,
+    # writes and termios calls EIO. esptool's reconnect then met a bare
+    # termios.error, which the worker called an internal error, and a retry
+    # blamed the board: "no response from bootloader".
+    log = EsptoolLines()
+    async with board(BoardFaults(unplug_after=24 * 1024)) as (dev, link):
+        flasher = EspFlasher(log=log)
+        try:
+            with pytest.raises(FlashPortLost) as info:
+                await flasher.flash(link, IMAGES)
+            message = str(info.value)
+            assert message.startswith(f"{dev.path}: port lost while writing esp32-sensor-testfw.bin at 0x10000 (")
+            assert message.endswith("% sent): read: end of file, the device hung up")
+            for again in (flasher.flash(link, IMAGES), flasher.detect(link), flasher.start_app(link)):
+                with pytest.raises(FlashPortLost) as retried:
+                    await again
+                assert str(retried.value) == message
+        finally:
+            await flasher.aclose()
+        assert not any("Traceback" in text for text in log.texts)  # not an internal error
+        with pytest.raises(PortLost, match=f"^{dev.path}: "):  # the console says so too
+            await link.request("IDENT")
+
+
+async def test_an_internal_error_in_the_worker_keeps_its_traceback_in_the_station_log() -> None:
+    class StationLog:
+        def __init__(self) -> None:
+            self.errors: list[dict[str, object]] = []
+
+        def error(self, event: str, **fields: object) -> None:
+            self.errors.append({"event": event, **fields})
+
+        def __getattr__(self, level: str) -> object:
+            return lambda event, **fields: None
+
+    log = StationLog()
+    async with board() as (dev, link):
+        flasher = EspFlasher(log=log)
+        try:
+            with pytest.raises(FlashWorkerFailed) as info:
+                await flasher._command(link, {"op": "no-such-command"}, images=())
+        finally:
+            await flasher.aclose()
+    assert str(info.value) == f"{dev.path}: flash worker failed in step 'start': KeyError: 'no-such-command'"
+    assert not info.value.retryable
+    [logged] = log.errors
+    assert logged["event"] == "flash worker failed" and str(logged["error"]) == str(info.value)
+    assert "Traceback (most recent call last)" in str(logged["traceback"]) and "KeyError" in str(logged["traceback"])
 
 
 async def test_corrupted_write_is_a_verify_failure_naming_the_image() -> None:

@@ -70,6 +70,22 @@ async def test_input_the_borrower_read_and_gave_back_comes_before_what_the_port_
         assert [e.text for e in link.transcript][-3:] == ["ets Jun  8", "BOOT esp32", "READY"]
 
 
+async def test_a_port_whose_device_went_away_is_port_lost_naming_it_for_every_call():
+    # Unplugging a USB adapter hangs its tty up: reads see end of file, writes
+    # and termios calls fail with EIO -- the flush raising termios.error, which
+    # is not even an OSError.
+    endpoint = PtyEndpoint()
+    async with open_serial_link(endpoint.path) as link:
+        endpoint.close()
+        with pytest.raises(PortLost, match=f"^{endpoint.path}: the port went away while flushing its input: "
+                                           "Input/output error$"):
+            link.reset_input()
+        with pytest.raises(PortLost, match=f"^{endpoint.path}: "):
+            await link.request("IDENT")  # a command flushes stale input first
+        with pytest.raises(PortLost, match=f"^{endpoint.path}: "):
+            await link.read_line()
+
+
 async def test_send_line_reaches_device(device):
     async with open_serial_link(device.path) as link:
         await link.send_line("IDENT")
