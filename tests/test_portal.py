@@ -245,3 +245,46 @@ async def test_a_note_by_api_token_needs_json_and_the_role(portal: Portal) -> No
         assert r.status_code == 201 and r.json()["author"] == "mes"
         body = (await http.get("/api/v1/devices", params={"serial": "TRK-1"})).json()
         assert [n["text"] for n in body["devices"][0]["notes"]] == ["from the MES"]
+
+
+# -- exports -------------------------------------------------------------------------------
+
+
+async def test_an_export_of_a_filtered_view_has_the_cli_exports_rows_and_the_notes(portal: Portal) -> None:
+    import csv
+    import io
+
+    import openpyxl
+
+    from reports.render.export import csv_cells, export_tables
+
+    runs = [sensor_run("SN-1", vdd=3.6, started_at=T0), sensor_run("SN-1", started_at=T0 + dt.timedelta(hours=1)),
+            sensor_run("SN-2", slot=1, started_at=T0 + dt.timedelta(minutes=5)),
+            sensor_run("SN-3", slot=2, started_at=T0 + dt.timedelta(minutes=6))]
+    await portal.aship(runs)
+    async with portal.logged_in("quality") as http:
+        page = await http.get("/devices/SN-1")
+        await http.post("/devices/SN-1/notes", data={"text": "=cmd|' /C calc'!A0", "disposition": "rework",
+                                                     "csrf": csrf_of(page.text)})
+        r = await http.get("/export.csv", params={"batch": runs[0].batch, "serial": "SN-1"})
+        assert r.status_code == 200 and r.headers["content-disposition"].startswith("attachment; filename=")
+        got = list(csv.reader(io.StringIO(r.text)))
+        stored = [portal.data.run(x.run_id) for x in runs[:2]]
+        expected = export_tables(stored)["runs"]  # what `sequencer export` writes for the same runs
+        assert got[0] == [*expected.columns, "disposition", "notes"]
+        assert [row[:-2] for row in got[1:]] == [[str(c) if c is not None else "" for c in csv_cells(row)]
+                                                for row in expected.rows]
+        assert [row[-2] for row in got[1:]] == ["rework", "rework"]
+        assert got[1][-1].endswith("quality: =cmd|' /C calc'!A0")  # a note inside the cell, not a formula
+        m = await http.get("/export.csv", params={"serial": "SN-2", "table": "measurements"})
+        assert [row[4] for row in csv.reader(io.StringIO(m.text))][1:4] == ["chip_id", "mac", "vdd_3v3"]
+        x = await http.get("/export.xlsx", params={"batch": runs[0].batch})
+        assert x.status_code == 200
+        book = openpyxl.load_workbook(io.BytesIO(x.content), read_only=True)
+        assert book.sheetnames == ["Runs", "Phases", "Measurements", "Notes"]
+        rows = list(book["Runs"].values)
+        assert len(rows) == 5 and rows[0][0] == "run_id" and rows[1][0] == runs[0].run_id
+        assert [n[-1] for n in list(book["Notes"].values)[1:]] == ["=cmd|' /C calc'!A0"]
+        for bad in ({"table": "secrets", "batch": "B"}, {}, {"serial[$ne]": ""}):
+            assert (await http.get("/export.csv", params=bad)).status_code == 400
+        assert (await http.get("/export.csv", params={"batch": "NOPE"})).status_code == 404

@@ -47,6 +47,13 @@ def browse(portal: Portal, tmp_path: Path, mongo: MongoSettings) -> None:
         driver.find_element(By.NAME, "find").send_keys("SN-42")
         driver.find_element(By.CSS_SELECTOR, "#search button").click()
         link = wait_for(lambda: driver.find_elements(By.CSS_SELECTOR, 'a[href="/devices/SN-42"]'), "SN-42 found")
+        # The search's CSV export downloads (the browser saves it: an attachment).
+        driver.find_element(By.CSS_SELECTOR, "a.export").click()
+        downloads = tmp_path / "downloads"
+        saved = wait_for(lambda: [p for p in downloads.glob("*.csv")] if downloads.exists() else [],
+                         "the CSV export downloaded")
+        wait_for(lambda: saved[0].read_text().count("\n") == 2, "the whole CSV (a header and SN-42's run)")
+        assert saved[0].read_text().startswith("run_id,batch,serial,")
         link[0].click()
         wait_for(lambda: driver.find_elements(By.CSS_SELECTOR, "h1.mono"), "the device page")
         assert driver.find_element(By.CSS_SELECTOR, "h1.mono").text == "SN-42"

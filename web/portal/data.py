@@ -16,6 +16,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import attrs
+
 from reports.storage.mongo import MongoSettings, MongoSink, decode_mapping, run_from_document
 from reports.storage.notes import Note, add_note, disposition, ensure_notes, notes_for
 from sequencer.records import RunRecord, to_dict
@@ -57,7 +59,8 @@ def run_row(doc: Mapping[str, Any]) -> dict[str, Any]:
         "serial": doc.get("serial") if "serial" in doc else dut.get("serial"),
         "product": doc.get("product", ""), "product_version": doc.get("product_version", ""),
         "station": doc.get("station", ""), "slot": doc.get("slot"), "batch": doc.get("batch", ""),
-        "operator": doc.get("operator", ""), "outcome": _text(doc.get("outcome")), "marginal": bool(doc.get("marginal")),
+        "operator": doc.get("operator", ""), "outcome": _text(doc.get("outcome")),
+        "marginal": bool(doc.get("marginal")),
         "started_at": _utc(started), "ended_at": _utc(ended),
         "dut": {k: str(dut[k]) for k in ROW_IDENTITY if dut.get(k) is not None},
         "phases_done": len(phases), "last_phase": phases[-1]["name"] if phases else None, "failed_phase": failed,
@@ -108,10 +111,11 @@ class MongoData:
         doc = self.db["runs"].find_one({"_id": run_id}, {"measurements": 0})
         return run_from_document(doc) if doc is not None else None
 
-    def iter_runs(self, q: RunQuery, limit: int | None = None) -> Iterator[RunRecord]:
+    def iter_runs(self, q: RunQuery, limit: int | None = None, *, oldest_first: bool = False) -> Iterator[RunRecord]:
         """Every run matching ``q`` (newest first), read a batch at a time, so an export's memory stays flat."""
         cursor = self.db["runs"].find(mongo_filter(q), {"measurements": 0}, batch_size=EXPORT_BATCH)
-        cursor = cursor.sort([("started_at", -1), ("_id", -1)])
+        order = 1 if oldest_first else -1
+        cursor = cursor.sort([("started_at", order), ("_id", order)])
         if limit:
             cursor = cursor.limit(limit)
         try:
@@ -119,6 +123,26 @@ class MongoData:
                 yield run_from_document(doc)
         finally:
             cursor.close()
+
+    def export_headers(self, q: RunQuery, limit: int) -> tuple[list[RunRecord], dict[tuple[str, str], str]]:
+        """What an export decides its columns and units from, oldest first: each run without its phases, and
+        the measurement columns (from the flat copy of the measurements, first seen first)."""
+        from reports.render.export import measured_column
+
+        projection = {"phases": 0, "measurements.outcome": 0, "measurements.marginal": 0}
+        headers: list[RunRecord] = []
+        measured: dict[tuple[str, str], str] = {}
+        cursor = self.db["runs"].find(mongo_filter(q), projection, batch_size=1000, limit=limit)
+        for doc in cursor.sort([("started_at", 1), ("_id", 1)]):
+            for m in doc.pop("measurements", None) or ():
+                key = (m["phase"], m["name"])
+                if key not in measured and not isinstance(m.get("value"), list):  # a series has no column
+                    measured[key] = measured_column(m["phase"], m["name"], m.get("units"))
+            headers.append(run_from_document(doc))
+        return headers, measured
+
+    def notes_for(self, serials: Sequence[str]) -> dict[str, list[Note]]:
+        return notes_for(self.db, serials)
 
     # -- devices ---------------------------------------------------------------------
 
@@ -213,11 +237,21 @@ class StoreData:
     def run(self, run_id: str) -> RunRecord | None:
         return self.store.get_run(run_id)
 
-    def iter_runs(self, q: RunQuery, limit: int | None = None) -> Iterator[RunRecord]:
-        for row in self._rows(q)[:limit]:
+    def iter_runs(self, q: RunQuery, limit: int | None = None, *, oldest_first: bool = False) -> Iterator[RunRecord]:
+        rows = self._rows(q)[:limit]
+        for row in reversed(rows) if oldest_first else rows:
             run = self.store.get_run(row["run_id"])
             if run is not None:
                 yield run
+
+    def export_headers(self, q: RunQuery, limit: int) -> tuple[list[RunRecord], dict[tuple[str, str], str]]:
+        from reports.render.export import measured_columns
+
+        runs = list(self.iter_runs(q, limit, oldest_first=True))
+        return [attrs.evolve(r, phases=()) for r in runs], measured_columns(runs)
+
+    def notes_for(self, serials: Sequence[str]) -> dict[str, list[Note]]:
+        return {}
 
     def device_serials(self, q: RunQuery, limit: int = 100) -> list[str]:
         rows = self._rows(RunQuery(identity=q.identity, limit=10_000))

@@ -14,6 +14,7 @@ from web.app import WebSettings, create_web_app
 from web.auth import AuthStore, Role
 from web.portal.app import portal_routes
 from web.portal.board import BoardFeed, board_routes
+from web.portal.exports import export_routes
 from web.portal.webhooks import Webhooks, WebhookSettings
 from web.server import serve_app
 
@@ -30,7 +31,7 @@ def create_portal(data: Any, auth: AuthStore | None, *, cookie_secret: bytes, bo
     settings = WebSettings(title="Sequencer portal", auth=auth, cookie_secret=cookie_secret,
                            template_packages=("web.portal",), static_packages=("web.portal", "web"),
                            https_only=https_only, navigation=NAVIGATION)
-    return create_web_app(settings, [*board_routes(), *portal_routes()],
+    return create_web_app(settings, [*board_routes(), *export_routes(), *portal_routes()],
                           state={"data": data, "board": board, "webhooks": webhooks})
 
 
