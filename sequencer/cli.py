@@ -292,6 +292,8 @@ def describe_product(loaded: LoadedProduct) -> str:
     if p.resources:
         out.append("resources " + ", ".join(sorted(p.resources)))
     out.append(f"stop on failure: {'yes' if p.stop_on_failure else 'no'}")
+    if p.max_retests is not None:
+        out.append(f"retests: at most {p.max_retests} after a unit's first test; then it goes to rework untested")
     if p.uses("operator"):
         out.append("operator: asked questions; answers from the keyboard or standard input (under --sim, the "
                    "simulated operator)")
@@ -313,7 +315,12 @@ def describe_product(loaded: LoadedProduct) -> str:
             bits.append("asks the operator")
         head = f"    {name}" + (f"  ({'; '.join(bits)})" if bits else "")
         summary = ph.description.strip().splitlines()[0] if ph.description.strip() else ""
-        return head + (f"\n        {summary}" if summary else "")  # the docstring's first line
+        text = head + (f"\n        {summary}" if summary else "")  # the docstring's first line
+        said = [m for m in ph.measurements if m.on_fail or m.disposition is not None]
+        for who, what in ([(None, ph)] if ph.on_fail or ph.disposition is not None else []) + [(m.name, m) for m in said]:
+            bin_ = what.disposition.value if what.disposition is not None else "retest"
+            text += f"\n        on fail{f' of {who}' if who else ''}: {bin_}" + (f": {what.on_fail}" if what.on_fail else "")
+        return text
 
     for i, layer in enumerate(layers(p.main_phases)):
         out.append(f"  layer {i}" + ("  (concurrent)" if len(layer) > 1 else ""))
@@ -329,6 +336,7 @@ def describe_product(loaded: LoadedProduct) -> str:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from reports.storage.store import LocalStore
+    from reports.storage.unit_history import StoreUnitHistory
     from sequencer.logs import configure_logging
     from sequencer.station import tune_garbage_collector
 
@@ -379,6 +387,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             open_hardware=partial(open_hardware, loaded, config, faults),
             open_shipping=partial(station_shipping, config, console),
             round_ended=reports.write,
+            history=StoreUnitHistory(store),
         ))
         # The batch page covers the whole batch, earlier sessions and retests included.
         batch_runs = store.find_runs(batch=config.batch_or_default)

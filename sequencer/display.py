@@ -1,12 +1,20 @@
 """What the operator sees while a station runs.
 
 On a terminal: a line of counts (running, passed, failed, other), then one
-live line per slot (port, serial, current phase, progress, outcome), redrawn
+live line per slot (port, unit, current phase, progress, result), redrawn
 a few times a second from the trio loop (no refresh thread). More slots than
 the terminal has rows go side by side in short cells, failures first when
 even those do not fit (:meth:`StationDisplay.render`).
 Elsewhere (CI, a pipe, a log file): one plain line per finished run and per
 failed phase, which reads well in a log.
+
+A slot's result is what the operator acts on (:mod:`sequencer.verdicts`):
+PASS, or the bin (RETEST, REWORK, SCRAP), or CALL ENGINEER for station
+trouble, in reverse video; under the slots, one line per slot that needs
+the operator says what to do in the product's words and where the unit
+failed, and a unit tested before says so while it runs ("retest 2: last
+FAIL at supply_rails, vdd_3v3 3.59 V > 3.4 V"). A unit is shown by its
+serial, or by its MAC until the serial is read.
 
 When a phase asks the operator something (:mod:`sequencer.operator`), the
 question is shown too: under the slots on a terminal, with what the operator
@@ -39,10 +47,12 @@ from sequencer.events import (
     PhaseStarted,
     RunFinished,
     RunStarted,
+    UnitRecognised,
 )
 from sequencer.operator import OperatorDesk, Question
-from sequencer.records import Outcome, RunRecord
+from sequencer.records import Disposition, Outcome, RunRecord
 from sequencer.terminal import printable
+from sequencer.verdicts import UnitHistory, Verdict, shortened, unit_label, verdict_of
 
 OUTCOME_STYLE = {
     Outcome.PASS: "bold green",
@@ -53,6 +63,18 @@ OUTCOME_STYLE = {
     Outcome.SKIPPED: "bright_black",
     Outcome.INTERRUPTED: "bold bright_black",
 }
+
+#: How a verdict's headline is drawn: reverse video, the nearest a terminal has to large.
+HEADLINE_STYLE = {
+    "PASS": "bold black on green",
+    Disposition.RETEST.value.upper(): "bold white on red",
+    Disposition.REWORK.value.upper(): "bold white on red",
+    Disposition.SCRAP.value.upper(): "bold white on red",
+    "FAIL": "bold white on red",
+    "CALL ENGINEER": "bold white on magenta",
+    "ABORTED": "bold white on bright_black",
+}
+RETEST_STYLE = "bold yellow"
 
 
 @attrs.define
@@ -67,6 +89,35 @@ class SlotView:
     outcome: Outcome | None = None
     marginal: bool = False
     failure: str = ""
+    #: the unit's earlier runs, once the station has looked it up
+    history: UnitHistory | None = None
+    #: how the finished run reads to the operator
+    verdict: Verdict | None = None
+
+    def result(self) -> Text:
+        """The result cell: the verdict's headline, ``retest N`` while a retested unit runs, else ``running``."""
+        if self.verdict is not None:
+            marginal = " (marginal)" if self.marginal else ""
+            return Text(f" {self.verdict.headline}{marginal} ", style=HEADLINE_STYLE.get(self.verdict.headline, ""))
+        if self.outcome is not None:  # finished, verdict unknown (an event lost)
+            return Text(self.outcome.value, style=OUTCOME_STYLE[self.outcome])
+        if self.history is not None and self.history.retest:
+            return Text(f"retest {self.history.tests}", style=RETEST_STYLE)
+        return Text("running", style="cyan")
+
+    def note(self) -> Text | None:
+        """What the operator should read about this slot beyond its row: what to do, or that the unit is a retest."""
+        who = f"slot {self.index}" + (f" {self.serial}" if self.serial else "")
+        if self.verdict is not None and not self.verdict.passed and (self.verdict.instruction or self.verdict.where):
+            line = Text(f"{who}: ", style="bold")
+            line.append(f" {self.verdict.headline} ", style=HEADLINE_STYLE.get(self.verdict.headline, ""))
+            line.append(f" {printable(self.verdict.instruction)}", style="bold")
+            if self.verdict.where:
+                line.append(f"  ({printable(shortened(self.verdict.where))})")
+            return line
+        if self.outcome is None and self.history is not None and self.history.retest:
+            return Text(f"{who}: {printable(self.history.line())}", style=RETEST_STYLE)
+        return None
 
 
 class StationDisplay:
@@ -81,7 +132,12 @@ class StationDisplay:
             view = self.slots[event.run.slot]
             view.phase = "starting"
         elif isinstance(event, DutIdentified):
-            self.slots[event.slot].serial = printable(event.dut.get("serial", ""))
+            self.slots[event.slot].serial = printable(unit_label(event.dut))
+        elif isinstance(event, UnitRecognised):
+            view = self.slots[event.slot]
+            view.history = event.history
+            if event.history.retest:
+                return f"slot {event.slot} {view.port} {view.serial or '-'}: {printable(event.history.line())}"
         elif isinstance(event, PhaseStarted):
             view = self.slots[event.slot]
             view.phase = event.phase if event.attempt == 1 else f"{event.phase} (attempt {event.attempt})"
@@ -112,12 +168,17 @@ class StationDisplay:
             view = self.slots[event.run.slot]
             view.outcome = event.run.outcome
             view.marginal = event.run.marginal
+            view.verdict = verdict = verdict_of(event.run)
             view.phase = "done"
             view.detail = ""
             marginal = " (marginal)" if event.run.marginal else ""
+            todo = ""
+            if not verdict.passed:
+                todo = f" → {verdict.headline}: {printable(verdict.instruction)}"
+                todo += f" ({printable(verdict.where)})" if verdict.where else ""
             return (
                 f"slot {view.index} {view.port} {view.serial or '-'}: "
-                f"{event.run.outcome.value if event.run.outcome else '?'}{marginal}"
+                f"{event.run.outcome.value if event.run.outcome else '?'}{marginal}{todo}"
             )
         return None
 
@@ -143,10 +204,27 @@ class StationDisplay:
         (:func:`question_lines`); the slots get what is left.
         """
         asking = question_lines(desk) if desk is not None else []
-        if not asking:
+        notes = self.notes(width, max(0, height // 3))
+        below = [*notes, *asking]
+        if not below:
             return self._render_slots(width, height)
-        rows = sum(max(1, -(-line.cell_len // max(1, width))) for line in asking)
-        return Group(self._render_slots(width, max(4, height - rows)), *asking)
+        rows = sum(_rows(line, width) for line in below)
+        return Group(self._render_slots(width, max(4, height - rows)), *below)
+
+    def notes(self, width: int, rows: int) -> list[Text]:
+        """The slots' notes (what to do, retests), failures first, in at most ``rows`` terminal lines."""
+        notes = [n for v in sorted(self.slots, key=lambda v: (v.verdict is None, v.index)) if (n := v.note())]
+        shown: list[Text] = []
+        used = 0
+        for i, note in enumerate(notes):
+            need = _rows(note, width)
+            last = i == len(notes) - 1
+            if used + need > rows - (0 if last else 1):
+                shown.append(Text(f"… {len(notes) - i} more slot(s) to see to", style="bright_black"))
+                break
+            shown.append(note)
+            used += need
+        return shown
 
     def _render_slots(self, width: int, height: int) -> Group:
         """The counts, then every slot that fits in ``width`` x ``height``.
@@ -190,15 +268,13 @@ class StationDisplay:
         """A row per slot; within ``width`` columns, cutting the progress detail rather than wrapping it."""
         rows = []
         for v in self.slots:
-            outcome = Text("running", style="cyan") if v.outcome is None else Text(
-                v.outcome.value + (" (marginal)" if v.marginal else ""), style=OUTCOME_STYLE[v.outcome]
-            )
+            outcome = v.result()
             progress = f"{v.done}/{v.total}" + (f"  {v.detail}" if v.detail else "")
             # Text, not str: a cell's string would be read as console markup, and
             # a serial or a reason is whatever the DUT sent ("[/]" must not crash the display).
             rows.append((Text(str(v.index)), Text(v.port), Text(v.serial or "-"), Text(v.phase), Text(progress),
                          outcome))
-        columns = ("slot", "port", "serial", "phase", "progress", "outcome")
+        columns = ("slot", "port", "unit", "phase", "progress", "result")
         widths = [max([len(col), *(len(row[i]) for row in rows)]) for i, col in enumerate(columns)]
         if width is not None:
             # One line per slot, always: a wrapped cell makes the table taller
@@ -219,6 +295,11 @@ class StationDisplay:
         for row in rows:
             table.add_row(*row)
         return table
+
+
+def _rows(line: Text, width: int) -> int:
+    """Terminal lines ``line`` takes at ``width`` columns."""
+    return max(1, -(-line.cell_len // max(1, width)))
 
 
 def question_lines(desk: OperatorDesk) -> list[Text]:
@@ -292,7 +373,7 @@ def _cell(v: SlotView) -> Text:
     if v.outcome is None:
         text.append(f"{v.phase} {v.done}/{v.total}", style="cyan")
     else:
-        text.append(v.outcome.value + (" (marginal)" if v.marginal else ""), style=OUTCOME_STYLE[v.outcome])
+        text.append(v.result())
     return text
 
 
@@ -399,7 +480,7 @@ SUMMARY_PORT = 28
 
 
 def station_summary(runs: Sequence[RunRecord]) -> Group:
-    """The end-of-station summary: one short row per slot, then each first failure in full.
+    """The end-of-station summary: one short row per slot, then each first failure in full and what to do.
 
     The failures are printed under the table, not in a column of it: a reason
     (a port, an exception, the bytes a DUT sent) is often longer than a
@@ -415,11 +496,16 @@ def station_summary(runs: Sequence[RunRecord]) -> Group:
             # Not passed, yet no phase failed (the run was stopped before its
             # phases ran): the first phase that says why it did not run.
             failed = next((p for p in r.phases if p.reason), None)
+        verdict = verdict_of(r)
+        result = Text(outcome.value + (" (marginal)" if r.marginal else ""), style=OUTCOME_STYLE[outcome])
+        if not verdict.passed:
+            result.append(" → ")
+            result.append(verdict.headline, style=HEADLINE_STYLE.get(verdict.headline, ""))
         rows.append((
             str(r.slot),
             Text(short_port(r.port, SUMMARY_PORT)),
-            Text(printable(r.serial or "-")),
-            Text(outcome.value + (" (marginal)" if r.marginal else ""), style=OUTCOME_STYLE[outcome]),
+            Text(printable(unit_label(r.dut) or "-")),
+            result,
             f"{r.duration_s:.1f} s" if r.duration_s is not None else "-",
         ))
         if failed is not None:
@@ -427,14 +513,16 @@ def station_summary(runs: Sequence[RunRecord]) -> Group:
             line.append(f" {failed.name}: ", style=OUTCOME_STYLE[failed.outcome])
             line.append(printable(failed.reason or failed.outcome.value))
             failures.append(line)
+        if verdict.instruction:
+            failures.append(Text(f"    {verdict.headline}: {printable(verdict.instruction)}", style="bold"))
     table = Table(title="Summary", header_style="bold")
-    # Slot, port, serial and outcome are what an operator acts on: never
+    # Slot, port, unit and result are what an operator acts on: never
     # wrapped or cut short.
-    for i, col in enumerate(("slot", "port", "serial", "outcome", "duration")):
+    for i, col in enumerate(("slot", "port", "unit", "result", "duration")):
         width = max([len(col), *(len(str(row[i])) for row in rows)])
         table.add_column(col, no_wrap=True, min_width=width)
     for row in rows:
         table.add_row(*row)
     if failures:
-        failures.insert(0, Text("First failure of each slot that did not pass:", style="bold"))
+        failures.insert(0, Text("First failure of each slot that did not pass, and what to do:", style="bold"))
     return Group(table, *failures)

@@ -40,7 +40,15 @@ import attrs
 import trio
 
 from sequencer.context import PhaseContext, PhaseLog, bind_logger
-from sequencer.events import DutIdentified, EventBus, PhaseFinished, PhaseStarted, RunFinished, RunStarted
+from sequencer.events import (
+    DutIdentified,
+    EventBus,
+    PhaseFinished,
+    PhaseStarted,
+    RunFinished,
+    RunStarted,
+    UnitRecognised,
+)
 from sequencer.fixtures import FixtureFactory, SlotInfo
 from sequencer.operator import Operator, OperatorDesk
 from sequencer.phase import Phase, PhaseResult
@@ -58,11 +66,14 @@ from sequencer.records import (
     utcnow,
 )
 from sequencer.resources import ResourceAccess, SharedResource
+from sequencer.verdicts import UnitHistory, UnitHistorySource, decide, unit_identity
 from sequencer.version import SEQUENCER_VERSION
 
 
 #: Closing a fixture (a serial port) must not hold a slot forever.
 FIXTURE_CLOSE_TIMEOUT_S = 10.0
+#: How long a finished run waits for the look-up of its unit's earlier runs still under way.
+LOOKUP_WAIT_S = 5.0
 
 
 class RecordsNotWritten(Exception):
@@ -138,13 +149,17 @@ async def run_dut(
     fixtures: Mapping[str, FixtureFactory] | None = None,
     control: SlotControl | None = None,
     desk: OperatorDesk | None = None,
+    history: UnitHistorySource | None = None,
 ) -> RunRecord:
     """Run every phase of ``product`` on one DUT and return its finished record.
 
     ``fixtures`` are station-provided factories; the product's own take
     precedence. ``desk`` is where phases' questions for the operator go
     (none: asking raises :class:`~sequencer.operator.NoOperator`).
-    Exceptions raised by phases never escape: they are recorded.
+    ``history`` is where the unit's earlier runs are looked up as soon as
+    a phase identifies it (retest awareness, ``max_retests``; see
+    :mod:`sequencer.verdicts`). Exceptions raised by phases never escape:
+    they are recorded.
     """
     runner = _SlotRun(
         product=product,
@@ -156,6 +171,7 @@ async def run_dut(
         fixtures={**(fixtures or {}), **product.product.fixtures},
         control=control or SlotControl(),
         desk=desk,
+        history=history,
     )
     return await runner.run()
 
@@ -173,6 +189,7 @@ class _SlotRun:
         fixtures: Mapping[str, FixtureFactory],
         control: SlotControl,
         desk: OperatorDesk | None,
+        history: UnitHistorySource | None,
     ) -> None:
         self.product = product.product
         self.store = store
@@ -225,6 +242,15 @@ class _SlotRun:
         self.write_error: Exception | None = None
         #: a bug that escaped the phases (the engine's, a fixture's): this run ends ERROR, no other slot cares
         self.engine_error: Exception | None = None
+        self.history_source = history
+        #: the unit's identity last looked up, and what was found (see _look_up)
+        self.looked_up: tuple[tuple[str, str], ...] = ()
+        self.unit_history: UnitHistory | None = None
+        #: set while a look-up runs; the look-ups in flight, cancelled when the run ends
+        self.looking_up: trio.Event | None = None
+        self.lookups: set[trio.CancelScope] = set()
+        #: why the unit was sent to rework untested (past the product's max_retests)
+        self.refused: str | None = None
 
     # -- the run ---------------------------------------------------------
 
@@ -273,6 +299,7 @@ class _SlotRun:
                         await self._record_unfinished(self.product.phases)
                     finally:
                         await self._close_fixtures()  # whatever else failed, the ports are released
+                    await self._last_look_up()
                     final = self._finish()
                     try:
                         await self.store.finish_run(final)
@@ -293,13 +320,18 @@ class _SlotRun:
             outcome = Outcome.ERROR  # the unit was not tested as the product says
         elif self.control.aborted:
             outcome = Outcome.ABORTED
+        elif self.refused is not None:
+            outcome = Outcome.FAIL  # the unit failed too often before: it was not tested again
         elif self.stopped:
             # A stop is the verdict of the phase that asked for it; the phases it cut short
             # (ABORTED) are its consequence, not an operator's abort.
             outcome = run_outcome(tuple(p for p in phases if p.name not in self.stopped))
         else:
             outcome = run_outcome(phases)
-        return attrs.evolve(self.header, dut=dict(self.dut), phases=phases, ended_at=utcnow(), outcome=outcome)
+        run = attrs.evolve(self.header, dut=dict(self.dut), phases=phases, ended_at=utcnow(), outcome=outcome)
+        disposition, instruction = decide(run, self.product.declared, max_retests=self.product.max_retests,
+                                          history=self.unit_history, refused=self.refused)
+        return attrs.evolve(run, disposition=disposition, instruction=instruction)
 
     async def _record_unfinished(self, phases: tuple[Phase, ...]) -> None:
         """Record every phase that has no record yet (after an abort or a stop)."""
@@ -402,6 +434,10 @@ class _SlotRun:
                 await self._commit(p, record)
                 return record
         record, result = await self._execute(p)
+        if self.looking_up is not None and self.product.max_retests is not None:
+            # The phase identified the unit: whether it may be tested further is
+            # known before anything that depends on this phase starts.
+            await self.looking_up.wait()
         # Decide on stopping before the commit wakes this phase's dependents.
         if result is PhaseResult.STOP:
             self._stop(f"run stopped by phase {p.name!r}")
@@ -643,6 +679,54 @@ class _SlotRun:
         self.dut.update(fields)
         self.log = self.log.bind(serial=self.dut.get("serial"))
         self.bus.publish(DutIdentified(self.header.run_id, self.header.slot, dict(self.dut)))
+        if self.history_source is not None:
+            identity = unit_identity(self.dut, self.product.identity)
+            if identity and identity != self.looked_up:
+                self.looked_up = identity
+                self.looking_up = trio.Event()
+                assert self.fixture_hosts is not None
+                self.fixture_hosts.start_soon(self._look_up, identity, self.looking_up)
+
+    async def _last_look_up(self) -> None:
+        """Let a look-up still running finish (briefly: the verdict counts the unit's tests), then end them all."""
+        if self.looking_up is not None and not self.control.aborted:  # an aborted run's verdict counts no tests
+            with trio.move_on_after(LOOKUP_WAIT_S):
+                await self.looking_up.wait()
+        for lookup in self.lookups:
+            lookup.cancel()
+
+    async def _look_up(self, identity: tuple[tuple[str, str], ...], done: trio.Event) -> None:
+        """Find the unit's earlier runs: say so on the bus; past ``max_retests``, refuse the unit."""
+        assert self.history_source is not None
+        scope = trio.CancelScope()
+        self.lookups.add(scope)
+        try:
+            with scope:
+                try:
+                    found = await self.history_source.history(self.product.name, identity,
+                                                              run_id=self.header.run_id)
+                except Exception as exc:
+                    # Not knowing the unit's past never stops its test: it is tested as a new unit.
+                    self.log.warning("could not look up the unit's earlier runs", error=_describe(exc))
+                    return
+                if identity != self.looked_up:
+                    return  # the unit was identified further meanwhile; that look-up decides
+                self.unit_history = found
+                if found.tests:
+                    self.log.info("retest", tests_before=found.tests, last=found.line())
+                self.bus.publish(UnitRecognised(self.header.run_id, self.header.slot, found))
+                limit = self.product.max_retests
+                if limit is not None and found.tests > limit and self.refused is None:
+                    self.refused = (f"Retest limit reached: tested {found.tests} times before (max {limit} "
+                                    f"retest{'s' if limit != 1 else ''}); put it in the rework bin untested"
+                                    + (f" (last {found.last_outcome.value} at {found.last_where})"
+                                       if found.last_outcome is not None and found.last_where else ""))
+                    self._stop(f"run stopped: {self.refused}")
+        finally:
+            self.lookups.discard(scope)
+            done.set()
+            if self.looking_up is done:
+                self.looking_up = None
 
     # -- records ---------------------------------------------------------
 

@@ -18,6 +18,7 @@ from sequencer.records import MeasurementRecord, Outcome, PhaseRecord, RunRecord
 
 if TYPE_CHECKING:
     from sequencer.operator import Question
+    from sequencer.verdicts import UnitHistory
 
 
 @attrs.frozen
@@ -46,6 +47,15 @@ class DutIdentified:
     run_id: str
     slot: int
     dut: dict[str, str]
+
+
+@attrs.frozen
+class UnitRecognised:
+    """The station looked the unit up: ``history`` says whether (and how) it was tested before."""
+
+    run_id: str
+    slot: int
+    history: UnitHistory
 
 
 @attrs.frozen
@@ -98,8 +108,8 @@ class OperatorAnswered:
 
 
 Event: TypeAlias = (
-    RunStarted | PhaseStarted | MeasurementTaken | DutIdentified | PhaseProgress | PhaseFinished | RunFinished
-    | OperatorAsked | AnswerRefused | OperatorAnswered
+    RunStarted | PhaseStarted | MeasurementTaken | DutIdentified | UnitRecognised | PhaseProgress | PhaseFinished
+    | RunFinished | OperatorAsked | AnswerRefused | OperatorAnswered
 )
 
 

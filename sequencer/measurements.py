@@ -29,7 +29,7 @@ from typing import Any, Protocol
 
 import attrs
 
-from sequencer.records import Limits, MeasurementOutcome, MeasurementRecord
+from sequencer.records import Disposition, Limits, MeasurementOutcome, MeasurementRecord, as_disposition
 
 
 @attrs.frozen
@@ -303,15 +303,31 @@ def _non_finite(value: Any) -> bool:
     return isinstance(value, float) and not math.isfinite(value)
 
 
+def _maybe_disposition(value: Any) -> Any:
+    # The validator names the measurement when this is no disposition.
+    try:
+        return as_disposition(value)
+    except ValueError:
+        return value
+
+
 @attrs.frozen
 class Measurement:
-    """A measurement a phase declares: name, units, description and validators."""
+    """A measurement a phase declares: name, units, description and validators.
+
+    ``on_fail`` and ``disposition`` tell the operator what to do with a unit
+    this measurement failed, in the product's own words
+    (``on_fail="Reseat the sensor cable and retest", disposition="retest"``);
+    they take precedence over the phase's (see :mod:`sequencer.verdicts`).
+    """
 
     name: str = attrs.field()
     units: str | None = None
     description: str = ""
     validators: tuple[Validator, ...] = ()
     dimensions: tuple[tuple[str, str], ...] = attrs.field(default=(), converter=lambda d: tuple(tuple(x) for x in d))
+    on_fail: str = attrs.field(default="", kw_only=True)
+    disposition: Disposition | None = attrs.field(default=None, converter=_maybe_disposition, kw_only=True)
 
     @name.validator
     def _check_name(self, _: object, value: str) -> None:
@@ -322,6 +338,19 @@ class Measurement:
     # judges its measurements on every attempt of every run.
     _texts: tuple[str, ...] = attrs.field(init=False, eq=False, repr=False)
     _limits: Limits | None = attrs.field(init=False, eq=False, repr=False)
+
+    @on_fail.validator
+    def _check_on_fail(self, _: object, value: Any) -> None:
+        if not isinstance(value, str):
+            raise TypeError(f"measurement {self.name!r}: on_fail must be text (what the operator should do), "
+                            f"got {value!r}")
+
+    @disposition.validator
+    def _check_disposition(self, _: object, value: Any) -> None:
+        try:
+            as_disposition(value)
+        except ValueError as exc:
+            raise ValueError(f"measurement {self.name!r}: {exc}") from None
 
     @dimensions.validator
     def _check_dimensions(self, _: object, value: tuple[tuple[str, str], ...]) -> None:

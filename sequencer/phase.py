@@ -34,7 +34,7 @@ from typing import Any, TypeAlias
 import attrs
 
 from sequencer.measurements import Measurement
-from sequencer.records import RunRecord
+from sequencer.records import Disposition, RunRecord, as_disposition
 
 #: Parameter names the engine fills itself; every other parameter is a fixture.
 BUILTIN_PARAMETERS = frozenset({"ctx", "resources", "slot", "port", "operator"})
@@ -83,6 +83,9 @@ class Phase:
     teardown: bool = False
     description: str = ""
     parameters: tuple[str, ...] = ()
+    #: what the operator should do with a unit this phase failed, and the bin it goes to (sequencer/verdicts.py)
+    on_fail: str = ""
+    disposition: Disposition | None = None
     _by_name: Mapping[str, Measurement] = attrs.field(init=False, eq=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
@@ -119,6 +122,7 @@ class Phase:
         current: dict[str, Any] = {
             "name": self.name, "measurements": self.measurements, "timeout": self.timeout, "retries": self.retries,
             "repeat_limit": self.repeat_limit, "after": self.after, "run_if": self.run_if, "teardown": self.teardown,
+            "on_fail": self.on_fail, "disposition": self.disposition,
         }
         unknown = sorted(set(options) - set(current))
         if unknown:
@@ -143,8 +147,15 @@ def phase(
     after: Iterable[Phase | str] = (),
     run_if: RunPredicate | None = None,
     teardown: bool = False,
+    on_fail: str = "",
+    disposition: Disposition | str | None = None,
 ) -> Any:
     """Declare a phase; use bare (``@phase``) or with options (``@phase(timeout=5)``).
+
+    ``on_fail`` says, in the product's words, what the operator should do
+    with a unit this phase FAILed ("Reseat the sensor cable and retest"), and
+    ``disposition`` which bin it goes to (``"retest"``, ``"rework"``,
+    ``"scrap"``); a failed measurement's own ``on_fail``/``disposition`` win.
 
     Mistakes in the declaration itself (a sync function, a negative retry
     count, a duplicated measurement) raise ``TypeError``/``ValueError`` naming
@@ -193,6 +204,12 @@ def phase(
             raise TypeError(f"{where}: run_if must be a function of the record so far, got {run_if!r}")
         if not isinstance(teardown, bool):
             raise TypeError(f"{where}: teardown must be True or False, got {teardown!r}")
+        if not isinstance(on_fail, str):
+            raise TypeError(f"{where}: on_fail must be text (what the operator should do), got {on_fail!r}")
+        try:
+            bin_ = as_disposition(disposition)
+        except ValueError as exc:
+            raise ValueError(f"{where}: {exc}") from None
         return Phase(
             fn=f,
             name=phase_name,
@@ -205,6 +222,8 @@ def phase(
             teardown=teardown,
             description=inspect.getdoc(f) or "",
             parameters=tuple(params),
+            on_fail=on_fail.strip(),
+            disposition=bin_,
         )
 
     if fn is not None:

@@ -67,6 +67,10 @@ class Product:
     #: counts, ``find`` and MongoDB's ``devices``. A board whose identify phase failed
     #: still has the MAC that ``detect`` read, so its retest is recognised.
     identity: tuple[str, ...] = attrs.field(default=DEFAULT_IDENTITY, converter=_names)
+    #: how many times a unit may be tested again after its first test (None: no limit). A unit
+    #: past it is sent to rework untested, with the reason; a unit whose last allowed test
+    #: fails goes to rework rather than back to the retest bin (sequencer/verdicts.py)
+    max_retests: int | None = None
 
     @functools.cached_property
     def main_phases(self) -> tuple[Phase, ...]:
@@ -84,6 +88,11 @@ class Product:
         """
         main = self.main_phases
         return {p.name: tuple(d for d in main if p.name in d.after) for p in main}
+
+    @functools.cached_property
+    def declared(self) -> Mapping[str, Phase]:
+        """Every phase by name (what a verdict reads a failed phase's ``on_fail`` from)."""
+        return {p.name: p for p in self.phases}
 
     def uses(self, parameter: str) -> bool:
         """Whether any phase names ``parameter``: a fixture (``modem``) or a built-in (``operator``)."""
@@ -204,6 +213,10 @@ def validate_product(
             or len(set(product.identity)) != len(product.identity):
         raise ProductError(f"{where}: product {product.name!r}: identity must name distinct dut keys, most trusted "
                            f"first (e.g. identity=(\"serial\", \"mac\")), got {product.identity!r}")
+    if product.max_retests is not None and (isinstance(product.max_retests, bool)
+                                            or not isinstance(product.max_retests, int) or product.max_retests < 0):
+        raise ProductError(f"{where}: product {product.name!r}: max_retests must be a whole number >= 0 (or None: "
+                           f"no limit), got {product.max_retests!r}")
     for name, factory in product.fixtures.items():
         if not isinstance(name, str) or not callable(factory):
             raise ProductError(f"{where}: product {product.name!r}: fixture {name!r} must be a factory (a function "

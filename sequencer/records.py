@@ -53,6 +53,31 @@ class Outcome(str, enum.Enum):
 _FAILURES = frozenset({Outcome.FAIL, Outcome.ERROR, Outcome.TIMEOUT, Outcome.ABORTED, Outcome.INTERRUPTED})
 
 
+class Disposition(str, enum.Enum):
+    """Where a unit that did not pass goes: the bin the operator puts it in.
+
+    ``RETEST``: test it again (a loose cable, a badly seated board);
+    ``REWORK``: a technician repairs it; ``SCRAP``: not worth repairing.
+    A unit whose run ended in station trouble (ERROR, TIMEOUT) or was
+    aborted has none: it was not judged.
+    """
+
+    RETEST = "retest"
+    REWORK = "rework"
+    SCRAP = "scrap"
+
+
+def as_disposition(value: Disposition | str | None) -> Disposition | None:
+    """``value`` as a :class:`Disposition` (its name as text will do); ValueError naming the bins if it is none."""
+    if value is None or isinstance(value, Disposition):
+        return value
+    try:
+        return Disposition(value)
+    except ValueError:
+        raise ValueError(f"disposition must be one of {', '.join(d.value for d in Disposition)}, "
+                         f"got {value!r}") from None
+
+
 class MeasurementOutcome(str, enum.Enum):
     """How a measurement was judged. ``SKIPPED``: not judged, because its phase asked to skip or repeat
     (the value is kept as it was set, and decides nothing)."""
@@ -215,6 +240,10 @@ class RunRecord:
     product_files: tuple[SourceFile, ...] = ()
     #: the ``dut`` keys that name the unit, most trusted first (the product's ``identity``)
     identity: tuple[str, ...] = DEFAULT_IDENTITY
+    #: the bin the station sent the unit to when the run ended (None: passed, or not judged)
+    disposition: Disposition | None = None
+    #: what the operator was told to do with the unit, in the product's words ("" for a pass)
+    instruction: str = ""
 
     @property
     def serial(self) -> str | None:
@@ -293,6 +322,7 @@ def run_header_json(run: RunRecord) -> str:
         "sequencer_version": run.sequencer_version, "schema_version": run.schema_version,
         "product_files": [{"path": f.path, "sha256": f.sha256} for f in run.product_files],
         "identity": run.identity,
+        "disposition": run.disposition, "instruction": run.instruction,
     }
     try:
         return orjson.dumps(data).decode()

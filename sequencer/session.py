@@ -38,6 +38,7 @@ from sequencer.records import Outcome, RunRecord
 from sequencer.resources import SharedResource
 from sequencer.station import StationResult
 from sequencer.terminal import printable
+from sequencer.verdicts import UnitHistorySource
 
 __all__ = ["Hardware", "RoundSetup", "SessionResult", "run_session"]
 
@@ -78,6 +79,7 @@ async def run_session(
     open_hardware: Callable[[], AbstractAsyncContextManager[Hardware]],
     open_shipping: Callable[[], AbstractAsyncContextManager[object]],
     round_ended: Callable[[StationResult], Awaitable[None]] | None = None,
+    history: UnitHistorySource | None = None,
 ) -> SessionResult:
     """The station session: set up once, then rounds of every slot, the operator saying when to go on.
 
@@ -87,7 +89,7 @@ async def run_session(
     its own slots (under ``--sim``, a fresh farm: new boards, new serials),
     instruments and display. ``open_shipping`` forwards the store to MongoDB
     while the session runs (or does nothing); ``open_hardware`` opens the
-    station's side.
+    station's side; ``history`` finds each unit's earlier runs (retests).
 
     ``round_ended`` is given each round's result as the round ends (the
     command line writes its runs' reports then). The session itself keeps
@@ -128,7 +130,8 @@ async def run_session(
                     # New simulated boards each round: the same slots, other units.
                     round_config = attrs.evolve(config, seed=config.seed + 1000 * (number - 1))
                     result = await _run_round(loaded, round_config, store, console, bus, settings, desk, hardware,
-                                              interactive, f" (round {number}{_of(rounds)})" if rounds != 1 else "")
+                                              interactive, f" (round {number}{_of(rounds)})" if rounds != 1 else "",
+                                              history)
                     tally.add(result)
                     if round_ended is not None:
                         await round_ended(result)
@@ -200,6 +203,7 @@ class _Tally:
 async def _run_round(
     loaded: LoadedProduct, config: StationConfig, store: Any, console: Console, bus: EventBus,
     settings: RunSettings, desk: OperatorDesk | None, hardware: Hardware, interactive: bool, which: str,
+    history: UnitHistorySource | None,
 ) -> StationResult:
     """One round: every slot runs the product once, shown live (or as plain lines)."""
     from sequencer.display import StationDisplay, show_live, show_plain
@@ -233,7 +237,7 @@ async def _run_round(
 
                 return await run_station(
                     loaded, ports, settings=settings, store=store, bus=bus, resources=setup.resources,
-                    on_abort=tell_operator, fixtures=setup.fixtures, desk=desk,
+                    on_abort=tell_operator, fixtures=setup.fixtures, desk=desk, history=history,
                 )
             finally:
                 bus.close()  # ends the display; the next round subscribes anew

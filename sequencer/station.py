@@ -33,6 +33,7 @@ from sequencer.operator import OperatorDesk
 from sequencer.product import LoadedProduct
 from sequencer.records import Outcome, RunRecord
 from sequencer.resources import SharedResource
+from sequencer.verdicts import UnitHistorySource
 
 log = structlog.get_logger("sequencer.station")
 
@@ -89,13 +90,15 @@ async def run_station(
     handle_signals: bool = True,
     on_abort: Callable[[int], object] | None = None,
     desk: OperatorDesk | None = None,
+    history: UnitHistorySource | None = None,
 ) -> StationResult:
     """Run ``product`` once on each port, concurrently; return every run's record.
 
     With ``handle_signals`` (the CLI), SIGINT, SIGTERM and SIGHUP abort the station as
     described in the module docstring, and ``on_abort(count)`` is called on
     each so the caller can tell the operator what is happening. ``desk``
-    queues the phases' questions for the operator (:mod:`sequencer.operator`).
+    queues the phases' questions for the operator (:mod:`sequencer.operator`);
+    ``history`` finds each unit's earlier runs (:mod:`sequencer.verdicts`).
     """
     controls = [SlotControl() for _ in ports]
     results: list[RunRecord | None] = [None] * len(ports)
@@ -109,7 +112,7 @@ async def run_station(
         try:
             results[index] = await run_dut(
                 product, info, settings=settings, store=store, bus=bus,
-                resources=resources, fixtures=fixtures, control=controls[index], desk=desk,
+                resources=resources, fixtures=fixtures, control=controls[index], desk=desk, history=history,
             )
         except RecordsNotWritten as exc:
             # This slot has stopped and run its teardowns. The store is shared,

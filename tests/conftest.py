@@ -47,8 +47,14 @@ async def run_product(
     bus: EventBus | None = None,
     fixtures: Mapping[str, Any] | None = None,
     desk: OperatorDesk | None = None,
+    history: bool = False,
 ) -> list[RunRecord]:
-    """Validate and run ``product`` on ``slots`` slots against a real store; return the records."""
+    """Validate and run ``product`` on ``slots`` slots against a real store; return the records.
+
+    ``history``: units are looked up in the store as a station does (retests, ``max_retests``).
+    """
+    from reports.storage.unit_history import StoreUnitHistory
+
     validate_product(product, station_fixtures=list(fixtures or ()))
     store = LocalStore.open(store_path, station=True)
     try:
@@ -63,6 +69,7 @@ async def run_product(
                 handle_signals=False,
                 fixtures=fixtures,
                 desk=desk,
+                history=StoreUnitHistory(store) if history else None,
             )
     finally:
         store.close()

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from sequencer.records import (
     AttemptRecord,
     Attachment,
+    Disposition,
     ErrorInfo,
     Limits,
     LogLine,
@@ -90,4 +91,6 @@ runs = st.builds(
     sequencer_version=text,
     product_files=st.lists(st.builds(SourceFile, text, text), max_size=3).map(tuple),
     identity=st.lists(text, min_size=1, max_size=3, unique=True).map(tuple),
+    disposition=st.none() | st.sampled_from(Disposition),
+    instruction=text,
 )

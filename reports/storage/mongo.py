@@ -373,6 +373,8 @@ def run_document(run: RunRecord | RunData | StoredRun, seq: int) -> dict[str, An
         "sequencer_version": d.get("sequencer_version", ""),
         "product_files": d.get("product_files") or [],
         "identity": list(d.get("identity") or DEFAULT_IDENTITY),
+        "disposition": d.get("disposition"),
+        "instruction": d.get("instruction", ""),
         "phases": [p.doc for p in stored.phases],
         "measurements": [m for p in stored.phases for m in p.flat],
     }
@@ -408,6 +410,7 @@ def run_from_document(doc: Mapping[str, Any]) -> RunRecord:
             "schema_version": version,
             "product_files": [{"path": f["path"], "sha256": f["sha256"]} for f in doc.get("product_files") or ()],
             "identity": doc.get("identity") or DEFAULT_IDENTITY,
+            "disposition": doc.get("disposition"), "instruction": doc.get("instruction", ""),
         }
         return from_dict(data, RunRecord)
     except Exception as exc:  # any malformed document: say which run, never a traceback

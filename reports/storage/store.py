@@ -86,6 +86,10 @@ CREATE INDEX IF NOT EXISTS runs_seq ON runs (seq);
 -- `sequencer runs` lists the most recent runs: without this, a year's store
 -- (hundreds of thousands of runs) was scanned and sorted whole every time.
 CREATE INDEX IF NOT EXISTS runs_started ON runs (started_at, run_id);
+-- A unit is recognised by its MAC before its serial is read (retest awareness, at every run's detect).
+-- The expression is find_runs_by_identity's, character for character: SQLite uses the index only then.
+CREATE INDEX IF NOT EXISTS runs_dut_mac ON runs (
+    lower(replace(replace(replace(json_extract(header, '$.dut.mac'), ':', ''), '-', ''), '.', '')));
 """
 
 
