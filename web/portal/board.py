@@ -59,10 +59,8 @@ class Station:
 
 def line_board(rows: Sequence[Mapping[str, Any]], heard: Mapping[str, dt.datetime], now: dt.datetime,
                silent_after: dt.timedelta = SILENT_AFTER) -> list[Station]:
-    """Each station with the newest run of each of its slots (``rows`` newest first) and when it was last heard."""
-    newest: dict[tuple[str, int], Mapping[str, Any]] = {}
-    for r in rows:
-        newest.setdefault((r["station"], r["slot"]), r)
+    """Each station with the newest run of each of its slots (``rows``: one per slot) and when it was last heard."""
+    newest = {(r["station"], r["slot"]): r for r in rows}
     stations = sorted({s for s, _ in newest} | set(heard))
     board = []
     for name in stations:
@@ -105,7 +103,7 @@ class BoardFeed:
         now = dt.datetime.now(dt.timezone.utc)
 
         def read() -> list[Station]:
-            return line_board(self.data.recent_runs(now - self.window), self.data.last_heard(), now)
+            return line_board(self.data.board_rows(now - self.window), self.data.last_heard(), now)
 
         board = await trio.to_thread.run_sync(read)
         if board != self.board or self.version == 0:
@@ -168,8 +166,8 @@ class BoardFeed:
         db = getattr(self.data, "db", None)
         try:
             if db is None:
-                rows = self.data.recent_runs(dt.datetime.now(dt.timezone.utc) - self.window)
-                return tuple((r["run_id"], r["outcome"], r["phases_done"]) for r in rows[:500])
+                rows = self.data.board_rows(dt.datetime.now(dt.timezone.utc) - self.window)
+                return tuple(sorted((r["run_id"], str(r["outcome"]), r["phases_done"]) for r in rows))
             newest = db["runs"].find_one({}, {"shipped_at": 1}, sort=[("shipped_at", -1)])
             return newest.get("shipped_at") if newest else None
         except Exception:  # noqa: BLE001 - unreachable: no change seen

@@ -178,10 +178,20 @@ class MongoData:
 
     # -- the line ------------------------------------------------------------------------
 
-    def recent_runs(self, since: dt.datetime) -> list[dict[str, Any]]:
-        """Runs started since ``since``, newest first: what the line board is made of."""
-        cursor = self.db["runs"].find({"started_at": {"$gte": since}}, ROW_FIELDS)
-        return [run_row(d) for d in cursor.sort([("started_at", -1), ("_id", -1)]).limit(20_000)]
+    def board_rows(self, since: dt.datetime) -> list[dict[str, Any]]:
+        """The newest run of each station's slot among those started since ``since``: the line board's rows.
+
+        Grouped in the database, so a day of a busy line (thousands of runs)
+        comes back as one row per slot.
+        """
+        fields = {k: 1 for k in ROW_FIELDS if k != "_id"}
+        docs = self.db["runs"].aggregate([
+            {"$match": {"started_at": {"$gte": since}}},
+            {"$project": fields},
+            {"$sort": {"station": 1, "slot": 1, "started_at": -1, "_id": -1}},
+            {"$group": {"_id": {"station": "$station", "slot": "$slot"}, "run": {"$first": "$$ROOT"}}},
+        ], allowDiskUse=True)
+        return [run_row(d["run"]) for d in docs]
 
     def last_heard(self) -> dict[str, dt.datetime]:
         """When each station last shipped anything (its newest ``shipped_at``)."""
@@ -269,8 +279,11 @@ class StoreData:
     def add_note(self, note: Note) -> Note:
         raise PermissionError("a portal on a station's store is read-only")
 
-    def recent_runs(self, since: dt.datetime) -> list[dict[str, Any]]:
-        return self._rows(RunQuery(since=since, limit=20_000))
+    def board_rows(self, since: dt.datetime) -> list[dict[str, Any]]:
+        newest: dict[tuple[str, int], dict[str, Any]] = {}
+        for r in self._rows(RunQuery(since=since, limit=100_000)):
+            newest.setdefault((r["station"], r["slot"]), r)
+        return list(newest.values())
 
     def last_heard(self) -> dict[str, dt.datetime]:
         heard: dict[str, dt.datetime] = {}
