@@ -659,7 +659,13 @@ INDEXES: tuple[tuple[str, list[tuple[str, int]], dict[str, Any]], ...] = (
     # both scanned and sorted every run ever shipped.
     ("runs", [("started_at", 1), ("_id", 1)], {"name": "started"}),
     # The portal: finding a unit by any identity, what shipped since (the line board, webhooks)
-    # and when each station was last heard.
+    # and when each station was last heard; its lists are newest first by (started_at, _id), which
+    # these give in order, so a filter (a station's FAILs) reads a page's worth, never sorts them all.
+    ("runs", [("station", 1), ("started_at", 1), ("_id", 1)], {"name": "station_started_id"}),
+    ("runs", [("batch", 1), ("started_at", 1), ("_id", 1)], {"name": "batch_started_id"}),
+    ("runs", [("product", 1), ("started_at", 1), ("_id", 1)], {"name": "product_started_id"}),
+    ("runs", [("outcome", 1), ("started_at", 1), ("_id", 1)], {"name": "outcome_started_id"}),
+    ("runs", [("serial", 1), ("started_at", 1), ("_id", 1)], {"name": "serial_started_id"}),
     ("runs", [("dut.imei", 1)], {"name": "dut_imei"}),
     ("runs", [("dut.imsi", 1)], {"name": "dut_imsi"}),
     ("runs", [("dut.iccid", 1)], {"name": "dut_iccid"}),
