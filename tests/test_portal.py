@@ -288,3 +288,25 @@ async def test_an_export_of_a_filtered_view_has_the_cli_exports_rows_and_the_not
         for bad in ({"table": "secrets", "batch": "B"}, {}, {"serial[$ne]": ""}):
             assert (await http.get("/export.csv", params=bad)).status_code == 400
         assert (await http.get("/export.csv", params={"batch": "NOPE"})).status_code == 404
+
+
+async def test_batches_link_to_their_report_with_the_batch_pages_yields(portal: Portal) -> None:
+    recently = dt.datetime.now(dt.timezone.utc) - dt.timedelta(hours=2)
+    runs = [sensor_run("SN-1", vdd=3.6, started_at=recently),
+            sensor_run("SN-1", started_at=recently + dt.timedelta(minutes=9)),
+            sensor_run("SN-2", slot=1, started_at=recently + dt.timedelta(minutes=1))]
+    await portal.aship(runs)
+    async with portal.logged_in("viewer") as http:
+        page = await http.get("/batches")
+        assert page.status_code == 200
+        link = re.search(r'href="(/report\?batch=[^"]+)"', page.text)
+        assert link and "<td>3</td>" in page.text
+        report = await http.get(html.unescape(link.group(1)))
+        assert report.status_code == 200
+        # The batch report's own arithmetic: two units, half passed first time, both in the end.
+        from reports.render.html import render_batch
+
+        stored = [portal.data.run(r.run_id) for r in runs]
+        expected = render_batch(stored, title=f"Runs: batch {runs[0].batch}, product esp32_sensor")
+        assert report.text == expected
+        assert (await http.get("/batches?days=0")).status_code == 400

@@ -38,10 +38,6 @@ def _data(request: Request) -> Any:
     return request.app.state.data
 
 
-async def _read(request: Request, fn: Any, *args: Any) -> Any:
-    return await trio.to_thread.run_sync(fn, *args)
-
-
 def _query(request: Request, *, allowed: tuple[str, ...] = ()) -> RunQuery:
     try:
         return parse_run_query(request.query_params, allowed=allowed)
@@ -78,7 +74,7 @@ async def search_page(request: Request) -> Response:
             q = parse_run_query({**q.params(), by: find, "limit": str(q.limit)})
         except BadQuery as exc:
             raise HTTPException(400, str(exc)) from None
-    rows = await _read(request, _data(request).search_runs, q) if not q.empty else []
+    rows = await trio.to_thread.run_sync(_data(request).search_runs, q) if not q.empty else []
     marker = page_marker(rows, q.limit)
     return render(request, "search.html", q=q, rows=rows, find=find, by=by, identity_keys=list(IDENTITY_KEYS),
                   outcomes=["PASS", "FAIL", "ERROR", "TIMEOUT", "ABORTED", "INTERRUPTED", "RUNNING"],
@@ -89,7 +85,7 @@ async def device_page(request: Request) -> Response:
     """A device: identity, provisioning, disposition and notes, every run, and one run's full report."""
     require(request, Role.VIEWER)
     serial = _path_text(request.path_params["serial"], "serial")
-    device = await _read(request, _data(request).device, serial)
+    device = await trio.to_thread.run_sync(_data(request).device, serial)
     if device is None:
         raise HTTPException(404, f"no device with serial {serial!r}")
     shown = request.query_params.get("run") or (device["runs"][0]["run_id"] if device["runs"] else None)
@@ -99,13 +95,19 @@ async def device_page(request: Request) -> Response:
                   writable=_data(request).writable)
 
 
-async def run_page(request: Request) -> Response:
-    """The run's report, the very page ``sequencer report --run`` writes (same template, attachments included)."""
+async def _the_run(request: Request) -> Any:
+    """The run the path names (to a viewer), or 404."""
     require(request, Role.VIEWER)
     run_id = _run_id(request.path_params["run_id"])
-    run = await _read(request, _data(request).run, run_id)
+    run = await trio.to_thread.run_sync(_data(request).run, run_id)
     if run is None:
         raise HTTPException(404, f"no run {run_id!r}")
+    return run
+
+
+async def run_page(request: Request) -> Response:
+    """The run's report, the very page ``sequencer report --run`` writes (same template, attachments included)."""
+    run = await _the_run(request)
     html = await trio.to_thread.run_sync(render_run, run)
     # The report forbids scripts itself; here it may only be framed by the portal's own pages.
     return HTMLResponse(html)
@@ -113,11 +115,9 @@ async def run_page(request: Request) -> Response:
 
 async def attachment(request: Request) -> Response:
     """One attachment's bytes, always as a download (never rendered by the browser)."""
-    require(request, Role.VIEWER)
-    run_id = _run_id(request.path_params["run_id"])
     phase, index = request.path_params["phase"], request.path_params["index"]
-    run = await _read(request, _data(request).run, run_id)
-    if run is None or not 0 <= phase < len(run.phases) or not 0 <= index < len(run.phases[phase].attachments):
+    run = await _the_run(request)
+    if not 0 <= phase < len(run.phases) or not 0 <= index < len(run.phases[phase].attachments):
         raise HTTPException(404, "no such attachment")
     a = run.phases[phase].attachments[index]
     safe = re.sub(r"[^A-Za-z0-9._-]", "_", a.name)[:100] or "attachment"
@@ -139,6 +139,17 @@ async def report_page(request: Request) -> Response:
     described = ", ".join(f"{k} {v}" for k, v in q.params().items())
     html = await trio.to_thread.run_sync(lambda: render_batch(runs, title=f"Runs: {described}"))
     return HTMLResponse(html)
+
+
+async def batches_page(request: Request) -> Response:
+    """Batches and products of the last days, each linking to its yields, Paretos and statistics."""
+    require(request, Role.VIEWER)
+    text = request.query_params.get("days", "7")
+    if not text.isdigit() or not 1 <= int(text) <= 366:
+        raise HTTPException(400, "days: a whole number from 1 to 366")
+    since = dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=int(text))
+    rows = await trio.to_thread.run_sync(_data(request).batches, since)
+    return render(request, "batches.html", rows=rows, days=int(text))
 
 
 async def add_note(request: Request) -> Response:
@@ -167,7 +178,7 @@ async def _note_from(request: Request, principal: Any, serial: str, fields: dict
         _run_id(run_id)
     if not text.strip() and disposition is None:
         raise HTTPException(400, "a note needs text or a disposition")
-    device = await _read(request, data.device, serial)
+    device = await trio.to_thread.run_sync(data.device, serial)
     if device is None:
         raise HTTPException(404, f"no device with serial {serial!r}")
     if run_id is not None and run_id not in {r["run_id"] for r in device["runs"]}:
@@ -175,7 +186,7 @@ async def _note_from(request: Request, principal: Any, serial: str, fields: dict
     note = Note(serial=serial, author=principal.name, role=principal.role.label, text=text,
                 created_at=dt.datetime.now(dt.timezone.utc), run_id=run_id, disposition=disposition)
     try:
-        stored = await _read(request, data.add_note, note)
+        stored = await trio.to_thread.run_sync(data.add_note, note)
     except ValueError as exc:
         raise HTTPException(400, str(exc)) from None
     webhooks = getattr(request.app.state, "webhooks", None)
@@ -232,18 +243,14 @@ async def api_runs(request: Request) -> Response:
     """``GET /api/v1/runs?batch=B`` (any filter): run summaries, newest first, a page at a time."""
     require(request, Role.VIEWER)
     q = _query(request)
-    rows = await _read(request, _data(request).search_runs, q)
+    rows = await trio.to_thread.run_sync(_data(request).search_runs, q)
     marker = page_marker(rows, q.limit)
     return JSONResponse({"runs": [row_json(r) for r in rows], "next": q.params(before=marker) if marker else None})
 
 
 async def api_run(request: Request) -> Response:
     """``GET /api/v1/runs/{run_id}``: the whole run record, as ``sequencer runs --json`` prints it."""
-    require(request, Role.VIEWER)
-    run_id = _run_id(request.path_params["run_id"])
-    run = await _read(request, _data(request).run, run_id)
-    if run is None:
-        raise HTTPException(404, f"no run {run_id!r}")
+    run = await _the_run(request)
     return Response(run_to_json(run), media_type="application/json")
 
 
@@ -278,6 +285,7 @@ def portal_routes() -> list[BaseRoute]:
         Route("/runs/{run_id}", run_page),
         Route("/runs/{run_id}/attachments/{phase:int}/{index:int}", attachment),
         Route("/report", report_page),
+        Route("/batches", batches_page),
         Route("/api/v1/devices", api_devices),
         Route("/api/v1/devices/{serial:path}/notes", api_note, methods=["POST"]),
         Route("/api/v1/runs", api_runs),

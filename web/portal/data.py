@@ -176,6 +176,19 @@ class MongoData:
     def add_note(self, note: Note) -> Note:
         return add_note(self.db, note)
 
+    def batches(self, since: dt.datetime) -> list[dict[str, Any]]:
+        """Each batch (and product) with runs started since ``since``: how many, how they ended, when; newest first."""
+        rows = self.db["runs"].aggregate([
+            {"$match": {"started_at": {"$gte": since}}},
+            {"$group": {"_id": {"batch": "$batch", "product": "$product"}, "runs": {"$sum": 1},
+                        "passed": {"$sum": {"$cond": [{"$eq": ["$outcome", "PASS"]}, 1, 0]}},
+                        "first": {"$min": "$started_at"}, "last": {"$max": "$started_at"}}},
+            {"$sort": {"last": -1}},
+            {"$limit": 500},
+        ], allowDiskUse=True)
+        return [{"batch": r["_id"]["batch"], "product": r["_id"]["product"], "runs": r["runs"],
+                 "passed": r["passed"], "first": _utc(r["first"]), "last": _utc(r["last"])} for r in rows]
+
     # -- the line ------------------------------------------------------------------------
 
     def board_rows(self, since: dt.datetime) -> list[dict[str, Any]]:
@@ -278,6 +291,17 @@ class StoreData:
 
     def add_note(self, note: Note) -> Note:
         raise PermissionError("a portal on a station's store is read-only")
+
+    def batches(self, since: dt.datetime) -> list[dict[str, Any]]:
+        groups: dict[tuple[str, str], dict[str, Any]] = {}
+        for r in self._rows(RunQuery(since=since, limit=100_000)):
+            g = groups.setdefault((r["batch"], r["product"]), {"batch": r["batch"], "product": r["product"],
+                                                               "runs": 0, "passed": 0, "first": r["started_at"],
+                                                               "last": r["started_at"]})
+            g["runs"] += 1
+            g["passed"] += r["outcome"] == "PASS"
+            g["first"], g["last"] = min(g["first"], r["started_at"]), max(g["last"], r["started_at"])
+        return sorted(groups.values(), key=lambda g: g["last"], reverse=True)
 
     def board_rows(self, since: dt.datetime) -> list[dict[str, Any]]:
         newest: dict[tuple[str, int], dict[str, Any]] = {}

@@ -22,6 +22,7 @@ __all__ = ["create_portal", "serve_portal"]
 
 GRACEFUL_TIMEOUT_S = 5.0
 NAVIGATION = (("Line board", "/board", Role.VIEWER), ("Search", "/search", Role.VIEWER),
+              ("Batches", "/batches", Role.VIEWER),
               ("Webhooks", "/admin/webhooks", Role.ADMIN))
 
 
