@@ -25,7 +25,7 @@ from typing import Any
 
 import trio
 
-from fixtures.flasher import EspFlasher, FlashError, FlashReport, FlashVerifyFailed
+from fixtures.flasher import EspFlasher, FlashError, FlashImagesRefused, FlashReport, FlashVerifyFailed
 from fixtures.images import ImageSet, load_image_set
 from fixtures.serial_link import DeviceTimeout, ProtocolError, SerialLink
 from phases.evt import BOOT_MEASUREMENTS
@@ -116,7 +116,7 @@ def flash_images(
                 ctx.measurements.flash_bytes = report.bytes
                 ctx.measurements.flash_throughput = round(report.throughput)
                 app = image_set.app or image_set.images[-1]
-                ctx.measurements.app_sha256 = app.sha256
+                ctx.measurements.app_sha256 = next(i.sha256 for i in report.images if i.offset == app.offset)
             if verdict == "pass":
                 ctx.log.info("starting the app", how=await flasher.start_app(dut.link))
             # Otherwise left in its loader, where a retry can flash it again.
@@ -155,17 +155,21 @@ async def write_images(
     refused = flasher.image_gate(images, chip)
     if refused:
         ctx.log.error("images refused by a quality gate", reasons="; ".join(refused))
+        ctx.no_retry("the images and the board stay what they are")
         return None, "; ".join(refused)
     config = flasher.config
     ctx.log.info("flashing", images=images.describe(), baud=config.baud, loader="stub" if config.stub else "rom")
     try:
         report = await flasher.flash(link, images, progress=lambda p: ctx.progress(p.fraction, p.detail))
-    except FlashVerifyFailed as exc:
-        ctx.log.error("verify failed", error=str(exc))
+    except (FlashVerifyFailed, FlashImagesRefused) as exc:
+        ctx.log.error("verify failed" if isinstance(exc, FlashVerifyFailed) else "images refused", error=str(exc))
+        if not exc.retryable:
+            ctx.no_retry(exc.message)
         return None, exc.message
     for image in report.images:
+        rewritten = {"file_sha256": image.file_sha256} if image.file_sha256 != image.sha256 else {}
         ctx.log.info("image written", name=image.name, offset=f"{image.offset:#x}", bytes=image.size,
-                     wire_bytes=image.wire_bytes, seconds=round(image.seconds, 3), sha256=image.sha256)
+                     wire_bytes=image.wire_bytes, seconds=round(image.seconds, 3), sha256=image.sha256, **rewritten)
     refused = flasher.report_gate(report)
     if refused:
         ctx.log.error("flash refused by a quality gate", reasons="; ".join(refused))
