@@ -313,6 +313,9 @@ def describe_product(loaded: LoadedProduct) -> str:
             bits.append(f"{len(ph.measurements)} measurement" + ("s" if len(ph.measurements) > 1 else ""))
         if "operator" in ph.parameters:
             bits.append("asks the operator")
+        if ph.rendezvous is not None:
+            bits.append(f"rendezvous {ph.rendezvous!r}: every slot meets here, waiting up to "
+                        f"{ph.rendezvous_timeout:g} s")
         head = f"    {name}" + (f"  ({'; '.join(bits)})" if bits else "")
         summary = ph.description.strip().splitlines()[0] if ph.description.strip() else ""
         text = head + (f"\n        {summary}" if summary else "")  # the docstring's first line

@@ -45,6 +45,7 @@ from sequencer.events import (
     PhaseFinished,
     PhaseProgress,
     PhaseStarted,
+    PhaseWaiting,
     RunFinished,
     RunStarted,
     UnitRecognised,
@@ -142,6 +143,9 @@ class StationDisplay:
             view = self.slots[event.slot]
             view.phase = event.phase if event.attempt == 1 else f"{event.phase} (attempt {event.attempt})"
             view.detail = ""
+        elif isinstance(event, PhaseWaiting):
+            view = self.slots[event.slot]
+            view.phase, view.detail = f"{event.phase} (waiting)", printable(event.what)
         elif isinstance(event, PhaseProgress):
             view = self.slots[event.slot]
             view.detail = f"{event.fraction:4.0%} {event.detail}".rstrip()

@@ -45,6 +45,7 @@ from sequencer.events import (
     EventBus,
     PhaseFinished,
     PhaseStarted,
+    PhaseWaiting,
     RunFinished,
     RunStarted,
     UnitRecognised,
@@ -65,6 +66,7 @@ from sequencer.records import (
     run_outcome,
     utcnow,
 )
+from sequencer.rendezvous import Rendezvous
 from sequencer.resources import ResourceAccess, SharedResource
 from sequencer.verdicts import UnitHistory, UnitHistorySource, decide, unit_identity
 from sequencer.version import SEQUENCER_VERSION
@@ -150,6 +152,7 @@ async def run_dut(
     control: SlotControl | None = None,
     desk: OperatorDesk | None = None,
     history: UnitHistorySource | None = None,
+    rendezvous: Mapping[str, Rendezvous] | None = None,
 ) -> RunRecord:
     """Run every phase of ``product`` on one DUT and return its finished record.
 
@@ -158,8 +161,9 @@ async def run_dut(
     (none: asking raises :class:`~sequencer.operator.NoOperator`).
     ``history`` is where the unit's earlier runs are looked up as soon as
     a phase identifies it (retest awareness, ``max_retests``; see
-    :mod:`sequencer.verdicts`). Exceptions raised by phases never escape:
-    they are recorded.
+    :mod:`sequencer.verdicts`). ``rendezvous`` are the station's meeting
+    points by name, shared by its slots (:mod:`sequencer.rendezvous`).
+    Exceptions raised by phases never escape: they are recorded.
     """
     runner = _SlotRun(
         product=product,
@@ -172,6 +176,7 @@ async def run_dut(
         control=control or SlotControl(),
         desk=desk,
         history=history,
+        rendezvous=rendezvous or {},
     )
     return await runner.run()
 
@@ -190,6 +195,7 @@ class _SlotRun:
         control: SlotControl,
         desk: OperatorDesk | None,
         history: UnitHistorySource | None,
+        rendezvous: Mapping[str, Rendezvous],
     ) -> None:
         self.product = product.product
         self.store = store
@@ -251,6 +257,9 @@ class _SlotRun:
         self.lookups: set[trio.CancelScope] = set()
         #: why the unit was sent to rework untested (past the product's max_retests)
         self.refused: str | None = None
+        #: the station's meeting points, and those this run has yet to reach or leave
+        self.points = rendezvous
+        self.owing: set[str] = set()
 
     # -- the run ---------------------------------------------------------
 
@@ -267,6 +276,10 @@ class _SlotRun:
             raise RecordsNotWritten(str(exc), self._finish()) from exc
         self.bus.publish(RunStarted(self.header))
         self.log.info("run started", product=self.product.name)
+        for name in self.product.rendezvous:
+            if name in self.points:
+                self.points[name].expect(self.slot.index)
+                self.owing.add(name)
         # Outside the main scope: an abort does not close the fixtures under the teardowns.
         async with trio.open_nursery() as self.fixture_hosts:
             try:
@@ -294,6 +307,7 @@ class _SlotRun:
                 # Whatever happened above (a second Ctrl-C included), record what
                 # was not recorded and close the hardware; both are shielded
                 # because they are how the station keeps its promises.
+                self._leave(tuple(self.owing))  # whatever it did not reach, nobody waits for it there
                 with trio.CancelScope(shield=True):
                     try:
                         await self._record_unfinished(self.product.phases)
@@ -412,6 +426,7 @@ class _SlotRun:
         if self.stop_reason is None:
             self.stop_reason = reason
             self.log.info("run stopping", reason=reason)
+        self._leave(tuple(self.owing))
         for name, scope in self.in_flight.items():
             if not scope.cancel_called:  # its deadline came first: that stays a TIMEOUT
                 self.stopped.add(name)
@@ -455,6 +470,11 @@ class _SlotRun:
         index = len(self.committed)
         self.committed.append(record)
         self.outcomes[p.name] = record.outcome
+        if self.owing:
+            # Recorded without meeting (skipped, aborted), or failed before a meeting: nobody waits for it.
+            self._leave((p.rendezvous,) if p.rendezvous is not None else ())
+            if record.outcome is not Outcome.PASS:
+                self._leave(self.product.rendezvous_after.get(p.name, ()))
         # The commit raises no Cancelled: a record it took is never reported as lost.
         try:
             await self.store.commit_phase(self.header.run_id, index, record, dict(self.dut))
@@ -464,6 +484,45 @@ class _SlotRun:
         self.committed_names.add(p.name)
         if self.bus.has_subscribers:
             self.bus.publish(PhaseFinished(self.header.run_id, self.header.slot, record))
+
+    # -- rendezvous -------------------------------------------------------
+
+    async def _meet(self, p: Phase, log: PhaseLog) -> float:
+        """Wait at ``p``'s rendezvous for the slots still on their way; the seconds waited.
+
+        A stop while waiting (a cancel of the phase's own scope) leaves the
+        phase to be recorded ABORTED without an attempt; an abort propagates.
+        """
+        assert p.rendezvous is not None
+        point = self.points[p.rendezvous]
+        self.owing.discard(p.rendezvous)
+        if self.bus.has_subscribers:
+            others = ", ".join(str(s) for s in point.owing if s != self.slot.index)
+            self.bus.publish(PhaseWaiting(self.header.run_id, self.header.slot, p.name,
+                                          f"at {p.rendezvous!r} for slot(s) {others}" if others else
+                                          f"at {p.rendezvous!r}"))
+        scope = trio.CancelScope()
+        self.in_flight[p.name] = scope
+        started = trio.current_time()
+        try:
+            with scope:
+                meeting = await point.arrive(self.slot.index, p.rendezvous_timeout)
+        finally:
+            del self.in_flight[p.name]
+        if scope.cancelled_caught:
+            return trio.current_time() - started
+        slots = ", ".join(str(s) for s in meeting.slots)
+        log.info(f"met slots {slots} at rendezvous {p.rendezvous!r} after {round(meeting.waited_s, 1):g} s")
+        if meeting.missing:
+            missing = ", ".join(str(s) for s in meeting.missing)
+            log.warning(f"went on without slot {missing} (not there after {p.rendezvous_timeout:g} s)")
+        return meeting.waited_s
+
+    def _leave(self, names: tuple[str, ...]) -> None:
+        for name in names:
+            if name in self.owing:
+                self.owing.discard(name)
+                self.points[name].leave(self.slot.index)
 
     # -- one phase -------------------------------------------------------
 
@@ -478,8 +537,11 @@ class _SlotRun:
         result = PhaseResult.CONTINUE
         failures = 0
         repeats = 0
+        if p.rendezvous is not None and p.rendezvous in self.owing:
+            waited += await self._meet(p, log)
         while True:
-            if self.stop_reason is not None and attempts and not p.teardown:  # stopped between two attempts
+            if self.stop_reason is not None and (attempts or p.name in self.stopped) and not p.teardown:
+                # stopped between two attempts, or while it waited to start
                 now = utcnow()
                 attempts.append(AttemptRecord(len(attempts) + 1, Outcome.ABORTED, now, now, reason=self.stop_reason))
                 break

@@ -35,6 +35,16 @@ class PhaseStarted:
 
 
 @attrs.frozen
+class PhaseWaiting:
+    """A phase waits to start: at a rendezvous for the other slots (``what`` says where, for whom)."""
+
+    run_id: str
+    slot: int
+    phase: str
+    what: str
+
+
+@attrs.frozen
 class MeasurementTaken:
     run_id: str
     slot: int
@@ -108,7 +118,7 @@ class OperatorAnswered:
 
 
 Event: TypeAlias = (
-    RunStarted | PhaseStarted | MeasurementTaken | DutIdentified | UnitRecognised | PhaseProgress | PhaseFinished
+    RunStarted | PhaseStarted | PhaseWaiting | MeasurementTaken | DutIdentified | UnitRecognised | PhaseProgress | PhaseFinished
     | RunFinished | OperatorAsked | AnswerRefused | OperatorAnswered
 )
 

@@ -42,6 +42,8 @@ BUILTIN_PARAMETERS = frozenset({"ctx", "resources", "slot", "port", "operator"})
 #: Teardowns must end even when their author set no timeout: an operator's
 #: Ctrl-C waits for them.
 DEFAULT_TEARDOWN_TIMEOUT_S = 30.0
+#: How long the slots at a rendezvous wait for one still on its way, from the first arrival.
+DEFAULT_RENDEZVOUS_TIMEOUT_S = 600.0
 
 
 class PhaseResult(enum.Enum):
@@ -86,6 +88,9 @@ class Phase:
     #: what the operator should do with a unit this phase failed, and the bin it goes to (sequencer/verdicts.py)
     on_fail: str = ""
     disposition: Disposition | None = None
+    #: every active slot reaches this phase before any starts it (sequencer/rendezvous.py)
+    rendezvous: str | None = None
+    rendezvous_timeout: float = DEFAULT_RENDEZVOUS_TIMEOUT_S
     _by_name: Mapping[str, Measurement] = attrs.field(init=False, eq=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
@@ -122,7 +127,8 @@ class Phase:
         current: dict[str, Any] = {
             "name": self.name, "measurements": self.measurements, "timeout": self.timeout, "retries": self.retries,
             "repeat_limit": self.repeat_limit, "after": self.after, "run_if": self.run_if, "teardown": self.teardown,
-            "on_fail": self.on_fail, "disposition": self.disposition,
+            "on_fail": self.on_fail, "disposition": self.disposition, "rendezvous": self.rendezvous,
+            "rendezvous_timeout": self.rendezvous_timeout,
         }
         unknown = sorted(set(options) - set(current))
         if unknown:
@@ -149,6 +155,8 @@ def phase(
     teardown: bool = False,
     on_fail: str = "",
     disposition: Disposition | str | None = None,
+    rendezvous: str | None = None,
+    rendezvous_timeout: float = DEFAULT_RENDEZVOUS_TIMEOUT_S,
 ) -> Any:
     """Declare a phase; use bare (``@phase``) or with options (``@phase(timeout=5)``).
 
@@ -156,6 +164,10 @@ def phase(
     with a unit this phase FAILed ("Reseat the sensor cable and retest"), and
     ``disposition`` which bin it goes to (``"retest"``, ``"rework"``,
     ``"scrap"``); a failed measurement's own ``on_fail``/``disposition`` win.
+
+    ``rendezvous="chamber"``: every active slot reaches this phase before any
+    starts it, waiting at most ``rendezvous_timeout`` seconds for one still
+    on its way (:mod:`sequencer.rendezvous`).
 
     Mistakes in the declaration itself (a sync function, a negative retry
     count, a duplicated measurement) raise ``TypeError``/``ValueError`` naming
@@ -210,6 +222,15 @@ def phase(
             bin_ = as_disposition(disposition)
         except ValueError as exc:
             raise ValueError(f"{where}: {exc}") from None
+        if rendezvous is not None and (not isinstance(rendezvous, str) or not _NAME.fullmatch(rendezvous)):
+            raise ValueError(f"{where}: rendezvous must be a name (letters, digits, '_', '-', '.'), got {rendezvous!r}")
+        if rendezvous is not None and teardown:
+            raise ValueError(f"{where}: a teardown cannot be a rendezvous: teardowns run whatever happened, "
+                             "and no slot may wait on another's")
+        if (isinstance(rendezvous_timeout, bool) or not isinstance(rendezvous_timeout, (int, float))
+                or not math.isfinite(rendezvous_timeout) or rendezvous_timeout <= 0):
+            raise ValueError(f"{where}: rendezvous_timeout must be a positive number of seconds, "
+                             f"got {rendezvous_timeout!r}")
         return Phase(
             fn=f,
             name=phase_name,
@@ -224,6 +245,8 @@ def phase(
             parameters=tuple(params),
             on_fail=on_fail.strip(),
             disposition=bin_,
+            rendezvous=rendezvous,
+            rendezvous_timeout=float(rendezvous_timeout),
         )
 
     if fn is not None:

@@ -90,6 +90,34 @@ class Product:
         return {p.name: tuple(d for d in main if p.name in d.after) for p in main}
 
     @functools.cached_property
+    def rendezvous(self) -> Mapping[str, str]:
+        """Each rendezvous name and its phase (``@phase(rendezvous=...)``); empty for most products."""
+        return {p.rendezvous: p.name for p in self.main_phases if p.rendezvous is not None}
+
+    @functools.cached_property
+    def rendezvous_after(self) -> Mapping[str, tuple[str, ...]]:
+        """For each main phase, the rendezvous that come after it: a slot whose phase did not pass will not get there.
+
+        Worked out once per product; empty when the product has no rendezvous.
+        """
+        if not self.rendezvous:
+            return {}
+        after = {p.name: p.after for p in self.main_phases}
+
+        def ancestors(name: str, seen: set[str]) -> set[str]:
+            for dep in after.get(name, ()):
+                if dep not in seen:
+                    seen.add(dep)
+                    ancestors(dep, seen)
+            return seen
+
+        found: dict[str, list[str]] = {}
+        for point, phase_name in self.rendezvous.items():
+            for ancestor in ancestors(phase_name, set()):
+                found.setdefault(ancestor, []).append(point)
+        return {name: tuple(points) for name, points in found.items()}
+
+    @functools.cached_property
     def declared(self) -> Mapping[str, Phase]:
         """Every phase by name (what a verdict reads a failed phase's ``on_fail`` from)."""
         return {p.name: p for p in self.phases}
@@ -226,12 +254,18 @@ def validate_product(
             raise ProductError(f"{where}: product {product.name!r}: resources are instrument names (and kinds), "
                                f"got {name!r}: {kind!r}")
     names: dict[str, Phase] = {}
+    meeting_at: dict[str, str] = {}
     for p in product.phases:
         if not isinstance(p, Phase):
             raise ProductError(f"{where}: {p!r} is not a phase (decorate it with @phase)")
         if p.name in names:
             raise ProductError(f"{where}: phase {p.name!r}: the name is used twice")
         names[p.name] = p
+        if p.rendezvous is not None:
+            if p.rendezvous in meeting_at:
+                raise ProductError(f"{where}: phase {p.name!r}: rendezvous {p.rendezvous!r} is phase "
+                                   f"{meeting_at[p.rendezvous]!r}'s already; give each meeting its own name")
+            meeting_at[p.rendezvous] = p.name
     for p in product.phases:
         for dep in p.after:
             if dep not in names:

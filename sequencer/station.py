@@ -32,6 +32,7 @@ from sequencer.fixtures import FixtureFactory, SlotInfo
 from sequencer.operator import OperatorDesk
 from sequencer.product import LoadedProduct
 from sequencer.records import Outcome, RunRecord
+from sequencer.rendezvous import Rendezvous
 from sequencer.resources import SharedResource
 from sequencer.verdicts import UnitHistorySource
 
@@ -101,6 +102,7 @@ async def run_station(
     ``history`` finds each unit's earlier runs (:mod:`sequencer.verdicts`).
     """
     controls = [SlotControl() for _ in ports]
+    points = {name: Rendezvous(name) for name in product.product.rendezvous}  # none for most products
     results: list[RunRecord | None] = [None] * len(ports)
     crashed: list[str] = []
     aborts = 0
@@ -113,6 +115,7 @@ async def run_station(
             results[index] = await run_dut(
                 product, info, settings=settings, store=store, bus=bus,
                 resources=resources, fixtures=fixtures, control=controls[index], desk=desk, history=history,
+                rendezvous=points,
             )
         except RecordsNotWritten as exc:
             # This slot has stopped and run its teardowns. The store is shared,
