@@ -310,3 +310,59 @@ async def test_batches_link_to_their_report_with_the_batch_pages_yields(portal: 
         expected = render_batch(stored, title=f"Runs: batch {runs[0].batch}, product esp32_sensor")
         assert report.text == expected
         assert (await http.get("/batches?days=0")).status_code == 400
+
+
+# -- the line board -----------------------------------------------------------------------
+
+
+async def test_on_a_replica_set_the_board_follows_a_change_stream_and_pushes_each_change(replica_set: object) -> None:
+    from tests.mongo_support import fresh_settings
+    from web.portal.board import BoardFeed
+    from web.portal.data import MongoData
+
+    settings = fresh_settings(replica_set.uri)  # type: ignore[attr-defined]
+    data = MongoData(settings)
+    await trio.to_thread.run_sync(data.ensure)
+    feed = BoardFeed(data, poll_interval=60)  # a poll this slow would never show the change in time
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(feed.run)
+            with trio.fail_after(10):
+                while feed.mode == "starting":
+                    await trio.sleep(0.01)
+            assert feed.mode == "change stream"
+            seen = feed.version
+            now = dt.datetime.now(dt.timezone.utc)
+            running = run(serial="SN-LIVE", slot=3, started_at=now, outcome=None, station="line9",
+                          phases=[phase("identify", Outcome.PASS, start=0)])
+            await trio.to_thread.run_sync(lambda: portal_ship(settings, running))
+            with trio.fail_after(4):  # well inside the poll's minute: the stream told the feed
+                version, board = await feed.next(seen)
+            [station] = [s for s in board if s.name == "line9"]
+            [slot] = station.slots
+            assert (slot["serial"], slot["outcome"], slot["last_phase"]) == ("SN-LIVE", None, "identify")
+            nursery.cancel_scope.cancel()
+    finally:
+        data.close()
+        database(settings).client.drop_database(settings.database)
+
+
+def portal_ship(settings: object, run_record: object) -> None:
+    from reports.storage.mongo import MongoSink
+
+    sink = MongoSink(settings)  # type: ignore[arg-type]
+    try:
+        assert not sink.write_runs([(1, run_record)]).rejected  # type: ignore[list-item]
+    finally:
+        sink.close()
+
+
+def test_a_station_silent_longer_than_five_minutes_says_how_long_and_a_slot_shows_its_newest_run() -> None:
+    from web.portal.board import line_board
+
+    now = dt.datetime(2026, 12, 7, 12, 0, tzinfo=dt.timezone.utc)
+    rows = [{"station": "a", "slot": 1, "run_id": "r1"}, {"station": "a", "slot": 0, "run_id": "r0"}]
+    heard = {"a": now - dt.timedelta(minutes=2), "b": now - dt.timedelta(minutes=42)}
+    a, b = line_board(rows, heard, now)
+    assert (a.name, [s["run_id"] for s in a.slots], a.silent_for) == ("a", ["r0", "r1"], None)
+    assert (b.name, b.slots, b.silent_for) == ("b", (), dt.timedelta(minutes=42))
