@@ -366,3 +366,27 @@ def test_a_station_silent_longer_than_five_minutes_says_how_long_and_a_slot_show
     a, b = line_board(rows, heard, now)
     assert (a.name, [s["run_id"] for s in a.slots], a.silent_for) == ("a", ["r0", "r1"], None)
     assert (b.name, b.slots, b.silent_for) == ("b", (), dt.timedelta(minutes=42))
+
+
+async def test_the_board_keeps_up_by_what_shipped_since_even_after_a_shipment_dated_ahead(mongo: object) -> None:
+    from web.portal.board import BoardFeed
+    from web.portal.data import MongoData
+
+    data = MongoData(mongo)  # type: ignore[arg-type]
+    await trio.to_thread.run_sync(data.ensure)
+    now = dt.datetime.now(dt.timezone.utc)
+    first = run(serial="SN-A", slot=0, started_at=now, station="st", phases=[phase("identify", Outcome.PASS)])
+    await trio.to_thread.run_sync(portal_ship, mongo, first)
+    # A run shipped by a server whose clock was an hour ahead (then put right).
+    database(mongo)["runs"].update_one({"_id": first.run_id}, {"$set": {"shipped_at": now + dt.timedelta(hours=1)}})
+    feed = BoardFeed(data)
+    try:
+        await feed.refresh()  # the whole board, once
+        second = run(serial="SN-B", slot=1, started_at=now, station="st", outcome=None,
+                     phases=[phase("identify", Outcome.PASS)])
+        await trio.to_thread.run_sync(portal_ship, mongo, second)
+        await feed.refresh()  # only what shipped since
+        [station] = feed.board
+        assert [(s["slot"], s["serial"]) for s in station.slots] == [(0, "SN-A"), (1, "SN-B")]
+    finally:
+        data.close()

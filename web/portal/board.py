@@ -38,6 +38,10 @@ WINDOW = dt.timedelta(hours=24)
 SILENT_AFTER = dt.timedelta(minutes=5)
 #: Recompute at least this often, so "last heard 7 min ago" moves on while nothing ships.
 REFRESH_S = 5.0
+#: Read the whole board again this often (runs leave the window; nothing missed stays missed).
+RESYNC = dt.timedelta(minutes=10)
+#: How far back of the newest shipment each read goes again (what shipped in the same instant is not lost).
+SHIPPED_MARGIN = dt.timedelta(seconds=2)
 HEARTBEAT_S = 15.0
 
 
@@ -82,7 +86,13 @@ def _ago(delta: dt.timedelta | None) -> str:
 
 
 class BoardFeed:
-    """The board, recomputed when the runs change, and a way to wait for the next version of it."""
+    """The board, kept current as runs ship, and a way to wait for the next version of it.
+
+    Read whole once (each slot's newest run of the window, each station's
+    last shipment), then kept by what shipped since (an indexed query on
+    ``shipped_at``), so a change costs the runs that changed, not a day of a
+    busy line; read whole again every :data:`RESYNC` to let old runs go.
+    """
 
     def __init__(self, data: Any, *, poll_interval: float = 1.0, window: dt.timedelta = WINDOW) -> None:
         self.data = data
@@ -92,6 +102,11 @@ class BoardFeed:
         self.board: list[Station] = []
         self.mode = "starting"
         self._changed = trio.Event()
+        self._slots: dict[tuple[str, int], Mapping[str, Any]] = {}
+        self._heard: dict[str, dt.datetime] = {}
+        self._since: dt.datetime | None = None  # the newest shipped_at read so far
+        self._synced: float | None = None  # trio.current_time() of the last whole read
+        self._rendered: tuple[int, str] | None = None
 
     async def next(self, seen: int) -> tuple[int, list[Station]]:
         """The board once its version is past ``seen`` (at once if it already is)."""
@@ -99,13 +114,39 @@ class BoardFeed:
             await self._changed.wait()
         return self.version, self.board
 
+    def rendered(self, render: Any) -> tuple[int, str]:
+        """The current board as one event's data, rendered once per version however many browsers wait."""
+        if self._rendered is None or self._rendered[0] != self.version:
+            html = render(self.board)
+            self._rendered = (self.version, json.dumps({"version": self.version, "html": html}))
+        return self._rendered
+
     async def refresh(self) -> None:
         now = dt.datetime.now(dt.timezone.utc)
-
-        def read() -> list[Station]:
-            return line_board(self.data.board_rows(now - self.window), self.data.last_heard(), now)
-
-        board = await trio.to_thread.run_sync(read)
+        whole = (self._synced is None or trio.current_time() - self._synced >= RESYNC.total_seconds()
+                 or not hasattr(self.data, "shipped_since"))
+        if whole:
+            rows, heard = await trio.to_thread.run_sync(
+                lambda: (self.data.board_rows(now - self.window), self.data.last_heard()))
+            self._slots = {(r["station"], r["slot"]): r for r in rows}
+            self._heard = dict(heard)
+            self._since = max(heard.values(), default=None)
+            self._synced = trio.current_time()
+        else:
+            # Never past this machine's now: one run shipped with a time ahead (a clock put right
+            # since) would otherwise hide every shipment until the next whole read.
+            since = min(self._since or now - self.window, now - SHIPPED_MARGIN)
+            for r in await trio.to_thread.run_sync(self.data.shipped_since, since):
+                key = (r["station"], r["slot"])
+                old = self._slots.get(key)
+                if old is None or (r["started_at"], r["run_id"]) >= (old["started_at"], old["run_id"]):
+                    self._slots[key] = r
+                shipped = r["shipped_at"]
+                if shipped is not None:
+                    self._heard[r["station"]] = max(shipped, self._heard.get(r["station"], shipped))
+                    self._since = max(shipped, self._since or shipped)
+        recent = [r for r in self._slots.values() if r["started_at"] >= now - self.window]
+        board = line_board(recent, self._heard, now)
         if board != self.board or self.version == 0:
             self.board = board
             self.version += 1
@@ -194,13 +235,15 @@ async def board_events(request: Request) -> Response:
     except ValueError:
         seen = 0
 
+    def render_board(board: list[Station]) -> str:
+        return templates.get_template("_board.html").render(**board_context(feed, board))
+
     async def events() -> AsyncIterator[str]:
         nonlocal seen
         while True:
             with trio.move_on_after(HEARTBEAT_S):
-                seen, board = await feed.next(seen)
-                html = templates.get_template("_board.html").render(**board_context(feed, board))
-                data = json.dumps({"version": seen, "html": html})
+                await feed.next(seen)
+                seen, data = feed.rendered(render_board)
                 yield f"event: board\nid: {seen}\ndata: {data}\n\n"
                 continue
             yield ": still here\n\n"

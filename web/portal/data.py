@@ -206,6 +206,11 @@ class MongoData:
         ], allowDiskUse=True)
         return [run_row(d["run"]) for d in docs]
 
+    def shipped_since(self, since: dt.datetime) -> list[dict[str, Any]]:
+        """Runs shipped at or after ``since``, oldest shipment first: what changed on the line board."""
+        cursor = self.db["runs"].find({"shipped_at": {"$gte": since}}, ROW_FIELDS)
+        return [run_row(d) for d in cursor.sort([("shipped_at", 1), ("_id", 1)]).limit(5000)]
+
     def last_heard(self) -> dict[str, dt.datetime]:
         """When each station last shipped anything (its newest ``shipped_at``)."""
         rows = self.db["runs"].aggregate([
