@@ -144,17 +144,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_mongo_options(run)
 
-    report = sub.add_parser("report", help="write the HTML report of a run or a batch")
+    report = sub.add_parser("report", help="write the HTML report of a run, a batch, or a product over a period")
     target = report.add_mutually_exclusive_group(required=True)
     target.add_argument("--run", metavar="ID", help="run id (a unique prefix is enough)")
     target.add_argument("--batch", metavar="B", help="every run of batch B: units, yields, failure Pareto")
+    target.add_argument("--product", metavar="P",
+                        help="product P over a period (--since, --until): yield by day or hour, station, slot and "
+                        "operator, Paretos, measurement statistics")
+    report.add_argument("--since", type=_moment, metavar="WHEN", help="with --product: from WHEN (YYYY-MM-DD or ISO)")
+    report.add_argument("--until", type=_moment, metavar="WHEN", help="with --product: up to WHEN (default: now)")
     report.add_argument("-o", "--output", type=Path, metavar="FILE",
                         help="file to write (default: where `sequencer run` puts it: <reports>/<batch>/index.html "
                         "for a batch, <reports>/<batch>/<run id>.html for a run; read from MongoDB, a batch's "
                         f"page is <reports>/<batch>/{BATCH_PAGE_EVERY_STATION})")
     report.add_argument("--store", type=Path, metavar="PATH", help="local store (SQLite) path")
-    report.add_argument("--station", type=Path, metavar="FILE",
-                        help="station file (for its store and reports directory)")
+    report.add_argument("--station", metavar="FILE|NAME",
+                        help="station file (for its store and reports directory); with --product, a station's name "
+                        "keeps the period to its runs (a file that exists is the station file)")
     add_reading_options(report)
 
     runs = sub.add_parser("runs", help="list runs (the local store, or MongoDB when configured)")
@@ -455,6 +461,7 @@ class _RoundReports:
         from reports.render.html import batch_dir
 
         self.folder = batch_dir(config.reports_dir, config.batch_or_default)
+        self.cpk_threshold = config.quality.cpk_threshold
         self.error: Exception | None = None
 
     async def write(self, result: StationResult) -> None:
@@ -473,13 +480,19 @@ class _RoundReports:
             write_html(self.folder / f"{r.run_id}.html", render_run(r))
 
     def write_batch(self, batch: str, batch_runs: list[RunRecord]) -> None:
-        from reports.render.html import batch_title, render_batch, write_html
+        """The batch page; and the pages of every retested unit's runs, which now link to each other."""
+        from reports.render.html import batch_title, render_batch, render_run, unit_histories, write_html
 
         if self.error is not None:
             return
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
-            write_html(self.folder / "index.html", render_batch(batch_runs, title=batch_title(batch, batch_runs)))
+            for run_id, history in unit_histories(batch_runs).items():
+                if len(history) > 1:
+                    run = next(r for r in history if r.run_id == run_id)
+                    write_html(self.folder / f"{run_id}.html", render_run(run, unit_runs=history))
+            write_html(self.folder / "index.html", render_batch(batch_runs, title=batch_title(batch, batch_runs),
+                                                                cpk_threshold=self.cpk_threshold))
         except Exception as exc:
             self.error = exc
 
@@ -538,10 +551,20 @@ def _finish_run(
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from reports.render.html import batch_dir, batch_title, render_batch, render_run, write_html
+    from reports.render.html import batch_dir, batch_title, render_batch, render_run, unit_histories, write_html
     from reports.storage.mongo_cli import reading_runs
 
+    station_name = None
+    if args.station is not None and args.product is not None and not Path(args.station).is_file():
+        station_name, args.station = args.station, None
+    elif args.station is not None:
+        args.station = Path(args.station)
+    if args.product is not None:
+        return _period_report(args, station_name)
+    if args.since is not None or args.until is not None:
+        raise UsageError("--since/--until: a period is reported per product: give --product P")
     with reading_runs(args) as reading:
+        threshold = reading.config.quality.cpk_threshold
         if args.run is not None:
             if not args.run.strip():
                 raise UsageError("--run: give a run id (or the start of one)")
@@ -552,7 +575,8 @@ def cmd_report(args: argparse.Namespace) -> int:
                 raise UsageError(f"run {args.run!r}: the prefix matches several runs; give more of the id")
             run = matches[0]
             output = args.output or batch_dir(reading.config.reports_dir, run.batch) / f"{run.run_id}.html"
-            html = render_run(run)
+            batch_runs = reading.source.find_runs(batch=run.batch)
+            html = render_run(run, unit_runs=unit_histories(batch_runs).get(run.run_id, [run]))
         else:
             runs = reading.source.find_runs(batch=args.batch)
             if not runs:
@@ -561,7 +585,44 @@ def cmd_report(args: argparse.Namespace) -> int:
             # page of every station's runs is another file, so neither overwrites the other.
             page = BATCH_PAGE_EVERY_STATION if reading.every_station else "index.html"
             output = args.output or batch_dir(reading.config.reports_dir, args.batch) / page
-            html = render_batch(runs, title=batch_title(args.batch, runs))
+            html = render_batch(runs, title=batch_title(args.batch, runs), cpk_threshold=threshold)
+    try:
+        write_html(output, html)
+    except OSError as exc:
+        raise UsageError(f"{output}: cannot write the report: {_os_reason(exc, output)}") from None
+    print(output)
+    return EXIT_OK
+
+
+def _period_report(args: argparse.Namespace, station: str | None) -> int:
+    """``sequencer report --product P --since D [--until D] [--station NAME]``: the trend report of a period."""
+    from reports.quality.period import period_from_runs
+    from reports.render.html import batch_dir, render_period, write_html
+    from reports.storage.mongo_cli import reading_runs
+
+    if args.since is None:
+        raise UsageError("--product: give the period's start with --since WHEN (and its end with --until WHEN)")
+    if args.until is not None and args.until <= args.since:
+        raise UsageError(f"--until {args.until:%Y-%m-%d %H:%M} is not after --since {args.since:%Y-%m-%d %H:%M}")
+    with reading_runs(args) as reading:
+        if reading.every_station:
+            report = reading.source.period_report(product=args.product, since=args.since, until=args.until,
+                                                  station=station)
+        else:
+            runs = reading.source.find_runs(product=args.product, since=args.since, until=args.until,
+                                            station=station)
+            report = period_from_runs(runs, product=args.product, station=station, since=args.since,
+                                      until=args.until)
+        if not report.runs:
+            raise UsageError(f"product {args.product!r}: no runs" + _described(
+                {"since": args.since, "until": args.until}, " ") + f"{' on station ' + station if station else ''}"
+                f" in {reading.where}")
+        end = f"{args.until:%Y-%m-%d %H:%M}" if args.until else "now"
+        period = f"{args.since:%Y-%m-%d %H:%M} – {end} UTC"
+        name = f"{args.product}_{args.since:%Y%m%dT%H%M}_{f'{args.until:%Y%m%dT%H%M}' if args.until else 'now'}"
+        output = args.output or batch_dir(reading.config.reports_dir / "periods", name) / "index.html"
+        html = render_period(report, title=f"{args.product} — {period}", period=period, source=reading.where,
+                             cpk_threshold=reading.config.quality.cpk_threshold)
     try:
         write_html(output, html)
     except OSError as exc:

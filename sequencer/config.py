@@ -40,6 +40,9 @@
     [secrets]                   # NVS secrets (docs/device-config.md); SEQUENCER_SECRET_<NAME> wins
     file = "/etc/sequencer/secrets.toml"
 
+    [quality]                   # how the reports judge the measurements' statistics
+    cpk_threshold = 1.33        # Cpk below this is "not capable", listed first
+
 Unknown keys are errors, not silently ignored: a misspelt ``prots`` must not
 run the station on no ports. Command-line options override the file.
 """
@@ -120,6 +123,19 @@ class FlashConfig:
                              "the app without a reset line")
 
 
+def _positive_number(instance: Any, attribute: Any, value: float) -> None:
+    if not (isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < float("inf")):
+        raise ValueError(f"{attribute.name} must be a positive number, got {value!r}")
+
+
+@attrs.frozen
+class QualityConfig:
+    """``[quality]``: how reports judge measurement statistics (the default is reports.quality.statistics')."""
+
+    #: Cpk below this is not capable: such measurements are flagged and listed first
+    cpk_threshold: float = attrs.field(default=1.33, validator=_positive_number)
+
+
 @attrs.frozen
 class DetectConfig:
     """``[detect]``: find DUT ports by USB identity instead of listing them (globs for text)."""
@@ -166,6 +182,7 @@ class StationConfig:
     mongo_uri: str = ""
     mongo_db: str = ""
     flash: FlashConfig = attrs.field(factory=FlashConfig)
+    quality: QualityConfig = attrs.field(factory=QualityConfig)
     #: find ports by USB identity (``[detect]``) when none are listed
     detect: DetectConfig | None = None
     #: DUT console port -> the AT port of its modem (``[modems]``)
@@ -217,7 +234,7 @@ class StationConfig:
 
 _TOP_KEYS = {"station", "product", "operator", "ask_operator", "batch", "store", "reports", "ports", "sim", "seed",
              "rounds", "resources", "mongo", "flash", "detect", "modems", "provisioning", "secrets",
-             "portal"}
+             "portal", "quality"}
 _RESOURCE_KEYS = {"capacity", "instrument", "port"}
 _MONGO_KEYS = {"uri", "database"}
 
@@ -297,6 +314,7 @@ def load_station_config(path: str | Path) -> StationConfig:
         product=_product_path(p, base, typed("product", str, "")) if "product" in data else None,
         **_mongo_table(p, typed("mongo", dict, {})),
         flash=_flash_table(p, typed("flash", dict, {})),
+        quality=_table(p, "quality", QualityConfig, typed("quality", dict, {}), {"cpk_threshold": (int, float)}),
         detect=_detect_table(p, typed("detect", dict, None)) if "detect" in data else None,
         modems=_modems_table(p, typed("modems", dict, {})),
         provisioning_url=_text_table(p, "provisioning", typed("provisioning", dict, {}), "url"),

@@ -93,6 +93,9 @@ def test_documented_example_station_file_loads() -> None:
         ('[modems]\n"/dev/a" = "/dev/m"\n"/dev/b" = "/dev/m"\n', "two DUT ports share one modem port"),
         ('[provisioning]\nurl = "http://x"\nuser = "me"\n', "provisioning: unknown key 'user'"),
         ('[secrets]\npath = "s.toml"\n', "secrets: unknown key 'path'"),
+        ('[quality]\ncpk_threshold = 0\n', "quality: cpk_threshold must be a positive number, got 0"),
+        ('[quality]\ncpk_threshold = "high"\n', "quality.cpk_threshold must be a whole number or a number"),
+        ('[quality]\ncpk = 1.67\n', "quality: unknown key 'cpk'"),
     ],
 )
 def test_service_tables_are_checked(tmp_path: Path, body: str, message: str) -> None:
@@ -118,3 +121,13 @@ def test_a_station_that_lacks_what_the_product_needs_says_so_before_testing(tmp_
     config = load_station_config(f)
     with pytest.raises(ConfigError, match=re.escape("set [provisioning] url in the station file")):
         station_services(config, tracker, config.ports)
+
+
+def test_the_cpk_threshold_is_set_in_the_station_file(tmp_path: Path) -> None:
+    from reports.quality.statistics import DEFAULT_CPK_THRESHOLD
+
+    f = tmp_path / "station.toml"
+    f.write_text("sim = 2\n")
+    assert load_station_config(f).quality.cpk_threshold == DEFAULT_CPK_THRESHOLD == 1.33
+    f.write_text("sim = 2\n[quality]\ncpk_threshold = 1.67\n")
+    assert load_station_config(f).quality.cpk_threshold == 1.67

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import base64
 import datetime as dt
 import hashlib
@@ -34,8 +36,8 @@ from tests.records_factory import TINY_PNG, at, measurement, phase, run, sensor_
 ALLOWED_TAGS = {
     "html", "head", "meta", "title", "style", "body", "main", "header", "footer", "section", "div", "span",
     "h1", "h2", "h3", "p", "small", "b", "code", "pre", "time", "a", "img", "details", "summary", "dl", "dt", "dd",
-    "table", "colgroup", "col", "thead", "tbody", "tr", "th", "td",
-    "svg", "title", "rect", "line", "polyline", "circle", "text",
+    "table", "colgroup", "col", "thead", "tbody", "tr", "th", "td", "nav", "ol", "ul", "li", "article",
+    "svg", "title", "rect", "line", "polyline", "circle", "text", "path",
 }
 
 HOSTILE = [
@@ -87,7 +89,9 @@ def assert_no_injected_markup(html: str) -> Element:
         for name, val in e.attrs.items():
             assert not name.startswith("on"), f"event handler {name}={val!r} on <{e.tag}>"
             if name in ("src", "href"):
-                assert val is not None and (val.startswith("data:") or val.startswith("#")), f"{name}={val!r}"
+                # inline data, an anchor, or a relative link to another report page (never a host or a scheme)
+                page = name == "href" and re.fullmatch(r"(\.\./[A-Za-z0-9._%-]+/)?[A-Za-z0-9._%-]+\.html", val or "")
+                assert val is not None and (val.startswith("data:") or val.startswith("#") or page), f"{name}={val!r}"
     return root
 
 
@@ -474,7 +478,7 @@ def test_batch_page_counts_and_yields() -> None:
     assert "units whose first finished run passed" in root.find("dl", "definitions").clean_text
 
 
-def test_batch_units_table_is_chronological_link_free_and_marks_retests() -> None:
+def test_batch_units_table_is_chronological_links_each_run_and_marks_retests() -> None:
     runs = batch_runs()
     root = parse(render_batch(list(reversed(runs)), title="B1"))
     table = root.find("table", "units")
@@ -488,7 +492,8 @@ def test_batch_units_table_is_chronological_link_free_and_marks_retests() -> Non
     assert got[0][7] == "rf_sweep: measurement 'rssi_sweep': -28.5 is above -30"
     assert got[4][7] == "identify: timed out after 30 s"
     assert [g[8] for g in got] == [r.run_id for r in runs]
-    assert not table.find_all("a")
+    # drill-down: each run id links to its page, beside the batch page, relatively
+    assert [a.attrs["href"] for a in table.find_all("a")] == [f"{r.run_id}.html" for r in runs]
     assert [tr.classes for tr in rows][0] == {"o-fail"}
 
 
@@ -567,7 +572,7 @@ def test_batch_without_failures_or_runs() -> None:
         "No failures.", "No failures.", "No station or communication trouble."]
     empty = parse(render_batch([], title="nothing"))
     assert empty.find(id="kpi-fpy").text == "—"
-    assert empty.find_all("p", "empty")[-1].text == "No runs."
+    assert [p.text for p in empty.find_all("p", "empty")][-2:] == ["No runs.", "No numeric measurements."]
     assert not empty.find_all("table", "code-versions")
 
 
@@ -754,3 +759,70 @@ def test_a_batch_folder_is_one_safe_folder_inside_the_reports(batch: str) -> Non
 def test_batches_that_differ_only_in_unsafe_characters_get_different_folders() -> None:
     names = {batch_dir(Path("r"), b).name for b in ("a/b", "a_b", "a\\b", "a b", "a:b", "a..b", "")}
     assert len(names) == 7
+
+
+# -- statistics and drill-down (issue 19) ----------------------------------------
+
+
+def rail_runs(n: int, *, spread: float = 0.01, centre: float = 3.30) -> list[RunRecord]:
+    import random
+
+    rnd = random.Random(3)
+    return [sensor_run(f"SN-{i}", vdd=centre + rnd.gauss(0, spread), slot=i % 4, started_at=at(60 * i))
+            for i in range(n)]
+
+
+def test_batch_page_has_statistics_per_numeric_measurement_low_cpk_first() -> None:
+    runs = rail_runs(30, spread=0.03)  # the 3V3 rail spreads too wide for its limits: not capable
+    root = parse(render_batch(runs, title="B"))
+    rows = root.find("table", "stats-overview").find("tbody").find_all("tr")
+    names = [tr.find("td").find("code").text for tr in rows]
+    assert names[0] == "vdd_3v3" and set(names) == {"vdd_3v3", "vdd_1v8", "idle_current"}
+    first = {td.attrs["data-label"]: td.clean_text for td in rows[0].find_all("td")}
+    assert first["n"] == "30" and first["Fails"] == "0"
+    assert float(first["Cpk"].split()[0]) < 1.33 and "LOW" in first["Cpk"]
+    assert "not-capable" in rows[0].classes
+    card = root.find("article", "stat")
+    histogram = card.find("svg", "histogram")
+    labels = [t.text for t in histogram.find_all("text")]
+    assert "LSL 3.2" in labels and "USL 3.4" in labels and "mean" in labels
+    chart = card.find("svg", "control-chart")
+    assert chart.find("polyline") and "30 values" in chart.find("title").text
+    # a settable threshold: at 0.1 everything with a Cpk is capable
+    relaxed = parse(render_batch(runs, title="B", cpk_threshold=0.1))
+    assert not relaxed.find("table", "stats-overview").find_all("tr", "not-capable")
+
+
+def test_fifty_measurements_over_many_runs_keep_the_page_light() -> None:
+    import random
+
+    rnd = random.Random(1)
+    runs = []
+    for i in range(2000):
+        ms = [measurement(f"m{j:02d}", 1.0 + rnd.gauss(0, 0.05), units="V", low=0.5, high=1.5) for j in range(50)]
+        runs.append(run(serial=f"S{i}", started_at=at(i), phases=[phase("p", measurements=ms)]))
+    html = render_batch(runs, title="B")
+    root = parse(html)
+    assert len(root.find_all("svg", "control-chart")) == 50
+    # 2,000 values per chart are drawn as 240 columns: fifty measurements' statistics stay under a megabyte
+    statistics = html[html.index('<section class="statistics"'):]
+    assert len(statistics.encode()) < 1_000_000, len(statistics.encode())
+
+
+def test_a_run_page_links_back_to_its_batch_and_to_its_units_other_runs() -> None:
+    runs = [sensor_run("SN-1", vdd=3.59, started_at=at(0)), sensor_run("SN-2", started_at=at(10)),
+            sensor_run("SN-1", started_at=at(600))]
+    from reports.render.html import unit_histories
+
+    histories = unit_histories(runs)
+    page = parse(render_run(runs[2], unit_runs=histories[runs[2].run_id]))
+    assert page.find("a", id="batch-link").attrs["href"] == "index.html"
+    history = page.find("div", id="unit-history")
+    assert history.clean_text.startswith("Test 2 of 2 of this unit; previous: FAIL at power_rails: measurement "
+                                         "'vdd_3v3': 3.59 is above 3.4")
+    assert history.find("a").attrs["href"] == f"{runs[0].run_id}.html"
+    # a retest in another batch: its page is in that batch's folder, beside this one
+    other = attrs.evolve(runs[0], batch="B 2/evil")
+    page = parse(render_run(runs[2], unit_runs=[other, runs[2]]))
+    assert page.find("div", id="unit-history").find("a").attrs["href"].startswith("../B_2_evil-")
+    assert not parse(render_run(runs[1], unit_runs=histories[runs[1].run_id])).find_all("div", id="unit-history")

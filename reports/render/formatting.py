@@ -214,3 +214,17 @@ def keep_whole(text: object) -> str:
     that may wrap anywhere rather than push the table off the page.
     """
     return "nowrap" if len(str(text or "")) <= KEEP_WHOLE_CHARS else "wrap"
+
+
+def statistic(x: float | None) -> str:
+    """A mean, sd or extreme: four significant digits, as a capability study shows them."""
+    if x is None:
+        return "—"
+    return f"{x:.4g}"
+
+
+def index(x: float | None) -> str:
+    """A capability index (Cp, Cpk, Ppk) with two decimals; ``—`` where it does not exist."""
+    if x is None:
+        return "—"
+    return f"{x:.2f}"

@@ -19,6 +19,7 @@ import functools
 import hashlib
 import os
 import shlex
+from urllib.parse import quote
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -28,8 +29,10 @@ import jinja2
 
 from reports.render import formatting, svg
 from reports.render.files import replacing
+from reports.quality.period import PeriodReport
+from reports.quality.statistics import DEFAULT_CPK_THRESHOLD, measurement_statistics, worst_first
 from reports.quality.units import group_units
-from reports.quality.yields import batch_summary, chronological, first_failure, unit_run_numbers
+from reports.quality.yields import batch_summary, chronological, failure_summary, first_failure, unit_run_numbers
 from sequencer.records import Attachment, MeasurementRecord, PhaseRecord, RunRecord
 
 #: Attachments larger than this are listed (name, size, sha256) but not embedded.
@@ -159,6 +162,8 @@ def _environment() -> jinja2.Environment:
         mcounts=formatting.measurement_counts,
         band=formatting.marginal_band,
         keep_whole=formatting.keep_whole,
+        stat=formatting.statistic,
+        cpk=formatting.index,
     )
     env.globals.update(
         attachment_view=attachment_view,
@@ -167,14 +172,46 @@ def _environment() -> jinja2.Environment:
         series_summary=formatting.series_summary,
         is_number=formatting.is_number,
         max_embed=formatting.size(MAX_EMBED_BYTES),
+        stat_histogram=svg.capability_histogram,
+        stat_chart=svg.control_chart,
+        failure_summary=failure_summary,
     )
     return env
 
 
-def render_run(run: RunRecord) -> str:
-    """The report of one run: verdict, identity, phases, measurements, errors, logs and attachments."""
-    return _environment().get_template("run.html").render(run=run, first_failure=first_failure(run))
+def render_run(run: RunRecord, *, unit_runs: Sequence[RunRecord] = ()) -> str:
+    """The report of one run: verdict, identity, phases, measurements, errors, logs and attachments.
 
+    ``unit_runs`` are every run of the same unit (as :func:`unit_histories`
+    finds them, this one included): the page says which test of the unit it
+    is, why the others failed, and links to them. Links are relative (the
+    batch's ``index.html`` beside the page, another batch's folder beside
+    this one), so they work in a copied report folder and when served.
+    """
+    ordered = chronological(unit_runs) if unit_runs else [run]
+    history = [{"run": r, "href": run_href(r, from_batch=run.batch), "current": r.run_id == run.run_id}
+               for r in ordered]
+    number = next((i for i, h in enumerate(history, 1) if h["current"]), 1)
+    return _environment().get_template("run.html").render(
+        run=run, first_failure=first_failure(run), history=history if len(history) > 1 else [],
+        test_number=number, previous=history[number - 2]["run"] if number > 1 else None,
+    )
+
+
+def unit_histories(runs: Sequence[RunRecord]) -> dict[str, list[RunRecord]]:
+    """For each run id, every run of its unit among ``runs`` (oldest first): what :func:`render_run` links."""
+    ordered = chronological(runs)
+    by_id = {r.run_id: r for r in ordered}
+    units = group_units(ordered)
+    return {rid: [by_id[i] for i in unit.run_ids] for rid, unit in units.by_run.items()}
+
+
+def run_href(run: RunRecord, *, from_batch: str) -> str:
+    """The relative link to ``run``'s page from a page in ``from_batch``'s folder."""
+    page = quote(f"{run.run_id}.html")
+    if run.batch == from_batch:
+        return page
+    return f"../{quote(batch_dir(Path(), run.batch).name)}/{page}"
 
 
 def _export_command(batch: str) -> str:
@@ -182,17 +219,23 @@ def _export_command(batch: str) -> str:
     quoted = shlex.quote(batch)
     return f"sequencer export --batch={quoted}" if batch.startswith("-") else f"sequencer export --batch {quoted}"
 
-def render_batch(runs: Sequence[RunRecord], *, title: str) -> str:
-    """The report of many runs: counts, yields, the units table and failure Paretos."""
+def render_batch(runs: Sequence[RunRecord], *, title: str, cpk_threshold: float = DEFAULT_CPK_THRESHOLD) -> str:
+    """The report of many runs: counts, yields, the units table, failure Paretos and measurement statistics.
+
+    Each run links to its page (``<run id>.html`` beside this one; a run of
+    another batch, in a page of every station's runs, to its own batch's folder).
+    """
     ordered = chronological(runs)
     units = group_units(ordered)
     summary = batch_summary(ordered, units)
+    batches = sorted({r.batch for r in ordered if r.batch})
+    here = batches[0] if len(batches) == 1 else ""
     rows = [
         {"run": r, "unit": units.of(r), "test_number": n, "tests": len(units.of(r).run_ids),
-         "failure": first_failure(r)}
+         "failure": first_failure(r), "href": run_href(r, from_batch=here or r.batch)}
         for r, n in zip(ordered, unit_run_numbers(ordered, units), strict=True)
     ]
-    batches = sorted({r.batch for r in ordered if r.batch})
+    products = sorted({r.product for r in ordered})
     return _environment().get_template("batch.html").render(
         title=title,
         summary=summary,
@@ -204,6 +247,18 @@ def render_batch(runs: Sequence[RunRecord], *, title: str) -> str:
         export_command=_export_command(batches[0]) if len(batches) == 1 else None,
         first_start=ordered[0].started_at if ordered else None,
         last_end=max((r.ended_at for r in ordered if r.ended_at is not None), default=None),
+        statistics=worst_first(measurement_statistics(ordered), cpk_threshold),
+        threshold=cpk_threshold,
+        several_products=len(products) > 1,
+    )
+
+
+def render_period(report: PeriodReport, *, title: str, period: str, source: str,
+                  cpk_threshold: float = DEFAULT_CPK_THRESHOLD) -> str:
+    """The trend report of a product over a period: yields by time, station, slot, operator; Paretos; statistics."""
+    return _environment().get_template("period.html").render(
+        report=report, title=title, period=period, source=source,
+        statistics=worst_first(report.statistics, cpk_threshold), threshold=cpk_threshold,
     )
 
 

@@ -1,4 +1,4 @@
-"""Small inline SVG graphics for reports: a series plot and a limit gauge.
+"""Small inline SVG graphics for reports: a series plot, a limit gauge, a histogram and an I-MR chart.
 
 Built in Python rather than in a template because the geometry is arithmetic.
 Safety rule: the SVG text is assembled only from numbers this module computes
@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 from markupsafe import Markup, escape
 
+from reports.quality.statistics import MeasurementStatistics
 from sequencer.records import Limits
 
 # Colours match the report stylesheet.
@@ -34,6 +35,11 @@ def _tick(x: float) -> str:
 def _f(x: float) -> str:
     """Coordinates with two decimals: short output, sub-pixel precision."""
     return f"{x:.2f}"
+
+
+def _f1(x: float) -> str:
+    """Coordinates of the many points of a chart: a tenth of a pixel is plenty, and a page holds fifty charts."""
+    return f"{x:.1f}"
 
 
 def series_plot(
@@ -165,4 +171,169 @@ def limit_gauge(value: float, limits: Limits, *, width: int = 110, height: int =
     colour = _FAIL if outside else (_MARGINAL_LINE if marginal else "#1a202c")
     parts.append(f'<rect x="{_f(sx(value) - 1.5)}" y="1" width="3" height="{height - 2}" rx="1" fill="{colour}"/>')
     parts.append("</svg>")
+    return Markup("".join(parts))
+
+
+# -- measurement statistics ---------------------------------------------------------------------
+
+_BAR = "#7f9cc4"
+_CENTRE = "#2f855a"
+#: Points an I-MR chart draws one by one; beyond, each pixel column is drawn as its range (min to max)
+#: and mean, so a batch of 10,000 runs costs what 240 points do and no outlier is hidden.
+CHART_COLUMNS = 240
+
+
+def capability_histogram(stats: MeasurementStatistics, *, width: int = 320, height: int = 132) -> Markup:
+    """The histogram of a measurement's values with its limits, marginal band and mean drawn in."""
+    hist = stats.histogram
+    if hist is None or not any(hist.counts):
+        return Markup("")
+    bins, lim = hist.bins, stats.limits
+    left, right, top, bottom = 8.0, 8.0, 16.0, 26.0
+    pw, ph = width - left - right, height - top - bottom
+    x_lo, x_hi = bins.start, bins.start + bins.width * bins.count
+    tallest = max(hist.counts)
+
+    def sx(x: float) -> float:
+        return left + (min(max(x, x_lo), x_hi) - x_lo) / (x_hi - x_lo) * pw
+
+    title = f"{stats.label}: histogram of {stats.moments.n} values"
+    parts = [
+        f'<svg class="histogram" width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img">',
+        f"<title>{escape(title)}</title>",
+    ]
+    if lim is not None and (lim.low is not None or lim.high is not None):
+        a = sx(lim.low) if lim.low is not None else left
+        b = sx(lim.high) if lim.high is not None else left + pw
+        parts.append(f'<rect x="{_f(a)}" y="{_f(top)}" width="{_f(max(b - a, 0))}" height="{_f(ph)}" '
+                     f'fill="{_PASS_ZONE}"/>')
+        m_lo = lim.marginal_low if lim.marginal_low is not None else lim.low
+        m_hi = lim.marginal_high if lim.marginal_high is not None else lim.high
+        for edge, band_end in ((lim.low, m_lo), (lim.high, m_hi)):
+            if edge is not None and band_end is not None and band_end != edge:
+                a, b = sorted((sx(edge), sx(band_end)))
+                parts.append(f'<rect x="{_f(a)}" y="{_f(top)}" width="{_f(b - a)}" height="{_f(ph)}" '
+                             f'fill="{_MARGINAL_ZONE}"/>')
+    bar_w = pw / bins.count
+    for i, n in enumerate(hist.counts):
+        if n:
+            h = n / tallest * ph
+            parts.append(f'<rect x="{_f(left + i * bar_w + 0.5)}" y="{_f(top + ph - h)}" '
+                         f'width="{_f(max(bar_w - 1, 0.5))}" height="{_f(h)}" fill="{_BAR}"/>')
+    parts.append(f'<line x1="{_f(left)}" x2="{_f(left + pw)}" y1="{_f(top + ph)}" y2="{_f(top + ph)}" '
+                 f'stroke="{_AXIS}" stroke-width="0.75"/>')
+    text = f'font-family="sans-serif" font-size="9" fill="{_TEXT}"'
+    marks: list[tuple[float, str, str, str]] = []
+    if lim is not None:
+        for v, name, colour, dash in ((lim.low, "LSL", _FAIL, "4 3"), (lim.high, "USL", _FAIL, "4 3"),
+                                      (lim.marginal_low, "", _MARGINAL_LINE, "2 3"),
+                                      (lim.marginal_high, "", _MARGINAL_LINE, "2 3")):
+            if v is not None and math.isfinite(v):
+                marks.append((v, name, colour, dash))
+    if stats.moments.mean is not None:
+        marks.append((stats.moments.mean, "mean", _CENTRE, ""))
+    for v, name, colour, dash in marks:
+        x = sx(v)
+        dashes = f' stroke-dasharray="{dash}"' if dash else ""
+        parts.append(f'<line x1="{_f(x)}" x2="{_f(x)}" y1="{_f(top - 2)}" y2="{_f(top + ph)}" stroke="{colour}" '
+                     f'stroke-width="1.2"{dashes}/>')
+        if name:
+            anchor = "start" if x < left + pw / 2 else "end"
+            label = name if name == "mean" else f"{name} {_tick(v)}"
+            parts.append(f'<text x="{_f(x + (2 if anchor == "start" else -2))}" y="{_f(top - 5)}" '
+                         f'text-anchor="{anchor}" {text}>{escape(label)}</text>')
+    parts += [
+        f'<text x="{_f(left)}" y="{_f(top + ph + 11)}" {text}>{escape(_tick(x_lo))}</text>',
+        f'<text x="{_f(left + pw)}" y="{_f(top + ph + 11)}" text-anchor="end" {text}>{escape(_tick(x_hi))}</text>',
+        f'<text x="{_f(left + pw / 2)}" y="{_f(height - 3)}" text-anchor="middle" {text}>'
+        f'{escape(stats.units or "value")}</text>',
+        "</svg>",
+    ]
+    return Markup("".join(parts))
+
+
+def control_chart(stats: MeasurementStatistics, *, width: int = 420, height: int = 170) -> Markup:
+    """Individuals and moving-range charts of the values in run order: centre lines, 3-sigma limits.
+
+    A point beyond a control limit is red. More values than ``CHART_COLUMNS``
+    are drawn per pixel column (range and mean), so the file stays small.
+    """
+    values = list(stats.values)
+    lines = stats.chart
+    if len(values) < 2 or lines is None:
+        return Markup("")
+    left, right, top, gap, bottom = 44.0, 8.0, 12.0, 16.0, 14.0
+    pw = width - left - right
+    i_h = (height - top - gap - bottom) * 0.68
+    mr_h = height - top - gap - bottom - i_h
+    ranges = [abs(b - a) for a, b in zip(values, values[1:])]
+    i_lo = min(min(values), lines.lower)
+    i_hi = max(max(values), lines.upper)
+    mr_hi = max(max(ranges), lines.mr_upper) or 1.0
+    if i_hi == i_lo:
+        i_lo, i_hi = i_lo - 1.0, i_hi + 1.0
+    pad = (i_hi - i_lo) * 0.06
+    i_lo, i_hi = i_lo - pad, i_hi + pad
+    text = f'font-family="sans-serif" font-size="9" fill="{_TEXT}"'
+    title = f"{stats.label}: individuals and moving range of {len(values)} values in run order"
+    parts = [
+        f'<svg class="control-chart" width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img">',
+        f"<title>{escape(title)}</title>",
+    ]
+
+    def panel(series: list[float], y0: float, h: float, lo: float, hi: float,
+              rules: list[tuple[float, str, str]], first_x: int) -> None:
+        n_total = len(values)
+
+        def sx(i: int) -> float:
+            return left + i / max(n_total - 1, 1) * pw
+
+        def sy(v: float) -> float:
+            return y0 + (hi - v) / (hi - lo) * h
+
+        parts.append(f'<rect x="{_f(left)}" y="{_f(y0)}" width="{_f(pw)}" height="{_f(h)}" fill="#fff" '
+                     f'stroke="{_AXIS}" stroke-width="0.75"/>')
+        upper = max(v for v, _, _ in rules)
+        lower = min(v for v, _, _ in rules) if len(rules) > 2 else -math.inf
+        last_label = -100.0
+        for v, name, colour in sorted(rules, key=lambda r: -r[0]):
+            dash = "" if name.startswith("x̄") or name.startswith("MR̄") else ' stroke-dasharray="4 3"'
+            parts.append(f'<line x1="{_f(left)}" x2="{_f(left + pw)}" y1="{_f(sy(v))}" y2="{_f(sy(v))}" '
+                         f'stroke="{colour}" stroke-width="1"{dash}/>')
+            ty = sy(v) + 3
+            if ty - last_label >= 9:
+                parts.append(f'<text x="{_f(left - 3)}" y="{_f(ty)}" text-anchor="end" {text}>'
+                             f'{escape(_tick(v))}</text>')
+                last_label = ty
+        if len(series) <= CHART_COLUMNS:
+            pts = " ".join(f"{_f1(sx(first_x + i))},{_f1(sy(v))}" for i, v in enumerate(series))
+            parts.append(f'<polyline points="{pts}" fill="none" stroke="{_LINE}" stroke-width="1"/>')
+        else:
+            columns: dict[int, list[float]] = {}
+            for i, v in enumerate(series):
+                columns.setdefault(int((first_x + i) / max(n_total - 1, 1) * (CHART_COLUMNS - 1)), []).append(v)
+            path = []
+            means = []
+            for c, vs in columns.items():
+                x = left + c / (CHART_COLUMNS - 1) * pw
+                path.append(f"M{_f1(x)} {_f1(sy(max(vs)))}V{_f1(sy(min(vs)))}")
+                means.append(f"{_f1(x)},{_f1(sy(math.fsum(vs) / len(vs)))}")
+            parts.append(f'<path d="{"".join(path)}" stroke="#b8c7dd" stroke-width="1"/>')
+            parts.append(f'<polyline points="{" ".join(means)}" fill="none" stroke="{_LINE}" stroke-width="1"/>')
+        out = [(i, v) for i, v in enumerate(series) if v > upper or v < lower]
+        for i, v in out[:CHART_COLUMNS]:
+            parts.append(f'<circle cx="{_f(sx(first_x + i))}" cy="{_f(sy(v))}" r="2.2" fill="{_FAIL}"/>')
+
+    panel(values, top, i_h, i_lo, i_hi,
+          [(lines.upper, "UCL", _FAIL), (lines.centre, "x̄", _CENTRE), (lines.lower, "LCL", _FAIL)], 0)
+    mr_top = top + i_h + gap
+    panel(ranges, mr_top, mr_h, 0.0, mr_hi * 1.06, [(lines.mr_upper, "UCL", _FAIL), (lines.mr_centre, "MR̄", _CENTRE)],
+          1)
+    parts += [
+        f'<text x="{_f(left)}" y="{_f(top - 3)}" {text}>Individuals{escape(f" ({stats.units})" if stats.units else "")}'
+        f"</text>",
+        f'<text x="{_f(left)}" y="{_f(mr_top - 3)}" {text}>Moving range</text>',
+        f'<text x="{_f(left + pw)}" y="{_f(height - 2)}" text-anchor="end" {text}>run order, {len(values)} values</text>',
+        "</svg>",
+    ]
     return Markup("".join(parts))

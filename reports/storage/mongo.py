@@ -980,6 +980,39 @@ class MongoSink:
             raise MongoUnavailable(describe_failure(exc)) from None
         return [run_from_document(d) for d in docs]
 
+    def period_report(self, *, product: str, since: dt.datetime | None = None, until: dt.datetime | None = None,
+                      station: str | None = None) -> Any:
+        """The trend report of ``product`` over a period, every station's runs (or ``station``'s).
+
+        Yields come from the runs' headers (identity, outcome, where and when:
+        no phases); outcome counts, Paretos and measurement statistics are
+        aggregated in the database (:mod:`reports.quality.pipeline`).
+        """
+        from reports.quality.period import RunHeader
+        from reports.quality.pipeline import period_from_database
+
+        match = _run_query(batch=None, serial=None, outcome=None, run_id_prefix=None, since=since, until=until,
+                           product=product, station=station)
+        projection = {"product": 1, "started_at": 1, "outcome": 1, "station": 1, "slot": 1, "operator": 1,
+                      "identity": 1, "dut": 1}
+
+        def headers() -> Iterable[RunHeader]:
+            cursor = self.runs.find(match, projection).sort([("started_at", 1), ("_id", 1)]).batch_size(10_000)
+            for d in cursor:
+                identity = tuple(d.get("identity") or DEFAULT_IDENTITY)
+                dut = d.get("dut") or {}
+                yield RunHeader(
+                    d["_id"], d["product"], d["started_at"], Outcome(d["outcome"]) if d.get("outcome") else None,
+                    d["station"], d["slot"], d.get("operator", ""), identity,
+                    {k: str(dut[encode_key(k)]) for k in identity if dut.get(encode_key(k))},
+                )
+
+        try:
+            return period_from_database(self.runs, match, headers(), product=product, station=station,
+                                        since=since, until=until)
+        except pymongo.errors.PyMongoError as exc:
+            raise MongoUnavailable(describe_failure(exc)) from None
+
     def outcome_counts(
         self,
         *,

@@ -1,0 +1,148 @@
+"""Period and trend reports: `sequencer report --product P --since D`, from the store and from MongoDB alike."""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+import random
+from pathlib import Path
+
+import pytest
+import trio
+
+from reports.quality.period import period_from_runs, period_yields
+from reports.quality.pipeline import statistics_in_database
+from reports.quality.statistics import measurement_statistics
+from reports.storage.mongo import MongoSettings, MongoSink
+from sequencer.cli import main
+from tests import records_factory as rf
+from tests.htmltree import parse
+from tests.store_support import store_runs
+
+DAY = dt.timedelta(days=1)
+
+
+def week_of_runs() -> list:
+    """Three days on two stations: board SN-k fails its 3V3 rail on day 0 and passes its retest on day 1."""
+    rnd = random.Random(7)
+    runs = []
+    for day in range(3):
+        for i in range(6):
+            serial = f"SN-{day}{i}"
+            vdd = 3.30 + rnd.gauss(0, 0.02)
+            if (day, i) == (0, 2):
+                vdd = 3.45
+            run = rf.sensor_run(serial, vdd=vdd, slot=i % 2, started_at=rf.at(day * 86400 + i * 60))
+            runs.append(run if i < 3 else attrs_evolve(run, station="line1-st04", operator="bob"))
+    retest = rf.sensor_run("SN-02", slot=1, started_at=rf.at(86400 + 3000))
+    return [*runs, retest]
+
+
+def attrs_evolve(run, **kw):
+    import attrs
+
+    return attrs.evolve(run, **kw)
+
+
+def test_yields_by_day_station_slot_and_operator_count_a_unit_where_it_was_first_tested() -> None:
+    runs = sorted(week_of_runs(), key=lambda r: (r.started_at, r.run_id))
+    y = period_yields(runs, since=rf.T0, until=rf.T0 + 7 * DAY)
+    assert not y.hourly
+    days = {r.bucket: r for r in y.by_time}
+    assert list(days) == ["2024-05-14", "2024-05-15", "2024-05-16"]
+    first = days["2024-05-14"]
+    assert (first.units, first.first_pass_units, first.final_pass_units) == (6, 5, 6)  # SN-02's retest forgives it
+    assert (days["2024-05-15"].runs, days["2024-05-15"].units) == (7, 6)  # the retest ran on day 2: a run, not a unit
+    stations = {r.bucket: r for r in y.by_station}
+    assert stations["line1-st03"].units == 9 and stations["line1-st04"].units == 9
+    assert {r.bucket for r in y.by_operator} == {"alice", "bob"}
+    assert period_yields(runs, since=rf.T0, until=rf.T0 + dt.timedelta(hours=12)).hourly
+
+
+def test_period_report_from_the_local_store(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    store = tmp_path / "store.sqlite"
+    trio.run(store_runs, store, week_of_runs())
+    out = tmp_path / "period.html"
+    assert main(["report", "--product", "esp32_sensor", "--since", "2024-05-14", "--until", "2024-05-16",
+                 "--store", str(store), "-o", str(out)]) == 0
+    page = parse(out.read_text(encoding="utf-8"))
+    assert page.find(id="kpi-units").text == "12"  # two days: the third is outside the period
+    assert page.find(id="kpi-fpy").text == "91.7 %" and page.find(id="kpi-final").text == "100.0 %"
+    days = [tr.find("td").text for tr in page.find("table", "yields-time").find("tbody").find_all("tr")]
+    assert days == ["2024-05-14", "2024-05-15"]
+    stats = page.find("table", "stats-overview")
+    assert "vdd_3v3" in stats.find("tbody").find_all("tr")[0].clean_text  # the widest spread, lowest Cpk: first
+    # one station's runs
+    assert main(["report", "--product", "esp32_sensor", "--since", "2024-05-14", "--station", "line1-st04",
+                 "--store", str(store), "-o", str(out)]) == 0
+    page = parse(out.read_text(encoding="utf-8"))
+    assert [tr.find("td").text for tr in page.find("table", "yields-station").find("tbody").find_all("tr")] == [
+        "line1-st04"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--product", "esp32_sensor"], "--product: give the period's start with --since"),
+    (["--product", "esp32_sensor", "--since", "2024-05-15", "--until", "2024-05-14"], "is not after --since"),
+    (["--batch", "B", "--since", "2024-05-14"], "a period is reported per product"),
+    (["--product", "nothing", "--since", "2024-05-14"], "product 'nothing': no runs"),
+])
+def test_bad_period_requests_are_one_line_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                 args: list[str], message: str) -> None:
+    store = tmp_path / "store.sqlite"
+    trio.run(store_runs, store, week_of_runs()[:2])
+    assert main(["report", *args, "--store", str(store)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err
+
+
+def test_mongodb_computes_the_same_statistics_and_yields_as_python(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], mongo: MongoSettings
+) -> None:
+    runs = week_of_runs()
+    store = tmp_path / "store.sqlite"
+    trio.run(store_runs, store, runs)
+    target = ["--store", str(store), "--mongo", mongo.uri, "--mongo-db", mongo.database]
+    assert main(["sync", *target]) == 0
+    ordered = sorted(runs, key=lambda r: (r.started_at, r.run_id))
+    local = period_from_runs(ordered, product="esp32_sensor")
+    sink = MongoSink(mongo)
+    try:
+        central = sink.period_report(product="esp32_sensor", since=rf.T0 - DAY)
+        in_db = {(s.phase, s.name): s for s in statistics_in_database(sink.runs, {"product": "esp32_sensor"})}
+    finally:
+        sink.close()
+    in_python = {(s.phase, s.name): s for s in measurement_statistics(ordered)}
+    assert set(in_db) == set(in_python)
+    for key, mine in in_python.items():
+        theirs = in_db[key]
+        for field in ("n", "fails", "marginals"):
+            assert getattr(theirs.moments, field) == getattr(mine.moments, field), (key, field)
+        for field in ("mean", "sd", "minimum", "maximum", "mr_mean"):
+            a, b = getattr(theirs.moments, field), getattr(mine.moments, field)
+            assert (a is None and b is None) or math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12), (key, field, a, b)
+        assert theirs.limits == mine.limits
+        assert theirs.histogram == mine.histogram, key
+        for field in ("cp", "cpk", "pp", "ppk"):
+            a, b = getattr(theirs.capability, field), getattr(mine.capability, field)
+            assert (a is None and b is None) or math.isclose(a, b, rel_tol=1e-9), (key, field)
+        assert list(theirs.values) == pytest.approx(list(mine.values))
+    for table in ("by_time", "by_station", "by_slot", "by_operator"):
+        assert getattr(central.yields, table) == getattr(local.yields, table), table
+    assert central.outcome_counts == local.outcome_counts
+    assert (central.phase_pareto, central.measurement_pareto, central.trouble_pareto) == (
+        local.phase_pareto, local.measurement_pareto, local.trouble_pareto)
+
+    # and through the command: every station's runs, from MongoDB
+    out = tmp_path / "central.html"
+    assert main(["report", "--product", "esp32_sensor", "--since", "2024-05-14", *target, "-o", str(out)]) == 0
+    page = parse(out.read_text(encoding="utf-8"))
+    assert "MongoDB" in page.find("header").clean_text
+    assert page.find(id="kpi-units").text == "18"
+    assert page.find_all("svg", "control-chart")
+
+
+def test_the_period_shows_the_outcome_counts_apart() -> None:
+    crashed = rf.sensor_run("SN-X", crash=True, started_at=rf.at(10))
+    report = period_from_runs([rf.sensor_run("SN-1", vdd=3.5), crashed], product="esp32_sensor")
+    assert report.count("FAIL") == 1 and report.count("ERROR", "TIMEOUT") == 1
+    assert [p.phase for p in report.trouble_pareto] == ["self_test"]
