@@ -173,10 +173,10 @@ def build_parser() -> argparse.ArgumentParser:
     runs.add_argument("--json", action="store_true", help="one JSON record per line")
     add_reading_options(runs)
 
-    export = sub.add_parser("export", help="write runs as a spreadsheet (.xlsx) or a CSV table, for analysis")
+    export = sub.add_parser("export", help="write runs as a spreadsheet (.xlsx), a CSV table or JUnit XML (.xml)")
     _add_run_filters(export)
     export.add_argument("-o", "--output", metavar="FILE",
-                        help="FILE.xlsx: a summary and every table; FILE.csv or - (stdout): one table"
+                        help="FILE.xlsx: a summary and every table; FILE.csv or - (stdout): one table; FILE.xml: JUnit XML"
                              " (default with --batch: <reports>/<batch>/<batch>.xlsx)")
     export.add_argument("--table", choices=EXPORT_TABLES,
                         help="the table a CSV holds (default: runs, one row per run, a column per measurement)")
@@ -720,19 +720,29 @@ def cmd_export(args: argparse.Namespace) -> int:
     from reports.storage.mongo_cli import reading_runs
 
     if args.output is None and args.batch is None:
-        raise UsageError("export: give -o FILE (.xlsx or .csv), or --batch B to write B.xlsx beside its reports")
+        raise UsageError("export: give -o FILE (.xlsx, .csv or .xml), or --batch B to write B.xlsx beside its reports")
     named = args.output or "export"  # how messages name the output
     kind = "xlsx" if args.output is None else "csv" if args.output == "-" else Path(args.output).suffix.lower()[1:]
-    if kind not in ("csv", "xlsx"):
-        raise UsageError(f"{named}: an export is .xlsx (a summary and every table) or .csv (one table)")
-    if kind == "xlsx" and args.table:
-        raise UsageError(f"{named}: --table picks the one table a CSV holds; an .xlsx file holds them all")
+    if kind not in ("csv", "xlsx", "xml"):
+        raise UsageError(f"{named}: an export is .xlsx (a summary and every table), .csv (one table) or .xml "
+                         "(JUnit XML: a testsuite per run, a testcase per phase)")
+    if kind != "csv" and args.table:
+        raise UsageError(f"{named}: --table picks the one table a CSV holds; an .{kind} file holds every run whole")
     filters = _run_filters(args)
     with reading_runs(args) as reading:
         runs = reading.source.find_runs(**filters)
     if not runs:
         raise UsageError(_no_runs(filters, reading.where))
-    tables = export_tables(runs)
+    title = batch_title(args.batch, runs) if args.batch is not None else "Runs" + _described(filters, ", ")
+    if kind == "xml":
+        from reports.render.junit import write_junit
+
+        try:
+            print(write_junit(Path(args.output), runs, name=title))
+        except OSError as exc:
+            raise UsageError(f"{args.output}: cannot write the export: {_os_reason(exc, Path(args.output))}") from None
+        return EXIT_OK
+    tables = export_tables(runs, cpk_threshold=reading.config.quality.cpk_threshold)
     table = tables[args.table or "runs"]
     if args.output == "-":
         write_csv(table, sys.stdout)
@@ -742,7 +752,6 @@ def cmd_export(args: argparse.Namespace) -> int:
         output = folder / f"{folder.name}.xlsx"
     else:
         output = Path(args.output)
-    title = batch_title(args.batch, runs) if args.batch is not None else "Runs" + _described(filters, ", ")
     try:
         if kind == "csv":
             write_csv_file(output, table)

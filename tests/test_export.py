@@ -155,7 +155,7 @@ def test_workbook_has_a_summary_and_a_sheet_per_table(tmp_path: Path) -> None:
     runs = retested_batch()
     path = write_xlsx(tmp_path / "b.xlsx", export_tables(runs), runs, title="esp32_sensor — batch B")
     book = openpyxl.load_workbook(path)
-    assert book.sheetnames == ["Summary", "Runs", "Phases", "Measurements"]
+    assert book.sheetnames == ["Summary", "Runs", "Phases", "Measurements", "Statistics"]
     summary = {row[0]: row[1] for row in book["Summary"].iter_rows(values_only=True) if row and row[0]}
     assert summary["runs"] == 4
     assert summary["units"] == 3
@@ -179,6 +179,25 @@ def test_workbook_has_a_summary_and_a_sheet_per_table(tmp_path: Path) -> None:
     assert sheet[4][col["outcome"]].fill.start_color.rgb.endswith("C6EFCE")
     assert sheet.freeze_panes == "B2"
     assert sheet.auto_filter.ref == f"A1:{sheet.cell(1, len(header)).column_letter}5"
+
+
+def test_statistics_sheet_and_csv_hold_the_batch_pages_numbers(tmp_path: Path) -> None:
+    from reports.quality.statistics import measurement_statistics
+
+    runs = [rf.sensor_run(f"SN-{i}", vdd=3.30 + 0.03 * ((i * 7) % 5 - 2), started_at=rf.at(60 * i)) for i in range(12)]
+    path = write_xlsx(tmp_path / "s.xlsx", export_tables(runs), runs, title="B")
+    sheet = openpyxl.load_workbook(path)["Statistics"]
+    header = [c.value for c in sheet[1]]
+    rows = [dict(zip(header, (c.value for c in row), strict=True)) for row in sheet.iter_rows(min_row=2)]
+    assert rows[0]["measurement"] == "vdd_3v3" and rows[0]["capable"] is False  # not capable: first
+    [vdd] = [s for s in measurement_statistics(runs) if s.name == "vdd_3v3"]
+    assert rows[0]["n"] == 12 and rows[0]["cpk"] == pytest.approx(vdd.capability.cpk)
+    assert rows[0]["mean"] == pytest.approx(vdd.moments.mean) and rows[0]["sd"] == pytest.approx(vdd.moments.sd)
+    assert (rows[0]["low"], rows[0]["high"], rows[0]["marginal_low"]) == (3.2, 3.4, 3.25)
+    assert sheet.cell(2, header.index("cpk") + 1).fill.start_color.rgb.endswith("FFC7CE")
+    by_csv = csv_rows(export_tables(runs)["statistics"])
+    assert [r["measurement"] for r in by_csv] == [r["measurement"] for r in rows]
+    assert float(by_csv[0]["ppk"]) == pytest.approx(vdd.capability.ppk)
 
 
 def test_a_period_of_two_products_has_a_yield_per_product_never_one_across_them(tmp_path: Path) -> None:
@@ -317,8 +336,8 @@ async def test_export_csv_to_stdout(store: Path, capsys: pytest.CaptureFixture[s
 
 @pytest.mark.parametrize(("args", "message"), [
     (["--batch", "NOPE"], "no runs with batch 'NOPE' in "),
-    ([], "export: give -o FILE (.xlsx or .csv), or --batch B"),
-    (["-o", "x.ods"], "x.ods: an export is .xlsx (a summary and every table) or .csv (one table)"),
+    ([], "export: give -o FILE (.xlsx, .csv or .xml), or --batch B"),
+    (["-o", "x.ods"], "x.ods: an export is .xlsx (a summary and every table), .csv (one table) or .xml (JUnit XML"),
     (["-o", "x.xlsx", "--table", "phases"], "x.xlsx: --table picks the one table a CSV holds"),
     (["--batch", "B2", "-o", "/proc/x.xlsx"], "/proc/x.xlsx: cannot write the export: "),
 ])

@@ -81,6 +81,7 @@ def test_histogram_spans_values_and_limits_and_counts_every_value() -> None:
     assert sum(h.counts) == 5 and len(h.counts) == bins.count
     assert h.counts[bins.index(3.36)] == 1
     assert Bins(0.0, 1.0, 4).index(4.0) == 3 and Bins(0.0, 1.0, 4).index(-1.0) == 0
+    assert histogram_bins(moments([-1.7e308, 1.7e308]), None) is None  # a span no double holds: no histogram
     same = histogram_bins(moments([5.0, 5.0]), None)
     assert same is not None and same.start < 5.0 < same.edges[-1]
 
@@ -129,3 +130,14 @@ def test_statistics_are_per_product_and_note_a_limit_change() -> None:
     stats = measurement_statistics([r("a", 0, 5.0), r("b", 1, 5.0), r("a", 2, 6.0)])
     assert [(s.product, s.moments.n, s.limits_changed, s.limits.high) for s in stats] == [
         ("a", 2, True, 6.0), ("b", 1, False, 5.0)]
+
+
+@given(st.lists(st.floats(allow_nan=False, allow_infinity=False), min_size=1, max_size=30),
+       st.none() | st.tuples(st.floats(allow_nan=False, allow_infinity=False),
+                             st.floats(allow_nan=False, allow_infinity=False)))
+def test_any_finite_values_and_limits_give_statistics_without_an_error(values: list[float], bounds) -> None:
+    limits = Limits(min(bounds), max(bounds)) if bounds else None
+    s = statistics_of("p", "a", "m", values, limits=limits)
+    assert s.moments.n == len(values)
+    if s.histogram is not None:
+        assert sum(s.histogram.counts) == len(values)

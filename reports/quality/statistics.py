@@ -148,14 +148,23 @@ class MeasurementStatistics:
 
 
 def moments(values: Sequence[float], *, fails: int = 0, marginals: int = 0) -> Moments:
-    """The moments of ``values`` (finite numbers, in run order)."""
+    """The moments of ``values`` (finite numbers, in run order).
+
+    Summed on values scaled by the largest magnitude, so numbers near the
+    largest double give a mean and (possibly infinite) spreads, not an
+    overflow error.
+    """
     n = len(values)
     if n == 0:
         return Moments(0, None, None, None, None, None, fails, marginals)
-    mean = math.fsum(values) / n
-    sd = math.sqrt(math.fsum((x - mean) ** 2 for x in values) / (n - 1)) if n > 1 else None
-    mr = math.fsum(abs(b - a) for a, b in zip(values, values[1:])) / (n - 1) if n > 1 else None
-    return Moments(n, mean, sd, min(values), max(values), mr, fails, marginals)
+    scale = max(abs(x) for x in values) or 1.0
+    unit = [x / scale for x in values]
+    mean_u = math.fsum(unit) / n
+    sd = mr = None
+    if n > 1:
+        sd = scale * math.sqrt(math.fsum((u - mean_u) ** 2 for u in unit) / (n - 1))
+        mr = scale * (math.fsum(abs(b - a) for a, b in zip(unit, unit[1:])) / (n - 1))
+    return Moments(n, scale * mean_u, sd, min(values), max(values), mr, fails, marginals)
 
 
 def capability(m: Moments, limits: Limits | None) -> Capability:
@@ -193,13 +202,18 @@ def histogram_bins(m: Moments, limits: Limits | None, count: int = HISTOGRAM_BIN
     if limits is not None:
         ends += [x for x in (limits.low, limits.high) if x is not None and math.isfinite(x)]
     lo, hi = min(ends), max(ends)
+    if not math.isfinite(hi - lo):  # values near the largest double: no bin width can span them
+        return None
     if hi == lo:
         pad = abs(lo) * 0.05 or 1.0
         lo, hi = lo - pad, hi + pad
     else:
         pad = (hi - lo) * 0.04
         lo, hi = lo - pad, hi + pad
-    return Bins(lo, (hi - lo) / count, count)
+    width = (hi - lo) / count
+    if not (math.isfinite(lo) and math.isfinite(width) and width > 0):
+        return None  # padded past the largest double, or a span below its precision
+    return Bins(lo, width, count)
 
 
 def histogram(values: Iterable[float], bins: Bins) -> Histogram:

@@ -2,7 +2,7 @@
 
 The HTML pages answer the questions we thought of; an export answers the
 rest: a capability study of one rail, a pivot of failures by operator, a
-join with the supplier's lot list. Three tables, each a plain rectangle that
+join with the supplier's lot list. Four tables, each a plain rectangle that
 pandas, Excel or Minitab reads without help:
 
 * **runs**: one row per run, its identity, outcome, and one column per
@@ -11,13 +11,17 @@ pandas, Excel or Minitab reads without help:
   its first retest, and so on; ``unit_final`` marks the run that decides the
   unit's final yield (see :mod:`reports.quality.yields`).
 * **phases**: one row per phase of every run.
+* **statistics**: one row per numeric measurement: n, mean, sd, min, max,
+  limits, Cp, Cpk, Pp, Ppk, marginal and fail counts, whether it is capable
+  (:mod:`reports.quality.statistics`, the numbers of the batch page), not
+  capable ones first.
 * **measurements**: one row per measurement of every phase's last attempt
   (the attempt that decided the phase; earlier attempts are in the run's
   report), with its limits and how it was judged. A dimensioned measurement
   (a series) is one row with its point count and verdict, not its points.
 
-CSV holds one table; an ``.xlsx`` workbook holds all three and a summary
-sheet with the yields.
+CSV holds one table; an ``.xlsx`` workbook holds them all and a summary
+sheet with the yields. ``.xml`` is JUnit XML (:mod:`reports.render.junit`).
 
 Every string a device sent is untrusted here as in the HTML. A spreadsheet
 runs a cell that starts with ``=`` as a formula, so the workbook stores every
@@ -46,6 +50,7 @@ from typing import Any, TextIO
 import attrs
 
 from reports.render.files import replacing
+from reports.quality.statistics import DEFAULT_CPK_THRESHOLD, measurement_statistics, worst_first
 from reports.quality.units import group_units
 from reports.quality.yields import (
     FAILURE_OUTCOMES,
@@ -58,7 +63,7 @@ from reports.quality.yields import (
 from sequencer.records import MeasurementOutcome, MeasurementRecord, Outcome, RunRecord
 
 #: The tables an export holds, in the order a workbook lists them.
-TABLES = ("runs", "phases", "measurements")
+TABLES = ("runs", "phases", "measurements", "statistics")
 
 #: Rows and columns one worksheet can hold (the header row included).
 XLSX_MAX_ROWS = 1_048_576
@@ -104,11 +109,11 @@ def plain(cell: Any) -> Any:
     return cell.value if isinstance(cell, Marked) else cell
 
 
-def export_tables(runs: Iterable[RunRecord]) -> dict[str, Table]:
-    """The three tables of ``runs`` (any order; rows come oldest run first), by name."""
+def export_tables(runs: Iterable[RunRecord], *, cpk_threshold: float = DEFAULT_CPK_THRESHOLD) -> dict[str, Table]:
+    """The tables of ``runs`` (any order; rows come oldest run first), by name."""
     ordered = chronological(runs)
     return {"runs": _runs_table(ordered), "phases": _phases_table(ordered),
-            "measurements": _measurements_table(ordered)}
+            "measurements": _measurements_table(ordered), "statistics": _statistics_table(ordered, cpk_threshold)}
 
 
 # --- building the tables --------------------------------------------------------------------------
@@ -246,6 +251,28 @@ def measurement_rows(r: RunRecord) -> Iterator[tuple[Any, ...]]:
 
 def _measurements_table(ordered: Sequence[RunRecord]) -> Table:
     return Table("measurements", MEASUREMENT_COLUMNS, tuple(row for r in ordered for row in measurement_rows(r)))
+
+
+_STATISTICS_COLUMNS = (
+    "product", "phase", "measurement", "units", "n", "mean", "sd", "min", "max", "low", "high", "marginal_low",
+    "marginal_high", "cp", "cpk", "pp", "ppk", "sigma_within", "marginal", "fails", "capable", "limits_changed",
+)
+
+
+def _statistics_table(ordered: Sequence[RunRecord], threshold: float) -> Table:
+    """One row per numeric measurement (reports/quality/statistics.py), not capable ones first."""
+    rows = []
+    for s in worst_first(measurement_statistics(ordered), threshold):
+        m, c, lim = s.moments, s.capability, s.limits
+        capable = s.capable(threshold)
+        rows.append((
+            s.product, s.phase, s.name, s.units, m.n, m.mean, m.sd, m.minimum, m.maximum,
+            *((lim.low, lim.high, lim.marginal_low, lim.marginal_high) if lim is not None else (None,) * 4),
+            *(Marked(x, "fail") if x is not None and capable is False and name == "cpk" else x
+              for name, x in (("cp", c.cp), ("cpk", c.cpk), ("pp", c.pp), ("ppk", c.ppk))),
+            m.sigma_within, m.marginals, m.fails, capable, s.limits_changed,
+        ))
+    return Table("statistics", _STATISTICS_COLUMNS, tuple(rows))
 
 
 def _value(value: Any) -> Any:
@@ -415,8 +442,13 @@ def _escaped(match: re.Match[str]) -> str:
     return f"\\x{code:02x}" if code < 0x80 else f"\\u{code:04x}"
 
 
+def xml_text(text: str) -> str:
+    """``text`` with what XML 1.0 cannot hold (control characters, lone surrogates) as ``\\x..`` escapes."""
+    return _XLSX_ILLEGAL.sub(_escaped, text)
+
+
 def _xlsx_text(text: str) -> str:
-    text = _XLSX_ILLEGAL.sub(_escaped, text)
+    text = xml_text(text)
     if len(text) > XLSX_MAX_CELL_CHARS:
         text = text[: XLSX_MAX_CELL_CHARS - 1] + "…"
     return text
