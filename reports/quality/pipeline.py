@@ -39,7 +39,7 @@ def _numeric_measurements(match: Mapping[str, Any]) -> list[dict[str, Any]]:
         {"$match": dict(match)},
         {"$project": {"product": 1, "started_at": 1, "measurements": 1}},
         {"$unwind": "$measurements"},
-        {"$match": {"$expr": {"$and": [_NUMERIC, {"$ne": ["$measurements.outcome", "UNSET"]}]}}},
+        {"$match": {"$expr": {"$and": [_NUMERIC, {"$not": [{"$in": ["$measurements.outcome", ["UNSET", "SKIPPED"]]}]}]}}},
         {"$project": {
             "_id": 0, "run": "$_id", "started_at": 1,
             "key": {"product": "$product", "phase": "$measurements.phase", "name": "$measurements.name"},

@@ -13,8 +13,8 @@ Definitions (printed on the batch page too):
 
 * The values of a measurement are its numeric, finite values in the last
   attempt of its phase, in run order (``started_at``, then run id), retests
-  included: every run the station measured. Booleans, text, series and
-  unset measurements are not numeric measurements. A value that is NaN or
+  included: every run the station measured. Booleans, text, series, and
+  measurements never set or left unjudged (SKIPPED) are not counted. A value that is NaN or
   infinite is counted as a fail, never in the moments.
 * **sd** is the sample standard deviation (n - 1), the *overall* sigma.
 * **Within sigma** is the mean moving range of consecutive values divided by
@@ -261,6 +261,10 @@ def worst_first(stats: Iterable[MeasurementStatistics],
 # -- from run records -------------------------------------------------------------------------
 
 
+#: Values no limit judged (never set; set in a phase that asked to skip or repeat): they decide nothing.
+_NOT_JUDGED = frozenset({MeasurementOutcome.UNSET, MeasurementOutcome.SKIPPED})
+
+
 def is_numeric(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
@@ -286,7 +290,7 @@ def measurement_statistics(ordered: Iterable[RunRecord]) -> list[MeasurementStat
     for run in ordered:
         for p in run.phases:
             for m in p.measurements:
-                if m.dimensions or m.outcome is MeasurementOutcome.UNSET or not is_numeric(m.value):
+                if m.dimensions or m.outcome in _NOT_JUDGED or not is_numeric(m.value):
                     continue
                 s = samples.get((run.product, p.name, m.name))
                 if s is None:
