@@ -22,17 +22,13 @@ from urllib.request import urlopen
 
 import pypdf
 import pytest
-from selenium import webdriver
-from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.print_page_options import PrintOptions
 
 from reports.render.html import render_batch, render_period, render_run, unit_histories, write_html
 from reports.quality.period import period_from_runs
-from tests.browser import chromium
+from tests.browser import selenium_chromium
 from tests.htmltree import parse
 from tests.records_factory import at, measurement, phase, run, sensor_run
-
-CHROMEDRIVER = "/usr/bin/chromedriver"
 
 #: Every problem a person would see: the page wider than the window, an element past its edge,
 #: two visible headers of one table on top of each other, a header's text wider than its cell.
@@ -68,13 +64,7 @@ return problems.slice(0, 20);
 
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium()
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                "--disable-component-update", "--no-first-run", "--hide-scrollbars",
-                f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}"):
-        options.add_argument(arg)
-    driver = webdriver.Chrome(options=options, service=Service(executable_path=CHROMEDRIVER))
+    driver = selenium_chromium(tmp_path_factory.mktemp("chromium-profile"))
     try:
         yield driver
     finally:
