@@ -33,15 +33,17 @@ CHART_VALUES = 500
 _NUMERIC = {"$in": [{"$type": "$measurements.value"}, ["double", "int", "long", "decimal"]]}
 
 
-def _numeric_measurements(match: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """Stages: the filter, then one document per numeric final measurement, in run order."""
+def _numeric_measurements(match: Mapping[str, Any], *, in_run_order: bool = False) -> list[dict[str, Any]]:
+    """Stages: the filter, then one document per numeric judged measurement (in run order if asked)."""
+    order = [{"$sort": {"started_at": 1, "_id": 1}}] if in_run_order else []
     return [
         {"$match": dict(match)},
-        {"$project": {"product": 1, "started_at": 1, "measurements": 1}},
+        *order,
+        {"$project": {"product": 1, "measurements": 1}},
         {"$unwind": "$measurements"},
         {"$match": {"$expr": {"$and": [_NUMERIC, {"$not": [{"$in": ["$measurements.outcome", ["UNSET", "SKIPPED"]]}]}]}}},
         {"$project": {
-            "_id": 0, "run": "$_id", "started_at": 1,
+            "_id": 0,
             "key": {"product": "$product", "phase": "$measurements.phase", "name": "$measurements.name"},
             "value": {"$toDouble": "$measurements.value"},
             "units": "$measurements.units",
@@ -53,34 +55,44 @@ def _numeric_measurements(match: Mapping[str, Any]) -> list[dict[str, Any]]:
     ]
 
 
-def moments_pipeline(match: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """One document per (product, phase, measurement): the fields of :class:`Moments`, and its units.
+def moments_pipeline(match: Mapping[str, Any], chart_values: int = 0) -> list[dict[str, Any]]:
+    """One document per (product, phase, measurement): the fields of :class:`Moments`, its units, and
+    its newest ``chart_values`` values for the control chart.
 
-    The moving range needs each value's predecessor in run order
-    (``started_at``, then run id): ``$setWindowFields`` partitions by
-    measurement and shifts by one.
+    The moving range needs the values in run order (``started_at``, then run
+    id): the runs are sorted before they are unwound (the ``product,
+    started_at`` index gives that order), ``$push`` keeps it, and one
+    ``$reduce`` walks each measurement's values once.
     """
+    walk = {"$reduce": {
+        "input": "$values",
+        "initialValue": {"prev": None, "sum": 0.0, "k": 0},
+        "in": {"$cond": [
+            {"$eq": ["$$value.prev", None]},
+            {"prev": "$$this", "sum": "$$value.sum", "k": 0},
+            {"prev": "$$this", "sum": {"$add": ["$$value.sum", {"$abs": {"$subtract": ["$$this", "$$value.prev"]}}]},
+             "k": {"$add": ["$$value.k", 1]}},
+        ]},
+    }}
+    finite = {"$cond": ["$finite", "$value", "$$REMOVE"]}
     return [
-        *_numeric_measurements(match),
-        {"$setWindowFields": {
-            "partitionBy": "$key",
-            "sortBy": {"started_at": 1, "run": 1},
-            "output": {"previous": {"$shift": {"output": {"$cond": ["$finite", "$value", None]}, "by": -1}}},
-        }},
+        *_numeric_measurements(match, in_run_order=True),
         {"$group": {
             "_id": "$key",
             "n": {"$sum": {"$cond": ["$finite", 1, 0]}},
-            "mean": {"$avg": {"$cond": ["$finite", "$value", None]}},
-            "sd": {"$stdDevSamp": {"$cond": ["$finite", "$value", None]}},
-            "minimum": {"$min": {"$cond": ["$finite", "$value", None]}},
-            "maximum": {"$max": {"$cond": ["$finite", "$value", None]}},
-            # the first finite value has no predecessor; a non-finite one is skipped (as in Python)
-            "mr_mean": {"$avg": {"$cond": [{"$and": ["$finite", {"$ne": ["$previous", None]}]},
-                                           {"$abs": {"$subtract": ["$value", "$previous"]}}, None]}},
+            "mean": {"$avg": finite},
+            "sd": {"$stdDevSamp": finite},
+            "minimum": {"$min": finite},
+            "maximum": {"$max": finite},
+            "values": {"$push": finite},
             "fails": {"$sum": "$fail"},
             "marginals": {"$sum": "$marginal"},
             "units": {"$last": "$units"},
         }},
+        {"$set": {"mr": walk}},
+        {"$set": {"mr_mean": {"$cond": [{"$gt": ["$mr.k", 0]}, {"$divide": ["$mr.sum", "$mr.k"]}, None]},
+                  "values": {"$slice": ["$values", -max(chart_values, 1)]} if chart_values else "$$REMOVE"}},
+        {"$unset": "mr"},
     ]
 
 
@@ -102,16 +114,6 @@ def histogram_pipeline(match: Mapping[str, Any], bins: Mapping[tuple[str, str, s
         {"$set": {"bin": {"$min": [{"$max": [0, {"$floor": {"$divide": [
             {"$subtract": ["$value", "$bins.start"]}, "$bins.width"]}}]}, {"$subtract": ["$bins.count", 1]}]}}},
         {"$group": {"_id": {"key": "$key", "bin": "$bin"}, "n": {"$sum": 1}}},
-    ]
-
-
-def chart_pipeline(match: Mapping[str, Any], values: int = CHART_VALUES) -> list[dict[str, Any]]:
-    """The newest ``values`` finite values of each measurement, oldest first, for its control chart."""
-    return [
-        *_numeric_measurements(match),
-        {"$match": {"finite": True}},
-        {"$group": {"_id": "$key", "values": {"$bottomN": {
-            "n": values, "sortBy": {"started_at": 1, "run": 1}, "output": "$value"}}}},
     ]
 
 
@@ -146,12 +148,12 @@ def statistics_in_database(runs: Any, match: Mapping[str, Any], *,
                            chart_values: int = CHART_VALUES) -> list[MeasurementStatistics]:
     """Every numeric measurement's statistics over the runs ``match`` selects in the ``runs`` collection.
 
-    Five aggregations (moments, limits, limits files, histogram counts, the newest values);
+    Four aggregations (moments with the newest values, limits, limits files, histogram counts);
     what comes back to Python is a few numbers and ``chart_values`` values per
     measurement, however many runs there are.
     """
     options = {"allowDiskUse": True}
-    found = {_key(d["_id"]): d for d in runs.aggregate(moments_pipeline(match), **options)}
+    found = {_key(d["_id"]): d for d in runs.aggregate(moments_pipeline(match, chart_values), **options)}
     limits = {_key(d["_id"]): d for d in runs.aggregate(limits_pipeline(match), **options)}
     moments_of = {
         key: Moments(int(d["n"]), d["mean"], d["sd"], d["minimum"], d["maximum"], d["mr_mean"], int(d["fails"]),
@@ -164,11 +166,10 @@ def statistics_in_database(runs: Any, match: Mapping[str, Any], *,
     counts: dict[tuple[str, str, str], list[int]] = {key: [0] * b.count for key, b in bins.items()}
     for d in runs.aggregate(histogram_pipeline(match, bins), **options):
         counts[_key(d["_id"]["key"])][int(d["_id"]["bin"])] += int(d["n"])
-    charts = {_key(d["_id"]): d["values"] for d in runs.aggregate(chart_pipeline(match, chart_values), **options)}
     return sorted(
         (
             from_moments(*key, moments_of[key], units=found[key].get("units"), limits=limits_of[key],
-                         values=tuple(charts.get(key, ())), counts=counts.get(key), bins=bins.get(key),
+                         values=tuple(found[key].get("values") or ()), counts=counts.get(key), bins=bins.get(key),
                          limits_changed=files.get(key[0], 0) > 1)
             for key in found
         ),
