@@ -150,3 +150,18 @@ class GcTimer:
         import gc
 
         gc.callbacks.remove(self._callback)
+
+
+def replace_doc_section(doc: "os.PathLike[str] | str", begin: str, end: str, section: str) -> None:
+    """Replace a benchmark's section of ``doc`` between its markers, or append it; nothing else changes."""
+    from pathlib import Path
+
+    path = Path(doc)
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        _, tail = rest.split(end, 1)
+        text = head + section + tail
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    path.write_text(text)
