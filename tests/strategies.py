@@ -90,7 +90,7 @@ runs = st.builds(
     product_sha256=st.none() | text,
     sequencer_version=text,
     product_files=st.lists(st.builds(SourceFile, text, text), max_size=3).map(tuple),
-    identity=st.lists(text, min_size=1, max_size=3, unique=True).map(tuple),
+    identity=st.sampled_from([("serial", "mac"), ("imei",), ("serial", "mac", "imei"), ("%.x", "")]),
     disposition=st.none() | st.sampled_from(Disposition),
     instruction=text,
 )
