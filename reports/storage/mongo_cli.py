@@ -112,7 +112,8 @@ def reading_runs(args: argparse.Namespace) -> Iterator[RunsReading]:
     failure while reading is one line naming the database.
     """
     config = _config_for(args)
-    settings = None if args.local else mongo_settings(config)
+    # A reply may take long here: a period report aggregates every run of the period in the server.
+    settings = None if args.local else mongo_settings(config, timeout_s=READ_TIMEOUT_S)
     if settings is not None:
         from reports.storage.mongo import MongoSink, MongoUnavailable, UnreadableRun
 
@@ -175,6 +176,12 @@ def apply_mongo_options(config: StationConfig, args: argparse.Namespace) -> Stat
     if uri:
         _settings(config, where)
     return config
+
+
+#: How long ``runs``, ``report`` and ``export`` wait for one reply from MongoDB. A station's writes
+#: keep the short default (an outage must be noticed quickly); a period report's aggregation over a
+#: hundred thousand runs on a busy server took longer than that, and failed as a network timeout.
+READ_TIMEOUT_S = 300.0
 
 
 def mongo_settings(config: StationConfig, **timeouts: float) -> MongoSettings | None:
