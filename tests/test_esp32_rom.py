@@ -475,6 +475,53 @@ def test_addresses_wrap_at_the_chip_size_and_md5_covers_regions() -> None:
     assert flash.md5(flash.size - 2, 4) == hashlib.md5(b"\x01\x02\x03\x04").digest()
 
 
+_FLASH_OPS = st.lists(st.one_of(
+    st.tuples(st.just("program"), st.integers(0, 2 * 0x400000), st.binary(min_size=1, max_size=3 * SECTOR_SIZE)),
+    st.tuples(st.just("erase"), st.integers(0, 2 * 0x400000), st.just(b"")),
+), max_size=12)
+
+
+@given(ops=_FLASH_OPS, start=st.integers(0, 2 * 0x400000), length=st.integers(0, 3 * SECTOR_SIZE))
+def test_flash_reads_as_a_whole_chip_of_nor_cells_would(ops: list[tuple[str, int, bytes]], start: int,
+                                                         length: int) -> None:
+    # The chip keeps only the sectors written since their erase; every read
+    # must still be what an array of NOR cells (0xFF, ANDed, wrapping) holds.
+    flash = SpiNorFlash()
+    cells = bytearray(b"\xff") * flash.size
+    for op, address, data in ops:
+        if op == "program":
+            flash.program(address, data)
+            for i, byte in enumerate(data):
+                cells[(address + i) % flash.size] &= byte
+        else:
+            flash.erase_sector(address)
+            first = (address % flash.size) & ~(SECTOR_SIZE - 1)
+            cells[first:first + SECTOR_SIZE] = b"\xff" * SECTOR_SIZE
+    expected = bytes(cells[(start + i) % flash.size] for i in range(length))
+    assert flash.read(start, length) == expected
+    assert flash.md5(start, length) == hashlib.md5(expected).digest()
+    assert flash.is_erased(start, length) == (expected.count(0xFF) == length)
+
+
+def test_a_blank_chip_costs_no_memory_and_an_erase_gives_it_back() -> None:
+    # A station under --sim makes a 4 MB chip per slot every round: as a
+    # whole-chip array each round's boards took 128 MB at 32 slots.
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        chips = [SpiNorFlash() for _ in range(32)]
+        assert tracemalloc.get_traced_memory()[0] - before < 1 << 20
+        chips[0].program(0x10000, bytes(0x10000))
+        assert 0x10000 <= tracemalloc.get_traced_memory()[0] - before < 0x10000 + (1 << 20)
+        chips[0].erase_chip()
+        assert tracemalloc.get_traced_memory()[0] - before < 1 << 20
+        assert chips[0].read(0x10000, 4) == b"\xff" * 4
+    finally:
+        tracemalloc.stop()
+
+
 def test_spi_program_and_erase_need_write_enable() -> None:
     flash = SpiNorFlash()
     flash.transaction(0x02, address=0x100, mosi=b"\x00\x00")
