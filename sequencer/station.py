@@ -53,8 +53,17 @@ def tune_garbage_collector() -> None:
     exists at start (modules, the product, the configuration) out of its
     sight for good, and a young-generation threshold of 20,000 allocations
     collects short-lived cycles (trio's cancellations, tracebacks) about 30
-    times less often. Reference counting still frees everything else at
-    once; the cost is a few MB of cyclic garbage waiting a little longer.
+    times less often.
+
+    What it costs in memory depends on what a run leaves in reference
+    cycles, because only the collector frees those, and with these
+    thresholds a full collection comes every few tens of thousands of runs.
+    A finished run leaves none (``tests/test_memory.py`` runs every way a
+    phase ends with the collector off), so a 32-slot soak (tools/bench/soak.py)
+    holds the same RSS with these thresholds as with CPython's. A cycle that
+    held a run would not be freed for hours: when a run's objects stopped
+    being freed by reference counting (a phase's ctx and its measurements
+    referred to each other), a station grew to 2 GB between full collections.
 
     Process-wide, so the application calls it (``sequencer run`` does), never
     the library on its own.

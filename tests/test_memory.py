@@ -127,9 +127,9 @@ async def test_a_finished_run_leaves_nothing_for_the_cyclic_collector(store_path
 
 
 def test_a_session_of_many_rounds_keeps_no_earlier_round(tmp_path: Path) -> None:
-    # Every run counts the run records alive in the station as it runs; a
-    # session that kept every round's runs (for the summary and reports at
-    # its end) held two more at each round.
+    # Every run counts the run records alive in its station, its open file
+    # descriptors and its trio tasks; a session that kept every round's runs
+    # (for the summary and reports at its end) held two more records a round.
     store = tmp_path / "s.sqlite"
     assert main(["run", str(COUNTING), "--sim", "2", "--rounds", "5", "--plain", "--store", str(store)]) == 0
     reader = LocalStore.open(store)
@@ -137,6 +137,7 @@ def test_a_session_of_many_rounds_keeps_no_earlier_round(tmp_path: Path) -> None
         runs = reader.find_runs()
     finally:
         reader.close()
-    alive = [r.phases[0].measurements[0].value for r in runs]  # oldest first: two runs per round
-    assert len(alive) == 10
-    assert max(alive[-2:]) <= max(alive[2:4]), alive
+    assert len(runs) == 10  # oldest first: two runs per round
+    for name in ("run_records_alive", "open_fds", "tasks"):
+        per_run = [next(m.value for m in r.phases[0].measurements if m.name == name) for r in runs]
+        assert max(per_run[-2:]) <= max(per_run[2:4]), (name, per_run)  # round 5 against round 2

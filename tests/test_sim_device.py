@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import re
 import resource
+import weakref
 
 import attrs
 import pytest
@@ -384,6 +386,31 @@ async def test_a_device_that_answers_only_garbage_says_so_not_that_it_is_silent(
             with pytest.raises(ProtocolError, match=r"line is not UTF-8.*no readable line since; waited 1 s for a "
                                                     r"response to 'RAILS'"):
                 await firmware.read_rails()  # resynchronising first: garbage again
+
+
+async def test_a_firmware_that_skipped_garbage_is_freed_as_soon_as_it_is_dropped():
+    # The unreadable line it skipped while resynchronising was kept as the
+    # error itself, whose traceback held the firmware: a reference cycle that
+    # kept each such run's firmware, link and transcript until a full collection.
+    async with open_farm(1) as (device,):
+        async with open_serial_link(device.path) as link:
+            firmware = await booted(link)
+            device.faults = Faults(garbage=True)
+            gc.collect()
+            gc.disable()
+            try:
+                for _ in range(2):  # the second resynchronises, skipping garbage
+                    try:
+                        await firmware.read_rails()
+                    except ProtocolError:
+                        pass
+                dropped = weakref.ref(firmware)
+                del firmware
+                # trio's run loop holds the cancellation that last resumed this task until it resumes it again
+                await trio.lowlevel.checkpoint()
+                assert dropped() is None
+            finally:
+                gc.enable()
 
 
 async def test_overlong_fault_is_a_protocol_error():

@@ -203,11 +203,15 @@ class _Checkpointer:
         except sqlite3.Error:
             return  # the WAL is then checkpointed when the store closes; commits go on either way
         try:
-            while not self._stop.wait(self._interval):
+            # The first right away: it opens this connection's files now, so a
+            # station's open descriptors are the same from its first run to its last.
+            while True:
                 try:
                     conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
                 except sqlite3.Error:
                     pass  # busy or failing now: the next tick tries again, and no commit depends on it
+                if self._stop.wait(self._interval):
+                    break
         finally:
             conn.close()
 
