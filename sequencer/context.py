@@ -16,7 +16,6 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import attrs
 import structlog
 
 from sequencer.events import EventBus, MeasurementTaken, PhaseProgress
@@ -154,7 +153,7 @@ class PhaseContext:
         # reference cycle, and through the run's snapshot and identify a
         # finished run's fixtures and records would wait for the cyclic
         # collector instead of being freed when the attempt ends.
-        self.measurements = Measurements(phase, _LiveJudge(phase, bus, run_id, slot))
+        self.measurements = Measurements(phase, _live_judge(phase, bus, run_id, slot))
         #: why a retry cannot change how this attempt ends, if the phase said so
         self.no_retry_reason: str | None = None
 
@@ -196,23 +195,19 @@ class PhaseContext:
         )
 
 
-@attrs.frozen
-class _LiveJudge:
+def _live_judge(phase: Phase, bus: EventBus, run_id: str, slot: int) -> Callable[[str, Any], MeasurementRecord | None]:
     """Judges a value as it is set, for someone watching live; the record reuses the judgement."""
 
-    phase: Phase
-    bus: EventBus
-    run_id: str
-    slot: int
-
-    def __call__(self, name: str, value: Any) -> MeasurementRecord | None:
-        if not self.bus.has_subscribers:
+    def judge(name: str, value: Any) -> MeasurementRecord | None:
+        if not bus.has_subscribers:
             return None
-        declared = self.phase.measurement(name)
+        declared = phase.measurement(name)
         assert declared is not None
         judged = declared.judge(value)
-        self.bus.publish(MeasurementTaken(self.run_id, self.slot, self.phase.name, judged))
+        bus.publish(MeasurementTaken(run_id, slot, phase.name, judged))
         return judged
+
+    return judge
 
 
 def bind_logger(**context: Any) -> Any:
