@@ -229,7 +229,8 @@ def run_station(setting: str, runs: int, slots: int, workdir: Path, mongo_uri: s
     end = time.monotonic()
     done_at = testing_done_at or end
     return {
-        "setting": setting, "product": str(product.resolve().relative_to(REPO)), "slots": slots, "rounds": rounds, "runs": sampler.runs, "outcomes": outcomes,
+        "setting": setting, "product": str(product.resolve().relative_to(REPO)), "slots": slots, "rounds": rounds,
+        "runs": sampler.runs, "outcomes": outcomes,
         "exit": proc.returncode, "wall_s": end - started, "testing_s": done_at - started,
         "marks": marks, "samples": sampler.samples, "peak_kib": sampler.peak,
         "cpu_s": _cpu_by_role(sampler.cpu_s), "loadavg_start": load_start, "loadavg_end": os.getloadavg(),
