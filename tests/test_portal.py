@@ -390,3 +390,27 @@ async def test_the_board_keeps_up_by_what_shipped_since_even_after_a_shipment_da
         assert [(s["slot"], s["serial"]) for s in station.slots] == [(0, "SN-A"), (1, "SN-B")]
     finally:
         data.close()
+
+
+async def test_a_junit_export_streams_the_suites_sequencer_export_writes(portal: Portal) -> None:
+    import xml.etree.ElementTree as ET
+
+    import junitparser
+
+    from reports.render.junit import junit_tree
+
+    runs = [sensor_run("SN-1", vdd=3.6, started_at=T0), sensor_run("SN-1", started_at=T0 + dt.timedelta(hours=1)),
+            sensor_run("SN-2", slot=1, crash=True, started_at=T0 + dt.timedelta(minutes=5))]
+    await portal.aship(runs)
+    async with portal.logged_in("viewer") as http:
+        r = await http.get("/export.xml", params={"batch": runs[0].batch})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("application/xml")
+    streamed = ET.fromstring(r.content)
+    expected = junit_tree([portal.data.run(x.run_id) for x in runs], name="x").getroot()
+    def same(e: ET.Element) -> str:  # the file's indentation apart
+        return ET.canonicalize(ET.tostring(e, encoding="unicode"), strip_text=True)
+
+    assert [same(s) for s in streamed] == [same(s) for s in expected]
+    suites = list(junitparser.JUnitXml.fromstring(r.content))
+    assert [(s.tests, s.failures, s.errors) for s in suites] == [
+        (int(s.get("tests")), int(s.get("failures")), int(s.get("errors"))) for s in expected]

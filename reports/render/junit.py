@@ -39,7 +39,7 @@ def junit_tree(runs: Iterable[RunRecord], *, name: str) -> ET.ElementTree:
     totals = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0}
     time_s = 0.0
     for run in ordered:
-        suite = _suite(run, units.of(run).label)
+        suite = testsuite(run, units.of(run).label)
         root.append(suite)
         for key in totals:
             totals[key] += int(suite.get(key, "0"))
@@ -59,7 +59,8 @@ def write_junit(path: str | Path, runs: Sequence[RunRecord], *, name: str) -> Pa
     return Path(path)
 
 
-def _suite(run: RunRecord, unit: str) -> ET.Element:
+def testsuite(run: RunRecord, unit: str) -> ET.Element:
+    """One run as a ``<testsuite>``: its phases as test cases (``unit``: the label of the unit it tested)."""
     counts = {"tests": len(run.phases), "failures": 0, "errors": 0, "skipped": 0}
     suite = ET.Element("testsuite", {
         "name": xml_text(f"{unit} {run.run_id}"),

@@ -1,4 +1,4 @@
-"""Exports of any filtered view, streamed: CSV and XLSX by the export module's own rows.
+"""Exports of any filtered view, streamed: CSV, XLSX and JUnit by the export modules' own rows and suites.
 
 ``/export.csv?FILTERS[&table=runs|phases|measurements]`` and
 ``/export.xlsx?FILTERS``: the tables ``sequencer export`` writes
@@ -192,5 +192,41 @@ async def export_xlsx(request: Request) -> Response:
         "Content-Disposition": f'attachment; filename="{_filename(q, "xlsx")}"', "Cache-Control": "no-store"})
 
 
+async def export_junit(request: Request) -> Response:
+    """JUnit XML (``reports.render.junit``: a suite per run, a case per phase), streamed a chunk of runs at a time.
+
+    The root ``<testsuites>`` carries no totals, which only the end would
+    know; every suite has its own, as the consumers read them.
+    """
+    import xml.etree.ElementTree as ET
+
+    from reports.render.export import xml_text
+    from reports.render.junit import testsuite
+
+    require(request, Role.VIEWER)
+    q = _query(request)
+    export: _Export = await trio.to_thread.run_sync(_Export, request.app.state.data, q)
+    chunks = export.chunks()
+    name = ", ".join(f"{k} {v}" for k, v in q.params().items())
+
+    def next_xml() -> str | None:
+        runs = next(chunks, None)
+        if runs is None:
+            return None
+        return "".join(ET.tostring(testsuite(r, export.layout.units.of(r).label), encoding="unicode") + "\n"
+                       for r in runs)
+
+    async def body() -> AsyncIterator[bytes]:
+        root = ET.tostring(ET.Element("testsuites", name=xml_text(name)), encoding="unicode")
+        yield ('<?xml version="1.0" encoding="utf-8"?>\n' + root.replace(" />", ">") + "\n").encode()
+        while (text := await trio.to_thread.run_sync(next_xml)) is not None:
+            yield text.encode()
+        yield b"</testsuites>\n"
+
+    return StreamingResponse(body(), media_type="application/xml", headers={
+        "Content-Disposition": f'attachment; filename="{_filename(q, "xml")}"', "Cache-Control": "no-store"})
+
+
 def export_routes() -> list[BaseRoute]:
-    return [Route("/export.csv", export_csv), Route("/export.xlsx", export_xlsx)]
+    return [Route("/export.csv", export_csv), Route("/export.xlsx", export_xlsx),
+            Route("/export.xml", export_junit)]
