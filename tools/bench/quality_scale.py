@@ -248,7 +248,7 @@ def render(batch: dict[str, Any], xlsx: dict[str, Any], mongo: list[dict[str, An
         f"| XLSX export of {xlsx['runs']:,} of those runs, peak RSS (the runs in memory: {xlsx['rss_runs_mib']:.0f} MiB)"
         " | <= 300 MB |"
         f" {xlsx['peak_mib'] * 1.048576:.0f} MB ({xlsx['export_s']:.1f} s, {xlsx['xlsx_mb']:.1f} MB file) |"
-        f" {ok(xlsx['peak_mib'] * 1.048576, 300)} |",
+        f" {ok(xlsx['peak_mib'] * 1.048576, 300) if xlsx['runs'] >= batch['runs'] else '**no** at 10,000 (see below)'} |",
     ]
     for row in mongo:
         lines.append(
@@ -261,7 +261,22 @@ def render(batch: dict[str, Any], xlsx: dict[str, Any], mongo: list[dict[str, An
                       f" {big['report_peak_mib']:.0f} MiB. The statistics, outcome counts and Paretos are aggregation"
                       " pipelines (reports/quality/pipeline.py); what grows with the runs is the yields' identity"
                       " index, one small header per run (identity, outcome, where and when) streamed from a cursor."]
-    lines += ["", END]
+    lines += [
+        "",
+        "Reading the table: on this shared 2-core machine the wall times are the machine's load as much as the",
+        "code's; the batch page's CPU time is the better guide to a quiet machine. Where a target is missed:",
+        "",
+        "- *XLSX peak memory*: the export holds every run in memory (about 35 KiB per run of 50 measurements:",
+        "  10,000 runs are about 330 MiB before the first cell), and its tables as rows. Meeting 300 MB at",
+        "  10,000 runs needs the export to stream runs from the store in two passes (columns and units first,",
+        "  then rows into all sheets at once); the workbook itself is already written write-only.",
+        "- *Period report over 100,000 runs*: the statistics, counts and Paretos are computed in the database,",
+        "  but the yields group units in Python from one small header per run (identity, outcome, where and",
+        "  when), about 1 KB of memory per run, and the moments' run-order walk reads every value once.",
+        "  Grouping units in the database (serial, then MAC, with the conflict rule) is the next step.",
+        "",
+        END,
+    ]
     return "\n".join(lines)
 
 
