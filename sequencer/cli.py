@@ -99,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
         "  sequencer run products/esp32_sensor.py --sim 8     8 simulated DUTs, no hardware\n"
         "  sequencer run --station station.toml              the product, ports and store from one file\n"
         "  sequencer run --station station.toml --rounds 10  ten sets of boards, Enter between them\n"
+        "  sequencer run products/esp32_sensor.py --sim 8 --continuous   boards come and go, until Ctrl-C\n"
         "  sequencer runs --batch B                          what the store holds for batch B\n"
         "  sequencer report --batch B                        yield and failure Pareto (prints its path)\n"
         "  sequencer export --batch B                        the same as a spreadsheet (.xlsx; or -o F.csv)\n"
@@ -138,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="test N sets of boards, one after another: after each round the operator puts the next "
                           "boards in and presses Enter (or types stop); 0: until the operator types stop; "
                           "default 1, or the station file's rounds")
+    run.add_argument("--continuous", action="store_true",
+                     help="each slot tests a board whenever one is put in, until Ctrl-C; slots are stable ports "
+                          "(/dev/serial/by-path/ links) or [detect] locations (or continuous = true)")
     run.add_argument("--faults", type=Path, metavar="PROFILE",
                      help="with --sim: inject the faults a profile (TOML) describes, per slot or by probability")
     from reports.storage.mongo_cli import add_mongo_commands, add_mongo_options, add_reading_options
@@ -356,6 +360,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = config.with_overrides(
         sim=args.sim, ports=tuple(args.ports) if args.ports else None, store=args.store, reports=args.reports,
         batch=args.batch, operator=args.operator, seed=args.seed, rounds=args.rounds,
+        continuous=True if args.continuous else None,
     )
     from reports.storage.mongo_cli import apply_mongo_options, station_shipping
 
@@ -364,7 +369,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from fixtures.station import detected_ports, load_faults, open_hardware
 
     config = detected_ports(config)  # [detect]: USB serial ports by VID/PID/serial/location
-    if not config.sim:
+    if not config.sim and not config.continuous:  # a continuous station's slots may be empty now
         for port in config.ports:
             check_port(port)
     loaded = load_product(product, limits=args.limits, station_fixtures=STATION_FIXTURES, station_resources=None)

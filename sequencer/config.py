@@ -30,6 +30,9 @@
     [detect]                    # instead of ports: every USB serial port that matches
     vid = 0x10C4                # and/or pid, serial, location, description (globs)
     location = "1-1.*"
+    locations = ["1-1.1", "1-1.2"]   # or: one slot per USB location, in this order (continuous stations)
+
+    continuous = true           # each slot tests a board whenever one is put in (--continuous)
 
     [modems]                    # products with an LTE modem: each DUT port's modem AT port
     "/dev/ttyUSB0" = "/dev/ttyUSB2"
@@ -50,6 +53,7 @@ run the station on no ports. Command-line options override the file.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import tomllib
 from collections.abc import Mapping
@@ -145,10 +149,14 @@ class DetectConfig:
     serial: str | None = None
     location: str | None = None
     description: str | None = None
+    #: one slot per USB location, in this order (``1-1.2``, as ``sequencer`` lists them): where boards go in
+    locations: tuple[str, ...] = attrs.field(default=(), converter=tuple)
 
     def __attrs_post_init__(self) -> None:
-        if all(getattr(self, f.name) is None for f in attrs.fields(DetectConfig)):
-            raise ValueError("detect needs at least one of vid, pid, serial, location, description")
+        if all(getattr(self, f.name) in (None, ()) for f in attrs.fields(DetectConfig)):
+            raise ValueError("detect needs at least one of vid, pid, serial, location, description, locations")
+        if not all(isinstance(x, str) and x for x in self.locations) or len(set(self.locations)) != len(self.locations):
+            raise ValueError("detect.locations must be distinct USB locations (text), one per slot")
 
 
 def default_data_dir() -> Path:
@@ -174,6 +182,8 @@ class StationConfig:
     #: sets of boards per session (``rounds``, ``--rounds``): the operator puts the next set in between
     #: rounds; 0: until the operator types stop
     rounds: int = 1
+    #: each slot tests a board whenever one is put in, until the operator stops the station (``--continuous``)
+    continuous: bool = False
     resources: Mapping[str, ResourceConfig] = attrs.field(factory=dict)
     source: Path | None = None
     #: the product this station tests when the command names none (``product``, relative to the file)
@@ -221,6 +231,18 @@ class StationConfig:
             raise ConfigError(f"{where}: sim must be >= 0, got {self.sim}")
         if self.rounds < 0:
             raise ConfigError(f"{where}: rounds must be >= 0 (0: until the operator types stop), got {self.rounds}")
+        if self.continuous and self.rounds != 1:
+            raise ConfigError(f"{where}: continuous stations have no rounds: each slot tests a board whenever one is "
+                              "put in; give one or the other")
+        if self.continuous and not self.sim:
+            for port in self.ports:
+                if _RENUMBERED.fullmatch(port):
+                    raise ConfigError(f"{where}: continuous: port {port} is named in the order boards are plugged "
+                                      "in, not where: give its /dev/serial/by-path/ (or by-id) link, or [detect] "
+                                      "locations")
+            if not self.ports and (self.detect is None or not self.detect.locations):
+                raise ConfigError(f"{where}: continuous: say where each slot's board plugs in: ports "
+                                  "(/dev/serial/by-path/ links) or [detect] locations")
         if self.rounds == 0 and self.sim:
             raise ConfigError(f"{where}: rounds = 0 goes on until the operator types stop, and the simulated "
                               "operator never does: give simulated stations a number of rounds")
@@ -232,8 +254,11 @@ class StationConfig:
             raise ConfigError(f"{where}: a port is listed twice")
 
 
+#: Device names the kernel hands out in the order adapters enumerate: not a place on the jig.
+_RENUMBERED = re.compile(r"/dev/tty(USB|ACM)\d+")
+
 _TOP_KEYS = {"station", "product", "operator", "ask_operator", "batch", "store", "reports", "ports", "sim", "seed",
-             "rounds", "resources", "mongo", "flash", "detect", "modems", "provisioning", "secrets",
+             "rounds", "continuous", "resources", "mongo", "flash", "detect", "modems", "provisioning", "secrets",
              "portal", "quality"}
 _RESOURCE_KEYS = {"capacity", "instrument", "port"}
 _MONGO_KEYS = {"uri", "database"}
@@ -309,6 +334,7 @@ def load_station_config(path: str | Path) -> StationConfig:
         sim=typed("sim", int, 0),
         seed=typed("seed", int, 0),
         rounds=typed("rounds", int, 1),
+        continuous=typed("continuous", bool, False),
         resources=resources,
         source=p,
         product=_product_path(p, base, typed("product", str, "")) if "product" in data else None,
@@ -398,6 +424,7 @@ def _flash_table(p: Path, table: dict[str, Any]) -> FlashConfig:
 def _detect_table(p: Path, table: dict[str, Any]) -> DetectConfig:
     return _table(p, "detect", DetectConfig, table, {
         "vid": (int,), "pid": (int,), "serial": (str,), "location": (str,), "description": (str,),
+        "locations": (list,),
     })
 
 

@@ -38,6 +38,8 @@ from rich.text import Text
 
 from sequencer.events import (
     AnswerRefused,
+    BoardArrived,
+    BoardRemoved,
     DutIdentified,
     Event,
     OperatorAnswered,
@@ -124,14 +126,27 @@ class SlotView:
 class StationDisplay:
     """Keeps a :class:`SlotView` per slot up to date from events and renders it."""
 
-    def __init__(self, ports: Sequence[str], phases_per_run: int) -> None:
-        self.slots = [SlotView(i, p, total=phases_per_run) for i, p in enumerate(ports)]
+    def __init__(self, ports: Sequence[str], phases_per_run: int, *, continuous: bool = False) -> None:
+        self.slots = [SlotView(i, p, total=phases_per_run, phase="empty" if continuous else "waiting")
+                      for i, p in enumerate(ports)]
+        #: boards come and go (sequencer/continuous.py): the counts are the shift's
+        self.continuous = continuous
+        #: every run that ended, by its verdict's headline (a continuous station's shift)
+        self.tally: dict[str, int] = {}
 
     def apply(self, event: Event) -> str | None:
         """Update the views; return a plain-text line worth printing, if any."""
         if isinstance(event, RunStarted):
             view = self.slots[event.run.slot]
+            if view.outcome is not None:  # a slot's next board (continuous): nothing of the last one stays
+                self.slots[view.index] = view = SlotView(view.index, view.port, total=view.total)
             view.phase = "starting"
+        elif isinstance(event, BoardArrived):
+            view = self.slots[event.slot]
+            self.slots[view.index] = view = SlotView(view.index, view.port, total=view.total, phase="board in")
+        elif isinstance(event, BoardRemoved):
+            view = self.slots[event.slot]
+            self.slots[view.index] = SlotView(view.index, view.port, total=view.total, phase="empty")
         elif isinstance(event, DutIdentified):
             self.slots[event.slot].serial = printable(unit_label(event.dut))
         elif isinstance(event, UnitRecognised):
@@ -173,6 +188,7 @@ class StationDisplay:
             view.outcome = event.run.outcome
             view.marginal = event.run.marginal
             view.verdict = verdict = verdict_of(event.run)
+            self.tally[verdict.headline] = self.tally.get(verdict.headline, 0) + 1
             view.phase = "done"
             view.detail = ""
             marginal = " (marginal)" if event.run.marginal else ""
@@ -187,7 +203,9 @@ class StationDisplay:
         return None
 
     def counts(self) -> Text:
-        """One line: how many slots are running, passed, failed, and otherwise done."""
+        """One line: how many slots are running, passed, failed, and otherwise done (a shift's counts, continuous)."""
+        if self.continuous:
+            return self._shift_counts()
         running = sum(v.outcome is None for v in self.slots)
         passed = sum(v.outcome is Outcome.PASS for v in self.slots)
         failed = sum(v.outcome is Outcome.FAIL for v in self.slots)
@@ -199,6 +217,24 @@ class StationDisplay:
             line.append(f"{n} {label}", style=style if n else "bright_black")
             if i < len(parts) - 1:
                 line.append(" · ")
+        return line
+
+    def _shift_counts(self) -> Text:
+        """``8 slot(s): 3 testing · 2 empty · 3 to take out  |  tested 120: 100 PASS · 12 RETEST · ...``"""
+        testing = sum(v.outcome is None and v.phase not in ("empty", "board in") for v in self.slots)
+        done = sum(v.outcome is not None for v in self.slots)
+        empty = len(self.slots) - testing - done
+        line = Text(f"{len(self.slots)} slot(s): ")
+        line.append(f"{testing} testing", style="cyan" if testing else "bright_black")
+        line.append(" · ")
+        line.append(f"{empty} empty", style="bold" if empty else "bright_black")
+        line.append(" · ")
+        line.append(f"{done} to take out", style="bold" if done else "bright_black")
+        tested = sum(self.tally.values())
+        line.append(f"  |  tested {tested}", style="bold")
+        if tested:
+            line.append(": " + " · ".join(f"{n} {headline}" for headline, n in
+                                          sorted(self.tally.items(), key=lambda kv: (-kv[1], kv[0]))))
         return line
 
     def render(self, width: int, height: int, desk: OperatorDesk | None = None) -> Group:
@@ -502,7 +538,7 @@ def station_summary(runs: Sequence[RunRecord]) -> Group:
             failed = next((p for p in r.phases if p.reason), None)
         verdict = verdict_of(r)
         result = Text(outcome.value + (" (marginal)" if r.marginal else ""), style=OUTCOME_STYLE[outcome])
-        if not verdict.passed:
+        if not verdict.passed and verdict.headline != outcome.value:
             result.append(" → ")
             result.append(verdict.headline, style=HEADLINE_STYLE.get(verdict.headline, ""))
         rows.append((

@@ -22,6 +22,21 @@ if TYPE_CHECKING:
 
 
 @attrs.frozen
+class BoardArrived:
+    """A board went into a slot of a continuous station; ``port`` is where it is reached."""
+
+    slot: int
+    port: str
+
+
+@attrs.frozen
+class BoardRemoved:
+    """A continuous station's slot is empty again: the operator took its board out (or it was pulled)."""
+
+    slot: int
+
+
+@attrs.frozen
 class RunStarted:
     run: RunRecord
 
@@ -118,7 +133,7 @@ class OperatorAnswered:
 
 
 Event: TypeAlias = (
-    RunStarted | PhaseStarted | PhaseWaiting | MeasurementTaken | DutIdentified | UnitRecognised | PhaseProgress | PhaseFinished
+    BoardArrived | BoardRemoved | RunStarted | PhaseStarted | PhaseWaiting | MeasurementTaken | DutIdentified | UnitRecognised | PhaseProgress | PhaseFinished
     | RunFinished | OperatorAsked | AnswerRefused | OperatorAnswered
 )
 

@@ -21,6 +21,7 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack
+from functools import partial
 from typing import Any, Protocol
 
 import attrs
@@ -29,6 +30,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from sequencer.config import ConfigError, StationConfig
+from sequencer.continuous import Boards
 from sequencer.engine import RunSettings
 from sequencer.events import EventBus
 from sequencer.fixtures import FixtureFactory
@@ -40,7 +42,7 @@ from sequencer.station import StationResult
 from sequencer.terminal import printable
 from sequencer.verdicts import UnitHistorySource
 
-__all__ = ["Hardware", "RoundSetup", "SessionResult", "run_session"]
+__all__ = ["ContinuousSetup", "Hardware", "RoundSetup", "SessionResult", "run_session"]
 
 #: ``ask_operator``: the station's first question, whose answer is stamped on every run of the session.
 WHO_IS_TESTING = Question(-1, "", "", "who is testing? Scan your badge or type your name, then press Enter")
@@ -57,11 +59,25 @@ class RoundSetup:
     notices: tuple[str, ...] = ()
 
 
+@attrs.frozen
+class ContinuousSetup:
+    """A continuous station's slots as the hardware side opened them: what :func:`run_continuous` takes."""
+
+    boards: Boards
+    fixtures: Mapping[str, FixtureFactory]
+    resources: Mapping[str, SharedResource]
+    notices: tuple[str, ...] = ()
+
+
 class Hardware(Protocol):
     """The station's side of a session, open for all of it (the flash workers, say)."""
 
     def open_round(self, config: StationConfig) -> AbstractAsyncContextManager[RoundSetup]:
         """The round's ports, fixtures and shared instruments (under ``--sim``, a fresh farm)."""
+        ...
+
+    def open_continuous(self, config: StationConfig, bus: EventBus) -> AbstractAsyncContextManager[ContinuousSetup]:
+        """The slots boards come and go in (under ``--sim``, a farm whose operator swaps boards; it watches ``bus``)."""
         ...
 
     async def answer_as_simulated_operator(self, desk: OperatorDesk, seed: int) -> None:
@@ -100,7 +116,8 @@ async def run_session(
     bus = EventBus()
     settings = RunSettings(station=config.station, operator=config.operator, batch=config.batch_or_default)
     interactive = live and console.is_terminal
-    desk = OperatorDesk(bus) if rounds != 1 or loaded.product.uses("operator") or config.ask_operator else None
+    desk = (OperatorDesk(bus) if rounds != 1 or config.continuous or loaded.product.uses("operator")
+            or config.ask_operator else None)
     tally = _Tally()
     stopped: str | None = None  # when the operator stopped the session with no run open
     nobody: NoOperator | None = None
@@ -124,6 +141,11 @@ async def run_session(
                         stopped, testing = ("before any board was tested" if nobody is None else None), False
                     else:
                         settings = attrs.evolve(settings, operator=name)
+                if testing and config.continuous:
+                    result = await _run_continuous(loaded, config, store, console, bus, settings, desk, hardware,
+                                                   interactive, history, round_ended)
+                    tally.add(result)
+                    testing = False
                 number = 0
                 while testing:
                     number += 1
@@ -187,9 +209,13 @@ class _Tally:
 
     def add(self, result: StationResult) -> None:
         self.last_round = result.runs
-        for run in result.runs:
-            outcome = run.outcome or Outcome.ABORTED
-            self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
+        if result.outcomes is not None:  # a continuous station counted its runs as they ended
+            for outcome, n in result.outcomes.items():
+                self.outcomes[outcome] = self.outcomes.get(outcome, 0) + n
+        else:
+            for run in result.runs:
+                outcome = run.outcome or Outcome.ABORTED
+                self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
         self.aborted = self.aborted or result.aborted
         if self.write_error is None:
             self.write_error = result.write_error
@@ -225,22 +251,62 @@ async def _run_round(
             else:
                 nursery.start_soon(show_plain, display, events, sys.stdout)
             try:
-                def tell_operator(aborts: int) -> None:
-                    try:
-                        if aborts == 1:
-                            console.print("[yellow]aborting: running teardowns and recording every run "
-                                          "(Ctrl-C again to skip teardowns)[/yellow]")
-                        else:
-                            console.print("[yellow]skipping remaining teardowns; writing records[/yellow]")
-                    except OSError:
-                        pass  # the terminal is gone (it may be why we abort); the abort goes on
-
                 return await run_station(
                     loaded, ports, settings=settings, store=store, bus=bus, resources=setup.resources,
-                    on_abort=tell_operator, fixtures=setup.fixtures, desk=desk, history=history,
+                    on_abort=partial(_tell_operator, console), fixtures=setup.fixtures, desk=desk, history=history,
                 )
             finally:
                 bus.close()  # ends the display; the next round subscribes anew
+
+
+async def _run_continuous(
+    loaded: LoadedProduct, config: StationConfig, store: Any, console: Console, bus: EventBus,
+    settings: RunSettings, desk: OperatorDesk | None, hardware: Hardware, interactive: bool,
+    history: UnitHistorySource | None, round_ended: Callable[[StationResult], Awaitable[None]] | None,
+) -> StationResult:
+    """Every slot on its own cycle until Ctrl-C, shown live (or as plain lines); each run's report as it ends."""
+    from sequencer.continuous import run_continuous
+    from sequencer.display import StationDisplay, show_live, show_plain
+
+    async def run_ended(run: RunRecord) -> None:
+        if round_ended is not None:
+            await round_ended(StationResult((run,)))
+
+    async with hardware.open_continuous(config, bus) as setup:
+        for notice in setup.notices:
+            console.print(escape(notice))
+        places = list(setup.boards.places)
+        display = StationDisplay(places, len(loaded.product.phases), continuous=True)
+        events = bus.subscribe("display", buffer=4096)
+        tested_by = f", operator {escape(printable(settings.operator))}" if settings.operator else ""
+        console.print(f"[bold]{escape(printable(loaded.name))}[/bold] on {len(places)} slot(s), batch "
+                      f"{escape(printable(settings.batch))}, station {escape(printable(settings.station))}"
+                      f"{tested_by}, continuous: put a board in any slot; Ctrl-C ends the shift")
+        async with trio.open_nursery() as nursery:
+            if interactive:
+                nursery.start_soon(show_live, display, events, console, desk)
+            else:
+                nursery.start_soon(show_plain, display, events, sys.stdout)
+            try:
+                return await run_continuous(
+                    loaded, setup.boards, settings=settings, store=store, bus=bus, resources=setup.resources,
+                    on_abort=partial(_tell_operator, console), fixtures=setup.fixtures, desk=desk, history=history,
+                    run_ended=run_ended,
+                )
+            finally:
+                bus.close()
+
+
+def _tell_operator(console: Console, aborts: int) -> None:
+    """What Ctrl-C does, said as it is done."""
+    try:
+        if aborts == 1:
+            console.print("[yellow]aborting: running teardowns and recording every run "
+                          "(Ctrl-C again to skip teardowns)[/yellow]")
+        else:
+            console.print("[yellow]skipping remaining teardowns; writing records[/yellow]")
+    except OSError:
+        pass  # the terminal is gone (it may be why we abort); the abort goes on
 
 
 async def _next_round(

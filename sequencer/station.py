@@ -82,6 +82,8 @@ class StationResult:
     stopped: str | None = None
     #: one line per slot whose run escaped the engine (a bug): "slot 3 /dev/ttyUSB3: RuntimeError: ..."
     crashed: tuple[str, ...] = ()
+    #: every run's outcome, counted, when ``runs`` holds only each slot's last (a continuous station)
+    outcomes: Mapping[Outcome, int] | None = None
 
     @property
     def all_passed(self) -> bool:
