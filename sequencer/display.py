@@ -194,7 +194,8 @@ class StationDisplay:
             marginal = " (marginal)" if event.run.marginal else ""
             todo = ""
             if not verdict.passed:
-                todo = f" → {verdict.headline}: {printable(verdict.instruction)}"
+                # On a line of its own: the run's line stays what a log reader matches.
+                todo = f"\n  → {verdict.headline}: {printable(verdict.instruction)}"
                 todo += f" ({printable(verdict.where)})" if verdict.where else ""
             return (
                 f"slot {view.index} {view.port} {view.serial or '-'}: "

@@ -244,8 +244,8 @@ async def test_the_display_says_retest_while_it_runs_and_what_to_do_when_it_ends
             lines.append(line)
     assert "retest 1" in running and "slot 0 SN100000001: retest 1: last FAIL at rails, vdd_3v3 3.59 V > 3.4 V" in running
     assert lines.count("slot 0 /dev/sim0 SN100000001: retest 1: last FAIL at rails, vdd_3v3 3.59 V > 3.4 V") == 1
-    assert lines[-1] == ("slot 0 /dev/sim0 SN100000001: FAIL → REWORK: Check the 3.3 V regulator "
-                         "(rails, vdd_3v3 3.59 V > 3.4 V)")
+    assert lines[-1] == ("slot 0 /dev/sim0 SN100000001: FAIL\n  → REWORK: Check the 3.3 V regulator "
+                         "(rails, vdd_3v3 3.59 V > 3.4 V)")  # the run's line as log readers know it, then what to do
     console = Console(width=120, height=30, record=True, color_system=None)
     console.print(display.render(120, 30))
     done = console.export_text()
