@@ -3,8 +3,10 @@
 The names a product file needs::
 
     from sequencer import Measurement, PhaseResult, Product, phase
+    from sequencer import PhaseGroup, checkpoint      # groups of phases, OpenHTF's checkpoints
 """
 
+from sequencer.group import PhaseGroup, checkpoint
 from sequencer.measurements import Measurement, custom, equals, in_range, matches, one_of, within_percent
 from sequencer.phase import Phase, PhaseResult, phase
 from sequencer.product import Product
@@ -14,8 +16,10 @@ __all__ = [
     "Measurement",
     "Outcome",
     "Phase",
+    "PhaseGroup",
     "PhaseResult",
     "Product",
+    "checkpoint",
     "custom",
     "equals",
     "in_range",

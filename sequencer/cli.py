@@ -304,15 +304,31 @@ def describe_product(loaded: LoadedProduct) -> str:
     out.append(f"stop on failure: {'yes' if p.stop_on_failure else 'no'}")
     if p.max_retests is not None:
         out.append(f"retests: at most {p.max_retests} after a unit's first test; then it goes to rework untested")
+    if p.sequential:
+        out.append("sequential: each phase follows the one before, whatever its outcome")
+    plan = p.plan
+    for group in reversed(plan.groups):  # outermost first, as written
+        parts = [f"setup {', '.join(group.setup)}"] if group.setup else []
+        parts += [f"teardown {', '.join(group.teardown)}"] if group.teardown else []
+        parts += ["stops on its first failure"] if group.stop_on_failure else []
+        out.append(f"group {group.name}" + (": " + "; ".join(parts) if parts else ""))
     if p.uses("operator"):
         out.append("operator: asked questions; answers from the keyboard or standard input (under --sim, the "
                    "simulated operator)")
 
     def line(name: str) -> str:
         ph = p.phase(name)
+        step = plan.steps.get(name)
         bits = []
+        if step is not None and step.tears_down is not None:
+            bits.append(f"teardown of group {step.tears_down.name}")
+        elif step is not None and step.group is not None:
+            role = "setup of" if name in step.group.setup else "in"
+            bits.append(f"{role} group {step.group.name}")
         if ph.after:
             bits.append("after " + ", ".join(ph.after))
+        if ph.follows:
+            bits.append("follows " + ", ".join(ph.follows))
         if ph.timeout or ph.teardown:
             bits.append(f"timeout {ph.effective_timeout:g} s")
         if ph.retries:
@@ -335,7 +351,7 @@ def describe_product(loaded: LoadedProduct) -> str:
             text += f"\n        on fail{f' of {who}' if who else ''}: {bin_}" + (f": {what.on_fail}" if what.on_fail else "")
         return text
 
-    for i, layer in enumerate(layers(p.main_phases)):
+    for i, layer in enumerate(layers(p)):
         out.append(f"  layer {i}" + ("  (concurrent)" if len(layer) > 1 else ""))
         out.extend(line(n) for n in layer)
     if p.teardowns:

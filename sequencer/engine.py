@@ -1,9 +1,11 @@
 """Running one product on one slot: the phase scheduler.
 
 Per slot, the main phases run in one nursery. A phase becomes ready the
-moment the last phase it comes after is committed; it then runs if they all
-passed (otherwise it is SKIPPED and the record says which dependency did not
-pass). Independent phases therefore run concurrently. Phases with no
+moment the last phase it waits for is committed (the product's plan,
+sequencer/plan.py: ``after``, ``follows``, sequential order, groups); it then
+runs if those it comes ``after`` passed and its groups let it (otherwise it
+is SKIPPED and the record says why). A group's teardown runs in the graph,
+as soon as the group's main part has ended. Independent phases therefore run concurrently. Phases with no
 dependencies start in tasks of their own; a phase made ready by a commit runs
 in the task that committed it, and any further phases that commit made ready
 get tasks of their own. A chain of phases is one task, not a task per phase
@@ -53,6 +55,7 @@ from sequencer.events import (
 from sequencer.fixtures import FixtureFactory, SlotInfo
 from sequencer.operator import Operator, OperatorDesk
 from sequencer.phase import Phase, PhaseResult
+from sequencer.plan import GroupPlan, Step
 from sequencer.product import LoadedProduct
 from sequencer.records import (
     AttemptRecord,
@@ -117,6 +120,8 @@ class SlotControl:
         self.aborted = False
         #: why, as the records say it: "aborted <by>"
         self.aborted_by = "by the operator"
+        #: groups' teardowns running among the main phases, each in a scope an abort does not reach
+        self._shields: set[trio.CancelScope] = set()
 
     def abort(self, by: str = "by the operator") -> None:
         if not self.aborted:
@@ -125,6 +130,22 @@ class SlotControl:
 
     def skip_teardowns(self) -> None:
         self.teardown_scope.cancel()
+        for scope in self._shields:
+            scope.cancel()
+
+    def teardown_shield(self) -> trio.CancelScope:
+        """Where a group's teardown runs among the main phases: a first abort lets it finish, a second does not.
+
+        Enter it, and :meth:`release` it when done.
+        """
+        scope = trio.CancelScope(shield=True)
+        if self.teardown_scope.cancel_called:
+            scope.cancel()
+        self._shields.add(scope)
+        return scope
+
+    def release(self, shield: trio.CancelScope) -> None:
+        self._shields.discard(shield)
 
 
 @attrs.frozen
@@ -198,6 +219,7 @@ class _SlotRun:
         rendezvous: Mapping[str, Rendezvous],
     ) -> None:
         self.product = product.product
+        self.plan = self.product.plan
         self.store = store
         self.bus = bus
         self.resources = resources
@@ -233,8 +255,14 @@ class _SlotRun:
         self.stop_reason: str | None = None
         #: the running attempt's cancel scope, per phase
         self.in_flight: dict[str, trio.CancelScope] = {}
-        #: phases whose attempt a stop cancelled (as opposed to their deadline)
-        self.stopped: set[str] = set()
+        #: phases whose attempt a stop (the run's or a group's) cancelled, as opposed to their deadline; why
+        self.stopped: dict[str, str] = {}
+        #: groups stopped by a failure or FAIL_GROUP, and why
+        self.group_stops: dict[str, str] = {}
+        #: phases that skipped themselves (run_if false, PhaseResult.SKIP): no failure of a group's setup
+        self.chose_skip: set[str] = set()
+        #: per group whose setup has ended: why it was not entered, or None
+        self.setup_verdicts: dict[GroupPlan, str | None] = {}
         self.started_at: dict[str, Any] = {}
         #: attempts, log and attachments of phases in flight, for recording an abort
         self.partial: dict[str, tuple[list[AttemptRecord], PhaseLog, list[Attachment]]] = {}
@@ -286,9 +314,9 @@ class _SlotRun:
                 try:
                     with self.control.main_scope:
                         async with trio.open_nursery() as nursery:
-                            roots = [p for p in self.product.main_phases if not p.after]
-                            for p in roots[1:]:
-                                nursery.start_soon(self._phase_chain, nursery, p)
+                            roots = self.plan.roots
+                            for step in roots[1:]:
+                                nursery.start_soon(self._phase_chain, nursery, step)
                             if roots:
                                 # The first chain runs in this task: no task to spawn, and
                                 # the slot starts testing without first waiting for every
@@ -298,8 +326,9 @@ class _SlotRun:
                     self._engine_failed(exc)
                 try:
                     with self.control.teardown_scope:
-                        await self._record_unfinished(self.product.main_phases)
-                        for p in self.product.teardowns:
+                        await self._record_unfinished(self.plan.untorn)
+                        await self._run_group_teardowns()
+                        for p in self.plan.teardowns:
                             await self._run_and_commit(p)
                 except Exception as exc:
                     self._engine_failed(exc)
@@ -310,7 +339,7 @@ class _SlotRun:
                 self._leave(tuple(self.owing))  # whatever it did not reach, nobody waits for it there
                 with trio.CancelScope(shield=True):
                     try:
-                        await self._record_unfinished(self.product.phases)
+                        await self._record_unfinished(self.product.all_phases)
                     finally:
                         await self._close_fixtures()  # whatever else failed, the ports are released
                     await self._last_look_up()
@@ -375,17 +404,37 @@ class _SlotRun:
     def _abort_reason(self, p: Phase) -> str:
         if self.control.aborted:
             return f"aborted {self.control.aborted_by}" if not p.teardown else "teardown cut short by a second abort"
-        return self.stop_reason or "aborted"
+        return self.stopped.get(p.name) or self.stop_reason or "aborted"
+
+    async def _run_group_teardowns(self) -> None:
+        """After an abort (or a bug), the teardowns of the groups entered and not yet torn down, innermost first.
+
+        The teardowns of groups never entered are recorded SKIPPED after them.
+        """
+        held: list[tuple[Phase, str]] = []
+        for group in self.plan.groups:
+            for name in group.teardown:
+                if name in self.recorded:
+                    continue
+                step = self.plan.steps[name]
+                why = self._held_by_group(step)
+                if why is not None:
+                    held.append((step.phase, why))
+                else:
+                    await self._run_and_commit(step.phase, step)
+        for p, why in held:
+            await self._commit(p, self._skipped(p, why))
 
     # -- scheduling ------------------------------------------------------
 
-    async def _phase_chain(self, nursery: trio.Nursery, p: Phase) -> None:
-        """Run ``p``, then each phase its commit made ready: one here, the others in new tasks."""
+    async def _phase_chain(self, nursery: trio.Nursery, step: Step) -> None:
+        """Run ``step``, then each phase its commit made ready: one here, the others in new tasks."""
+        dependents = self.plan.dependents
         while True:
-            await self._run_ready(p)
+            await self._run_ready(step)
             # No await since the commit returned: exactly one committer (the
             # last of a phase's dependencies) sees the phase ready.
-            ready = [d for d in self.product.dependents[p.name] if self.committed_names.issuperset(d.after)]
+            ready = [d for d in dependents[step.name] if self.committed_names.issuperset(d.waits_for)]
             if not ready:
                 return
             # An abort that came during the commit ends the chain here, before
@@ -394,18 +443,80 @@ class _SlotRun:
             await trio.lowlevel.checkpoint_if_cancelled()
             for other in ready[1:]:
                 nursery.start_soon(self._phase_chain, nursery, other)
-            p = ready[0]
+            step = ready[0]
 
-    async def _run_ready(self, p: Phase) -> None:
-        if self.stop_reason is not None:
+    async def _run_ready(self, step: Step) -> None:
+        p = step.phase
+        if self.stop_reason is not None and not p.teardown:
             await self._commit(p, self._skipped(p, self.stop_reason))
             return
-        for dep in p.after:
+        for dep in step.must_pass:
             dep_outcome = self.outcomes[dep]
             if dep_outcome is not Outcome.PASS:
                 await self._commit(p, self._skipped(p, f"dependency {dep!r} ended {dep_outcome.value}"))
                 return
-        await self._run_and_commit(p)
+        if step.grouped:
+            why = self._held_by_group(step)
+            if why is not None:
+                await self._commit(p, self._skipped(p, why))
+                return
+            if step.tears_down is not None:
+                shield = self.control.teardown_shield()  # a group's teardown finishes even through an abort
+                try:
+                    with shield:
+                        await self._run_and_commit(p, step)
+                finally:
+                    self.control.release(shield)
+                return
+        await self._run_and_commit(p, step)
+
+    def _held_by_group(self, step: Step) -> str | None:
+        """Why a group keeps ``step`` from running (its setup failed, it stopped, it never began), or None."""
+        if self.group_stops:
+            for group in step.stoppable:
+                why = self.group_stops.get(group.name)
+                if why is not None:
+                    return why
+        verdicts = self.setup_verdicts
+        for group in step.entered:
+            why = verdicts.get(group, _UNDECIDED)
+            if why is _UNDECIDED:
+                why = self._setup_failed(group)
+            if why is not None:
+                return why
+        group = step.tears_down
+        if group is not None:
+            why = self._setup_failed(group)
+            if why is not None:
+                return why
+            if self.started_at.keys().isdisjoint(group.every):
+                return f"group {group.name!r} was not entered"
+        return None
+
+    def _setup_failed(self, group: GroupPlan) -> str | None:
+        """Why ``group`` was not entered (a setup phase failed or did not run), or None; asked once its setup ended."""
+        if group in self.setup_verdicts:
+            return self.setup_verdicts[group]
+        why = None
+        for name in group.setup:
+            outcome = self.outcomes.get(name)
+            if outcome is not Outcome.PASS and name not in self.chose_skip:
+                ended = outcome.value if outcome is not None else "unfinished"
+                why = f"group {group.name!r} not entered: setup phase {name!r} ended {ended}"
+                break
+        self.setup_verdicts[group] = why
+        return why
+
+    def _stop_group(self, group: GroupPlan, reason: str) -> None:
+        """Stop one group: its phases in flight are cut short, the rest of its main part is skipped."""
+        if group.name in self.group_stops:
+            return
+        self.group_stops[group.name] = reason
+        self.log.info("group stopping", group=group.name, reason=reason)
+        for name, scope in self.in_flight.items():
+            if name in group.members and not scope.cancel_called:
+                self.stopped[name] = reason
+                scope.cancel()
 
     def _engine_failed(self, exc: Exception) -> None:
         """Something other than a phase raised (a bug): this run stops and ends ERROR; teardowns still run."""
@@ -428,11 +539,15 @@ class _SlotRun:
             self.log.info("run stopping", reason=reason)
         self._leave(tuple(self.owing))
         for name, scope in self.in_flight.items():
+            step = self.plan.steps.get(name)
+            if step is not None and step.tears_down is not None:
+                continue  # a group's teardown: teardowns run whatever stopped
             if not scope.cancel_called:  # its deadline came first: that stays a TIMEOUT
-                self.stopped.add(name)
+                self.stopped.setdefault(name, reason)
             scope.cancel()
 
-    async def _run_and_commit(self, p: Phase) -> PhaseRecord | None:
+    async def _run_and_commit(self, p: Phase, step: Step | None = None) -> PhaseRecord | None:
+        """Run ``p`` (``step`` is its place in the graph; None for the product's teardowns) and commit it."""
         if p.run_if is not None:
             try:
                 wanted = bool(p.run_if(self.snapshot()))
@@ -440,28 +555,48 @@ class _SlotRun:
                 record = self._phase_record(
                     p, Outcome.ERROR, utcnow(), reason=f"run_if raised {type(exc).__name__}: {exc}", attempts=()
                 )
-                if self.product.stop_on_failure and not p.teardown:
-                    self._stop(f"run stopped: phase {p.name!r} ended {record.outcome.value}")
+                self._decide(p, step, record, None)
                 await self._commit(p, record)
                 return record
             if not wanted:
+                self.chose_skip.add(p.name)
                 record = self._skipped(p, "run_if was false")
                 await self._commit(p, record)
                 return record
-        record, result = await self._execute(p)
+        record, result = await self._execute(p, step.group if step is not None else None)
         if self.looking_up is not None and self.product.max_retests is not None:
             # The phase identified the unit: whether it may be tested further is
             # known before anything that depends on this phase starts.
             await self.looking_up.wait()
         # Decide on stopping before the commit wakes this phase's dependents.
-        if result is PhaseResult.STOP:
-            self._stop(f"run stopped by phase {p.name!r}")
-        elif result is PhaseResult.REPEAT and record.outcome is Outcome.FAIL and not p.teardown:
-            self._stop(f"run stopped: phase {p.name!r} reached its repeat limit")
-        elif record.outcome.is_failure and self.product.stop_on_failure and not p.teardown:
-            self._stop(f"run stopped: phase {p.name!r} ended {record.outcome.value}")
+        self._decide(p, step, record, result)
         await self._commit(p, record)
         return record
+
+    def _decide(self, p: Phase, step: Step | None, record: PhaseRecord, result: PhaseResult | None) -> None:
+        """What a finished phase does to the run and its groups: stop one, the other, or nothing."""
+        if result is PhaseResult.STOP:
+            self._stop(f"run stopped by phase {p.name!r}")
+        elif p.teardown:
+            return  # a teardown stops nothing: everything it could stop has ended
+        elif result is PhaseResult.SKIP:
+            self.chose_skip.add(p.name)
+        elif result is PhaseResult.FAIL_GROUP:
+            group = step.group if step is not None else None
+            if group is None:  # outside any group, the group is the run
+                self._stop(f"run stopped by phase {p.name!r}")
+            else:
+                self._stop_group(group, f"group {group.name!r} stopped by phase {p.name!r}")
+        elif result is PhaseResult.REPEAT and record.outcome is Outcome.FAIL:
+            self._stop(f"run stopped: phase {p.name!r} reached its repeat limit")
+        elif record.outcome.is_failure:
+            if self.product.stop_on_failure:
+                self._stop(f"run stopped: phase {p.name!r} ended {record.outcome.value}")
+            elif step is not None and step.stoppable:
+                for group in step.stoppable:
+                    if group.stop_on_failure:
+                        self._stop_group(group, f"group {group.name!r} stopped: phase {p.name!r} ended "
+                                                f"{record.outcome.value}")
 
     async def _commit(self, p: Phase, record: PhaseRecord) -> None:
         if p.name in self.recorded:
@@ -526,7 +661,7 @@ class _SlotRun:
 
     # -- one phase -------------------------------------------------------
 
-    async def _execute(self, p: Phase) -> tuple[PhaseRecord, PhaseResult]:
+    async def _execute(self, p: Phase, group: GroupPlan | None) -> tuple[PhaseRecord, PhaseResult]:
         started = utcnow()
         self.started_at[p.name] = started
         log = PhaseLog(self.log, phase=p.name)
@@ -546,7 +681,7 @@ class _SlotRun:
                 attempts.append(AttemptRecord(len(attempts) + 1, Outcome.ABORTED, now, now, reason=self.stop_reason))
                 break
             access = ResourceAccess(self.resources)
-            attempt, result, final = await self._attempt(p, len(attempts) + 1, log, attachments, access)
+            attempt, result, final = await self._attempt(p, group, len(attempts) + 1, log, attachments, access)
             waited += access.waited_s
             attempts.append(attempt)
             if result is PhaseResult.REPEAT and attempt.outcome is Outcome.SKIPPED:
@@ -560,7 +695,7 @@ class _SlotRun:
                 )
                 break
             if (attempt.outcome in (Outcome.FAIL, Outcome.ERROR, Outcome.TIMEOUT) and failures < p.retries
-                    and result is not PhaseResult.STOP):  # a phase that stops the run is not tried again
+                    and result not in _STOPPING):  # a phase that stops the run (or its group) is not tried again
                 if final is not None:
                     log.info("not retried: a retry cannot change this", reason=final)
                     break
@@ -585,7 +720,8 @@ class _SlotRun:
         return record, result
 
     async def _attempt(
-        self, p: Phase, number: int, log: PhaseLog, attachments: list[Attachment], access: ResourceAccess
+        self, p: Phase, owner: GroupPlan | None, number: int, log: PhaseLog, attachments: list[Attachment],
+        access: ResourceAccess,
     ) -> tuple[AttemptRecord, PhaseResult, str | None]:
         """One attempt of ``p``: its record, what the phase returned, and why it may not be retried (if so)."""
         if self.bus.has_subscribers:
@@ -653,6 +789,14 @@ class _SlotRun:
                 outcome = Outcome.ERROR
             elif result is PhaseResult.FAIL:
                 outcome, reason = Outcome.FAIL, "failed by the phase"
+            elif result is PhaseResult.FAIL_GROUP:
+                outcome = Outcome.FAIL
+                if p.teardown:
+                    reason = "failed by the phase"
+                elif owner is not None:
+                    reason = f"failed by the phase: group {owner.name!r} stops"
+                else:
+                    reason = f"run stopped by phase {p.name!r}"
             else:
                 outcome, reason = _judge(measurements)
                 if result is PhaseResult.STOP and outcome is Outcome.PASS:
@@ -804,6 +948,12 @@ class _SlotRun:
             reason=reason, teardown=p.teardown,
         )
 
+
+#: A group whose setup verdict is not worked out yet.
+_UNDECIDED = object()
+
+#: The results that stop the run or a group: a phase that returns one is not retried.
+_STOPPING = frozenset({PhaseResult.STOP, PhaseResult.FAIL_GROUP})
 
 #: The results that leave an attempt's measurements unjudged, and the attempt's reason.
 _UNJUDGED = {PhaseResult.SKIP: "skipped by the phase", PhaseResult.REPEAT: "repeated: the phase returned REPEAT"}

@@ -17,9 +17,11 @@ shared instruments; ``slot`` the slot's :class:`~sequencer.fixtures.SlotInfo`;
 product or the station must provide, which the product loader checks before
 anything runs.
 
-Phases run as soon as every phase they come ``after`` has passed; phases with
-no dependency between them run concurrently. A phase ends in a
-:class:`PhaseResult` (``None`` means ``CONTINUE``).
+Phases run as soon as every phase they come ``after`` has passed and every
+phase they ``follow`` has finished (whatever its outcome); phases with no
+dependency between them run concurrently, unless the product is
+``sequential``. A phase ends in a :class:`PhaseResult` (``None`` means
+``CONTINUE``).
 """
 
 from __future__ import annotations
@@ -64,6 +66,11 @@ class PhaseResult(enum.Enum):
     STOP = "STOP"
     #: Fail the phase whatever its measurements say; the run goes on.
     FAIL = "FAIL"
+    #: Fail the phase and stop its group (:class:`~sequencer.group.PhaseGroup`):
+    #: the rest of the group's main part is SKIPPED, its teardown runs, and the
+    #: run goes on after the group (OpenHTF's FAIL_SUBTEST). Outside any group
+    #: the group is the whole run: it stops, as for STOP.
+    FAIL_GROUP = "FAIL_GROUP"
 
 
 PhaseFunction: TypeAlias = Callable[..., Awaitable[PhaseResult | None]]
@@ -81,6 +88,8 @@ class Phase:
     retries: int = 0
     repeat_limit: int = 10
     after: tuple[str, ...] = ()
+    #: phases this one runs after, whatever their outcome
+    follows: tuple[str, ...] = ()
     run_if: RunPredicate | None = attrs.field(default=None, repr=False)
     teardown: bool = False
     description: str = ""
@@ -126,9 +135,9 @@ class Phase:
         """This phase with other options (``timeout``, ``retries``, ``name``, ...), checked as ``@phase`` does."""
         current: dict[str, Any] = {
             "name": self.name, "measurements": self.measurements, "timeout": self.timeout, "retries": self.retries,
-            "repeat_limit": self.repeat_limit, "after": self.after, "run_if": self.run_if, "teardown": self.teardown,
-            "on_fail": self.on_fail, "disposition": self.disposition, "rendezvous": self.rendezvous,
-            "rendezvous_timeout": self.rendezvous_timeout,
+            "repeat_limit": self.repeat_limit, "after": self.after, "follows": self.follows, "run_if": self.run_if,
+            "teardown": self.teardown, "on_fail": self.on_fail, "disposition": self.disposition,
+            "rendezvous": self.rendezvous, "rendezvous_timeout": self.rendezvous_timeout,
         }
         unknown = sorted(set(options) - set(current))
         if unknown:
@@ -151,6 +160,7 @@ def phase(
     retries: int = 0,
     repeat_limit: int = 10,
     after: Iterable[Phase | str] = (),
+    follows: Iterable[Phase | str] = (),
     run_if: RunPredicate | None = None,
     teardown: bool = False,
     on_fail: str = "",
@@ -201,17 +211,7 @@ def phase(
                 raise TypeError(f"{where}: *args/**kwargs cannot be injected; name each fixture")
             if p.default is p.empty:
                 params.append(p.name)
-        if isinstance(after, (str, Phase)):
-            given: Iterable[Phase | str] = (after,)  # one dependency, not a list of one (nor a string's letters)
-        elif isinstance(after, Iterable):
-            given = after
-        else:
-            raise TypeError(f"{where}: after must be phases or their names, got {after!r}")
-        deps = []
-        for d in given:
-            if not isinstance(d, (Phase, str)):
-                raise TypeError(f"{where}: after must be phases or their names, got {d!r}")
-            deps.append(d.name if isinstance(d, Phase) else d)
+        deps, followed = _names(where, "after", after), _names(where, "follows", follows)
         if run_if is not None and not callable(run_if):
             raise TypeError(f"{where}: run_if must be a function of the record so far, got {run_if!r}")
         if not isinstance(teardown, bool):
@@ -238,7 +238,8 @@ def phase(
             timeout=timeout,
             retries=retries,
             repeat_limit=repeat_limit,
-            after=tuple(deps),
+            after=deps,
+            follows=followed,
             run_if=run_if,
             teardown=teardown,
             description=inspect.getdoc(f) or "",
@@ -252,3 +253,20 @@ def phase(
     if fn is not None:
         return build(fn)
     return build
+
+
+def _names(where: str, option: str, given: Any) -> tuple[str, ...]:
+    """The names ``after=``/``follows=`` give: phases (groups too, for ``follows``) or their names, one or a list
+    (never a string's letters)."""
+    from sequencer.group import PhaseGroup  # the group module builds on this one
+
+    if isinstance(given, (str, Phase, PhaseGroup)):
+        given = (given,)
+    elif not isinstance(given, Iterable):
+        raise TypeError(f"{where}: {option} must be phases or their names, got {given!r}")
+    names = []
+    for d in given:
+        if not isinstance(d, (Phase, PhaseGroup, str)):
+            raise TypeError(f"{where}: {option} must be phases or their names, got {d!r}")
+        names.append(d if isinstance(d, str) else d.name)
+    return tuple(names)

@@ -23,7 +23,9 @@ import attrs
 
 from sequencer.fixtures import FixtureFactory
 from sequencer.measurements import Equals, InRange, Matches, Measurement, OneOf
+from sequencer.group import PhaseGroup
 from sequencer.phase import Phase
+from sequencer.plan import GraphError, Plan, compile_plan
 from sequencer.provenance import ProductCode, import_base, modules_since, product_code
 from sequencer.records import SourceFile
 from sequencer.records import DEFAULT_IDENTITY
@@ -48,13 +50,17 @@ def _names(value: str | Iterable[str]) -> tuple[str, ...]:
 class Product:
     """What a station runs on every DUT.
 
-    ``phases`` lists the main phases and the teardowns (``teardown=True``);
-    ``fixtures`` maps a parameter name to the factory that builds it per slot;
-    ``resources`` names the shared station instruments the product uses.
+    ``phases`` lists the phases, groups of phases (:class:`~sequencer.group.PhaseGroup`)
+    and the product's teardowns (``teardown=True``); ``fixtures`` maps a
+    parameter name to the factory that builds it per slot; ``resources``
+    names the shared station instruments the product uses. ``sequential``:
+    the list is the order, each phase following the one before whatever its
+    outcome (OpenHTF's flow); otherwise phases run as their ``after`` and
+    ``follows`` say, independent ones at once.
     """
 
     name: str
-    phases: tuple[Phase, ...] = attrs.field(converter=tuple)
+    phases: tuple[Phase | PhaseGroup, ...] = attrs.field(converter=tuple)
     version: str = ""
     description: str = ""
     fixtures: Mapping[str, FixtureFactory] = attrs.field(factory=dict, converter=dict)
@@ -71,23 +77,33 @@ class Product:
     #: past it is sent to rework untested, with the reason; a unit whose last allowed test
     #: fails goes to rework rather than back to the retest bin (sequencer/verdicts.py)
     max_retests: int | None = None
+    sequential: bool = False
 
     @functools.cached_property
-    def main_phases(self) -> tuple[Phase, ...]:
-        return tuple(p for p in self.phases if not p.teardown)
+    def all_phases(self) -> tuple[Phase, ...]:
+        """Every phase, groups' included, in the order of the list (a group's setup, main, teardown)."""
+        return tuple(p for item in self.phases
+                     for p in (item.phases() if isinstance(item, PhaseGroup) else (item,)))
 
     @functools.cached_property
     def teardowns(self) -> tuple[Phase, ...]:
-        return tuple(p for p in self.phases if p.teardown)
+        """The product's own teardowns: they run after everything else, in order."""
+        return tuple(p for p in self.phases if isinstance(p, Phase) and p.teardown)
 
     @functools.cached_property
-    def dependents(self) -> Mapping[str, tuple[Phase, ...]]:
-        """For each main phase, the main phases that come directly after it, in product order.
+    def main_phases(self) -> tuple[Phase, ...]:
+        """Every phase but the product's own teardowns (groups' teardowns are in the graph)."""
+        own = set(self.teardowns)
+        return tuple(p for p in self.all_phases if p not in own)
 
-        Worked out once per product, not per DUT: every slot's scheduler reads it.
+    @functools.cached_property
+    def plan(self) -> Plan:
+        """The schedule (sequencer/plan.py), worked out once: every slot's scheduler reads it.
+
+        Raises :class:`~sequencer.plan.GraphError` for a graph that is not one;
+        :func:`validate_product` says so with the file's name.
         """
-        main = self.main_phases
-        return {p.name: tuple(d for d in main if p.name in d.after) for p in main}
+        return compile_plan(self.phases, sequential=self.sequential)
 
     @functools.cached_property
     def rendezvous(self) -> Mapping[str, str]:
@@ -124,13 +140,20 @@ class Product:
 
     def uses(self, parameter: str) -> bool:
         """Whether any phase names ``parameter``: a fixture (``modem``) or a built-in (``operator``)."""
-        return any(parameter in p.parameters for p in self.phases)
+        return any(parameter in p.parameters for p in self.all_phases)
 
     def phase(self, name: str) -> Phase:
-        for p in self.phases:
+        for p in self.all_phases:
             if p.name == name:
                 return p
         raise KeyError(name)
+
+    def replacing(self, replaced: Mapping[str, Phase]) -> Product:
+        """This product with the phases named in ``replaced`` swapped, wherever they stand (groups too)."""
+        new = dict(replaced)
+        items = [item.replacing(new) if isinstance(item, PhaseGroup) else new.get(item.name, item)
+                 for item in self.phases]
+        return attrs.evolve(self, phases=items)
 
 
 @attrs.frozen
@@ -234,9 +257,10 @@ def validate_product(
     where = str(source)
     if not product.phases:
         raise ProductError(f"{where}: product {product.name!r} has no phases")
-    if not isinstance(product.stop_on_failure, bool):
-        raise ProductError(f"{where}: product {product.name!r}: stop_on_failure must be True or False, "
-                           f"got {product.stop_on_failure!r}")
+    for option in ("stop_on_failure", "sequential"):
+        if not isinstance(getattr(product, option), bool):
+            raise ProductError(f"{where}: product {product.name!r}: {option} must be True or False, "
+                               f"got {getattr(product, option)!r}")
     if not product.identity or not all(isinstance(k, str) and k for k in product.identity) \
             or len(set(product.identity)) != len(product.identity):
         raise ProductError(f"{where}: product {product.name!r}: identity must name distinct dut keys, most trusted "
@@ -253,40 +277,22 @@ def validate_product(
         if not isinstance(name, str) or not (kind is None or isinstance(kind, str)):
             raise ProductError(f"{where}: product {product.name!r}: resources are instrument names (and kinds), "
                                f"got {name!r}: {kind!r}")
-    names: dict[str, Phase] = {}
+    for item in product.phases:
+        if not isinstance(item, (Phase, PhaseGroup)):
+            raise ProductError(f"{where}: {item!r} is not a phase (decorate it with @phase) nor a PhaseGroup")
+    try:
+        product.plan
+    except GraphError as exc:
+        raise ProductError(f"{where}: {exc}") from None
     meeting_at: dict[str, str] = {}
-    for p in product.phases:
-        if not isinstance(p, Phase):
-            raise ProductError(f"{where}: {p!r} is not a phase (decorate it with @phase)")
-        if p.name in names:
-            raise ProductError(f"{where}: phase {p.name!r}: the name is used twice")
-        names[p.name] = p
+    for p in product.all_phases:
         if p.rendezvous is not None:
             if p.rendezvous in meeting_at:
                 raise ProductError(f"{where}: phase {p.name!r}: rendezvous {p.rendezvous!r} is phase "
                                    f"{meeting_at[p.rendezvous]!r}'s already; give each meeting its own name")
             meeting_at[p.rendezvous] = p.name
-    for p in product.phases:
-        for dep in p.after:
-            if dep not in names:
-                raise ProductError(f"{where}: phase {p.name!r}: depends on unknown phase {dep!r}")
-            if p.teardown:
-                # A teardown always runs, whatever ran before it; the order of
-                # teardowns is the product's list.
-                raise ProductError(
-                    f"{where}: phase {p.name!r}: a teardown cannot depend on {dep!r}; teardowns run after every main "
-                    "phase, one after another in the product's order, whatever happened before"
-                )
-            if names[dep].teardown:
-                raise ProductError(
-                    f"{where}: phase {p.name!r}: a main phase cannot depend on {dep!r}; teardowns run after every "
-                    "main phase"
-                )
-    cycle = find_cycle(product.phases)
-    if cycle:
-        raise ProductError(f"{where}: phase {cycle[0]!r}: dependency cycle {' -> '.join(cycle)}")
     provided = set(product.fixtures) | set(station_fixtures)
-    for p in product.phases:
+    for p in product.all_phases:
         for fixture in p.fixtures:
             if fixture not in provided:
                 offer = ", ".join(sorted(provided)) or "none"
@@ -303,55 +309,10 @@ def validate_product(
                 )
 
 
-def find_cycle(phases: Iterable[Phase]) -> list[str] | None:
-    """A dependency cycle as a list of names (first name repeated last), or None."""
-    graph = {p.name: p.after for p in phases}
-    state: dict[str, int] = {}  # 1 = on the stack, 2 = done
-    stack: list[str] = []
-
-    def visit(n: str) -> list[str] | None:
-        state[n] = 1
-        stack.append(n)
-        for d in graph.get(n, ()):
-            if state.get(d) == 1:
-                return stack[stack.index(d) :] + [d]
-            if d not in state and d in graph:
-                found = visit(d)
-                if found:
-                    return found
-        stack.pop()
-        state[n] = 2
-        return None
-
-    for n in graph:
-        if n not in state:
-            found = visit(n)
-            if found:
-                return found
-    return None
-
-
-def layers(phases: Iterable[Phase]) -> list[list[str]]:
-    """Group phases by depth: layer k holds phases whose longest dependency chain has length k.
-
-    Phases in one layer can run concurrently. The graph must be acyclic.
-    """
-    graph = {p.name: p.after for p in phases}
-    depth: dict[str, int] = {}
-
-    def d(n: str) -> int:
-        if n not in depth:
-            depth[n] = 1 + max((d(x) for x in graph[n]), default=-1)
-        return depth[n]
-
-    out: list[list[str]] = []
-    for n in graph:
-        k = d(n)
-        while len(out) <= k:
-            out.append([])
-    for n in graph:
-        out[depth[n]].append(n)
-    return out
+def layers(product: Product) -> list[list[str]]:
+    """The product's phases by depth (its teardowns aside): layer k holds phases whose longest chain of
+    waits has length k; phases in one layer can run concurrently. The graph must be valid."""
+    return product.plan.layers()
 
 
 _LIMIT_KEYS = ("low", "high", "marginal_low", "marginal_high")
@@ -378,7 +339,7 @@ def apply_limits_file(product: Product, path: Path) -> tuple[Product, str]:
         raise ProductError(f"{path}: limits file is not UTF-8 text") from None
     except tomllib.TOMLDecodeError as exc:
         raise ProductError(f"{path}: bad TOML: {exc}") from None
-    by_name = {p.name: p for p in product.phases}
+    by_name = {p.name: p for p in product.all_phases}
     replaced: dict[str, Phase] = {}
     for phase_name, table in data.items():
         if phase_name not in by_name:
@@ -411,8 +372,7 @@ def apply_limits_file(product: Product, path: Path) -> tuple[Product, str]:
             except (ValueError, OverflowError) as exc:
                 raise ProductError(f"{where}: {exc}") from None
         replaced[phase_name] = ph.with_measurements(new_measurements)
-    phases = tuple(replaced.get(p.name, p) for p in product.phases)
-    return attrs.evolve(product, phases=phases), hashlib.sha256(raw).hexdigest()
+    return product.replacing(replaced), hashlib.sha256(raw).hexdigest()
 
 
 def _override(m: Measurement, limits: Mapping[str, Any]) -> Measurement:

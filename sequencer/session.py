@@ -239,7 +239,7 @@ async def _run_round(
         ports = setup.ports
         for notice in setup.notices:
             console.print(escape(notice))
-        display = StationDisplay(ports, len(loaded.product.phases))
+        display = StationDisplay(ports, len(loaded.product.all_phases))
         events = bus.subscribe("display", buffer=4096)
         tested_by = f", operator {escape(printable(settings.operator))}" if settings.operator else ""
         console.print(f"[bold]{escape(printable(loaded.name))}[/bold] on {len(ports)} slot(s), batch "

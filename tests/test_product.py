@@ -55,7 +55,7 @@ def test_good_product_loads_and_layers(tmp_path: Path) -> None:
     loaded = load_product(write(tmp_path, GOOD))
     assert loaded.name == "widget"
     assert loaded.limits_file is None
-    assert layers(loaded.product.main_phases) == [["rails"], ["sensor", "selftest"]]
+    assert layers(loaded.product) == [["rails"], ["sensor", "selftest"]]
 
 
 @pytest.mark.parametrize(

@@ -86,27 +86,35 @@ def default_openhtf_venv() -> Path:
 # ---------------------------------------------------------------------------
 
 
-def _sequencer_product(scenario: str, phases: int, measurements: int, io_s: float) -> Any:
-    """The same phases as ``openhtf_scenarios.py``, chained with ``after`` so they run one by one."""
+#: How the benchmark's phases are put in order (``--ordering``; tools/bench/ordering_cost.py compares them):
+#: ``after`` chains each phase to the one before (must pass); ``follows`` (whatever its outcome);
+#: ``sequential`` lists them in a sequential product; ``groups`` puts every ten in a PhaseGroup
+#: (one setup, eight main, one teardown) of a sequential product.
+ORDERINGS = ("after", "follows", "sequential", "groups")
+
+
+def _sequencer_product(scenario: str, phases: int, measurements: int, io_s: float, ordering: str = "after") -> Any:
+    """The same phases as ``openhtf_scenarios.py``, put in order (by default chained with ``after``)."""
     import trio
 
-    from sequencer import Measurement, Product, phase
+    from sequencer import Measurement, PhaseGroup, Product, phase
 
     prefix = "m" if scenario == "a" else "v"
     names = [f"{prefix}{j}" for j in range(measurements)]
 
     def make(i: int, previous: list[Any]) -> Any:
         declared = [Measurement(n, units="V").in_range(0, 10) for n in names]
+        order = {"after": previous} if ordering == "after" else {"follows": previous} if ordering == "follows" else {}
         if scenario == "a":
 
-            @phase(name=f"p{i}", measurements=declared, after=previous)
+            @phase(name=f"p{i}", measurements=declared, **order)
             async def measure(ctx: Any) -> None:
                 for n in names:
                     ctx.measurements[n] = 5.0
 
             return measure
 
-        @phase(name=f"io{i}", measurements=declared, after=previous)
+        @phase(name=f"io{i}", measurements=declared, **order)
         async def io(ctx: Any) -> None:
             await trio.sleep(io_s)  # simulated I/O: the engine is async, so is the phase
             for n in names:
@@ -117,7 +125,12 @@ def _sequencer_product(scenario: str, phases: int, measurements: int, io_s: floa
     chain: list[Any] = []
     for i in range(phases):
         chain.append(make(i, chain[-1:]))
-    return Product(f"bench-{scenario}", chain)
+    if ordering == "groups":
+        tens = [chain[i:i + 10] for i in range(0, len(chain), 10)]
+        items = [PhaseGroup(f"g{k}", setup=ten[:1], main=ten[1:-1], teardown=ten[-1:]) if len(ten) > 2
+                 else PhaseGroup(f"g{k}", main=ten) for k, ten in enumerate(tens)]
+        return Product(f"bench-{scenario}", items, sequential=True)
+    return Product(f"bench-{scenario}", chain, sequential=ordering == "sequential")
 
 
 class _DiscardingWriter:
@@ -157,7 +170,7 @@ def child_sequencer(args: argparse.Namespace) -> None:
     # As the CLI does: the station log goes to a file beside the store, the
     # terminal gets nothing.
     log_handle = configure_logging(work / "station.log")
-    product = _sequencer_product(args.scenario, args.phases, args.measurements, args.io_s)
+    product = _sequencer_product(args.scenario, args.phases, args.measurements, args.io_s, args.ordering)
     validate_product(product)
     loaded = LoadedProduct(product, Path(f"<bench {args.scenario}>"))
     store = LocalStore.open(work / "store.sqlite", station=True)
@@ -682,6 +695,7 @@ def main() -> None:
         ap.add_argument("--io-s", type=float, default=_common.B_IO_S)
         ap.add_argument("--no-store", action="store_true", help="the engine alone: records are not written")
         ap.add_argument("--profile", type=Path, help="write cProfile stats of the measured run(s) here")
+        ap.add_argument("--ordering", choices=ORDERINGS, default="after", help="how the phases are put in order")
         child_sequencer(ap.parse_args())
         return
 
