@@ -4,9 +4,11 @@ The names a product file needs::
 
     from sequencer import Measurement, PhaseResult, Product, phase
     from sequencer import PhaseGroup, checkpoint      # groups of phases, OpenHTF's checkpoints
+    from sequencer import Monitor                     # a function sampled while a phase runs
 """
 
 from sequencer.group import PhaseGroup, checkpoint
+from sequencer.monitors import Monitor
 from sequencer.measurements import Measurement, custom, equals, in_range, matches, one_of, within_percent
 from sequencer.phase import Phase, PhaseResult, phase
 from sequencer.product import Product
@@ -14,6 +16,7 @@ from sequencer.records import Outcome
 
 __all__ = [
     "Measurement",
+    "Monitor",
     "Outcome",
     "Phase",
     "PhaseGroup",

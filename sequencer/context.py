@@ -19,7 +19,7 @@ from typing import Any
 import structlog
 
 from sequencer.events import EventBus, MeasurementTaken, PhaseProgress
-from sequencer.measurements import Measurement
+from sequencer.measurements import Measurement, Series
 from sequencer.phase import Phase
 from sequencer.records import Attachment, LogLine, MeasurementRecord, RunRecord, utcnow
 
@@ -46,11 +46,18 @@ class Measurements:
 
     def __setitem__(self, name: str, value: Any) -> None:
         phase: Phase = self._phase
-        if phase.measurement(name) is None:
-            declared = ", ".join(m.name for m in phase.measurements) or "none"
+        declared = phase.measurement(name)
+        if declared is None:
+            names = ", ".join(m.name for m in phase.measurements) or "none"
             raise UndeclaredMeasurement(
-                f"phase {phase.name!r}: measurement {name!r} is not declared (declared: {declared})"
+                f"phase {phase.name!r}: measurement {name!r} is not declared (declared: {names})"
             )
+        if declared.dimensions:
+            # Checked here, in the phase: a malformed series is the phase's error, and it can grow point by point.
+            series = Series(declared)
+            for point in declared.points(value):
+                series[tuple(point[:-1])] = point[-1]
+            value = series
         self._values[name] = value
         judged = self._on_set(name, value)
         if judged is None:
@@ -60,12 +67,20 @@ class Measurements:
 
     def __getattr__(self, name: str) -> Any:
         try:
-            return self._values[name]
+            return self[name]
         except KeyError:
             raise AttributeError(f"measurement {name!r} has not been set") from None
 
     def __getitem__(self, name: str) -> Any:
-        return self._values[name]
+        """The value set; a dimensioned measurement's :class:`~sequencer.measurements.Series`, to add points to."""
+        try:
+            return self._values[name]
+        except KeyError:
+            declared = self._phase.measurement(name)
+            if declared is None or not declared.dimensions:
+                raise
+            series = self._values[name] = Series(declared)
+            return series
 
     def __contains__(self, name: object) -> bool:
         return name in self._values
@@ -78,12 +93,16 @@ class Measurements:
         """``declared`` judged as the attempt left it (unset if it was never set)."""
         if declared.name not in self._values:
             return declared.unset()
+        value = self._values[declared.name]
+        if isinstance(value, Series):  # points may have come since it was set: judged as it is now
+            return declared.judge(value.points)
         judged = self._judged.get(declared.name)
-        return judged if judged is not None else declared.judge(self._values[declared.name])
+        return judged if judged is not None else declared.judge(value)
 
     def unjudged(self, declared: Measurement, reason: str) -> MeasurementRecord:
         """``declared`` as the attempt left it, not judged (its phase asked to skip or repeat)."""
-        return declared.unjudged(self._values.get(declared.name), reason)
+        value = self._values.get(declared.name)
+        return declared.unjudged(value.points if isinstance(value, Series) else value, reason)
 
 
 class PhaseLog:

@@ -54,6 +54,7 @@ from sequencer.events import (
 )
 from sequencer.fixtures import FixtureFactory, SlotInfo
 from sequencer.operator import Operator, OperatorDesk
+from sequencer.monitors import sample_until_cancelled
 from sequencer.phase import Phase, PhaseResult
 from sequencer.plan import GroupPlan, Step
 from sequencer.product import LoadedProduct
@@ -750,8 +751,13 @@ class _SlotRun:
         try:
             with scope:
                 try:
-                    kwargs = {name: await self._argument(name, ctx, access) for name in p.parameters}
-                    returned = await p.fn(**kwargs)
+                    kwargs = {name: await self._argument(source, ctx, access) for name, source in p.sources}
+                    if p.arguments:
+                        kwargs.update(p.arguments)
+                    if p.monitors:
+                        returned = await self._monitored(p, ctx, access, kwargs)
+                    else:
+                        returned = await p.fn(**kwargs)
                     if returned is not None and not isinstance(returned, PhaseResult):
                         raise TypeError(f"phase returned {returned!r}; return a PhaseResult or None")
                     result = returned or PhaseResult.CONTINUE
@@ -807,6 +813,17 @@ class _SlotRun:
             result,
             ctx.no_retry_reason,
         )
+
+    async def _monitored(self, p: Phase, ctx: PhaseContext, access: ResourceAccess, kwargs: dict[str, Any]) -> Any:
+        """Run the phase with its monitors sampling beside it; they stop when it returns."""
+        start = trio.current_time()
+        async with trio.open_nursery() as sampling:
+            for m in p.monitors:
+                arguments = {name: await self._argument(name, ctx, access) for name in m.parameters}
+                sampling.start_soon(sample_until_cancelled, m, ctx.measurements[m.name], arguments, start)
+            returned = await p.fn(**kwargs)
+            sampling.cancel_scope.cancel()
+        return returned
 
     async def _argument(self, name: str, ctx: PhaseContext, access: ResourceAccess) -> Any:
         if name == "ctx":

@@ -15,16 +15,20 @@ Judging rules, in order:
 * every validator must pass; a value inside its limits but outside a marginal
   band passes and is flagged ``marginal``.
 
-A dimensioned measurement (``dimensions=[("t", "s")]``) takes a series of
-``(x, y)`` points; its validators are applied to every ``y`` and it passes only
-if every point does.
+A dimensioned measurement (``dimensions=[("t", "s")]``, any number of
+them: OpenHTF's ``with_dimensions("ms", "V", "A")``) takes a series of
+points, each its coordinates then its value (``(t, y)``, ``(ms, volts,
+amps)``). Its validators are applied to every point's value, and its series
+checks (``.check_series(fn, "description")``) to the whole series; it passes
+only if every point and every series check does. A series with no point is
+UNSET.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Protocol
 
 import attrs
@@ -325,7 +329,10 @@ class Measurement:
     units: str | None = None
     description: str = ""
     validators: tuple[Validator, ...] = ()
-    dimensions: tuple[tuple[str, str], ...] = attrs.field(default=(), converter=lambda d: tuple(tuple(x) for x in d))
+    dimensions: tuple[tuple[str, str], ...] = attrs.field(default=(), converter=lambda ds: tuple(
+        (d, d) if isinstance(d, str) else tuple(d) for d in ds))
+    #: checks of a dimensioned measurement's whole series (``check_series``)
+    series_checks: tuple[SeriesCheck, ...] = attrs.field(default=(), kw_only=True)
     on_fail: str = attrs.field(default="", kw_only=True)
     disposition: Disposition | None = attrs.field(default=None, converter=_maybe_disposition, kw_only=True)
 
@@ -354,11 +361,14 @@ class Measurement:
 
     @dimensions.validator
     def _check_dimensions(self, _: object, value: tuple[tuple[str, str], ...]) -> None:
-        if len(value) > 1 or any(len(d) != 2 for d in value):
-            raise ValueError(f"measurement {self.name!r}: dimensions must be one (name, units) pair")
+        if any(len(d) != 2 or not all(isinstance(x, str) for x in d) for d in value):
+            raise ValueError(f"measurement {self.name!r}: each dimension is a (name, units) pair or a name")
 
     def __attrs_post_init__(self) -> None:
-        object.__setattr__(self, "_texts", tuple(v.description for v in self.validators))
+        if self.series_checks and not self.dimensions:
+            raise ValueError(f"measurement {self.name!r}: check_series needs dimensions (a series of points)")
+        texts = (*(v.description for v in self.validators), *(c.description for c in self.series_checks))
+        object.__setattr__(self, "_texts", texts)
         object.__setattr__(self, "_limits", next((v.limits for v in self.validators if v.limits is not None), None))
 
     def with_validator(self, validator: Validator) -> Measurement:
@@ -392,6 +402,22 @@ class Measurement:
     def check(self, fn: Callable[[Any], Any], description: str) -> Measurement:
         return self.with_validator(custom(fn, description))
 
+    def with_dimensions(self, *dimensions: str | tuple[str, str]) -> Measurement:
+        """This measurement as a series over ``dimensions`` (each a name, or a ``(name, units)`` pair)."""
+        return attrs.evolve(self, dimensions=dimensions)
+
+    def check_series(self, fn: Callable[[list[tuple[Any, ...]]], Any], description: str) -> Measurement:
+        """Also judge the whole series: ``fn(points)`` (each point a tuple, coordinates then value) must be true.
+
+        ``description`` is what reports show: ``.check_series(lambda pts: pts[-1][-1] < 0.1, "settles below
+        0.1 A")``. Each point's value is still judged by the other validators.
+        """
+        return attrs.evolve(self, series_checks=(*self.series_checks, SeriesCheck(fn, description)))
+
+    def points(self, value: Any) -> list[list[Any]]:
+        """``value`` as this series' points (lists: coordinates, then value); TypeError naming what is wrong."""
+        return _as_points(self.name, value, self.dimensions)
+
     def doc(self, description: str) -> Measurement:
         return attrs.evolve(self, description=description)
 
@@ -409,7 +435,9 @@ class Measurement:
     def judge(self, value: Any) -> MeasurementRecord:
         """Judge ``value`` against every validator and return the record."""
         if self.dimensions:
-            points = _as_points(self.name, value)
+            points = self.points(value)
+            if not points:
+                return self._record(MeasurementOutcome.UNSET, points, reason="no point was set")
             return self._judge_series(points)
         if _non_finite(value):
             return self._record(MeasurementOutcome.FAIL, value, reason=f"{value!r} is not a finite number")
@@ -418,16 +446,20 @@ class Measurement:
 
     def _judge_series(self, points: list[list[Any]]) -> MeasurementRecord:
         verdicts: list[Verdict] = []
-        for x, y in points:
-            if _non_finite(x) or _non_finite(y):
-                return self._record(
-                    MeasurementOutcome.FAIL, points, reason=f"point ({x!r}, {y!r}) is not a finite number"
-                )
+        for point in points:
+            if any(_non_finite(c) for c in point):
+                shown = ", ".join(repr(c) for c in point)
+                return self._record(MeasurementOutcome.FAIL, points, reason=f"point ({shown}) is not a finite number")
+            y = point[-1]
+            at = point[0] if len(point) == 2 else tuple(point[:-1])
             for v in self.validators:
                 verdict = v.check(y)
                 if verdict.reason:
-                    verdict = attrs.evolve(verdict, reason=f"at {x!r}: {verdict.reason}")
+                    verdict = attrs.evolve(verdict, reason=f"at {at!r}: {verdict.reason}")
                 verdicts.append(verdict)
+        if self.series_checks:
+            series = [tuple(p) for p in points]
+            verdicts.extend(c.check(series) for c in self.series_checks)
         return self._from_verdicts(points, verdicts)
 
     def _from_verdicts(self, value: Any, verdicts: Sequence[Verdict]) -> MeasurementRecord:
@@ -458,9 +490,72 @@ class Measurement:
         )
 
 
-def _as_points(name: str, value: Any) -> list[list[Any]]:
+def _as_points(name: str, value: Any, dimensions: tuple[tuple[str, str], ...]) -> list[list[Any]]:
+    wanted = len(dimensions) + 1
+    shape = ", ".join([*(d[0] for d in dimensions), "value"])
     try:
-        points = [[x, y] for x, y in value]
-    except (TypeError, ValueError):
-        raise TypeError(f"measurement {name!r} is dimensioned: set it to a sequence of (x, y) points") from None
+        points = [list(p) for p in value]
+    except TypeError:
+        raise TypeError(f"measurement {name!r} is dimensioned: set it to a sequence of points ({shape})") from None
+    for i, p in enumerate(points):
+        if len(p) != wanted:
+            raise TypeError(f"measurement {name!r}: point {i} has {len(p)} values, expected {wanted} ({shape})")
     return points
+
+
+@attrs.frozen
+class SeriesCheck:
+    """A check of a dimensioned measurement's whole series: ``fn(points)`` true passes."""
+
+    fn: Callable[[list[tuple[Any, ...]]], Any] = attrs.field(eq=False)
+    text: str
+
+    @property
+    def description(self) -> str:
+        return f"series: {self.text}"
+
+    def check(self, points: list[tuple[Any, ...]]) -> Verdict:
+        if self.fn(points):
+            return PASSED
+        return Verdict(False, reason=f"the series fails: {self.text}")
+
+
+class Series:
+    """A dimensioned measurement set point by point: ``series[t] = y``, ``series[t, volts] = amps``.
+
+    What ``ctx.measurements.NAME`` is for a dimensioned measurement (OpenHTF's
+    ``test.measurements['power'][(t, v, a)] = x``): setting the same
+    coordinates again replaces that point. Iterating gives the points,
+    coordinates then value, in the order first set.
+    """
+
+    def __init__(self, declared: Measurement) -> None:
+        self._declared = declared
+        self._at: dict[tuple[Any, ...], int] = {}
+        self.points: list[list[Any]] = []
+
+    def __setitem__(self, coordinates: Any, value: Any) -> None:
+        coords = coordinates if isinstance(coordinates, tuple) else (coordinates,)
+        dims = self._declared.dimensions
+        if len(coords) != len(dims):
+            raise TypeError(f"measurement {self._declared.name!r}: {len(coords)} coordinate(s) given, it has "
+                            f"{len(dims)} ({', '.join(d[0] for d in dims)})")
+        index = self._at.get(coords)
+        if index is None:
+            self._at[coords] = len(self.points)
+            self.points.append([*coords, value])
+        else:
+            self.points[index] = [*coords, value]
+
+    def __getitem__(self, coordinates: Any) -> Any:
+        coords = coordinates if isinstance(coordinates, tuple) else (coordinates,)
+        return self.points[self._at[coords]][-1]
+
+    def __iter__(self) -> Iterator[list[Any]]:
+        return iter(self.points)
+
+    def __len__(self) -> int:
+        return len(self.points)
+
+    def __repr__(self) -> str:
+        return f"Series({self.points!r})"

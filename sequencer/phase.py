@@ -36,6 +36,7 @@ from typing import Any, TypeAlias
 import attrs
 
 from sequencer.measurements import Measurement
+from sequencer.monitors import Monitor
 from sequencer.records import Disposition, RunRecord, as_disposition
 
 #: Parameter names the engine fills itself; every other parameter is a fixture.
@@ -93,6 +94,7 @@ class Phase:
     run_if: RunPredicate | None = attrs.field(default=None, repr=False)
     teardown: bool = False
     description: str = ""
+    #: the parameters the engine fills (those with no default, and none ``with_args`` gave)
     parameters: tuple[str, ...] = ()
     #: what the operator should do with a unit this phase failed, and the bin it goes to (sequencer/verdicts.py)
     on_fail: str = ""
@@ -100,15 +102,69 @@ class Phase:
     #: every active slot reaches this phase before any starts it (sequencer/rendezvous.py)
     rendezvous: str | None = None
     rendezvous_timeout: float = DEFAULT_RENDEZVOUS_TIMEOUT_S
+    #: functions sampled while the phase runs, each into a series (sequencer/monitors.py)
+    monitors: tuple[Monitor, ...] = ()
+    #: under --sim, what the simulated operator answers this phase's free-text questions
+    sim_answer: str | None = None
+    #: values ``with_args`` gave parameters, and fixtures ``with_fixtures`` put in a parameter's place
+    arguments: Mapping[str, Any] = attrs.field(factory=dict, eq=False, repr=False)
+    fixture_names: Mapping[str, str] = attrs.field(factory=dict, eq=False)
+    #: the name as declared, ``{fields}`` and all: what ``with_args`` fills
+    name_template: str = attrs.field(default="", eq=False, repr=False)
     _by_name: Mapping[str, Measurement] = attrs.field(init=False, eq=False, repr=False)
+    #: (parameter, what fills it: a built-in's name or a fixture's), worked out once: every attempt reads it
+    sources: tuple[tuple[str, str], ...] = attrs.field(init=False, eq=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
         object.__setattr__(self, "_by_name", {m.name: m for m in self.measurements})
+        object.__setattr__(self, "sources", tuple((p, self.fixture_names.get(p, p)) for p in self.parameters))
 
     @property
     def fixtures(self) -> tuple[str, ...]:
-        """The fixtures this phase asks for, by name."""
-        return tuple(p for p in self.parameters if p not in BUILTIN_PARAMETERS)
+        """The fixtures this phase (and its monitors) asks for, by name."""
+        wanted = [source for _, source in self.sources if source not in BUILTIN_PARAMETERS]
+        wanted += [p for m in self.monitors for p in m.parameters if p not in BUILTIN_PARAMETERS]
+        return tuple(dict.fromkeys(wanted))
+
+    @property
+    def needs(self) -> frozenset[str]:
+        """Every fixture and built-in the phase and its monitors are given."""
+        return frozenset((*(source for _, source in self.sources), *(p for m in self.monitors for p in m.parameters)))
+
+    def with_args(self, **values: Any) -> Phase:
+        """This phase with parameters given these values (OpenHTF's ``with_args``); ``{fields}`` of its name filled.
+
+        One phase declared once serves many: ``ping.with_args(host="a", count=2)``
+        with ``@phase(name="ping_{host}_{count}")`` is the phase ``ping_a_2``.
+        """
+        signature = inspect.signature(self.fn).parameters
+        for key in values:
+            if key not in signature:
+                raise TypeError(f"phase {self.name!r}: with_args: it has no parameter {key!r} "
+                                f"(its parameters: {', '.join(signature)})")
+            if key in BUILTIN_PARAMETERS:
+                raise TypeError(f"phase {self.name!r}: with_args: {key!r} is given by the engine")
+        arguments = {**self.arguments, **values}
+        return self._renamed(arguments=arguments, parameters=tuple(p for p in self.parameters if p not in arguments))
+
+    def with_fixtures(self, **fixtures: str) -> Phase:
+        """This phase with fixtures put in its parameters' places (OpenHTF's ``with_plugs``).
+
+        ``measure.with_fixtures(dmm="bench_dmm")``: the parameter ``dmm`` is
+        the fixture named ``bench_dmm``; ``{dmm}`` in the name is filled with it.
+        """
+        for key, fixture in fixtures.items():
+            if key not in self.parameters or key in BUILTIN_PARAMETERS:
+                raise TypeError(f"phase {self.name!r}: with_fixtures: {key!r} is not one of its fixture parameters "
+                                f"({', '.join(p for p in self.parameters if p not in BUILTIN_PARAMETERS) or 'none'})")
+            if not isinstance(fixture, str) or not fixture:
+                raise TypeError(f"phase {self.name!r}: with_fixtures: {key}= takes a fixture's name, got {fixture!r}")
+        return self._renamed(fixture_names={**self.fixture_names, **fixtures})
+
+    def _renamed(self, **changes: Any) -> Phase:
+        new = attrs.evolve(self, **changes)
+        values = {**new.fixture_names, **new.arguments}
+        return attrs.evolve(new, name=_fill(new.name_template or new.name, values))
 
     @property
     def effective_timeout(self) -> float | None:
@@ -138,11 +194,17 @@ class Phase:
             "repeat_limit": self.repeat_limit, "after": self.after, "follows": self.follows, "run_if": self.run_if,
             "teardown": self.teardown, "on_fail": self.on_fail, "disposition": self.disposition,
             "rendezvous": self.rendezvous, "rendezvous_timeout": self.rendezvous_timeout,
+            "monitors": self.monitors, "sim_answer": self.sim_answer,
         }
         unknown = sorted(set(options) - set(current))
         if unknown:
             raise TypeError(f"phase {self.name!r}: configured() takes {', '.join(current)}, not {', '.join(unknown)}")
-        return phase(self.fn, **{**current, **options})
+        rebuilt = phase(self.fn, **{**current, **options})
+        # What with_args and with_fixtures gave is kept; a new name is a new template.
+        renamed = "name" in options
+        return attrs.evolve(rebuilt, arguments=self.arguments, fixture_names=self.fixture_names,
+                            name_template="" if renamed else self.name_template,
+                            parameters=tuple(p for p in rebuilt.parameters if p not in self.arguments))
 
     def __str__(self) -> str:
         return self.name
@@ -167,6 +229,8 @@ def phase(
     disposition: Disposition | str | None = None,
     rendezvous: str | None = None,
     rendezvous_timeout: float = DEFAULT_RENDEZVOUS_TIMEOUT_S,
+    monitors: Iterable[Monitor] = (),
+    sim_answer: str | None = None,
 ) -> Any:
     """Declare a phase; use bare (``@phase``) or with options (``@phase(timeout=5)``).
 
@@ -189,15 +253,22 @@ def phase(
         where = f"phase {phase_name!r}"
         if not inspect.iscoroutinefunction(f):
             raise TypeError(f"{where}: {f.__qualname__} must be an async function (async def)")
-        if not _NAME.fullmatch(phase_name):
-            raise ValueError(f"{where}: name must start with a letter and use letters, digits, '_', '-', '.'")
+        if not _NAME.fullmatch(_FIELD.sub("x", phase_name)):
+            raise ValueError(f"{where}: name must start with a letter and use letters, digits, '_', '-', '.' "
+                             "(and {fields} that with_args fills)")
         if timeout is not None and (not isinstance(timeout, (int, float)) or not math.isfinite(timeout) or timeout <= 0):
             raise ValueError(f"{where}: timeout must be a positive number of seconds, got {timeout!r}")
         if not isinstance(retries, int) or retries < 0:
             raise ValueError(f"{where}: retries must be a whole number >= 0, got {retries!r}")
         if not isinstance(repeat_limit, int) or repeat_limit < 1:
             raise ValueError(f"{where}: repeat_limit must be a whole number >= 1, got {repeat_limit!r}")
-        declared = tuple(measurements)
+        sampled = tuple(monitors)
+        for m in sampled:
+            if not isinstance(m, Monitor):
+                raise TypeError(f"{where}: monitors must be Monitor objects, got {m!r}")
+        given = tuple(measurements)
+        # configured() passes the monitors' measurements back in with the monitors: declared once
+        declared = (*given, *(m.measurement for m in sampled if m.measurement not in given))
         seen: set[str] = set()
         for m in declared:
             if not isinstance(m, Measurement):
@@ -231,6 +302,8 @@ def phase(
                 or not math.isfinite(rendezvous_timeout) or rendezvous_timeout <= 0):
             raise ValueError(f"{where}: rendezvous_timeout must be a positive number of seconds, "
                              f"got {rendezvous_timeout!r}")
+        if sim_answer is not None and (not isinstance(sim_answer, str) or not sim_answer.strip()):
+            raise TypeError(f"{where}: sim_answer must be the text the simulated operator types, got {sim_answer!r}")
         return Phase(
             fn=f,
             name=phase_name,
@@ -248,11 +321,33 @@ def phase(
             disposition=bin_,
             rendezvous=rendezvous,
             rendezvous_timeout=float(rendezvous_timeout),
+            monitors=sampled,
+            sim_answer=sim_answer,
+            name_template=phase_name if "{" in phase_name else "",
         )
 
     if fn is not None:
         return build(fn)
     return build
+
+
+#: A ``{field}`` (or ``{field:spec}``) in a phase's name, filled by with_args / with_fixtures.
+_FIELD = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)(:[^{}]*)?\}")
+
+
+def _fill(template: str, values: Mapping[str, Any]) -> str:
+    """``template`` with the fields ``values`` has filled; the others are left for a later with_args."""
+
+    def one(match: re.Match[str]) -> str:
+        key, spec = match.group(1), match.group(2) or ""
+        return format(values[key], spec[1:]) if key in values else match.group(0)
+
+    return _FIELD.sub(one, template)
+
+
+def unfilled(name: str) -> list[str]:
+    """The ``{fields}`` left in a phase's name."""
+    return [m.group(1) for m in _FIELD.finditer(name)]
 
 
 def _names(where: str, option: str, given: Any) -> tuple[str, ...]:

@@ -24,7 +24,7 @@ import attrs
 from sequencer.fixtures import FixtureFactory
 from sequencer.measurements import Equals, InRange, Matches, Measurement, OneOf
 from sequencer.group import PhaseGroup
-from sequencer.phase import Phase
+from sequencer.phase import Phase, unfilled
 from sequencer.plan import GraphError, Plan, compile_plan
 from sequencer.provenance import ProductCode, import_base, modules_since, product_code
 from sequencer.records import SourceFile
@@ -140,7 +140,7 @@ class Product:
 
     def uses(self, parameter: str) -> bool:
         """Whether any phase names ``parameter``: a fixture (``modem``) or a built-in (``operator``)."""
-        return any(parameter in p.parameters for p in self.all_phases)
+        return any(parameter in p.needs for p in self.all_phases)
 
     def phase(self, name: str) -> Phase:
         for p in self.all_phases:
@@ -291,14 +291,21 @@ def validate_product(
                 raise ProductError(f"{where}: phase {p.name!r}: rendezvous {p.rendezvous!r} is phase "
                                    f"{meeting_at[p.rendezvous]!r}'s already; give each meeting its own name")
             meeting_at[p.rendezvous] = p.name
+    for p in product.all_phases:
+        left = unfilled(p.name)
+        if left:
+            raise ProductError(f"{where}: phase {p.name!r}: its name has fields nothing filled ({', '.join(left)}): "
+                               "give them with .with_args(...) or .with_fixtures(...)")
     provided = set(product.fixtures) | set(station_fixtures)
     for p in product.all_phases:
         for fixture in p.fixtures:
             if fixture not in provided:
                 offer = ", ".join(sorted(provided)) or "none"
+                hint = (f"; or give the parameter a value with .with_args({fixture}=...)"
+                        if fixture in p.parameters and fixture not in p.fixture_names else "")
                 raise ProductError(
                     f"{where}: phase {p.name!r}: needs fixture {fixture!r}, which neither the product nor the "
-                    f"station provides (available: {offer})"
+                    f"station provides (available: {offer}){hint}"
                 )
     if station_resources is not None:
         available = set(station_resources)

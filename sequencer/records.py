@@ -265,6 +265,26 @@ class RunRecord:
                 return p
         return None
 
+    def measurement(self, phase: str, name: str) -> MeasurementRecord | None:
+        """An earlier phase's measurement as its last attempt took it, or None (not run, not set, no such)."""
+        rec = self.phase(phase)
+        return next((m for m in rec.measurements if m.name == name), None) if rec is not None else None
+
+    def value(self, phase: str, name: str) -> Any:
+        """An earlier phase's measurement value; KeyError saying what is missing (a phase's ERROR, in its words)."""
+        rec = self.phase(phase)
+        if rec is None:
+            raise KeyError(f"phase {phase!r} has not finished (finished: {', '.join(p.name for p in self.phases)})")
+        m = self.measurement(phase, name)
+        if m is None or m.outcome is MeasurementOutcome.UNSET:
+            raise KeyError(f"phase {phase!r} ended {rec.outcome.value} without measurement {name!r}")
+        return m.value
+
+    def attachment(self, phase: str, name: str) -> Attachment | None:
+        """An earlier phase's attachment by name (its last, if it attached the name twice), or None."""
+        rec = self.phase(phase)
+        return next((a for a in reversed(rec.attachments) if a.name == name), None) if rec is not None else None
+
 
 def run_outcome(phases: tuple[PhaseRecord, ...]) -> Outcome:
     """The outcome a finished run earns from its phases.

@@ -87,13 +87,15 @@ def series_summary(m: MeasurementRecord) -> str:
 
 
 def finite_points(v: Any) -> list[tuple[float, float]]:
-    """The plottable ``(x, y)`` points of a series; anything else (NaN, text, bad shapes) is left out."""
+    """The plottable ``(x, y)`` points of a series: its first coordinate and its value (a series over several
+    dimensions is drawn against the first); anything else (NaN, text, bad shapes) is left out."""
     if not isinstance(v, (list, tuple)):
         return []
     out = []
     for p in v:
-        if isinstance(p, (list, tuple)) and len(p) == 2 and all(is_number(c) and math.isfinite(c) for c in p):
-            out.append((float(p[0]), float(p[1])))
+        if isinstance(p, (list, tuple)) and len(p) >= 2 and all(is_number(c) and math.isfinite(c)
+                                                                   for c in (p[0], p[-1])):
+            out.append((float(p[0]), float(p[-1])))
     return out
 
 
