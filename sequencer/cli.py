@@ -17,6 +17,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, NoReturn
 
+import attrs
 import trio
 from rich.console import Console
 from rich.markup import escape
@@ -26,6 +27,7 @@ from fixtures.station import STATION_FIXTURES  # what the station provides every
 from reports.render.export import TABLES as EXPORT_TABLES
 from sequencer.clock import run_on_station_clock
 from sequencer.config import ConfigError, StationConfig, load_station_config
+from sequencer.fixtures import with_settings
 from sequencer.product import LoadedProduct, ProductError, layers, load_product
 from sequencer.records import Outcome, RunRecord, run_to_json
 from sequencer.session import SessionResult, run_session
@@ -125,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("product", type=Path, nargs="?", help="product file (default: the station file's product)")
     run.add_argument("--station", type=Path, metavar="FILE", help="station file (TOML; default: $SEQUENCER_STATION)")
     run.add_argument("--sim", type=_count, metavar="N", help="run on N simulated DUTs")
+    run.add_argument("--bench", type=_count, metavar="N",
+                     help="run N slots with no board and no port (instrument-only products, OpenHTF-style tests)")
     run.add_argument("--port", action="append", dest="ports", metavar="PATH", help="a DUT port (repeatable)")
     run.add_argument("--store", type=Path, help="local store (SQLite) path")
     run.add_argument("--reports", type=Path,
@@ -281,8 +285,22 @@ def cmd_check(args: argparse.Namespace) -> int:
     resources = station.resources.keys() if station is not None and not station.sim else None
     loaded = load_product(_product_file(args, station), limits=args.limits, station_fixtures=STATION_FIXTURES,
                           station_resources=resources)
+    if station is not None:
+        with_fixture_settings(loaded, station)
     print(describe_product(loaded))
     return EXIT_OK
+
+
+def with_fixture_settings(loaded: LoadedProduct, config: StationConfig) -> LoadedProduct:
+    """``loaded`` with the station file's ``[fixtures.NAME]`` settings given to its fixtures' factories."""
+    if not config.fixture_settings and not loaded.product.fixtures:
+        return loaded
+    try:
+        bound = with_settings(loaded.product.fixtures, config.fixture_settings, str(config.source or "station"),
+                              others=STATION_FIXTURES)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    return attrs.evolve(loaded, product=attrs.evolve(loaded.product, fixtures=bound))
 
 
 def describe_product(loaded: LoadedProduct) -> str:
@@ -371,10 +389,16 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     config = load_station_config(args.station) if args.station else StationConfig()
     product = _product_file(args, config)
-    if args.sim is None and not args.ports and not args.station:
-        raise UsageError(f"say where the DUTs are: --sim N, --port PATH, or --station FILE (or set {STATION_ENV})")
+    if args.sim is None and not args.ports and not args.station and args.bench is None:
+        raise UsageError(f"say where the DUTs are: --sim N, --port PATH, --bench N, or --station FILE (or set "
+                         f"{STATION_ENV})")
+    if args.bench == 0:
+        raise UsageError("--bench: give the number of slots, 1 or more")
+    if sum(x is not None and x != () for x in (args.sim, args.ports, args.bench)) > 1:
+        raise UsageError("give one of --sim N, --port PATH and --bench N")
     config = config.with_overrides(
-        sim=args.sim, ports=tuple(args.ports) if args.ports else None, store=args.store, reports=args.reports,
+        sim=args.sim, bench=args.bench, ports=tuple(args.ports) if args.ports else None, store=args.store,
+        reports=args.reports,
         batch=args.batch, operator=args.operator, seed=args.seed, rounds=args.rounds,
         continuous=True if args.continuous else None,
     )
@@ -389,6 +413,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         for port in config.ports:
             check_port(port)
     loaded = load_product(product, limits=args.limits, station_fixtures=STATION_FIXTURES, station_resources=None)
+    loaded = with_fixture_settings(loaded, config)
     faults = load_faults(args.faults, config, loaded)
     if not config.sim:
         from fixtures.station import station_services

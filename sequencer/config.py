@@ -178,6 +178,10 @@ class StationConfig:
     reports: Path | None = attrs.field(default=None, converter=attrs.converters.optional(Path))
     ports: tuple[str, ...] = attrs.field(default=(), converter=tuple)
     sim: int = 0
+    #: slots with no board and no port (``bench``, ``--bench N``): instrument-only products, OpenHTF-style tests
+    bench: int = 0
+    #: ``[fixtures.NAME]`` tables: settings passed to that fixture's factory (sequencer/fixtures.py)
+    fixture_settings: Mapping[str, Mapping[str, Any]] = attrs.field(factory=dict)
     seed: int = 0
     #: sets of boards per session (``rounds``, ``--rounds``): the operator puts the next set in between
     #: rounds; 0: until the operator types stop
@@ -219,6 +223,12 @@ class StationConfig:
             given.setdefault("sim", 0)
         if given.get("sim"):
             given.setdefault("ports", ())
+            given.setdefault("bench", 0)
+        if given.get("bench"):
+            given.setdefault("ports", ())
+            given.setdefault("sim", 0)
+        elif "ports" in given and given["ports"] or given.get("sim"):
+            given.setdefault("bench", 0)
         return attrs.evolve(self, **given)
 
     def check(self) -> None:
@@ -246,10 +256,13 @@ class StationConfig:
         if self.rounds == 0 and self.sim:
             raise ConfigError(f"{where}: rounds = 0 goes on until the operator types stop, and the simulated "
                               "operator never does: give simulated stations a number of rounds")
-        if self.sim and self.ports:
-            raise ConfigError(f"{where}: give either ports or sim, not both")
-        if not self.sim and not self.ports and self.detect is None:
-            raise ConfigError(f"{where}: no DUT ports: give ports (or --port) or a simulated count (sim / --sim N)")
+        if self.bench < 0:
+            raise ConfigError(f"{where}: bench must be >= 0, got {self.bench}")
+        if sum(bool(x) for x in (self.sim, self.ports, self.bench)) > 1:
+            raise ConfigError(f"{where}: give one of ports, sim and bench")
+        if not self.sim and not self.ports and not self.bench and self.detect is None:
+            raise ConfigError(f"{where}: no DUT ports: give ports (or --port), a simulated count (sim / --sim N) "
+                              "or bench slots with no board (bench / --bench N)")
         if len(set(self.ports)) != len(self.ports):
             raise ConfigError(f"{where}: a port is listed twice")
 
@@ -257,9 +270,9 @@ class StationConfig:
 #: Device names the kernel hands out in the order adapters enumerate: not a place on the jig.
 _RENUMBERED = re.compile(r"/dev/tty(USB|ACM)\d+")
 
-_TOP_KEYS = {"station", "product", "operator", "ask_operator", "batch", "store", "reports", "ports", "sim", "seed",
-             "rounds", "continuous", "resources", "mongo", "flash", "detect", "modems", "provisioning", "secrets",
-             "portal", "quality"}
+_TOP_KEYS = {"station", "product", "operator", "ask_operator", "batch", "store", "reports", "ports", "sim", "bench",
+             "seed", "fixtures", "rounds", "continuous", "resources", "mongo", "flash", "detect", "modems",
+             "provisioning", "secrets", "portal", "quality"}
 _RESOURCE_KEYS = {"capacity", "instrument", "port"}
 _MONGO_KEYS = {"uri", "database"}
 
@@ -332,6 +345,8 @@ def load_station_config(path: str | Path) -> StationConfig:
         reports=_relative(base, typed("reports", str, "")) if "reports" in data else None,
         ports=tuple(ports),
         sim=typed("sim", int, 0),
+        bench=typed("bench", int, 0),
+        fixture_settings=_fixtures_tables(p, typed("fixtures", dict, {})),
         seed=typed("seed", int, 0),
         rounds=typed("rounds", int, 1),
         continuous=typed("continuous", bool, False),
@@ -348,6 +363,14 @@ def load_station_config(path: str | Path) -> StationConfig:
         portal=_portal_table(p, typed("portal", dict, {})),
     )
     return config
+
+
+def _fixtures_tables(p: Path, tables: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """``[fixtures.NAME]``: a table per fixture; its keys are checked against the fixture's factory at run."""
+    for name, table in tables.items():
+        if not isinstance(table, dict):
+            raise ConfigError(f"{p}: fixtures.{name} must be a table of the fixture's settings")
+    return {name: dict(table) for name, table in tables.items()}
 
 
 def _modems_table(p: Path, table: dict[str, Any]) -> dict[str, str]:

@@ -82,6 +82,10 @@ FIXTURE_CLOSE_TIMEOUT_S = 10.0
 LOOKUP_WAIT_S = 5.0
 
 
+class FixtureError(Exception):
+    """A fixture could not be opened; the message names it and says why, in one line."""
+
+
 class RecordsNotWritten(Exception):
     """The store refused a slot's records; the slot stopped, ran its teardowns and closed its fixtures.
 
@@ -763,7 +767,7 @@ class _SlotRun:
                     result = returned or PhaseResult.CONTINUE
                 except Exception as exc:
                     error = ErrorInfo(type(exc).__name__, str(exc), traceback.format_exc())
-                    reason = _describe(exc)
+                    reason = str(exc) if isinstance(exc, FixtureError) else _describe(exc)
                     log.error("phase raised", error=reason)
                 except BaseExceptionGroup as group:
                     # A nursery in the phase, cancelled (timeout, stop, abort)
@@ -836,7 +840,8 @@ class _SlotRun:
             return self.slot.port
         if name == "operator":
             return Operator(self.desk, run_id=self.header.run_id, phase=ctx.phase.name, slot=self.slot.index,
-                            port=self.slot.port, serial=lambda: self.dut.get("serial", ""), log=ctx.log)
+                            port=self.slot.port, serial=lambda: self.dut.get("serial", ""), log=ctx.log,
+                            sim_answer=ctx.phase.sim_answer)
         return await self._fixture(name)
 
     async def _fixture(self, name: str) -> Any:
@@ -846,9 +851,14 @@ class _SlotRun:
         async with lock:  # two concurrent phases asking for it open it once
             if name not in self.fixture_values:
                 assert self.fixture_hosts is not None
-                self.fixture_values[name] = await self.fixture_hosts.start(
-                    self._host_fixture, name, self.fixture_factories[name]
-                )
+                try:
+                    self.fixture_values[name] = await self.fixture_hosts.start(
+                        self._host_fixture, name, self.fixture_factories[name]
+                    )
+                except Exception as exc:
+                    # One line naming the fixture: "fixture 'dmm' cannot open: OSError: ...", not the port's words alone.
+                    self.log.error("a fixture cannot open", fixture=name, error=_describe(exc))
+                    raise FixtureError(f"fixture {name!r} cannot open: {_describe(exc)}") from exc
         return self.fixture_values[name]
 
     async def _host_fixture(

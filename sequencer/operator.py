@@ -68,6 +68,8 @@ class Question:
     phase: str = ""
     #: the answer Enter alone gives (one of ``choices``), if any
     default: str | None = None
+    #: what the simulated operator types to a free-text question (the phase's ``sim_answer``)
+    sim_answer: str | None = None
 
     @property
     def expected(self) -> str:
@@ -238,8 +240,9 @@ class Operator:
 
     def __init__(
         self, desk: OperatorDesk | None, *, run_id: str, phase: str, slot: int, port: str,
-        serial: Callable[[], str], log: Any,
+        serial: Callable[[], str], log: Any, sim_answer: str | None = None,
     ) -> None:
+        self._sim_answer = sim_answer
         self._desk = desk
         self._run_id = run_id
         self._phase = phase
@@ -268,13 +271,16 @@ class Operator:
                 re.compile(matches)
             except re.error as exc:
                 raise ValueError(f"matches={matches!r} is not a regular expression: {exc}") from None
+            if self._sim_answer is not None and re.fullmatch(matches, self._sim_answer) is None:
+                # A simulated operator typing it would be refused, and the phase would wait for its timeout.
+                raise ValueError(f"phase {self._phase!r}: sim_answer {self._sim_answer!r} does not match {matches!r}")
         return await self._ask(question, (), matches)
 
     async def _ask(self, text: str, choices: tuple[str, ...], pattern: str | None) -> str:
         if self._desk is None:
             raise NoOperator("this station has no operator to answer questions")
         question = Question(self._slot, self._port, self._serial(), str(text), choices, pattern,
-                            self._run_id, self._phase)
+                            self._run_id, self._phase, sim_answer=None if choices else self._sim_answer)
         asked = trio.current_time()
         self._log.info("asked the operator", question=question.text, expected=question.expected)
         answer = await self._desk.ask(question)

@@ -301,8 +301,9 @@ def validate_product(
         for fixture in p.fixtures:
             if fixture not in provided:
                 offer = ", ".join(sorted(provided)) or "none"
+                parametrised = bool(p.arguments or p.name_template)  # used with with_args: a value was meant
                 hint = (f"; or give the parameter a value with .with_args({fixture}=...)"
-                        if fixture in p.parameters and fixture not in p.fixture_names else "")
+                        if parametrised and fixture in p.parameters and fixture not in p.fixture_names else "")
                 raise ProductError(
                     f"{where}: phase {p.name!r}: needs fixture {fixture!r}, which neither the product nor the "
                     f"station provides (available: {offer}){hint}"

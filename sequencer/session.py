@@ -254,6 +254,7 @@ async def _run_round(
                 return await run_station(
                     loaded, ports, settings=settings, store=store, bus=bus, resources=setup.resources,
                     on_abort=partial(_tell_operator, console), fixtures=setup.fixtures, desk=desk, history=history,
+                    simulated=bool(config.sim),
                 )
             finally:
                 bus.close()  # ends the display; the next round subscribes anew

@@ -103,6 +103,7 @@ async def run_station(
     on_abort: Callable[[int], object] | None = None,
     desk: OperatorDesk | None = None,
     history: UnitHistorySource | None = None,
+    simulated: bool = False,
 ) -> StationResult:
     """Run ``product`` once on each port, concurrently; return every run's record.
 
@@ -111,6 +112,8 @@ async def run_station(
     each so the caller can tell the operator what is happening. ``desk``
     queues the phases' questions for the operator (:mod:`sequencer.operator`);
     ``history`` finds each unit's earlier runs (:mod:`sequencer.verdicts`).
+    ``simulated``: the slots are simulated (``--sim``), and each fixture's
+    ``SlotInfo`` says so.
     """
     controls = [SlotControl() for _ in ports]
     points = {name: Rendezvous(name) for name in product.product.rendezvous}  # none for most products
@@ -121,7 +124,7 @@ async def run_station(
 
     async def slot_task(index: int, port: str) -> None:
         nonlocal write_error
-        info = SlotInfo(index=index, port=port, station=settings.station)
+        info = SlotInfo(index=index, port=port, station=settings.station, simulated=simulated)
         try:
             results[index] = await run_dut(
                 product, info, settings=settings, store=store, bus=bus,

@@ -163,9 +163,13 @@ def test_parametrised_phases_refuse_what_they_cannot_take() -> None:
         ping.with_fixtures(nope="x")
     with pytest.raises(ProductError, match=r"phase 'ping_\{count\}': its name has fields nothing filled \(count\)"):
         validate_product(Product("p", [ping]), station_fixtures=["pinger"])
-    with pytest.raises(ProductError, match=r"needs fixture 'count'.*or give the parameter a value with "
-                                           r"\.with_args\(count=\.\.\.\)"):
-        validate_product(Product("p", [ping.configured(name="ping")]), station_fixtures=["pinger"])
+    @phase(name="ping_{pinger}")
+    async def ping_host(count: int, pinger: str) -> None:
+        pass
+
+    with pytest.raises(ProductError, match=r"phase 'ping_dns': needs fixture 'count'.*or give the parameter a value "
+                                           r"with \.with_args\(count=\.\.\.\)"):
+        validate_product(Product("p", [ping_host.with_fixtures(pinger="dns")]), station_fixtures=["dns"])
     configured = ping.with_args(count=3).configured(timeout=5)
     assert (configured.name, configured.arguments, configured.timeout) == ("ping_3", {"count": 3}, 5)
 
@@ -185,3 +189,56 @@ async def test_repeat_keeps_a_monitors_points_unjudged(store_path: Path) -> None
     rec = run.phase("warming")
     assert [m.outcome for a in rec.attempts for m in a.measurements] == [MeasurementOutcome.SKIPPED] * 2
     assert all(len(a.measurements[0].value) >= 1 for a in rec.attempts)
+
+
+async def test_a_fixture_that_cannot_open_is_one_error_line_naming_it(store_path: Path) -> None:
+    @asynccontextmanager
+    async def relay_board(slot: Any) -> Any:
+        raise OSError(f"[Errno 2] could not open port /dev/ttyRELAY{slot.index}")
+        yield  # pragma: no cover
+
+    @phase
+    async def switch(jig: Any) -> None:
+        pass
+
+    [run] = await run_product(Product("p", [switch], fixtures={"jig": relay_board}), store_path)
+    rec = run.phase("switch")
+    assert rec.outcome is Outcome.ERROR
+    assert rec.reason == "fixture 'jig' cannot open: OSError: [Errno 2] could not open port /dev/ttyRELAY0"
+
+
+def test_station_file_fixture_settings_are_checked_against_the_factory() -> None:
+    from sequencer.fixtures import with_settings
+
+    def relay_board(slot: Any, *, port: str, baudrate: int = 9600) -> Any:
+        return (slot, port, baudrate)
+
+    fixtures = {"jig": relay_board}
+    bound = with_settings(fixtures, {"jig": {"port": "/dev/ttyUSB9"}}, "st.toml")
+    assert bound["jig"]("slot") == ("slot", "/dev/ttyUSB9", 9600)
+    cases = [
+        ({"jig": {"port": "x", "baud": 1}}, "st.toml: fixtures.jig: unknown key 'baud' (the fixture takes: port, "
+                                            "baudrate)"),
+        ({}, "st.toml: fixtures.jig: needs port (the fixture's setting; give it in [fixtures.jig] of the station "
+             "file)"),
+        ({"jig": {"port": "x"}, "jg": {}}, "st.toml: fixtures.jg: the product has no fixture 'jg' (its fixtures: "
+                                           "jig)"),
+        ({"jig": {"port": "x"}, "flasher": {}}, "st.toml: fixtures.flasher: the station's 'flasher' fixture is "
+                                                "configured by its own table, not [fixtures]"),
+    ]
+    for tables, message in cases:
+        with pytest.raises(ValueError) as info:
+            with_settings(fixtures, tables, "st.toml", others=["flasher"])
+        assert str(info.value) == message
+
+
+def test_bench_slots_exclude_ports_and_sim(tmp_path: Path) -> None:
+    from sequencer.config import ConfigError, load_station_config
+
+    station = tmp_path / "st.toml"
+    station.write_text('station = "b1"\nbench = 2\nsim = 1\n')
+    with pytest.raises(ConfigError, match="give one of ports, sim and bench"):
+        load_station_config(station).check()
+    station.write_text('station = "b1"\nbench = 2\n[fixtures]\njig = 3\n')
+    with pytest.raises(ConfigError, match="fixtures.jig must be a table"):
+        load_station_config(station)

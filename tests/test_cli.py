@@ -155,7 +155,7 @@ def test_an_error_from_inside_the_session_is_still_one_line_and_ctrl_c_is_130(
 
 def test_run_needs_to_know_where_the_duts_are(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["run", str(SENSOR), "--store", str(tmp_path / "s.sqlite")]) == 2
-    assert "--sim N, --port PATH, or --station FILE" in one_line_error(capsys)
+    assert "--sim N, --port PATH, --bench N, or --station FILE" in one_line_error(capsys)
 
 
 def test_missing_port_exits_2_naming_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -31,8 +32,9 @@ def test_every_code_block_of_the_guide_is_the_example_products_own() -> None:
             compile(block, "<guide sketch>", "exec")  # not in the example, but valid Python
         else:
             assert block in example, f"the guide shows code the example does not have:\n{block}"
-    [toml] = blocks("toml")
-    assert toml in LIMITS.read_text(encoding="utf-8")
+    limits, station = blocks("toml")
+    assert limits in LIMITS.read_text(encoding="utf-8")
+    assert tomllib.loads(station)["fixtures"]  # a station file's [fixtures.NAME] table
 
 
 def test_the_example_checks_and_names_its_limits(capsys: pytest.CaptureFixture[str]) -> None:
