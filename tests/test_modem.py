@@ -458,4 +458,6 @@ async def test_phase_end_to_end_through_the_engine(store_path: Path) -> None:
 
     silent = runs[6].phase("cellular_identity")
     assert silent.outcome is Outcome.ERROR
-    assert silent.reason.startswith(f"DeviceTimeout: {modems[6].path}: timed out after 1 s waiting for the module")
+    # The modem fixture could not open: the reason names it, then says why.
+    assert silent.reason.startswith(f"fixture 'modem' cannot open: DeviceTimeout: {modems[6].path}: timed out after "
+                                    "1 s waiting for the module")
