@@ -76,6 +76,7 @@ async def run_continuous(
     desk: OperatorDesk | None = None,
     history: UnitHistorySource | None = None,
     run_ended: Callable[[RunRecord], Awaitable[None]] | None = None,
+    simulated: bool = False,
 ) -> StationResult:
     """Test every board put into any slot, each slot on its own, until stopped; see the module docstring.
 
@@ -96,7 +97,7 @@ async def run_continuous(
                 return
             bus.publish(BoardArrived(index, port))
             control = cycles.begin(index)
-            info = SlotInfo(index=index, port=port, station=settings.station)
+            info = SlotInfo(index=index, port=port, station=settings.station, simulated=simulated)
             try:
                 run = await run_dut(
                     product, info, settings=settings, store=store, bus=bus, resources=resources,

@@ -292,7 +292,7 @@ async def _run_continuous(
                 return await run_continuous(
                     loaded, setup.boards, settings=settings, store=store, bus=bus, resources=setup.resources,
                     on_abort=partial(_tell_operator, console), fixtures=setup.fixtures, desk=desk, history=history,
-                    run_ended=run_ended,
+                    run_ended=run_ended, simulated=bool(config.sim),
                 )
             finally:
                 bus.close()

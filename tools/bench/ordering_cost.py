@@ -32,6 +32,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+from _common import replace_doc_section  # noqa: E402
 from engine_vs_openhtf import DOC, ORDERINGS, machine_info, run_child  # noqa: E402
 
 SECTION = "ordering_cost"
@@ -100,17 +101,6 @@ def render(found: dict[tuple[str, str], list[float]], started: str, load: tuple[
     return "\n".join(lines) + "\n"
 
 
-def write_section(section: str) -> None:
-    text = DOC.read_text()
-    if BEGIN.split(":")[0] in text and END in text:
-        start = text.index(BEGIN.split(":")[0])
-        end = text.index(END) + len(END)
-        text = text[:start] + section.rstrip("\n") + text[end:]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    DOC.write_text(text)
-
-
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--write", action="store_true", help="rewrite this benchmark's section of docs/benchmarks.md")
@@ -123,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
     section = render(found, started, (load_start, os.getloadavg()), args.reps)
     print(section)
     if args.write:
-        write_section(section)
+        replace_doc_section(DOC, BEGIN, END, section.rstrip("\n"))
 
 
 if __name__ == "__main__":
