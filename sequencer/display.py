@@ -97,6 +97,10 @@ class SlotView:
     #: how the finished run reads to the operator
     verdict: Verdict | None = None
 
+    def word(self) -> str:
+        """The unit in one word, for a line a log reader splits on spaces: ``SN1``, ``mac=24:0A:...``, ``-``."""
+        return self.serial.replace(" ", "=") if self.serial else "-"
+
     def result(self) -> Text:
         """The result cell: the verdict's headline, ``retest N`` while a retested unit runs, else ``running``."""
         if self.verdict is not None:
@@ -106,6 +110,8 @@ class SlotView:
             return Text(self.outcome.value, style=OUTCOME_STYLE[self.outcome])
         if self.history is not None and self.history.retest:
             return Text(f"retest {self.history.tests}", style=RETEST_STYLE)
+        if self.phase == "empty":
+            return Text("put a board in", style="bright_black")
         return Text("running", style="cyan")
 
     def note(self) -> Text | None:
@@ -153,7 +159,7 @@ class StationDisplay:
             view = self.slots[event.slot]
             view.history = event.history
             if event.history.retest:
-                return f"slot {event.slot} {view.port} {view.serial or '-'}: {printable(event.history.line())}"
+                return f"slot {event.slot} {view.port} {view.word()}: {printable(event.history.line())}"
         elif isinstance(event, PhaseStarted):
             view = self.slots[event.slot]
             view.phase = event.phase if event.attempt == 1 else f"{event.phase} (attempt {event.attempt})"
@@ -171,7 +177,7 @@ class StationDisplay:
             if rec.outcome.is_failure and not view.failure:
                 reason = printable(rec.reason)
                 view.failure = f"{rec.name}: {reason or rec.outcome.value}"
-                return f"slot {event.slot} {view.port} {view.serial or '-'}: {rec.name} {rec.outcome.value}: {reason}"
+                return f"slot {event.slot} {view.port} {view.word()}: {rec.name} {rec.outcome.value}: {reason}"
         elif isinstance(event, OperatorAsked):
             q = event.question
             if 0 <= q.slot < len(self.slots):  # which boards wait for the operator, at a glance
@@ -198,7 +204,7 @@ class StationDisplay:
                 todo = f"\n  → {verdict.headline}: {printable(verdict.instruction)}"
                 todo += f" ({printable(verdict.where)})" if verdict.where else ""
             return (
-                f"slot {view.index} {view.port} {view.serial or '-'}: "
+                f"slot {view.index} {view.port} {view.word()}: "
                 f"{event.run.outcome.value if event.run.outcome else '?'}{marginal}{todo}"
             )
         return None

@@ -235,6 +235,7 @@ def test_the_simulated_station_runs_until_ctrl_c_with_boards_coming_and_going(tm
         reader.close()
     assert len(runs) >= 10 and all(r.outcome is not None for r in runs)  # every run closed, none left RUNNING
     assert len({r.serial for r in runs if r.serial}) > 4  # more boards than slots: they came and went
+    # The line a log reader (tools/bench/soak.py) counts runs by: a unit before its serial is "mac=...".
     printed = [line for line in out.splitlines()
                if re.fullmatch(r"slot \d+ \S+ \S+: (PASS|FAIL|ERROR|TIMEOUT|ABORTED)( \(marginal\))?", line)]
     assert len(printed) == len(runs)  # each run's verdict was shown as it ended
@@ -297,3 +298,31 @@ async def test_cycles_leave_nothing_behind(tmp_path: Path) -> None:
     assert fds_60 <= fds_10 + 4  # a slot may be opening its port at either moment
     assert tasks_60 <= tasks_10 + 10
     assert objects_60 < objects_10 * 1.1, (objects_10, objects_60)  # 50 more boards, no more objects
+
+
+def test_a_long_shift_of_faults_is_counted_not_listed_and_an_empty_slot_asks_for_a_board() -> None:
+    from fixtures.sim.faults import load_fault_profile
+    from sequencer.display import StationDisplay
+
+    plan = load_fault_profile(ROOT / "fixtures" / "sim" / "profiles" / "flaky-line.toml", 1600)
+    counts = plan.counts()
+    assert counts.startswith("183 rail_marginal, 176 disconnect") and len(counts) < 100
+    display = StationDisplay(["/dev/serial/by-path/a"], phases_per_run=3, continuous=True)
+    assert display.slots[0].result().plain == "put a board in"
+    display.apply(BoardArrived(0, "/dev/serial/by-path/a"))
+    assert display.slots[0].result().plain == "running"
+
+
+def test_a_run_line_names_a_unit_without_its_serial_in_one_word() -> None:
+    # Log readers (tools/bench/soak.py) split a run's line on spaces: "mac 24:..." would be two words.
+    from sequencer.display import StationDisplay
+    from sequencer.events import DutIdentified
+    from tests.records_factory import sensor_run
+
+    import attrs
+
+    run = attrs.evolve(sensor_run(slot=0), dut={"mac": "24:0A:C4:00:00:01"}, outcome=Outcome.ERROR)
+    display = StationDisplay(["/dev/a"], phases_per_run=3)
+    display.apply(DutIdentified(run.run_id, 0, dict(run.dut)))
+    line = display.apply(RunFinished(run))
+    assert line.splitlines()[0] == "slot 0 /dev/a mac=24:0A:C4:00:00:01: ERROR"

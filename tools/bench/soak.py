@@ -9,7 +9,11 @@ for a long soak), each setting in a fresh station process:
   started here) by the station's shipper child process;
 - ``faults``: the same as ``local`` with a fault profile on every round
   (``fixtures/sim/profiles/every-fault.toml``: slots 1-12 each fail another
-  way, by error, timeout, hang, garbage on the line, a dropped port, ...).
+  way, by error, timeout, hang, garbage on the line, a dropped port, ...);
+- ``continuous``: ``--continuous`` instead of rounds: each slot its own cycle,
+  the simulated operator putting boards in and taking them out (some put
+  back for a retest, a few pulled mid-test), ended by Ctrl-C (SIGINT) once
+  the runs are done.
 
 While a station runs, its process tree is sampled every ``--sample-s``: the
 resident set (VmRSS) of the station process, of its shipper child and of its
@@ -38,6 +42,7 @@ import json
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -60,7 +65,7 @@ END = f"<!-- END {SECTION} -->"
 
 PRODUCT = REPO / "products" / "esp32_sensor.py"
 FAULTS = REPO / "fixtures" / "sim" / "profiles" / "every-fault.toml"
-SETTINGS = ("local", "mongo", "faults")
+SETTINGS = ("local", "mongo", "faults", "continuous")
 WARMUP_RUNS = 500
 EVERY = 1000
 TARGET_GROWTH_MIB = 10.0
@@ -183,7 +188,9 @@ def run_station(setting: str, runs: int, slots: int, workdir: Path, mongo_uri: s
                 seed: int, product: Path = PRODUCT) -> dict[str, Any]:
     rounds = -(-runs // slots)
     store = workdir / "store.sqlite"
-    cmd = [sys.executable, "-m", "sequencer.cli", "run", str(product), "--sim", str(slots), "--rounds", str(rounds),
+    continuous = setting == "continuous"
+    session = ["--continuous"] if continuous else ["--rounds", str(rounds)]
+    cmd = [sys.executable, "-m", "sequencer.cli", "run", str(product), "--sim", str(slots), *session,
            "--plain", "--store", str(store), "--reports", str(workdir / "reports"), "--batch", f"soak-{setting}",
            "--operator", "soak", "--seed", str(seed)]
     if setting == "mongo":
@@ -222,10 +229,12 @@ def run_station(setting: str, runs: int, slots: int, workdir: Path, mongo_uri: s
             if sampler.runs == rounds * slots:
                 testing_done_at = time.monotonic()
                 sampler.sample()
+                if continuous:
+                    proc.send_signal(signal.SIGINT)  # a continuous shift ends with Ctrl-C
         proc.wait()
         sampler.sample()
     stderr = proc.stderr.read() if proc.stderr else ""
-    if sampler.runs < rounds * slots or proc.returncode not in (0, 1):
+    if sampler.runs < rounds * slots or proc.returncode not in ((130,) if continuous else (0, 1)):
         sys.stderr.write("\n".join(tail) + "\n" + stderr[-3000:])
         raise SystemExit(f"{setting}: the station ended after {sampler.runs} of {rounds * slots} runs "
                          f"(exit {proc.returncode})")
