@@ -19,8 +19,8 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from contextlib import AbstractAsyncContextManager, AsyncExitStack
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from functools import partial
 from typing import Any, Protocol
 
@@ -232,32 +232,42 @@ async def _run_round(
     history: UnitHistorySource | None,
 ) -> StationResult:
     """One round: every slot runs the product once, shown live (or as plain lines)."""
-    from sequencer.display import StationDisplay, show_live, show_plain
     from sequencer.station import run_station
 
     async with hardware.open_round(config) as setup:
-        ports = setup.ports
-        for notice in setup.notices:
-            console.print(escape(notice))
-        display = StationDisplay(ports, len(loaded.product.all_phases))
-        events = bus.subscribe("display", buffer=4096)
-        tested_by = f", operator {escape(printable(settings.operator))}" if settings.operator else ""
-        console.print(f"[bold]{escape(printable(loaded.name))}[/bold] on {len(ports)} slot(s), batch "
-                      f"{escape(printable(settings.batch))}, station {escape(printable(settings.station))}"
-                      f"{tested_by}{which}")
-        async with trio.open_nursery() as nursery:
-            if interactive:
-                nursery.start_soon(show_live, display, events, console, desk)
-            else:
-                nursery.start_soon(show_plain, display, events, sys.stdout)
-            try:
-                return await run_station(
-                    loaded, ports, settings=settings, store=store, bus=bus, resources=setup.resources,
-                    on_abort=partial(_tell_operator, console), fixtures=setup.fixtures, desk=desk, history=history,
-                    simulated=bool(config.sim),
-                )
-            finally:
-                bus.close()  # ends the display; the next round subscribes anew
+        async with _shown(loaded, setup.ports, setup.notices, settings, console, bus, desk, interactive, which):
+            return await run_station(
+                loaded, setup.ports, settings=settings, store=store, bus=bus, resources=setup.resources,
+                on_abort=partial(_tell_operator, console), fixtures=setup.fixtures, desk=desk, history=history,
+                simulated=bool(config.sim),
+            )
+
+
+@asynccontextmanager
+async def _shown(
+    loaded: LoadedProduct, places: Sequence[str], notices: Sequence[str], settings: RunSettings, console: Console,
+    bus: EventBus, desk: OperatorDesk | None, interactive: bool, which: str, *, continuous: bool = False,
+) -> AsyncIterator[None]:
+    """The notices and the header, then the slots shown live (or as plain lines) while the block runs."""
+    from sequencer.display import StationDisplay, show_live, show_plain
+
+    for notice in notices:
+        console.print(escape(notice))
+    display = StationDisplay(places, len(loaded.product.all_phases), continuous=continuous)
+    events = bus.subscribe("display", buffer=4096)
+    tested_by = f", operator {escape(printable(settings.operator))}" if settings.operator else ""
+    console.print(f"[bold]{escape(printable(loaded.name))}[/bold] on {len(places)} slot(s), batch "
+                  f"{escape(printable(settings.batch))}, station {escape(printable(settings.station))}"
+                  f"{tested_by}{which}")
+    async with trio.open_nursery() as nursery:
+        if interactive:
+            nursery.start_soon(show_live, display, events, console, desk)
+        else:
+            nursery.start_soon(show_plain, display, events, sys.stdout)
+        try:
+            yield
+        finally:
+            bus.close()  # ends the display; the next round subscribes anew
 
 
 async def _run_continuous(
@@ -267,35 +277,19 @@ async def _run_continuous(
 ) -> StationResult:
     """Every slot on its own cycle until Ctrl-C, shown live (or as plain lines); each run's report as it ends."""
     from sequencer.continuous import run_continuous
-    from sequencer.display import StationDisplay, show_live, show_plain
 
     async def run_ended(run: RunRecord) -> None:
         if round_ended is not None:
             await round_ended(StationResult((run,)))
 
     async with hardware.open_continuous(config, bus) as setup:
-        for notice in setup.notices:
-            console.print(escape(notice))
-        places = list(setup.boards.places)
-        display = StationDisplay(places, len(loaded.product.phases), continuous=True)
-        events = bus.subscribe("display", buffer=4096)
-        tested_by = f", operator {escape(printable(settings.operator))}" if settings.operator else ""
-        console.print(f"[bold]{escape(printable(loaded.name))}[/bold] on {len(places)} slot(s), batch "
-                      f"{escape(printable(settings.batch))}, station {escape(printable(settings.station))}"
-                      f"{tested_by}, continuous: put a board in any slot; Ctrl-C ends the shift")
-        async with trio.open_nursery() as nursery:
-            if interactive:
-                nursery.start_soon(show_live, display, events, console, desk)
-            else:
-                nursery.start_soon(show_plain, display, events, sys.stdout)
-            try:
-                return await run_continuous(
-                    loaded, setup.boards, settings=settings, store=store, bus=bus, resources=setup.resources,
-                    on_abort=partial(_tell_operator, console), fixtures=setup.fixtures, desk=desk, history=history,
-                    run_ended=run_ended, simulated=bool(config.sim),
-                )
-            finally:
-                bus.close()
+        async with _shown(loaded, setup.boards.places, setup.notices, settings, console, bus, desk, interactive,
+                          ", continuous: put a board in any slot; Ctrl-C ends the shift", continuous=True):
+            return await run_continuous(
+                loaded, setup.boards, settings=settings, store=store, bus=bus, resources=setup.resources,
+                on_abort=partial(_tell_operator, console), fixtures=setup.fixtures, desk=desk, history=history,
+                run_ended=run_ended, simulated=bool(config.sim),
+            )
 
 
 def _tell_operator(console: Console, aborts: int) -> None:
