@@ -53,6 +53,10 @@ class BootFailed(Exception):
 
 @phase(
     measurements=[
+        # First, so that when it fails it is the phase's reason.
+        Measurement("mac_verdict").reported("pass").doc(
+            "'pass', or why the MAC cannot be a unit's: all zeros or ones, multicast, on another slot of the round"
+        ),
         Measurement("chip").doc("chip model, as the ROM's eFuses say (e.g. ESP32-D0WD-V3)"),
         Measurement("chip_revision").matches(r"v\d+\.\d+").doc("silicon revision"),
         Measurement("mac").matches(MAC_PATTERN).doc("factory MAC from eFuse"),
@@ -60,13 +64,18 @@ class BootFailed(Exception):
     timeout=30,
 )
 async def detect(ctx, flasher, dut):
-    """Sync with the ROM loader on the slot's port; read the chip's model, revision and factory MAC."""
+    """Sync with the ROM loader on the slot's port; read the chip's model, revision and factory MAC, and check the MAC."""
     chip = await flasher.detect(dut.link)
     ctx.identify(chip=chip.model, chip_revision=chip.revision, mac=chip.mac, flash_size=chip.flash_size)
     ctx.log.info("chip detected", description=chip.description, features=", ".join(chip.features))
     ctx.measurements.chip = chip.model
     ctx.measurements.chip_revision = chip.revision
     ctx.measurements.mac = chip.mac
+    problem = flasher.mac_problem()
+    ctx.measurements.mac_verdict = problem or "pass"
+    if problem is not None:
+        ctx.log.error("MAC refused", reason=problem)
+        ctx.no_retry("the board's eFuses stay what they are")
 
 
 FLASH_MEASUREMENTS = [
@@ -117,6 +126,11 @@ def flash_images(
                 ctx.measurements.flash_throughput = round(report.throughput)
                 app = image_set.app or image_set.images[-1]
                 ctx.measurements.app_sha256 = next(i.sha256 for i in report.images if i.offset == app.offset)
+            if verdict == "pass" and (clone := flasher.mac_problem()):
+                # Another slot showed this board's MAC while it was being written.
+                ctx.log.error("MAC refused", reason=clone)
+                ctx.no_retry("the board's eFuses stay what they are")
+                ctx.measurements.flash_verdict = verdict = clone
             if verdict == "pass":
                 ctx.log.info("starting the app", how=await flasher.start_app(dut.link))
             # Otherwise left in its loader, where a retry can flash it again.
@@ -152,7 +166,8 @@ async def write_images(
     be reached, or drops off the line, raises (the phase ends in ERROR).
     """
     chip = flasher.chip or await flasher.detect(link)
-    refused = flasher.image_gate(images, chip)
+    # A MAC no unit can have (detect said so), or one another slot has shown since.
+    refused = [problem] if (problem := flasher.mac_problem()) else flasher.image_gate(images, chip)
     if refused:
         ctx.log.error("images refused by a quality gate", reasons="; ".join(refused))
         ctx.no_retry("the images and the board stay what they are")

@@ -62,7 +62,7 @@ def test_every_fault_on_a_16_slot_farm_shows_as_the_right_outcome_with_its_reaso
     )
     assert result.returncode == 1, result.stdout + result.stderr
     assert "faults (" in result.stdout and "1: no_download_mode" in result.stdout
-    assert "6/16 passed" in result.stdout
+    assert "5/16 passed" in result.stdout
     assert "\x1b" not in result.stdout + result.stderr  # slot 12's serial never reached the terminal
     store = LocalStore.open(store_path)
     runs = {r.slot: r for r in store.find_runs(batch="FAULTS")}
@@ -70,7 +70,7 @@ def test_every_fault_on_a_16_slot_farm_shows_as_the_right_outcome_with_its_reaso
     assert sorted(runs) == list(range(16))
 
     # Healthy boards: flashed, booted, identified by ROM and firmware alike.
-    for slot in (0, 14, 15):
+    for slot in (0, 15):
         run = runs[slot]
         assert run.outcome is Outcome.PASS and not run.marginal, failed(run)
         assert run.dut["chip"] == "ESP32-D0WD-V3" and run.dut["chip_revision"] == "v3.0"
@@ -119,7 +119,7 @@ def test_every_fault_on_a_16_slot_farm_shows_as_the_right_outcome_with_its_reaso
     def seconds(run: RunRecord) -> float:
         return next(m.value for m in run.phase("flash").measurements if m.name == "flash_seconds")
 
-    assert seconds(slow_flash) > max(seconds(runs[slot]) for slot in (0, 14, 15))
+    assert seconds(slow_flash) > max(seconds(runs[slot]) for slot in (0, 15))
 
     assert runs[10].outcome is Outcome.FAIL and "'psram' is not ''" in runs[10].phase("self_test").reason
     assert runs[11].outcome is Outcome.ERROR and "line longer than 1024 bytes" in runs[11].phase("identify").reason
@@ -130,6 +130,10 @@ def test_every_fault_on_a_16_slot_farm_shows_as_the_right_outcome_with_its_reaso
     unplugged = runs[13]
     assert attempts(unplugged, "flash") == [("ERROR", unplugged.phase("flash").reason)]  # not retried
     assert "port lost while writing esp32-sensor-testfw.bin at 0x10000 (" in unplugged.phase("flash").reason
+
+    blank_mac = runs[14]
+    assert blank_mac.outcome is Outcome.FAIL and blank_mac.phase("flash").outcome is Outcome.SKIPPED
+    assert "MAC 00:00:00:00:00:00 is all zeros" in blank_mac.phase("detect").reason
 
     for run in runs.values():  # the console transcript teardown ran everywhere
         assert run.phase("console_transcript").outcome is Outcome.PASS
@@ -301,6 +305,40 @@ async def test_a_build_the_board_cannot_run_fails_the_flash_once_naming_both_rev
         "revision in range v3.1 - v3.99 (this chip is revision v3.0)"
     )
     assert run.phase("boot").outcome is Outcome.SKIPPED
+
+
+async def test_a_mac_no_unit_can_have_or_two_boards_share_fails_them_with_the_reason(store_path: Path) -> None:
+    clone = "24:0A:C4:00:00:01"
+    # The clones' flash is slow, so that each is still being written when the other is detected.
+    boards = {0: BoardFaults(efuse_mac="00:00:00:00:00:00"), 1: BoardFaults(efuse_mac=clone, block_delay_s=0.03),
+              2: BoardFaults(efuse_mac=clone, block_delay_s=0.03)}
+    loaded = load_product(SENSOR, station_fixtures=STATION_FIXTURES)
+    store = LocalStore.open(store_path, station=True)
+    try:
+        async with store.writer(), open_esp32_farm(4, seed=8, boards=boards) as devs:
+            async with open_simulated_instrument("scpi-dmm", devs, seed=8) as dmm:
+                result = await run_station(
+                    loaded, [d.path for d in devs], settings=RunSettings("test", batch="MAC"), store=store,
+                    bus=EventBus(), resources={"dmm": SharedResource("dmm", 1, dmm)}, handle_signals=False,
+                    fixtures={"flasher": esp_flasher()},
+                )
+    finally:
+        store.close()
+    blank, first, second, healthy = sorted(result.runs, key=lambda r: r.slot)
+    assert healthy.outcome is Outcome.PASS, failed(healthy)
+    assert blank.outcome is Outcome.FAIL and blank.phase("flash").outcome is Outcome.SKIPPED
+    assert blank.phase("detect").reason == (
+        "measurement 'mac_verdict': MAC 00:00:00:00:00:00 is all zeros: the eFuse MAC was never programmed"
+    )
+    # The clones: whichever was detected second fails at detect, the other before it is started.
+    for run, other in ((first, 2), (second, 1)):
+        assert run.outcome is Outcome.FAIL, failed(run)
+        [reason] = failed(run).values()
+        assert f"MAC {clone} is also on slot {other} ({devs[other].path}) in this round: two boards cannot share a " \
+               "MAC" in reason, reason
+        assert run.phase("boot").outcome is Outcome.SKIPPED
+    assert sorted(next(iter(failed(r))) for r in (first, second)) == ["detect", "flash"]
+    assert all(dev.board.boots == [] for dev in devs[1:3])  # neither clone was started
 
 
 # -- the command line's flashing options ----------------------------------------------

@@ -188,9 +188,13 @@ def test_the_every_fault_profile_covers_every_board_and_firmware_kind_once() -> 
     assert plan.boards() == {
         1: BoardFaults(download_mode=False), 2: BoardFaults(disconnect_after=24 * 1024),
         3: BoardFaults(weak_cell=0x12000), 9: BoardFaults(block_delay_s=0.02), 13: BoardFaults(unplug_after=24 * 1024),
+        14: BoardFaults(efuse_mac="00:00:00:00:00:00"),
     }
     assert plan.firmware()[6] == Faults(hang=True) and plan.firmware()[4] == Faults(rail_offsets={"3V3": 0.3})
     assert 0 not in plan.slots and 15 not in plan.slots
+    with pytest.raises(FaultProfileError, match=r"slots.2: bad_mac.mac must be six hex octets like 24:0A:C4:00:00:01, "
+                                                r"got '24:0A'"):
+        parse_fault_profile('[slots]\n2 = { kind = "bad_mac", mac = "24:0A" }\n', 4, source="p.toml")
 
 
 def test_probabilities_are_drawn_per_slot_from_the_seed() -> None:

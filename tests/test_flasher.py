@@ -480,6 +480,24 @@ async def test_eight_slots_flash_at_once_each_on_its_own_board() -> None:
             assert dev.board.chip.flash.read(0x10000, IMAGES.app.size) == IMAGES.app.path.read_bytes()
 
 
+def test_a_mac_no_unit_can_have_is_named_with_the_reason() -> None:
+    from fixtures.mac_check import MacClaims, mac_problem
+
+    assert mac_problem("24:0A:C4:1F:00:07") is None
+    assert mac_problem("00:00:00:00:00:00") == "MAC 00:00:00:00:00:00 is all zeros: the eFuse MAC was never programmed"
+    assert mac_problem("FF:FF:FF:FF:FF:FF") == "MAC FF:FF:FF:FF:FF:FF is all ones: not a unit's address"
+    assert "is a multicast address" in mac_problem("25:0A:C4:1F:00:07")
+    claims = MacClaims()
+    claims.claim(0, "/dev/ttyUSB0", "24:0A:C4:1F:00:07")
+    claims.claim(1, "/dev/ttyUSB1", "24:0A:C4:1F:00:08")
+    assert claims.others(0, "24:0A:C4:1F:00:07") is None
+    claims.claim(1, "/dev/ttyUSB1", "24:0A:C4:1F:00:07")  # the slot's next board: the claim moves with it
+    assert claims.others(0, "24:0A:C4:1F:00:07") == (
+        "MAC 24:0A:C4:1F:00:07 is also on slot 1 (/dev/ttyUSB1) in this round: two boards cannot share a MAC"
+    )
+    assert claims.others(1, "24:0A:C4:1F:00:08") is None
+
+
 def test_quality_gates_refuse_big_images_and_slow_flashes() -> None:
     flasher = EspFlasher(FlashConfig(max_image_bytes={"ESP32": 40_000}, max_seconds=2))
     from fixtures.flasher import ChipInfo, FlashReport, ImageReport
