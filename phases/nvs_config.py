@@ -64,7 +64,7 @@ from fixtures.nvs import (
     nvs_keys_image,
     verify_nvs_image,
 )
-from fixtures.partition_table import NVS, Partition, PartitionTable
+from fixtures.partition_table import DEVICE_KEYS, NVS, Partition, PartitionTable
 from phases.esp32 import BOOT_WAIT_S, flash_failures, read_boot_banner, write_images
 from sequencer import Measurement, phase
 from sequencer.phase import Phase
@@ -136,6 +136,7 @@ def nvs_config(
     timeout: float = 60.0,
     retries: int = 1,
     from_app: bool = False,
+    device_keys: str | None = DEVICE_KEYS,
 ) -> Phase:
     """A phase that builds, writes and verifies the DUT's NVS partition.
 
@@ -156,6 +157,11 @@ def nvs_config(
     again, so later phases find it as they left it. Without it the board must
     still be in download mode (run it between ``detect`` and ``flash``).
 
+    ``device_keys`` is the label of the partition where the firmware keeps
+    the device's key (``KEYGEN``): the table must have it, and the phase
+    never writes it, so that a configuration rewrite or a retest keeps the
+    key the unit proved it holds. ``None`` for firmware that keeps no key.
+
     The phase FAILs (``nvs_verdict``) when a station quality gate refuses the
     image or the flash does not verify; it ends in ERROR, with a one-line
     reason naming the file, for a missing secret, an identity field a
@@ -167,6 +173,8 @@ def nvs_config(
     target = find_partition(table, subtype=NVS, label=partition)
     if target is None:
         raise NvsError(f"{where}: no NVS partition {partition!r} (type data, subtype nvs) in the partition table")
+    if device_keys is not None:
+        _check_device_keys(table, where, device_keys, partition)
     keys_target = None
     if encryption is not None and encryption.keys_partition is not None:
         keys_target = find_partition(table, subtype=NVS_KEYS, label=encryption.keys_partition)
@@ -223,6 +231,20 @@ def nvs_config(
                 await trio.to_thread.run_sync(shutil.rmtree, workdir, True)
 
     return configure
+
+
+def _check_device_keys(table: PartitionTable, where: str, device_keys: str, partition: str) -> None:
+    """Refuse a table that would put the device's key where this phase writes (NvsError, one line)."""
+    if partition == device_keys:
+        raise NvsError(f"{where}: partition {partition!r} is where the firmware keeps the device's key; the "
+                       "configuration goes in a partition of its own")
+    if table.find(device_keys) is None:
+        raise NvsError(
+            f"{where}: no partition {device_keys!r} for the device's key in the partition table: firmware without "
+            f"one keeps its key in {partition!r}, which this phase rewrites (a config write or a retest would erase "
+            f"it); add one (type data, subtype nvs, 0x3000 bytes; docs/device-config.md), or nvs_config(..., "
+            "device_keys=None) for firmware that keeps no key"
+        )
 
 
 def _describe(source: object) -> str:

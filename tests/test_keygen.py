@@ -10,6 +10,7 @@ import base64
 import hashlib
 import secrets
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -19,7 +20,12 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from fixtures.dut import TestFirmware, test_firmware
 from fixtures.serial_link import DeviceError, ProtocolError, open_serial_link
+from fixtures.nvs import NvsEntry, build_nvs_image, load_partition_table, read_nvs_image
+from fixtures.partition_table import DEVICE_KEYS, PARTITION_TABLE_OFFSET, single_app_table
 from fixtures.sim.device import DeviceProfile, Faults, VirtualDevice, device_private_key
+from fixtures.sim.device_keys import FlashKeyStore
+from fixtures.sim.firmware import KeyStorageError
+from fixtures.sim.spi_flash import SpiNorFlash
 from fixtures.sim.farm import open_farm
 from fixtures.sim.pty import PtyEndpoint
 from phases.evt import console_transcript
@@ -28,6 +34,7 @@ from sequencer import Product
 from sequencer.records import Outcome, RunRecord, run_to_json
 from tests.conftest import run_product
 
+ROOT = Path(__file__).resolve().parent.parent
 SPKI = serialization.PublicFormat.SubjectPublicKeyInfo
 
 
@@ -226,3 +233,59 @@ async def test_a_bad_key_fails_the_phase_with_its_reason(store_path: Path, fault
     # A key the device could not prove it holds is never recorded as its key.
     assert "public_key" not in run.dut and "public_key_sha256" not in run.dut
     assert_no_private_key(run, store_path, device_private_key(device.profile))
+
+
+# -- where an ESP32 board keeps its key ---------------------------------------------
+
+
+def flash_with(table: Any) -> SpiNorFlash:
+    flash = SpiNorFlash()
+    if table is not None:
+        flash.program(PARTITION_TABLE_OFFSET, table.to_bytes())
+    return flash
+
+
+def test_the_key_lives_in_its_own_partition_and_a_config_rewrite_keeps_it() -> None:
+    table = load_partition_table(ROOT / "products" / "data" / "esp32_sensor" / "build" / "flasher_args.json")
+    flash = flash_with(table)
+    store = FlashKeyStore(flash)
+    assert store.load() is None
+    store.save(b"\x07" * 32)
+    keys, nvs = table.find(DEVICE_KEYS), table.find("nvs")
+    assert store.load() == b"\x07" * 32 and not flash.is_erased(keys.offset, keys.size)
+    assert flash.is_erased(nvs.offset, nvs.size)
+    flash.erase_range(nvs.offset, nvs.size)  # nvs_config writes the whole partition
+    flash.program(nvs.offset, build_nvs_image([NvsEntry("mqtt", "username", "string", "SN1")], nvs.size))
+    assert store.load() == b"\x07" * 32
+
+
+def test_firmware_without_a_key_partition_keeps_its_key_in_nvs_and_loses_it_with_a_config_write() -> None:
+    # What the simulator does for a table without dev_keys, as firmware built before it did.
+    table = single_app_table()
+    flash = flash_with(table)
+    nvs = table.find("nvs")
+    flash.program(nvs.offset, build_nvs_image([NvsEntry("mqtt", "username", "string", "SN1")], nvs.size))
+    store = FlashKeyStore(flash)
+    store.save(b"\x07" * 32)
+    assert {e.name for e in read_nvs_image(flash.read(nvs.offset, nvs.size))} == {"mqtt.username", "devkey.p256"}
+    flash.erase_range(nvs.offset, nvs.size)
+    flash.program(nvs.offset, build_nvs_image([NvsEntry("mqtt", "username", "string", "SN1")], nvs.size))
+    assert store.load() is None
+    with pytest.raises(KeyStorageError):
+        FlashKeyStore(flash_with(None)).save(b"\x07" * 32)  # no partition table: nowhere to keep it
+
+
+def test_a_unit_that_lost_its_key_makes_a_different_one() -> None:
+    device = VirtualDevice(DeviceProfile.generate(3, seed=5))
+    try:
+        table = load_partition_table(ROOT / "products" / "data" / "esp32_sensor" / "build" / "flasher_args.json")
+        flash = flash_with(table)
+        device.keys = FlashKeyStore(flash)
+        assert device.generate_key() is True and device.generate_key() is False
+        first = device.public_key_der()
+        assert first == spki_der(device_private_key(device.profile))
+        flash.erase_range(table.find(DEVICE_KEYS).offset, 0x3000)
+        assert not device.has_key and device.generate_key() is True
+        assert device.public_key_der() not in (None, first)  # a real unit's RNG would not repeat itself
+    finally:
+        device.close()

@@ -8,6 +8,7 @@ printer, the SQLite store, the station log and the HTML reports.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import subprocess
@@ -76,7 +77,9 @@ class Station:
         loaded: LoadedProduct | None = None,
         modem_faults: Mapping[int, ModemFaults] | None = None,
         batch: str = "TRK-1",
+        boards: list[Any] | None = None,
     ) -> list[RunRecord]:
+        """Run a station session on ``n`` units: new boards, or ``boards`` (a farm kept open: the same units)."""
         loaded = loaded or load_product(TRACKER, station_fixtures=STATION_FIXTURES)
         secrets = SecretSource.from_env({"SEQUENCER_SECRET_MQTT_CA_TOKEN": CA_TOKEN,
                                          "SEQUENCER_SECRET_TRACKER_API_TOKEN": API_TOKEN})
@@ -85,7 +88,8 @@ class Station:
         try:
             async with AsyncExitStack() as stack:
                 await stack.enter_async_context(store.writer())
-                boards = await stack.enter_async_context(open_esp32_farm(n, seed=11))
+                if boards is None:
+                    boards = await stack.enter_async_context(open_esp32_farm(n, seed=11))
                 modems = await stack.enter_async_context(open_modems(n, seed=11, faults=modem_faults))
                 storage = SqliteStorage.open(self.provisioning_db)
                 stack.push_async_callback(storage.aclose)
@@ -166,6 +170,29 @@ async def test_a_retest_keeps_the_identity_and_device_id_and_says_so(tmp_path: P
         assert gate["retest"] is True and gate["registered_device_id"] == before.dut["device_id"]
         assert measurements(after, "register")["registration_kind"] == "retest"
         assert measurements(after, "register")["claim_code"] == measurements(before, "register")["claim_code"]
+
+
+async def test_a_config_rewrite_and_a_retest_keep_the_device_key_and_its_proof(tmp_path: Path) -> None:
+    # The key KEYGEN makes lives in the board's flash. Kept in the app's NVS,
+    # it was erased by nvs_config (which rewrites that partition whole) right
+    # after keygen proved it: the unit was registered with a key it no longer
+    # had, and its retest made a new one, which the service refused.
+    station = Station(tmp_path)
+    async with open_esp32_farm(2, seed=11) as boards:
+        first = await station.run(2, boards=boards)
+        assert [r.outcome for r in first] == [Outcome.PASS, Outcome.PASS]
+        for board, run in zip(boards, first, strict=True):  # after the config was written, the key is there
+            assert board.has_key and hashlib.sha256(board.public_key_der()).hexdigest() == run.dut["public_key_sha256"]
+        again = await station.run(2, boards=boards)  # the same units come back: re-flashed, reconfigured
+    assert [r.outcome for r in again] == [Outcome.PASS, Outcome.PASS], [
+        (p.name, p.reason) for r in again for p in r.phases if p.outcome is not Outcome.PASS
+    ]
+    for before, after in zip(first, again, strict=True):
+        keygen = measurements(after, "keygen")
+        assert keygen["key_created"] is False and keygen["key_verified"] is True  # proved again, the same key
+        assert after.dut["public_key_sha256"] == before.dut["public_key_sha256"]
+        assert measurements(after, "register")["registration_kind"] == "retest"
+        assert after.dut["device_id"] == before.dut["device_id"]
 
 
 async def test_a_product_that_refuses_retests_stops_before_flashing(tmp_path: Path) -> None:

@@ -51,7 +51,7 @@ from fixtures.nvs import (
     verify_nvs_image,
 )
 from fixtures.dut import test_firmware
-from fixtures.partition_table import APP, DATA, FACTORY, NVS, Partition, PartitionTable, single_app_table
+from fixtures.partition_table import APP, DATA, DEVICE_KEYS, FACTORY, NVS, Partition, PartitionTable, single_app_table
 from fixtures.sim.esp32_board import open_esp32_farm
 from fixtures.station import STATION_FIXTURES, station_fixtures
 from phases import esp32
@@ -485,11 +485,12 @@ async def test_the_store_lives_for_one_run_and_says_when_it_is_empty() -> None:
 
 
 def custom_table(tmp_path: Path) -> Path:
-    """The single-app layout with nvs_keys where phy_init was (encryption needs the key partition)."""
+    """The shipped layout with nvs_keys where phy_init was (encryption needs the key partition)."""
     table = PartitionTable([
         Partition("nvs", DATA, NVS, 0x9000, 0x6000),
         Partition("nvs_keys", DATA, NVS_KEYS, 0xF000, 0x1000, flags=1),
         Partition("factory", APP, FACTORY, 0x10000, 0x100000),
+        Partition(DEVICE_KEYS, DATA, NVS, 0x110000, 0x3000),
     ])
     path = tmp_path / "partition-table.bin"
     path.write_bytes(table.to_bytes())
@@ -687,3 +688,16 @@ def test_the_phase_factory_checks_the_partition_table_when_the_product_loads(tmp
     assert set(configure.fixtures) == {"flasher", "dut", "device_config", "secrets"}
     with pytest.raises(ConfigError, match="no such configuration directory"):
         nvs_config(tmp_path / "nowhere", partition_table=FLASHER_ARGS)
+
+
+def test_the_phase_never_writes_the_device_key_partition_and_refuses_a_table_without_one(tmp_path: Path) -> None:
+    # Without a partition of its own the key lives in 'nvs', which the phase
+    # rewrites whole: a config write or a retest would erase it.
+    assert load_partition_table(FLASHER_ARGS).find(DEVICE_KEYS) is not None  # the shipped build has one
+    with pytest.raises(NvsError, match=r"^partition table: no partition 'dev_keys' for the device's key in the "
+                                       r"partition table: firmware without one keeps its key in 'nvs', which this "
+                                       r"phase rewrites \(a config write or a retest would erase it\); add one"):
+        nvs_config(CONFIG, partition_table=single_app_table())
+    nvs_config(CONFIG, partition_table=single_app_table(), device_keys=None)  # firmware that keeps no key
+    with pytest.raises(NvsError, match=r"partition 'dev_keys' is where the firmware keeps the device's key"):
+        nvs_config(CONFIG, partition_table=FLASHER_ARGS, partition=DEVICE_KEYS)

@@ -3,8 +3,10 @@
     python tools/make_esp32_images.py [OUT_DIR]     # default: products/data/esp32_sensor/build
 
 The files are what ``idf.py build`` leaves for ``idf.py flash``, at a tenth of
-the size: ``flasher_args.json``, a 2nd-stage bootloader image, the default
-single-app partition table and the test firmware app, whose ``esp_app_desc_t``
+the size: ``flasher_args.json``, a 2nd-stage bootloader image, the partition
+table (ESP-IDF's single-app layout and, after the app, ``dev_keys``: where the
+test firmware keeps the device's key, apart from the ``nvs`` that per-device
+configuration rewrites) and the test firmware app, whose ``esp_app_desc_t``
 names the version the simulated test firmware reports. Every image has a
 valid ESP image header, checksum and appended SHA-256, so both esptool's
 parser and the simulated boot chain accept them. The content is seeded
@@ -22,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from fixtures.partition_table import single_app_table  # noqa: E402
+from fixtures.partition_table import DATA, DEVICE_KEYS, NVS, Partition, PartitionTable, single_app_table  # noqa: E402
 from fixtures.sim.esp_image import AppDescription, build_app_image  # noqa: E402
 
 APP_NAME = "esp32-sensor-testfw.bin"
@@ -72,10 +74,15 @@ def app() -> bytes:
     return build_app_image(segments, entry_point=0x40081000)
 
 
+def partition_table() -> PartitionTable:
+    """ESP-IDF's single-app layout, then the device-key partition: 3 pages, the least a writable NVS has."""
+    return PartitionTable([*single_app_table(0x100000).partitions, Partition(DEVICE_KEYS, DATA, NVS, 0x110000, 0x3000)])
+
+
 def write(out: Path) -> list[Path]:
     files = {
         out / "bootloader" / "bootloader.bin": bootloader(),
-        out / "partition_table" / "partition-table.bin": single_app_table(0x100000).to_bytes(),
+        out / "partition_table" / "partition-table.bin": partition_table().to_bytes(),
         out / APP_NAME: app(),
     }
     args = {
