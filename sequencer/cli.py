@@ -30,7 +30,7 @@ from sequencer.config import ConfigError, StationConfig, load_station_config
 from sequencer.fixtures import with_settings
 from sequencer.product import LoadedProduct, ProductError, layers, load_product
 from sequencer.records import Outcome, RunRecord, run_to_json
-from sequencer.session import SessionResult, run_session
+from sequencer.session import SessionResult, StopSignals, run_session
 from sequencer.station import StationResult
 from sequencer.terminal import OutputConsole, printable, silence_stdout, sole_exception
 from sequencer.version import SEQUENCER_VERSION
@@ -436,26 +436,28 @@ def cmd_run(args: argparse.Namespace) -> int:
     log_handle = configure_logging(config.store.parent / "station.log", verbose=args.verbose)
     tune_garbage_collector()
     reports = _RoundReports(config)
-    try:
-        result = run_on_station_clock(partial(
-            run_session, loaded, config, store, console, not args.plain,
-            open_hardware=partial(open_hardware, loaded, config, faults),
-            open_shipping=partial(station_shipping, config, console),
-            round_ended=reports.write,
-            history=StoreUnitHistory(store),
-        ))
-        # The batch page covers the whole batch, earlier sessions and retests included.
-        batch_runs = store.find_runs(batch=config.batch_or_default)
-    finally:
-        store.close()
-        if log_handle is not None:
-            log_handle.close()
-            if log_handle.dropped:
-                console.print(
-                    f"[yellow]{log_handle.dropped} line(s) could not be written to {escape(str(log_handle.path))}"
-                    "[/yellow]"
-                )
-    return _finish_run(result, batch_runs, reports, config, console)
+    # From here to the exit code, Ctrl-C (SIGTERM, SIGHUP) only ever stops
+    # testing: the records, the summary and the report always follow.
+    with StopSignals().held() as stops:
+        try:
+            result = run_on_station_clock(partial(
+                run_session, loaded, config, store, console, not args.plain,
+                open_hardware=partial(open_hardware, loaded, config, faults),
+                open_shipping=partial(station_shipping, config, console),
+                round_ended=reports.write, history=StoreUnitHistory(store), stops=stops,
+            ))
+            # The batch page covers the whole batch, earlier sessions and retests included.
+            batch_runs = store.find_runs(batch=config.batch_or_default)
+        finally:
+            store.close()
+            if log_handle is not None:
+                log_handle.close()
+                if log_handle.dropped:
+                    console.print(
+                        f"[yellow]{log_handle.dropped} line(s) could not be written to "
+                        f"{escape(str(log_handle.path))}[/yellow]"
+                    )
+        return _finish_run(result, batch_runs, reports, config, console)
 
 
 def _raise_open_file_limit() -> None:

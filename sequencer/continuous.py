@@ -9,9 +9,10 @@ never wait for it. What slots share is what the product says they share: an
 instrument (:mod:`sequencer.resources`) or a rendezvous
 (:mod:`sequencer.rendezvous`).
 
-Ctrl-C, SIGTERM or SIGHUP behave as in rounds: the first aborts every run
+Ctrl-C, SIGTERM or SIGHUP behave as in rounds
+(:class:`~sequencer.station.StopRequests`): the first aborts every run
 under way (teardowns run, the runs are recorded ABORTED) and stops waiting
-for boards; the second cuts teardowns short. A store that refuses a record
+for boards; the second cuts teardowns short; later ones change nothing. A store that refuses a record
 stops every slot, as in rounds. Nothing grows with the number of boards
 tested: the result keeps each slot's last run and the shift's counts, the
 records are in the store.
@@ -35,7 +36,7 @@ from sequencer.product import LoadedProduct
 from sequencer.records import Outcome, RunRecord
 from sequencer.rendezvous import Rendezvous
 from sequencer.resources import SharedResource
-from sequencer.station import StationResult
+from sequencer.station import StationResult, StopRequests
 from sequencer.verdicts import UnitHistorySource
 
 __all__ = ["Boards", "run_continuous"]
@@ -72,7 +73,7 @@ async def run_continuous(
     resources: Mapping[str, SharedResource] | None = None,
     fixtures: Mapping[str, FixtureFactory] | None = None,
     handle_signals: bool = True,
-    on_abort: Callable[[int], object] | None = None,
+    stop: StopRequests | None = None,
     desk: OperatorDesk | None = None,
     history: UnitHistorySource | None = None,
     run_ended: Callable[[RunRecord], Awaitable[None]] | None = None,
@@ -80,15 +81,20 @@ async def run_continuous(
 ) -> StationResult:
     """Test every board put into any slot, each slot on its own, until stopped; see the module docstring.
 
-    ``run_ended`` is given each run as it ends (the command line writes its
-    report then), before the slot waits for its board to be taken out.
-    Returns each slot's last run and how many runs ended each way
-    (:attr:`StationResult.outcomes`).
+    ``stop`` takes the operator's requests to stop; with ``handle_signals``,
+    SIGINT, SIGTERM and SIGHUP received meanwhile are such requests (as in
+    :func:`~sequencer.station.run_station`). ``run_ended`` is given each run
+    as it ends (the command line writes its report then), before the slot
+    waits for its board to be taken out. Returns each slot's last run and
+    how many runs ended each way (:attr:`StationResult.outcomes`).
     """
     places = list(boards.places)
     cycles = _Cycles(len(places))
     points = {name: Rendezvous(name) for name in product.product.rendezvous}
-    aborts = 0
+    stop = stop if stop is not None else StopRequests()
+    if stop.count:
+        return StationResult(runs=(), aborted=True, outcomes={})  # stopped before any slot started
+    stop.attach(cycles)
 
     async def slot_cycle(index: int) -> None:
         while not cycles.stopping:
@@ -123,19 +129,10 @@ async def run_continuous(
             bus.publish(BoardRemoved(index))
 
     async def watch_signals(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        nonlocal aborts
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
             task_status.started()
             async for _ in signals:
-                aborts += 1
-                if aborts == 1:
-                    log.warning("abort requested: stopping every slot, running teardowns")
-                    cycles.stop()
-                else:
-                    log.warning("second abort: skipping remaining teardowns, flushing records")
-                    cycles.skip_teardowns()
-                if on_abort is not None:
-                    on_abort(aborts)
+                stop.request()
 
     async with trio.open_nursery() as outer:
         if handle_signals:
@@ -146,7 +143,7 @@ async def run_continuous(
         outer.cancel_scope.cancel()
     return StationResult(
         runs=tuple(r for r in cycles.last if r is not None),
-        aborted=aborts > 0,
+        aborted=stop.count > 0,
         write_error=cycles.write_error,
         crashed=tuple(cycles.crashed),
         outcomes=dict(cycles.outcomes),
@@ -212,7 +209,8 @@ class _Cycles:
 
     _by = "by the operator"
 
-    def stop(self) -> None:
+    def abort(self) -> None:
+        """The operator's stop (:class:`~sequencer.station.StopRequests`)."""
         self._by = "by the operator"
         self._stop()
 

@@ -6,7 +6,9 @@ answers come from (:mod:`sequencer.keyboard`, or the simulated operator).
 Each round gets its own slots (under ``--sim``, a fresh farm: new boards),
 shared instruments and display; between rounds the operator says whether
 the next boards are in. The command line (:mod:`sequencer.cli`) turns the
-result into reports, a summary and an exit code.
+result into reports, a summary and an exit code. The operator's stop
+signals are the session's for all of it (:class:`StopSignals`): they stop
+testing, never what follows it.
 
 The session is core: it names no fixture and no store. What it opens
 beyond the core comes from the command line, which builds it: the
@@ -19,8 +21,8 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager, contextmanager
 from functools import partial
 from typing import Any, Protocol
 
@@ -42,7 +44,10 @@ from sequencer.station import StationResult
 from sequencer.terminal import printable
 from sequencer.verdicts import UnitHistorySource
 
-__all__ = ["ContinuousSetup", "Hardware", "RoundSetup", "SessionResult", "run_session"]
+__all__ = ["ContinuousSetup", "Hardware", "RoundSetup", "SessionResult", "StopSignals", "run_session"]
+
+#: What the operator sends to stop a station: Ctrl-C, ``kill`` (or a service manager), a closed terminal.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 #: ``ask_operator``: the station's first question, whose answer is stamped on every run of the session.
 WHO_IS_TESTING = Question(-1, "", "", "who is testing? Scan your badge or type your name, then press Enter")
@@ -85,6 +90,79 @@ class Hardware(Protocol):
         ...
 
 
+class StopSignals:
+    """The operator's stop signals for a whole ``sequencer run``, each taken where it means something.
+
+    A terminal sends every Ctrl-C to the whole process group, whatever the
+    station is doing: a second one often comes while the records are being
+    flushed or the report written. A signal received by nobody there became
+    a ``KeyboardInterrupt`` (or, for SIGTERM and SIGHUP, death) that cut off
+    the summary, the report and the shipper's last drain. So one receiver
+    takes them for the whole session, and each goes to what is happening:
+    while the session is set up, it stops the session (nothing was tested);
+    while a round's slots run, to its :class:`~sequencer.station.StopRequests`
+    (abort, then skip teardowns); while the station asks its own question,
+    it ends the question; between rounds, the session stops after the round;
+    once the last round has ended, it changes nothing but a line on the
+    terminal. Before and after the event loop, :meth:`held` keeps them
+    from interrupting (``sequencer run`` holds them until its exit code).
+    """
+
+    def __init__(self) -> None:
+        #: signals received so far, by the session's receiver or while held
+        self.received = 0
+        #: received while held, outside the event loop: the session's receiver acts on them when it starts
+        self._unheard = 0
+        self._routes: list[Callable[[], object]] = []
+
+    @contextmanager
+    def held(self) -> Iterator[StopSignals]:
+        """Outside the event loop, count stop signals instead of dying of them (main thread only).
+
+        Once one has come, they are ignored after the block: the process
+        is on its way out with its exit status decided, and a signal that
+        comes while the interpreter shuts down must not change it (SIGHUP
+        would kill it, Ctrl-C print a traceback; and the interpreter puts
+        the default action back for any Python handler as it finalizes).
+        Otherwise the handlers are restored.
+        """
+
+        def count(signum: int, frame: object) -> None:
+            self.received += 1
+            self._unheard += 1
+
+        previous = {sig: signal.signal(sig, count) for sig in STOP_SIGNALS}
+        try:
+            yield self
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, signal.SIG_IGN if self.received else handler)
+
+    @contextmanager
+    def routed(self, route: Callable[[], object]) -> Iterator[None]:
+        """Send the signals that come during the block to ``route()`` (which must not block)."""
+        self._routes.append(route)
+        try:
+            yield
+        finally:
+            self._routes.remove(route)
+
+    async def listen(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Receive stop signals until cancelled, routing each; those counted before start are routed first."""
+        with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
+            task_status.started()
+            for _ in range(self._unheard):
+                self._route()
+            self._unheard = 0
+            async for _ in signals:
+                self.received += 1
+                self._route()
+
+    def _route(self) -> None:
+        if self._routes:
+            self._routes[-1]()
+
+
 async def run_session(
     loaded: LoadedProduct,
     config: StationConfig,
@@ -96,6 +174,7 @@ async def run_session(
     open_shipping: Callable[[], AbstractAsyncContextManager[object]],
     round_ended: Callable[[StationResult], Awaitable[None]] | None = None,
     history: UnitHistorySource | None = None,
+    stops: StopSignals | None = None,
 ) -> SessionResult:
     """The station session: set up once, then rounds of every slot, the operator saying when to go on.
 
@@ -111,7 +190,33 @@ async def run_session(
     command line writes its runs' reports then). The session itself keeps
     only the last round's runs and counts: a station that runs all week
     must not hold every record it ever took.
+
+    SIGINT, SIGTERM and SIGHUP are received for the whole session and go
+    where :class:`StopSignals` says (give ``stops`` to hold them before and
+    after the event loop too).
     """
+    stops = stops if stops is not None else StopSignals()
+    async with trio.open_nursery() as listening:
+        await listening.start(stops.listen)
+        try:
+            return await _session(loaded, config, store, console, live, open_hardware, open_shipping, round_ended,
+                                  history, stops)
+        finally:
+            listening.cancel_scope.cancel()
+
+
+async def _session(
+    loaded: LoadedProduct,
+    config: StationConfig,
+    store: Any,
+    console: Console,
+    live: bool,
+    open_hardware: Callable[[], AbstractAsyncContextManager[Hardware]],
+    open_shipping: Callable[[], AbstractAsyncContextManager[object]],
+    round_ended: Callable[[StationResult], Awaitable[None]] | None,
+    history: UnitHistorySource | None,
+    stops: StopSignals,
+) -> SessionResult:
     rounds = config.rounds  # 0: until the operator says stop
     bus = EventBus()
     settings = RunSettings(station=config.station, operator=config.operator, batch=config.batch_or_default)
@@ -121,51 +226,74 @@ async def run_session(
     tally = _Tally()
     stopped: str | None = None  # when the operator stopped the session with no run open
     nobody: NoOperator | None = None
-    async with AsyncExitStack() as stack:
-        # Entered first so it exits last: its final drain sees the writer's final flush.
-        await stack.enter_async_context(open_shipping())
-        await stack.enter_async_context(store.writer())
-        hardware = await stack.enter_async_context(open_hardware())
-        async with trio.open_nursery() as answering:
-            if desk is not None:
-                answering.start_soon(_answer_operator_questions, desk, config, hardware, console, interactive)
-            try:
-                testing = True
-                if config.ask_operator and not config.operator:
-                    assert desk is not None
-                    try:
-                        name = await _ask_station(desk, bus, WHO_IS_TESTING, console, interactive)
-                    except NoOperator as exc:
-                        nobody, name = exc, None
-                    if name is None:  # nobody said who is testing: test nothing
-                        stopped, testing = ("before any board was tested" if nobody is None else None), False
-                    else:
-                        settings = attrs.evolve(settings, operator=name)
-                if testing and config.continuous:
-                    result = await _run_continuous(loaded, config, store, console, bus, settings, desk, hardware,
-                                                   interactive, history, round_ended)
-                    tally.add(result)
-                    testing = False
-                number = 0
-                while testing:
-                    number += 1
-                    # New simulated boards each round: the same slots, other units.
-                    round_config = attrs.evolve(config, seed=config.seed + 1000 * (number - 1))
-                    result = await _run_round(loaded, round_config, store, console, bus, settings, desk, hardware,
-                                              interactive, f" (round {number}{_of(rounds)})" if rounds != 1 else "",
-                                              history)
-                    tally.add(result)
-                    if round_ended is not None:
-                        await round_ended(result)
-                    if number == rounds or result.aborted or result.write_error is not None:
-                        break
-                    assert desk is not None  # there is one whenever there are rounds
-                    go_on = await _next_round(desk, bus, result, number, rounds, console, interactive)
-                    if go_on != "next":
-                        stopped = "between rounds" if go_on == "interrupted" else None
-                        break
-            finally:
-                answering.cancel_scope.cancel()
+    testing_started = False
+
+    def stop_session() -> None:
+        # Nothing tested yet: a stop ends the set-up. Once testing has begun,
+        # rounds take their own; one that comes after the rounds changes
+        # nothing, so the records, the summary and the report follow.
+        if not testing_started:
+            setting_up.cancel()
+            return
+        try:
+            console.print("[yellow]the slots have stopped: writing the records, then the summary and the "
+                          "report[/yellow]")
+        except OSError:
+            pass  # the terminal is gone; the records and the report are not
+
+    with trio.CancelScope() as setting_up, stops.routed(stop_session):
+        async with AsyncExitStack() as stack:
+            # Entered first so it exits last: its final drain sees the writer's final flush.
+            await stack.enter_async_context(open_shipping())
+            await stack.enter_async_context(store.writer())
+            hardware = await stack.enter_async_context(open_hardware())
+            async with trio.open_nursery() as answering:
+                if desk is not None:
+                    answering.start_soon(_answer_operator_questions, desk, config, hardware, console, interactive)
+                try:
+                    testing = True
+                    if config.ask_operator and not config.operator:
+                        assert desk is not None
+                        try:
+                            name = await _ask_station(desk, bus, WHO_IS_TESTING, console, interactive)
+                        except NoOperator as exc:  # nobody can say who is testing: test nothing
+                            nobody, testing = exc, False
+                        else:
+                            settings = attrs.evolve(settings, operator=name)
+                    if testing and config.continuous:
+                        testing_started = True
+                        result = await _run_continuous(loaded, config, store, console, bus, settings, desk, hardware,
+                                                       interactive, stops, history, round_ended)
+                        tally.add(result)
+                        testing = False
+                    number = 0
+                    while testing:
+                        number += 1
+                        testing_started = True
+                        # New simulated boards each round: the same slots, other units.
+                        round_config = attrs.evolve(config, seed=config.seed + 1000 * (number - 1))
+                        result = await _run_round(loaded, round_config, store, console, bus, settings, desk,
+                                                  hardware, interactive, stops,
+                                                  f" (round {number}{_of(rounds)})" if rounds != 1 else "", history)
+                        tally.add(result)
+                        if round_ended is not None:
+                            await round_ended(result)
+                        if number == rounds or result.aborted or result.write_error is not None:
+                            break
+                        assert desk is not None  # there is one whenever there are rounds
+                        # A stop between rounds ends the session here, whether it comes during the
+                        # summary or the question.
+                        with trio.CancelScope() as between, stops.routed(between.cancel):
+                            go_on = await _next_round(desk, bus, result, number, rounds, console, interactive)
+                        if between.cancelled_caught:
+                            go_on = "interrupted"
+                        if go_on != "next":
+                            stopped = "between rounds" if go_on == "interrupted" else None
+                            break
+                finally:
+                    answering.cancel_scope.cancel()
+    if setting_up.cancelled_caught:
+        stopped = "before any board was tested"
     if nobody is not None:
         raise ConfigError(f"the station asks who is testing (ask_operator), and nobody can answer: {nobody}; "
                           "give --operator NAME")
@@ -228,19 +356,26 @@ class _Tally:
 
 async def _run_round(
     loaded: LoadedProduct, config: StationConfig, store: Any, console: Console, bus: EventBus,
-    settings: RunSettings, desk: OperatorDesk | None, hardware: Hardware, interactive: bool, which: str,
-    history: UnitHistorySource | None,
+    settings: RunSettings, desk: OperatorDesk | None, hardware: Hardware, interactive: bool, stops: StopSignals,
+    which: str, history: UnitHistorySource | None,
 ) -> StationResult:
-    """One round: every slot runs the product once, shown live (or as plain lines)."""
-    from sequencer.station import run_station
+    """One round: every slot runs the product once, shown live (or as plain lines).
 
-    async with hardware.open_round(config) as setup:
-        async with _shown(loaded, setup.ports, setup.notices, settings, console, bus, desk, interactive, which):
-            return await run_station(
-                loaded, setup.ports, settings=settings, store=store, bus=bus, resources=setup.resources,
-                on_abort=partial(_tell_operator, console), fixtures=setup.fixtures, desk=desk, history=history,
-                simulated=bool(config.sim),
-            )
+    Stop signals go to the round's :class:`~sequencer.station.StopRequests`
+    from its set-up on: one that comes while its boards are prepared starts
+    no slot.
+    """
+    from sequencer.station import StopRequests, run_station
+
+    stop = StopRequests(on_request=partial(_tell_operator, console))
+    with stops.routed(stop.request):
+        async with hardware.open_round(config) as setup:
+            async with _shown(loaded, setup.ports, setup.notices, settings, console, bus, desk, interactive, which):
+                return await run_station(
+                    loaded, setup.ports, settings=settings, store=store, bus=bus, resources=setup.resources,
+                    handle_signals=False, stop=stop, fixtures=setup.fixtures, desk=desk, history=history,
+                    simulated=bool(config.sim),
+                )
 
 
 @asynccontextmanager
@@ -272,33 +407,36 @@ async def _shown(
 
 async def _run_continuous(
     loaded: LoadedProduct, config: StationConfig, store: Any, console: Console, bus: EventBus,
-    settings: RunSettings, desk: OperatorDesk | None, hardware: Hardware, interactive: bool,
+    settings: RunSettings, desk: OperatorDesk | None, hardware: Hardware, interactive: bool, stops: StopSignals,
     history: UnitHistorySource | None, round_ended: Callable[[StationResult], Awaitable[None]] | None,
 ) -> StationResult:
     """Every slot on its own cycle until Ctrl-C, shown live (or as plain lines); each run's report as it ends."""
     from sequencer.continuous import run_continuous
+    from sequencer.station import StopRequests
 
     async def run_ended(run: RunRecord) -> None:
         if round_ended is not None:
             await round_ended(StationResult((run,)))
 
-    async with hardware.open_continuous(config, bus) as setup:
-        async with _shown(loaded, setup.boards.places, setup.notices, settings, console, bus, desk, interactive,
-                          ", continuous: put a board in any slot; Ctrl-C ends the shift", continuous=True):
-            return await run_continuous(
-                loaded, setup.boards, settings=settings, store=store, bus=bus, resources=setup.resources,
-                on_abort=partial(_tell_operator, console), fixtures=setup.fixtures, desk=desk, history=history,
-                run_ended=run_ended, simulated=bool(config.sim),
-            )
+    stop = StopRequests(on_request=partial(_tell_operator, console))
+    with stops.routed(stop.request):
+        async with hardware.open_continuous(config, bus) as setup:
+            async with _shown(loaded, setup.boards.places, setup.notices, settings, console, bus, desk, interactive,
+                              ", continuous: put a board in any slot; Ctrl-C ends the shift", continuous=True):
+                return await run_continuous(
+                    loaded, setup.boards, settings=settings, store=store, bus=bus, resources=setup.resources,
+                    handle_signals=False, stop=stop, fixtures=setup.fixtures, desk=desk, history=history,
+                    run_ended=run_ended, simulated=bool(config.sim),
+                )
 
 
 def _tell_operator(console: Console, aborts: int) -> None:
-    """What Ctrl-C does, said as it is done."""
+    """What a stop signal does, said as it is done."""
     try:
         if aborts == 1:
             console.print("[yellow]aborting: running teardowns and recording every run "
                           "(Ctrl-C again to skip teardowns)[/yellow]")
-        else:
+        elif aborts == 2:
             console.print("[yellow]skipping remaining teardowns; writing records[/yellow]")
     except OSError:
         pass  # the terminal is gone (it may be why we abort); the abort goes on
@@ -311,7 +449,7 @@ async def _next_round(
     """Between two rounds: this round's summary, then the operator says go on (Enter) or stop.
 
     ``"next"``; ``"stop"`` when the operator says so or nobody is left to
-    answer (standard input ended); ``"interrupted"`` after Ctrl-C.
+    answer (standard input ended). A stop signal cancels it (the caller's scope).
     """
     from sequencer.display import station_summary
 
@@ -325,7 +463,7 @@ async def _next_round(
     except NoOperator as exc:
         console.print(f"[yellow]{escape(str(exc))}: stopping after round {number}[/yellow]")
         return "stop"
-    return "interrupted" if answer is None else answer
+    return answer
 
 
 def _of(rounds: int) -> str:
@@ -335,39 +473,32 @@ def _of(rounds: int) -> str:
 
 async def _ask_station(
     desk: OperatorDesk, bus: EventBus, question: Question, console: Console, interactive: bool
-) -> str | None:
-    """Ask the station's own question while no slot runs: the answer, or None after Ctrl-C (SIGTERM, SIGHUP).
+) -> str:
+    """Ask the station's own question while no slot runs, and wait for the answer.
 
-    No run is open, so a signal here has nothing to abort; it only ends
-    the session. :class:`NoOperator` (nobody left to answer) propagates.
+    No run is open, so a stop signal here has nothing to abort: the
+    session's scope around the question is cancelled (:class:`StopSignals`).
+    :class:`NoOperator` (nobody left to answer) propagates.
     """
     from sequencer.display import StationDisplay, show_plain, show_question_live
 
-    answer: str | None = None
     nobody: NoOperator | None = None
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
-        async with trio.open_nursery() as printing:
-            if not interactive:
-                # Ends when the bus closes, after printing what the desk published (the answer too).
-                printing.start_soon(show_plain, StationDisplay([], 0), bus.subscribe("station question"), sys.stdout)
-            try:
-                async with trio.open_nursery() as asking:
-
-                    async def stop_on_signal() -> None:
-                        async for _ in signals:
-                            asking.cancel_scope.cancel()
-                            return
-
-                    asking.start_soon(stop_on_signal)
-                    if interactive:
-                        asking.start_soon(show_question_live, desk, console)
-                    try:
-                        answer = await desk.ask(question)
-                    except NoOperator as exc:
-                        nobody = exc  # raised outside the nurseries, not wrapped in an exception group
-                    asking.cancel_scope.cancel()
-            finally:
-                bus.close()
+    answer = ""  # given when nobody is None
+    async with trio.open_nursery() as printing:
+        if not interactive:
+            # Ends when the bus closes, after printing what the desk published (the answer too).
+            printing.start_soon(show_plain, StationDisplay([], 0), bus.subscribe("station question"), sys.stdout)
+        try:
+            async with trio.open_nursery() as asking:
+                if interactive:
+                    asking.start_soon(show_question_live, desk, console)
+                try:
+                    answer = await desk.ask(question)
+                except NoOperator as exc:
+                    nobody = exc  # raised outside the nurseries, not wrapped in an exception group
+                asking.cancel_scope.cancel()
+        finally:
+            bus.close()
     if nobody is not None:
         raise nobody
     return answer

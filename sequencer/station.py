@@ -13,7 +13,8 @@ recording is worse than not testing.
 
 Ctrl-C once: every slot is aborted, teardowns run, every unfinished run is
 recorded ABORTED. Ctrl-C twice: remaining teardowns are cut short too; the records are
-still flushed. The caller exits 130 when :attr:`StationResult.aborted`.
+still flushed. Later ones change nothing (:class:`StopRequests`). The caller exits 130 when
+:attr:`StationResult.aborted`.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 import gc
 import signal
 from collections.abc import Callable, Mapping, Sequence
+from typing import Protocol
 
 import attrs
 import structlog
@@ -72,6 +74,75 @@ def tune_garbage_collector() -> None:
     gc.set_threshold(*STATION_GC_THRESHOLDS)
 
 
+class StopRequests:
+    """The operator's requests to stop one station run (Ctrl-C, SIGTERM, SIGHUP), wherever they come from.
+
+    The first aborts every slot: phases are cancelled, teardowns run, every
+    unfinished run is recorded ABORTED. The second skips the teardowns still
+    running. That is all a request can do: later ones, and any that come
+    once the slots have ended, change nothing, so flushing the records, the
+    summary and the report always follow (a terminal sends each Ctrl-C to the
+    whole process group, whatever the station is doing at that moment).
+    Requests made before the station starts its slots are kept: it then
+    starts none. What is stopped is a :class:`Stoppable`: the slots of a
+    round (:func:`run_station`), or a continuous station's cycles
+    (:mod:`sequencer.continuous`).
+    """
+
+    def __init__(self, on_request: Callable[[int], object] | None = None) -> None:
+        #: how many requests so far
+        self.count = 0
+        self._on_request = on_request
+        self._target: Stoppable | None = None
+
+    def request(self) -> None:
+        """One more request; tells ``on_request(count)``, which must not block."""
+        self.count += 1
+        if self.count == 1:
+            log.warning("abort requested: stopping every slot, running teardowns")
+            if self._target is not None:
+                self._target.abort()
+        elif self.count == 2:
+            log.warning("second abort: skipping remaining teardowns, flushing records")
+            if self._target is not None:
+                self._target.skip_teardowns()
+        if self._on_request is not None:
+            self._on_request(self.count)
+
+    def attach(self, target: Stoppable) -> None:
+        """What the requests stop from now on; those already made apply to it at once."""
+        self._target = target
+        if self.count >= 1:
+            target.abort()
+        if self.count >= 2:
+            target.skip_teardowns()
+
+
+class Stoppable(Protocol):
+    """What :class:`StopRequests` stops."""
+
+    def abort(self) -> None:
+        """Abort every run under way (teardowns run) and start no more."""
+
+    def skip_teardowns(self) -> None:
+        """Cut short the teardowns still running."""
+
+
+@attrs.frozen
+class _EverySlot:
+    """A round's slots, as :class:`StopRequests` stops them."""
+
+    controls: Sequence[SlotControl]
+
+    def abort(self) -> None:
+        for c in self.controls:
+            c.abort()
+
+    def skip_teardowns(self) -> None:
+        for c in self.controls:
+            c.skip_teardowns()
+
+
 @attrs.frozen
 class StationResult:
     runs: tuple[RunRecord, ...]
@@ -100,17 +171,18 @@ async def run_station(
     resources: Mapping[str, SharedResource] | None = None,
     fixtures: Mapping[str, FixtureFactory] | None = None,
     handle_signals: bool = True,
-    on_abort: Callable[[int], object] | None = None,
+    stop: StopRequests | None = None,
     desk: OperatorDesk | None = None,
     history: UnitHistorySource | None = None,
     simulated: bool = False,
 ) -> StationResult:
     """Run ``product`` once on each port, concurrently; return every run's record.
 
-    With ``handle_signals`` (the CLI), SIGINT, SIGTERM and SIGHUP abort the station as
-    described in the module docstring, and ``on_abort(count)`` is called on
-    each so the caller can tell the operator what is happening. ``desk``
-    queues the phases' questions for the operator (:mod:`sequencer.operator`);
+    ``stop`` takes the operator's requests to stop (:class:`StopRequests`);
+    with ``handle_signals``, SIGINT, SIGTERM and SIGHUP received while the
+    station runs are such requests. (``sequencer run`` receives them for its
+    whole session instead, so that none lands after the slots have ended.)
+    ``desk`` queues the phases' questions for the operator (:mod:`sequencer.operator`);
     ``history`` finds each unit's earlier runs (:mod:`sequencer.verdicts`).
     ``simulated``: the slots are simulated (``--sim``), and each fixture's
     ``SlotInfo`` says so.
@@ -119,8 +191,11 @@ async def run_station(
     points = {name: Rendezvous(name) for name in product.product.rendezvous}  # none for most products
     results: list[RunRecord | None] = [None] * len(ports)
     crashed: list[str] = []
-    aborts = 0
     write_error: str | None = None
+    stop = stop if stop is not None else StopRequests()
+    if stop.count:
+        return StationResult(runs=(), aborted=True)  # stopped before any slot started
+    stop.attach(_EverySlot(controls))
 
     async def slot_task(index: int, port: str) -> None:
         nonlocal write_error
@@ -147,23 +222,12 @@ async def run_station(
             crashed.append(f"slot {index} {port}: {type(exc).__name__}: {exc}")
 
     async def watch_signals(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        nonlocal aborts
         # SIGHUP too: a closed terminal would otherwise kill the station with
         # its DUTs powered and its runs left open (INTERRUPTED at the next start).
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
             task_status.started()
             async for _ in signals:
-                aborts += 1
-                if aborts == 1:
-                    log.warning("abort requested: stopping every slot, running teardowns")
-                    for c in controls:
-                        c.abort()
-                else:
-                    log.warning("second abort: skipping remaining teardowns, flushing records")
-                    for c in controls:
-                        c.skip_teardowns()
-                if on_abort is not None:
-                    on_abort(aborts)  # tell the operator; must not block
+                stop.request()
 
     async with trio.open_nursery() as outer:
         if handle_signals:
@@ -174,7 +238,7 @@ async def run_station(
         outer.cancel_scope.cancel()
     return StationResult(
         runs=tuple(r for r in results if r is not None),
-        aborted=aborts > 0,
+        aborted=stop.count > 0,
         write_error=write_error,
         crashed=tuple(crashed),
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
 import signal
@@ -55,11 +56,15 @@ def reopened(store_path: Path, batch: str) -> tuple[list, int]:
         store.close()
 
 
-def start_station(tmp_path: Path, slots: int, batch: str) -> tuple[subprocess.Popen, Path]:
-    """Start `sequencer run` on the slow product and return once every slot is soaking."""
+def start_station(tmp_path: Path, slots: int, batch: str, *, own_group: bool = False) -> tuple[subprocess.Popen, Path]:
+    """Start `sequencer run` on the slow product and return once every slot is soaking.
+
+    ``own_group``: in a process group of its own, as a terminal's foreground job, so a test can signal the
+    whole group as a terminal's Ctrl-C does (``os.killpg``).
+    """
     store_path = tmp_path / "store.sqlite"
     proc = sequencer("run", str(SLOW), "--sim", str(slots), "--store", str(store_path),
-                     "--reports", str(tmp_path / "reports"), "--plain", "--batch", batch)
+                     "--reports", str(tmp_path / "reports"), "--plain", "--batch", batch, start_new_session=own_group)
     try:
         wait_for(lambda: soaking_runs(store_path) == slots)
     except BaseException:
@@ -105,6 +110,79 @@ def test_second_ctrl_c_skips_teardowns_but_keeps_records(tmp_path: Path) -> None
     assert len(runs) == 4 and left_open == 0
     assert all(r.outcome is Outcome.ABORTED for r in runs)
     assert all(r.phase("power_off").outcome in (Outcome.ABORTED, Outcome.SKIPPED) for r in runs)
+
+
+def outcomes_in(store_path: Path) -> list[str | None]:
+    """The runs' outcomes as the store's database has them now (read-only: the station may be writing)."""
+    import sqlite3
+
+    try:
+        conn = sqlite3.connect(f"file:{store_path}?mode=ro", uri=True, timeout=5)
+    except sqlite3.Error:
+        return []
+    try:
+        return [row[0] for row in conn.execute("SELECT outcome FROM runs ORDER BY slot")]
+    except sqlite3.Error:
+        return []
+    finally:
+        conn.close()
+
+
+def assert_ended_as_aborted(proc: subprocess.Popen, out: str, err: str, tmp_path: Path, slots: int,
+                            batch: str) -> None:
+    """What must follow any number of stop signals: exit 130, the summary, the report, every run ABORTED."""
+    assert proc.returncode == 130, out + err
+    assert "Traceback" not in err, err
+    assert f"0/{slots} passed.  Report: " in out, out
+    assert f"aborted by the operator; {slots} unfinished run(s) recorded ABORTED" in out, out
+    assert (tmp_path / "reports" / batch / "index.html").exists()
+    runs, left_open = reopened(tmp_path / "store.sqlite", batch)
+    assert len(runs) == slots and left_open == 0
+    assert all(r.outcome is Outcome.ABORTED for r in runs)
+    assert len(list((tmp_path / "reports" / batch).glob("*.html"))) == slots + 1  # each run's page and the batch's
+
+
+@pytest.mark.slow
+def test_a_second_ctrl_c_after_the_slots_have_stopped_still_gives_the_summary_the_report_and_130(
+    tmp_path: Path,
+) -> None:
+    # In a terminal both Ctrl-Cs go to the whole process group, whatever the
+    # station is doing: here the second comes once every run is recorded
+    # ABORTED, while the records are flushed and the report is written.
+    proc, store_path = start_station(tmp_path, 4, "LATE", own_group=True)
+    try:
+        os.killpg(proc.pid, signal.SIGINT)
+        wait_for(lambda: outcomes_in(store_path) == ["ABORTED"] * 4, timeout=30)
+        os.killpg(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert_ended_as_aborted(proc, out, err, tmp_path, 4, "LATE")
+    for r in reopened(store_path, "LATE")[0]:
+        assert r.phase("power_off").outcome is Outcome.PASS  # the second came after the teardowns: none cut
+
+
+@pytest.mark.slow
+def test_stop_signals_sent_over_and_over_only_stop_testing(tmp_path: Path) -> None:
+    # An operator leaning on Ctrl-C, a closed terminal, a service manager's
+    # SIGTERM, all at once and until the station exits: every moment of the
+    # abort, the flush and the report writing gets a signal. They may skip
+    # teardowns; they never cost the summary, the report or exit status 130.
+    proc, store_path = start_station(tmp_path, 4, "HAMMER", own_group=True)
+    sent = 0
+    try:
+        while proc.poll() is None and sent < 3000:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, (signal.SIGINT, signal.SIGINT, signal.SIGTERM, signal.SIGHUP)[sent % 4])
+            sent += 1
+            time.sleep(0.005)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert_ended_as_aborted(proc, out, err, tmp_path, 4, "HAMMER")
+    assert sent > 10  # signals came all the way through, not only at the start
+    for r in reopened(store_path, "HAMMER")[0]:
+        assert r.phase("power_off").outcome in (Outcome.PASS, Outcome.ABORTED, Outcome.SKIPPED)
 
 
 @pytest.mark.slow

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -220,9 +222,10 @@ async def test_primary_stepped_down_mid_batch_loses_nothing(tmp_path: Path, repl
 # -- the real command, killed --------------------------------------------------------
 
 
-def sequencer(*args: str, phase_s: float = 0.0, own_session: bool = False) -> subprocess.Popen[str]:
+def sequencer(*args: str, phase_s: float = 0.0, own_session: bool = False, quick_slots: str = "") -> subprocess.Popen[str]:
     """``sequencer ...`` in a child; ``own_session``: its own process group, as a terminal's foreground job."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "MONGO_WIDGET_PHASE_S": str(phase_s)}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "MONGO_WIDGET_PHASE_S": str(phase_s),
+           "MONGO_WIDGET_QUICK_SLOTS": quick_slots}
     return subprocess.Popen(
         [sys.executable, "-m", "sequencer.cli", *args],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT, start_new_session=own_session,
@@ -301,6 +304,119 @@ def test_ctrl_c_at_a_shipping_station_ships_the_aborted_runs(tmp_path: Path, mon
     # The shipper outlived the abort: every run is in MongoDB as the store has it, ABORTED.
     assert_mirrors_store(store_path, mongo)
     assert [d["outcome"] for d in db.runs.find({"batch": "CTRLC"})] == [Outcome.ABORTED.value] * 4
+    db.client.close()
+
+
+def store_outcomes(store_path: Path) -> dict[str, str | None]:
+    """Each run's outcome as the store's database has it now (read-only: the station is writing)."""
+    import sqlite3
+
+    conn = sqlite3.connect(f"file:{store_path}?mode=ro", uri=True, timeout=5)
+    try:
+        return dict(conn.execute("SELECT run_id, outcome FROM runs").fetchall())
+    except sqlite3.Error:
+        return {}
+    finally:
+        conn.close()
+
+
+@pytest.mark.slow
+def test_ctrl_c_twice_at_a_shipping_station_leaves_every_run_in_mongodb_with_its_outcome(
+    tmp_path: Path, mongo: MongoSettings
+) -> None:
+    # The second Ctrl-C comes while the station flushes its records and the
+    # shipper drains them: MongoDB must still end with the runs as the store
+    # has them (ABORTED, and the one that had passed, PASS), never open.
+    store_path = tmp_path / "store.sqlite"
+    db = database(mongo)
+    proc = sequencer("run", str(WIDGET), "--sim", "4", "--batch", "TWICE", "--store", str(store_path),
+                     "--reports", str(tmp_path / "reports"), "--plain", "--mongo", mongo.uri,
+                     "--mongo-db", mongo.database, phase_s=0.5, own_session=True, quick_slots="0")
+    try:
+        wait_until_sync(lambda: db.runs.count_documents({"batch": "TWICE"}) == 4
+                        and db.runs.count_documents({"outcome": "PASS"}) == 1, what="four runs streamed, one passed")
+        os.killpg(proc.pid, signal.SIGINT)
+        wait_until_sync(lambda: sorted(map(str, store_outcomes(store_path).values())) == ["ABORTED"] * 3 + ["PASS"],
+                        what="the store has the aborted runs")
+        os.killpg(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, out + err
+    assert "aborted by the operator; 3 unfinished run(s) recorded ABORTED" in out, out
+    assert "nothing waiting to ship" in out, out
+    assert_mirrors_store(store_path, mongo)
+    assert sorted(d["outcome"] for d in db.runs.find({"batch": "TWICE"})) == ["ABORTED"] * 3 + ["PASS"]
+    db.client.close()
+
+
+@pytest.mark.slow
+def test_a_station_stopped_while_mongodb_is_away_says_what_it_leaves_to_ship(
+    tmp_path: Path, own_mongod: Mongod
+) -> None:
+    settings = fresh_settings(own_mongod.uri)
+    store_path = tmp_path / "store.sqlite"
+    common = ["--store", str(store_path), "--mongo", settings.uri, "--mongo-db", settings.database]
+    db = database(settings)
+    proc = sequencer("run", str(WIDGET), "--sim", "4", "--batch", "AWAY", "--reports", str(tmp_path / "reports"),
+                     "--plain", *common, phase_s=0.5, own_session=True)
+    try:
+        wait_until_sync(lambda: db.runs.count_documents({"outcome": None}) == 4, what="four open runs streamed")
+        own_mongod.kill()
+        os.killpg(proc.pid, signal.SIGINT)
+        wait_until_sync(lambda: list(store_outcomes(store_path).values()) == ["ABORTED"] * 4,
+                        what="the store has the aborted runs")
+        os.killpg(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=90)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, out + err
+    assert f"MongoDB {settings.target}: 4 run(s) waiting to ship" in out and "`sequencer sync` ships it" in out, out
+    own_mongod.restart()
+    sync = subprocess.run([sys.executable, "-m", "sequencer.cli", "sync", *common], capture_output=True, text=True,
+                          cwd=ROOT, timeout=60)
+    assert sync.returncode == 0, sync.stdout + sync.stderr
+    db = database(settings)
+    assert [d["outcome"] for d in db.runs.find()] == ["ABORTED"] * 4
+    assert_mirrors_store(store_path, settings)
+    db.client.close()
+
+
+def test_the_shipper_child_follows_its_station_through_stop_signals_until_its_stdin_closes(
+    tmp_path: Path, mongo: MongoSettings
+) -> None:
+    # The station's stop signals are the station's: a terminal's Ctrl-C, a
+    # service manager's SIGTERM to the whole control group. The child keeps
+    # shipping what the station records while it aborts, and stops only
+    # when the station closes its stdin.
+    from tests import records_factory as rf
+    from tests.store_support import store_runs
+
+    path = tmp_path / "store.sqlite"
+    trio.run(store_runs, path, [rf.sensor_run("SN-1")])
+    child = subprocess.Popen(
+        [sys.executable, "-m", "reports.storage.shipper", "--store", str(path), "--database", mongo.database,
+         "--poll", "0.05", "--final-drain", "5"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
+        env={**os.environ, "SEQUENCER_MONGO_URI": mongo.uri},
+    )
+    assert child.stdin is not None and child.stdout is not None
+    db = database(mongo)
+    try:
+        assert json.loads(child.stdout.readline())["event"] == "status"  # started: its signal handling is in place
+        wait_until_sync(lambda: db.runs.count_documents({}) == 1, what="the first run shipped")
+        for stop in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+            child.send_signal(stop)
+        time.sleep(0.5)
+        assert child.poll() is None
+        trio.run(store_runs, path, [rf.sensor_run("SN-2", slot=1)])  # what the station records as it aborts
+        wait_until_sync(lambda: db.runs.count_documents({}) == 2, what="the run recorded after the signals shipped")
+        child.stdin.close()
+        assert child.wait(timeout=30) == 0
+    finally:
+        child.kill()
+    assert b"Traceback" not in child.stderr.read()
+    assert_mirrors_store(path, mongo)
     db.client.close()
 
 

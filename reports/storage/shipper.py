@@ -40,6 +40,7 @@ Never slowing a slot:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -568,8 +569,13 @@ def describe_backlog(status: ShipStatus) -> str:
 # Protocol: the child writes one JSON object per line on stdout ("event":
 # "status" | "unreachable" | "reachable" | "quarantined" | "error" | "final").
 # It stops when its stdin reaches end of file (the station closed it, or the
-# station died, SIGKILL included) or on SIGTERM/SIGINT: it finishes the pass in
+# station died, SIGKILL included), and only then: it finishes the pass in
 # flight, drains for at most --final-drain seconds, reports "final", exits 0.
+# SIGINT, SIGTERM and SIGHUP are ignored. They are the station's (a terminal's
+# Ctrl-C, a service manager stopping the station's whole control group): the
+# station aborts, records its runs ABORTED, and only then closes this stdin.
+# A child that drained and quit on the signal left MongoDB with those runs
+# still open (`outcome: null`).
 
 
 def _status_dict(status: ShipStatus) -> dict[str, object]:
@@ -577,7 +583,6 @@ def _status_dict(status: ShipStatus) -> dict[str, object]:
 
 
 async def _follow(a: argparse.Namespace) -> int:
-    import signal
     import sys
 
     out = sys.stdout
@@ -620,18 +625,11 @@ async def _follow(a: argparse.Namespace) -> int:
                     last = now
                 await trio.sleep(0.25)
 
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(shipper.run)
-                nursery.start_soon(report)
-
-                async def stop_on_signal() -> None:
-                    async for _ in signals:
-                        nursery.cancel_scope.cancel()
-
-                nursery.start_soon(stop_on_signal)
-                await stdin_closed()
-                nursery.cancel_scope.cancel()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(shipper.run)
+            nursery.start_soon(report)
+            await stdin_closed()
+            nursery.cancel_scope.cancel()
         if a.final_drain > 0:
             await shipper.drain(timeout=a.final_drain)
         else:
@@ -654,6 +652,10 @@ def follow_main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not args.uri:
         parser.error("give --uri or set SEQUENCER_MONGO_URI")
+    import signal
+
+    for stop in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(stop, signal.SIG_IGN)  # the station's, not ours: see above
     from sequencer.logs import configure_logging
 
     configure_logging(None)  # events go to the station on stdout
@@ -692,8 +694,10 @@ async def shipping_process(
     backlog from before is known). On exit the child's stdin is closed; it
     finishes its pass, drains for at most ``final_drain`` s, and reports its
     final status, which :meth:`ShipperProcess.status` then returns. A child
-    that does not finish in time is terminated: nothing is lost by that, only
+    that does not finish in time is killed: nothing is lost by that, only
     left for the next shipper (everything it acknowledged is in the store).
+    Cancelled, the block stops the child the same way (never by a signal,
+    which would cut its last drain short).
     """
     import subprocess
     import sys
@@ -760,6 +764,17 @@ async def shipping_process(
             else:
                 handle.exit_message = message
 
+    async def stop_child(proc: trio.Process) -> None:
+        # As at the block's end: the end of its stdin, time for its last drain, and only then a kill.
+        assert proc.stdin is not None
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await proc.stdin.aclose()
+        with trio.move_on_after(final_drain + 10):
+            await proc.wait()
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
     async with trio.open_nursery() as nursery:
         # A session of its own: the terminal's Ctrl-C (or hang-up) is for the
         # station, which aborts, records ABORTED and only then closes the
@@ -767,7 +782,7 @@ async def shipping_process(
         # before those records existed.
         proc: trio.Process = await nursery.start(partial(
             trio.run_process, argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            env=env, check=False, start_new_session=True,
+            env=env, check=False, start_new_session=True, deliver_cancel=stop_child,
         ))
         first = trio.Event()
         nursery.start_soon(read_lines, proc, first)
@@ -780,16 +795,7 @@ async def shipping_process(
         finally:
             closing = True
             with trio.CancelScope(shield=True):
-                assert proc.stdin is not None
-                try:
-                    await proc.stdin.aclose()
-                except trio.BrokenResourceError:
-                    pass
-                with trio.move_on_after(final_drain + 10):
-                    await proc.wait()
-                if proc.returncode is None:
-                    proc.kill()
-                    await proc.wait()
+                await stop_child(proc)
                 if not handle.final:
                     # No final report (the child died or was killed): say what the store says.
                     ledger = await trio.to_thread.run_sync(ShipLedger, Path(store_path), settings.target)

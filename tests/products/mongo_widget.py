@@ -2,7 +2,8 @@
 
 ``MONGO_WIDGET_PHASE_S`` (seconds, default 0) is how long each of the six
 ``step`` phases takes, so a test can keep runs open long enough to kill the
-station in the middle of a batch.
+station in the middle of a batch. ``MONGO_WIDGET_QUICK_SLOTS`` (slot numbers,
+comma-separated) take no time at all: their runs end while the others are open.
 """
 
 import os
@@ -12,6 +13,7 @@ import trio
 from sequencer import Measurement, Product, phase
 
 PHASE_S = float(os.environ.get("MONGO_WIDGET_PHASE_S", "0"))
+QUICK_SLOTS = {int(n) for n in os.environ.get("MONGO_WIDGET_QUICK_SLOTS", "").split(",") if n.strip()}
 
 
 @phase(measurements=[Measurement("slot_index")])
@@ -24,7 +26,7 @@ async def identify(ctx, slot):
 def _step(i):
     @phase(name=f"step{i}", measurements=[Measurement("vdd", units="V").in_range(3.0, 3.6)])
     async def step(ctx, slot):
-        await trio.sleep(PHASE_S)
+        await trio.sleep(0 if slot.index in QUICK_SLOTS else PHASE_S)
         ctx.measurements.vdd = 3.3 + slot.index * 1e-4 + i * 1e-3
 
     return step
