@@ -422,6 +422,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     _raise_open_file_limit()
     if config.sim:
         _check_free_ptys(config.sim)
+    reports = _RoundReports(config)
+    reports.check_writable()
     store = LocalStore.open(config.store, station=True)
     # soft_wrap: a path or a batch id is never broken across lines (it would
     # not paste back); markup is only ever in this module's own literals, and
@@ -435,7 +437,6 @@ def cmd_run(args: argparse.Namespace) -> int:
                       "be restored (cut short by a crash or a full disk) and were skipped[/yellow]")
     log_handle = configure_logging(config.store.parent / "station.log", verbose=args.verbose)
     tune_garbage_collector()
-    reports = _RoundReports(config)
     # From here to the exit code, Ctrl-C (SIGTERM, SIGHUP) only ever stops
     # testing: the records, the summary and the report always follow.
     with StopSignals().held() as stops:
@@ -508,9 +509,35 @@ class _RoundReports:
     def __init__(self, config: StationConfig) -> None:
         from reports.render.html import batch_dir
 
+        self.reports_dir = config.reports_dir
         self.folder = batch_dir(config.reports_dir, config.batch_or_default)
         self.cpk_threshold = config.quality.cpk_threshold
         self.error: Exception | None = None
+
+    def check_writable(self) -> None:
+        """Refuse, before any unit is tested, a reports folder nothing can be written in.
+
+        A read-only folder (or a file where the folder should be) used to
+        surface only at the end, as a red line under a batch that went on
+        testing and exited 0. The batch's folder is not made here (a session
+        stopped before testing leaves none): the nearest folder that exists
+        must take a new file, and it is deleted as it is made.
+        """
+        import tempfile
+
+        existing = self.folder
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        try:
+            if not existing.is_dir():
+                raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(existing))
+            tempfile.TemporaryFile(dir=existing).close()
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+            if existing != self.reports_dir:
+                reason = f"{existing}: {reason}"
+            raise UsageError(f"{self.reports_dir}: the HTML reports cannot be written there: {reason} (give "
+                             "--reports DIR)") from None
 
     async def write(self, result: StationResult) -> None:
         if result.write_error is not None or self.error is not None:

@@ -266,6 +266,40 @@ def test_sigkill_mid_run_then_reopen_marks_interrupted_and_keeps_finished_phases
         assert r.serial == f"SLOW{r.slot:04d}"
 
 
+def as_an_operator() -> None:
+    """In the child: write permissions count, as for an operator's account (root would write anyway)."""
+    import ctypes
+
+    if os.geteuid() == 0:
+        libc = ctypes.CDLL(None, use_errno=True)
+        for capability in (1, 2):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, out of the bounding set
+            if libc.prctl(24, capability, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
+                raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+
+
+@pytest.mark.parametrize("where", ["folder", "inside"])
+def test_a_reports_folder_that_cannot_be_written_is_refused_before_any_unit_is_tested(
+    tmp_path: Path, where: str
+) -> None:
+    reports = tmp_path / "reports"
+    reports.mkdir()
+    if where == "inside":  # the batch's folder is there already, and read-only
+        (reports / "RO").mkdir()
+        (reports / "RO").chmod(0o555)
+    else:
+        reports.chmod(0o555)
+    store_path = tmp_path / "store.sqlite"
+    proc = sequencer("run", str(SLOW), "--sim", "2", "--store", str(store_path), "--reports", str(reports),
+                     "--plain", "--batch", "RO", preexec_fn=as_an_operator)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2, out + err
+    [line] = err.strip().splitlines()
+    assert line.startswith(f"sequencer: error: {reports}: the HTML reports cannot be written there: "), line
+    assert "Permission denied" in line
+    assert not store_path.exists()  # refused before the store was opened: no unit tested, no run recorded
+    assert [p.name for p in reports.rglob("*")] == (["RO"] if where == "inside" else [])
+
+
 def test_a_store_that_cannot_be_written_stops_the_station_with_one_line_and_keeps_what_was_committed(
     tmp_path: Path,
 ) -> None:
