@@ -455,6 +455,7 @@ def test_runs_table_fits_80_columns_without_splitting_identifiers(
     store = LocalStore.open(tmp_path / "s.sqlite")
     store._write_batch([_Write.begin(r)])
     store.close()
+    LocalStore.open(tmp_path / "s.sqlite", station=True).close()  # the next station start marks it INTERRUPTED
     assert main(["runs", "--store", str(tmp_path / "s.sqlite")]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert max(len(line) for line in lines) <= 80

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import resource
 import signal
 import subprocess
@@ -264,6 +265,35 @@ def test_sigkill_mid_run_then_reopen_marks_interrupted_and_keeps_finished_phases
         assert r.outcome is Outcome.INTERRUPTED
         assert r.phase("identify").outcome is Outcome.PASS
         assert r.serial == f"SLOW{r.slot:04d}"
+
+
+@pytest.fixture(scope="module")
+def full_disk(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A station run until its disk filled, then the reading commands on that disk (tests/full_disk.py)."""
+    from tests.full_disk import on_a_full_disk
+
+    return on_a_full_disk(tmp_path_factory.mktemp("full-disk"))
+
+
+@pytest.mark.slow
+def test_reading_commands_work_while_the_disk_is_full(full_disk: dict) -> None:
+    station = full_disk["station"]
+    assert station["code"] == 2, station["out"] + station["err"]
+    assert "write failed" in station["err"]  # the disk filled up under the station
+    assert "filler" in full_disk["files"]  # and the commands below ran with no room left at all
+    for command in ("runs", "runs_json", "report", "export", "find"):
+        seen = full_disk[command]
+        assert seen["code"] == 0, (command, seen["err"])
+        assert "cannot" not in seen["err"] and "Traceback" not in seen["err"], (command, seen["err"])
+    runs = [line for line in full_disk["runs_json"]["out"].splitlines() if line]
+    assert len(runs) == len(full_disk["store"])  # every run the store has, as far as its database has it
+    assert f"{len(runs)} run(s): " in full_disk["runs"]["out"]
+    assert full_disk["report"]["out"].strip().endswith("batch.html")
+    assert full_disk["export"]["out"].strip().endswith("runs.csv")
+    assert "device SN" in full_disk["find"]["out"]
+    # The dead station's journal is left for the next station start, and the reader says so.
+    assert "stopped without closing its runs" in full_disk["runs"]["err"]
+    assert "record(s) in its journal are not shown" in full_disk["runs"]["err"]
 
 
 def as_an_operator() -> None:

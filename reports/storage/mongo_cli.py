@@ -140,13 +140,25 @@ def reading_runs(args: argparse.Namespace) -> Iterator[RunsReading]:
             finally:
                 sink.close()
             return
-    from reports.storage.store import LocalStore
-
-    store = LocalStore.open(require_store(config))
+    store = open_store_to_read(config)
     try:
         yield RunsReading(config, store, str(store.path))
     finally:
         store.close()
+
+
+def open_store_to_read(config: StationConfig) -> Any:
+    """The station's store, opened read-only (so reading works on a full disk); says what it cannot show yet."""
+    from reports.storage.store import LocalStore
+
+    store = LocalStore.open_readonly(require_store(config))
+    if store.unrestored or store.left_open:
+        journal = f", and {store.unrestored} record(s) in its journal are not shown" if store.unrestored else ""
+        Console(stderr=True, highlight=False).print(Text(
+            f"sequencer: {store.path}: the station that last tested here stopped without closing its runs: "
+            f"{store.left_open} show as RUNNING{journal}; the next `sequencer run` on this store restores them and"
+            " marks them INTERRUPTED", style="yellow"), soft_wrap=True)
+    return store
 
 
 def _warn_of_unshipped_runs(store: Path, target: str) -> None:
@@ -331,7 +343,7 @@ def cmd_find(args: argparse.Namespace) -> int:
         finally:
             sink.close()
     if devices is None:
-        devices = find_local(require_store(config), key, value)
+        devices = find_local(config, key, value)
         source = f"local store {config.store}"
     if args.json:
         print(json.dumps({"source": source, "devices": devices}, default=_json_default, indent=2))
@@ -398,11 +410,9 @@ def find_devices(source: Any, key: str, value: str) -> list[dict[str, Any]]:
     return [device_of_unit(u, [runs[rid] for rid in u.run_ids]) for u in matched]
 
 
-def find_local(store_path: Path, key: str, value: str) -> list[dict[str, Any]]:
+def find_local(config: StationConfig, key: str, value: str) -> list[dict[str, Any]]:
     """:func:`find_devices` in the station's own store."""
-    from reports.storage.store import LocalStore
-
-    store = LocalStore.open(store_path)
+    store = open_store_to_read(config)
     try:
         return find_devices(store, key, value)
     finally:

@@ -66,7 +66,7 @@ from reports.storage.mongo import (
     WriteReport,
     prepare_phase,
 )
-from reports.storage.store import LocalStore, StoreError, iter_change_rows
+from reports.storage.store import LocalStore, StoreError, connect_readonly, iter_change_rows
 from sequencer.records import SCHEMA_VERSION, utcnow
 
 log = structlog.get_logger("sequencer.shipper")
@@ -526,7 +526,7 @@ def runs_not_in_mongodb(store: Path, target: str) -> int:
     Read-only: a reading command must not write the station's store. A store
     that never shipped to ``target`` has no ledger for it, and every run counts.
     """
-    conn = sqlite3.connect(f"{Path(store).resolve().as_uri()}?mode=ro", uri=True, timeout=10)
+    conn = connect_readonly(Path(store))
     try:
         try:
             return int(conn.execute(

@@ -336,6 +336,47 @@ def _journal_segments(db_path: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def connect_readonly(db_path: Path) -> sqlite3.Connection:
+    """A connection that reads the store and can write nothing, working on a full disk too.
+
+    SQLite reads a WAL database beside its shared-memory file, which a
+    reader must create when no connection left one; on a full disk (or in a
+    folder the reader cannot write) it cannot. With nothing in the WAL, the
+    database file alone is the whole store, and it is read as an immutable
+    file instead. The first query is made here, so that choice is.
+    """
+    uri = db_path.resolve().as_uri()
+    conn = sqlite3.connect(f"{uri}?mode=ro", uri=True, check_same_thread=False, isolation_level=None, timeout=10)
+    try:
+        conn.execute("SELECT COUNT(*) FROM sqlite_schema").fetchone()
+        return conn
+    except sqlite3.OperationalError:
+        conn.close()
+        wal = db_path.with_name(f"{db_path.name}-wal")
+        if wal.exists() and wal.stat().st_size > 0:
+            raise  # committed pages there: the database file alone is not the store
+    conn = sqlite3.connect(f"{uri}?mode=ro&immutable=1", uri=True, check_same_thread=False, isolation_level=None)
+    conn.execute("SELECT COUNT(*) FROM sqlite_schema").fetchone()
+    return conn
+
+
+def _station_holds(db_path: Path) -> bool:
+    """Whether a station process has the store open now (it holds the lock beside it)."""
+    try:
+        lock_fd = os.open(f"{db_path}.lock", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False  # no station ever opened it (or the lock cannot be read: then nothing can be said)
+    try:
+        fcntl.flock(lock_fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(lock_fd)  # releases the shared lock, if it was taken
+    return False
+
+
 #: What the database says of a record it will not take (as opposed to a full disk or a locked file).
 _REFUSED_RECORD = (sqlite3.IntegrityError, sqlite3.InterfaceError, sqlite3.ProgrammingError, sqlite3.DataError,
                    OverflowError, UnicodeEncodeError)
@@ -376,6 +417,10 @@ class LocalStore:
         self.replayed_on_open = 0
         #: journal lines that could not be restored on open (a torn write; a record whose run's beginning was lost)
         self.damaged_on_open = 0
+        #: opened read-only while no station holds the store: records the last one left in its journal, and
+        #: runs it left open (restored, and marked INTERRUPTED, at the next station start)
+        self.unrestored = 0
+        self.left_open = 0
         #: how often the WAL is checkpointed while a writer runs (see :class:`_Checkpointer`)
         self.checkpoint_interval_s = CHECKPOINT_INTERVAL_S
         #: journal segment size (see :class:`_Journal`)
@@ -447,6 +492,43 @@ class LocalStore:
                 raise StoreError(f"{p}: cannot open the local store: {exc}") from None
             if isinstance(exc, OSError):
                 raise StoreError(f"{p}: cannot open the local store: {exc.strerror or exc}") from None
+            raise
+        return store
+
+    @classmethod
+    def open_readonly(cls, path: str | Path) -> LocalStore:
+        """Open an existing store to read it, writing nothing: what ``runs``, ``report``, ``export`` and ``find`` use.
+
+        Why not :meth:`open`: it may write (the schema, a dead station's
+        journal replayed, its open runs marked INTERRUPTED), so on a full
+        disk even listing the runs failed. Here nothing is written, not even
+        the lock file. A dead station's journal stays for the next station
+        start to restore, and its open runs show as still running until then
+        (:attr:`unrestored` and :attr:`left_open` say how many).
+
+        See :func:`connect_readonly` for how SQLite is made to read a full disk.
+        """
+        p = Path(path)
+        if not p.is_file():
+            raise StoreError(f"{p}: no local store here")
+        conn = None
+        try:
+            conn = connect_readonly(p)
+            row = conn.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+            if row is None or int(row[0]) != STORE_SCHEMA:
+                raise StoreError(f"{p}: store schema {row[0] if row else None} is not supported "
+                                 f"(expected {STORE_SCHEMA})")
+            store = cls(p, conn, None)
+            if not _station_holds(p):
+                store.unrestored = sum(path.read_bytes().count(b"\n") for _, path in _journal_segments(p))
+                store.left_open = conn.execute("SELECT COUNT(*) FROM runs WHERE outcome IS NULL").fetchone()[0]
+        except BaseException as exc:
+            if conn is not None:
+                conn.close()
+            if isinstance(exc, sqlite3.DatabaseError):
+                raise StoreError(f"{p}: cannot read the local store: {exc}") from None
+            if isinstance(exc, OSError):
+                raise StoreError(f"{p}: cannot read the local store: {exc.strerror or exc}") from None
             raise
         return store
 
