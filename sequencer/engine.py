@@ -91,10 +91,13 @@ class RecordsNotWritten(Exception):
 
     ``run`` is the run as the engine knew it at the end, in memory only:
     what of it reached the store is whatever was committed before the
-    store failed. The message is the store's.
+    store failed, and its outcome is INTERRUPTED, as the store will say
+    (its record stops short: see :class:`~sequencer.records.Outcome`). ``None`` when the store
+    refused the run's very beginning: no unit was tested, and the store
+    has nothing of it. The message is the store's.
     """
 
-    def __init__(self, message: str, run: RunRecord) -> None:
+    def __init__(self, message: str, run: RunRecord | None) -> None:
         super().__init__(message)
         self.run = run
 
@@ -306,7 +309,7 @@ class _SlotRun:
             # Nothing has touched the DUT yet: testing a unit that cannot be
             # recorded is worse than not testing it.
             self.write_error = exc
-            raise RecordsNotWritten(str(exc), self._finish()) from exc
+            raise RecordsNotWritten(str(exc), None) from exc
         self.bus.publish(RunStarted(self.header))
         self.log.info("run started", product=self.product.name)
         for name in self.product.rendezvous:
@@ -353,7 +356,7 @@ class _SlotRun:
                         await self.store.finish_run(final)
                     except Exception as exc:
                         self._store_failed(exc)
-                        final = self._finish()  # ERROR now: the record could not be closed
+                        final = self._finish()  # INTERRUPTED now: the record could not be closed
         self.bus.publish(RunFinished(final))
         self.log.info("run finished", outcome=final.outcome.value if final.outcome else None)
         if self.write_error is not None:
@@ -363,7 +366,10 @@ class _SlotRun:
     def _finish(self) -> RunRecord:
         phases = tuple(self.committed)
         if self.write_error is not None:
-            outcome = Outcome.ERROR  # whatever the phases say, the unit has no complete record
+            # Whatever the phases say, the unit has no complete record; the
+            # store, once it can be written again, says INTERRUPTED of a run
+            # whose end it never got, and the terminal must say the same.
+            outcome = Outcome.INTERRUPTED
         elif self.engine_error is not None:
             outcome = Outcome.ERROR  # the unit was not tested as the product says
         elif self.control.aborted:

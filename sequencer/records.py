@@ -33,8 +33,10 @@ DEFAULT_IDENTITY: tuple[str, ...] = ("serial", "mac")
 class Outcome(str, enum.Enum):
     """How a run, phase or attempt ended.
 
-    ``INTERRUPTED`` is only ever assigned by the store to runs that a previous
-    station process left open (killed, power loss); the engine never produces it.
+    ``INTERRUPTED``: the run's record stops before its end. The store
+    assigns it to runs that a previous station process left open (killed,
+    power loss, a disk that filled up); the engine gives it to a run whose
+    records the store refused, so the terminal says what the store will.
     """
 
     PASS = "PASS"

@@ -296,6 +296,20 @@ def test_reading_commands_work_while_the_disk_is_full(full_disk: dict) -> None:
     assert "record(s) in its journal are not shown" in full_disk["runs"]["err"]
 
 
+def summary_outcomes(out: str) -> dict[int, str]:
+    """Each slot's outcome as the summary table printed it (the first word of its result)."""
+    rows = re.findall(r"^│ (\d+)\s+│[^│]*│[^│]*│ ([A-Z]+)\b[^│]*│", out, flags=re.MULTILINE)
+    return {int(slot): outcome for slot, outcome in rows}
+
+
+@pytest.mark.slow
+def test_after_a_full_disk_the_summary_says_what_the_store_says(full_disk: dict) -> None:
+    printed = summary_outcomes(full_disk["station"]["out"])
+    stored = {r["slot"]: r["outcome"] for r in full_disk["store"]}
+    assert "INTERRUPTED" in stored.values()  # runs the full disk cut short
+    assert printed == stored, full_disk["station"]["out"]
+
+
 def as_an_operator() -> None:
     """In the child: write permissions count, as for an operator's account (root would write anyway)."""
     import ctypes

@@ -485,12 +485,18 @@ class _DiskFillsUp:
     lets the engine's side be checked phase by phase.
     """
 
-    def __init__(self, room: int) -> None:
+    def __init__(self, room: int, *, runs: int | None = None) -> None:
         self.room = room
+        #: how many runs it can begin (None: any number)
+        self.runs = runs
         self.phases: list[tuple[int, str]] = []
 
     async def begin_run(self, run) -> None:
         await trio.lowlevel.checkpoint()
+        if self.runs is not None:
+            if self.runs == 0:
+                raise OSError(28, "No space left on device")
+            self.runs -= 1
 
     async def commit_phase(self, run_id, index, phase, dut) -> None:
         await trio.lowlevel.checkpoint()
@@ -549,7 +555,8 @@ async def test_a_store_failure_stops_every_slot_but_teardowns_run_and_fixtures_c
     assert not result.aborted  # not the operator
     assert sorted(torn_down) == sorted(closed) == [0, 1, 2]  # the hardware is left safe on every slot
     by_slot = {r.slot: r for r in result.runs}
-    assert all(r.outcome is Outcome.ERROR for r in by_slot.values())  # no unit passes without its record
+    # No unit passes without its record; each says what the store will say of it once it can be written again.
+    assert all(r.outcome is Outcome.INTERRUPTED for r in by_slot.values())
     assert outcomes(by_slot[0]) == {"quick": "PASS", "long": "PASS", "last": "SKIPPED", "power_off": "PASS"}
     assert by_slot[0].phase("last").reason == (
         "run stopped: records cannot be written ([Errno 28] No space left on device)"
@@ -574,7 +581,30 @@ async def test_a_run_whose_record_cannot_be_closed_is_not_a_pass() -> None:
                       settings=RunSettings("st"), store=writer, bus=EventBus())
     assert writer.phases == [(0, "only")]
     assert outcomes(info.value.run) == {"only": "PASS"}
-    assert info.value.run.outcome is Outcome.ERROR  # the unit has no complete record
+    assert info.value.run.outcome is Outcome.INTERRUPTED  # the unit has no complete record, as the store will say
+
+
+async def test_a_run_the_store_could_not_begin_is_no_run() -> None:
+    # The store has nothing of it, so neither has the station's result: the
+    # summary shows only runs the store will show.
+    from sequencer.engine import RunSettings
+    from sequencer.product import LoadedProduct
+    from sequencer.station import run_station
+
+    tested: list[int] = []
+
+    @phase
+    async def only(slot) -> None:
+        tested.append(slot.index)
+
+    writer = _DiskFillsUp(room=10, runs=1)
+    result = await run_station(
+        LoadedProduct(Product("p", [only]), Path("<test>")), ["/dev/a", "/dev/b"], settings=RunSettings("st"),
+        store=writer, bus=EventBus(), handle_signals=False,
+    )
+    assert result.write_error == "[Errno 28] No space left on device"
+    [run] = result.runs
+    assert tested == [run.slot]  # the unit whose run could not begin was not tested
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
