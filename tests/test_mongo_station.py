@@ -171,6 +171,56 @@ async def test_mongod_down_for_part_of_a_batch_then_back(tmp_path: Path, own_mon
     db.client.close()
 
 
+async def test_mongodb_follows_a_store_put_back_to_an_older_copy_of_itself(tmp_path: Path, mongo: MongoSettings) -> None:
+    # The station's disk is imaged (or a power cut will take it back to this
+    # point) while a run is open and already in MongoDB. The run then passes,
+    # and MongoDB has that too. Then the store goes back to the image: the
+    # next station start marks the run INTERRUPTED, and that, the store's
+    # truth now, must replace MongoDB's PASS, which the store no longer has.
+    import attrs
+
+    from reports.storage.shipper import Shipper
+    from tests import records_factory as rf
+    from tests.store_support import copy_store, put_back
+
+    async def ship() -> None:
+        shipper = await Shipper.open(path, mongo)
+        try:
+            report = await shipper.drain(timeout=30)
+        finally:
+            await shipper.aclose()
+        assert report.error is None and report.backlog == 0, report
+
+    path = tmp_path / "store.sqlite"
+    run = rf.sensor_run("SN-IMAGED")
+    db = database(mongo)
+    store = LocalStore.open(path, station=True)
+    async with store.writer():
+        await store.begin_run(attrs.evolve(run, phases=(), outcome=None, ended_at=None, dut={"serial": run.serial}))
+        for i, p in enumerate(run.phases[:2]):
+            await store.commit_phase(run.run_id, i, p, run.dut)
+        await wait_until(lambda: (r := store.get_run(run.run_id)) is not None and len(r.phases) == 2,
+                         what="the open run in the database")
+        await ship()
+        assert db.runs.find_one({"_id": run.run_id})["outcome"] is None
+        copy_store(path, tmp_path / "image")
+        for i, p in enumerate(run.phases[2:], start=2):
+            await store.commit_phase(run.run_id, i, p, run.dut)
+        await store.finish_run(run)
+        await wait_until(lambda: store.get_run(run.run_id).outcome is Outcome.PASS, what="the run passed")
+        await ship()
+    store.close()
+    assert db.runs.find_one({"_id": run.run_id})["outcome"] == "PASS"
+
+    put_back(tmp_path / "image", path)
+    LocalStore.open(path, station=True).close()  # the next station start
+    await ship()
+    assert db.runs.find_one({"_id": run.run_id})["outcome"] == "INTERRUPTED"
+    assert db.devices.find_one({"_id": "SN-IMAGED"})["last_outcome"] == "INTERRUPTED"
+    assert_mirrors_store(path, mongo)
+    db.client.close()
+
+
 def finished_runs(path: Path) -> int:
     store = LocalStore.open(path)
     try:

@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 import reports.storage.store as store_module
 from reports.storage.store import LocalStore, StoreError, _journal_segments, _Write
 from sequencer.records import AttemptRecord, Outcome, PhaseRecord, RunRecord, utcnow
+from tests.store_support import copy_store, put_back
 from tests.strategies import runs
 
 
@@ -47,6 +48,53 @@ async def test_open_runs_become_interrupted_on_next_open(store_path: Path) -> No
     assert run.serial == "SN1"
     assert reopened.find_runs(serial="SN1") == [run]
     reopened.close()
+
+
+def changes(store_path: Path) -> dict[str, int]:
+    conn = sqlite3.connect(f"file:{store_path}?mode=ro", uri=True)
+    try:
+        return dict(conn.execute("SELECT run_id, seq FROM runs").fetchall())
+    finally:
+        conn.close()
+
+
+async def test_a_store_put_back_to_an_older_state_numbers_every_later_change_after_all_it_had_numbered(
+    store_path: Path, tmp_path: Path
+) -> None:
+    # The station stops with a run open; its disk is imaged. Later the run is
+    # closed and more is written, and copied elsewhere by change number. Then
+    # the disk goes back to the image (a power cut that lost the last writes
+    # does the same to the tail). The changes the store makes from there on
+    # must sort after every change it had numbered, or a copy keeping each
+    # run's highest-numbered state would keep the lost one.
+    store = LocalStore.open(store_path, station=True)
+    async with store.writer():
+        await store.begin_run(make_run("r1"))
+        await store.commit_phase("r1", 0, make_phase("boot"), {"serial": "SN1"})
+    store.close()  # as if killed: r1 is open
+    copy_store(store_path, tmp_path / "image")
+    lost = LocalStore.open(store_path, station=True)  # the next start: r1 INTERRUPTED
+    async with lost.writer():
+        for n in range(50):  # a busy afternoon
+            await lost.begin_run(make_run(f"later{n}"))
+            await lost.finish_run(attrs.evolve(make_run(f"later{n}"), outcome=Outcome.PASS, ended_at=utcnow()))
+    lost.close()
+    handed_out = max(changes(store_path).values())
+    put_back(tmp_path / "image", store_path)
+    again = LocalStore.open(store_path, station=True)
+    assert again.interrupted_on_open == 1
+    again.close()
+    assert changes(store_path)["r1"] > handed_out
+    assert again.epoch > lost.epoch > 0  # every recovery starts a later epoch
+
+    clean = LocalStore.open(store_path, station=True)  # a store closed properly starts no epoch
+    assert clean.epoch == again.epoch
+    async with clean.writer():
+        await clean.begin_run(make_run("r2"))
+        await clean.finish_run(attrs.evolve(make_run("r2"), outcome=Outcome.PASS, ended_at=utcnow()))
+    clean.close()
+    assert store_module.seq_epoch(changes(store_path)["r2"]) == again.epoch
+    assert changes(store_path)["r2"] > changes(store_path)["r1"]
 
 
 async def test_reader_does_not_interrupt_a_live_station(store_path: Path) -> None:

@@ -19,6 +19,17 @@ database, then runs left open are marked ``INTERRUPTED``.
 Reads are synchronous and meant for the CLI and reports (the station itself
 never reads back during a run); they see a record once the copier thread has
 copied it, about 10 ms after its append.
+
+Every change to a run gets a change number (``runs.seq``), increasing across
+the store, by which the shipper copies the store elsewhere (MongoDB keeps a
+run's state with the highest number). A power cut can roll the store back
+past changes already copied, and so can restoring an older copy of it; the
+numbers the store then hands out again would sort below the copies' and
+leave them stale. So the number is (epoch, change) in one integer, the
+*epoch* above bit 32 (:func:`seq_epoch`): a recovery (which follows every
+station that did not close the store) starts a new epoch, later than any
+before it even if the file forgot them, and every change from then on sorts
+after anything the store handed out before.
 """
 
 from __future__ import annotations
@@ -103,6 +114,33 @@ COPY_INTERVAL_S = 0.01
 JOURNAL_SEGMENT_BYTES = 4 << 20
 #: How long a station waits for the store's lock that a reader (a report, a listing) holds for a moment.
 STATION_LOCK_WAIT_S = 5.0
+#: A change number (``runs.seq``) is ``epoch << EPOCH_SHIFT | change``: (epoch, change), in the order of integers.
+EPOCH_SHIFT = 32
+#: Epochs are seconds since 2024-01-01 UTC when they start, so that a new one is later than every epoch
+#: this store had, including those a power cut or a restored copy made it forget (31 bits: until 2092).
+EPOCH_ORIGIN_S = 1_704_067_200
+
+
+def seq_epoch(seq: int) -> int:
+    """The epoch of a change number."""
+    return seq >> EPOCH_SHIFT
+
+
+def _next_epoch(current: int) -> int:
+    """An epoch later than ``current`` and than any this store may have started and lost: the clock's second.
+
+    Why the clock: an epoch kept only in the store is rolled back with it,
+    and would be handed out a second time. Blocking: it returns once its
+    second is over (half a second on average, only after a station did not
+    close the store), so that no later recovery, of this file or of a copy
+    of it put back, can start the same epoch. This assumes the station's
+    clock does not go back.
+    """
+    now = time.time() - EPOCH_ORIGIN_S
+    if int(now) <= current:  # a clock behind the store's: the epochs still grow
+        return current + 1
+    time.sleep(max(0.0, int(now) + 1 - now))
+    return int(now)
 
 
 class StoreError(Exception):
@@ -441,6 +479,8 @@ class LocalStore:
         self._open_duts: dict[str, dict[str, str]] = {}
         #: the last change number written (copier thread only; read once, then kept: one writer per store)
         self._seq: int | None = None
+        #: the epoch this store's changes are numbered in (see the module docstring); 0 until its first recovery
+        self.epoch = 0
 
     @classmethod
     def open(cls, path: str | Path, *, station: bool = False) -> LocalStore:
@@ -479,6 +519,8 @@ class LocalStore:
             elif int(row[0]) != STORE_SCHEMA:
                 raise StoreError(f"{p}: store schema {row[0]} is not supported (expected {STORE_SCHEMA})")
             store = cls(p, conn, lock_fd, station=station)
+            row = conn.execute("SELECT value FROM meta WHERE key='epoch'").fetchone()
+            store.epoch = int(row[0]) if row else 0
             if locked:
                 store._recover()
             if not station and locked:
@@ -533,8 +575,20 @@ class LocalStore:
         return store
 
     def _recover(self) -> None:
-        """Replay a dead station's journal, then mark its open runs INTERRUPTED (lock held)."""
+        """Replay a dead station's journal, then mark its open runs INTERRUPTED, in a new epoch (lock held).
+
+        A station that did not close the store left a journal or open runs.
+        What it wrote last may be lost (a power cut), or the whole file may
+        be an older copy put back: either way changes it numbered may
+        already be in MongoDB under numbers the store would hand out again.
+        A new epoch makes everything from here on sort after them.
+        """
         segments = _journal_segments(self.path)
+        left_open = self._conn.execute("SELECT EXISTS (SELECT 1 FROM runs WHERE outcome IS NULL)").fetchone()[0]
+        if segments or left_open:
+            self.epoch = _next_epoch(self.epoch)
+            self._conn.execute("INSERT OR REPLACE INTO meta VALUES ('epoch', ?)", (str(self.epoch),))
+            self._seq = None
         if segments:
             writes, damaged = _read_journal([path for _, path in segments])
             refused = 0
@@ -563,7 +617,7 @@ class LocalStore:
             self.replayed_on_open = len(writes) - refused
             self.damaged_on_open = damaged + refused
             self._open_duts.clear()
-        self.interrupted_on_open = _mark_interrupted(self._conn)
+        self.interrupted_on_open = _mark_interrupted(self._conn, self.epoch)
         self._seq = None  # marking took change numbers of its own
 
     def close(self) -> None:
@@ -754,7 +808,7 @@ class LocalStore:
         touched: dict[str, tuple[int, dict[str, str]]] = {}
         with self._lock, self._transaction() as conn:
             if self._seq is None:
-                self._seq = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM runs").fetchone()[0]
+                self._seq = _last_seq(conn, self.epoch)
             seq = self._seq
             for w in writes:
                 seq += 1
@@ -970,13 +1024,19 @@ def _utc_text(when: dt.datetime) -> str:
     return aware.isoformat()
 
 
-def _mark_interrupted(conn: sqlite3.Connection) -> int:
+def _last_seq(conn: sqlite3.Connection, epoch: int) -> int:
+    """The change number the next change follows: the last one taken, or the start of ``epoch`` if later."""
+    last = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM runs").fetchone()[0]
+    return max(last, epoch << EPOCH_SHIFT)
+
+
+def _mark_interrupted(conn: sqlite3.Connection, epoch: int) -> int:
     rows = conn.execute("SELECT run_id, header FROM runs WHERE outcome IS NULL").fetchall()
     if not rows:
         return 0
     now = utcnow()
     conn.execute("BEGIN IMMEDIATE")
-    seq = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM runs").fetchone()[0]
+    seq = _last_seq(conn, epoch)
     for run_id, header in rows:
         seq += 1
         data: dict[str, Any] = json.loads(header)
