@@ -147,8 +147,17 @@ class StopSignals:
         finally:
             self._routes.remove(route)
 
-    async def listen(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Receive stop signals until cancelled, routing each; those counted before start are routed first."""
+    @asynccontextmanager
+    async def listening(self) -> AsyncIterator[None]:
+        """Receive stop signals for the duration of the block, routing each; those counted before it first."""
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self._listen)
+            try:
+                yield
+            finally:
+                nursery.cancel_scope.cancel()
+
+    async def _listen(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
             task_status.started()
             for _ in range(self._unheard):
@@ -196,27 +205,6 @@ async def run_session(
     after the event loop too).
     """
     stops = stops if stops is not None else StopSignals()
-    async with trio.open_nursery() as listening:
-        await listening.start(stops.listen)
-        try:
-            return await _session(loaded, config, store, console, live, open_hardware, open_shipping, round_ended,
-                                  history, stops)
-        finally:
-            listening.cancel_scope.cancel()
-
-
-async def _session(
-    loaded: LoadedProduct,
-    config: StationConfig,
-    store: Any,
-    console: Console,
-    live: bool,
-    open_hardware: Callable[[], AbstractAsyncContextManager[Hardware]],
-    open_shipping: Callable[[], AbstractAsyncContextManager[object]],
-    round_ended: Callable[[StationResult], Awaitable[None]] | None,
-    history: UnitHistorySource | None,
-    stops: StopSignals,
-) -> SessionResult:
     rounds = config.rounds  # 0: until the operator says stop
     bus = EventBus()
     settings = RunSettings(station=config.station, operator=config.operator, batch=config.batch_or_default)
@@ -242,7 +230,7 @@ async def _session(
             pass  # the terminal is gone; the records and the report are not
 
     with trio.CancelScope() as setting_up, stops.routed(stop_session):
-        async with AsyncExitStack() as stack:
+        async with stops.listening(), AsyncExitStack() as stack:
             # Entered first so it exits last: its final drain sees the writer's final flush.
             await stack.enter_async_context(open_shipping())
             await stack.enter_async_context(store.writer())

@@ -147,3 +147,16 @@ def assert_mirrors_store(store_path: Path, settings: MongoSettings) -> None:
             assert got["last_run_id"] == want["last_run_id"]
     finally:
         db.client.close()
+
+
+def shipper_processes(store_path: Path) -> list[int]:
+    """Pids of `python -m reports.storage.shipper` children shipping ``store_path``."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"reports.storage.shipper" in argv and str(store_path).encode() in argv:
+            found.append(int(proc.name))
+    return found

@@ -27,6 +27,7 @@ from tests.mongo_support import (
     assert_mirrors_store,
     database,
     fresh_settings,
+    shipper_processes,
     store_state,
     wait_until,
     wait_until_sync,
@@ -282,17 +283,6 @@ def sequencer(*args: str, phase_s: float = 0.0, own_session: bool = False, quick
     )
 
 
-def shipper_processes(store_path: Path) -> list[int]:
-    """Pids of `python -m reports.storage.shipper` children shipping ``store_path``."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        try:
-            argv = (proc / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"reports.storage.shipper" in argv and str(store_path).encode() in argv:
-            found.append(int(proc.name))
-    return found
 
 
 @pytest.mark.slow
@@ -370,6 +360,22 @@ def store_outcomes(store_path: Path) -> dict[str, str | None]:
         conn.close()
 
 
+def ctrl_c_twice(proc: subprocess.Popen[str], store_path: Path, outcomes: list[str]) -> tuple[str, str]:
+    """Ctrl-C to the station's process group, and again once the store has ``outcomes``: what it printed.
+
+    The second comes after the slots have stopped, while the records are
+    flushed and the shipper drains them: the moment issue 16 found unguarded.
+    """
+    try:
+        os.killpg(proc.pid, signal.SIGINT)
+        wait_until_sync(lambda: sorted(map(str, store_outcomes(store_path).values())) == sorted(outcomes),
+                        what="the store has the aborted runs")
+        os.killpg(proc.pid, signal.SIGINT)
+        return proc.communicate(timeout=90)
+    finally:
+        proc.kill()
+
+
 @pytest.mark.slow
 def test_ctrl_c_twice_at_a_shipping_station_leaves_every_run_in_mongodb_with_its_outcome(
     tmp_path: Path, mongo: MongoSettings
@@ -382,16 +388,9 @@ def test_ctrl_c_twice_at_a_shipping_station_leaves_every_run_in_mongodb_with_its
     proc = sequencer("run", str(WIDGET), "--sim", "4", "--batch", "TWICE", "--store", str(store_path),
                      "--reports", str(tmp_path / "reports"), "--plain", "--mongo", mongo.uri,
                      "--mongo-db", mongo.database, phase_s=0.5, own_session=True, quick_slots="0")
-    try:
-        wait_until_sync(lambda: db.runs.count_documents({"batch": "TWICE"}) == 4
-                        and db.runs.count_documents({"outcome": "PASS"}) == 1, what="four runs streamed, one passed")
-        os.killpg(proc.pid, signal.SIGINT)
-        wait_until_sync(lambda: sorted(map(str, store_outcomes(store_path).values())) == ["ABORTED"] * 3 + ["PASS"],
-                        what="the store has the aborted runs")
-        os.killpg(proc.pid, signal.SIGINT)
-        out, err = proc.communicate(timeout=60)
-    finally:
-        proc.kill()
+    wait_until_sync(lambda: db.runs.count_documents({"batch": "TWICE"}) == 4
+                    and db.runs.count_documents({"outcome": "PASS"}) == 1, what="four runs streamed, one passed")
+    out, err = ctrl_c_twice(proc, store_path, ["ABORTED"] * 3 + ["PASS"])
     assert proc.returncode == 130, out + err
     assert "aborted by the operator; 3 unfinished run(s) recorded ABORTED" in out, out
     assert "nothing waiting to ship" in out, out
@@ -410,16 +409,9 @@ def test_a_station_stopped_while_mongodb_is_away_says_what_it_leaves_to_ship(
     db = database(settings)
     proc = sequencer("run", str(WIDGET), "--sim", "4", "--batch", "AWAY", "--reports", str(tmp_path / "reports"),
                      "--plain", *common, phase_s=0.5, own_session=True)
-    try:
-        wait_until_sync(lambda: db.runs.count_documents({"outcome": None}) == 4, what="four open runs streamed")
-        own_mongod.kill()
-        os.killpg(proc.pid, signal.SIGINT)
-        wait_until_sync(lambda: list(store_outcomes(store_path).values()) == ["ABORTED"] * 4,
-                        what="the store has the aborted runs")
-        os.killpg(proc.pid, signal.SIGINT)
-        out, err = proc.communicate(timeout=90)
-    finally:
-        proc.kill()
+    wait_until_sync(lambda: db.runs.count_documents({"outcome": None}) == 4, what="four open runs streamed")
+    own_mongod.kill()
+    out, err = ctrl_c_twice(proc, store_path, ["ABORTED"] * 4)
     assert proc.returncode == 130, out + err
     assert f"MongoDB {settings.target}: 4 run(s) waiting to ship" in out and "`sequencer sync` ships it" in out, out
     own_mongod.restart()
@@ -430,6 +422,16 @@ def test_a_station_stopped_while_mongodb_is_away_says_what_it_leaves_to_ship(
     assert [d["outcome"] for d in db.runs.find()] == ["ABORTED"] * 4
     assert_mirrors_store(store_path, settings)
     db.client.close()
+
+
+def shipper_child(store: Path, mongo: MongoSettings, *, poll: float) -> subprocess.Popen[bytes]:
+    """The station's shipper child, started as `sequencer run` starts it, with pipes for the test to hold."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "reports.storage.shipper", "--store", str(store), "--database", mongo.database,
+         "--poll", str(poll), "--final-drain", "5"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
+        env={**os.environ, "SEQUENCER_MONGO_URI": mongo.uri},
+    )
 
 
 def test_the_shipper_child_follows_its_station_through_stop_signals_until_its_stdin_closes(
@@ -444,12 +446,7 @@ def test_the_shipper_child_follows_its_station_through_stop_signals_until_its_st
 
     path = tmp_path / "store.sqlite"
     trio.run(store_runs, path, [rf.sensor_run("SN-1")])
-    child = subprocess.Popen(
-        [sys.executable, "-m", "reports.storage.shipper", "--store", str(path), "--database", mongo.database,
-         "--poll", "0.05", "--final-drain", "5"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
-        env={**os.environ, "SEQUENCER_MONGO_URI": mongo.uri},
-    )
+    child = shipper_child(path, mongo, poll=0.05)
     assert child.stdin is not None and child.stdout is not None
     db = database(mongo)
     try:
@@ -479,12 +476,7 @@ def test_a_shipper_whose_station_stopped_reading_still_ships_and_exits_cleanly(
 
     path = tmp_path / "store.sqlite"
     trio.run(store_runs, path, [rf.sensor_run("SN-1"), rf.sensor_run("SN-2", slot=1)])
-    child = subprocess.Popen(
-        [sys.executable, "-m", "reports.storage.shipper", "--store", str(path), "--database", mongo.database,
-         "--poll", "0.1", "--final-drain", "5"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
-        env={**os.environ, "SEQUENCER_MONGO_URI": mongo.uri},
-    )
+    child = shipper_child(path, mongo, poll=0.1)
     assert child.stdout is not None and child.stdin is not None
     child.stdout.close()  # the reader is gone: every report now meets a broken pipe
     db = database(mongo)

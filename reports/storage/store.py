@@ -374,6 +374,14 @@ def _journal_segments(db_path: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def _raise_as_store_error(exc: BaseException, what: str) -> None:
+    """A database or file error while opening, as the one line the CLI prints; anything else is left to raise."""
+    if isinstance(exc, sqlite3.DatabaseError):
+        raise StoreError(f"{what}: {exc}") from None
+    if isinstance(exc, OSError):
+        raise StoreError(f"{what}: {exc.strerror or exc}") from None
+
+
 def connect_readonly(db_path: Path) -> sqlite3.Connection:
     """A connection that reads the store and can write nothing, working on a full disk too.
 
@@ -530,10 +538,7 @@ class LocalStore:
                 conn.close()
             if lock_fd is not None:
                 os.close(lock_fd)
-            if isinstance(exc, sqlite3.DatabaseError):
-                raise StoreError(f"{p}: cannot open the local store: {exc}") from None
-            if isinstance(exc, OSError):
-                raise StoreError(f"{p}: cannot open the local store: {exc.strerror or exc}") from None
+            _raise_as_store_error(exc, f"{p}: cannot open the local store")
             raise
         return store
 
@@ -567,10 +572,7 @@ class LocalStore:
         except BaseException as exc:
             if conn is not None:
                 conn.close()
-            if isinstance(exc, sqlite3.DatabaseError):
-                raise StoreError(f"{p}: cannot read the local store: {exc}") from None
-            if isinstance(exc, OSError):
-                raise StoreError(f"{p}: cannot read the local store: {exc.strerror or exc}") from None
+            _raise_as_store_error(exc, f"{p}: cannot read the local store")
             raise
         return store
 
