@@ -110,7 +110,10 @@ async def run_continuous(
                     fixtures=fixtures, control=control, desk=desk, history=history, rendezvous=points,
                 )
             except RecordsNotWritten as exc:
-                cycles.finished(index, exc.run)
+                if exc.run is not None:  # None: the store refused its very beginning, so it is no run
+                    cycles.finished(index, exc.run)
+                else:
+                    cycles.end(index)
                 cycles.refused(str(exc), index, port)
                 return
             except Exception as exc:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import re
@@ -241,6 +242,38 @@ def test_the_simulated_station_runs_until_ctrl_c_with_boards_coming_and_going(tm
     assert len(printed) == len(runs)  # each run's verdict was shown as it ended
     assert "continuous: put a board in any slot; Ctrl-C ends the shift" in out
     assert f"{sum(r.outcome is Outcome.PASS for r in runs)}/{len(runs)} passed." in out
+
+
+@pytest.mark.slow
+def test_stop_signals_over_and_over_end_a_shift_with_its_summary_and_every_run_closed(tmp_path: Path) -> None:
+    # As in rounds: however many stop signals, wherever they land, only the
+    # shift stops; the records, the summary and exit status 130 follow.
+    store = tmp_path / "s.sqlite"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sequencer.cli", "run", "products/esp32_sensor.py", "--sim", "4", "--continuous",
+         "--plain", "--store", str(store), "--batch", "HAMMER", "--seed", "5"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    sent = 0
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and _finished_runs(store) < 3:
+            time.sleep(0.5)
+        while proc.poll() is None and sent < 3000:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, (signal.SIGINT, signal.SIGINT, signal.SIGTERM, signal.SIGHUP)[sent % 4])
+            sent += 1
+            time.sleep(0.005)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, out[-2000:] + err
+    assert "Traceback" not in err
+    assert "passed." in out and "aborted by the operator" in out, out[-2000:]
+    station = LocalStore.open(store, station=True)  # the next start: nothing was left open
+    try:
+        assert station.interrupted_on_open == 0 and len(station.find_runs(batch="HAMMER")) >= 3
+    finally:
+        station.close()
 
 
 def _finished_runs(store: Path) -> int:
