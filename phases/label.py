@@ -27,6 +27,7 @@ import io
 import json
 
 import segno
+import trio
 
 from fixtures.label_printer import UnsafeZplText, zpl_label
 from sequencer import Measurement, phase
@@ -105,8 +106,10 @@ def label_phase(
             ctx.measurements.label_verdict = str(exc)
             ctx.measurements.label_printed = False
             return
-        # Kept before printing, so a label that failed to print is still explained.
-        ctx.attach("label-qr.svg", qr_svg(payload), "image/svg+xml")
+        # Kept before printing, so a label that failed to print is still explained. Drawn in a
+        # thread: choosing the QR mask is ~40 ms of Python, and every slot reaches its label at
+        # about the same time, while the others are still registering and reading their ports.
+        ctx.attach("label-qr.svg", await trio.to_thread.run_sync(qr_svg, payload), "image/svg+xml")
         ctx.attach("label.zpl", zpl, "text/plain")
         async with resources[resource] as printer:
             if not hasattr(printer, "print_zpl"):  # a plain lock, or another instrument

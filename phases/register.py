@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import ssl
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol
 from urllib.parse import quote, urlsplit, urlunsplit
@@ -130,7 +131,10 @@ class ProvisioningClient:
     that did land gets the same answer, not a second device.
 
     Use as an async context manager (it owns an ``httpx.AsyncClient``).
-    ``on_retry(attempt, reason, delay)`` is told about each retry.
+    ``on_retry(attempt, reason, delay)`` is told about each retry. ``tls``
+    is a TLS context to share (the station's, see
+    :class:`fixtures.station.ProvisioningService`): a client that makes its
+    own spends tens of milliseconds of CPU loading CA certificates.
     """
 
     def __init__(
@@ -143,6 +147,7 @@ class ProvisioningClient:
         backoff_max: float = 5.0,
         on_retry: Callable[[int, str, float], None] | None = None,
         rng: random.Random | None = None,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         if timeout <= 0 or retries < 0 or backoff < 0:
             raise ValueError("timeout must be > 0, retries and backoff >= 0")
@@ -155,7 +160,7 @@ class ProvisioningClient:
         self.backoff_max = backoff_max
         self._on_retry = on_retry
         self._rng = rng or random.Random()
-        self._http = httpx.AsyncClient(base_url=self.base_url, timeout=timeout,
+        self._http = httpx.AsyncClient(base_url=self.base_url, timeout=timeout, verify=tls if tls is not None else True,
                                        headers={"User-Agent": "sequencer-register/1"})
 
     async def __aenter__(self) -> ProvisioningClient:
@@ -263,9 +268,10 @@ class ClientOptions:
         """The longest :meth:`ProvisioningClient.register` can take: every attempt timing out, every wait longest."""
         return (self.retries + 1) * self.timeout + 1.25 * sum(_delays(self.retries, self.backoff, self.backoff_max))
 
-    def client(self, base_url: str, on_retry: Callable[[int, str, float], None] | None = None) -> ProvisioningClient:
+    def client(self, base_url: str, on_retry: Callable[[int, str, float], None] | None = None,
+               tls: ssl.SSLContext | None = None) -> ProvisioningClient:
         return ProvisioningClient(base_url, timeout=self.timeout, retries=self.retries, backoff=self.backoff,
-                                  backoff_max=self.backoff_max, on_retry=on_retry)
+                                  backoff_max=self.backoff_max, on_retry=on_retry, tls=tls)
 
 
 def _message(response: httpx.Response) -> str:
@@ -411,7 +417,7 @@ def register_phase(
         @phase(name=name, measurements=REGISTER_MEASUREMENTS, timeout=phase_timeout)
         async def register_at_station_service_with_config(ctx, provisioning, device_config):
             """Register the device with the station's provisioning service, with the broker credentials of ``device_config``."""
-            await _register(ctx, provisioning.url, _broker_of(device_config), options)
+            await _register(ctx, provisioning.url, _broker_of(device_config), options, provisioning.tls)
 
         return register_at_station_service_with_config
 
@@ -429,7 +435,7 @@ def register_phase(
         @phase(name=name, measurements=REGISTER_MEASUREMENTS, timeout=phase_timeout)
         async def register_at_station_service(ctx, provisioning):
             """Register the device with the station's provisioning service; record its device id and claim code."""
-            await _register(ctx, provisioning.url, None, options)
+            await _register(ctx, provisioning.url, None, options, provisioning.tls)
 
         return register_at_station_service
 
@@ -442,7 +448,7 @@ def register_phase(
 
 
 async def _register(ctx: Any, base_url: str, broker: BrokerCredentials | None,
-                    options: ClientOptions) -> None:
+                    options: ClientOptions, tls: ssl.SSLContext | None = None) -> None:
     url = base_url
     record = ctx.record
     try:
@@ -462,7 +468,7 @@ async def _register(ctx: Any, base_url: str, broker: BrokerCredentials | None,
 
     ctx.log.info("registering", url=display_url(url), serial=body["serial"], key=key[:16], broker=broker is not None)
     try:
-        async with options.client(url, on_retry=retrying) as client:
+        async with options.client(url, on_retry=retrying, tls=tls) as client:
             result = await client.register(body, key)
     except ProvisioningError as exc:
         ctx.log.error("registration failed", error=str(exc))

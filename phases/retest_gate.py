@@ -69,7 +69,7 @@ def retest_gate(
         if not mac:
             raise LookupError("the retest gate needs the unit's MAC: run it after detect")
         try:
-            async with options.client(provisioning.url) as client:
+            async with options.client(provisioning.url, tls=provisioning.tls) as client:
                 devices = await client.find_by_mac(mac)
         except ProvisioningError as exc:
             raise ProvisioningError(f"retest gate: cannot tell whether {mac} is new: {exc}") from None

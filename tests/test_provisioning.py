@@ -594,6 +594,24 @@ async def test_phase_uses_the_station_service_named_by_the_environment(
     assert run.outcome is Outcome.PASS, register_record(run).reason
 
 
+async def test_every_slot_of_a_round_shares_one_tls_context_made_off_the_stations_thread() -> None:
+    # Each client making its own loaded the CA certificates in the station's
+    # one thread: 20-300 ms a slot, twice a unit, while no slot read its port.
+    import ssl
+
+    from sequencer.fixtures import SlotInfo
+
+    factory = station_fixtures(StationConfig(provisioning_url="https://provisioning.line1.example"))["provisioning"]
+    async with factory(SlotInfo(0, "/dev/ttyUSB0", "t")) as first, factory(SlotInfo(1, "/dev/ttyUSB1", "t")) as second:
+        assert first.url == "https://provisioning.line1.example"
+        assert isinstance(first.tls, ssl.SSLContext) and first.tls is second.tls
+        assert first.tls.verify_mode == ssl.CERT_REQUIRED and first.tls.check_hostname  # verified, as before
+    async with station_fixtures(StationConfig(provisioning_url="http://x"))["provisioning"](
+        SlotInfo(0, "/dev/ttyUSB0", "t")
+    ) as next_round:
+        assert next_round.tls is not first.tls  # made per round: nothing lasts longer than it
+
+
 def test_provision_server_command(tmp_path: Path) -> None:
     """The command as the operator runs it: prints its URL, serves, stops on Ctrl-C with 130."""
     import argparse
