@@ -378,6 +378,49 @@ async def test_concurrent_identical_requests_create_one_device(storage: Provisio
     assert await storage.count_devices() == 1 and len(stored_requests(storage)) == 1
 
 
+async def test_a_retry_after_the_client_gave_up_gets_the_first_requests_answer(storage: ProvisioningStorage) -> None:
+    # Under a burst, requests queue for the hashing threads and a client times out.
+    hashing = trio.CapacityLimiter(1)
+    busy = object()
+    await hashing.acquire_on_behalf_of(busy)  # every hashing thread busy
+    request = body(identity(5))
+    async with serve_provisioning(create_app(storage, hashing=hashing)) as url:
+        async with httpx.AsyncClient(base_url=url, timeout=0.5) as http:
+            with pytest.raises(httpx.ReadTimeout):
+                await http.post("/v1/devices", json=request, headers={"Idempotency-Key": "gave-up-00000005"})
+        hashing.release_on_behalf_of(busy)
+        async with httpx.AsyncClient(base_url=url, timeout=30) as http:
+            retried = await http.post("/v1/devices", json=request, headers={"Idempotency-Key": "gave-up-00000005"})
+    assert retried.status_code == 201 and retried.json()["replayed"] is True  # the first one's device
+    assert await storage.count_devices() == 1
+
+
+async def test_a_retry_while_the_first_request_is_worked_on_gets_its_answer_without_hashing_again() -> None:
+    from web.provisioning.app import _InFlight
+    from web.provisioning.model import Reply
+
+    ident = identity(6)
+    first = RegistrationRequest.parse(body(ident))
+    in_flight = _InFlight()
+    answers: list[Reply | None] = []
+
+    async def retry(req: RegistrationRequest) -> None:
+        answers.append(await in_flight.earlier_answer("key-00000006", req))
+
+    assert await in_flight.earlier_answer("key-00000006", first) is None  # nothing in flight
+    async with trio.open_nursery() as nursery:
+        with in_flight.working("key-00000006", first) as pending:
+            nursery.start_soon(retry, RegistrationRequest.parse(body(ident)))
+            nursery.start_soon(retry, RegistrationRequest.parse(body(ident, password="another-password")))
+            await trio.testing.wait_all_tasks_blocked()
+            assert answers == []  # they wait for the first
+            pending.reply = Reply(201, {"device_id": "D1", "replayed": False})
+    same, other = sorted(answers, key=lambda a: a is None)
+    assert same == Reply(201, {"device_id": "D1", "replayed": True}, replayed=True)
+    assert other is None  # another password under the key: the rules decide (a 422)
+    assert await in_flight.earlier_answer("key-00000006", first) is None  # it holds only what is in progress
+
+
 # -- the phase against the service --------------------------------------------------
 
 

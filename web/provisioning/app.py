@@ -32,11 +32,14 @@ key and the outcome.
 
 from __future__ import annotations
 
+import hmac
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
+import attrs
 import structlog
 import trio
 from starlette.applications import Starlette
@@ -155,14 +158,78 @@ def _registered_as(device: Device, req: RegistrationRequest) -> Reply:
                       f"once: check the serial {req.serial}", conflict=["serial"])
 
 
-def create_app(storage: ProvisioningStorage, *, logger: Any = None) -> Starlette:
+@attrs.define
+class _Pending:
+    """A registration being worked on: its request, and its answer once there is one."""
+
+    req: RegistrationRequest
+    done: trio.Event = attrs.field(factory=trio.Event)
+    reply: Reply | None = None
+
+
+class _InFlight:
+    """Registrations being worked on, by idempotency key, so that a retry that comes meanwhile waits for them.
+
+    A client that gave up waiting (its timeout) sends the same request again
+    under the same key. Worked on from the start, the retry queued behind
+    every other request to hash the password again -- scrypt, the one
+    expensive step -- while the first was still queued to hash it: under a
+    burst each retry added to the work that had made the first one late,
+    and lost the place the first had, until no answer came in time (a
+    64-slot station on two busy cores registered 16 of 64). The retry now
+    waits for the first and, when it is the same request (the same
+    fingerprint and, compared in memory, the same password), gets the
+    first's answer as a replay. Holds only the requests in progress.
+    """
+
+    def __init__(self) -> None:
+        self._by_key: dict[str, _Pending] = {}
+
+    async def earlier_answer(self, key: str, req: RegistrationRequest) -> Reply | None:
+        """The answer to the same request under ``key`` if one is being worked on (waits for it); else None."""
+        pending = self._by_key.get(key)
+        if pending is None:
+            return None
+        await pending.done.wait()
+        reply = pending.reply
+        if reply is None or reply.status >= 300 or not _same_request(pending.req, req):
+            return None  # it failed, or it is another request: the rules decide, as for any request
+        return Reply(reply.status, {**reply.body, "replayed": True}, replayed=True)
+
+    @contextmanager
+    def working(self, key: str, req: RegistrationRequest) -> Iterator[_Pending]:
+        pending = _Pending(req)
+        first = key not in self._by_key
+        if first:
+            self._by_key[key] = pending
+        try:
+            yield pending
+        finally:
+            if first:
+                del self._by_key[key]
+            pending.done.set()
+
+
+def _same_request(a: RegistrationRequest, b: RegistrationRequest) -> bool:
+    if a.fingerprint() != b.fingerprint():
+        return False
+    if a.broker is None or b.broker is None:
+        return a.broker is b.broker
+    return hmac.compare_digest(a.broker.password.encode(), b.broker.password.encode())
+
+
+def create_app(
+    storage: ProvisioningStorage, *, logger: Any = None, hashing: trio.CapacityLimiter | None = None
+) -> Starlette:
     """The ASGI app serving ``storage``. The caller owns ``storage`` (opens and closes it).
 
     ``logger`` is a structlog logger (default: ``provisioning``); it gets one
-    line per registration, never a body or a password.
+    line per registration, never a body or a password. ``hashing`` bounds
+    the password hashes that run at once (default: one per core, at least 2).
     """
     log = logger if logger is not None else structlog.get_logger("provisioning")
-    hashing = trio.CapacityLimiter(max(2, os.cpu_count() or 2))
+    hashing = hashing if hashing is not None else trio.CapacityLimiter(max(2, os.cpu_count() or 2))
+    in_flight = _InFlight()
 
     async def post_device(request: Request) -> JSONResponse:
         key = request.headers.get("idempotency-key")
@@ -180,7 +247,13 @@ def create_app(storage: ProvisioningStorage, *, logger: Any = None) -> Starlette
             message = str(exc) if isinstance(exc, InvalidRequest) else "the body is not JSON"
             return _json(error(400, message))
         try:
-            reply = await register(storage, req, key, hashing=hashing)
+            # A retry of a request still being worked on (its client gave up
+            # waiting) waits for it, keeping its place in the queue for the
+            # hashes, rather than starting again behind everyone else.
+            reply = await in_flight.earlier_answer(key, req)
+            if reply is None:
+                with in_flight.working(key, req) as pending:
+                    reply = pending.reply = await register(storage, req, key, hashing=hashing)
         except StorageUnavailable as exc:
             log.warning("registration failed: storage unavailable", serial=req.serial, key=key[:16],
                         error=str(exc))
