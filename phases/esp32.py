@@ -64,7 +64,7 @@ class BootFailed(Exception):
     timeout=30,
 )
 async def detect(ctx, flasher, dut):
-    """Sync with the ROM loader on the slot's port; read the chip's model, revision and factory MAC, and check the MAC."""
+    """Sync with the ROM loader on the slot's port; read the chip's model, revision and factory MAC; check the MAC."""
     chip = await flasher.detect(dut.link)
     ctx.identify(chip=chip.model, chip_revision=chip.revision, mac=chip.mac, flash_size=chip.flash_size)
     ctx.log.info("chip detected", description=chip.description, features=", ".join(chip.features))

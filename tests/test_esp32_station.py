@@ -12,6 +12,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -40,6 +41,26 @@ IMAGES = load_image_set(ROOT / "products" / "data" / "esp32_sensor" / "build" / 
 
 def attempts(run: RunRecord, phase: str) -> list[tuple[str, str]]:
     return [(a.outcome.value, a.reason or "") for a in run.phase(phase).attempts]
+
+
+async def run_farm(
+    store_path: Path, n: int, *, seed: int, batch: str, boards: dict[int, BoardFaults] | None = None,
+    flash: FlashConfig | None = None, loaded: Any = None, bus: EventBus | None = None,
+) -> tuple[list[RunRecord], list[Any]]:
+    """Run ``loaded`` (the sensor product) as a station does on ``n`` boards, a DMM shared: records by slot, boards."""
+    loaded = loaded or load_product(SENSOR, station_fixtures=STATION_FIXTURES)
+    store = LocalStore.open(store_path, station=True)
+    try:
+        async with store.writer(), open_esp32_farm(n, seed=seed, boards=boards) as devs:
+            async with open_simulated_instrument("scpi-dmm", devs, seed=seed) as dmm:
+                result = await run_station(
+                    loaded, [d.path for d in devs], settings=RunSettings("test", batch=batch), store=store,
+                    bus=bus or EventBus(), resources={"dmm": SharedResource("dmm", 1, dmm)}, handle_signals=False,
+                    fixtures={"flasher": esp_flasher(flash)},
+                )
+    finally:
+        store.close()
+    return sorted(result.runs, key=lambda r: r.slot), devs
 
 
 def failed(run: RunRecord) -> dict[str, str]:
@@ -187,21 +208,10 @@ async def test_operator_abort_mid_flash_records_aborted_and_releases_the_port(st
 
 
 async def test_station_flash_time_gate_fails_a_slow_board_and_not_the_others(store_path: Path) -> None:
-    loaded = load_product(SENSOR, station_fixtures=STATION_FIXTURES)
     bus = EventBus()
     events = bus.subscribe("test", buffer=100_000)
-    store = LocalStore.open(store_path, station=True)
-    try:
-        async with store.writer(), open_esp32_farm(2, seed=9, boards={1: BoardFaults(block_delay_s=0.02)}) as devs:
-            async with open_simulated_instrument("scpi-dmm", devs, seed=9) as dmm:
-                result = await run_station(
-                    loaded, [d.path for d in devs], settings=RunSettings("test", batch="GATE"), store=store,
-                    bus=bus, resources={"dmm": SharedResource("dmm", 1, dmm)}, handle_signals=False,
-                    fixtures={"flasher": esp_flasher(FlashConfig(max_seconds=0.6))},
-                )
-    finally:
-        store.close()
-    fast, slow = sorted(result.runs, key=lambda r: r.slot)
+    (fast, slow), _ = await run_farm(store_path, 2, seed=9, batch="GATE", boards={1: BoardFaults(block_delay_s=0.02)},
+                                flash=FlashConfig(max_seconds=0.6), bus=bus)
     assert fast.outcome is Outcome.PASS, failed(fast)
     assert slow.outcome is Outcome.FAIL, failed(slow)
     reason = slow.phase("flash").reason
@@ -224,19 +234,8 @@ async def test_station_flash_time_gate_fails_a_slow_board_and_not_the_others(sto
 
 
 async def test_a_port_unplugged_mid_flash_is_port_lost_naming_the_port_and_is_not_retried(store_path: Path) -> None:
-    loaded = load_product(SENSOR, station_fixtures=STATION_FIXTURES)
-    store = LocalStore.open(store_path, station=True)
-    try:
-        async with store.writer(), open_esp32_farm(2, seed=4, boards={0: BoardFaults(unplug_after=24 * 1024)}) as devs:
-            async with open_simulated_instrument("scpi-dmm", devs, seed=4) as dmm:
-                result = await run_station(
-                    loaded, [d.path for d in devs], settings=RunSettings("test", batch="UNPLUG"), store=store,
-                    bus=EventBus(), resources={"dmm": SharedResource("dmm", 1, dmm)}, handle_signals=False,
-                    fixtures={"flasher": esp_flasher()},
-                )
-    finally:
-        store.close()
-    unplugged, other = sorted(result.runs, key=lambda r: r.slot)
+    (unplugged, other), devs = await run_farm(store_path, 2, seed=4, batch="UNPLUG",
+                                      boards={0: BoardFaults(unplug_after=24 * 1024)})
     assert other.outcome is Outcome.PASS, failed(other)
     flash = unplugged.phase("flash")
     # One attempt: a retry would only have blamed a silent board ("no response from bootloader").
@@ -256,18 +255,7 @@ async def test_a_reset_the_port_cannot_do_is_not_retried_and_its_record_never_sa
     # Written and verified with the stub, then the board cannot be started:
     # the port has no RTS line. A retry re-flashed everything to fail the
     # same way, and the record kept the judged write's flash_verdict = pass.
-    loaded = load_product(SENSOR, station_fixtures=STATION_FIXTURES)
-    store = LocalStore.open(store_path, station=True)
-    try:
-        async with store.writer(), open_esp32_farm(1, seed=5) as devs:
-            result = await run_station(
-                loaded, [d.path for d in devs], settings=RunSettings("test", batch="NORESET"), store=store,
-                bus=EventBus(), handle_signals=False,
-                fixtures={"flasher": esp_flasher(FlashConfig(stub=True, boot="hard-reset"))},
-            )
-    finally:
-        store.close()
-    [run] = result.runs
+    [run], _ = await run_farm(store_path, 1, seed=5, batch="NORESET", flash=FlashConfig(stub=True, boot="hard-reset"))
     flash = run.phase("flash")
     assert [outcome for outcome, _ in attempts(run, "flash")] == ["ERROR"]
     assert "the port has no RTS/DTR lines to reset the board" in flash.reason
@@ -287,17 +275,8 @@ async def test_a_build_the_board_cannot_run_fails_the_flash_once_naming_both_rev
     flash = esp32.flash_images(build_copy(tmp_path, min_revision=301), retries=2).depends_on(esp32.detect)
     product = Product("needs-v3.1", [esp32.detect, flash, esp32.boot.depends_on(flash)],
                       fixtures={"dut": test_firmware(wait_boot=False)})
-    store = LocalStore.open(store_path, station=True)
-    try:
-        async with store.writer(), open_esp32_farm(1, seed=6) as devs:
-            result = await run_station(
-                LoadedProduct(product, tmp_path / "needs_v31.py"), [d.path for d in devs],
-                settings=RunSettings("test", batch="REV"), store=store, bus=EventBus(), handle_signals=False,
-                fixtures={"flasher": esp_flasher()},
-            )
-    finally:
-        store.close()
-    [run] = result.runs
+    needs_v31 = LoadedProduct(product, tmp_path / "needs_v31.py")
+    [run], _ = await run_farm(store_path, 1, seed=6, batch="REV", loaded=needs_v31)
     assert run.outcome is Outcome.FAIL
     assert attempts(run, "flash") == [("FAIL", run.phase("flash").reason)]  # retries=2, and not retried
     assert run.phase("flash").reason == (
@@ -312,19 +291,7 @@ async def test_a_mac_no_unit_can_have_or_two_boards_share_fails_them_with_the_re
     # The clones' flash is slow, so that each is still being written when the other is detected.
     boards = {0: BoardFaults(efuse_mac="00:00:00:00:00:00"), 1: BoardFaults(efuse_mac=clone, block_delay_s=0.03),
               2: BoardFaults(efuse_mac=clone, block_delay_s=0.03)}
-    loaded = load_product(SENSOR, station_fixtures=STATION_FIXTURES)
-    store = LocalStore.open(store_path, station=True)
-    try:
-        async with store.writer(), open_esp32_farm(4, seed=8, boards=boards) as devs:
-            async with open_simulated_instrument("scpi-dmm", devs, seed=8) as dmm:
-                result = await run_station(
-                    loaded, [d.path for d in devs], settings=RunSettings("test", batch="MAC"), store=store,
-                    bus=EventBus(), resources={"dmm": SharedResource("dmm", 1, dmm)}, handle_signals=False,
-                    fixtures={"flasher": esp_flasher()},
-                )
-    finally:
-        store.close()
-    blank, first, second, healthy = sorted(result.runs, key=lambda r: r.slot)
+    (blank, first, second, healthy), devs = await run_farm(store_path, 4, seed=8, batch="MAC", boards=boards)
     assert healthy.outcome is Outcome.PASS, failed(healthy)
     assert blank.outcome is Outcome.FAIL and blank.phase("flash").outcome is Outcome.SKIPPED
     assert blank.phase("detect").reason == (
