@@ -105,25 +105,66 @@ class Measurements:
         return declared.unjudged(value.points if isinstance(value, Series) else value, reason)
 
 
-class PhaseLog:
+def log_text(message: Any, fields: Mapping[str, Any]) -> str:
+    """A log call as a record keeps it: the message, then ``key=repr(value)`` per field, cut at MAX_LOG_LINE_CHARS.
+
+    ``repr``, so a :class:`~fixtures.device_config.Secret` shows as ``***``.
+    """
+    text = str(message)
+    if fields:
+        text += " " + " ".join(f"{k}={v!r}" for k, v in fields.items())
+    return text[:MAX_LOG_LINE_CHARS]
+
+
+class KeptLines:
+    """The log lines a record keeps: the first ``limit``, then one last line saying how many more were dropped.
+
+    Why a limit: a phase or a fixture that logs in a loop would otherwise
+    grow the record, the store and every report without bound. The station
+    log still gets every line.
+    """
+
+    #: a record keeps at most this many lines of one log
+    limit = MAX_LOG_LINES_PER_PHASE
+    #: whose lines, for the dropped-lines line: "a phase's log", "the fixtures' log outside phases"
+    what = "a phase's log"
+
+    def __init__(self, limit: int | None = None, what: str | None = None) -> None:
+        self.lines: list[LogLine] = []
+        self.dropped = 0
+        if limit is not None:
+            self.limit = limit
+        if what is not None:
+            self.what = what
+
+    def keep(self, line: LogLine) -> None:
+        if len(self.lines) < self.limit:
+            self.lines.append(line)
+            return
+        self.dropped += 1
+        marker = LogLine(line.timestamp, "warning",
+                         f"{self.dropped} more log line{'s' if self.dropped > 1 else ''} dropped: the record keeps "
+                         f"the first {self.limit} of {self.what} (the station log has them all)")
+        if self.dropped == 1:
+            self.lines.append(marker)
+        else:
+            self.lines[-1] = marker
+
+
+class PhaseLog(KeptLines):
     """A logger that keeps lines in the phase record and sends them to the station log."""
 
     def __init__(self, logger: Any, **context: Any) -> None:
         # Bound on the first line: most phases log nothing, and binding a
         # structlog logger per phase was a measurable part of a phase's cost.
+        # KeptLines.__init__ is not called for the same reason: these two are all it sets.
         self._unbound: tuple[Any, dict[str, Any]] | None = (logger, context) if logger is not None else None
         self._logger: Any = None
-        self.lines: list[LogLine] = []
+        self.lines = []
         self.dropped = 0
 
     def _log(self, level: str, message: str, fields: dict[str, Any]) -> None:
-        text = str(message)
-        if fields:
-            text += " " + " ".join(f"{k}={v!r}" for k, v in fields.items())
-        if len(self.lines) < MAX_LOG_LINES_PER_PHASE:
-            self.lines.append(LogLine(utcnow(), level, text[:MAX_LOG_LINE_CHARS]))
-        else:
-            self.dropped += 1
+        self.keep(LogLine(utcnow(), level, log_text(message, fields)))
         if self._unbound is not None:
             logger, context = self._unbound
             self._logger, self._unbound = logger.bind(**context), None

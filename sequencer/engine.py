@@ -52,6 +52,7 @@ from sequencer.events import (
     RunStarted,
     UnitRecognised,
 )
+from sequencer.fixture_log import FixtureLines, FixtureLog
 from sequencer.fixtures import FixtureFactory, SlotInfo
 from sequencer.operator import Operator, OperatorDesk
 from sequencer.monitors import sample_until_cancelled
@@ -280,6 +281,8 @@ class _SlotRun:
         self.fixture_hosts: trio.Nursery | None = None
         #: per open fixture, in the order opened: what ends its host, and its host's end
         self.fixture_holds: list[tuple[trio.CancelScope, trio.Event]] = []
+        #: where the fixtures' log lines go in the record; made when the first fixture opens
+        self.fixture_lines: FixtureLines | None = None
         #: the store's first refusal; the run stops, teardowns still run
         self.write_error: Exception | None = None
         #: a bug that escaped the phases (the engine's, a fixture's): this run ends ERROR, no other slot cares
@@ -382,7 +385,9 @@ class _SlotRun:
             outcome = run_outcome(tuple(p for p in phases if p.name not in self.stopped))
         else:
             outcome = run_outcome(phases)
-        run = attrs.evolve(self.header, dut=dict(self.dut), phases=phases, ended_at=utcnow(), outcome=outcome)
+        logs = tuple(self.fixture_lines.outside.lines) if self.fixture_lines is not None else ()
+        run = attrs.evolve(self.header, dut=dict(self.dut), phases=phases, ended_at=utcnow(), outcome=outcome,
+                           logs=logs)
         disposition, instruction = decide(run, self.product.declared, max_retests=self.product.max_retests,
                                           history=self.unit_history, refused=self.refused)
         return attrs.evolve(run, disposition=disposition, instruction=instruction)
@@ -881,8 +886,11 @@ class _SlotRun:
         """
         hold, closed = trio.CancelScope(), trio.Event()
         opened = False
+        if self.fixture_lines is None:
+            self.fixture_lines = FixtureLines(self.product.all_phases, self.in_flight, self.partial)
+        slot = attrs.evolve(self.slot, log=FixtureLog(name, self.log, self.fixture_lines))
         try:
-            async with factory(self.slot) as value:
+            async with factory(slot) as value:
                 with hold:
                     self.fixture_holds.append((hold, closed))
                     opened = True

@@ -28,7 +28,10 @@ class SlotInfo:
     index: int
     port: str
     station: str
-    #: structlog logger bound to this slot (slot, port, run id)
+    #: the slot's logger. A fixture's factory gets its own (a :class:`~sequencer.fixture_log.FixtureLog`): what
+    #: it logs goes to the station log and the run's record (``slot.log.info("relay closed", channel=3)``);
+    #: a phase's ``slot`` parameter has the run's structlog logger (station log only; a phase has ``ctx.log``).
+    #: None when nobody logs (a factory called outside a run)
     log: Any = attrs.field(eq=False, repr=False, default=None)
     #: the station runs under ``--sim``: open the simulated twin of the hardware, not the hardware
     simulated: bool = False

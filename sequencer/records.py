@@ -25,7 +25,11 @@ from cattrs.preconf.json import make_converter
 
 from sequencer.base85 import b85decode, b85encode
 
-SCHEMA_VERSION = 1
+#: The record's JSON shape. 2: fixtures' log lines (``LogLine.fixture``, ``RunRecord.logs``).
+#: Records of every earlier version are still read: :func:`upgrade` brings them to this one.
+SCHEMA_VERSION = 2
+#: The versions :func:`upgrade` reads.
+READABLE_SCHEMA_VERSIONS = frozenset({1, 2})
 #: Which ``dut`` keys name a unit when a product does not say: its serial, then its MAC.
 DEFAULT_IDENTITY: tuple[str, ...] = ("serial", "mac")
 
@@ -133,9 +137,13 @@ class ErrorInfo:
 
 @attrs.frozen
 class LogLine:
+    """One line of a log a record keeps: a phase's (``ctx.log``) or a fixture's (``slot.log``)."""
+
     timestamp: dt.datetime
     level: str
     message: str
+    #: the fixture that logged it (None: the phase itself, or the station saying why lines were dropped)
+    fixture: str | None = None
 
 
 @attrs.frozen
@@ -246,6 +254,9 @@ class RunRecord:
     disposition: Disposition | None = None
     #: what the operator was told to do with the unit, in the product's words ("" for a pass)
     instruction: str = ""
+    #: what fixtures logged outside any phase (while opening beside other phases, between phases, closing);
+    #: what they logged during a phase that uses them is in that phase's ``logs``
+    logs: tuple[LogLine, ...] = ()
 
     @property
     def serial(self) -> str | None:
@@ -345,6 +356,7 @@ def run_header_json(run: RunRecord) -> str:
         "product_files": [{"path": f.path, "sha256": f.sha256} for f in run.product_files],
         "identity": run.identity,
         "disposition": run.disposition, "instruction": run.instruction,
+        "logs": [_line_data(ln) for ln in run.logs],
     }
     try:
         return orjson.dumps(data).decode()
@@ -408,13 +420,17 @@ def _phase_data(p: PhaseRecord) -> tuple[dict[str, Any], bool]:
     data = {
         "name": p.name, "outcome": p.outcome, "started_at": p.started_at, "ended_at": p.ended_at,
         "attempts": attempts, "reason": p.reason, "teardown": p.teardown, "resource_wait_s": p.resource_wait_s,
-        "logs": [{"timestamp": ln.timestamp, "level": ln.level, "message": ln.message} for ln in p.logs],
+        "logs": [_line_data(ln) for ln in p.logs],
         "attachments": [
             {"name": at.name, "mimetype": at.mimetype, "data": b85encode(at.data).decode() if at.data else ""}
             for at in p.attachments
         ],
     }
     return data, finite
+
+
+def _line_data(line: LogLine) -> dict[str, Any]:
+    return {"timestamp": line.timestamp, "level": line.level, "message": line.message, "fixture": line.fixture}
 
 
 def _finite(*values: Any) -> bool:
@@ -442,9 +458,23 @@ def json_loads(text: str | bytes) -> Any:
         return json.loads(text)
 
 
-def run_from_json(text: str) -> RunRecord:
-    data = json_loads(text)
+def upgrade(data: dict[str, Any]) -> dict[str, Any]:
+    """A run's ``to_dict`` form (its phases may be left out) of any readable schema version, as this version's.
+
+    What each version added, and what an older record gets for it:
+    2, fixtures' log lines: a run of version 1 has no ``logs`` of its own
+    (none), and its phases' lines no ``fixture`` (None: the phase's own,
+    which all of them were). Raises ValueError naming the version for a
+    record this sequencer cannot read (written by a newer one).
+    """
     version = data.get("schema_version")
-    if version != SCHEMA_VERSION:
-        raise ValueError(f"record schema version {version!r} is not supported (expected {SCHEMA_VERSION})")
-    return from_dict(data, RunRecord)
+    if version == SCHEMA_VERSION:
+        return data
+    if version not in READABLE_SCHEMA_VERSIONS:
+        raise ValueError(f"record schema version {version!r} is not supported (this sequencer reads "
+                         f"{', '.join(str(v) for v in sorted(READABLE_SCHEMA_VERSIONS))})")
+    return {**data, "logs": data.get("logs") or [], "schema_version": SCHEMA_VERSION}
+
+
+def run_from_json(text: str) -> RunRecord:
+    return from_dict(upgrade(json_loads(text)), RunRecord)

@@ -141,14 +141,15 @@ def phase(
     error: ErrorInfo | None = None,
     teardown: bool = False,
     resource_wait_s: float = 0.0,
-    logs: Sequence[tuple[float, str, str]] = (),
+    logs: Sequence[tuple[float, str, str] | tuple[float, str, str, str]] = (),
     attachments: Sequence[Attachment] = (),
     base: dt.datetime = T0,
 ) -> PhaseRecord:
     """A finished phase. Without ``attempts`` it gets one attempt holding ``measurements``.
 
     The outcome and reason default to what the engine would record: ERROR when
-    ``error`` is given, FAIL when a measurement failed or was never set, else PASS. ``logs`` are ``(seconds after phase start, level, message)``.
+    ``error`` is given, FAIL when a measurement failed or was never set, else PASS. ``logs`` are ``(seconds after
+    phase start, level, message)``, and the fixture's name after them for a line a fixture logged.
     """
     if outcome is None:
         outcome, derived = _judge_phase(measurements, error)
@@ -167,9 +168,15 @@ def phase(
         reason=reason,
         teardown=teardown,
         resource_wait_s=resource_wait_s,
-        logs=tuple(LogLine(at(start + s, base), level, msg) for s, level, msg in logs),
+        logs=log_lines(logs, at(start, base)),
         attachments=tuple(attachments),
     )
+
+
+def log_lines(lines: Sequence[tuple[float, str, str] | tuple[float, str, str, str]],
+              base: dt.datetime) -> tuple[LogLine, ...]:
+    """``(seconds after base, level, message[, fixture])`` as log lines."""
+    return tuple(LogLine(at(s, base), level, msg, *fixture) for s, level, msg, *fixture in lines)
 
 
 def _judge_phase(
@@ -206,8 +213,12 @@ def run(
     limits_sha256: str | None = "9f2c" * 16,
     product_sha256: str | None = "3c1e" * 16,
     sequencer_version: str = "0.1.0",
+    logs: Sequence[tuple[float, str, str, str]] = (),
 ) -> RunRecord:
-    """A run record. ``outcome="auto"`` derives it from the phases; ``None`` leaves the run open."""
+    """A run record. ``outcome="auto"`` derives it from the phases; ``None`` leaves the run open.
+
+    ``logs``: what fixtures logged outside phases, ``(seconds after the start, level, message, fixture)``.
+    """
     if dut is None:
         dut = {"serial": serial} if serial is not None else {}
     if outcome == "auto":
@@ -232,6 +243,7 @@ def run(
         limits_sha256=limits_sha256,
         product_sha256=product_sha256,
         sequencer_version=sequencer_version,
+        logs=log_lines(logs, started_at),
     )
 
 
@@ -282,7 +294,7 @@ def sensor_run(
               logs=[(0.1, "info", "ROM bootloader answered on /dev/ttyUSB0 at 115200 baud"),
                     (1.2, "info", f"identified {serial}")]),
         phase("power_rails", start=1.5, duration=2.4, base=b, measurements=rails, resource_wait_s=0.85,
-              logs=[(0.2, "debug", "DMM range 10 V, NPLC 1"), (2.1, "info", "rails measured")]),
+              logs=[(0.1, "info", "range 10 V, NPLC 1", "dmm"), (2.1, "info", "rails measured")]),
         phase("flash_firmware", Outcome.PASS, start=4, duration=12.0, base=b, attempts=[flash_fail, flash_ok],
               logs=[(0.5, "warning", "verify failed, retrying"), (11.0, "info", "firmware 2.7.1 written")],
               attachments=[Attachment("esptool.log", "text/plain",
@@ -296,4 +308,5 @@ def sensor_run(
         phase("rf_sweep", start=18, duration=6.5, base=b, measurements=[rf]),
         phase("power_off", start=24.5, duration=0.4, base=b, teardown=True),
     ]
-    return run(serial=serial, phases=phases, dut=dut, slot=slot, started_at=b)
+    return run(serial=serial, phases=phases, dut=dut, slot=slot, started_at=b,
+               logs=[(25.0, "info", "relays opened, port closed", "jig")])

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import sqlite3
 from pathlib import Path
+from typing import Any
 
 import attrs
 
@@ -44,3 +47,33 @@ def put_back(copy: Path, store_path: Path) -> None:
         f.unlink()
     for f in copy.iterdir():
         (store_path.parent / f.name).write_bytes(f.read_bytes())
+
+
+def as_version_1(data: dict[str, Any]) -> dict[str, Any]:
+    """A run's ``to_dict`` form (its phases or not) as a sequencer of record schema 1 wrote it.
+
+    Version 1 came before fixtures' log lines: no run ``logs``, no ``fixture`` on a phase's lines.
+    """
+    old = {k: v for k, v in data.items() if k != "logs"}
+    old["schema_version"] = 1
+    old["phases"] = [phase_as_version_1(p) for p in data.get("phases") or ()]
+    return old
+
+
+def phase_as_version_1(data: dict[str, Any]) -> dict[str, Any]:
+    return {**data, "logs": [{k: v for k, v in line.items() if k != "fixture"} for line in data["logs"]]}
+
+
+def rewrite_as_version_1(path: Path) -> None:
+    """Turn every record in the store at ``path`` into what a sequencer of record schema 1 left there."""
+    conn = sqlite3.connect(path)
+    try:
+        with conn:
+            for run_id, header in conn.execute("SELECT run_id, header FROM runs").fetchall():
+                conn.execute("UPDATE runs SET header=? WHERE run_id=?",
+                             (json.dumps(as_version_1(json.loads(header))), run_id))
+            for run_id, idx, record in conn.execute("SELECT run_id, idx, record FROM phases").fetchall():
+                conn.execute("UPDATE phases SET record=? WHERE run_id=? AND idx=?",
+                             (json.dumps(phase_as_version_1(json.loads(record))), run_id, idx))
+    finally:
+        conn.close()

@@ -58,6 +58,7 @@ attempts = st.builds(
     reason=st.none() | text,
     error=st.none() | st.builds(ErrorInfo, text, text, text),
 )
+log_lines = st.lists(st.builds(LogLine, times, text, text, st.none() | text), max_size=3).map(tuple)
 phases = st.builds(
     PhaseRecord,
     name=text,
@@ -68,7 +69,7 @@ phases = st.builds(
     reason=st.none() | text,
     teardown=st.booleans(),
     resource_wait_s=st.floats(0, 1e6),
-    logs=st.lists(st.builds(LogLine, times, text, text), max_size=3).map(tuple),
+    logs=log_lines,
     attachments=st.lists(st.builds(Attachment, text, text, st.binary(max_size=64)), max_size=2).map(tuple),
 )
 runs = st.builds(
@@ -93,4 +94,5 @@ runs = st.builds(
     identity=st.sampled_from([("serial", "mac"), ("imei",), ("serial", "mac", "imei"), ("%.x", "")]),
     disposition=st.none() | st.sampled_from(Disposition),
     instruction=text,
+    logs=log_lines,
 )

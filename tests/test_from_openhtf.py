@@ -87,6 +87,9 @@ def test_with_plugs_takes_its_settings_from_the_station_file_and_knows_it_is_sim
     code, [record] = run("with_plugs.py", tmp_path, "--sim", "1")
     assert code == 0
     assert [name for name, _ in ran(record)] == ["ping_google_2", "ping_dns_a_2", "ping_dns_b_2"]
+    # What the pinger (OpenHTF's plug) said is in the record of the phase that used it, naming it.
+    said = [(line.fixture, line.message) for line in record.phase("ping_dns_a_2").logs]
+    assert said == [("dns_a", "running: ping -c 2 8.8.8.8")]
     # On a bench (slot.simulated is False) there is no network: each ping is its fixture's error, one line.
     station = tmp_path / "station.toml"
     station.write_text('station = "bench-1"\nbench = 1\n[fixtures.dns_a]\naddress = "10.0.0.53"\n')

@@ -286,6 +286,38 @@ def test_log_lines_keep_time_level_and_message_with_level_colours() -> None:
     assert "lvl-warning" in rows[0].classes and "lvl-info" in rows[1].classes
 
 
+def test_what_fixtures_logged_is_shown_in_the_phase_and_outside_phases_naming_the_fixture() -> None:
+    root = parse(render_run(sensor_run()))
+    rows = section(root, "power_rails").find("table", "logs").find_all("tr")
+    assert [cells(tr) for tr in rows] == [
+        ["08:30:01.600", "info", "dmm", "range 10 V, NPLC 1"],
+        ["08:30:03.600", "info", "", "rails measured"],
+    ]
+    outside = root.find("section", "fixture-log")
+    assert outside.find("h2").text == "Fixtures, outside any phase"
+    assert [cells(tr) for tr in outside.find("table", "logs").find_all("tr")] == [
+        ["08:30:25.000", "info", "jig", "relays opened, port closed"]]
+    # A phase whose lines are all its own has no fixture column; a run no fixture spoke in, no section.
+    assert len(cells(section(root, "flash_firmware").find("table", "logs").find_all("tr")[0])) == 3
+    assert not parse(render_run(attrs.evolve(sensor_run(), logs=()))).find_all("section", "fixture-log")
+
+
+def test_a_long_log_starts_folded_and_says_what_it_holds() -> None:
+    from reports.render.html import LOG_LINES_SHOWN
+
+    lines = [(0.001 * i, "info", f"sample {i}", "dmm") for i in range(LOG_LINES_SHOWN + 1)]
+    lines += [(1.0, "warning", "1 more log line dropped: ...")]
+    loud = phase("loud", logs=lines)
+    quiet = phase("quiet", logs=lines[:LOG_LINES_SHOWN])
+    root = parse(render_run(run(phases=[loud, quiet], logs=[(2.0, "error", "gone", "dmm")] * 2)))
+    folded = section(root, "loud").find("details", "log")
+    assert folded.find("summary").text == f"{LOG_LINES_SHOWN + 2} lines, 1 warning: show them"
+    assert len(folded.find("table", "logs").find_all("tr")) == LOG_LINES_SHOWN + 2
+    assert not section(root, "quiet").find_all("details")
+    assert len(section(root, "quiet").find("table", "logs").find_all("tr")) == LOG_LINES_SHOWN
+    assert not root.find("section", "fixture-log").find_all("details")
+
+
 def test_attachments_text_inline_images_embedded_binaries_downloadable() -> None:
     root = parse(render_run(sensor_run()))
     boxes = {b.find("span", "aname").text: b for b in section(root, "flash_firmware").find_all("div", "attachment")}
@@ -345,7 +377,7 @@ def hostile_run() -> RunRecord:
         phases=[
             phase(h[2], measurements=ms, reason=h[1],
                   error=ErrorInfo(h[0], h[1], h[2]),
-                  logs=[(0.1, s, s) for s in h],
+                  logs=[(0.1, s, s) for s in h] + [(0.2, "info", s, s) for s in h],
                   attachments=[Attachment(s, s, s.encode()) for s in h] + [
                       Attachment("evil.svg", "image/svg+xml", HOSTILE_SVG),
                       Attachment('x.html" onerror="alert(1)', "text/html", b"<script>alert(1)</script>"),
@@ -354,6 +386,7 @@ def hostile_run() -> RunRecord:
             phase(h[3], measurements=[measurement(h[4].replace("'", "") or "x", [[1, 2], [2, 3]],
                                                   dimensions=[(h[0], h[1])], units=h[2], low=0.0, high=5.0)]),
         ],
+        logs=[(9.0, s, s, s) for s in h],
     )
 
 
@@ -366,8 +399,11 @@ def test_hostile_device_text_is_escaped_everywhere_on_the_run_page() -> None:
     dut = {tr.find("th").text: tr.find("td").text for tr in root.find("table", "dut").find_all("tr")}
     assert dut == r.dut
     assert root.find("header", "banner").find("h1").text == HOSTILE[0]
-    logs = [tr.find_all("td")[2].text for tr in root.find("table", "logs").find_all("tr")]
-    assert logs == HOSTILE
+    phase_log, run_log = root.find_all("table", "logs")
+    logs = [(tr.find("td", "src").text, tr.find("td", "msg").text) for tr in phase_log.find_all("tr")]
+    assert logs == [("", s) for s in HOSTILE] + [(s, s) for s in HOSTILE]
+    assert [(tr.find("td", "src").text, tr.find("td", "msg").text) for tr in run_log.find_all("tr")] == [
+        (s, s) for s in HOSTILE]
     # Jinja syntax in data is data, not template code.
     assert "{{ 7*7 }}" in root.find("table", "run").text
 

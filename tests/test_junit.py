@@ -45,6 +45,10 @@ def test_one_suite_per_run_one_case_per_phase_read_back_by_junitparser(tmp_path:
     assert failure.message == runs[0].phase("power_rails").reason
     assert "vdd_3v3 = 3.59 V  limits [3.2, 3.4]  FAIL" in failure.text
     assert cases["identify"].is_passed and "chip_id = ESP32-D0WD-V3" in cases["identify"].system_out
+    # Logs: a phase's lines (its fixtures' named) after its measurements; the fixtures' outside phases, the suite's.
+    assert cases["power_rails"].system_out.splitlines()[-2:] == [
+        "08:30:01.600 INFO [dmm] range 10 V, NPLC 1", "08:30:03.600 INFO rails measured"]
+    assert first.child(junitparser.SystemOut).text == "08:30:25.000 INFO [jig] relays opened, port closed"
     assert rails.classname == "esp32_sensor.SN-1"
     props = {p.name: p.value for p in first.properties()}
     assert props["outcome"] == "FAIL" and props["dut.serial"] == "SN-1" and props["product_version"] == "1.4.2"

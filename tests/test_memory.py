@@ -42,6 +42,8 @@ def collector_off() -> Iterator[None]:
 class Hardware:
     """What a fixture hands a phase (it only needs to be weakly referenceable)."""
 
+    log: Any = None
+
 
 class Watched:
     """Weak references to what phases saw; alive() names those still alive."""
@@ -62,8 +64,12 @@ def product_watched_by(watched: Watched) -> Product:
     @asynccontextmanager
     async def hardware(slot: SlotInfo) -> AsyncIterator[Hardware]:
         value = Hardware()
+        value.log = slot.log  # a fixture keeps its logger: that must not lead back to its run
         watched.watch(f"fixture {slot.index}", value)
+        watched.watch(f"fixture log {slot.index}", slot.log)
+        slot.log.info("hardware on")
         yield value
+        slot.log.info("hardware off")
 
     @phase(measurements=[Measurement("v").in_range(0, 10), Measurement("curve")])
     async def measure(ctx: Any, hw: Hardware) -> None:

@@ -32,7 +32,7 @@ from reports.storage.store import LocalStore
 from sequencer.records import Outcome, RunRecord
 from tests import records_factory as rf
 from tests.mongo_support import FAST, assert_mirrors_store, database
-from tests.store_support import store_runs
+from tests.store_support import rewrite_as_version_1, store_runs
 from tests.strategies import runs as any_run
 
 
@@ -71,6 +71,13 @@ async def test_run_and_device_documents(tmp_path: Path, mongo: MongoSettings) ->
     assert rssi["outcome"] == "FAIL" and rssi["phase"] == "rf_sweep" and rssi["value"][5] == [2437, -28.5]
     assert doc["dut"]["imei"] == "356938035643809"
     assert db.runs.find_one({"_id": crashed.run_id})["phases"][3]["attempts"][0]["error"]["type"] == "DutProtocolError"
+    # What fixtures logged: in the phase that used them, and the run's own lines (closing), dates and names kept.
+    rails = doc["phases"][1]
+    assert [(line["fixture"], line["message"]) for line in rails["logs"]] == [
+        ("dmm", "range 10 V, NPLC 1"), (None, "rails measured")]
+    assert doc["schema_version"] == 2
+    assert [(line["fixture"], line["message"], line["timestamp"]) for line in doc["logs"]] == [
+        ("jig", "relays opened, port closed", retest.logs[0].timestamp)]
 
     device = db.devices.find_one({"_id": "SN-1"})
     assert device["first_tested_at"] == ok.started_at and device["last_tested_at"] == retest.started_at
@@ -361,6 +368,7 @@ def _to_the_millisecond(run: RunRecord) -> RunRecord:
             )
             for p in run.phases
         ),
+        logs=tuple(attrs.evolve(line, timestamp=ms(line.timestamp)) for line in run.logs),
     )
 
 
@@ -378,6 +386,40 @@ def test_a_measurement_mapping_comes_back_with_its_own_keys() -> None:
     stored = bson.decode(bson.encode(run_document(run, seq=1)), codec_options=CodecOptions(tz_aware=True))
     assert "rail.3v3" not in stored["phases"][0]["attempts"][0]["measurements"][0]["value"]
     assert run_from_document(stored).phases[0].measurements[0].value == value
+
+
+def test_a_document_an_older_sequencer_wrote_reads_as_this_versions_record() -> None:
+    # A run shipped by a station of record schema 1: no run logs, no fixture on a phase's lines.
+    run = attrs.evolve(rf.sensor_run("SN-1"), logs=())
+    run = attrs.evolve(run, phases=tuple(
+        attrs.evolve(p, logs=tuple(attrs.evolve(line, fixture=None) for line in p.logs)) for p in run.phases))
+    doc = bson.decode(bson.encode(run_document(run, seq=1)), codec_options=CodecOptions(tz_aware=True))
+    del doc["logs"]
+    doc["schema_version"] = 1
+    for p in doc["phases"]:
+        for line in p["logs"]:
+            del line["fixture"]
+    assert run_from_document(doc) == _to_the_millisecond(run)
+
+
+async def test_runs_an_older_sequencer_left_unshipped_ship_as_this_versions_documents(
+    tmp_path: Path, mongo: MongoSettings
+) -> None:
+    path = tmp_path / "store.sqlite"
+    runs = [attrs.evolve(rf.sensor_run(f"SN-{i}", slot=i, started_at=rf.at(i)), logs=()) for i in range(3)]
+    await store_runs(path, runs)
+    rewrite_as_version_1(path)  # the station was upgraded with these still to ship
+    report, quarantine = await drain(path, mongo)
+    assert report.shipped_runs == 3 and not quarantine
+    db = database(mongo)
+    try:
+        docs = list(db.runs.find({}).sort("slot", 1))
+        assert [(d["schema_version"], d["logs"]) for d in docs] == [(2, [])] * 3
+        assert {"fixture": None}.items() <= docs[0]["phases"][1]["logs"][0].items()  # the same shape as today's
+        assert [run_from_document(d).phases[1].logs[0].fixture for d in docs] == [None] * 3
+    finally:
+        db.client.close()
+    assert_mirrors_store(path, mongo)
 
 
 def test_a_document_that_is_not_a_run_is_named_not_a_traceback() -> None:

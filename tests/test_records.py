@@ -18,6 +18,7 @@ from sequencer.records import (
     MeasurementRecord,
     Outcome,
     PhaseRecord,
+    SCHEMA_VERSION,
     RunRecord,
     from_dict,
     json_loads,
@@ -28,6 +29,7 @@ from sequencer.records import (
     run_to_json,
     to_dict,
 )
+from tests.store_support import as_version_1
 from tests.strategies import phases, runs, text, times, value
 
 
@@ -123,8 +125,19 @@ def test_unknown_schema_version_is_refused() -> None:
     now = dt.datetime.now(dt.timezone.utc)
     data = json.loads(run_to_json(RunRecord("r", "p", "s", 0, "/dev/x", now)))
     data["schema_version"] = 99
-    with pytest.raises(ValueError, match="schema version 99"):
+    with pytest.raises(ValueError, match=r"^record schema version 99 is not supported \(this sequencer reads 1, 2\)$"):
         run_from_json(json.dumps(data))
+
+
+@given(runs)
+def test_a_record_of_schema_version_1_reads_as_this_versions(run: RunRecord) -> None:
+    # Version 1 had no fixtures' lines: an older record is one whose lines are all its phases' own.
+    older = attrs.evolve(run, logs=(), phases=tuple(
+        attrs.evolve(p, logs=tuple(attrs.evolve(line, fixture=None) for line in p.logs)) for p in run.phases))
+    text = json.dumps(as_version_1(to_dict(older)))
+    assert '"fixture"' not in text and json.loads(text)["schema_version"] == 1
+    back = run_from_json(text)
+    assert back == older and back.schema_version == SCHEMA_VERSION == 2
 
 
 @pytest.mark.parametrize(

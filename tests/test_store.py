@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import signal
 import sqlite3
@@ -20,8 +21,9 @@ from hypothesis import strategies as st
 
 import reports.storage.store as store_module
 from reports.storage.store import LocalStore, StoreError, _journal_segments, _Write
-from sequencer.records import AttemptRecord, Outcome, PhaseRecord, RunRecord, utcnow
-from tests.store_support import copy_store, put_back
+from sequencer.records import AttemptRecord, Outcome, PhaseRecord, RunRecord, to_dict, utcnow
+from tests import records_factory as rf
+from tests.store_support import as_version_1, copy_store, phase_as_version_1, put_back, rewrite_as_version_1, store_runs
 from tests.strategies import runs
 
 
@@ -260,7 +262,7 @@ _KILLED_BEFORE_THE_COPY = """
 import os, signal, sys, threading
 import trio
 from reports.storage.store import LocalStore
-from sequencer.records import AttemptRecord, Outcome, PhaseRecord, RunRecord, utcnow
+from sequencer.records import AttemptRecord, Outcome, PhaseRecord, RunRecord, to_dict, utcnow
 
 store = LocalStore.open(sys.argv[1], station=True)
 never = threading.Event()
@@ -299,6 +301,37 @@ def test_a_commit_that_returned_survives_a_kill_before_it_reached_the_database(s
     assert (again.replayed_on_open, again.interrupted_on_open) == (0, 0)
     assert again.get_run("r1") == run
     again.close()
+
+
+async def test_a_store_an_older_sequencer_wrote_is_read_as_this_versions_records(store_path: Path) -> None:
+    # What a station of record schema 1 left: runs in SQLite, and one run still in its journal (killed).
+    done = [rf.sensor_run("SN-1"), rf.sensor_run("SN-2", slot=1, crash=True)]
+    done = [attrs.evolve(r, logs=()) for r in done]  # version 1 had no fixtures' lines
+    done = [attrs.evolve(r, phases=tuple(attrs.evolve(p, logs=tuple(attrs.evolve(line, fixture=None)
+                                                                    for line in p.logs)) for p in r.phases))
+            for r in done]
+    await store_runs(store_path, done)
+    rewrite_as_version_1(store_path)
+    killed = attrs.evolve(done[0], run_id="killed", phases=done[0].phases[:2], outcome=None, ended_at=None)
+    header = as_version_1(to_dict(attrs.evolve(killed, phases=())))
+    lines = [b"B\t" + json.dumps(header).encode() + b"\n"] + [
+        b"P\t%s\t%d\t%s\t%s\n" % (b'"killed"', i, json.dumps(killed.dut).encode(),
+                                   json.dumps(phase_as_version_1(to_dict(p))).encode())
+        for i, p in enumerate(killed.phases)
+    ]
+    store_path.with_name("store.sqlite.journal-000001").write_bytes(b"".join(lines))
+    with sqlite3.connect(store_path) as conn:
+        assert {json.loads(h)["schema_version"] for h, in conn.execute("SELECT header FROM runs")} == {1}
+
+    store = LocalStore.open(store_path, station=True)
+    try:
+        assert (store.replayed_on_open, store.damaged_on_open, store.interrupted_on_open) == (3, 0, 1)
+        assert [store.get_run(r.run_id) for r in done] == done
+        back = store.get_run("killed")
+        assert back.outcome is Outcome.INTERRUPTED and back.phases == killed.phases and back.logs == ()
+        assert {r.run_id for r in store.find_runs(batch=done[0].batch)} == {"killed", *(r.run_id for r in done)}
+    finally:
+        store.close()
 
 
 def test_a_damaged_journal_line_is_skipped_and_counted_and_the_rest_is_replayed(store_path: Path) -> None:

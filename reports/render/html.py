@@ -39,6 +39,8 @@ from sequencer.records import Attachment, MeasurementRecord, PhaseRecord, RunRec
 MAX_EMBED_BYTES = 5 * 1024 * 1024
 #: Text attachments are shown inline up to this many characters; the download link has all of it.
 MAX_INLINE_TEXT_CHARS = 100_000
+#: A log longer than this starts folded (a phase or fixture that logged in a loop would bury the page).
+LOG_LINES_SHOWN = 30
 
 # Only these image types become <img> sources; the data URI's type comes from
 # this table, never from the attachment's own mimetype string.
@@ -172,6 +174,7 @@ def _environment() -> jinja2.Environment:
         series_summary=formatting.series_summary,
         is_number=formatting.is_number,
         max_embed=formatting.size(MAX_EMBED_BYTES),
+        log_lines_shown=LOG_LINES_SHOWN,
         stat_histogram=svg.capability_histogram,
         stat_chart=svg.control_chart,
         failure_summary=failure_summary,

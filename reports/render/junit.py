@@ -6,9 +6,11 @@ so Jenkins groups a unit's phases). A FAIL phase is a ``<failure>`` whose
 message is the phase's reason and whose text lists its measurements; an
 ERROR, TIMEOUT or ABORTED phase is an ``<error>`` (the traceback when there
 is one): station or communication trouble, not a product failure, as in the
-batch report. A SKIPPED phase is ``<skipped>``. Every phase's measurements are
-in its ``<system-out>``; the run's identity, product version, limits file
-and station are ``<property>`` elements of its suite.
+batch report. A SKIPPED phase is ``<skipped>``. Every phase's measurements and
+log (its own lines and its fixtures', each naming the fixture) are in its
+``<system-out>``, and what fixtures logged outside phases in the suite's; the
+run's identity, product version, limits file and station are ``<property>``
+elements of its suite.
 
 Device text is untrusted: the XML writer escapes markup, and characters XML
 1.0 cannot hold (control characters) are written as ``\\x..`` escapes.
@@ -23,10 +25,11 @@ from pathlib import Path
 
 from reports.render.export import xml_text
 from reports.render.files import replacing
+from reports.render.formatting import clock
 from reports.render.formatting import value as format_value
 from reports.quality.units import group_units
 from reports.quality.yields import chronological
-from sequencer.records import MeasurementRecord, Outcome, PhaseRecord, RunRecord
+from sequencer.records import LogLine, MeasurementRecord, Outcome, PhaseRecord, RunRecord
 
 _TROUBLE = frozenset({Outcome.ERROR, Outcome.TIMEOUT, Outcome.ABORTED, Outcome.INTERRUPTED})
 
@@ -89,9 +92,13 @@ def testsuite(run: RunRecord, unit: str) -> ET.Element:
             kind = verdict.tag
             counts["failures" if kind == "failure" else "errors" if kind == "error" else "skipped"] += 1
             case.append(verdict)
-        if p.measurements:
+        if p.measurements or p.logs:
             out = ET.SubElement(case, "system-out")
-            out.text = xml_text("\n".join(_measurement_line(m) for m in p.measurements))
+            out.text = xml_text("\n".join([*(_measurement_line(m) for m in p.measurements),
+                                           *(_log_line(line) for line in p.logs)]))
+    if run.logs:
+        out = ET.SubElement(suite, "system-out")
+        out.text = xml_text("\n".join(_log_line(line) for line in run.logs))
     for key, n in counts.items():
         suite.set(key, str(n))
     return suite
@@ -128,6 +135,12 @@ def _measurement_line(m: MeasurementRecord) -> str:
     why = f"  ({m.reason})" if m.reason and m.outcome.value != "PASS" else ""
     value = f"{len(m.value)} points" if m.dimensions and isinstance(m.value, list) else format_value(m.value)
     return f"{m.name} = {value}{units}{limits}  {verdict}{why}"
+
+
+def _log_line(line: LogLine) -> str:
+    """``08:30:01.600 INFO [dmm] range 10 V``: the time in UTC, the level, the fixture that said it (if one did)."""
+    source = f" [{line.fixture}]" if line.fixture else ""
+    return f"{clock(line.timestamp)} {line.level.upper()}{source} {line.message}"
 
 
 def _seconds(s: float) -> str:

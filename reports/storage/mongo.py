@@ -48,7 +48,7 @@ from pymongo import DeleteMany, IndexModel, UpdateMany, UpdateOne
 from pymongo.uri_parser import parse_uri
 
 from sequencer.base85 import b85decode, b85encode
-from sequencer.records import DEFAULT_IDENTITY, SCHEMA_VERSION, Outcome, RunRecord, from_dict, to_dict
+from sequencer.records import DEFAULT_IDENTITY, Outcome, RunRecord, from_dict, to_dict, upgrade
 
 #: Version of the collections' validators and indexes (``meta`` document ``_id: "schema"``).
 DB_SCHEMA = 1
@@ -285,13 +285,19 @@ def prepare_phase(p: Mapping[str, Any]) -> PreparedPhase:
         "started_at": started, "ended_at": ended, "duration_s": _seconds(started, ended),
         "marginal": marginal,
         "attempts": [_attempt(a) for a in attempts],
-        "logs": [{**line, "timestamp": _when(line["timestamp"])} for line in p.get("logs", ())],
+        "logs": _log_lines(p.get("logs", ())),
         "attachments": [_attachment(a) for a in p.get("attachments", ())],
     }
     try:
         return PreparedPhase(_encode(doc), tuple(_encode(m) for m in flat), marginal)
     except bson.errors.InvalidDocument as exc:
         return PreparedPhase(None, (), marginal, f"phase {p.get('name')!r}: {exc}")
+
+
+def _log_lines(lines: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    # Field by field: a line of a record of schema version 1 has no fixture, and its document gets None for it.
+    return [{"timestamp": _when(line["timestamp"]), "level": line["level"], "message": line["message"],
+             "fixture": line.get("fixture")} for line in lines]
 
 
 def _encode(doc: Mapping[str, Any]) -> RawBSONDocument:
@@ -315,7 +321,7 @@ class StoredRun:
     def of(cls, run: RunRecord | RunData | StoredRun) -> StoredRun:
         if isinstance(run, StoredRun):
             return run
-        data = to_dict(run) if isinstance(run, RunRecord) else run
+        data = to_dict(run) if isinstance(run, RunRecord) else upgrade(dict(run))
         return cls(data, tuple(prepare_phase(p) for p in data.get("phases") or ()))
 
     @property
@@ -375,6 +381,7 @@ def run_document(run: RunRecord | RunData | StoredRun, seq: int) -> dict[str, An
         "identity": list(d.get("identity") or DEFAULT_IDENTITY),
         "disposition": d.get("disposition"),
         "instruction": d.get("instruction", ""),
+        "logs": _log_lines(d.get("logs") or ()),
         "phases": [p.doc for p in stored.phases],
         "measurements": [m for p in stored.phases for m in p.flat],
     }
@@ -395,9 +402,6 @@ def run_from_document(doc: Mapping[str, Any]) -> RunRecord:
     """
     run_id = doc.get("_id")
     try:
-        version = doc.get("schema_version")
-        if version != SCHEMA_VERSION:
-            raise ValueError(f"record schema version {version!r} is not supported (expected {SCHEMA_VERSION})")
         data = {
             "run_id": run_id, "product": doc["product"], "station": doc["station"], "slot": doc["slot"],
             "port": doc.get("port", ""), "started_at": _iso(doc["started_at"]),
@@ -407,12 +411,13 @@ def run_from_document(doc: Mapping[str, Any]) -> RunRecord:
             "phases": [_phase_data(p) for p in doc.get("phases") or ()],
             "limits_file": doc.get("limits_file"), "limits_sha256": doc.get("limits_sha256"),
             "product_sha256": doc.get("product_sha256"), "sequencer_version": doc.get("sequencer_version", ""),
-            "schema_version": version,
+            "schema_version": doc.get("schema_version"),
             "product_files": [{"path": f["path"], "sha256": f["sha256"]} for f in doc.get("product_files") or ()],
             "identity": doc.get("identity") or DEFAULT_IDENTITY,
             "disposition": doc.get("disposition"), "instruction": doc.get("instruction", ""),
+            "logs": _log_lines_back(doc.get("logs") or ()),
         }
-        return from_dict(data, RunRecord)
+        return from_dict(upgrade(data), RunRecord)
     except Exception as exc:  # any malformed document: say which run, never a traceback
         raise UnreadableRun(f"run {run_id!r} in MongoDB cannot be read: {exc}") from None
 
@@ -426,13 +431,17 @@ def _phase_data(p: Mapping[str, Any]) -> dict[str, Any]:
              "measurements": [{**m, "value": _unvalue(m.get("value"))} for m in a.get("measurements") or ()]}
             for a in p.get("attempts") or ()
         ],
-        "logs": [{**line, "timestamp": _iso(line["timestamp"])} for line in p.get("logs") or ()],
+        "logs": _log_lines_back(p.get("logs") or ()),
         "attachments": [
             {"name": a["name"], "mimetype": a["mimetype"],
              "data": b85encode(bytes(a["data"])).decode() if a.get("data") else ""}
             for a in p.get("attachments") or ()
         ],
     }
+
+
+def _log_lines_back(lines: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    return [{**line, "timestamp": _iso(line["timestamp"])} for line in lines]
 
 
 def _iso(when: dt.datetime | None) -> str | None:
@@ -1036,7 +1045,7 @@ class MongoSink:
 
     def run_history(self, serial: str) -> list[dict[str, Any]]:
         """Summaries of ``serial``'s runs, oldest first (phases left out)."""
-        projection = {"phases": 0, "measurements": 0}
+        projection = {"phases": 0, "measurements": 0, "logs": 0}
         try:
             docs = list(self.runs.find({"serial": serial}, projection).sort([("started_at", 1), ("_id", 1)]))
         except pymongo.errors.PyMongoError as exc:

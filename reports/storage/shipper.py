@@ -67,7 +67,7 @@ from reports.storage.mongo import (
     prepare_phase,
 )
 from reports.storage.store import LocalStore, StoreError, connect_readonly, iter_change_rows
-from sequencer.records import SCHEMA_VERSION, utcnow
+from sequencer.records import upgrade, utcnow
 
 log = structlog.get_logger("sequencer.shipper")
 
@@ -199,9 +199,10 @@ class PhaseCache:
 
     def stored_run(self, header_text: str, phase_texts: list[str]) -> StoredRun:
         header = json.loads(header_text)
-        if header.get("schema_version") != SCHEMA_VERSION:
-            raise StoreError(f"{self._path}: run {header.get('run_id')!r} has record schema "
-                             f"{header.get('schema_version')!r} (expected {SCHEMA_VERSION})")
+        try:
+            header = upgrade(header)  # a run an older sequencer recorded, still to ship
+        except ValueError as exc:
+            raise StoreError(f"{self._path}: run {header.get('run_id')!r}: {exc}") from None
         run_id = header["run_id"]
         cached = self._runs.pop(run_id, [])
         phases: list[tuple[str, PreparedPhase]] = []

@@ -129,7 +129,7 @@ class MongoData:
         the measurement columns (from the flat copy of the measurements, first seen first)."""
         from reports.render.export import measured_column
 
-        projection = {"phases": 0, "measurements.outcome": 0, "measurements.marginal": 0}
+        projection = {"phases": 0, "logs": 0, "measurements.outcome": 0, "measurements.marginal": 0}
         headers: list[RunRecord] = []
         measured: dict[tuple[str, str], str] = {}
         cursor = self.db["runs"].find(mongo_filter(q), projection, batch_size=1000, limit=limit)

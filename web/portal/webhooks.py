@@ -235,7 +235,8 @@ class Webhooks:
                 self.db[STATE].update_one({"_id": "scan"}, {"$set": {"shipped_at": newest["shipped_at"],
                                                                      "run_id": newest["_id"]}}, upsert=True)
             return 0
-        docs = list(self.db["runs"].find(query, {"phases.attempts": 0, "phases.logs": 0, "phases.attachments": 0})
+        docs = list(self.db["runs"].find(query, {"phases.attempts": 0, "phases.logs": 0, "phases.attachments": 0,
+                                                 "logs": 0})
                     .sort([("shipped_at", 1), ("_id", 1)]).limit(SCAN_BATCH))
         events: list[Event] = []
         products: set[str] = set()

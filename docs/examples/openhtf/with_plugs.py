@@ -2,7 +2,8 @@
 
 The fixtures (OpenHTF's plugs) take their settings from the station file
 (``[fixtures.dns_a] address = "8.8.8.8"``), and under ``--sim`` answer as a
-simulated host would: ``sequencer run with_plugs.py --sim 1``.
+simulated host would: ``sequencer run with_plugs.py --sim 1``. What a pinger
+logs (OpenHTF's plug ``print``) is in the record, in the phase that pinged.
 """
 
 from contextlib import asynccontextmanager
@@ -13,10 +14,11 @@ from sequencer import Measurement, Product, phase
 
 
 class Pinger:
-    def __init__(self, address, simulated):
-        self.address, self.simulated = address, simulated
+    def __init__(self, address, slot):
+        self.address, self.simulated, self.log = address, slot.simulated, slot.log
 
     async def ping(self, count):
+        self.log.info(f"running: ping -c {count} {self.address}")
         if not self.simulated:
             raise OSError(f"no route to {self.address} from a bench without a network")
         await trio.sleep(0.01 * count)
@@ -26,7 +28,7 @@ class Pinger:
 def pinger(default_address):
     @asynccontextmanager
     async def open_pinger(slot, *, address=default_address):
-        yield Pinger(address, slot.simulated)
+        yield Pinger(address, slot)
 
     return open_pinger
 
