@@ -60,17 +60,26 @@ class BootFailed(Exception):
         Measurement("chip").doc("chip model, as the ROM's eFuses say (e.g. ESP32-D0WD-V3)"),
         Measurement("chip_revision").matches(r"v\d+\.\d+").doc("silicon revision"),
         Measurement("mac").matches(MAC_PATTERN).doc("factory MAC from eFuse"),
+        Measurement("loader_entry").doc(
+            "how the station put the board into its serial loader: the esptool reset sequence that worked and the "
+            "[flash] before that chose it (ClassicReset (default-reset)), or no-reset (a jig holds GPIO0)"
+        ),
     ],
     timeout=30,
 )
 async def detect(ctx, flasher, dut):
-    """Sync with the ROM loader on the slot's port; read the chip's model, revision and factory MAC; check the MAC."""
+    """Put the board in its ROM loader as the station's wiring says; read the chip's model, revision and factory MAC,
+    and check the MAC."""
     chip = await flasher.detect(dut.link)
     ctx.identify(chip=chip.model, chip_revision=chip.revision, mac=chip.mac, flash_size=chip.flash_size)
-    ctx.log.info("chip detected", description=chip.description, features=", ".join(chip.features))
+    reset = flasher.reset
+    ctx.log.info("chip detected", description=chip.description, features=", ".join(chip.features),
+                 console=chip.console, loader_entry=reset.how, reset_attempts=reset.attempts,
+                 connect_seconds=reset.seconds)
     ctx.measurements.chip = chip.model
     ctx.measurements.chip_revision = chip.revision
     ctx.measurements.mac = chip.mac
+    ctx.measurements.loader_entry = reset.how
     problem = flasher.mac_problem()
     ctx.measurements.mac_verdict = problem or "pass"
     if problem is not None:
@@ -173,7 +182,8 @@ async def write_images(
         ctx.no_retry("the images and the board stay what they are")
         return None, "; ".join(refused)
     config = flasher.config
-    ctx.log.info("flashing", images=images.describe(), baud=config.baud, loader="stub" if config.stub else "rom")
+    ctx.log.info("flashing", images=images.describe(), baud=config.baud, loader="stub" if config.stub else "rom",
+                 before=config.before, boot=config.boot)
     try:
         report = await flasher.flash(link, images, progress=lambda p: ctx.progress(p.fraction, p.detail))
     except (FlashVerifyFailed, FlashImagesRefused) as exc:

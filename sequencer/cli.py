@@ -26,7 +26,7 @@ from rich.text import Text
 from fixtures.station import STATION_FIXTURES  # what the station provides every product
 from reports.render.export import TABLES as EXPORT_TABLES
 from sequencer.clock import run_on_station_clock
-from sequencer.config import ConfigError, StationConfig, load_station_config
+from sequencer.config import SIM_BOARDS, ConfigError, SerialLines, StationConfig, load_station_config
 from sequencer.fixtures import with_settings
 from sequencer.product import LoadedProduct, ProductError, layers, load_product
 from sequencer.records import Outcome, RunRecord, run_to_json
@@ -148,6 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "(/dev/serial/by-path/ links) or [detect] locations (or continuous = true)")
     run.add_argument("--faults", type=Path, metavar="PROFILE",
                      help="with --sim: inject the faults a profile (TOML) describes, per slot or by probability")
+    run.add_argument("--sim-board", choices=SIM_BOARDS, metavar="KIND",
+                     help="with --sim: the simulated boards: jig (GPIO0 held, the default), devkitc (DTR/RTS "
+                          "auto-reset over RFC 2217), esp32s3-usb (an ESP32-S3 on its USB-Serial/JTAG)")
     from reports.storage.mongo_cli import add_mongo_commands, add_mongo_options, add_reading_options
 
     add_mongo_options(run)
@@ -399,19 +402,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = config.with_overrides(
         sim=args.sim, bench=args.bench, ports=tuple(args.ports) if args.ports else None, store=args.store,
         reports=args.reports,
-        batch=args.batch, operator=args.operator, seed=args.seed, rounds=args.rounds,
+        batch=args.batch, operator=args.operator, seed=args.seed, rounds=args.rounds, sim_board=args.sim_board,
         continuous=True if args.continuous else None,
     )
     from reports.storage.mongo_cli import apply_mongo_options, station_shipping
 
     config = apply_mongo_options(config, args)  # --mongo, SEQUENCER_MONGO_URI, [mongo]
     config.check()
+    if args.sim_board and not config.sim:
+        raise UsageError("--sim-board: says what the simulated boards are; give --sim N too")
     from fixtures.station import detected_ports, load_faults, open_hardware
 
     config = detected_ports(config)  # [detect]: USB serial ports by VID/PID/serial/location
     if not config.sim and not config.continuous:  # a continuous station's slots may be empty now
         for port in config.ports:
-            check_port(port)
+            check_port(port, config.flash.for_port(port).console_lines)
     loaded = load_product(product, limits=args.limits, station_fixtures=STATION_FIXTURES, station_resources=None)
     loaded = with_fixture_settings(loaded, config)
     faults = load_faults(args.faults, config, loaded)
@@ -480,16 +485,37 @@ def _check_free_ptys(sim: int) -> None:
                          "(/proc/sys/kernel/pty/max)")
 
 
-def check_port(port: str) -> None:
-    """Fail early, with the port named, if a DUT port is missing or busy."""
+def check_port(port: str, lines: SerialLines | None = None) -> None:
+    """Fail early, with the port named, if a DUT port is missing or busy.
+
+    Opened as its links will open it (``lines``: DTR/RTS set before the open),
+    so the check does not reset a board whose reset lines are wired. An
+    ``rfc2217://`` port is checked for its form only: its server takes one
+    client at a time, and the station connects soon enough.
+    """
     import serial
 
+    from fixtures.rfc2217 import is_rfc2217, rfc2217_address
+
+    if is_rfc2217(port):
+        try:
+            rfc2217_address(port)
+        except ValueError as exc:
+            raise UsageError(f"port {port}: {exc}") from None
+        return
+    if "://" in port:
+        raise UsageError(f"port {port}: the only port URLs are rfc2217://host:port")
     if not os.path.exists(port):
         raise UsageError(f"port {port}: does not exist")
     if os.path.isdir(port):
         raise UsageError(f"port {port}: is a directory, not a serial port")
+    probe = serial.Serial(None, exclusive=True)
+    probe.port = port
+    if lines is not None:
+        probe.dtr, probe.rts = lines.dtr, lines.rts
     try:
-        serial.Serial(port, exclusive=True).close()
+        probe.open()
+        probe.close()
     except serial.SerialException as exc:
         if getattr(exc, "errno", None) == errno.ENOTTY or "Inappropriate ioctl" in str(exc):
             raise UsageError(f"port {port}: not a serial port (a terminal device is needed)") from None

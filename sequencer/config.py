@@ -22,15 +22,22 @@
 
     [flash]                     # how the flasher fixture writes images (docs/flashing.md)
     baud = 921600
+    before = "no-reset"         # into the loader: a jig holds GPIO0; "default-reset" (DTR/RTS), "usb-reset"
     stub = false                # ROM loader; the stub needs boot = "hard-reset"
     boot = "run-user-code"      # or "hard-reset" (RTS/DTR wired), "none"
     max_seconds = 60            # quality gate: longest write + verify per DUT
     max_image_bytes = { esp32 = 0x180000 }   # quality gate: largest image, per chip
 
-    [detect]                    # instead of ports: every USB serial port that matches
+    [flash.port."rfc2217://10.0.0.7:4000"]   # one port wired otherwise: before, boot, stub, baud
+    before = "default-reset"
+    boot = "hard-reset"
+
+    [[detect]]                  # instead of ports: every USB serial port that matches a rule
     vid = 0x10C4                # and/or pid, serial, location, description (globs)
     location = "1-1.*"
     locations = ["1-1.1", "1-1.2"]   # or: one slot per USB location, in this order (continuous stations)
+    before = "default-reset"    # and how the boards on these ports are wired (before, boot, stub, baud)
+    boot = "hard-reset"
 
     continuous = true           # each slot tests a board whenever one is put in (--continuous)
 
@@ -56,7 +63,7 @@ import os
 import re
 import socket
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +85,11 @@ class ResourceConfig:
 
 
 _BOOT_MODES = ("run-user-code", "hard-reset", "none")
+#: esptool's --before names: how the board is put into its serial loader
+BEFORE_MODES = ("default-reset", "usb-reset", "no-reset")
+#: what ``--sim-board`` simulates: a jig holding GPIO0, a DevKitC-style auto-reset board over RFC 2217,
+#: an ESP32-S3 on its USB-Serial/JTAG (over RFC 2217)
+SIM_BOARDS = ("jig", "devkitc", "esp32s3-usb")
 
 
 def _positive(_: object, attribute: attrs.Attribute, value: Any) -> None:
@@ -102,11 +114,56 @@ def _chip_limits(value: Mapping[str, int]) -> Mapping[str, int]:
     return limits
 
 
+def _optional(check: Any) -> Any:
+    def optional(instance: object, attribute: attrs.Attribute, value: Any) -> None:
+        if value is not None:
+            check(instance, attribute, value)
+
+    return optional
+
+
+@attrs.frozen
+class PortWiring:
+    """How the board on one port is wired for flashing: ``[flash]`` keys that differ on that port.
+
+    Set per port (``[flash.port."PATH"]``), per ``[[detect]]`` rule, or by
+    ``--sim-board`` for the simulated ports; None leaves the ``[flash]``
+    value. ``source`` says where it was set, for messages.
+    """
+
+    before: str | None = attrs.field(default=None, validator=_optional(_one_of(BEFORE_MODES)))
+    boot: str | None = attrs.field(default=None, validator=_optional(_one_of(_BOOT_MODES)))
+    stub: bool | None = None
+    baud: int | None = attrs.field(default=None, validator=_positive)
+    source: str = attrs.field(default="", eq=False)
+
+    def overrides(self) -> dict[str, Any]:
+        """The ``[flash]`` keys this wiring sets."""
+        return {f.name: getattr(self, f.name) for f in attrs.fields(PortWiring)
+                if f.name != "source" and getattr(self, f.name) is not None}
+
+
+@attrs.frozen
+class SerialLines:
+    """The DTR and RTS levels a port's links hold while open (True: asserted), set before the port opens."""
+
+    dtr: bool
+    rts: bool
+
+
+#: Lines released: on a board whose DTR/RTS drive EN and GPIO0 the chip runs, neither reset nor strapped.
+RELEASED = SerialLines(dtr=False, rts=False)
+
+
 @attrs.frozen
 class FlashConfig:
     """``[flash]``: the station's flashing policy and quality gates (see docs/flashing.md)."""
 
     baud: int = attrs.field(default=921600, validator=_positive)
+    #: how the board is put into its serial loader: "no-reset" (a jig holds GPIO0 low),
+    #: "default-reset" (esptool's DTR/RTS sequences for a DevKitC-style circuit),
+    #: "usb-reset" (the chip's USB-Serial/JTAG)
+    before: str = attrs.field(default="no-reset", validator=_one_of(BEFORE_MODES))
     #: esptool's flasher stub (faster) instead of the ROM loader; it cannot
     #: start the app by itself, so it needs ``boot = "hard-reset"``
     stub: bool = False
@@ -120,11 +177,43 @@ class FlashConfig:
     max_seconds: float | None = attrs.field(default=None, validator=_positive)
     #: quality gate: largest single image, bytes, by chip (esptool --chip names)
     max_image_bytes: Mapping[str, int] = attrs.field(factory=dict, converter=_chip_limits, hash=False)
+    #: ports wired otherwise (``[flash.port."PATH"]``, ``[[detect]]`` rules, ``--sim-board``)
+    port: Mapping[str, PortWiring] = attrs.field(factory=dict, converter=dict, hash=False)
 
     def __attrs_post_init__(self) -> None:
         if self.stub and self.boot == "run-user-code":
             raise ValueError('stub = true needs boot = "hard-reset" (or "none"): the flasher stub cannot start '
                              "the app without a reset line")
+        for path, wiring in self.port.items():
+            try:
+                self.for_port(path)
+            except ValueError as exc:
+                raise ValueError(f"{wiring.source or path}: {exc}") from None
+
+    def for_port(self, path: str) -> FlashConfig:
+        """The policy on ``path``: these settings with the port's wiring applied."""
+        wiring = self.port.get(path)
+        if wiring is None:
+            return attrs.evolve(self, port={}) if self.port else self
+        return attrs.evolve(self, port={}, **wiring.overrides())
+
+    def wired(self, wiring: Mapping[str, PortWiring]) -> FlashConfig:
+        """These settings with more ports wired (a port already named keeps its own)."""
+        return attrs.evolve(self, port={**wiring, **self.port})
+
+    @property
+    def console_lines(self) -> SerialLines | None:
+        """What DTR/RTS the DUT port's links hold while open, set before the port opens.
+
+        With reset lines wired (``before`` resets the board), asserted lines
+        would hold the chip in reset or strap it into its loader on boards
+        wired straight to EN and GPIO0, so they are released. A jig wires
+        none: the port opens as pyserial opens it (None).
+        """
+        return None if self.before == "no-reset" else RELEASED
+
+
+_DETECT_FILTERS = ("vid", "pid", "serial", "location", "description")
 
 
 def _positive_number(instance: Any, attribute: Any, value: float) -> None:
@@ -142,7 +231,13 @@ class QualityConfig:
 
 @attrs.frozen
 class DetectConfig:
-    """``[detect]``: find DUT ports by USB identity instead of listing them (globs for text)."""
+    """A ``[detect]`` rule: find DUT ports by USB identity instead of listing them (globs for text).
+
+    ``wiring`` is how the boards on the ports it finds are wired, when that
+    differs from ``[flash]`` (the rule's ``before``, ``boot``, ``stub``,
+    ``baud``): a station can mix jigs, DevKitC boards and USB-Serial/JTAG
+    boards, one rule each.
+    """
 
     vid: int | None = None
     pid: int | None = None
@@ -151,12 +246,27 @@ class DetectConfig:
     description: str | None = None
     #: one slot per USB location, in this order (``1-1.2``, as ``sequencer`` lists them): where boards go in
     locations: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    wiring: PortWiring = attrs.field(factory=PortWiring)
 
     def __attrs_post_init__(self) -> None:
-        if all(getattr(self, f.name) in (None, ()) for f in attrs.fields(DetectConfig)):
+        if all(getattr(self, name) is None for name in _DETECT_FILTERS) and not self.locations:
             raise ValueError("detect needs at least one of vid, pid, serial, location, description, locations")
         if not all(isinstance(x, str) and x for x in self.locations) or len(set(self.locations)) != len(self.locations):
             raise ValueError("detect.locations must be distinct USB locations (text), one per slot")
+
+    def describe(self) -> str:
+        """The rule's filters, as written: ``vid=4292, location='1-1.*'``."""
+        given = [f"{name}={getattr(self, name)!r}" for name in _DETECT_FILTERS if getattr(self, name) is not None]
+        if self.locations:
+            given.append(f"locations={list(self.locations)!r}")
+        return ", ".join(given)
+
+
+def _detect_rules_tuple(value: DetectConfig | Iterable[DetectConfig] | None) -> tuple[DetectConfig, ...]:
+    """``detect=`` as given: no rules (None), one rule, or several."""
+    if value is None:
+        return ()
+    return (value,) if isinstance(value, DetectConfig) else tuple(value)
 
 
 def default_data_dir() -> Path:
@@ -182,6 +292,8 @@ class StationConfig:
     bench: int = 0
     #: ``[fixtures.NAME]`` tables: settings passed to that fixture's factory (sequencer/fixtures.py)
     fixture_settings: Mapping[str, Mapping[str, Any]] = attrs.field(factory=dict)
+    #: what the simulated DUTs are (``sim_board``, ``--sim-board``): one of SIM_BOARDS
+    sim_board: str = "jig"
     seed: int = 0
     #: sets of boards per session (``rounds``, ``--rounds``): the operator puts the next set in between
     #: rounds; 0: until the operator types stop
@@ -197,8 +309,8 @@ class StationConfig:
     mongo_db: str = ""
     flash: FlashConfig = attrs.field(factory=FlashConfig)
     quality: QualityConfig = attrs.field(factory=QualityConfig)
-    #: find ports by USB identity (``[detect]``) when none are listed
-    detect: DetectConfig | None = None
+    #: find ports by USB identity (``[detect]``, or several ``[[detect]]`` rules) when none are listed
+    detect: tuple[DetectConfig, ...] = attrs.field(default=(), converter=_detect_rules_tuple)
     #: DUT console port -> the AT port of its modem (``[modems]``)
     modems: Mapping[str, str] = attrs.field(factory=dict)
     #: the provisioning service (``[provisioning] url``); with --sim and none, the station runs one
@@ -215,6 +327,11 @@ class StationConfig:
     @property
     def batch_or_default(self) -> str:
         return self.batch or f"{self.station}-{utcnow():%Y%m%d}"
+
+    @property
+    def located(self) -> DetectConfig | None:
+        """The ``[detect]`` rule with ``locations``: a continuous station's slots, one per location."""
+        return next((rule for rule in self.detect if rule.locations), None)
 
     def with_overrides(self, **overrides: Any) -> StationConfig:
         """Apply command-line options; ``None`` means "not given"."""
@@ -239,6 +356,8 @@ class StationConfig:
                               f"got {self.station!r}")
         if self.sim < 0:
             raise ConfigError(f"{where}: sim must be >= 0, got {self.sim}")
+        if self.sim_board not in SIM_BOARDS:
+            raise ConfigError(f"{where}: sim_board must be one of {', '.join(SIM_BOARDS)}, got {self.sim_board!r}")
         if self.rounds < 0:
             raise ConfigError(f"{where}: rounds must be >= 0 (0: until the operator types stop), got {self.rounds}")
         if self.continuous and self.rounds != 1:
@@ -250,9 +369,14 @@ class StationConfig:
                     raise ConfigError(f"{where}: continuous: port {port} is named in the order boards are plugged "
                                       "in, not where: give its /dev/serial/by-path/ (or by-id) link, or [detect] "
                                       "locations")
-            if not self.ports and (self.detect is None or not self.detect.locations):
+            if not self.ports and self.located is None:
                 raise ConfigError(f"{where}: continuous: say where each slot's board plugs in: ports "
                                   "(/dev/serial/by-path/ links) or [detect] locations")
+        if self.continuous and self.sim and self.sim_board != "jig":
+            raise ConfigError(f"{where}: continuous: the simulated operator swaps jig boards only; "
+                              f"sim_board = {self.sim_board!r} needs rounds")
+        if sum(1 for rule in self.detect if rule.locations) > 1:
+            raise ConfigError(f"{where}: detect: locations belong to one rule (the slots, in order)")
         if self.rounds == 0 and self.sim:
             raise ConfigError(f"{where}: rounds = 0 goes on until the operator types stop, and the simulated "
                               "operator never does: give simulated stations a number of rounds")
@@ -260,7 +384,7 @@ class StationConfig:
             raise ConfigError(f"{where}: bench must be >= 0, got {self.bench}")
         if sum(bool(x) for x in (self.sim, self.ports, self.bench)) > 1:
             raise ConfigError(f"{where}: give one of ports, sim and bench")
-        if not self.sim and not self.ports and not self.bench and self.detect is None:
+        if not self.sim and not self.ports and not self.bench and not self.detect:
             raise ConfigError(f"{where}: no DUT ports: give ports (or --port), a simulated count (sim / --sim N) "
                               "or bench slots with no board (bench / --bench N)")
         if len(set(self.ports)) != len(self.ports):
@@ -270,8 +394,8 @@ class StationConfig:
 #: Device names the kernel hands out in the order adapters enumerate: not a place on the jig.
 _RENUMBERED = re.compile(r"/dev/tty(USB|ACM)\d+")
 
-_TOP_KEYS = {"station", "product", "operator", "ask_operator", "batch", "store", "reports", "ports", "sim", "bench",
-             "seed", "fixtures", "rounds", "continuous", "resources", "mongo", "flash", "detect", "modems",
+_TOP_KEYS = {"station", "product", "operator", "ask_operator", "batch", "store", "reports", "ports", "sim", "sim_board",
+             "bench", "seed", "fixtures", "rounds", "continuous", "resources", "mongo", "flash", "detect", "modems",
              "provisioning", "secrets", "portal", "quality"}
 _RESOURCE_KEYS = {"capacity", "instrument", "port"}
 _MONGO_KEYS = {"uri", "database"}
@@ -347,6 +471,7 @@ def load_station_config(path: str | Path) -> StationConfig:
         sim=typed("sim", int, 0),
         bench=typed("bench", int, 0),
         fixture_settings=_fixtures_tables(p, typed("fixtures", dict, {})),
+        sim_board=typed("sim_board", str, "jig"),
         seed=typed("seed", int, 0),
         rounds=typed("rounds", int, 1),
         continuous=typed("continuous", bool, False),
@@ -356,12 +481,17 @@ def load_station_config(path: str | Path) -> StationConfig:
         **_mongo_table(p, typed("mongo", dict, {})),
         flash=_flash_table(p, typed("flash", dict, {})),
         quality=_table(p, "quality", QualityConfig, typed("quality", dict, {}), {"cpk_threshold": (int, float)}),
-        detect=_detect_table(p, typed("detect", dict, None)) if "detect" in data else None,
+        detect=_detect_rules(p, typed("detect", (dict, list), None)) if "detect" in data else (),
         modems=_modems_table(p, typed("modems", dict, {})),
         provisioning_url=_text_table(p, "provisioning", typed("provisioning", dict, {}), "url"),
         secrets_file=_secrets_file(p, typed("secrets", dict, {})),
         portal=_portal_table(p, typed("portal", dict, {})),
     )
+    for rule in config.detect:  # a rule's wiring must make sense with [flash] before any port is found
+        try:
+            config.flash.wired({rule.wiring.source: rule.wiring})
+        except ValueError as exc:
+            raise ConfigError(f"{p}: {exc}") from None
     return config
 
 
@@ -422,33 +552,66 @@ def _mongo_table(p: Path, table: dict[str, Any]) -> dict[str, str]:
     return {"mongo_uri": table.get("uri", ""), "mongo_db": table.get("database", "")}
 
 
-def _table(p: Path, name: str, cls: type, table: dict[str, Any], kinds: dict[str, tuple[type, ...]]) -> Any:
-    """Build ``cls`` from a TOML table: unknown keys, wrong types and bad values name the key."""
+def _table(p: Path, name: str, cls: type, table: dict[str, Any], kinds: dict[str, tuple[type, ...]],
+           **given: Any) -> Any:
+    """Build ``cls`` from a TOML table: unknown keys, wrong types and bad values name the key.
+
+    ``given`` are further arguments the caller worked out itself (not keys of the table).
+    """
+    _check_keys(p, name, table, kinds)
+    try:
+        return cls(**table, **given)
+    except ValueError as exc:
+        raise ConfigError(f"{p}: {name}: {exc}") from None
+
+
+def _check_keys(p: Path, name: str, table: dict[str, Any], kinds: dict[str, tuple[type, ...]]) -> None:
     for key, value in table.items():
         if key not in kinds:
             raise ConfigError(f"{p}: {name}: unknown key {key!r} (known: {', '.join(sorted(kinds))})")
         kind = kinds[key]
         if isinstance(value, bool) and bool not in kind or not isinstance(value, kind):
             raise ConfigError(f"{p}: {name}.{key} must be {_kind_name(kind)}, got {value!r}")
-    try:
-        return cls(**table)
-    except ValueError as exc:
-        raise ConfigError(f"{p}: {name}: {exc}") from None
+
+
+#: The [flash] keys a port, a [[detect]] rule or a simulated board may set otherwise.
+_WIRING_KEYS: dict[str, tuple[type, ...]] = {"before": (str,), "boot": (str,), "stub": (bool,), "baud": (int,)}
+_DETECT_KEYS: dict[str, tuple[type, ...]] = {
+    "vid": (int,), "pid": (int,), "serial": (str,), "location": (str,), "description": (str,), "locations": (list,),
+}
 
 
 def _flash_table(p: Path, table: dict[str, Any]) -> FlashConfig:
     number = (int, float)
+    table = dict(table)
+    ports = table.pop("port", {})
+    if not isinstance(ports, dict) or not all(isinstance(v, dict) for v in ports.values()):
+        raise ConfigError(f'{p}: flash.port must hold one table per port, as [flash.port."/dev/ttyUSB0"]')
+    wiring = {path: _wiring(p, f"flash.port.{path!r}", given, f'[flash.port."{path}"]') for path, given in ports.items()}
     return _table(p, "flash", FlashConfig, table, {
-        "baud": (int,), "stub": (bool,), "boot": (str,), "compress": (bool,), "connect_attempts": (int,),
-        "max_seconds": number, "max_image_bytes": (dict,),
-    })
+        "baud": (int,), "before": (str,), "stub": (bool,), "boot": (str,), "compress": (bool,),
+        "connect_attempts": (int,), "max_seconds": number, "max_image_bytes": (dict,), "port": (dict,),
+    }, port=wiring)
 
 
-def _detect_table(p: Path, table: dict[str, Any]) -> DetectConfig:
-    return _table(p, "detect", DetectConfig, table, {
-        "vid": (int,), "pid": (int,), "serial": (str,), "location": (str,), "description": (str,),
-        "locations": (list,),
-    })
+def _wiring(p: Path, name: str, table: dict[str, Any], source: str) -> PortWiring:
+    return _table(p, name, PortWiring, table, _WIRING_KEYS, source=source)
+
+
+def _detect_rules(p: Path, value: dict[str, Any] | list[Any]) -> tuple[DetectConfig, ...]:
+    """``[detect]`` (one rule) or ``[[detect]]`` (several; a port takes the first rule it matches)."""
+    tables = [value] if isinstance(value, dict) else value
+    if not tables or not all(isinstance(t, dict) for t in tables):
+        raise ConfigError(f"{p}: detect must be a table, or [[detect]] tables, one per rule")
+    rules = []
+    for number, table in enumerate(tables, 1):
+        name, source = (("detect", "[detect]") if isinstance(value, dict)
+                        else (f"detect rule {number}", f"[[detect]] rule {number}"))
+        _check_keys(p, name, table, {**_DETECT_KEYS, **_WIRING_KEYS})
+        wiring = _wiring(p, name, {k: v for k, v in table.items() if k in _WIRING_KEYS}, source)
+        filters = {k: v for k, v in table.items() if k in _DETECT_KEYS}
+        rules.append(_table(p, name, DetectConfig, filters, _DETECT_KEYS, wiring=wiring))
+    return tuple(rules)
 
 
 def _product_path(p: Path, base: Path, value: str) -> Path:

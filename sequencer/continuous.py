@@ -28,6 +28,7 @@ from typing import Protocol, TypeVar
 import structlog
 import trio
 
+from sequencer.config import SerialLines
 from sequencer.engine import RecordsNotWritten, RecordWriter, RunSettings, SlotControl, run_dut
 from sequencer.events import BoardArrived, BoardRemoved, EventBus
 from sequencer.fixtures import FixtureFactory, SlotInfo
@@ -78,6 +79,7 @@ async def run_continuous(
     history: UnitHistorySource | None = None,
     run_ended: Callable[[RunRecord], Awaitable[None]] | None = None,
     simulated: bool = False,
+    lines: Callable[[str], SerialLines | None] | None = None,
 ) -> StationResult:
     """Test every board put into any slot, each slot on its own, until stopped; see the module docstring.
 
@@ -87,6 +89,8 @@ async def run_continuous(
     as it ends (the command line writes its report then), before the slot
     waits for its board to be taken out. Returns each slot's last run and
     how many runs ended each way (:attr:`StationResult.outcomes`).
+    ``lines`` says how the links to a board's port hold DTR and RTS
+    (:attr:`SlotInfo.lines`).
     """
     places = list(boards.places)
     cycles = _Cycles(len(places))
@@ -103,7 +107,8 @@ async def run_continuous(
                 return
             bus.publish(BoardArrived(index, port))
             control = cycles.begin(index)
-            info = SlotInfo(index=index, port=port, station=settings.station, simulated=simulated)
+            info = SlotInfo(index=index, port=port, station=settings.station, simulated=simulated,
+                            lines=lines(port) if lines is not None else None)
             try:
                 run = await run_dut(
                     product, info, settings=settings, store=store, bus=bus, resources=resources,

@@ -20,6 +20,8 @@ from typing import Any, TypeAlias
 
 import attrs
 
+from sequencer.config import SerialLines
+
 
 @attrs.frozen
 class SlotInfo:
@@ -35,6 +37,9 @@ class SlotInfo:
     log: Any = attrs.field(eq=False, repr=False, default=None)
     #: the station runs under ``--sim``: open the simulated twin of the hardware, not the hardware
     simulated: bool = False
+    #: DTR/RTS as the slot's port must hold them while open, set before it opens (the
+    #: board's reset wiring, from the station's ``[flash] before``); None: as pyserial opens it
+    lines: SerialLines | None = None
 
 
 #: Builds one fixture for one slot. The context manager's value is what the

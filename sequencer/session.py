@@ -31,7 +31,7 @@ import trio
 from rich.console import Console
 from rich.markup import escape
 
-from sequencer.config import ConfigError, StationConfig
+from sequencer.config import ConfigError, SerialLines, StationConfig
 from sequencer.continuous import Boards
 from sequencer.engine import RunSettings
 from sequencer.events import EventBus
@@ -62,6 +62,8 @@ class RoundSetup:
     resources: Mapping[str, SharedResource]
     #: what the operator is told before the round (faults drawn, a simulated service's address)
     notices: tuple[str, ...] = ()
+    #: per port, how its links hold DTR/RTS (:attr:`sequencer.fixtures.SlotInfo.lines`)
+    lines: Mapping[str, SerialLines | None] = attrs.field(factory=dict)
 
 
 @attrs.frozen
@@ -72,6 +74,8 @@ class ContinuousSetup:
     fixtures: Mapping[str, FixtureFactory]
     resources: Mapping[str, SharedResource]
     notices: tuple[str, ...] = ()
+    #: how a port's links hold DTR/RTS (:attr:`sequencer.fixtures.SlotInfo.lines`), asked as each board arrives
+    lines: Callable[[str], SerialLines | None] | None = None
 
 
 class Hardware(Protocol):
@@ -362,7 +366,7 @@ async def _run_round(
                 return await run_station(
                     loaded, setup.ports, settings=settings, store=store, bus=bus, resources=setup.resources,
                     handle_signals=False, stop=stop, fixtures=setup.fixtures, desk=desk, history=history,
-                    simulated=bool(config.sim),
+                    simulated=bool(config.sim), lines=setup.lines,
                 )
 
 
@@ -414,7 +418,7 @@ async def _run_continuous(
                 return await run_continuous(
                     loaded, setup.boards, settings=settings, store=store, bus=bus, resources=setup.resources,
                     handle_signals=False, stop=stop, fixtures=setup.fixtures, desk=desk, history=history,
-                    run_ended=run_ended, simulated=bool(config.sim),
+                    run_ended=run_ended, simulated=bool(config.sim), lines=setup.lines,
                 )
 
 

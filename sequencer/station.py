@@ -30,6 +30,7 @@ import trio
 
 from sequencer.engine import RecordsNotWritten, RecordWriter, RunSettings, SlotControl, run_dut
 from sequencer.events import EventBus
+from sequencer.config import SerialLines
 from sequencer.fixtures import FixtureFactory, SlotInfo
 from sequencer.operator import OperatorDesk
 from sequencer.product import LoadedProduct
@@ -175,6 +176,7 @@ async def run_station(
     desk: OperatorDesk | None = None,
     history: UnitHistorySource | None = None,
     simulated: bool = False,
+    lines: Mapping[str, SerialLines | None] | None = None,
 ) -> StationResult:
     """Run ``product`` once on each port, concurrently; return every run's record.
 
@@ -183,7 +185,8 @@ async def run_station(
     station runs are such requests. (``sequencer run`` receives them for its
     whole session instead, so that none lands after the slots have ended.)
     ``desk`` queues the phases' questions for the operator (:mod:`sequencer.operator`);
-    ``history`` finds each unit's earlier runs (:mod:`sequencer.verdicts`).
+    ``history`` finds each unit's earlier runs (:mod:`sequencer.verdicts`); ``lines`` says, per
+    port, how its links hold DTR and RTS (:attr:`SlotInfo.lines`).
     ``simulated``: the slots are simulated (``--sim``), and each fixture's
     ``SlotInfo`` says so.
     """
@@ -199,7 +202,8 @@ async def run_station(
 
     async def slot_task(index: int, port: str) -> None:
         nonlocal write_error
-        info = SlotInfo(index=index, port=port, station=settings.station, simulated=simulated)
+        info = SlotInfo(index=index, port=port, station=settings.station, simulated=simulated,
+                        lines=(lines or {}).get(port))
         try:
             results[index] = await run_dut(
                 product, info, settings=settings, store=store, bus=bus,

@@ -51,7 +51,7 @@ def test_check_prints_the_graph_in_layers(capsys: pytest.CaptureFixture[str]) ->
     lines = out.splitlines()
     detect = next(i for i, line in enumerate(lines) if line.strip().startswith("detect  ("))
     # the phase's docstring, its first line
-    assert lines[detect + 1].strip().startswith("Sync with the ROM loader on the slot's port;")
+    assert lines[detect + 1].strip().startswith("Put the board in its ROM loader as the station's wiring says;")
 
 
 @pytest.mark.parametrize(
@@ -166,6 +166,12 @@ def test_missing_port_exits_2_naming_it(tmp_path: Path, capsys: pytest.CaptureFi
     (tmp_path / "file").write_text("")
     assert main(["run", str(SENSOR), "--port", str(tmp_path / "file"), "--store", str(tmp_path / "s.sqlite")]) == 2
     assert one_line_error(capsys).endswith(f"port {tmp_path / 'file'}: not a serial port (a terminal device is needed)")
+    # A port served over the network is named by its URL, and checked for its form.
+    assert main(["run", str(SENSOR), "--port", "rfc2217://10.0.0.7", "--store", str(tmp_path / "s.sqlite")]) == 2
+    assert one_line_error(capsys).endswith("port rfc2217://10.0.0.7: 'rfc2217://10.0.0.7' has no TCP port "
+                                           "(rfc2217://host:port)")
+    assert main(["run", str(SENSOR), "--port", "socket://10.0.0.7:9", "--store", str(tmp_path / "s.sqlite")]) == 2
+    assert one_line_error(capsys).endswith("port socket://10.0.0.7:9: the only port URLs are rfc2217://host:port")
 
 
 def test_busy_port_exits_2_naming_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -521,3 +527,14 @@ def test_reading_commands_filter_by_start_time(tmp_path: Path, capsys: pytest.Ca
     err = capsys.readouterr().err.strip()
     assert err.startswith("sequencer runs: error: argument --since: 'yesterday' is not a date (YYYY-MM-DD) or an ISO")
     assert err.count("\n") == 0
+
+
+def test_sim_board_is_for_simulated_stations_and_names_a_kind(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    store = ["--store", str(tmp_path / "s.sqlite")]
+    assert main(["run", str(SENSOR), "--port", "/dev/ttyUSB7", "--sim-board", "devkitc", *store]) == 2
+    assert one_line_error(capsys) == "sequencer: error: --sim-board: says what the simulated boards are; give --sim N too"
+    with pytest.raises(SystemExit) as info:
+        main(["run", str(SENSOR), "--sim", "1", "--sim-board", "wroom", *store])
+    assert info.value.code == 2
+    assert "argument --sim-board: invalid choice: 'wroom' (choose from 'jig', 'devkitc', 'esp32s3-usb')" in (
+        capsys.readouterr().err)

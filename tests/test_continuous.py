@@ -20,7 +20,7 @@ from fixtures.presence import open_presence, ports_at_locations
 from fixtures.sim.changing_farm import FarmTiming, open_changing_farm
 from reports.storage.store import LocalStore
 from sequencer import Measurement, Product, phase
-from sequencer.config import ConfigError, DetectConfig, StationConfig
+from sequencer.config import ConfigError, DetectConfig, SerialLines, StationConfig
 from sequencer.continuous import run_continuous
 from sequencer.engine import RunSettings
 from sequencer.events import BoardArrived, BoardRemoved, EventBus, RunFinished
@@ -366,3 +366,33 @@ def test_a_run_line_names_a_unit_without_its_serial_in_one_word() -> None:
     display.apply(DutIdentified(run.run_id, 0, dict(run.dut)))
     line = display.apply(RunFinished(run))
     assert line.splitlines()[0] == "slot 0 /dev/a mac=24:0A:C4:00:00:01: ERROR"
+
+
+async def test_each_board_that_arrives_is_given_its_ports_serial_lines(tmp_path: Path) -> None:
+    """The station says how the links to a port hold DTR/RTS as each board arrives (an auto-reset board's stay
+    released), as a station in rounds does for its listed ports."""
+    seen: list[tuple[str, SerialLines | None]] = []
+    done = trio.Event()
+
+    @phase(timeout=10)
+    async def note(slot) -> None:
+        seen.append((slot.port, slot.lines))
+        if len({port for port, _ in seen}) == 2:
+            done.set()
+
+    bus = EventBus()
+    store = LocalStore.open(tmp_path / "s.sqlite", station=True)
+    loaded = LoadedProduct(Product("lines", [note]), Path("<t>"))
+    released = SerialLines(dtr=False, rts=False)
+    try:
+        async with store.writer(), open_changing_farm(2, bus, seed=2, timing=QUICK) as farm:
+            async with open_presence(ports=farm.places, settle_s=0.0, udev=False, poll_s=0.02) as boards:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(_stop_after, done)
+                    await run_continuous(loaded, boards, settings=RunSettings("st"), store=store, bus=bus,
+                                         lines=lambda port: released if port == farm.places[1] else None)
+                    bus.close()
+    finally:
+        store.close()
+    assert seen and all(lines == (released if port == farm.places[1] else None) for port, lines in seen)
+    assert {port for port, _ in seen} == set(farm.places)

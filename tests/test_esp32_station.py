@@ -365,3 +365,110 @@ def test_a_board_that_failed_before_identify_and_passed_its_retest_is_one_unit(t
     page = parse((reports / "B1" / "index.html").read_text(encoding="utf-8"))
     kpi = {k: page.find(id=f"kpi-{k}").text for k in ("units", "fpy", "final")}
     assert kpi == {"units": "4", "fpy": "75.0 %", "final": "100.0 %"}
+
+
+# -- boards that DTR/RTS reset (issue 22) -------------------------------------------------
+
+
+def sequencer_run(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess[str], dict[int, RunRecord]]:
+    """``sequencer run ...`` as the operator types it; its output and the batch's runs by slot."""
+    store_path = tmp_path / "store.sqlite"
+    result = subprocess.run(
+        [sys.executable, "-m", "sequencer.cli", "run", *args, "--store", str(store_path),
+         "--reports", str(tmp_path / "reports"), "--batch", "B", "--plain"],
+        capture_output=True, text=True, cwd=ROOT, timeout=180, env={**os.environ, "COLUMNS": "200"},
+    )
+    store = LocalStore.open(store_path)
+    runs = {r.slot: r for r in store.find_runs(batch="B")}
+    store.close()
+    return result, runs
+
+
+def measured(run: RunRecord, phase: str) -> dict[str, object]:
+    return {m.name: m.value for m in run.phase(phase).measurements}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "product, board, chip, entry, bootloader",
+    [
+        ("esp32_sensor.py", "devkitc", "ESP32-D0WD-V3", "ClassicReset (default-reset)", 0x1000),
+        ("esp32s3_sensor.py", "esp32s3-usb", "ESP32-S3 (QFN56)", "USBJTAGSerialReset (usb-reset)", 0x0),
+    ],
+)
+def test_auto_reset_farms_pass_end_to_end_and_say_how_each_board_was_reset(
+        tmp_path: Path, product: str, board: str, chip: str, entry: str, bootloader: int) -> None:
+    result, runs = sequencer_run(tmp_path, str(ROOT / "products" / product), "--sim", "8", "--sim-board", board)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "8/8 passed" in result.stdout and "rfc2217://127.0.0.1:" in result.stdout
+    assert len(runs) == 8
+    for run in runs.values():
+        assert run.outcome is Outcome.PASS, failed(run)
+        assert run.dut["chip"] == chip and run.serial
+        assert measured(run, "detect")["loader_entry"] == entry
+        report = json.loads(run.phase("flash").attachments[0].data)
+        assert report["reset"]["before"] == entry.split("(")[1].rstrip(")")
+        assert report["images"][0]["offset"] == bootloader
+        assert any("how='hard-reset (HardReset)'" in line.message for line in run.phase("flash").logs)
+
+
+@pytest.mark.slow
+def test_auto_reset_faults_show_as_the_right_outcome_with_their_reasons(tmp_path: Path) -> None:
+    result, runs = sequencer_run(tmp_path, str(SENSOR), "--sim", "8", "--sim-board", "devkitc", "--faults",
+                                 str(ROOT / "fixtures" / "sim" / "profiles" / "auto-reset.toml"))
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "6/8 passed" in result.stdout
+    for slot in (0, 2, 3, 5, 6, 7):
+        assert runs[slot].outcome is Outcome.PASS, failed(runs[slot])
+    unwired = runs[1].phase("detect")
+    assert unwired.outcome is Outcome.ERROR
+    assert "auto-reset circuit is missing" in unwired.reason and "hold BOOT, press and release EN" in unwired.reason
+    # Reset when its console opened: harmless to a flashing station, which resets it anyway;
+    # the console transcript shows the boot it did on its own.
+    def boots(run: RunRecord) -> int:
+        return run.phase("console_transcript").attachments[0].data.decode().count("rst:0x1 (POWERON_RESET)")
+
+    assert boots(runs[2]) == boots(runs[0]) + 1
+    (first, first_reason), (second, _) = attempts(runs[3], "flash")
+    assert (first, second) == ("ERROR", "PASS") and "lost the board while writing" in first_reason
+    assert runs[4].outcome is Outcome.FAIL and "(MD5 mismatch)" in runs[4].phase("flash").reason
+
+
+@pytest.mark.slow
+def test_boards_already_running_keep_running_when_the_station_opens_their_consoles(tmp_path: Path) -> None:
+    widget = ROOT / "tests" / "products" / "asking_widget.py"
+    result, runs = sequencer_run(tmp_path, str(widget), "--sim", "3", "--sim-board", "devkitc")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert all(run.outcome is Outcome.PASS for run in runs.values())
+
+
+@pytest.mark.slow
+async def test_a_station_names_a_remote_rfc2217_port_and_its_wiring_in_its_station_file(tmp_path: Path) -> None:
+    # A DevKitC on a hub served over RFC 2217 (here a simulated one, in this process), named as a real
+    # station names it: a port URL and how the board on it is wired.
+    product = tmp_path / "flash_only.py"
+    product.write_text(
+        "from pathlib import Path\nfrom fixtures.dut import test_firmware\nfrom phases import esp32, evt\n"
+        "from sequencer import Product\n"
+        f"IMAGES = Path({str(ROOT / 'products' / 'data' / 'esp32_sensor' / 'build' / 'flasher_args.json')!r})\n"
+        "flash = esp32.flash_images(IMAGES).depends_on(esp32.detect)\nboot = esp32.boot.depends_on(flash)\n"
+        "product = Product('flash-only', [esp32.detect, flash, boot, evt.identify.depends_on(boot)],\n"
+        "                  fixtures={'dut': test_firmware(wait_boot=False)})\n"
+    )
+    async with open_esp32_farm(1, kind="devkitc") as (board,):
+        station = tmp_path / "station.toml"
+        station.write_text(f'ports = ["{board.path}"]\nstore = "store.sqlite"\n'
+                           f'[flash.port."{board.path}"]\nbefore = "default-reset"\nboot = "hard-reset"\n')
+        with trio.fail_after(120):
+            done = await trio.run_process(
+                [sys.executable, "-m", "sequencer.cli", "run", str(product), "--station", str(station), "--plain",
+                 "--batch", "REMOTE"], capture_stdout=True, capture_stderr=True, check=False, cwd=ROOT)
+        assert done.returncode == 0, done.stdout.decode() + done.stderr.decode()
+        # Powered on with empty flash; flashed; started. (A busy machine can preempt esptool between the
+        # two line changes of a ClassicReset for longer than EN takes to rise: esptool then tries again.)
+        assert board.board.boots[0] == "invalid header: 0xffffffff" and board.board.boots[-1] == "app"
+    store = LocalStore.open(tmp_path / "store.sqlite")
+    [run] = store.find_runs(batch="REMOTE")
+    store.close()
+    assert run.port == board.path and run.outcome is Outcome.PASS
+    assert measured(run, "detect")["loader_entry"] == "ClassicReset (default-reset)"

@@ -8,6 +8,7 @@ import shutil
 import textwrap
 from pathlib import Path
 
+import attrs
 import pytest
 from serial.tools.list_ports_common import ListPortInfo
 
@@ -17,10 +18,12 @@ from fixtures.partition_table import APP, DATA, FACTORY, Partition, PartitionTab
 from fixtures.sim.device import Faults
 from fixtures.sim.esp32_board import BoardFaults
 from fixtures.sim.faults import FaultProfileError, load_fault_profile, parse_fault_profile
-from sequencer.config import ConfigError, DetectConfig, FlashConfig, load_station_config
+from fixtures.station import detected_ports
+from sequencer.config import ConfigError, DetectConfig, FlashConfig, SerialLines, load_station_config
 
 ROOT = Path(__file__).resolve().parent.parent
 BUILD = ROOT / "products" / "data" / "esp32_sensor" / "build"
+S3_BUILD = ROOT / "products" / "data" / "esp32s3_sensor" / "build"
 PROFILES = ROOT / "fixtures" / "sim" / "profiles"
 
 
@@ -47,11 +50,32 @@ def test_the_shipped_build_is_read_like_idf_py_flash_reads_it() -> None:
     assert len(images.app.sha256) == 64
 
 
-def test_the_shipped_build_is_what_the_generator_writes(tmp_path: Path) -> None:
+@pytest.mark.parametrize("chip", ["esp32", "esp32s3"])
+def test_the_shipped_build_is_what_the_generator_writes(tmp_path: Path, chip: str) -> None:
     import tools.make_esp32_images as generator
 
-    for path in generator.write(tmp_path):
-        assert path.read_bytes() == (BUILD / path.relative_to(tmp_path)).read_bytes(), path
+    target = generator.TARGETS[chip]
+    written = generator.write(tmp_path, target)
+    assert written
+    for path in written:
+        assert path.read_bytes() == (target.out / path.relative_to(tmp_path)).read_bytes(), path
+
+
+def test_the_esp32s3_build_is_an_s3_build() -> None:
+    images = load_image_set(S3_BUILD / "flasher_args.json")
+    assert [(i.offset, i.role, i.name) for i in images.images] == [
+        (0x0, "bootloader", "bootloader.bin"),  # the S3's 2nd-stage bootloader lives at 0x0
+        (0x8000, "partition-table", "partition-table.bin"),
+        (0x10000, "app", "esp32s3-sensor-testfw.bin"),
+    ]
+    assert images.chip == "esp32s3"
+    # Its images are the S3's (chip id 9): an ESP32 image set is refused as the wrong chip.
+    from esptool.bin_image import LoadFirmwareImage
+
+    for image in (images.role("bootloader"), images.app):
+        assert LoadFirmwareImage("esp32s3", str(image.path)).chip_id == 9
+    with pytest.raises(ImageSetError, match="the build is for esp32s3, not esp32"):
+        load_image_set(S3_BUILD / "flasher_args.json", chip="esp32")
 
 
 def test_an_explicit_offset_map(build: Path) -> None:
@@ -127,14 +151,106 @@ def test_flash_and_detect_tables_are_read_with_their_gates(tmp_path: Path) -> No
     """))
     assert config.flash == FlashConfig(baud=460800, max_seconds=30, max_image_bytes={"esp32": 0x180000,
                                                                                      "esp32s3": 0x300000})
-    assert config.detect == DetectConfig(vid=0x10C4, location="1-1.*")
+    assert config.detect == (DetectConfig(vid=0x10C4, location="1-1.*"),)
     config.check()  # [detect] is a port source of its own
     assert load_station_config(station(tmp_path, "sim = 1\n")).flash == FlashConfig()
+
+
+def test_wiring_is_set_for_the_station_per_port_and_per_detect_rule(tmp_path: Path) -> None:
+    config = load_station_config(station(tmp_path, """
+        [flash]
+        before = "default-reset"
+        boot = "hard-reset"
+        stub = true
+        [flash.port."/dev/ttyUSB9"]
+        before = "no-reset"
+        boot = "none"
+        [[detect]]
+        vid = 0x303A
+        pid = 0x1001
+        before = "usb-reset"
+        [[detect]]
+        vid = 0x10C4
+    """))
+    assert (config.flash.before, config.flash.boot, config.flash.stub) == ("default-reset", "hard-reset", True)
+    jig = config.flash.for_port("/dev/ttyUSB9")
+    assert (jig.before, jig.boot, jig.stub, jig.port) == ("no-reset", "none", True, {})
+    assert config.flash.for_port("/dev/ttyUSB0") == attrs.evolve(config.flash, port={})
+    assert [rule.wiring.overrides() for rule in config.detect] == [{"before": "usb-reset"}, {}]
+    # The console holds DTR/RTS released where reset lines are wired, and leaves a jig's port as pyserial opens it.
+    assert config.flash.console_lines == SerialLines(dtr=False, rts=False)
+    assert jig.console_lines is None
+
+
+def test_detect_rules_give_the_ports_they_find_their_wiring_in_hub_order(tmp_path: Path) -> None:
+    config = load_station_config(station(tmp_path, """
+        [flash.port."/dev/ttyUSB1"]
+        boot = "none"
+        [[detect]]
+        vid = 0x303A
+        before = "usb-reset"
+        boot = "hard-reset"
+        [[detect]]
+        vid = 0x10C4
+        before = "default-reset"
+        boot = "hard-reset"
+        [[detect]]
+        location = "1-1.*"
+    """))
+    ports = [
+        usb("/dev/ttyACM0", 0x303A, 0x1001, "S3", "1-1.4"),
+        usb("/dev/ttyUSB3", 0x10C4, 0xEA60, "JIG-A2", "1-1.3"),
+        usb("/dev/ttyUSB1", 0x10C4, 0xEA60, "JIG-A1", "1-1.1"),
+        usb("/dev/ttyUSB0", 0x1A86, 0x7523, None, "1-1.2"),
+        usb("/dev/ttyS0", None, None, None, None),
+    ]
+    found = detected_ports(config, ports)
+    assert found.ports == ("/dev/ttyUSB1", "/dev/ttyUSB0", "/dev/ttyUSB3", "/dev/ttyACM0")
+    flash = found.flash
+    assert (flash.for_port("/dev/ttyACM0").before, flash.for_port("/dev/ttyACM0").boot) == ("usb-reset", "hard-reset")
+    assert flash.for_port("/dev/ttyUSB3").before == "default-reset"
+    # A port the station file names itself keeps its own wiring; a port no rule wires keeps [flash].
+    assert (flash.for_port("/dev/ttyUSB1").before, flash.for_port("/dev/ttyUSB1").boot) == ("no-reset", "none")
+    assert flash.for_port("/dev/ttyUSB0") == FlashConfig()
+    with pytest.raises(ConfigError, match=r"detect: no serial port matches vid=12346; vid=4292; location='1-1.\*'"):
+        detected_ports(config, ports[-1:])
+
+
+def test_a_rule_with_locations_gives_its_slots_in_order_and_its_wiring_also_to_a_continuous_station(
+    tmp_path: Path,
+) -> None:
+    body = """
+        [[detect]]
+        vid = 0x10C4
+        locations = ["1-1.3", "1-1.1"]
+        before = "default-reset"
+        boot = "hard-reset"
+        [[detect]]
+        vid = 0x303A
+        before = "usb-reset"
+    """
+    config = load_station_config(station(tmp_path, body))
+    assert config.located == config.detect[0] and config.detect[0].describe() == "vid=4292, locations=['1-1.3', '1-1.1']"
+    ports = [
+        usb("/dev/ttyACM0", 0x303A, 0x1001, "S3", "1-1.0"),
+        usb("/dev/ttyUSB1", 0x10C4, 0xEA60, "JIG-A1", "1-1.1"),
+        usb("/dev/ttyUSB3", 0x10C4, 0xEA60, "JIG-A2", "1-1.3"),
+    ]
+    found = detected_ports(config, ports)
+    assert found.ports == ("/dev/ttyUSB3", "/dev/ttyUSB1", "/dev/ttyACM0")  # the located slots first, in their order
+    assert [found.flash.for_port(p).before for p in found.ports] == ["default-reset", "default-reset", "usb-reset"]
+    # A continuous station finds its ports as boards arrive: its slots take the located rule's wiring.
+    continuous = detected_ports(attrs.evolve(config, continuous=True), ports)
+    assert continuous.ports == () and (continuous.flash.before, continuous.flash.boot) == ("default-reset", "hard-reset")
+    assert continuous.flash.for_port("/dev/serial/by-path/x").console_lines == SerialLines(dtr=False, rts=False)
 
 
 @pytest.mark.parametrize(
     "body, message",
     [
+        ("[[detect]]\nlocations = ['1-1.1']\n[[detect]]\nlocations = ['1-1.2']\n",
+         "detect: locations belong to one rule"),
+        ("continuous = true\nsim_board = 'devkitc'\n", "continuous: the simulated operator swaps jig boards only"),
         ("[flash]\nbuad = 921600\n", "flash: unknown key 'buad'"),
         ("[flash]\nbaud = '921600'\n", "flash.baud must be a whole number, got '921600'"),
         ("[flash]\nmax_seconds = -1\n", "flash: max_seconds must be a positive number"),
@@ -144,11 +260,22 @@ def test_flash_and_detect_tables_are_read_with_their_gates(tmp_path: Path) -> No
         ("[detect]\n", "detect: detect needs at least one of"),
         ("[detect]\nvid = '10c4'\n", "detect.vid must be a whole number"),
         ("[detect]\nhub = 3\n", "detect: unknown key 'hub'"),
+        ("[flash]\nbefore = 'hard-reset'\n", "flash: before must be one of default-reset, usb-reset, no-reset"),
+        ("[flash.port.'/dev/x']\nbefore = 'usb_reset'\n", "flash.port.'/dev/x': before must be one of"),
+        ("[flash.port.'/dev/x']\nmax_seconds = 3\n", "flash.port.'/dev/x': unknown key 'max_seconds' (known: baud,"),
+        ("[flash]\nport = 3\n", 'flash.port must hold one table per port, as [flash.port."/dev/ttyUSB0"]'),
+        ("[flash]\nstub = true\nboot = 'hard-reset'\n[flash.port.'/dev/x']\nboot = 'run-user-code'\n",
+         '[flash.port."/dev/x"]: stub = true needs boot = "hard-reset"'),
+        ("[[detect]]\nvid = 1\n[[detect]]\nbefore = 'usb-reset'\n", "detect rule 2: detect needs at least one of"),
+        ("[[detect]]\nvid = 1\nboot = 'bounce'\n", "detect rule 1: boot must be one of"),
+        ("[flash]\nstub = true\nboot = 'hard-reset'\n[[detect]]\nvid = 1\nboot = 'run-user-code'\n",
+         "[[detect]] rule 1: stub = true needs boot"),
+        ("sim_board = 'wroom'\n", "sim_board must be one of jig, devkitc, esp32s3-usb"),
     ],
 )
 def test_bad_flash_and_detect_tables_are_one_line_errors(tmp_path: Path, body: str, message: str) -> None:
     with pytest.raises(ConfigError) as info:
-        load_station_config(station(tmp_path, body))
+        load_station_config(station(tmp_path, "sim = 1\n" + body)).check()
     assert message in str(info.value) and str(tmp_path) in str(info.value)
 
 
@@ -183,8 +310,9 @@ def test_the_every_fault_profile_covers_every_board_and_firmware_kind_once() -> 
     from fixtures.sim.faults import KINDS
 
     # The profile is esp32_sensor's, which asks the operator nothing: an
-    # operator fault would leave its slot passing, untouched.
-    assert kinds == sorted(k for k in KINDS if k != "operator_says_no")
+    # operator fault would leave its slot passing, untouched. Faults of
+    # auto-reset circuits have a profile of their own (a jig has none).
+    assert kinds == sorted(k for k in KINDS if k != "operator_says_no" and KINDS[k].sim_boards is None)
     assert plan.boards() == {
         1: BoardFaults(download_mode=False), 2: BoardFaults(disconnect_after=24 * 1024),
         3: BoardFaults(weak_cell=0x12000), 9: BoardFaults(block_delay_s=0.02), 13: BoardFaults(unplug_after=24 * 1024),
@@ -195,6 +323,31 @@ def test_the_every_fault_profile_covers_every_board_and_firmware_kind_once() -> 
     with pytest.raises(FaultProfileError, match=r"slots.2: bad_mac.mac must be six hex octets like 24:0A:C4:00:00:01, "
                                                 r"got '24:0A'"):
         parse_fault_profile('[slots]\n2 = { kind = "bad_mac", mac = "24:0A" }\n', 4, source="p.toml")
+
+
+def test_the_auto_reset_profile_is_for_boards_with_a_reset_circuit(tmp_path: Path) -> None:
+    from fixtures.station import load_faults
+    from sequencer.config import StationConfig
+    from sequencer.product import load_product
+
+    plan = load_fault_profile(PROFILES / "auto-reset.toml", 8)
+    assert plan.boards() == {1: BoardFaults(auto_reset=False), 2: BoardFaults(resets_on_open=True),
+                             3: BoardFaults(disconnect_after=24 * 1024), 4: BoardFaults(weak_cell=0x12000)}
+    assert plan.not_on("devkitc") == plan.not_on("esp32s3-usb") == []
+    assert plan.not_on("jig") == ["slot 1: no_auto_reset", "slot 2: resets_on_open"]
+    sensor = load_product(ROOT / "products" / "esp32_sensor.py", station_fixtures=("flasher",))
+    assert load_faults(PROFILES / "auto-reset.toml", StationConfig(sim=8, sim_board="devkitc"), sensor) is not None
+    with pytest.raises(ConfigError, match=r"auto-reset.toml: slot 1: no_auto_reset needs an auto-reset board "
+                                          r"\(--sim-board devkitc or esp32s3-usb\); a jig has no reset circuit"):
+        load_faults(PROFILES / "auto-reset.toml", StationConfig(sim=8), sensor)
+    # A board that resets on open is a fault of running boards too; a flash fault is not.
+    widget = load_product(ROOT / "tests" / "products" / "asking_widget.py", station_fixtures=("flasher",))
+    running = tmp_path / "running.toml"
+    running.write_text("[slots]\n1 = 'resets_on_open'\n")
+    assert load_faults(running, StationConfig(sim=2, sim_board="devkitc"), widget).boards()
+    running.write_text("[slots]\n1 = 'corrupt_write'\n")
+    with pytest.raises(ConfigError, match="board faults need a product that flashes"):
+        load_faults(running, StationConfig(sim=2, sim_board="devkitc"), widget)
 
 
 def test_probabilities_are_drawn_per_slot_from_the_seed() -> None:

@@ -512,3 +512,37 @@ def test_quality_gates_refuse_big_images_and_slow_flashes() -> None:
     report = FlashReport(esp32, [ImageReport(0x10000, "app.bin", 1000, "0" * 64, "0" * 64, 2.5, 900)], 0.1, 2.5, 921600)
     assert flasher.report_gate(report) == ["writing took 2.5 s, over the station limit of 2 s ([flash] max_seconds)"]
     assert flasher.report_gate(attrs.evolve(report, write_seconds=1.0)) == []
+
+
+# -- what the worker reads, and what it leaves the station -------------------------------
+
+
+async def test_a_connection_lent_over_rfc2217_comes_back_with_what_the_worker_did_not_read() -> None:
+    from fixtures.flash_worker import Rfc2217FdPort
+    from fixtures.sim.rfc2217_port import BridgeUart, listen_loopback, serve_rfc2217
+
+    listener, url = listen_loopback()
+    uart = BridgeUart(url)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(serve_rfc2217, listener, uart)
+        async with open_serial_link(url) as link:
+            await uart.write(b"SLIP\xff\xffreply|and the boot log\r\n")
+            await trio.sleep(0.05)
+            with link.lend() as loan:
+                def borrow() -> dict[str, object]:
+                    port = Rfc2217FdPort(os.dup(loan.fd), url, loan.state)
+                    try:
+                        port.timeout = 1
+                        assert port.read(11) == b"SLIP\xff\xffreply"  # what esptool used; the rest it read too
+                        port.dtr = True
+                        return port.hand_back()
+                    finally:
+                        os.close(port.fileno())
+
+                back = await trio.to_thread.run_sync(borrow)
+                loan.returned_state, loan.leftover = back, bytes.fromhex(back["leftover"])
+            await uart.write(b"\xffmore\n")
+            assert await link.read_until(b"more\n", timeout=2) == b"|and the boot log\r\n\xffmore\n"
+            assert uart.dtr is True
+        nursery.cancel_scope.cancel()
+    listener.close()
