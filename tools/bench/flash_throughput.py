@@ -3,6 +3,7 @@
     python tools/bench/flash_throughput.py             # the whole matrix, ~8 min; prints a table
     python tools/bench/flash_throughput.py --write     # ... and rewrites its section of docs/benchmarks.md
     python tools/bench/flash_throughput.py --quick     # N = 1, 4 unpaced only: a 1-minute smoke run
+    python tools/bench/flash_throughput.py --resets [--write]   # connect time of each reset sequence (~1 min)
 
 A 1 MiB app of random bytes (incompressible, so compression cannot beat the
 wire) is written to 0x10000 of N simulated ESP32s by the unmodified esptool
@@ -29,6 +30,15 @@ from starting all N flashes to the last one verified; CPU (user + system) of
 the child and, once reaped, of its children (workers, CLI processes); peak
 RSS summed over the child and its live children, sampled every 50 ms. Every
 board's flash is then read back by the farm and compared with the image.
+
+``--resets`` measures instead what each way into the loader costs: the
+flasher's ``detect`` on N factory-fresh boards of each ``--sim-board`` kind
+(a jig on a pty, ``no-reset``; a DevKitC over RFC 2217, ``default-reset``,
+for which esptool picks ``ClassicReset``; an ESP32-S3 on its USB-Serial/JTAG
+over RFC 2217, ``usb-reset``: ``USBJTAGSerialReset``), each in a fresh farm
+and station child. Its connect time is esptool's, from the first reset (or
+SYNC) to the loader answering (``ResetReport.seconds``); the detect command
+adds the worker and reading the chip's identity.
 """
 
 from __future__ import annotations
@@ -57,6 +67,9 @@ APP_BYTES = 1 << 20
 MODES = ("processes", "threads", "cli")
 DOC = ROOT / "docs" / "benchmarks.md"
 MARK = "flash_throughput"
+RESETS_MARK = "flash_resets"
+#: (--sim-board kind, [flash] before) for --resets
+RESET_CASES = (("jig", "no-reset"), ("devkitc", "default-reset"), ("esp32s3-usb", "usb-reset"))
 
 
 def app_image(path: Path) -> bytes:
@@ -97,6 +110,128 @@ def farm_main(n: int, pace: bool) -> None:
             e.close()
 
     trio.run(main)
+
+
+def boards_main(kind: str, n: int) -> None:
+    """N factory-fresh boards of ``kind`` (``--sim-board``) until stdin closes."""
+    import trio
+
+    from fixtures.sim.esp32_board import open_esp32_farm
+
+    async def main() -> None:
+        async with open_esp32_farm(n, kind=kind) as devices:
+            print(json.dumps({"ports": [d.path for d in devices]}), flush=True)
+            await trio.to_thread.run_sync(sys.stdin.read)
+
+    trio.run(main)
+
+
+def connect_main(before: str, ports: list[str]) -> None:
+    """Detect the chip on every port at once, as the station's first phase does; how long each took."""
+    import trio
+
+    from fixtures.flasher import EspFlasher, FlashWorkers
+    from fixtures.serial_link import open_serial_link
+    from sequencer.config import FlashConfig
+
+    config = FlashConfig(before=before, boot="hard-reset" if before != "no-reset" else "run-user-code")
+    slots: list[dict[str, Any]] = []
+
+    async def one(port: str, workers: FlashWorkers) -> None:
+        async with open_serial_link(port, lines=config.console_lines) as link:
+            flasher = EspFlasher(config, workers=workers)
+            try:
+                t0 = time.perf_counter()
+                await flasher.detect(link)
+                detect_s = time.perf_counter() - t0
+            finally:
+                await flasher.aclose()
+        assert flasher.reset is not None
+        slots.append({"connect_s": flasher.reset.seconds, "detect_s": detect_s, "sequence": flasher.reset.sequence,
+                      "attempts": flasher.reset.attempts})
+
+    async def main() -> None:
+        async with FlashWorkers.open() as workers:
+            # The server imports esptool once per session; a station has done it before its first board.
+            await (await workers.start("warm-up")).aclose()
+            async with trio.open_nursery() as nursery:
+                for port in ports:
+                    nursery.start_soon(one, port, workers)
+
+    trio.run(main)
+    print(json.dumps({"slots": slots}), flush=True)
+
+
+def run_reset_case(kind: str, before: str, n: int) -> dict[str, Any]:
+    boards = subprocess.Popen([sys.executable, __file__, "_boards", kind, str(n)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        ports = json.loads(boards.stdout.readline())["ports"]
+        station = subprocess.run([sys.executable, __file__, "_connect", before, *ports], capture_output=True,
+                                 text=True, check=False, timeout=300)
+        if station.returncode:
+            raise RuntimeError(f"{kind} n={n}: station child failed:\n{station.stderr[-2000:]}")
+        slots = json.loads(station.stdout.strip().splitlines()[-1])["slots"]
+    finally:
+        boards.stdin.close()
+        boards.wait(timeout=30)
+    return {"kind": kind, "before": before, "n": n, "slots": slots}
+
+
+def resets_table(results: list[dict[str, Any]]) -> list[str]:
+    import statistics
+
+    lines = ["| board (`--sim-board`) | `before` | esptool's sequence | N | connect (s), median / max | "
+             "detect command (s), median / max | reset attempts |", "|---|---|---|---|---|---|---|"]
+    for case in results:
+        slots = case["slots"]
+        connect = [s["connect_s"] for s in slots]
+        detect = [s["detect_s"] for s in slots]
+        sequences = sorted({s["sequence"] or "none" for s in slots})
+        attempts = sorted({s["attempts"] for s in slots})
+        lines.append(
+            f"| {case['kind']} | {case['before']} | {', '.join(sequences)} | {case['n']} | "
+            f"{statistics.median(connect):.2f} / {max(connect):.2f} | {statistics.median(detect):.2f} / "
+            f"{max(detect):.2f} | {', '.join(map(str, attempts))} |"
+        )
+    return lines
+
+
+def render_resets(results: list[dict[str, Any]], started: str, load: tuple[tuple[float, ...], tuple[float, ...]]) -> str:
+    import esptool
+
+    busy = max(load[0][0], load[1][0]) > 0.5
+    out = [
+        f"<!-- BEGIN {RESETS_MARK}: generated by tools/bench/flash_throughput.py --resets --write; edit the script, "
+        "not this section -->",
+        "## Getting into the loader: the cost of each reset sequence",
+        "",
+        f"The flasher's `detect` (the first phase of a flashing product) on N factory-fresh simulated boards at once, "
+        f"with the unmodified esptool {esptool.__version__}: a jig holding GPIO0 on a pty (`before = \"no-reset\"`), "
+        "a DevKitC-style board over RFC 2217 (`default-reset`: esptool picks `ClassicReset` for RFC 2217 ports), an "
+        "ESP32-S3 on its USB-Serial/JTAG over RFC 2217 (`usb-reset`: `USBJTAGSerialReset`). *Connect* is esptool's "
+        "own, from its first reset (or SYNC) to the loader answering; the *detect command* adds forking the slot's "
+        "worker (from a server that has imported esptool) and reading the chip's identity. The boards run in a "
+        "process of their own.",
+        "",
+        f"Run {started} on {os.cpu_count()} CPUs ({platform.machine()}), Python {platform.python_version()}, sequencer "
+        f"at `{git_state()}`. Load average at start {'/'.join(f'{x:.2f}' for x in load[0])}, at end "
+        f"{'/'.join(f'{x:.2f}' for x in load[1])}"
+        + (" — **the machine was shared and busy; treat the numbers as indicative**." if busy else "."),
+        "",
+        "Reproduce: `python tools/bench/flash_throughput.py --resets --write` (~1 min).",
+        "",
+        *resets_table(results),
+        "",
+        "- The sequences' own sleeps set the floor: `ClassicReset` and `UnixTightReset` hold EN low 0.1 s and GPIO0 "
+        "0.05 s past it (0.55 s on esptool's second attempt), `USBJTAGSerialReset` three steps of 0.1 s; then the "
+        "ROM boots and answers SYNC. A jig's board is already in its loader and only syncs.",
+        "- `UnixTightReset` (both lines in one `TIOCMSET`), which esptool tries first on a local port, needs a tty "
+        "with modem lines: a pty has none and an RFC 2217 port cannot set two lines at once, so it has no row here. "
+        "Its timing is `ClassicReset`'s.",
+        f"<!-- END {RESETS_MARK} -->",
+    ]
+    return "\n".join(out) + "\n"
 
 
 # --------------------------------------------------------------- the station
@@ -418,9 +553,9 @@ def render(results: list[dict[str, Any]], started: str, load: tuple[tuple[float,
     return "\n".join(out) + "\n"
 
 
-def write_doc(section: str) -> None:
+def write_doc(section: str, mark: str = MARK) -> None:
     text = DOC.read_text() if DOC.exists() else "# Benchmarks\n\nOne `##` section per benchmark.\n"
-    pattern = re.compile(rf"<!-- BEGIN {MARK}:.*?<!-- END {MARK} -->\n", re.S)
+    pattern = re.compile(rf"<!-- BEGIN {mark}:.*?<!-- END {mark} -->\n", re.S)
     text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + section
     DOC.write_text(text)
 
@@ -428,6 +563,12 @@ def write_doc(section: str) -> None:
 def main(argv: list[str]) -> int:
     if argv[:1] == ["_farm"]:
         farm_main(int(argv[1]), "--pace" in argv)
+        return 0
+    if argv[:1] == ["_boards"]:
+        boards_main(argv[1], int(argv[2]))
+        return 0
+    if argv[:1] == ["_connect"]:
+        connect_main(argv[1], argv[2:])
         return 0
     if argv[:1] == ["_station"]:
         rom = "--rom" in argv
@@ -440,7 +581,21 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--n", default="1,4,8,16", help="slot counts (default 1,4,8,16)")
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--json", type=Path, help="also write every result here")
+    parser.add_argument("--resets", action="store_true",
+                        help="instead: the connect time of each reset sequence, on 1 and 8 boards of each kind")
     args = parser.parse_args(argv)
+    if args.resets:
+        started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+        load0 = os.getloadavg()
+        cases = [run_reset_case(kind, before, n) for kind, before in RESET_CASES for n in (1, 8)]
+        section = render_resets(cases, started, (load0, os.getloadavg()))
+        print(section)
+        if args.json:
+            args.json.write_text(json.dumps(cases, indent=2))
+        if args.write:
+            write_doc(section, RESETS_MARK)
+            print(f"wrote {DOC}")
+        return 0
     ns = [1, 4] if args.quick else [int(x) for x in args.n.split(",")]
     modes = args.modes.split(",")
     work = Path(os.environ.get("TMPDIR", "/tmp")) / "sequencer-bench"
