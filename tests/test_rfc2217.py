@@ -156,3 +156,29 @@ async def test_what_cannot_be_an_rfc2217_port_is_one_line_naming_it() -> None:
                 async with open_serial_link(f"rfc2217://127.0.0.1:{address[1]}"):
                     pass
         nursery.cancel_scope.cancel()
+
+
+async def test_a_server_that_goes_away_mid_write_is_port_lost() -> None:
+    from fixtures.serial_link import PortLost
+
+    listener, url = listen_loopback()
+    uart = BridgeUart(url)
+    async with trio.open_nursery() as nursery:
+        serving = trio.CancelScope()
+
+        async def serve() -> None:
+            with serving:
+                await serve_rfc2217(listener, uart)
+
+        nursery.start_soon(serve)
+        async with open_serial_link(url) as link:
+            # One write far larger than the socket's buffers: the link has taken it all and is
+            # still handing it to the kernel when the hub goes down and its end closes.
+            async def hub_goes_down() -> None:
+                await trio.sleep(0.3)
+                serving.cancel()
+
+            nursery.start_soon(hub_goes_down)
+            with pytest.raises(PortLost, match=rf"{url}: write failed"):
+                await link.write(b"x" * 20_000_000, timeout=30)
+    listener.close()
