@@ -226,6 +226,9 @@ def render_resets(results: list[dict[str, Any]], started: str, load: tuple[tuple
         "- The sequences' own sleeps set the floor: `ClassicReset` and `UnixTightReset` hold EN low 0.1 s and GPIO0 "
         "0.05 s past it (0.55 s on esptool's second attempt), `USBJTAGSerialReset` three steps of 0.1 s; then the "
         "ROM boots and answers SYNC. A jig's board is already in its loader and only syncs.",
+        "- The jig's and the DevKitC's connect include esptool's chip detection on an ESP32: its first probe, "
+        "GET_SECURITY_INFO, is refused by the ESP32 ROM, and esptool drains its input for 0.2 s before reading the "
+        "chip's magic word (a flash after a detect skips it, knowing the chip); the ESP32-S3 answers it.",
         "- `UnixTightReset` (both lines in one `TIOCMSET`), which esptool tries first on a local port, needs a tty "
         "with modem lines: a pty has none and an RFC 2217 port cannot set two lines at once, so it has no row here. "
         "Its timing is `ClassicReset`'s.",
