@@ -256,6 +256,10 @@ async def test_an_internal_error_in_the_worker_keeps_its_traceback_in_the_statio
         def error(self, event: str, **fields: object) -> None:
             self.errors.append({"event": event, **fields})
 
+        @property
+        def station(self) -> "StationLog":  # as slot.log.station: the station log alone
+            return self
+
         def __getattr__(self, level: str) -> object:
             return lambda event, **fields: None
 
