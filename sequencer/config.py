@@ -46,6 +46,18 @@
     [quality]                   # how the reports judge the measurements' statistics
     cpk_threshold = 1.33        # Cpk below this is "not capable", listed first
 
+    [scan]                      # barcode/QR scans (sequencer/scans.py, docs/operating.md)
+    start = "scan"              # continuous: a slot starts on a start scan or the panel's Start ("board": when
+                                # a board is put in); for jigs whose USB adapter is always there
+    label = true                # every unit's label is scanned before its test starts
+    port = "/dev/serial/by-id/usb-Zebra-if00"   # a serial scanner; omit for a keyboard wedge (standard input)
+    baudrate = 9600
+    badge = "OP:"               # what each kind of code starts with, or "re:" and a regular expression
+    work_order = "WO:"
+    slot = "SLOT:"
+    start_code = "START"
+    serial = "re:SN\\d{9}"       # a label's pattern when the product has no serial_pattern
+
 Unknown keys are errors, not silently ignored: a misspelt ``prots`` must not
 run the station on no ports. Command-line options override the file.
 """
@@ -63,6 +75,7 @@ from typing import Any
 import attrs
 
 from sequencer.records import utcnow
+from sequencer.scans import RULE_KEYS, ScanConfig
 
 
 class ConfigError(Exception):
@@ -207,6 +220,8 @@ class StationConfig:
     portal: Mapping[str, Any] = attrs.field(factory=dict)
     #: secrets file (``[secrets] file``); SEQUENCER_SECRETS_FILE when empty
     secrets_file: Path | None = None
+    #: barcode and QR scans: what they look like, where they come from, what starts a slot (``[scan]``)
+    scan: ScanConfig = attrs.field(factory=ScanConfig)
 
     @property
     def reports_dir(self) -> Path:
@@ -253,6 +268,10 @@ class StationConfig:
             if not self.ports and (self.detect is None or not self.detect.locations):
                 raise ConfigError(f"{where}: continuous: say where each slot's board plugs in: ports "
                                   "(/dev/serial/by-path/ links) or [detect] locations")
+        if not self.continuous and (self.scan.start == "scan" or self.scan.label):
+            key = "start = \"scan\"" if self.scan.start == "scan" else "label = true"
+            raise ConfigError(f"{where}: scan: {key} is for continuous stations, whose slots start on their own; in "
+                              "rounds every slot starts together (a phase may ask for a label: operator.ask)")
         if self.rounds == 0 and self.sim:
             raise ConfigError(f"{where}: rounds = 0 goes on until the operator types stop, and the simulated "
                               "operator never does: give simulated stations a number of rounds")
@@ -272,7 +291,7 @@ _RENUMBERED = re.compile(r"/dev/tty(USB|ACM)\d+")
 
 _TOP_KEYS = {"station", "product", "operator", "ask_operator", "batch", "store", "reports", "ports", "sim", "bench",
              "seed", "fixtures", "rounds", "continuous", "resources", "mongo", "flash", "detect", "modems",
-             "provisioning", "secrets", "portal", "quality"}
+             "provisioning", "secrets", "portal", "quality", "scan"}
 _RESOURCE_KEYS = {"capacity", "instrument", "port"}
 _MONGO_KEYS = {"uri", "database"}
 
@@ -361,6 +380,7 @@ def load_station_config(path: str | Path) -> StationConfig:
         provisioning_url=_text_table(p, "provisioning", typed("provisioning", dict, {}), "url"),
         secrets_file=_secrets_file(p, typed("secrets", dict, {})),
         portal=_portal_table(p, typed("portal", dict, {})),
+        scan=_scan_table(p, typed("scan", dict, {})),
     )
     return config
 
@@ -442,6 +462,12 @@ def _flash_table(p: Path, table: dict[str, Any]) -> FlashConfig:
         "baud": (int,), "stub": (bool,), "boot": (str,), "compress": (bool,), "connect_attempts": (int,),
         "max_seconds": number, "max_image_bytes": (dict,),
     })
+
+
+def _scan_table(p: Path, table: dict[str, Any]) -> ScanConfig:
+    kinds: dict[str, tuple[type, ...]] = {"start": (str,), "label": (bool,), "port": (str,), "baudrate": (int,),
+                                          **{key: (str,) for key in RULE_KEYS}}
+    return _table(p, "scan", ScanConfig.from_table, table, kinds)
 
 
 def _detect_table(p: Path, table: dict[str, Any]) -> DetectConfig:

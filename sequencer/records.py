@@ -208,6 +208,22 @@ class SourceFile:
 
 
 @attrs.frozen
+class ScanRecord:
+    """A barcode or QR code scanned for a run (or typed as one): the operator's badge, the work order, the label.
+
+    ``kind`` is what the station took it for (``badge``, ``work_order``,
+    ``label``, ``start``, :mod:`sequencer.scans`); ``value`` what it read
+    from it (a name, a batch id, a serial, a slot); ``source`` where it came
+    from (``keyboard``, ``scanner /dev/...``, ``panel``, ``simulated``).
+    """
+
+    kind: str
+    value: str
+    scanned_at: dt.datetime
+    source: str = ""
+
+
+@attrs.frozen
 class RunRecord:
     """One DUT's pass through one product on one slot.
 
@@ -244,6 +260,8 @@ class RunRecord:
     disposition: Disposition | None = None
     #: what the operator was told to do with the unit, in the product's words ("" for a pass)
     instruction: str = ""
+    #: what was scanned for this run: the operator's badge, the work order, the unit's label, the start
+    scans: tuple[ScanRecord, ...] = ()
 
     @property
     def serial(self) -> str | None:
@@ -343,6 +361,8 @@ def run_header_json(run: RunRecord) -> str:
         "product_files": [{"path": f.path, "sha256": f.sha256} for f in run.product_files],
         "identity": run.identity,
         "disposition": run.disposition, "instruction": run.instruction,
+        "scans": [{"kind": c.kind, "value": c.value, "scanned_at": c.scanned_at, "source": c.source}
+                  for c in run.scans],
     }
     try:
         return orjson.dumps(data).decode()

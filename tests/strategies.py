@@ -22,6 +22,7 @@ from sequencer.records import (
     Outcome,
     PhaseRecord,
     RunRecord,
+    ScanRecord,
     SourceFile,
 )
 
@@ -93,4 +94,5 @@ runs = st.builds(
     identity=st.sampled_from([("serial", "mac"), ("imei",), ("serial", "mac", "imei"), ("%.x", "")]),
     disposition=st.none() | st.sampled_from(Disposition),
     instruction=text,
+    scans=st.lists(st.builds(ScanRecord, text, text, times, text), max_size=2).map(tuple),
 )

@@ -361,6 +361,7 @@ def _to_the_millisecond(run: RunRecord) -> RunRecord:
             )
             for p in run.phases
         ),
+        scans=tuple(attrs.evolve(c, scanned_at=ms(c.scanned_at)) for c in run.scans),
     )
 
 

@@ -375,6 +375,7 @@ def run_document(run: RunRecord | RunData | StoredRun, seq: int) -> dict[str, An
         "identity": list(d.get("identity") or DEFAULT_IDENTITY),
         "disposition": d.get("disposition"),
         "instruction": d.get("instruction", ""),
+        "scans": [{**c, "scanned_at": _when(c["scanned_at"])} for c in d.get("scans") or ()],
         "phases": [p.doc for p in stored.phases],
         "measurements": [m for p in stored.phases for m in p.flat],
     }
@@ -411,6 +412,7 @@ def run_from_document(doc: Mapping[str, Any]) -> RunRecord:
             "product_files": [{"path": f["path"], "sha256": f["sha256"]} for f in doc.get("product_files") or ()],
             "identity": doc.get("identity") or DEFAULT_IDENTITY,
             "disposition": doc.get("disposition"), "instruction": doc.get("instruction", ""),
+            "scans": [{**c, "scanned_at": _iso(c["scanned_at"])} for c in doc.get("scans") or ()],
         }
         return from_dict(data, RunRecord)
     except Exception as exc:  # any malformed document: say which run, never a traceback
