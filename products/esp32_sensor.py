@@ -55,4 +55,5 @@ product = Product(
     fixtures={"dut": test_firmware(baudrate=115200, wait_boot=False)},
     resources={"dmm": "scpi-dmm"},
     max_retests=2,
+    serial_pattern=r"SN\d{9}",  # what a label scanned for a slot must be ([scan] label = true)
 )

@@ -419,6 +419,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             check_port(port, config.flash.for_port(port).console_lines)
     loaded = load_product(product, limits=args.limits, station_fixtures=STATION_FIXTURES, station_resources=None)
     loaded = with_fixture_settings(loaded, config)
+    _check_scans(config, loaded)
     faults = load_faults(args.faults, config, loaded)
     if not config.sim:
         from fixtures.station import station_services
@@ -452,8 +453,10 @@ def cmd_run(args: argparse.Namespace) -> int:
                 open_shipping=partial(station_shipping, config, console),
                 round_ended=reports.write, history=StoreUnitHistory(store), stops=stops,
             ))
-            # The batch page covers the whole batch, earlier sessions and retests included.
-            batch_runs = store.find_runs(batch=config.batch_or_default)
+            # The batch page covers the whole batch, earlier sessions and retests included; a work order scanned
+            # mid-shift started another batch, which gets its page too.
+            batch_runs = {batch: store.find_runs(batch=batch)
+                          for batch in reports.batches or [config.batch_or_default]}
         finally:
             store.close()
             if log_handle is not None:
@@ -464,6 +467,21 @@ def cmd_run(args: argparse.Namespace) -> int:
                         f"{escape(str(log_handle.path))}[/yellow]"
                     )
         return _finish_run(result, batch_runs, reports, config, console)
+
+
+def _check_scans(config: StationConfig, loaded: LoadedProduct) -> None:
+    """A station that reads labels must know one when it sees it; a serial scanner's port must be there."""
+    from sequencer.scans import ScanRules
+
+    where = config.source or "station"
+    if config.scan.label and not ScanRules.of(config.scan, loaded.product.serial_pattern, loaded.name).reads_labels:
+        raise ConfigError(f"{where}: scan: label = true, and {loaded.name!r} has no serial_pattern: give the labels' "
+                          'pattern as [scan] serial = "re:..." (or Product(serial_pattern=...))')
+    if config.scan.port:
+        try:
+            check_port(config.scan.port)
+        except UsageError as exc:
+            raise ConfigError(f"{where}: scan: the scanner's {exc}") from None
 
 
 def _raise_open_file_limit() -> None:
@@ -530,15 +548,21 @@ class _RoundReports:
     reads, and a terminal that went away (stdout a closed pipe) must not
     cost them. After the first failure nothing more is written (the
     records are safe in the store; ``sequencer report`` writes them later).
+    Each run's report goes to its own batch's folder: a work order scanned
+    mid-shift starts another batch (:attr:`batches`, in the order first seen).
     """
 
     def __init__(self, config: StationConfig) -> None:
-        from reports.render.html import batch_dir
-
         self.reports_dir = config.reports_dir
-        self.folder = batch_dir(config.reports_dir, config.batch_or_default)
+        self.folder = self.folder_of(config.batch_or_default)
         self.cpk_threshold = config.quality.cpk_threshold
         self.error: Exception | None = None
+        self.batches: dict[str, None] = {}
+
+    def folder_of(self, batch: str) -> Path:
+        from reports.render.html import batch_dir
+
+        return batch_dir(self.reports_dir, batch)
 
     def check_writable(self) -> None:
         """Refuse, before any unit is tested, a reports folder nothing can be written in.
@@ -576,9 +600,11 @@ class _RoundReports:
     def _write_runs(self, runs: Sequence[RunRecord]) -> None:
         from reports.render.html import render_run, write_html
 
-        self.folder.mkdir(parents=True, exist_ok=True)
         for r in runs:
-            write_html(self.folder / f"{r.run_id}.html", render_run(r))
+            self.batches.setdefault(r.batch)
+            folder = self.folder_of(r.batch)
+            folder.mkdir(parents=True, exist_ok=True)
+            write_html(folder / f"{r.run_id}.html", render_run(r))
 
     def write_batch(self, batch: str, batch_runs: list[RunRecord]) -> None:
         """The batch page; and the pages of every retested unit's runs, which now link to each other."""
@@ -586,21 +612,22 @@ class _RoundReports:
 
         if self.error is not None:
             return
+        folder = self.folder = self.folder_of(batch)
         try:
-            self.folder.mkdir(parents=True, exist_ok=True)
+            folder.mkdir(parents=True, exist_ok=True)
             for run_id, history in unit_histories(batch_runs).items():
                 if len(history) > 1:
                     run = next(r for r in history if r.run_id == run_id)
-                    write_html(self.folder / f"{run_id}.html", render_run(run, unit_runs=history))
-            write_html(self.folder / "index.html", render_batch(batch_runs, title=batch_title(batch, batch_runs),
-                                                                cpk_threshold=self.cpk_threshold))
+                    write_html(folder / f"{run_id}.html", render_run(run, unit_runs=history))
+            write_html(folder / "index.html", render_batch(batch_runs, title=batch_title(batch, batch_runs),
+                                                           cpk_threshold=self.cpk_threshold))
         except Exception as exc:
             self.error = exc
 
 
 def _finish_run(
     result: SessionResult,
-    batch_runs: list[RunRecord],
+    batch_runs: dict[str, list[RunRecord]],
     reports: _RoundReports,
     config: StationConfig,
     console: Console,
@@ -619,10 +646,12 @@ def _finish_run(
         console.print(f"[yellow]stopped by the operator {result.stopped}[/yellow]")
         return EXIT_ABORTED
     passed, total = result.passed, result.runs
+    # Before the summary, as each round's reports were (see _RoundReports); the last batch's page is named.
+    for batch, runs_of_batch in batch_runs.items():
+        reports.write_batch(batch, runs_of_batch)
     report_dir = reports.folder
     batch_path = report_dir / "index.html"
-    # Before the summary, as each round's reports were (see _RoundReports).
-    reports.write_batch(config.batch_or_default, batch_runs)
+    others = f" (and batch {', '.join(list(batch_runs)[:-1])}'s beside it)" if len(batch_runs) > 1 else ""
     report_error = reports.error
     # The last round's runs: the earlier rounds' summaries were shown as they ended.
     console.print(station_summary(runs))
@@ -636,7 +665,8 @@ def _finish_run(
                       f"  (records are in {escape(str(config.store))}; retry with `sequencer report --batch ...`)")
         console.print(f"{passed}/{total} passed.")
     else:
-        console.print(f"{passed}/{total} passed.  Report: {escape(str(batch_path))}  (per-run reports beside it)")
+        console.print(f"{passed}/{total} passed.  Report: {escape(str(batch_path))}{escape(printable(others))}  "
+                      "(per-run reports beside it)")
     if result.aborted:
         # Runs that had ended before the abort keep their outcome.
         if result.stopped is not None:

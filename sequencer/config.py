@@ -53,6 +53,18 @@
     [quality]                   # how the reports judge the measurements' statistics
     cpk_threshold = 1.33        # Cpk below this is "not capable", listed first
 
+    [scan]                      # barcode/QR scans (sequencer/scans.py, docs/operating.md)
+    start = "scan"              # continuous: a slot starts on a start scan or the panel's Start ("board": when
+                                # a board is put in); for jigs whose USB adapter is always there
+    label = true                # every unit's label is scanned before its test starts
+    port = "/dev/serial/by-id/usb-Zebra-if00"   # a serial scanner; omit for a keyboard wedge (standard input)
+    baudrate = 9600
+    badge = "OP:"               # what each kind of code starts with, or "re:" and a regular expression
+    work_order = "WO:"
+    slot = "SLOT:"
+    start_code = "START"
+    serial = "re:SN\\d{9}"       # a label's pattern when the product has no serial_pattern
+
 Unknown keys are errors, not silently ignored: a misspelt ``prots`` must not
 run the station on no ports. Command-line options override the file.
 """
@@ -70,6 +82,7 @@ from typing import Any
 import attrs
 
 from sequencer.records import utcnow
+from sequencer.scans import RULE_KEYS, ScanConfig
 
 
 class ConfigError(Exception):
@@ -319,6 +332,8 @@ class StationConfig:
     portal: Mapping[str, Any] = attrs.field(factory=dict)
     #: secrets file (``[secrets] file``); SEQUENCER_SECRETS_FILE when empty
     secrets_file: Path | None = None
+    #: barcode and QR scans: what they look like, where they come from, what starts a slot (``[scan]``)
+    scan: ScanConfig = attrs.field(factory=ScanConfig)
 
     @property
     def reports_dir(self) -> Path:
@@ -377,6 +392,10 @@ class StationConfig:
                               f"sim_board = {self.sim_board!r} needs rounds")
         if sum(1 for rule in self.detect if rule.locations) > 1:
             raise ConfigError(f"{where}: detect: locations belong to one rule (the slots, in order)")
+        if not self.continuous and (self.scan.start == "scan" or self.scan.label):
+            key = "start = \"scan\"" if self.scan.start == "scan" else "label = true"
+            raise ConfigError(f"{where}: scan: {key} is for continuous stations, whose slots start on their own; in "
+                              "rounds every slot starts together (a phase may ask for a label: operator.ask)")
         if self.rounds == 0 and self.sim:
             raise ConfigError(f"{where}: rounds = 0 goes on until the operator types stop, and the simulated "
                               "operator never does: give simulated stations a number of rounds")
@@ -396,7 +415,7 @@ _RENUMBERED = re.compile(r"/dev/tty(USB|ACM)\d+")
 
 _TOP_KEYS = {"station", "product", "operator", "ask_operator", "batch", "store", "reports", "ports", "sim", "sim_board",
              "bench", "seed", "fixtures", "rounds", "continuous", "resources", "mongo", "flash", "detect", "modems",
-             "provisioning", "secrets", "portal", "quality"}
+             "provisioning", "secrets", "portal", "quality", "scan"}
 _RESOURCE_KEYS = {"capacity", "instrument", "port"}
 _MONGO_KEYS = {"uri", "database"}
 
@@ -486,6 +505,7 @@ def load_station_config(path: str | Path) -> StationConfig:
         provisioning_url=_text_table(p, "provisioning", typed("provisioning", dict, {}), "url"),
         secrets_file=_secrets_file(p, typed("secrets", dict, {})),
         portal=_portal_table(p, typed("portal", dict, {})),
+        scan=_scan_table(p, typed("scan", dict, {})),
     )
     for rule in config.detect:  # a rule's wiring must make sense with [flash] before any port is found
         try:
@@ -612,6 +632,12 @@ def _detect_rules(p: Path, value: dict[str, Any] | list[Any]) -> tuple[DetectCon
         filters = {k: v for k, v in table.items() if k in _DETECT_KEYS}
         rules.append(_table(p, name, DetectConfig, filters, _DETECT_KEYS, wiring=wiring))
     return tuple(rules)
+
+
+def _scan_table(p: Path, table: dict[str, Any]) -> ScanConfig:
+    kinds: dict[str, tuple[type, ...]] = {"start": (str,), "label": (bool,), "port": (str,), "baudrate": (int,),
+                                          **{key: (str,) for key in RULE_KEYS}}
+    return _table(p, "scan", ScanConfig.from_table, table, kinds)
 
 
 def _product_path(p: Path, base: Path, value: str) -> Path:

@@ -9,6 +9,13 @@ never wait for it. What slots share is what the product says they share: an
 instrument (:mod:`sequencer.resources`) or a rendezvous
 (:mod:`sequencer.rendezvous`).
 
+With a :class:`~sequencer.control.StationControl` (``control``), a slot
+whose board is in waits for what the station needs from the operator before
+it starts (its start scanned or pressed, its label scanned), and after its
+verdict it waits for its board to be taken out *or* to be started again: a
+jig whose USB adapter is always there never sees a board go. The control
+can also stop one slot's run.
+
 Ctrl-C, SIGTERM or SIGHUP behave as in rounds
 (:class:`~sequencer.station.StopRequests`): the first aborts every run
 under way (teardowns run, the runs are recorded ABORTED) and stops waiting
@@ -22,6 +29,7 @@ from __future__ import annotations
 
 import signal
 from collections import Counter
+from functools import partial
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Protocol, TypeVar
 
@@ -29,6 +37,7 @@ import structlog
 import trio
 
 from sequencer.config import SerialLines
+from sequencer.control import StationControl
 from sequencer.engine import RecordsNotWritten, RecordWriter, RunSettings, SlotControl, run_dut
 from sequencer.events import BoardArrived, BoardRemoved, EventBus
 from sequencer.fixtures import FixtureFactory, SlotInfo
@@ -80,17 +89,21 @@ async def run_continuous(
     run_ended: Callable[[RunRecord], Awaitable[None]] | None = None,
     simulated: bool = False,
     lines: Callable[[str], SerialLines | None] | None = None,
+    control: StationControl | None = None,
 ) -> StationResult:
     """Test every board put into any slot, each slot on its own, until stopped; see the module docstring.
 
     ``stop`` takes the operator's requests to stop; with ``handle_signals``,
     SIGINT, SIGTERM and SIGHUP received meanwhile are such requests (as in
-    :func:`~sequencer.station.run_station`). ``run_ended`` is given each run
-    as it ends (the command line writes its report then), before the slot
-    waits for its board to be taken out. Returns each slot's last run and
-    how many runs ended each way (:attr:`StationResult.outcomes`).
+    :func:`~sequencer.station.run_station`). ``run_ended`` is given each run as it ends (the command line writes its
+    report then), before the slot waits for its board to be taken out.
+    ``control``: what a slot waits for before it starts, and who may stop
+    it (see the module docstring); its settings, not ``settings``, are then
+    each run's.
     ``lines`` says how the links to a board's port hold DTR and RTS
     (:attr:`SlotInfo.lines`).
+    Returns each slot's last run and how many runs ended each way
+    (:attr:`StationResult.outcomes`).
     """
     places = list(boards.places)
     cycles = _Cycles(len(places))
@@ -106,13 +119,25 @@ async def run_continuous(
             if port is None or cycles.stopping:
                 return
             bus.publish(BoardArrived(index, port))
-            control = cycles.begin(index)
+            run_settings = settings
+            if control is not None:
+                # The board is in: the operator may still have to start it, or scan its label.
+                begun = await cycles.idle(index, _first, partial(control.ready, index),
+                                          partial(boards.removed, index))
+                if begun is None:
+                    return
+                if begun[0] == 1:  # taken out before it started
+                    control.vacated(index)
+                    bus.publish(BoardRemoved(index))
+                    continue
+                run_settings = begun[1]
+            slot_control = cycles.begin(index)
             info = SlotInfo(index=index, port=port, station=settings.station, simulated=simulated,
                             lines=lines(port) if lines is not None else None)
             try:
                 run = await run_dut(
-                    product, info, settings=settings, store=store, bus=bus, resources=resources,
-                    fixtures=fixtures, control=control, desk=desk, history=history, rendezvous=points,
+                    product, info, settings=run_settings, store=store, bus=bus, resources=resources,
+                    fixtures=fixtures, control=slot_control, desk=desk, history=history, rendezvous=points,
                 )
             except RecordsNotWritten as exc:
                 if exc.run is not None:  # None: the store refused its very beginning, so it is no run
@@ -131,10 +156,17 @@ async def run_continuous(
             cycles.finished(index, run)
             if run_ended is not None:
                 await run_ended(run)
-            # The verdict stays on show until the operator takes the board out.
-            if await cycles.idle(index, _removed, boards, index) is None:
+            # The verdict stays on show until the operator takes the board out (or starts it again).
+            waits = [partial(boards.removed, index)]
+            if control is not None:
+                waits.append(partial(control.restarted, index))
+            gone = await cycles.idle(index, _first, *waits)
+            if gone is None:
                 return
-            bus.publish(BoardRemoved(index))
+            if gone[0] == 0:
+                if control is not None:
+                    control.vacated(index)
+                bus.publish(BoardRemoved(index))
 
     async def watch_signals(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
@@ -142,13 +174,19 @@ async def run_continuous(
             async for _ in signals:
                 stop.request()
 
-    async with trio.open_nursery() as outer:
-        if handle_signals:
-            await outer.start(watch_signals)
-        async with trio.open_nursery() as slots:
-            for i in range(len(places)):
-                slots.start_soon(slot_cycle, i)
-        outer.cancel_scope.cancel()
+    if control is not None:
+        control.attach(len(places), cycles.stop_slot)
+    try:
+        async with trio.open_nursery() as outer:
+            if handle_signals:
+                await outer.start(watch_signals)
+            async with trio.open_nursery() as slots:
+                for i in range(len(places)):
+                    slots.start_soon(slot_cycle, i)
+            outer.cancel_scope.cancel()
+    finally:
+        if control is not None:
+            control.detach()
     return StationResult(
         runs=tuple(r for r in cycles.last if r is not None),
         aborted=stop.count > 0,
@@ -158,9 +196,20 @@ async def run_continuous(
     )
 
 
-async def _removed(boards: Boards, slot: int) -> bool:
-    await boards.removed(slot)
-    return True
+async def _first(*waits: Callable[[], Awaitable[object]]) -> tuple[int, object]:
+    """Wait for whichever of ``waits`` returns first: its index and what it returned (the others are cancelled)."""
+    done: list[tuple[int, object]] = []
+    async with trio.open_nursery() as nursery:
+
+        async def wait(i: int) -> None:
+            value = await waits[i]()
+            if not done:
+                done.append((i, value))
+                nursery.cancel_scope.cancel()
+
+        for i in range(len(waits)):
+            nursery.start_soon(wait, i)
+    return done[0]
 
 
 class _Cycles:
@@ -206,6 +255,14 @@ class _Cycles:
 
     def end(self, slot: int) -> None:
         self.controls[slot] = None
+
+    def stop_slot(self, slot: int, by: str) -> bool:
+        """Abort one slot's run (the operator's Stop): its teardowns run, it is recorded ABORTED ``by``."""
+        control = self.controls[slot]
+        if control is None:
+            return False
+        control.abort(by=by)
+        return True
 
     def refused(self, error: str, slot: int, port: str) -> None:
         """The store refused a record: stop every slot rather than test units nobody can record."""

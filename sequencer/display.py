@@ -27,7 +27,7 @@ are dropped for it alone and testing goes on at full speed.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 import attrs
 import trio
@@ -50,12 +50,18 @@ from sequencer.events import (
     PhaseWaiting,
     RunFinished,
     RunStarted,
+    ScanRefused,
+    ScanTaken,
+    SlotWaiting,
     UnitRecognised,
 )
 from sequencer.operator import OperatorDesk, Question
 from sequencer.records import Disposition, Outcome, RunRecord
 from sequencer.terminal import printable
 from sequencer.verdicts import UnitHistory, Verdict, shortened, unit_label, verdict_of
+
+if TYPE_CHECKING:
+    from sequencer.control import StationControl
 
 OUTCOME_STYLE = {
     Outcome.PASS: "bold green",
@@ -112,6 +118,8 @@ class SlotView:
             return Text(f"retest {self.history.tests}", style=RETEST_STYLE)
         if self.phase == "empty":
             return Text("put a board in", style="bright_black")
+        if self.phase == "ready":
+            return Text(self.detail, style="bold yellow")
         return Text("running", style="cyan")
 
     def note(self) -> Text | None:
@@ -153,6 +161,16 @@ class StationDisplay:
         elif isinstance(event, BoardRemoved):
             view = self.slots[event.slot]
             self.slots[view.index] = SlotView(view.index, view.port, total=view.total, phase="empty")
+        elif isinstance(event, SlotWaiting):
+            view = self.slots[event.slot]
+            view.phase, view.detail = "ready", event.what
+            return f"slot {view.index} {view.port}: {event.what}"
+        elif isinstance(event, ScanTaken):
+            if event.scan.kind == "label" and event.slot is not None and 0 <= event.slot < len(self.slots):
+                self.slots[event.slot].serial = printable(event.scan.value)
+            return f"scan: {printable(event.said)}"
+        elif isinstance(event, ScanRefused):
+            return f"scan not taken: {printable(event.reason)}"
         elif isinstance(event, DutIdentified):
             self.slots[event.slot].serial = printable(unit_label(event.dut))
         elif isinstance(event, UnitRecognised):
@@ -244,13 +262,15 @@ class StationDisplay:
                                           sorted(self.tally.items(), key=lambda kv: (-kv[1], kv[0]))))
         return line
 
-    def render(self, width: int, height: int, desk: OperatorDesk | None = None) -> Group:
+    def render(self, width: int, height: int, desk: OperatorDesk | None = None, control: StationControl | None = None) -> Group:
         """The live view for a terminal of ``width`` x ``height``: the counts, every slot that fits, the question.
 
         The operator's open question, if any, takes the bottom lines
-        (:func:`question_lines`); the slots get what is left.
+        (:func:`question_lines`), and under it what the last scan did and what
+        is being typed (``control``, a :class:`~sequencer.control.StationControl`);
+        the slots get what is left.
         """
-        asking = question_lines(desk) if desk is not None else []
+        asking = question_lines(desk, control) if desk is not None else []
         notes = self.notes(width, max(0, height // 3))
         below = [*notes, *asking]
         if not below:
@@ -349,11 +369,17 @@ def _rows(line: Text, width: int) -> int:
     return max(1, -(-line.cell_len // max(1, width)))
 
 
-def question_lines(desk: OperatorDesk) -> list[Text]:
-    """The open question (slot, port, serial, words, what to type), the draft, and why an answer was refused."""
+def question_lines(desk: OperatorDesk, control: StationControl | None = None) -> list[Text]:
+    """The open question (slot, port, serial, words, what to type), the draft, and why an answer was refused.
+
+    With a ``control`` (scans are taken), also what the last scan did and,
+    with no question open, what is being typed.
+    """
+    said = [Text(f"  {printable(control.said)}", style="red" if control.said.startswith("not taken") else "green")
+            ] if control is not None and control.said else []
     question = desk.current
     if question is None:
-        return []
+        return ([Text(f"> {printable(desk.draft)}\u2588")] if desk.draft else []) + said
     head = Text("? ", style="bold yellow")
     head.append(_asker(question), style="bold")
     head.append(f": {printable(question.text)}  ")
@@ -363,7 +389,7 @@ def question_lines(desk: OperatorDesk) -> list[Text]:
     lines = [head, Text(f"> {printable(desk.draft)}\u2588")]  # a block for the cursor the terminal no longer shows
     if desk.hint:
         lines.append(Text(f"  {printable(desk.hint)}", style="red"))
-    return lines
+    return lines + said
 
 
 def _who(question: Question) -> str:
@@ -429,6 +455,7 @@ async def show_live(
     events: trio.MemoryReceiveChannel[Event],
     console: Console,
     desk: OperatorDesk | None = None,
+    control: StationControl | None = None,
 ) -> None:
     """Redraw the slot view (and ``desk``'s open question) from events until the bus closes.
 
@@ -438,7 +465,7 @@ async def show_live(
     """
 
     def view() -> Group:
-        return display.render(console.width, console.height, desk)
+        return display.render(console.width, console.height, desk, control)
 
     async with events:
         try:

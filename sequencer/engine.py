@@ -68,6 +68,7 @@ from sequencer.records import (
     Outcome,
     PhaseRecord,
     RunRecord,
+    ScanRecord,
     run_outcome,
     utcnow,
 )
@@ -164,6 +165,8 @@ class RunSettings:
     station: str
     operator: str = ""
     batch: str = ""
+    #: what was scanned for the run (the badge, the work order, the unit's label, its start: sequencer/control.py)
+    scans: tuple[ScanRecord, ...] = ()
 
 
 def new_run_id() -> str:
@@ -254,8 +257,13 @@ class _SlotRun:
             product_files=product.source_files,
             sequencer_version=SEQUENCER_VERSION,
             identity=self.product.identity,
+            scans=settings.scans,
         )
-        self.dut: dict[str, str] = {}
+        #: the serial on the unit's label, scanned for this slot: the unit's serial from the start
+        self.label = next((s.value for s in settings.scans if s.kind == "label"), None)
+        if self.label is not None:
+            self.header = attrs.evolve(self.header, dut={"serial": self.label})
+        self.dut: dict[str, str] = dict(self.header.dut)
         self.committed: list[PhaseRecord] = []
         self.outcomes: dict[str, Outcome] = {}
         #: phases whose record is committed
@@ -321,6 +329,8 @@ class _SlotRun:
                 self.owing.add(name)
         # Outside the main scope: an abort does not close the fixtures under the teardowns.
         async with trio.open_nursery() as self.fixture_hosts:
+            if self.label is not None:
+                self._identify({})  # known by its label: its earlier runs are looked up before any phase
             try:
                 try:
                     with self.control.main_scope:
@@ -923,6 +933,14 @@ class _SlotRun:
             self.fixture_hosts.cancel_scope.cancel()  # what is still closing is cut short
 
     def _identify(self, fields: dict[str, str]) -> None:
+        said = fields.get("serial")
+        if self.label is not None and said and said != self.label and self.refused is None:
+            # The board is not the unit its label says: testing it on would record one unit's results
+            # under the other's serial. It goes to rework, as a unit past its retests does.
+            self.refused = (f"The label scanned for slot {self.header.slot} says {self.label}, the board says "
+                            f"{said}: put it in the rework bin to be relabelled")
+            self.log.warning("the board is not the unit its label says", label=self.label, board=said)
+            self._stop(f"run stopped: {self.refused}")
         self.dut.update(fields)
         self.log = self.log.bind(serial=self.dut.get("serial"))
         self.bus.publish(DutIdentified(self.header.run_id, self.header.slot, dict(self.dut)))

@@ -18,6 +18,7 @@ from sequencer.records import MeasurementRecord, Outcome, PhaseRecord, RunRecord
 
 if TYPE_CHECKING:
     from sequencer.operator import Question
+    from sequencer.records import ScanRecord
     from sequencer.verdicts import UnitHistory
 
 
@@ -34,6 +35,32 @@ class BoardRemoved:
     """A continuous station's slot is empty again: the operator took its board out (or it was pulled)."""
 
     slot: int
+
+
+@attrs.frozen
+class SlotWaiting:
+    """A slot with a board waits for the operator before it starts: ``what`` to do (scan its label, start it)."""
+
+    slot: int
+    what: str
+
+
+@attrs.frozen
+class ScanTaken:
+    """A scan (or the panel's button) did something: ``said`` says what, for the operator; ``slot`` it concerns."""
+
+    scan: ScanRecord
+    slot: int | None
+    said: str
+
+
+@attrs.frozen
+class ScanRefused:
+    """A line scanned or typed that the station did not take, and why (a one-line hint)."""
+
+    text: str
+    reason: str
+    source: str
 
 
 @attrs.frozen
@@ -133,7 +160,7 @@ class OperatorAnswered:
 
 
 Event: TypeAlias = (
-    BoardArrived | BoardRemoved | RunStarted | PhaseStarted | PhaseWaiting | MeasurementTaken | DutIdentified | UnitRecognised | PhaseProgress | PhaseFinished
+    BoardArrived | BoardRemoved | SlotWaiting | ScanTaken | ScanRefused | RunStarted | PhaseStarted | PhaseWaiting | MeasurementTaken | DutIdentified | UnitRecognised | PhaseProgress | PhaseFinished
     | RunFinished | OperatorAsked | AnswerRefused | OperatorAnswered
 )
 

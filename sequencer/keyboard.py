@@ -14,6 +14,11 @@ Two ways, chosen by what standard input is:
   one if none is open yet, so a script can feed answers ahead. The end of
   input closes the desk: later questions end their phase ERROR, saying why.
 
+Given a ``submit`` (the station's :class:`~sequencer.control.StationControl`),
+a line goes there instead of straight to the desk: it may be a scan (a
+keyboard-wedge scanner types its code and Enter), and keys are then taken
+while no question is open too.
+
 Both read standard input on the trio thread when it can be waited for, and
 restore everything they change (terminal modes) however they end.
 """
@@ -25,6 +30,7 @@ import os
 import stat
 import termios
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import trio
 
@@ -37,8 +43,10 @@ _ERASE_LINE = ("\x15", "\x17")  # Ctrl-U, Ctrl-W
 _ENTER = ("\r", "\n")
 
 
-async def answer_from_keyboard(desk: OperatorDesk, fd: int = 0) -> None:
-    """Type answers at a terminal: the draft is shown by the display, Enter answers."""
+async def answer_from_keyboard(
+    desk: OperatorDesk, fd: int = 0, *, submit: Callable[[str], Any] | None = None
+) -> None:
+    """Type answers (or scans) at a terminal: the draft is shown by the display, Enter answers (or ``submit``s)."""
     saved = termios.tcgetattr(fd)
     try:
         mode = termios.tcgetattr(fd)
@@ -48,7 +56,7 @@ async def answer_from_keyboard(desk: OperatorDesk, fd: int = 0) -> None:
         termios.tcsetattr(fd, termios.TCSANOW, mode)
         read = _reader(fd)
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        keys = _Keys(desk)
+        keys = _Keys(desk, submit)
         while True:
             data = await read()
             if not data:
@@ -67,8 +75,10 @@ async def answer_from_keyboard(desk: OperatorDesk, fd: int = 0) -> None:
 class _Keys:
     """Line editing of the draft: printable keys, backspace, Ctrl-U, Enter; escape sequences dropped."""
 
-    def __init__(self, desk: OperatorDesk) -> None:
+    def __init__(self, desk: OperatorDesk, submit: Callable[[str], Any] | None = None) -> None:
         self._desk = desk
+        #: where Enter sends the draft; None: it answers the open question, and keys wait for one
+        self._submit = submit
         #: inside an escape sequence (an arrow key): "esc" after ESC, "csi" after ESC [, "ss3" after ESC O
         self._escape = ""
 
@@ -87,10 +97,15 @@ class _Keys:
         if char == "\x1b":
             self._escape = "esc"
             return
-        if desk.current is None:
+        if desk.current is None and self._submit is None:
             return
         if char in _ENTER:
-            desk.answer(desk.draft)
+            if self._submit is None:
+                desk.answer(desk.draft)
+            else:
+                line = desk.draft
+                desk.type("")
+                self._submit(line)
         elif char in _BACKSPACE:
             desk.type(desk.draft[:-1])
         elif char in _ERASE_LINE:
@@ -99,8 +114,16 @@ class _Keys:
             desk.type(desk.draft + char)
 
 
-async def answer_from_lines(desk: OperatorDesk, fd: int = 0) -> None:
-    """Each line of ``fd`` answers the oldest open question; the end of input closes the desk."""
+async def answer_from_lines(
+    desk: OperatorDesk, fd: int = 0, *, submit: Callable[[str], Awaitable[None]] | None = None
+) -> None:
+    """Each line of ``fd`` answers the oldest open question (or goes to ``submit``); the end of input closes the desk."""
+
+    async def answer(line: str) -> None:
+        await desk.wait_question()
+        desk.answer(line)
+
+    take = submit or answer
     read = _reader(fd)
     pending = b""
     while True:
@@ -110,11 +133,9 @@ async def answer_from_lines(desk: OperatorDesk, fd: int = 0) -> None:
         pending += data
         while b"\n" in pending:
             line, pending = pending.split(b"\n", 1)
-            await desk.wait_question()
-            desk.answer(line.decode("utf-8", errors="replace"))
+            await take(line.decode("utf-8", errors="replace"))
     if pending.strip():
-        await desk.wait_question()
-        desk.answer(pending.decode("utf-8", errors="replace"))
+        await take(pending.decode("utf-8", errors="replace"))
     desk.close("standard input ended: nobody is left to answer the operator's questions")
 
 

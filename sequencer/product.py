@@ -12,6 +12,7 @@ import functools
 import hashlib
 import os
 import importlib.util
+import re
 import sys
 import tomllib
 import traceback
@@ -78,6 +79,9 @@ class Product:
     #: fails goes to rework rather than back to the retest bin (sequencer/verdicts.py)
     max_retests: int | None = None
     sequential: bool = False
+    #: a regular expression the whole of every serial of this product matches: what a scanned label
+    #: must be before the station binds it to a board (sequencer/scans.py)
+    serial_pattern: str | None = None
 
     @functools.cached_property
     def all_phases(self) -> tuple[Phase, ...]:
@@ -269,6 +273,12 @@ def validate_product(
                                             or not isinstance(product.max_retests, int) or product.max_retests < 0):
         raise ProductError(f"{where}: product {product.name!r}: max_retests must be a whole number >= 0 (or None: "
                            f"no limit), got {product.max_retests!r}")
+    if product.serial_pattern is not None:
+        try:
+            re.compile(product.serial_pattern)
+        except (re.error, TypeError) as exc:
+            raise ProductError(f"{where}: product {product.name!r}: serial_pattern {product.serial_pattern!r} is not "
+                               f"a regular expression: {exc}") from None
     for name, factory in product.fixtures.items():
         if not isinstance(name, str) or not callable(factory):
             raise ProductError(f"{where}: product {product.name!r}: fixture {name!r} must be a factory (a function "

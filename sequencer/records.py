@@ -218,6 +218,22 @@ class SourceFile:
 
 
 @attrs.frozen
+class ScanRecord:
+    """A barcode or QR code scanned for a run (or typed as one): the operator's badge, the work order, the label.
+
+    ``kind`` is what the station took it for (``badge``, ``work_order``,
+    ``label``, ``start``, :mod:`sequencer.scans`); ``value`` what it read
+    from it (a name, a batch id, a serial, a slot); ``source`` where it came
+    from (``keyboard``, ``scanner /dev/...``, ``panel``, ``simulated``).
+    """
+
+    kind: str
+    value: str
+    scanned_at: dt.datetime
+    source: str = ""
+
+
+@attrs.frozen
 class RunRecord:
     """One DUT's pass through one product on one slot.
 
@@ -257,6 +273,8 @@ class RunRecord:
     #: what fixtures logged outside any phase (while opening beside other phases, between phases, closing);
     #: what they logged during a phase that uses them is in that phase's ``logs``
     logs: tuple[LogLine, ...] = ()
+    #: what was scanned for this run: the operator's badge, the work order, the unit's label, the start
+    scans: tuple[ScanRecord, ...] = ()
 
     @property
     def serial(self) -> str | None:
@@ -357,6 +375,8 @@ def run_header_json(run: RunRecord) -> str:
         "identity": run.identity,
         "disposition": run.disposition, "instruction": run.instruction,
         "logs": [_line_data(ln) for ln in run.logs],
+        "scans": [{"kind": c.kind, "value": c.value, "scanned_at": c.scanned_at, "source": c.source}
+                  for c in run.scans],
     }
     try:
         return orjson.dumps(data).decode()

@@ -33,6 +33,7 @@ from rich.markup import escape
 
 from sequencer.config import ConfigError, SerialLines, StationConfig
 from sequencer.continuous import Boards
+from sequencer.control import WHO_IS_TESTING, StationControl
 from sequencer.engine import RunSettings
 from sequencer.events import EventBus
 from sequencer.fixtures import FixtureFactory
@@ -40,6 +41,7 @@ from sequencer.operator import NoOperator, OperatorDesk, Question
 from sequencer.product import LoadedProduct
 from sequencer.records import Outcome, RunRecord
 from sequencer.resources import SharedResource
+from sequencer.scans import ScanRules
 from sequencer.station import StationResult
 from sequencer.terminal import printable
 from sequencer.verdicts import UnitHistorySource
@@ -48,10 +50,6 @@ __all__ = ["ContinuousSetup", "Hardware", "RoundSetup", "SessionResult", "StopSi
 
 #: What the operator sends to stop a station: Ctrl-C, ``kill`` (or a service manager), a closed terminal.
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-
-#: ``ask_operator``: the station's first question, whose answer is stamped on every run of the session.
-WHO_IS_TESTING = Question(-1, "", "", "who is testing? Scan your badge or type your name, then press Enter")
-
 
 @attrs.frozen
 class RoundSetup:
@@ -91,6 +89,11 @@ class Hardware(Protocol):
 
     async def answer_as_simulated_operator(self, desk: OperatorDesk, seed: int) -> None:
         """Answer the desk's questions as the simulated operator would, until cancelled."""
+        ...
+
+    async def read_scanner(self, config: StationConfig, control: StationControl) -> None:
+        """Hand every code a serial scanner reads to ``control``, until cancelled (``[scan] port``; the
+        simulated scanner under ``--sim``); return at once if the station has none."""
         ...
 
 
@@ -214,7 +217,10 @@ async def run_session(
     settings = RunSettings(station=config.station, operator=config.operator, batch=config.batch_or_default)
     interactive = live and console.is_terminal
     desk = (OperatorDesk(bus) if rounds != 1 or config.continuous or loaded.product.uses("operator")
-            or config.ask_operator else None)
+            or config.ask_operator or config.scan.port else None)
+    # Where scans and the panel's buttons go; the same desk answers what is not a scan.
+    control = (StationControl(ScanRules.of(config.scan, loaded.product.serial_pattern, loaded.name), config.scan,
+                              settings, desk=desk, bus=bus) if desk is not None else None)
     tally = _Tally()
     stopped: str | None = None  # when the operator stopped the session with no run open
     nobody: NoOperator | None = None
@@ -241,20 +247,26 @@ async def run_session(
             hardware = await stack.enter_async_context(open_hardware())
             async with trio.open_nursery() as answering:
                 if desk is not None:
-                    answering.start_soon(_answer_operator_questions, desk, config, hardware, console, interactive)
+                    assert control is not None
+                    answering.start_soon(_answer_operator_questions, desk, control, config, hardware, console,
+                                         interactive)
                 try:
                     testing = True
                     if config.ask_operator and not config.operator:
                         assert desk is not None
                         try:
                             name = await _ask_station(desk, bus, WHO_IS_TESTING, console, interactive)
-                        except NoOperator as exc:  # nobody can say who is testing: test nothing
-                            nobody, testing = exc, False
+                        except NoOperator as exc:
+                            nobody, name = exc, None
+                        if name is None:  # nobody said who is testing: test nothing
+                            stopped, testing = ("before any board was tested" if nobody is None else None), False
                         else:
-                            settings = attrs.evolve(settings, operator=name)
+                            assert control is not None
+                            control.operator_is(name)  # a badge scanned says so itself, keeping its scan
                     if testing and config.continuous:
                         testing_started = True
-                        result = await _run_continuous(loaded, config, store, console, bus, settings, desk, hardware,
+                        assert control is not None
+                        result = await _run_continuous(loaded, config, store, console, bus, control, desk, hardware,
                                                        interactive, stops, history, round_ended)
                         tally.add(result)
                         testing = False
@@ -264,6 +276,8 @@ async def run_session(
                         testing_started = True
                         # New simulated boards each round: the same slots, other units.
                         round_config = attrs.evolve(config, seed=config.seed + 1000 * (number - 1))
+                        if control is not None:  # who tests, for which work order: as last scanned
+                            settings = control.settings
                         result = await _run_round(loaded, round_config, store, console, bus, settings, desk,
                                                   hardware, interactive, stops,
                                                   f" (round {number}{_of(rounds)})" if rounds != 1 else "", history)
@@ -374,6 +388,7 @@ async def _run_round(
 async def _shown(
     loaded: LoadedProduct, places: Sequence[str], notices: Sequence[str], settings: RunSettings, console: Console,
     bus: EventBus, desk: OperatorDesk | None, interactive: bool, which: str, *, continuous: bool = False,
+    control: StationControl | None = None,
 ) -> AsyncIterator[None]:
     """The notices and the header, then the slots shown live (or as plain lines) while the block runs."""
     from sequencer.display import StationDisplay, show_live, show_plain
@@ -388,7 +403,7 @@ async def _shown(
                   f"{tested_by}{which}")
     async with trio.open_nursery() as nursery:
         if interactive:
-            nursery.start_soon(show_live, display, events, console, desk)
+            nursery.start_soon(show_live, display, events, console, desk, control)
         else:
             nursery.start_soon(show_plain, display, events, sys.stdout)
         try:
@@ -399,7 +414,7 @@ async def _shown(
 
 async def _run_continuous(
     loaded: LoadedProduct, config: StationConfig, store: Any, console: Console, bus: EventBus,
-    settings: RunSettings, desk: OperatorDesk | None, hardware: Hardware, interactive: bool, stops: StopSignals,
+    control: StationControl, desk: OperatorDesk | None, hardware: Hardware, interactive: bool, stops: StopSignals,
     history: UnitHistorySource | None, round_ended: Callable[[StationResult], Awaitable[None]] | None,
 ) -> StationResult:
     """Every slot on its own cycle until Ctrl-C, shown live (or as plain lines); each run's report as it ends."""
@@ -413,13 +428,23 @@ async def _run_continuous(
     stop = StopRequests(on_request=partial(_tell_operator, console))
     with stops.routed(stop.request):
         async with hardware.open_continuous(config, bus) as setup:
-            async with _shown(loaded, setup.boards.places, setup.notices, settings, console, bus, desk, interactive,
-                              ", continuous: put a board in any slot; Ctrl-C ends the shift", continuous=True):
+            async with _shown(loaded, setup.boards.places, setup.notices, control.settings, console, bus, desk,
+                              interactive, _shift_words(config), continuous=True, control=control):
                 return await run_continuous(
-                    loaded, setup.boards, settings=settings, store=store, bus=bus, resources=setup.resources,
+                    loaded, setup.boards, settings=control.settings, store=store, bus=bus, resources=setup.resources,
                     handle_signals=False, stop=stop, fixtures=setup.fixtures, desk=desk, history=history,
-                    run_ended=run_ended, simulated=bool(config.sim), lines=setup.lines,
+                    run_ended=run_ended, simulated=bool(config.sim), lines=setup.lines, control=control,
                 )
+
+
+def _shift_words(config: StationConfig) -> str:
+    """How a continuous shift goes, in the header's words."""
+    scan = config.scan
+    if scan.start == "scan":
+        what = "put a board in, scan its label, then start it" if scan.label else "put a board in, then start it"
+    else:
+        what = "put a board in any slot, then scan its label" if scan.label else "put a board in any slot"
+    return f", continuous: {what}; Ctrl-C ends the shift"
 
 
 def _tell_operator(console: Console, aborts: int) -> None:
@@ -497,20 +522,24 @@ async def _ask_station(
 
 
 async def _answer_operator_questions(
-    desk: OperatorDesk, config: StationConfig, hardware: Hardware, console: Console, interactive: bool
+    desk: OperatorDesk, control: StationControl, config: StationConfig, hardware: Hardware, console: Console,
+    interactive: bool,
 ) -> None:
-    """Feed the desk answers for the whole session: the simulated operator, the keyboard, or standard input."""
+    """Feed the desk answers and the control scans for the whole session: the simulated operator, the keyboard
+    (and a keyboard-wedge scanner) or standard input, and a serial scanner."""
     from sequencer.keyboard import answer_from_keyboard, answer_from_lines
 
-    if config.sim:
-        console.print("operator: the simulated operator answers the station's questions")
-        await hardware.answer_as_simulated_operator(desk, config.seed)
-    elif sys.stdin is None:
-        # Started with standard input closed: descriptor 0 may since be some file the station opened.
-        desk.close("the station has no standard input: nobody can answer the operator's questions")
-    elif interactive and os.isatty(0):
-        console.print("operator: questions appear below the slots; type the answer, then Enter")
-        await answer_from_keyboard(desk)
-    else:
-        console.print("operator: each line of standard input answers the oldest open question")
-        await answer_from_lines(desk)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(hardware.read_scanner, config, control)
+        if config.sim:
+            console.print("operator: the simulated operator answers the station's questions")
+            await hardware.answer_as_simulated_operator(desk, config.seed)
+        elif sys.stdin is None:
+            # Started with standard input closed: descriptor 0 may since be some file the station opened.
+            desk.close("the station has no standard input: nobody can answer the operator's questions")
+        elif interactive and os.isatty(0):
+            console.print("operator: questions appear below the slots; type the answer (or scan), then Enter")
+            await answer_from_keyboard(desk, submit=partial(control.take, source="keyboard"))
+        else:
+            console.print("operator: each line of standard input is a scan, or answers the oldest open question")
+            await answer_from_lines(desk, submit=partial(control.take_line, source="standard input"))

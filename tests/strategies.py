@@ -22,6 +22,7 @@ from sequencer.records import (
     Outcome,
     PhaseRecord,
     RunRecord,
+    ScanRecord,
     SourceFile,
 )
 
@@ -95,4 +96,5 @@ runs = st.builds(
     disposition=st.none() | st.sampled_from(Disposition),
     instruction=text,
     logs=log_lines,
+    scans=st.lists(st.builds(ScanRecord, text, text, times, text), max_size=2).map(tuple),
 )

@@ -369,6 +369,7 @@ def _to_the_millisecond(run: RunRecord) -> RunRecord:
             for p in run.phases
         ),
         logs=tuple(attrs.evolve(line, timestamp=ms(line.timestamp)) for line in run.logs),
+        scans=tuple(attrs.evolve(c, scanned_at=ms(c.scanned_at)) for c in run.scans),
     )
 
 

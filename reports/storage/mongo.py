@@ -382,6 +382,7 @@ def run_document(run: RunRecord | RunData | StoredRun, seq: int) -> dict[str, An
         "disposition": d.get("disposition"),
         "instruction": d.get("instruction", ""),
         "logs": _log_lines(d.get("logs") or ()),
+        "scans": [{**c, "scanned_at": _when(c["scanned_at"])} for c in d.get("scans") or ()],
         "phases": [p.doc for p in stored.phases],
         "measurements": [m for p in stored.phases for m in p.flat],
     }
@@ -416,6 +417,7 @@ def run_from_document(doc: Mapping[str, Any]) -> RunRecord:
             "identity": doc.get("identity") or DEFAULT_IDENTITY,
             "disposition": doc.get("disposition"), "instruction": doc.get("instruction", ""),
             "logs": _log_lines_back(doc.get("logs") or ()),
+            "scans": [{**c, "scanned_at": _iso(c["scanned_at"])} for c in doc.get("scans") or ()],
         }
         return from_dict(upgrade(data), RunRecord)
     except Exception as exc:  # any malformed document: say which run, never a traceback
