@@ -52,7 +52,9 @@ def test_each_sleep_wakes_the_loop_through_the_timer() -> None:
         assert isinstance(clock, StationClock)
         late = []
         for _ in range(20):
-            deadline = trio.current_time() + 0.0013  # not a whole number of milliseconds
+            # Not a whole number of milliseconds; far enough ahead that a busy machine's stall between
+            # this line and the loop's wait does not pass the deadline before the timer is armed.
+            deadline = trio.current_time() + 0.0103
             await trio.sleep_until(deadline)
             late.append(trio.current_time() - deadline)
         return clock, late
