@@ -228,8 +228,7 @@ def batch_summary(runs: Sequence[RunRecord], units: Units | None = None) -> Batc
     ordered = chronological(runs)
     counts = Counter(r.outcome.value if r.outcome is not None else RUNNING for r in ordered)
     grouped = units if units is not None else group_units(ordered)
-    by_id = {r.run_id: r for r in ordered}
-    summaries = [_unit_summary(u, by_id) for u in grouped.units]
+    summaries = unit_summaries(ordered, grouped)
     products = product_yields(ordered, summaries)
     judged = [u for u in summaries if u.first_outcome is not None]
     first_pass = sum(u.first_outcome is Outcome.PASS for u in judged)
@@ -264,6 +263,12 @@ def batch_summary(runs: Sequence[RunRecord], units: Units | None = None) -> Batc
         trouble_pareto=pareto(phase_failures(ordered, TROUBLE_OUTCOMES)),
         products=products,
     )
+
+
+def unit_summaries(ordered: Sequence[RunRecord], units: Units) -> list[UnitSummary]:
+    """Each unit of ``units`` (grouped from ``ordered``, oldest first) with its first and final verdict."""
+    by_id = {r.run_id: r for r in ordered}
+    return [_unit_summary(u, by_id) for u in units.units]
 
 
 def _unit_summary(unit: Unit, by_id: Mapping[str, RunRecord]) -> UnitSummary:

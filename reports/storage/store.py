@@ -32,7 +32,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
@@ -800,6 +800,14 @@ class LocalStore:
         with self._lock:
             rows = self._conn.execute(sql, args).fetchall()
             return [self._assemble(row[1], row[0]) for row in rows]
+
+    def find_runs_by_identities(self, pairs: Sequence[tuple[str, str]], *, limit: int = 1000) -> list[RunRecord]:
+        """The runs whose ``dut[key]`` is ``value`` for any of ``pairs``, oldest first, at most ``limit``."""
+        found: dict[str, RunRecord] = {}
+        for key, value in pairs:
+            for r in self.find_runs_by_identity(key, value, limit=limit):
+                found.setdefault(r.run_id, r)
+        return sorted(found.values(), key=lambda r: (r.started_at, r.run_id))[:limit]
 
     def outcome_counts(
         self,
