@@ -35,7 +35,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 from urllib.parse import quote
 
@@ -970,6 +970,42 @@ class MongoSink:
         if last:
             docs.reverse()
         return [run_from_document(d) for d in docs]
+
+    def get_run(self, run_id: str) -> RunRecord | None:
+        """One run, whole, or ``None``."""
+        try:
+            doc = self.runs.find_one({"_id": run_id}, {"measurements": 0})
+        except pymongo.errors.PyMongoError as exc:
+            raise MongoUnavailable(describe_failure(exc)) from None
+        return None if doc is None else run_from_document(doc)
+
+    def iter_runs(
+        self,
+        *,
+        batch: str | None = None,
+        serial: str | None = None,
+        outcome: str | None = None,
+        since: dt.datetime | None = None,
+        until: dt.datetime | None = None,
+        product: str | None = None,
+        station: str | None = None,
+        phases: bool = True,
+        page: int = 200,
+    ) -> Iterator[RunRecord]:
+        """:meth:`find_runs`'s runs, oldest first, read from a cursor ``page`` documents at a time.
+
+        As :meth:`reports.storage.store.LocalStore.iter_runs`: what a report
+        reads a batch or a period with; without ``phases``, headers only.
+        """
+        query = _run_query(batch=batch, serial=serial, outcome=outcome, run_id_prefix=None, since=since,
+                           until=until, product=product, station=station)
+        try:
+            cursor = self.runs.find(query, {"measurements": 0} if phases else HEADER_PROJECTION, batch_size=page)
+            with cursor.sort([("started_at", 1), ("_id", 1)]) as docs:
+                for d in docs:
+                    yield run_from_document(d)
+        except pymongo.errors.PyMongoError as exc:
+            raise MongoUnavailable(describe_failure(exc)) from None
 
     def find_runs_by_identity(self, key: str, value: str, *, limit: int = 1000) -> list[RunRecord]:
         """The runs whose ``dut[key]`` is ``value`` (a MAC in the usual spellings), oldest first, at most ``limit``."""
