@@ -201,6 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
     from web.portal.cli import add_portal_commands
 
     add_portal_commands(sub)  # portal, portal add-user, portal add-token
+    from fixtures.builds_cli import add_builds_commands
+
+    add_builds_commands(sub)  # builds upload, builds channel
     return parser
 
 
@@ -218,12 +221,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not args.station.is_file():
                 raise UsageError(f"{STATION_ENV}={args.station}: no such station file")
         from reports.storage.mongo_cli import cmd_find, cmd_sync
+        from fixtures.builds_cli import cmd_builds
         from web.portal.cli import cmd_portal
         from web.provisioning.cli import cmd_provision_server
 
         handler = {"check": cmd_check, "run": cmd_run, "report": cmd_report, "runs": cmd_runs, "export": cmd_export,
                    "sync": cmd_sync, "find": cmd_find, "provision-server": cmd_provision_server,
-                   "portal": cmd_portal}[args.command]
+                   "portal": cmd_portal, "builds": cmd_builds}[args.command]
         try:
             return handler(args)
         except BaseExceptionGroup as group:
