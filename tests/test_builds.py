@@ -107,6 +107,12 @@ async def test_a_channel_moves_to_another_tag_and_only_to_one_that_exists(portal
         await trio.to_thread.run_sync(lambda: move_channel(portal.url, ci, "esp32-sensor", "stable", "v9"))
     build = await find_build(STABLE, portal.url, ci, tmp_path / "cache")
     assert build.label == "esp32-sensor@v1.2.4" and build.source == "portal"
+    await trio.to_thread.run_sync(lambda: move_channel(portal.url, ci, "esp32-sensor", "stable", "v1.2.3"))
+    back = await find_build(STABLE, portal.url, ci, tmp_path / "cache")
+    assert back.label == "esp32-sensor@v1.2.3"
+    # The cache keeps what its channels point at, not every build the station ever had.
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [
+        "channels", f"esp32-sensor@v1.2.3-{back.manifest.digest[:16]}"]
 
 
 async def test_uploads_need_a_quality_token_and_wrong_or_bad_input_is_refused(portal: Portal, tmp_path: Path) -> None:
@@ -355,3 +361,21 @@ async def test_a_build_for_another_product_or_without_a_token_is_refused_before_
     monkeypatch.delenv("SEQUENCER_SECRETS_FILE", raising=False)
     with pytest.raises(ConfigError, match="no API token for the portal: set SEQUENCER_SECRET_PORTAL_TOKEN"):
         await station_build(loaded, StationConfig(store=tmp_path / "s.sqlite", build="esp32-sensor@stable"))
+
+
+async def test_a_portal_failing_part_way_through_a_download_leaves_the_station_on_its_cached_build(
+        portal: Portal, tmp_path: Path) -> None:
+    ci = await token(portal, "quality")
+    await upload(portal, BUILD, "v1.2.3", token_=ci)
+    cache = tmp_path / "cache"
+    first = await find_build(STABLE, portal.url, ci, cache)
+    await upload(portal, other_build(tmp_path), "v1.2.4", token_=ci)
+    db = database(portal.settings)
+    try:  # the new build's flasher_args.json loses its chunks: the portal fails once the answer has begun
+        doc = db["builds"].find_one({"_id": "esp32-sensor@v1.2.4"})
+        args = next(f for f in doc["files"] if f["path"] == "flasher_args.json")
+        db[f"{BUCKET}.chunks"].delete_many({"files_id": args["file_id"]})
+    finally:
+        db.client.close()
+    fallback = await find_build(STABLE, portal.url, ci, cache)
+    assert fallback.source == "cache" and fallback.manifest == first.manifest

@@ -22,7 +22,7 @@ from typing import Any
 
 import attrs
 
-__all__ = ["FLASHER_ARGS", "BuildName", "BuildRef", "Manifest", "ManifestFile", "ManifestError", "check_name",
+__all__ = ["FLASHER_ARGS", "BuildRef", "Manifest", "ManifestFile", "ManifestError", "check_name",
            "check_path"]
 
 #: The file a build must hold: ESP-IDF's description of what goes where (fixtures/images.py reads it).
@@ -59,17 +59,6 @@ def check_path(value: object) -> str:
 
 
 @attrs.frozen
-class BuildName:
-    """A build of a product: ``esp32-sensor@v1.2.3``."""
-
-    product: str
-    tag: str
-
-    def __str__(self) -> str:
-        return f"{self.product}@{self.tag}"
-
-
-@attrs.frozen
 class BuildRef:
     """What a station asks for: a product and a channel, ``esp32-sensor@stable``."""
 
@@ -103,8 +92,9 @@ class Manifest:
     files: tuple[ManifestFile, ...] = attrs.field(converter=lambda fs: tuple(sorted(fs, key=lambda f: f.path)))
 
     @property
-    def name(self) -> BuildName:
-        return BuildName(self.product, self.tag)
+    def name(self) -> str:
+        """``esp32-sensor@v1.2.3``: the product and the tag, as records and messages name a build."""
+        return f"{self.product}@{self.tag}"
 
     @property
     def digest(self) -> str:
