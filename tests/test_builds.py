@@ -379,3 +379,29 @@ async def test_a_portal_failing_part_way_through_a_download_leaves_the_station_o
         db.client.close()
     fallback = await find_build(STABLE, portal.url, ci, cache)
     assert fallback.source == "cache" and fallback.manifest == first.manifest
+
+
+async def test_a_quality_user_moves_a_channel_on_the_builds_page_and_a_viewer_may_not(portal: Portal,
+                                                                                      tmp_path: Path) -> None:
+    from tests.portal_support import csrf_of
+
+    ci = await token(portal, "quality")
+    await upload(portal, BUILD, "v1.2.3", token_=ci)
+    await upload(portal, other_build(tmp_path), "v1.2.4", token_=ci, channel=None)
+    form = {"product": "esp32-sensor", "channel": "stable", "tag": "v1.2.4"}
+    async with portal.logged_in("viewer") as http:
+        page = await http.get("/builds")
+        assert page.status_code == 200 and 'action="/builds/channels"' not in page.text
+        r = await http.post("/builds/channels", data={**form, "csrf": csrf_of(page.text)})
+        assert r.status_code == 403
+    async with portal.logged_in("quality") as http:
+        page = await http.get("/builds")
+        assert 'action="/builds/channels"' in page.text
+        assert (await http.post("/builds/channels", data=form)).status_code == 403  # no CSRF token
+        r = await http.post("/builds/channels", data={**form, "csrf": csrf_of(page.text)})
+        assert r.status_code == 303
+        page = await http.get("/builds")
+    channel = await trio.to_thread.run_sync(lambda: portal.data.db["build_channels"].find_one(
+        {"_id": "esp32-sensor@stable"}))
+    assert channel["tag"] == "v1.2.4" and channel["previous"] == "v1.2.3" and channel["moved_by"] == "quality"
+    assert "<td class=\"mono\">v1.2.3</td>" in page.text  # the tag before, shown
