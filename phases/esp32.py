@@ -25,6 +25,7 @@ from typing import Any
 
 import trio
 
+from fixtures.builds import image_set_digest
 from fixtures.flasher import EspFlasher, FlashError, FlashImagesRefused, FlashReport, FlashVerifyFailed
 from fixtures.images import ImageSet, load_image_set
 from fixtures.serial_link import DeviceTimeout, ProtocolError, SerialLink
@@ -94,6 +95,10 @@ FLASH_MEASUREMENTS = [
     Measurement("flash_bytes", units="B").doc("bytes of all images"),
     Measurement("flash_throughput", units="B/s").doc("image bytes written and verified per second"),
     Measurement("app_sha256").matches(r"[0-9a-f]{64}").doc("SHA-256 of the app image written"),
+    Measurement("build").doc("the firmware build written: PRODUCT@TAG from the portal's registry, or 'product' "
+                             "for the product's own image set"),
+    Measurement("build_sha256").matches(r"[0-9a-f]{64}").doc(
+        "the build's manifest digest (SHA-256 over every file's path, size and SHA-256)"),
 ]
 
 
@@ -103,6 +108,7 @@ def flash_images(
     name: str = "flash",
     timeout: float = 180.0,
     retries: int = 1,
+    station_build: bool = True,
 ) -> Phase:
     """A phase that writes ``images``, verifies them, judges them and starts the app.
 
@@ -119,21 +125,32 @@ def flash_images(
     flash that was written, verified, judged and started. Failures a retry
     cannot change (a board the build does not fit, a port that is gone, a
     reset the port cannot do) are not retried.
+
+    With ``station_build`` (the default), a station whose file names a build
+    (``build = "esp32-sensor@stable"``, docs/flashing.md) writes that build,
+    downloaded and checked against the registry's manifest, instead of
+    ``images``. Either way the record says which: ``build`` and
+    ``build_sha256``.
     """
     image_set = images if isinstance(images, ImageSet) else load_image_set(images)
+    own_digest = image_set_digest(image_set)
 
     @phase(name=name, measurements=FLASH_MEASUREMENTS, timeout=timeout, retries=retries)
     async def flash(ctx, flasher, dut):
         """Write the image set with esptool (ROM or stub loader, per the station), verify, start the app."""
+        build = flasher.build if station_build else None
+        images = build.images if build is not None else image_set
+        ctx.measurements.build = build.label if build is not None else "product"
+        ctx.measurements.build_sha256 = build.manifest.digest if build is not None else own_digest
         with flash_failures(ctx, "flash_verdict"):
-            report, verdict = await write_images(ctx, flasher, dut.link, image_set)
+            report, verdict = await write_images(ctx, flasher, dut.link, images)
             ctx.measurements.flash_verdict = verdict
             if report is not None:
                 ctx.attach("flash.json", report.to_json(), "application/json")
                 ctx.measurements.flash_seconds = round(report.write_seconds, 3)
                 ctx.measurements.flash_bytes = report.bytes
                 ctx.measurements.flash_throughput = round(report.throughput)
-                app = image_set.app or image_set.images[-1]
+                app = images.app or images.images[-1]
                 ctx.measurements.app_sha256 = next(i.sha256 for i in report.images if i.offset == app.offset)
             if verdict == "pass" and (clone := flasher.mac_problem()):
                 # Another slot showed this board's MAC while it was being written.

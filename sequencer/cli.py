@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import attrs
 import trio
@@ -34,6 +34,9 @@ from sequencer.session import SessionResult, StopSignals, run_session
 from sequencer.station import StationResult
 from sequencer.terminal import OutputConsole, printable, silence_stdout, sole_exception
 from sequencer.version import SEQUENCER_VERSION
+
+if TYPE_CHECKING:
+    from reports.storage.store import LocalStore
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_ABORTED = 0, 1, 2, 130
 #: 128 + SIGPIPE, what `cat` or `grep` exit with when their reader is gone
@@ -201,6 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
     from web.portal.cli import add_portal_commands
 
     add_portal_commands(sub)  # portal, portal add-user, portal add-token
+    from fixtures.builds_cli import add_builds_commands
+
+    add_builds_commands(sub)  # builds upload, builds channel
     return parser
 
 
@@ -218,12 +224,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not args.station.is_file():
                 raise UsageError(f"{STATION_ENV}={args.station}: no such station file")
         from reports.storage.mongo_cli import cmd_find, cmd_sync
+        from fixtures.builds_cli import cmd_builds
         from web.portal.cli import cmd_portal
         from web.provisioning.cli import cmd_provision_server
 
         handler = {"check": cmd_check, "run": cmd_run, "report": cmd_report, "runs": cmd_runs, "export": cmd_export,
                    "sync": cmd_sync, "find": cmd_find, "provision-server": cmd_provision_server,
-                   "portal": cmd_portal}[args.command]
+                   "portal": cmd_portal, "builds": cmd_builds}[args.command]
         try:
             return handler(args)
         except BaseExceptionGroup as group:
@@ -454,9 +461,12 @@ def cmd_run(args: argparse.Namespace) -> int:
                 round_ended=reports.write, history=StoreUnitHistory(store), stops=stops,
             ))
             # The batch page covers the whole batch, earlier sessions and retests included; a work order scanned
-            # mid-shift started another batch, which gets its page too.
-            batch_runs = {batch: store.find_runs(batch=batch)
-                          for batch in reports.batches or [config.batch_or_default]}
+            # mid-shift started another batch, which gets its page too. Each is read from the store as it is
+            # written (a batch of any size, never held whole), before the summary, as each round's reports were.
+            batches = list(reports.batches or [config.batch_or_default])
+            if _reports_due(result):
+                for batch in batches:
+                    reports.write_batch(batch, store)
         finally:
             store.close()
             if log_handle is not None:
@@ -466,7 +476,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                         f"[yellow]{log_handle.dropped} line(s) could not be written to "
                         f"{escape(str(log_handle.path))}[/yellow]"
                     )
-        return _finish_run(result, batch_runs, reports, config, console)
+        return _finish_run(result, batches, reports, config, console)
 
 
 def _check_scans(config: StationConfig, loaded: LoadedProduct) -> None:
@@ -606,28 +616,31 @@ class _RoundReports:
             folder.mkdir(parents=True, exist_ok=True)
             write_html(folder / f"{r.run_id}.html", render_run(r))
 
-    def write_batch(self, batch: str, batch_runs: list[RunRecord]) -> None:
+    def write_batch(self, batch: str, store: LocalStore) -> None:
         """The batch page; and the pages of every retested unit's runs, which now link to each other."""
-        from reports.render.html import batch_title, render_batch, render_run, unit_histories, write_html
+        from reports.render.html import batch_title, write_batch, write_retested_runs
 
         if self.error is not None:
             return
         folder = self.folder = self.folder_of(batch)
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            for run_id, history in unit_histories(batch_runs).items():
-                if len(history) > 1:
-                    run = next(r for r in history if r.run_id == run_id)
-                    write_html(folder / f"{run_id}.html", render_run(run, unit_runs=history))
-            write_html(folder / "index.html", render_batch(batch_runs, title=batch_title(batch, batch_runs),
-                                                           cpk_threshold=self.cpk_threshold))
+            page = write_batch(folder / "index.html", lambda: store.iter_runs(batch=batch),
+                               title=partial(batch_title, batch), cpk_threshold=self.cpk_threshold)
+            write_retested_runs(folder, page.units, store.get_run)
         except Exception as exc:
             self.error = exc
 
 
+def _reports_due(result: SessionResult) -> bool:
+    """Whether the session ends with its batch page: not when the store could not hold every record, nor when
+    the operator stopped it before any run."""
+    return result.write_error is None and not (not result.runs and result.stopped is not None)
+
+
 def _finish_run(
     result: SessionResult,
-    batch_runs: dict[str, list[RunRecord]],
+    batches: list[str],
     reports: _RoundReports,
     config: StationConfig,
     console: Console,
@@ -646,12 +659,10 @@ def _finish_run(
         console.print(f"[yellow]stopped by the operator {result.stopped}[/yellow]")
         return EXIT_ABORTED
     passed, total = result.passed, result.runs
-    # Before the summary, as each round's reports were (see _RoundReports); the last batch's page is named.
-    for batch, runs_of_batch in batch_runs.items():
-        reports.write_batch(batch, runs_of_batch)
+    # The batch pages were written before the summary (cmd_run); the last batch's page is named.
     report_dir = reports.folder
     batch_path = report_dir / "index.html"
-    others = f" (and batch {', '.join(list(batch_runs)[:-1])}'s beside it)" if len(batch_runs) > 1 else ""
+    others = f" (and batch {', '.join(batches[:-1])}'s beside it)" if len(batches) > 1 else ""
     report_error = reports.error
     # The last round's runs: the earlier rounds' summaries were shown as they ended.
     console.print(station_summary(runs))
@@ -682,7 +693,8 @@ def _finish_run(
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from reports.render.html import batch_dir, batch_title, render_batch, render_run, unit_histories, write_html
+    from reports.quality.units import group_units
+    from reports.render.html import batch_dir, batch_title, render_run, write_batch, write_html
     from reports.storage.mongo_cli import reading_runs
 
     station_name = None
@@ -696,33 +708,42 @@ def cmd_report(args: argparse.Namespace) -> int:
         raise UsageError("--since/--until: a period is reported per product: give --product P")
     with reading_runs(args) as reading:
         threshold = reading.config.quality.cpk_threshold
+        source = reading.source
         if args.run is not None:
             if not args.run.strip():
                 raise UsageError("--run: give a run id (or the start of one)")
-            matches = reading.source.find_runs(run_id_prefix=args.run, limit=2)
+            matches = source.find_runs(run_id_prefix=args.run, limit=2)
             if not matches:
                 raise UsageError(f"run {args.run!r}: not in {reading.where}")
             if len(matches) > 1:
                 raise UsageError(f"run {args.run!r}: the prefix matches several runs; give more of the id")
             run = matches[0]
             output = args.output or batch_dir(reading.config.reports_dir, run.batch) / f"{run.run_id}.html"
-            batch_runs = reading.source.find_runs(batch=run.batch)
-            html = render_run(run, unit_runs=unit_histories(batch_runs).get(run.run_id, [run]))
+            # The unit's other runs in its batch, as the batch page groups them: from the batch's headers.
+            unit = group_units(source.iter_runs(batch=run.batch, phases=False)).of(run)
+            unit_runs = [r for rid in unit.run_ids if (r := source.get_run(rid)) is not None]
+            _write_report(output, lambda path: write_html(path, render_run(run, unit_runs=unit_runs)))
         else:
-            runs = reading.source.find_runs(batch=args.batch)
-            if not runs:
+            if not source.find_runs(batch=args.batch, limit=1):
                 raise UsageError(f"batch {args.batch!r}: no runs in {reading.where}")
             # `sequencer run` keeps index.html, this station's page, up to date; the
             # page of every station's runs is another file, so neither overwrites the other.
             page = BATCH_PAGE_EVERY_STATION if reading.every_station else "index.html"
             output = args.output or batch_dir(reading.config.reports_dir, args.batch) / page
-            html = render_batch(runs, title=batch_title(args.batch, runs), cpk_threshold=threshold)
-    try:
-        write_html(output, html)
-    except OSError as exc:
-        raise UsageError(f"{output}: cannot write the report: {_os_reason(exc, output)}") from None
+            # Read twice as it is written (reports/render/html.py BatchPage): any size of batch.
+            _write_report(output, lambda path: write_batch(path, lambda: source.iter_runs(batch=args.batch),
+                                                           title=partial(batch_title, args.batch),
+                                                           cpk_threshold=threshold))
     print(output)
     return EXIT_OK
+
+
+def _write_report(output: Path, write: Any) -> None:
+    """``write(output)``; a file that cannot be written is a one-line usage error naming why."""
+    try:
+        write(output)
+    except OSError as exc:
+        raise UsageError(f"{output}: cannot write the report: {_os_reason(exc, output)}") from None
 
 
 def _period_report(args: argparse.Namespace, station: str | None) -> int:
@@ -846,7 +867,7 @@ def _described(filters: dict[str, Any], prefix: str = "") -> str:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from reports.render.export import ExportError, export_tables, write_csv, write_csv_file, write_xlsx
+    from reports.render.export import Export, ExportError, write_csv_file, write_csv_rows, write_xlsx
     from reports.render.html import batch_dir, batch_title
     from reports.storage.mongo_cli import reading_runs
 
@@ -861,37 +882,42 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise UsageError(f"{named}: --table picks the one table a CSV holds; an .{kind} file holds every run whole")
     filters = _run_filters(args)
     with reading_runs(args) as reading:
-        runs = reading.source.find_runs(**filters)
-    if not runs:
-        raise UsageError(_no_runs(filters, reading.where))
-    title = batch_title(args.batch, runs) if args.batch is not None else "Runs" + _described(filters, ", ")
-    if kind == "xml":
-        from reports.render.junit import write_junit
+        source = reading.source
+        if not source.find_runs(**filters, limit=1):
+            raise UsageError(_no_runs(filters, reading.where))
 
-        try:
-            print(write_junit(Path(args.output), runs, name=title))
-        except OSError as exc:
-            raise UsageError(f"{args.output}: cannot write the export: {_os_reason(exc, Path(args.output))}") from None
-        return EXIT_OK
-    tables = export_tables(runs, cpk_threshold=reading.config.quality.cpk_threshold)
-    table = tables[args.table or "runs"]
-    if args.output == "-":
-        write_csv(table, sys.stdout)
-        return EXIT_OK
-    if args.output is None:
-        folder = batch_dir(reading.config.reports_dir, args.batch)
-        output = folder / f"{folder.name}.xlsx"
-    else:
-        output = Path(args.output)
-    try:
-        if kind == "csv":
-            write_csv_file(output, table)
+        # Read as it is written, twice (the tables' columns, units and totals first): an export of any size.
+        def passes() -> Any:
+            return source.iter_runs(**filters)
+
+        if args.batch is not None:
+            title = batch_title(args.batch, {r.product for r in source.iter_runs(**filters, phases=False)})
         else:
-            write_xlsx(output, tables, runs, title=title)
-    except ExportError as exc:
-        raise UsageError(f"{output}: {exc}") from None
-    except OSError as exc:
-        raise UsageError(f"{output}: cannot write the export: {_os_reason(exc, output)}") from None
+            title = "Runs" + _described(filters, ", ")
+        if args.output is None:
+            folder = batch_dir(reading.config.reports_dir, args.batch)
+            output = folder / f"{folder.name}.xlsx"
+        else:
+            output = Path(args.output)
+        try:
+            if kind == "xml":
+                from reports.render.junit import write_junit
+
+                write_junit(output, passes, name=title)
+            else:
+                export = Export(passes, cpk_threshold=reading.config.quality.cpk_threshold)
+                table = args.table or "runs"
+                if args.output == "-":
+                    write_csv_rows(export.columns(table), export.rows(table), sys.stdout)
+                    return EXIT_OK
+                if kind == "csv":
+                    write_csv_file(output, (export.columns(table), export.rows(table)))
+                else:
+                    write_xlsx(output, export, title=title)
+        except ExportError as exc:
+            raise UsageError(f"{output}: {exc}") from None
+        except OSError as exc:
+            raise UsageError(f"{output}: cannot write the export: {_os_reason(exc, output)}") from None
     print(output)
     return EXIT_OK
 

@@ -41,6 +41,10 @@
 
     continuous = true           # each slot tests a board whenever one is put in (--continuous)
 
+    build = "esp32-sensor@stable"   # flash the build this channel of the portal's registry points at
+    [portal]
+    url = "https://portal.factory.example"   # where builds come from; the token: the secret portal_token
+
     [modems]                    # products with an LTE modem: each DUT port's modem AT port
     "/dev/ttyUSB0" = "/dev/ttyUSB2"
 
@@ -330,6 +334,9 @@ class StationConfig:
     provisioning_url: str = ""
     #: where ``sequencer portal`` listens (``[portal] host`` and ``port``); empty: its defaults
     portal: Mapping[str, Any] = attrs.field(factory=dict)
+    #: the firmware build to flash: ``PRODUCT@CHANNEL`` of the portal's build registry (``build``); empty:
+    #: the product's own image set (docs/flashing.md)
+    build: str = ""
     #: secrets file (``[secrets] file``); SEQUENCER_SECRETS_FILE when empty
     secrets_file: Path | None = None
     #: barcode and QR scans: what they look like, where they come from, what starts a slot (``[scan]``)
@@ -415,7 +422,7 @@ _RENUMBERED = re.compile(r"/dev/tty(USB|ACM)\d+")
 
 _TOP_KEYS = {"station", "product", "operator", "ask_operator", "batch", "store", "reports", "ports", "sim", "sim_board",
              "bench", "seed", "fixtures", "rounds", "continuous", "resources", "mongo", "flash", "detect", "modems",
-             "provisioning", "secrets", "portal", "quality", "scan"}
+             "provisioning", "secrets", "portal", "quality", "scan", "build"}
 _RESOURCE_KEYS = {"capacity", "instrument", "port"}
 _MONGO_KEYS = {"uri", "database"}
 
@@ -506,6 +513,7 @@ def load_station_config(path: str | Path) -> StationConfig:
         secrets_file=_secrets_file(p, typed("secrets", dict, {})),
         portal=_portal_table(p, typed("portal", dict, {})),
         scan=_scan_table(p, typed("scan", dict, {})),
+        build=_build_name(p, typed("build", str, "")),
     )
     for rule in config.detect:  # a rule's wiring must make sense with [flash] before any port is found
         try:
@@ -543,17 +551,24 @@ def _text_table(p: Path, name: str, table: dict[str, Any], *keys: str) -> str:
     return table.get(keys[0], "")
 
 
+def _build_name(p: Path, value: str) -> str:
+    """``build``: ``PRODUCT@CHANNEL`` (the names are checked where the build is found, fixtures/builds.py)."""
+    if value and (value.count("@") != 1 or value.startswith("@") or value.endswith("@")):
+        raise ConfigError(f"{p}: build must be PRODUCT@CHANNEL, e.g. \"esp32-sensor@stable\", got {value!r}")
+    return value
+
+
 def _portal_table(p: Path, table: dict[str, Any]) -> dict[str, Any]:
-    """``[portal]``: ``host`` (text) and ``port`` (0 to 65535) for ``sequencer portal``."""
+    """``[portal]``: ``host`` (text) and ``port`` (0 to 65535) for ``sequencer portal``; ``url``: where it is."""
     for key, value in table.items():
-        if key == "host" and isinstance(value, str) and value:
+        if key in ("host", "url") and isinstance(value, str) and value:
             continue
         if key == "port" and isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 65535:
             continue
-        if key in ("host", "port"):
-            raise ConfigError(f"{p}: portal.{key}: {'an address' if key == 'host' else 'a port number'} is needed, "
-                              f"got {value!r}")
-        raise ConfigError(f"{p}: portal: unknown key {key!r} (known: host, port)")
+        if key in ("host", "port", "url"):
+            needed = {"host": "an address", "port": "a port number", "url": "the portal's URL"}[key]
+            raise ConfigError(f"{p}: portal.{key}: {needed} is needed, got {value!r}")
+        raise ConfigError(f"{p}: portal: unknown key {key!r} (known: host, port, url)")
     return dict(table)
 
 

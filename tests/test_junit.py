@@ -30,7 +30,7 @@ def batch() -> list:
 
 def test_one_suite_per_run_one_case_per_phase_read_back_by_junitparser(tmp_path: Path) -> None:
     runs = batch()
-    path = write_junit(tmp_path / "results.xml", runs, name="esp32_sensor — batch B1")
+    path = write_junit(tmp_path / "results.xml", lambda: runs, name="esp32_sensor — batch B1")
     xml = junitparser.JUnitXml.fromfile(str(path))
     suites = list(xml)
     assert len(suites) == 4
@@ -71,7 +71,7 @@ def test_one_suite_per_run_one_case_per_phase_read_back_by_junitparser(tmp_path:
 
 
 def test_the_export_is_valid_against_jenkins_junit_schema(tmp_path: Path) -> None:
-    path = write_junit(tmp_path / "results.xml", batch(), name="B1")
+    path = write_junit(tmp_path / "results.xml", batch, name="B1")
     document = etree.parse(str(path))
     assert SCHEMA.validate(document), SCHEMA.error_log
     # the schema is not a formality: a testsuite without its required tests count fails it
@@ -92,3 +92,15 @@ def test_sequencer_export_writes_junit_for_an_xml_output(tmp_path: Path, where: 
     assert len(list(junitparser.JUnitXml.fromfile(str(out)))) == 4
     assert main(["export", "--batch", "B2024-05-14", "--store", str(store), "-o", str(out), "--table", "runs"]) == 2
     assert "--table" in capsys.readouterr().err
+
+
+def test_the_streamed_file_is_the_document_junit_tree_makes(tmp_path: Path) -> None:
+    """write_junit reads the runs twice and holds none; what it writes is the in-memory tree, element for element."""
+    import xml.etree.ElementTree as ET
+
+    from reports.render.junit import junit_tree
+
+    runs = batch()
+    path = write_junit(tmp_path / "results.xml", lambda: runs, name="B1")
+    assert ET.canonicalize(path.read_text(encoding="utf-8")) == ET.canonicalize(
+        ET.tostring(junit_tree(runs, name="B1").getroot(), encoding="unicode"))

@@ -26,8 +26,9 @@ ALLOWED: dict[str, frozenset[str]] = {
     # Storage answers find by the units quality defines (which runs are one device): arithmetic over records.
     "reports.storage": frozenset({"sequencer", "reports.quality", "reports.storage"}),
     "web": frozenset({"sequencer", "reports", "web"}),
-    # The simulated station serves the real provisioning service and keeps its devices where records go.
-    "fixtures": frozenset({"sequencer", "fixtures", "reports.storage", "web.provisioning"}),
+    # The simulated station serves the real provisioning service and keeps its devices where records go;
+    # a station checks a build against the registry's own manifest format.
+    "fixtures": frozenset({"sequencer", "fixtures", "reports.storage", "web.provisioning", "web.builds.model"}),
     # The register phase checks the claim code against the service's own format.
     "phases": frozenset({"sequencer", "fixtures", "phases", "web.provisioning.model"}),
 }

@@ -229,6 +229,45 @@ async def test_line_alerts_slot_failing_yield_below_threshold_station_silent_and
         assert len(r.events("slot.failing")) == 1 and len(r.events("yield.below_threshold")) == 1
 
 
+async def test_the_yield_alert_counts_units_as_the_reports_do_not_serials(portal: Portal) -> None:
+    """Two boards fail identify (their runs know only the MAC) and pass their retest: two of four units failed
+    first, 50 % < 75 %. Counted by serial, the failed runs had no unit and every unit passed first."""
+    def board(n: int, serial: str | None, minutes: float, run: Any = passing) -> Any:
+        mac = f"24:0a:c4:00:00:{n:02x}"
+        dut = {"mac": mac.upper() if serial is None else mac, **({"serial": serial} if serial else {})}
+        return run(serial, minutes=minutes, slot=n, dut=dut)
+
+    async with receiver() as r:
+        w = hooks(portal.settings)
+        w.add_endpoint(r.url, ["yield.below_threshold"])
+        await portal.aship([board(1, "U1", 0), board(2, None, 1, failing), board(3, None, 2, failing),
+                            board(2, "U2", 3), board(3, "U3", 4), board(4, "U4", 5)])
+        await wait_until(lambda: r.events("yield.below_threshold"), "the yield alert")
+        [fpy] = r.events("yield.below_threshold")
+        assert fpy["data"]["first_pass_yield"] == 0.5 and fpy["data"]["units"] == 4
+
+
+def test_newest_units_are_whole_units_however_few_runs_are_read_first(mongo: MongoSettings) -> None:
+    """A unit first tested long ago and retested now is not a new unit; the newest units are found whole."""
+    from reports.storage.mongo import MongoSink, newest_units
+
+    old = passing("OLD", minutes=0, dut={"serial": "OLD", "mac": "aa:00"})
+    fresh = [failing(None, minutes=10 + i, dut={"mac": f"aa:{i + 1:02x}"}) for i in range(3)]
+    retests = [passing(f"N{i}", minutes=20 + i, dut={"serial": f"N{i}", "mac": f"AA:{i + 1:02X}"}) for i in range(3)]
+    again = passing("OLD", minutes=30, dut={"serial": "OLD", "mac": "aa:00"})
+    sink = MongoSink(mongo)
+    try:
+        sink.write_runs(list(enumerate([old, *fresh, *retests, again], 1)))
+        for count in (1, 2, 3, 4):
+            units = newest_units(sink.runs, "esp32_sensor", count)
+            first = ["OLD"] if count == 4 else []
+            assert [u.serial for u in units] == first + ["N0", "N1", "N2"][3 - min(count, 3):]
+            assert [len(u.run_ids) for u in units] == [2] * count
+            assert all(u.first_outcome is rf.Outcome.FAIL for u in units if u.serial != "OLD")
+    finally:
+        sink.close()
+
+
 async def test_only_an_admin_manages_webhooks_and_nothing_is_stored_otherwise(portal: Portal) -> None:
     endpoints = database(portal.settings)["webhook_endpoints"]
     async with portal.logged_in("quality") as http:

@@ -107,7 +107,8 @@ def test_statistics_from_runs_take_numeric_finals_in_run_order_with_fails_and_ma
             rails(5, 3.9, outcome=MeasurementOutcome.SKIPPED)]  # set, then its phase asked to skip: unjudged
     [s] = measurement_statistics(runs)  # the boolean is not a numeric measurement
     assert (s.product, s.phase, s.name, s.units) == ("esp32_sensor", "rails", "vdd_3v3", "V")
-    assert list(s.values) == [3.30, 3.36, 3.45]  # NaN is a fail, not a value; unset and skipped are neither
+    assert s.drawn is not None and list(s.drawn.values.points) == [3.30, 3.36, 3.45]  # NaN is a fail, not a value;
+    # unset and skipped are neither
     assert (s.moments.n, s.moments.fails, s.moments.marginals) == (3, 2, 1)
     assert s.limits == Limits(3.2, 3.4, 3.25, 3.35) and not s.limits_changed
     assert s.moments.mr_mean == pytest.approx((0.06 + 0.09) / 2)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import hmac
 import secrets
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 from urllib.parse import quote, urlsplit
 
@@ -71,6 +71,8 @@ class WebSettings:
     https_only: bool = False
     #: what a page may link to in the navigation bar: (label, path, role needed)
     navigation: Sequence[tuple[str, str, Role]] = ()
+    #: paths whose request body may be larger than a form's: path -> most bytes (the build registry's uploads)
+    large_bodies: Mapping[str, int] = attrs.field(factory=dict)
 
 
 def create_web_app(settings: WebSettings, routes: Sequence[BaseRoute], *, state: dict[str, Any] | None = None,
@@ -85,7 +87,7 @@ def create_web_app(settings: WebSettings, routes: Sequence[BaseRoute], *, state:
     app = Starlette(
         routes=[*extra, *routes],
         middleware=[
-            Middleware(_Limits),
+            Middleware(_Limits, large_bodies=dict(settings.large_bodies)),
             Middleware(SessionMiddleware, secret_key=settings.cookie_secret.hex(), session_cookie=SESSION_COOKIE,
                        max_age=12 * 3600, same_site="lax", https_only=settings.https_only),
             Middleware(_Identify),
@@ -258,8 +260,9 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 class _Limits:
     """Refuses an oversized query string or body before any route sees it, and adds the security headers."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, large_bodies: Mapping[str, int] | None = None) -> None:
         self.app = app
+        self.large_bodies = large_bodies or {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -268,8 +271,9 @@ class _Limits:
         if len(scope.get("query_string", b"")) > MAX_QUERY:
             await PlainTextResponse("query string too long", status_code=414)(scope, receive, send)
             return
+        limit = self.large_bodies.get(scope.get("path", ""), MAX_FORM)
         length = dict(scope["headers"]).get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > MAX_FORM):
+        if length is not None and (not length.isdigit() or int(length) > limit):
             await PlainTextResponse("request body too large", status_code=413)(scope, receive, send)
             return
         received = 0
@@ -278,7 +282,7 @@ class _Limits:
             nonlocal received
             message = await receive()
             received += len(message.get("body", b""))
-            if received > MAX_FORM:
+            if received > limit:
                 raise HTTPException(413, "request body too large")
             return message
 

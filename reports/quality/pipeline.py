@@ -169,7 +169,7 @@ def statistics_in_database(runs: Any, match: Mapping[str, Any], *,
     return sorted(
         (
             from_moments(*key, moments_of[key], units=found[key].get("units"), limits=limits_of[key],
-                         values=tuple(found[key].get("values") or ()), counts=counts.get(key), bins=bins.get(key),
+                         chart_values=tuple(found[key].get("values") or ()), counts=counts.get(key), bins=bins.get(key),
                          limits_changed=files.get(key[0], 0) > 1)
             for key in found
         ),

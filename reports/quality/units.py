@@ -84,6 +84,8 @@ class Units:
 
 
 class _Building:
+    __slots__ = ("product", "order", "values", "run_ids", "conflict")
+
     def __init__(self, product: str, order: Sequence[str]) -> None:
         self.product = product
         self.order = order
@@ -102,16 +104,25 @@ def identity_of(run: RunRecord) -> list[tuple[str, str]]:
     return [(k, v) for k in run.identity if (v := run.dut.get(k, "").strip())]
 
 
-def group_units(ordered: Iterable[RunRecord]) -> Units:
-    """Group runs (oldest first: see :func:`reports.quality.yields.chronological`) into units."""
-    building: list[_Building] = []
-    index: dict[tuple[str, str, str], _Building] = {}  # (product, key, normal value) -> unit
-    by_run: dict[str, _Building] = {}
-    for run in ordered:
+class UnitGrouping:
+    """:func:`group_units` a run at a time, for a report that streams its runs and keeps none.
+
+    :meth:`add` each run, oldest first; it returns the unit the run joined
+    (the same object for every run of a unit, so a caller can keep its own
+    numbers per unit); :meth:`units` freezes them at the end. What is kept is
+    the identity index and each run's id.
+    """
+
+    def __init__(self) -> None:
+        self._building: list[_Building] = []
+        self._index: dict[tuple[str, str, str], _Building] = {}  # (product, key, normal value) -> unit
+        self._by_run: dict[str, _Building] = {}
+
+    def add(self, run: RunRecord) -> _Building:
         ids = identity_of(run)
         found = {}
         for k, v in ids:
-            unit = index.get((run.product, k, normal_value(k, v)))
+            unit = self._index.get((run.product, k, normal_value(k, v)))
             if unit is not None:
                 found.setdefault(id(unit), (unit, k, v))
         conflict = None
@@ -131,15 +142,27 @@ def group_units(ordered: Iterable[RunRecord]) -> Units:
         if unit is None:
             unit = _Building(run.product, run.identity)
             unit.conflict = conflict
-            building.append(unit)
+            self._building.append(unit)
         unit.run_ids.append(run.run_id)
         for k, v in ids:
             unit.values.setdefault(k, v)
             # A flagged unit does not take over the values another unit already holds.
-            index.setdefault((run.product, k, normal_value(k, v)), unit)
-        by_run[run.run_id] = unit
-    frozen = {id(b): b.freeze() for b in building}
-    return Units(tuple(frozen[id(b)] for b in building), {rid: frozen[id(b)] for rid, b in by_run.items()})
+            self._index.setdefault((run.product, k, normal_value(k, v)), unit)
+        self._by_run[run.run_id] = unit
+        return unit
+
+    def units(self) -> Units:
+        frozen = {id(b): b.freeze() for b in self._building}
+        return Units(tuple(frozen[id(b)] for b in self._building),
+                     {rid: frozen[id(b)] for rid, b in self._by_run.items()})
+
+
+def group_units(ordered: Iterable[RunRecord]) -> Units:
+    """Group runs (oldest first: see :func:`reports.quality.yields.chronological`) into units."""
+    grouping = UnitGrouping()
+    for run in ordered:
+        grouping.add(run)
+    return grouping.units()
 
 
 def _name(unit: _Building) -> str:

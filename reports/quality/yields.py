@@ -41,12 +41,14 @@ from __future__ import annotations
 
 import datetime as dt
 import statistics
+from array import array
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 import attrs
 
-from reports.quality.units import Unit, Units, group_units
+from reports.quality.units import Unit, UnitGrouping, Units
 from sequencer.records import MeasurementOutcome, Outcome, PhaseRecord, RunRecord
 
 #: Phase outcomes that are the product's failures: the unit was measured and judged bad.
@@ -203,120 +205,185 @@ class BatchSummary:
         return tuple(u for u in self.unit_summaries if u.conflict is not None)
 
 
+#: Runs oldest first (:func:`chronological`), afresh at each call: one reading of a batch or a period that a
+#: report may read twice (a store's or MongoDB's ``iter_runs``, or a list held in memory).
+RunPasses = Callable[[], Iterable[RunRecord]]
+
+
 def chronological(runs: Iterable[RunRecord]) -> list[RunRecord]:
     """Runs oldest first, ties broken by run id so every consumer agrees on "first"."""
     return sorted(runs, key=lambda r: (r.started_at, r.run_id))
 
 
-def unit_run_numbers(ordered: Sequence[RunRecord], units: Units | None = None) -> list[int]:
-    """For each of ``ordered`` (oldest first), which test of its unit it is: 1 the first, 2 the first retest, ..."""
-    units = units if units is not None else group_units(ordered)
-    seen: Counter[str] = Counter()
-    numbers = []
-    for r in ordered:
-        key = units.of(r).key
-        seen[key] += 1
-        numbers.append(seen[key])
-    return numbers
+def batch_summary(runs: Sequence[RunRecord]) -> BatchSummary:
+    """Count outcomes, compute yields and Paretos for ``runs`` (any order, retests included)."""
+    tally = BatchTally()
+    for r in chronological(runs):
+        tally.add(r)
+    return tally.summary()
 
 
-def batch_summary(runs: Sequence[RunRecord], units: Units | None = None) -> BatchSummary:
-    """Count outcomes, compute yields and Paretos for ``runs`` (any order, retests included).
+class _Verdicts:
+    """A unit's first and last finished outcome, as its runs come."""
 
-    ``units`` is :func:`group_units` of the same runs, when the caller has it already.
+    __slots__ = ("first", "final")
+
+    def __init__(self) -> None:
+        self.first: Outcome | None = None
+        self.final: Outcome | None = None
+
+
+class _ProductRuns:
+    __slots__ = ("versions", "limits", "runs")
+
+    def __init__(self) -> None:
+        self.versions: dict[str, None] = {}
+        self.limits: dict[str | None, None] = {}
+        self.runs = 0
+
+
+class BatchTally:
+    """:func:`batch_summary` a run at a time, for a report that streams its runs and keeps none of them.
+
+    :meth:`add` the runs oldest first (:func:`chronological`); :meth:`summary`
+    at the end. What grows with the runs is the units' identity index
+    (:class:`~reports.quality.units.UnitGrouping`) and one number per run for
+    the median duration; the runs themselves are not kept.
     """
-    ordered = chronological(runs)
-    counts = Counter(r.outcome.value if r.outcome is not None else RUNNING for r in ordered)
-    grouped = units if units is not None else group_units(ordered)
-    by_id = {r.run_id: r for r in ordered}
-    summaries = [_unit_summary(u, by_id) for u in grouped.units]
-    products = product_yields(ordered, summaries)
-    judged = [u for u in summaries if u.first_outcome is not None]
-    first_pass = sum(u.first_outcome is Outcome.PASS for u in judged)
-    final_pass = sum(u.final_outcome is Outcome.PASS for u in judged)
-    blended = len(products) > 1
-    durations = [d for r in ordered if (d := r.duration_s) is not None]
-    passed = counts.get(Outcome.PASS.value, 0)
-    failed = counts.get(Outcome.FAIL.value, 0)
-    errored = counts.get(Outcome.ERROR.value, 0) + counts.get(Outcome.TIMEOUT.value, 0)
-    running = counts.get(RUNNING, 0)
-    return BatchSummary(
-        runs=len(ordered),
-        units=len(summaries),
-        passed=passed,
-        failed=failed,
-        other=len(ordered) - passed - failed - errored,
-        running=running,
-        marginal=sum(r.marginal for r in ordered),
-        outcome_counts=tuple(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))),
-        first_pass_units=first_pass,
-        final_pass_units=final_pass,
-        yield_units=len(judged),
-        first_pass_yield=first_pass / len(judged) if judged and not blended else None,
-        final_yield=final_pass / len(judged) if judged and not blended else None,
-        median_duration_s=statistics.median(durations) if durations else None,
-        unit_summaries=tuple(summaries),
-        phase_pareto=pareto(phase_failures(ordered)),
-        measurement_pareto=pareto(measurement_failures(ordered)),
-        code_versions=code_versions(ordered),
-        slots=slot_summaries(ordered),
-        errored=errored,
-        trouble_pareto=pareto(phase_failures(ordered, TROUBLE_OUTCOMES)),
-        products=products,
-    )
+
+    def __init__(self) -> None:
+        self.grouping = UnitGrouping()
+        self._verdicts: dict[str, _Verdicts] = {}  # a unit's first run id -> its verdicts
+        self._counts: Counter[str] = Counter()
+        self._durations = array("d")
+        self._marginal = 0
+        self._products: dict[str, _ProductRuns] = {}
+        self._failures: Counter[tuple[str, str | None]] = Counter()
+        self._trouble: Counter[tuple[str, str | None]] = Counter()
+        self._measurements: Counter[tuple[str, str | None]] = Counter()
+        self._code: dict[tuple[str, str | None, str | None, str], list[Any]] = {}
+        self._slots: dict[tuple[str, int], list[int]] = {}
+
+    def add(self, r: RunRecord) -> Any:
+        """Count ``r`` (the next run, oldest first); the unit it joined (see :meth:`UnitGrouping.add`)."""
+        unit = self.grouping.add(r)
+        verdicts = self._verdicts.setdefault(unit.run_ids[0], _Verdicts())
+        if r.outcome is not None:
+            if verdicts.first is None:
+                verdicts.first = r.outcome
+            verdicts.final = r.outcome
+        self._counts[r.outcome.value if r.outcome is not None else RUNNING] += 1
+        if (d := r.duration_s) is not None:
+            self._durations.append(d)
+        marginal = r.marginal
+        self._marginal += marginal
+        product = self._products.get(r.product)
+        if product is None:
+            product = self._products[r.product] = _ProductRuns()
+        product.versions[r.product_version] = None
+        product.limits[r.limits_sha256] = None
+        product.runs += 1
+        self._failures.update(_failed_phases(r, FAILURE_OUTCOMES))
+        self._trouble.update(_failed_phases(r, TROUBLE_OUTCOMES))
+        self._measurements.update(_failed_measurements(r))
+        code = self._code.setdefault(_code_of(r), [0, r.started_at])
+        code[0] += 1
+        slot = self._slots.setdefault((r.station, r.slot), [0, 0, 0, 0])
+        slot[0] += 1
+        slot[1] += r.outcome is not None
+        slot[2] += r.outcome is Outcome.PASS
+        slot[3] += marginal
+        return unit
+
+    def unit_summaries(self, units: Units | None = None) -> list[UnitSummary]:
+        """Each unit so far with its first and final verdict (``units``: :meth:`UnitGrouping.units`, if made)."""
+        units = units if units is not None else self.grouping.units()
+        return [_unit_summary(u, self._verdicts[u.run_ids[0]]) for u in units.units]
+
+    def summary(self, units: Units | None = None) -> BatchSummary:
+        counts = self._counts
+        runs = sum(counts.values())
+        summaries = self.unit_summaries(units)
+        products = tuple(
+            _product_yield(name, p, [u for u in summaries if u.product == name])
+            for name, p in sorted(self._products.items()))
+        judged = [u for u in summaries if u.first_outcome is not None]
+        first_pass = sum(u.first_outcome is Outcome.PASS for u in judged)
+        final_pass = sum(u.final_outcome is Outcome.PASS for u in judged)
+        blended = len(products) > 1
+        passed = counts.get(Outcome.PASS.value, 0)
+        failed = counts.get(Outcome.FAIL.value, 0)
+        errored = counts.get(Outcome.ERROR.value, 0) + counts.get(Outcome.TIMEOUT.value, 0)
+        return BatchSummary(
+            runs=runs,
+            units=len(summaries),
+            passed=passed,
+            failed=failed,
+            other=runs - passed - failed - errored,
+            running=counts.get(RUNNING, 0),
+            marginal=self._marginal,
+            outcome_counts=tuple(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))),
+            first_pass_units=first_pass,
+            final_pass_units=final_pass,
+            yield_units=len(judged),
+            first_pass_yield=first_pass / len(judged) if judged and not blended else None,
+            final_yield=final_pass / len(judged) if judged and not blended else None,
+            median_duration_s=statistics.median(self._durations) if self._durations else None,
+            unit_summaries=tuple(summaries),
+            phase_pareto=pareto(self._failures),
+            measurement_pareto=pareto(self._measurements),
+            code_versions=tuple(CodeVersion(product, product_sha, limits_sha, version, n, first)
+                                for (product, product_sha, limits_sha, version), (n, first) in self._code.items()),
+            slots=tuple(SlotSummary(station, slot, *counts) for (station, slot), counts in sorted(self._slots.items())),
+            errored=errored,
+            trouble_pareto=pareto(self._trouble),
+            products=products,
+        )
 
 
-def _unit_summary(unit: Unit, by_id: Mapping[str, RunRecord]) -> UnitSummary:
-    finished = [r for rid in unit.run_ids if (r := by_id[rid]).outcome is not None]
+def _unit_summary(unit: Unit, verdicts: _Verdicts) -> UnitSummary:
     return UnitSummary(
         key=unit.key,
         serial=unit.serial,
         run_ids=unit.run_ids,
-        first_outcome=finished[0].outcome if finished else None,
-        final_outcome=finished[-1].outcome if finished else None,
+        first_outcome=verdicts.first,
+        final_outcome=verdicts.final,
         product=unit.product,
         label=unit.label,
         conflict=unit.conflict,
     )
 
 
-def product_yields(ordered: Sequence[RunRecord], units: Sequence[UnitSummary]) -> tuple[ProductYield, ...]:
-    """Each product's yields over its own units, by product name."""
-    runs_of: dict[str, list[RunRecord]] = {}
-    for r in ordered:
-        runs_of.setdefault(r.product, []).append(r)
-    result = []
-    for product, runs in sorted(runs_of.items()):
-        mine = [u for u in units if u.product == product]
-        judged = [u for u in mine if u.first_outcome is not None]
-        result.append(ProductYield(
-            product=product,
-            versions=tuple(dict.fromkeys(r.product_version for r in runs)),
-            limits_sha256=tuple(dict.fromkeys(r.limits_sha256 for r in runs)),
-            runs=len(runs),
-            units=len(mine),
-            yield_units=len(judged),
-            first_pass_units=sum(u.first_outcome is Outcome.PASS for u in judged),
-            final_pass_units=sum(u.final_outcome is Outcome.PASS for u in judged),
-            conflicts=sum(u.conflict is not None for u in mine),
-        ))
-    return tuple(result)
+def unit_summaries(ordered: Sequence[RunRecord], units: Units) -> list[UnitSummary]:
+    """Each unit of ``units`` (grouped from ``ordered``, oldest first) with its first and final verdict."""
+    by_id = {r.run_id: r for r in ordered}
+    out = []
+    for u in units.units:
+        verdicts = _Verdicts()
+        finished = [o for rid in u.run_ids if (o := by_id[rid].outcome) is not None]
+        if finished:
+            verdicts.first, verdicts.final = finished[0], finished[-1]
+        out.append(_unit_summary(u, verdicts))
+    return out
 
 
-def slot_summaries(runs: Iterable[RunRecord]) -> tuple[SlotSummary, ...]:
-    """How the runs of each (station, slot) ended, retests included, sorted by station then slot."""
-    groups: dict[tuple[str, int], list[RunRecord]] = {}
-    for r in runs:
-        groups.setdefault((r.station, r.slot), []).append(r)
-    return tuple(
-        SlotSummary(
-            station=station, slot=slot, runs=len(group),
-            finished=sum(r.outcome is not None for r in group),
-            passed=sum(r.outcome is Outcome.PASS for r in group),
-            marginal=sum(r.marginal for r in group),
-        )
-        for (station, slot), group in sorted(groups.items())
+def _product_yield(product: str, runs: _ProductRuns, units: Sequence[UnitSummary]) -> ProductYield:
+    judged = [u for u in units if u.first_outcome is not None]
+    return ProductYield(
+        product=product,
+        versions=tuple(runs.versions),
+        limits_sha256=tuple(runs.limits),
+        runs=runs.runs,
+        units=len(units),
+        yield_units=len(judged),
+        first_pass_units=sum(u.first_outcome is Outcome.PASS for u in judged),
+        final_pass_units=sum(u.final_outcome is Outcome.PASS for u in judged),
+        conflicts=sum(u.conflict is not None for u in units),
     )
+
+
+def _code_of(r: RunRecord) -> tuple[str, str | None, str | None, str]:
+    return f"{r.product} {r.product_version}".strip(), r.product_sha256, r.limits_sha256, r.sequencer_version
 
 
 def code_versions(runs: Iterable[RunRecord]) -> tuple[CodeVersion, ...]:
@@ -327,37 +394,35 @@ def code_versions(runs: Iterable[RunRecord]) -> tuple[CodeVersion, ...]:
     yield, and quality must see that beside the yield, not find it by
     comparing run pages.
     """
-    groups: dict[tuple[str, str | None, str | None, str], list[RunRecord]] = {}
+    tally = BatchTally()
     for r in chronological(runs):
-        product = f"{r.product} {r.product_version}".strip()
-        groups.setdefault((product, r.product_sha256, r.limits_sha256, r.sequencer_version), []).append(r)
-    return tuple(
-        CodeVersion(product, product_sha, limits_sha, version, len(group), group[0].started_at)
-        for (product, product_sha, limits_sha, version), group in groups.items()
-    )
+        tally.add(r)
+    return tally.summary().code_versions
+
+
+def _failed_phases(r: RunRecord, outcomes: frozenset[Outcome]) -> Iterator[tuple[str, str | None]]:
+    for p in r.phases:
+        if p.outcome in outcomes:
+            yield (p.name, None)
+
+
+def _failed_measurements(r: RunRecord) -> Iterator[tuple[str, str | None]]:
+    for p in r.phases:
+        for m in p.measurements:
+            if m.outcome is MeasurementOutcome.FAIL:
+                yield (p.name, m.name)
 
 
 def phase_failures(
     runs: Iterable[RunRecord], outcomes: frozenset[Outcome] = FAILURE_OUTCOMES,
 ) -> Counter[tuple[str, str | None]]:
     """How many times each phase ended in one of ``outcomes`` (product failures: FAIL), over all runs."""
-    found: Counter[tuple[str, str | None]] = Counter()
-    for r in runs:
-        for p in r.phases:
-            if p.outcome in outcomes:
-                found[(p.name, None)] += 1
-    return found
+    return Counter(k for r in runs for k in _failed_phases(r, outcomes))
 
 
 def measurement_failures(runs: Iterable[RunRecord]) -> Counter[tuple[str, str | None]]:
     """How many times each (phase, measurement) failed in its phase's last attempt, over all runs."""
-    found: Counter[tuple[str, str | None]] = Counter()
-    for r in runs:
-        for p in r.phases:
-            for m in p.measurements:
-                if m.outcome is MeasurementOutcome.FAIL:
-                    found[(p.name, m.name)] += 1
-    return found
+    return Counter(k for r in runs for k in _failed_measurements(r))
 
 
 def pareto(counts: Counter[tuple[str, str | None]]) -> tuple[ParetoRow, ...]:

@@ -50,15 +50,21 @@ from typing import Any, TextIO
 import attrs
 
 from reports.render.files import replacing
-from reports.quality.statistics import DEFAULT_CPK_THRESHOLD, measurement_statistics, worst_first
-from reports.quality.units import group_units
+from reports.quality.statistics import (
+    DEFAULT_CPK_THRESHOLD,
+    MeasurementStatistics,
+    MeasurementTally,
+    worst_first,
+)
+from reports.quality.units import UnitGrouping, Units
 from reports.quality.yields import (
     FAILURE_OUTCOMES,
     RUNNING,
     TROUBLE_OUTCOMES,
-    batch_summary,
+    BatchSummary,
+    BatchTally,
+    RunPasses,
     chronological,
-    unit_run_numbers,
 )
 from sequencer.records import MeasurementOutcome, MeasurementRecord, Outcome, RunRecord
 
@@ -110,10 +116,78 @@ def plain(cell: Any) -> Any:
 
 
 def export_tables(runs: Iterable[RunRecord], *, cpk_threshold: float = DEFAULT_CPK_THRESHOLD) -> dict[str, Table]:
-    """The tables of ``runs`` (any order; rows come oldest run first), by name."""
-    ordered = chronological(runs)
-    return {"runs": _runs_table(ordered), "phases": _phases_table(ordered),
-            "measurements": _measurements_table(ordered), "statistics": _statistics_table(ordered, cpk_threshold)}
+    """The tables of ``runs`` held in memory (any order; rows come oldest run first), by name."""
+    export = Export.of(runs, cpk_threshold=cpk_threshold)
+    return {name: export.table(name) for name in TABLES}
+
+
+class Export:
+    """The tables of runs read twice as a stream, so an export of any size never holds its runs.
+
+    The first reading decides what a row cannot know alone: the runs
+    table's columns and each run's unit (:class:`LayoutTally`), the yields of
+    the summary (:class:`~reports.quality.yields.BatchTally`), the statistics
+    (:class:`~reports.quality.statistics.MeasurementTally`) and how many rows
+    each table will have (a workbook refuses too many before anything is
+    written). :meth:`rows` reads the runs again and makes a table's rows a
+    run at a time; :meth:`sheets` gives the runs, phases and measurements
+    tables' rows together, from one reading.
+    """
+
+    def __init__(self, passes: RunPasses, *, cpk_threshold: float = DEFAULT_CPK_THRESHOLD) -> None:
+        self._passes = passes
+        self.threshold = cpk_threshold
+        layout = LayoutTally()
+        tally = BatchTally()
+        statistics = MeasurementTally()
+        self.row_counts = {"runs": 0, "phases": 0, "measurements": 0}
+        for r in passes():
+            layout.add(r)
+            tally.add(r)
+            statistics.add(r)
+            self.row_counts["runs"] += 1
+            self.row_counts["phases"] += len(r.phases)
+            self.row_counts["measurements"] += sum(len(ph.attempts[-1].measurements) for ph in r.phases if ph.attempts)
+        self.layout = layout.layout()
+        self.summary = tally.summary(self.layout.units)
+        self.statistics = worst_first(statistics.statistics(), cpk_threshold)
+        self.row_counts["statistics"] = len(self.statistics)
+
+    @classmethod
+    def of(cls, runs: Iterable[RunRecord], *, cpk_threshold: float = DEFAULT_CPK_THRESHOLD) -> Export:
+        """An export of runs held in memory (any order)."""
+        ordered = chronological(runs)
+        return cls(lambda: ordered, cpk_threshold=cpk_threshold)
+
+    def columns(self, table: str) -> tuple[str, ...]:
+        return {"runs": self.layout.columns, "phases": PHASE_COLUMNS, "measurements": MEASUREMENT_COLUMNS,
+                "statistics": _STATISTICS_COLUMNS}[table]
+
+    def rows(self, table: str) -> Iterator[tuple[Any, ...]]:
+        """One table's rows, oldest run first (the runs read again; the statistics from the first reading)."""
+        if table == "statistics":
+            yield from statistics_rows(self.statistics, self.threshold)
+            return
+        for r in self._passes():
+            if table == "runs":
+                yield self.layout.row(r)
+            elif table == "phases":
+                yield from phase_rows(r)
+            else:
+                yield from measurement_rows(r)
+
+    def sheets(self) -> Iterator[tuple[str, tuple[Any, ...]]]:
+        """(table, row) of the runs, phases and measurements tables together, from one more reading."""
+        for r in self._passes():
+            yield "runs", self.layout.row(r)
+            for row in phase_rows(r):
+                yield "phases", row
+            for row in measurement_rows(r):
+                yield "measurements", row
+
+    def table(self, name: str) -> Table:
+        """One table whole, in memory: for a few runs (tests, a script's small export)."""
+        return Table(name, self.columns(name), tuple(self.rows(name)))
 
 
 # --- building the tables --------------------------------------------------------------------------
@@ -130,11 +204,15 @@ def measured_columns(ordered: Iterable[RunRecord]) -> dict[tuple[str, str], str]
     """The runs table's measurement columns: (phase, measurement) -> ``phase.name [units]``, first seen first."""
     measured: dict[tuple[str, str], str] = {}
     for r in ordered:
-        for p in r.phases:
-            for m in p.measurements:
-                if not m.dimensions and (p.name, m.name) not in measured:
-                    measured[(p.name, m.name)] = measured_column(p.name, m.name, m.units)
+        _add_measured(measured, r)
     return measured
+
+
+def _add_measured(measured: dict[tuple[str, str], str], r: RunRecord) -> None:
+    for p in r.phases:
+        for m in p.measurements:
+            if not m.dimensions and (p.name, m.name) not in measured:
+                measured[(p.name, m.name)] = measured_column(p.name, m.name, m.units)
 
 
 def measured_column(phase: str, measurement: str, units: str | None) -> str:
@@ -145,33 +223,25 @@ def measured_column(phase: str, measurement: str, units: str | None) -> str:
 class RunsLayout:
     """The runs table's columns and each run's unit, decided over every run before any row is made.
 
-    Made from the runs themselves (:meth:`of`), or, for an export streamed
-    a run at a time, from their headers (phases left out: identity and
-    outcome are all the units need) and the measurement columns found
-    another way; rows are then made one run at a time (:meth:`row`).
+    Made from the runs themselves (:meth:`of`; :class:`LayoutTally` for a
+    stream), or, for an export streamed a run at a time, from their headers
+    (phases left out: identity and outcome are all the units need) and the
+    measurement columns found another way; rows are then made one run at a
+    time (:meth:`row`).
     """
 
     identity: tuple[str, ...]
     measured: dict[tuple[str, str], str]
-    units: Any  # reports.quality.units.Units
-    final_run: dict[str, str]  # unit key -> the run its final yield counts
-    unit_run: dict[str, int]  # run id -> which test of its unit it is
+    units: Units
+    final_run: dict[str, str]  # a unit's first run id -> the run its final yield counts
 
     @classmethod
-    def of(cls, ordered: Sequence[RunRecord], measured: dict[tuple[str, str], str] | None = None) -> RunsLayout:
+    def of(cls, ordered: Iterable[RunRecord], measured: dict[tuple[str, str], str] | None = None) -> RunsLayout:
         """``ordered`` oldest first (or their headers, with ``measured`` given)."""
-        units = group_units(ordered)
-        final_run: dict[str, str] = {}
+        tally = LayoutTally()
         for r in ordered:
-            if r.outcome is not None:
-                final_run[units.of(r).key] = r.run_id
-        numbers = unit_run_numbers(ordered, units)
-        return cls(
-            identity=tuple(sorted({k for r in ordered for k in r.dut} - {"serial"})),
-            measured=measured if measured is not None else measured_columns(ordered),
-            units=units, final_run=final_run,
-            unit_run={r.run_id: n for r, n in zip(ordered, numbers, strict=True)},
-        )
+            tally.add(r)
+        return tally.layout(measured)
 
     @property
     def columns(self) -> tuple[str, ...]:
@@ -193,7 +263,8 @@ class RunsLayout:
             r.product, r.product_version, r.station, r.slot, r.port, r.operator,
             r.started_at, r.ended_at, _seconds(r.duration_s),
             _outcome(r.outcome, r.marginal), r.marginal,
-            unit.label, self.unit_run[r.run_id], self.final_run.get(unit.key) == r.run_id, unit.conflict,
+            unit.label, unit.run_ids.index(r.run_id) + 1, self.final_run.get(unit.run_ids[0]) == r.run_id,
+            unit.conflict,
             "; ".join(p.name for p in r.phases if p.outcome in FAILURE_OUTCOMES),
             "; ".join(p.name for p in r.phases if p.outcome in TROUBLE_OUTCOMES),
             r.limits_sha256, r.product_sha256, r.sequencer_version,
@@ -201,9 +272,26 @@ class RunsLayout:
         )
 
 
-def _runs_table(ordered: Sequence[RunRecord]) -> Table:
-    layout = RunsLayout.of(ordered)
-    return Table("runs", layout.columns, tuple(layout.row(r) for r in ordered))
+class LayoutTally:
+    """A :class:`RunsLayout` from runs added one at a time, oldest first (none of them kept)."""
+
+    def __init__(self) -> None:
+        self._grouping = UnitGrouping()
+        self._identity: set[str] = set()
+        self._measured: dict[tuple[str, str], str] = {}
+        self._final: dict[str, str] = {}
+
+    def add(self, r: RunRecord) -> None:
+        unit = self._grouping.add(r)
+        if r.outcome is not None:
+            self._final[unit.run_ids[0]] = r.run_id
+        self._identity.update(r.dut)
+        _add_measured(self._measured, r)
+
+    def layout(self, measured: dict[tuple[str, str], str] | None = None) -> RunsLayout:
+        return RunsLayout(identity=tuple(sorted(self._identity - {"serial"})),
+                          measured=measured if measured is not None else self._measured,
+                          units=self._grouping.units(), final_run=self._final)
 
 
 PHASE_COLUMNS = ("run_id", "serial", "phase", "teardown", "outcome", "attempts", "started_utc", "duration_s",
@@ -219,10 +307,6 @@ def phase_rows(r: RunRecord) -> Iterator[tuple[Any, ...]]:
             p.started_at, _seconds(p.duration_s), _seconds(p.resource_wait_s), p.marginal, p.reason,
             None if error is None else f"{error.type}: {error.message}",
         )
-
-
-def _phases_table(ordered: Sequence[RunRecord]) -> Table:
-    return Table("phases", PHASE_COLUMNS, tuple(row for r in ordered for row in phase_rows(r)))
 
 
 MEASUREMENT_COLUMNS = ("run_id", "serial", "phase", "attempt", "measurement", "value", "units", "outcome",
@@ -249,30 +333,24 @@ def measurement_rows(r: RunRecord) -> Iterator[tuple[Any, ...]]:
             )
 
 
-def _measurements_table(ordered: Sequence[RunRecord]) -> Table:
-    return Table("measurements", MEASUREMENT_COLUMNS, tuple(row for r in ordered for row in measurement_rows(r)))
-
-
 _STATISTICS_COLUMNS = (
     "product", "phase", "measurement", "units", "n", "mean", "sd", "min", "max", "low", "high", "marginal_low",
     "marginal_high", "cp", "cpk", "pp", "ppk", "sigma_within", "marginal", "fails", "capable", "limits_changed",
 )
 
 
-def _statistics_table(ordered: Sequence[RunRecord], threshold: float) -> Table:
-    """One row per numeric measurement (reports/quality/statistics.py), not capable ones first."""
-    rows = []
-    for s in worst_first(measurement_statistics(ordered), threshold):
+def statistics_rows(stats: Iterable[MeasurementStatistics], threshold: float) -> Iterator[tuple[Any, ...]]:
+    """The statistics table: one row per numeric measurement (reports/quality/statistics.py), as ``stats`` come."""
+    for s in stats:
         m, c, lim = s.moments, s.capability, s.limits
         capable = s.capable(threshold)
-        rows.append((
+        yield (
             s.product, s.phase, s.name, s.units, m.n, m.mean, m.sd, m.minimum, m.maximum,
             *((lim.low, lim.high, lim.marginal_low, lim.marginal_high) if lim is not None else (None,) * 4),
             *(Marked(x, "fail") if x is not None and capable is False and name == "cpk" else x
               for name, x in (("cp", c.cp), ("cpk", c.cpk), ("pp", c.pp), ("ppk", c.ppk))),
             m.sigma_within, m.marginals, m.fails, capable, s.limits_changed,
-        ))
-    return Table("statistics", _STATISTICS_COLUMNS, tuple(rows))
+        )
 
 
 def _value(value: Any) -> Any:
@@ -318,9 +396,14 @@ def _seconds(value: float | None) -> float | None:
 
 def write_csv(table: Table, out: TextIO) -> None:
     """Write ``table`` as RFC 4180 CSV (UTF-8 is the caller's choice of ``out``; no BOM)."""
+    write_csv_rows(table.columns, table.rows, out)
+
+
+def write_csv_rows(columns: Sequence[str], rows: Iterable[Sequence[Any]], out: TextIO) -> None:
+    """A table as CSV a row at a time (``rows`` may be an :meth:`Export.rows` stream)."""
     writer = csv.writer(out)
-    writer.writerow(table.columns)
-    for row in table.rows:
+    writer.writerow(columns)
+    for row in rows:
         writer.writerow(csv_cells(row))
 
 
@@ -329,10 +412,11 @@ def csv_cells(row: Iterable[Any]) -> list[Any]:
     return [_csv_cell(plain(c)) for c in row]
 
 
-def write_csv_file(path: str | Path, table: Table) -> Path:
-    """Write ``table`` to ``path`` as UTF-8 CSV, atomically."""
+def write_csv_file(path: str | Path, table: Table | tuple[Sequence[str], Iterable[Sequence[Any]]]) -> Path:
+    """Write ``table`` (or its columns and a stream of its rows) to ``path`` as UTF-8 CSV, atomically."""
+    columns, rows = table if isinstance(table, tuple) else (table.columns, table.rows)
     with replacing(path) as tmp, open(tmp, "w", encoding="utf-8", newline="") as out:
-        write_csv(table, out)
+        write_csv_rows(columns, rows, out)
     return Path(path)
 
 
@@ -352,27 +436,46 @@ _FILLS = {"pass": ("C6EFCE", "006100"), "marginal": ("FFEB9C", "9C5700"), "fail"
 def check_fits_xlsx(tables: Iterable[Table]) -> None:
     """Raise :class:`ExportError` naming the first table too big for a worksheet."""
     for t in tables:
-        if len(t.rows) + 1 > XLSX_MAX_ROWS or len(t.columns) > XLSX_MAX_COLUMNS:
-            raise ExportError(
-                f"the {t.name} table has {len(t.rows):,} rows and {len(t.columns):,} columns, more than a"
-                f" worksheet holds ({XLSX_MAX_ROWS - 1:,} rows, {XLSX_MAX_COLUMNS:,} columns): export it as"
-                f" CSV (-o FILE.csv --table {t.name}) or select fewer runs"
-            )
+        _check_fits(t.name, len(t.rows), len(t.columns))
 
 
-def write_xlsx(path: str | Path, tables: dict[str, Table], runs: Sequence[RunRecord], *, title: str) -> Path:
-    """Write a workbook: a Summary sheet (yields of ``runs``), then one sheet per table; atomically."""
+def _check_fits(name: str, rows: int, columns: int) -> None:
+    if rows + 1 > XLSX_MAX_ROWS or columns > XLSX_MAX_COLUMNS:
+        raise ExportError(
+            f"the {name} table has {rows:,} rows and {columns:,} columns, more than a"
+            f" worksheet holds ({XLSX_MAX_ROWS - 1:,} rows, {XLSX_MAX_COLUMNS:,} columns): export it as"
+            f" CSV (-o FILE.csv --table {name}) or select fewer runs"
+        )
+
+
+def write_xlsx(path: str | Path, export: Export, *, title: str) -> Path:
+    """Write a workbook: a Summary sheet (the export's yields), then one sheet per table; atomically.
+
+    Written as the runs are read the second time (openpyxl's write-only
+    mode: each sheet's rows go to a file of their own as they come), so a
+    workbook of 10,000 runs takes the memory of a few.
+    """
     from openpyxl import Workbook  # imported here: the station's own commands never need it
 
-    check_fits_xlsx(tables.values())
+    for name in TABLES:
+        _check_fits(name, export.row_counts[name], len(export.columns(name)))
     # The file first: a workbook's sheets stream into temporary files of
     # their own, which only saving closes.
     with replacing(path) as tmp:
         workbook = Workbook(write_only=True)
         cells = XlsxCells()
-        _write_summary(workbook.create_sheet("Summary"), runs, title, cells)
-        for table in tables.values():
-            _write_sheet(workbook.create_sheet(table.name.capitalize()), table, cells)
+        _write_summary(workbook.create_sheet("Summary"), export.summary, title, cells)
+        sheets = {name: workbook.create_sheet(name.capitalize()) for name in TABLES}
+        for name, sheet in sheets.items():
+            start_sheet(sheet, export.columns(name), cells)
+        for name, row in export.sheets():
+            sheet = sheets[name]
+            sheet.append([cells(sheet, c) for c in row])
+        sheet = sheets["statistics"]
+        for row in export.rows("statistics"):
+            sheet.append([cells(sheet, c) for c in row])
+        for name, sheet in sheets.items():
+            end_sheet(sheet, len(export.columns(name)), export.row_counts[name])
         workbook.save(tmp)
     return Path(path)
 
@@ -414,18 +517,26 @@ class XlsxCells:
         return out
 
 
-def _write_sheet(sheet: Any, table: Table, cells: XlsxCells) -> None:
-    write_rows(sheet, table.columns, table.rows, cells)
-
-
-def write_rows(sheet: Any, columns: Sequence[str], rows: Iterable[Sequence[Any]], cells: XlsxCells) -> int:
-    """A table into a write-only worksheet, a row at a time (``rows`` may be a generator); the rows written."""
+def start_sheet(sheet: Any, columns: Sequence[str], cells: XlsxCells) -> None:
+    """A table's header row (bold, frozen with the run id beside it) and column widths."""
     from openpyxl.utils import get_column_letter
 
     sheet.freeze_panes = "B2"  # the header and the run id stay in view
     for i, name in enumerate(columns, start=1):
         sheet.column_dimensions[get_column_letter(i)].width = min(max(len(name) + 2, 10), 40)
     sheet.append([cells(sheet, name, bold=True) for name in columns])
+
+
+def end_sheet(sheet: Any, columns: int, rows: int) -> None:
+    """The filter over a table's ``rows`` (set before the workbook is saved)."""
+    from openpyxl.utils import get_column_letter
+
+    sheet.auto_filter.ref = f"A1:{get_column_letter(columns)}{rows + 1}"
+
+
+def write_rows(sheet: Any, columns: Sequence[str], rows: Iterable[Sequence[Any]], cells: XlsxCells) -> int:
+    """A table into a write-only worksheet, a row at a time (``rows`` may be a generator); the rows written."""
+    start_sheet(sheet, columns, cells)
     n = 0
     for row in rows:
         if n + 2 > XLSX_MAX_ROWS:
@@ -433,7 +544,7 @@ def write_rows(sheet: Any, columns: Sequence[str], rows: Iterable[Sequence[Any]]
                               "fewer runs")
         sheet.append([cells(sheet, c) for c in row])
         n += 1
-    sheet.auto_filter.ref = f"A1:{get_column_letter(len(columns))}{n + 1}"
+    end_sheet(sheet, len(columns), n)
     return n
 
 
@@ -454,8 +565,7 @@ def _xlsx_text(text: str) -> str:
     return text
 
 
-def _write_summary(sheet: Any, runs: Sequence[RunRecord], title: str, cells: XlsxCells) -> None:
-    s = batch_summary(runs)
+def _write_summary(sheet: Any, s: BatchSummary, title: str, cells: XlsxCells) -> None:
     sheet.column_dimensions["A"].width = 34
     sheet.column_dimensions["B"].width = 48
 

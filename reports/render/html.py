@@ -15,13 +15,15 @@ numbers and escaped labels. Attachments that are SVG are embedded as base64
 from __future__ import annotations
 
 import base64
+import datetime as dt
 import functools
 import hashlib
 import os
 import shlex
-from urllib.parse import quote
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
+from urllib.parse import quote
 from typing import Any, Literal
 
 import attrs
@@ -30,9 +32,9 @@ import jinja2
 from reports.render import formatting, svg
 from reports.render.files import replacing
 from reports.quality.period import PeriodReport
-from reports.quality.statistics import DEFAULT_CPK_THRESHOLD, measurement_statistics, worst_first
-from reports.quality.units import group_units
-from reports.quality.yields import batch_summary, chronological, failure_summary, first_failure, unit_run_numbers
+from reports.quality.statistics import DEFAULT_CPK_THRESHOLD, MeasurementStatistics, MeasurementTally, worst_first
+from reports.quality.units import Units, group_units
+from reports.quality.yields import BatchTally, RunPasses, chronological, failure_summary, first_failure
 from sequencer.records import Attachment, MeasurementRecord, PhaseRecord, RunRecord
 
 #: Attachments larger than this are listed (name, size, sha256) but not embedded.
@@ -222,38 +224,124 @@ def _export_command(batch: str) -> str:
     quoted = shlex.quote(batch)
     return f"sequencer export --batch={quoted}" if batch.startswith("-") else f"sequencer export --batch {quoted}"
 
-def render_batch(runs: Sequence[RunRecord], *, title: str, cpk_threshold: float = DEFAULT_CPK_THRESHOLD) -> str:
-    """The report of many runs: counts, yields, the units table, failure Paretos and measurement statistics.
+class BatchPage:
+    """The report of many runs, from runs read twice as a stream: nothing holds them all.
+
+    Made by :func:`batch_page`, which reads them once: counts, yields, units,
+    Paretos and each measurement's moments (:class:`~reports.quality.yields.BatchTally`,
+    :class:`~reports.quality.statistics.MeasurementTally`). :meth:`chunks` then
+    writes the page as it reads them again: the units table a run at a time,
+    and, as the rows go by, each measurement's histogram and control chart,
+    which the page shows after the table. So the memory a page takes is the
+    tallies' (a few numbers per measurement, the units' identity index), not
+    the runs', however many there are.
+    """
+
+    def __init__(self, passes: RunPasses, *, title: str | Callable[[Sequence[str]], str],
+                 cpk_threshold: float) -> None:
+        self._passes = passes
+        self.threshold = cpk_threshold
+        self._tally = BatchTally()
+        self._statistics = MeasurementTally()
+        batches: set[str] = set()
+        stations: set[str] = set()
+        self._products: dict[str, None] = {}
+        self._first_start: dt.datetime | None = None
+        self._last_end: dt.datetime | None = None
+        for r in passes():
+            self._tally.add(r)
+            self._statistics.add(r)
+            batches.add(r.batch) if r.batch else None
+            stations.add(r.station)
+            self._products[f"{r.product} {r.product_version}".strip()] = None
+            if self._first_start is None:
+                self._first_start = r.started_at
+            if r.ended_at is not None and (self._last_end is None or r.ended_at > self._last_end):
+                self._last_end = r.ended_at
+        #: every run's unit (the runs' ids and identity: what grows with the runs)
+        self.units = self._tally.grouping.units()
+        self.summary = self._tally.summary(self.units)
+        self.batches = sorted(batches)
+        self.stations = sorted(stations)
+        names = sorted({u.product for u in self.units.units})
+        self.title = title if isinstance(title, str) else title(names)
+        self._several_products = len(names) > 1
+
+    def _rows(self) -> Iterator[dict[str, Any]]:
+        """The second reading: a row per run, each run drawn into its measurements' histograms and charts."""
+        here = self.batches[0] if len(self.batches) == 1 else ""
+        tests: Counter[str] = Counter()
+        for r in self._passes():
+            self._statistics.draw(r)
+            unit = self.units.of(r)
+            tests[unit.key] += 1
+            yield {"run": r, "unit": unit, "test_number": tests[unit.key], "tests": len(unit.run_ids),
+                   "failure": first_failure(r), "href": run_href(r, from_batch=here or r.batch)}
+
+    def _statistics_drawn(self) -> list[MeasurementStatistics]:
+        """Called by the template after the units table, whose rows drew every value."""
+        return worst_first(self._statistics.statistics(), self.threshold)
+
+    def chunks(self) -> Iterator[str]:
+        """The page's HTML, a piece at a time, reading the runs the second time as it goes."""
+        return _environment().get_template("batch.html").generate(
+            title=self.title,
+            summary=self.summary,
+            rows=self._rows(),
+            products=sorted(self._products),
+            stations=self.stations,
+            batches=self.batches,
+            # where quality gets the numbers behind this page, for a spreadsheet
+            export_command=_export_command(self.batches[0]) if len(self.batches) == 1 else None,
+            first_start=self._first_start,
+            last_end=self._last_end,
+            statistics=self._statistics_drawn,
+            threshold=self.threshold,
+            several_products=self._several_products,
+        )
+
+
+def batch_page(passes: RunPasses, *, title: str | Callable[[Sequence[str]], str],
+               cpk_threshold: float = DEFAULT_CPK_THRESHOLD) -> BatchPage:
+    """Read the runs once (``passes()``, oldest first) for the page's numbers; see :class:`BatchPage`.
+
+    ``title`` may be a function of the products the runs are of (:func:`batch_title`).
+    """
+    return BatchPage(passes, title=title, cpk_threshold=cpk_threshold)
+
+
+def render_batch(runs: Sequence[RunRecord], *, title: str | Callable[[Sequence[str]], str],
+                 cpk_threshold: float = DEFAULT_CPK_THRESHOLD) -> str:
+    """The report of many runs held in memory (any order): counts, yields, units, Paretos and statistics.
 
     Each run links to its page (``<run id>.html`` beside this one; a run of
     another batch, in a page of every station's runs, to its own batch's folder).
     """
     ordered = chronological(runs)
-    units = group_units(ordered)
-    summary = batch_summary(ordered, units)
-    batches = sorted({r.batch for r in ordered if r.batch})
-    here = batches[0] if len(batches) == 1 else ""
-    rows = [
-        {"run": r, "unit": units.of(r), "test_number": n, "tests": len(units.of(r).run_ids),
-         "failure": first_failure(r), "href": run_href(r, from_batch=here or r.batch)}
-        for r, n in zip(ordered, unit_run_numbers(ordered, units), strict=True)
-    ]
-    products = sorted({r.product for r in ordered})
-    return _environment().get_template("batch.html").render(
-        title=title,
-        summary=summary,
-        rows=rows,
-        products=sorted({f"{r.product} {r.product_version}".strip() for r in ordered}),
-        stations=sorted({r.station for r in ordered}),
-        batches=batches,
-        # where quality gets the numbers behind this page, for a spreadsheet
-        export_command=_export_command(batches[0]) if len(batches) == 1 else None,
-        first_start=ordered[0].started_at if ordered else None,
-        last_end=max((r.ended_at for r in ordered if r.ended_at is not None), default=None),
-        statistics=worst_first(measurement_statistics(ordered), cpk_threshold),
-        threshold=cpk_threshold,
-        several_products=len(products) > 1,
-    )
+    return "".join(batch_page(lambda: ordered, title=title, cpk_threshold=cpk_threshold).chunks())
+
+
+def write_batch(path: str | os.PathLike[str], passes: RunPasses, *, title: str | Callable[[Sequence[str]], str],
+                cpk_threshold: float = DEFAULT_CPK_THRESHOLD) -> BatchPage:
+    """Write the batch page of the runs ``passes`` reads (twice) to ``path``, atomically, as it is made."""
+    page = batch_page(passes, title=title, cpk_threshold=cpk_threshold)
+    with replacing(path) as tmp, open(tmp, "w", encoding="utf-8", newline="\n") as out:
+        for chunk in page.chunks():
+            out.write(chunk)
+    return page
+
+
+def write_retested_runs(folder: Path, units: Units, get_run: Callable[[str], RunRecord | None]) -> None:
+    """The page of every run of a unit tested more than once, which links to the unit's other runs.
+
+    One unit's runs are read at a time (``get_run``), so a batch's worth is never held.
+    """
+    for unit in units.units:
+        if len(unit.run_ids) < 2:
+            continue
+        runs = [r for rid in unit.run_ids if (r := get_run(rid)) is not None]
+        for r in runs:
+            write_html(folder / f"{r.run_id}.html", render_run(r, unit_runs=runs))
 
 
 def render_period(report: PeriodReport, *, title: str, period: str, source: str,
@@ -265,10 +353,10 @@ def render_period(report: PeriodReport, *, title: str, period: str, source: str,
     )
 
 
-def batch_title(batch: str, runs: Sequence[RunRecord]) -> str:
-    """The heading of a batch's report: the products tested, then the batch."""
-    products = " / ".join(sorted({r.product for r in runs}))
-    return f"{products} — batch {batch}" if products else f"Batch {batch}"
+def batch_title(batch: str, products: Iterable[str]) -> str:
+    """The heading of a batch's report: the products tested (their names), then the batch."""
+    names = " / ".join(sorted(set(products)))
+    return f"{names} — batch {batch}" if names else f"Batch {batch}"
 
 
 def batch_dir(reports_dir: Path, batch: str) -> Path:

@@ -20,15 +20,15 @@ from __future__ import annotations
 
 import datetime as dt
 import xml.etree.ElementTree as ET
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from pathlib import Path
 
 from reports.render.export import xml_text
 from reports.render.files import replacing
 from reports.render.formatting import clock
 from reports.render.formatting import value as format_value
-from reports.quality.units import group_units
-from reports.quality.yields import chronological
+from reports.quality.units import UnitGrouping, group_units
+from reports.quality.yields import RunPasses, chronological
 from sequencer.records import LogLine, MeasurementRecord, Outcome, PhaseRecord, RunRecord
 
 _TROUBLE = frozenset({Outcome.ERROR, Outcome.TIMEOUT, Outcome.ABORTED, Outcome.INTERRUPTED})
@@ -54,11 +54,34 @@ def junit_tree(runs: Iterable[RunRecord], *, name: str) -> ET.ElementTree:
     return ET.ElementTree(root)
 
 
-def write_junit(path: str | Path, runs: Sequence[RunRecord], *, name: str) -> Path:
-    """Write the JUnit XML of ``runs`` to ``path``, atomically."""
-    tree = junit_tree(runs, name=name)
-    with replacing(path) as tmp:
-        tree.write(tmp, encoding="utf-8", xml_declaration=True)
+def write_junit(path: str | Path, passes: RunPasses, *, name: str) -> Path:
+    """Write the JUnit XML of the runs ``passes`` reads to ``path``, atomically; the document :func:`junit_tree` makes.
+
+    The runs are read twice, never held: first for the totals the root
+    carries and each run's unit, then a suite at a time into the file.
+    """
+    grouping = UnitGrouping()
+    totals = {"tests": 0, "failures": 0, "errors": 0}
+    time_s = 0.0
+    for run in passes():
+        grouping.add(run)
+        totals["tests"] += len(run.phases)
+        for p in run.phases:
+            kind = _verdict_kind(p)
+            if kind in totals:
+                totals[kind] += 1
+        time_s += run.duration_s or 0.0
+    units = grouping.units()
+    root = ET.Element("testsuites", name=xml_text(name), **{k: str(n) for k, n in totals.items()},
+                      time=_seconds(time_s))
+    with replacing(path) as tmp, open(tmp, "w", encoding="utf-8") as out:
+        out.write("<?xml version='1.0' encoding='utf-8'?>\n")
+        out.write(ET.tostring(root, encoding="unicode").replace(" />", ">") + "\n")
+        for run in passes():
+            suite = testsuite(run, units.of(run).label)
+            ET.indent(suite, space=" ", level=1)
+            out.write(" " + ET.tostring(suite, encoding="unicode") + "\n")
+        out.write("</testsuites>")
     return Path(path)
 
 
@@ -89,8 +112,7 @@ def testsuite(run: RunRecord, unit: str) -> ET.Element:
                              time=_seconds(p.duration_s))
         verdict = _verdict(p)
         if verdict is not None:
-            kind = verdict.tag
-            counts["failures" if kind == "failure" else "errors" if kind == "error" else "skipped"] += 1
+            counts[_verdict_kind(p)] += 1  # type: ignore[index]
             case.append(verdict)
         if p.measurements or p.logs:
             out = ET.SubElement(case, "system-out")
@@ -102,6 +124,17 @@ def testsuite(run: RunRecord, unit: str) -> ET.Element:
     for key, n in counts.items():
         suite.set(key, str(n))
     return suite
+
+
+def _verdict_kind(p: PhaseRecord) -> str | None:
+    """Which of a suite's counts the phase adds to: ``failures`` (FAIL), ``errors`` (trouble), ``skipped``."""
+    if p.outcome is Outcome.FAIL:
+        return "failures"
+    if p.outcome in _TROUBLE:
+        return "errors"
+    if p.outcome is Outcome.SKIPPED:
+        return "skipped"
+    return None
 
 
 def _verdict(p: PhaseRecord) -> ET.Element | None:

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 from markupsafe import Markup, escape
 
-from reports.quality.statistics import MeasurementStatistics
+from reports.quality.statistics import CHART_COLUMNS, MeasurementStatistics, Trace
 from sequencer.records import Limits
 
 # Colours match the report stylesheet.
@@ -178,9 +178,6 @@ def limit_gauge(value: float, limits: Limits, *, width: int = 110, height: int =
 
 _BAR = "#7f9cc4"
 _CENTRE = "#2f855a"
-#: Points an I-MR chart draws one by one; beyond, each pixel column is drawn as its range (min to max)
-#: and mean, so a batch of 10,000 runs costs what 240 points do and no outlier is hidden.
-CHART_COLUMNS = 240
 
 
 def capability_histogram(stats: MeasurementStatistics, *, width: int = 320, height: int = 132) -> Markup:
@@ -256,45 +253,43 @@ def control_chart(stats: MeasurementStatistics, *, width: int = 420, height: int
     """Individuals and moving-range charts of the values in run order: centre lines, 3-sigma limits.
 
     A point beyond a control limit is red. More values than ``CHART_COLUMNS``
-    are drawn per pixel column (range and mean), so the file stays small.
+    are drawn per pixel column (range and mean; :class:`~reports.quality.statistics.RunOrderChart`),
+    so the file stays small. When only the newest values are drawn (a period in MongoDB), the chart says so.
     """
-    values = list(stats.values)
+    drawn = stats.drawn
     lines = stats.chart
-    if len(values) < 2 or lines is None:
+    if drawn is None or drawn.values.count < 2 or lines is None:
         return Markup("")
+    values, ranges = drawn.values, drawn.ranges
+    n = values.count
     left, right, top, gap, bottom = 44.0, 8.0, 12.0, 16.0, 14.0
     pw = width - left - right
     i_h = (height - top - gap - bottom) * 0.68
     mr_h = height - top - gap - bottom - i_h
-    ranges = [abs(b - a) for a, b in zip(values, values[1:])]
-    i_lo = min(min(values), lines.lower)
-    i_hi = max(max(values), lines.upper)
-    mr_hi = max(max(ranges), lines.mr_upper) or 1.0
+    i_lo = min(values.low, lines.lower)
+    i_hi = max(values.high, lines.upper)
+    mr_hi = max(ranges.high, lines.mr_upper) or 1.0
     if i_hi == i_lo:
         i_lo, i_hi = i_lo - 1.0, i_hi + 1.0
     pad = (i_hi - i_lo) * 0.06
     i_lo, i_hi = i_lo - pad, i_hi + pad
     text = f'font-family="sans-serif" font-size="9" fill="{_TEXT}"'
-    title = f"{stats.label}: individuals and moving range of {len(values)} values in run order"
+    shown = f"{n} values" if drawn.total <= n else f"the newest {n:,} of {drawn.total:,} values"
+    title = f"{stats.label}: individuals and moving range of {shown} in run order"
     parts = [
         f'<svg class="control-chart" width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img">',
         f"<title>{escape(title)}</title>",
     ]
 
-    def panel(series: list[float], y0: float, h: float, lo: float, hi: float,
-              rules: list[tuple[float, str, str]], first_x: int) -> None:
-        n_total = len(values)
-
+    def panel(trace: Trace, y0: float, h: float, lo: float, hi: float, rules: list[tuple[float, str, str]]) -> None:
         def sx(i: int) -> float:
-            return left + i / max(n_total - 1, 1) * pw
+            return left + i / trace.span * pw
 
         def sy(v: float) -> float:
             return y0 + (hi - v) / (hi - lo) * h
 
         parts.append(f'<rect x="{_f(left)}" y="{_f(y0)}" width="{_f(pw)}" height="{_f(h)}" fill="#fff" '
                      f'stroke="{_AXIS}" stroke-width="0.75"/>')
-        upper = max(v for v, _, _ in rules)
-        lower = min(v for v, _, _ in rules) if len(rules) > 2 else -math.inf
         last_label = -100.0
         for v, name, colour in sorted(rules, key=lambda r: -r[0]):
             dash = "" if name.startswith("x̄") or name.startswith("MR̄") else ' stroke-dasharray="4 3"'
@@ -305,35 +300,30 @@ def control_chart(stats: MeasurementStatistics, *, width: int = 420, height: int
                 parts.append(f'<text x="{_f(left - 3)}" y="{_f(ty)}" text-anchor="end" {text}>'
                              f'{escape(_tick(v))}</text>')
                 last_label = ty
-        if len(series) <= CHART_COLUMNS:
-            pts = " ".join(f"{_f1(sx(first_x + i))},{_f1(sy(v))}" for i, v in enumerate(series))
+        if trace.count <= CHART_COLUMNS:
+            pts = " ".join(f"{_f1(sx(trace.offset + i))},{_f1(sy(v))}" for i, v in enumerate(trace.points))
             parts.append(f'<polyline points="{pts}" fill="none" stroke="{_LINE}" stroke-width="1"/>')
         else:
-            columns: dict[int, list[float]] = {}
-            for i, v in enumerate(series):
-                columns.setdefault(int((first_x + i) / max(n_total - 1, 1) * (CHART_COLUMNS - 1)), []).append(v)
             path = []
             means = []
-            for c, vs in columns.items():
+            for c, low, high, mean in trace.columns:
                 x = left + c / (CHART_COLUMNS - 1) * pw
-                path.append(f"M{_f1(x)} {_f1(sy(max(vs)))}V{_f1(sy(min(vs)))}")
-                means.append(f"{_f1(x)},{_f1(sy(math.fsum(vs) / len(vs)))}")
+                path.append(f"M{_f1(x)} {_f1(sy(high))}V{_f1(sy(low))}")
+                means.append(f"{_f1(x)},{_f1(sy(mean))}")
             parts.append(f'<path d="{"".join(path)}" stroke="#b8c7dd" stroke-width="1"/>')
             parts.append(f'<polyline points="{" ".join(means)}" fill="none" stroke="{_LINE}" stroke-width="1"/>')
-        out = [(i, v) for i, v in enumerate(series) if v > upper or v < lower]
-        for i, v in out[:CHART_COLUMNS]:
-            parts.append(f'<circle cx="{_f(sx(first_x + i))}" cy="{_f(sy(v))}" r="2.2" fill="{_FAIL}"/>')
+        for i, v in trace.beyond:
+            parts.append(f'<circle cx="{_f(sx(trace.offset + i))}" cy="{_f(sy(v))}" r="2.2" fill="{_FAIL}"/>')
 
     panel(values, top, i_h, i_lo, i_hi,
-          [(lines.upper, "UCL", _FAIL), (lines.centre, "x̄", _CENTRE), (lines.lower, "LCL", _FAIL)], 0)
+          [(lines.upper, "UCL", _FAIL), (lines.centre, "x̄", _CENTRE), (lines.lower, "LCL", _FAIL)])
     mr_top = top + i_h + gap
-    panel(ranges, mr_top, mr_h, 0.0, mr_hi * 1.06, [(lines.mr_upper, "UCL", _FAIL), (lines.mr_centre, "MR̄", _CENTRE)],
-          1)
+    panel(ranges, mr_top, mr_h, 0.0, mr_hi * 1.06, [(lines.mr_upper, "UCL", _FAIL), (lines.mr_centre, "MR̄", _CENTRE)])
     parts += [
         f'<text x="{_f(left)}" y="{_f(top - 3)}" {text}>Individuals{escape(f" ({stats.units})" if stats.units else "")}'
         f"</text>",
         f'<text x="{_f(left)}" y="{_f(mr_top - 3)}" {text}>Moving range</text>',
-        f'<text x="{_f(left + pw)}" y="{_f(height - 2)}" text-anchor="end" {text}>run order, {len(values)} values</text>',
+        f'<text x="{_f(left + pw)}" y="{_f(height - 2)}" text-anchor="end" {text}>run order, {escape(shown)}</text>',
         "</svg>",
     ]
     return Markup("".join(parts))

@@ -35,7 +35,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 from urllib.parse import quote
 
@@ -980,6 +980,42 @@ class MongoSink:
             docs.reverse()
         return [run_from_document(d) for d in docs]
 
+    def get_run(self, run_id: str) -> RunRecord | None:
+        """One run, whole, or ``None``."""
+        try:
+            doc = self.runs.find_one({"_id": run_id}, {"measurements": 0})
+        except pymongo.errors.PyMongoError as exc:
+            raise MongoUnavailable(describe_failure(exc)) from None
+        return None if doc is None else run_from_document(doc)
+
+    def iter_runs(
+        self,
+        *,
+        batch: str | None = None,
+        serial: str | None = None,
+        outcome: str | None = None,
+        since: dt.datetime | None = None,
+        until: dt.datetime | None = None,
+        product: str | None = None,
+        station: str | None = None,
+        phases: bool = True,
+        page: int = 200,
+    ) -> Iterator[RunRecord]:
+        """:meth:`find_runs`'s runs, oldest first, read from a cursor ``page`` documents at a time.
+
+        As :meth:`reports.storage.store.LocalStore.iter_runs`: what a report
+        reads a batch or a period with; without ``phases``, headers only.
+        """
+        query = _run_query(batch=batch, serial=serial, outcome=outcome, run_id_prefix=None, since=since,
+                           until=until, product=product, station=station)
+        try:
+            cursor = self.runs.find(query, {"measurements": 0} if phases else HEADER_PROJECTION, batch_size=page)
+            with cursor.sort([("started_at", 1), ("_id", 1)]) as docs:
+                for d in docs:
+                    yield run_from_document(d)
+        except pymongo.errors.PyMongoError as exc:
+            raise MongoUnavailable(describe_failure(exc)) from None
+
     def find_runs_by_identity(self, key: str, value: str, *, limit: int = 1000) -> list[RunRecord]:
         """The runs whose ``dut[key]`` is ``value`` (a MAC in the usual spellings), oldest first, at most ``limit``."""
         field = "serial" if key == "serial" else f"dut.{encode_key(key)}"
@@ -990,6 +1026,14 @@ class MongoSink:
         except pymongo.errors.PyMongoError as exc:
             raise MongoUnavailable(describe_failure(exc)) from None
         return [run_from_document(d) for d in docs]
+
+    def find_runs_by_identities(self, pairs: Sequence[tuple[str, str]], *, limit: int = 1000,
+                                phases: bool = True) -> list[RunRecord]:
+        """:func:`runs_by_identities` in this database."""
+        try:
+            return runs_by_identities(self.runs, pairs, limit=limit, phases=phases)
+        except pymongo.errors.PyMongoError as exc:
+            raise MongoUnavailable(describe_failure(exc)) from None
 
     def period_report(self, *, product: str, since: dt.datetime | None = None, until: dt.datetime | None = None,
                       station: str | None = None) -> Any:
@@ -1055,6 +1099,64 @@ class MongoSink:
         for d in docs:
             d["dut"] = decode_mapping(d.get("dut") or {})
         return docs
+
+
+#: What reading a run's header takes: everything but its phases and their flat measurements.
+HEADER_PROJECTION = {"phases": 0, "measurements": 0}
+
+
+def runs_by_identities(runs: Any, pairs: Sequence[tuple[str, str]], *, limit: int = 1000,
+                       phases: bool = True) -> list[RunRecord]:
+    """The runs whose ``dut[key]`` is ``value`` for any of ``pairs`` (MACs in the usual spellings), in one
+    query of the ``runs`` collection, oldest first, at most ``limit``; without their phases unless ``phases``."""
+    wanted: dict[str, list[str]] = {}
+    for key, value in pairs:
+        field = "serial" if key == "serial" else f"dut.{encode_key(key)}"
+        wanted.setdefault(field, []).extend(mac_spellings(value) if key.endswith("mac") else [value])
+    if not wanted:
+        return []
+    query = {"$or": [{field: {"$in": list(dict.fromkeys(values))}} for field, values in wanted.items()]}
+    cursor = runs.find(query, {"measurements": 0} if phases else HEADER_PROJECTION, limit=limit)
+    return [run_from_document(d) for d in cursor.sort([("started_at", 1), ("_id", 1)])]
+
+
+#: How many of a product's newest runs :func:`newest_units` reads first, per unit asked for (doubled as needed).
+_RUNS_PER_UNIT = 4
+
+
+def newest_units(runs: Any, product: str, count: int) -> list[Any]:
+    """The ``count`` units of ``product`` first tested most recently, among those with a verdict, oldest first.
+
+    Units as the reports group them (:mod:`reports.quality.units`, by the
+    product's identity): the product's newest runs, with every run of their
+    units (:func:`~reports.storage.unit_history.gather_units`), so a unit
+    whose identify phase failed and its retest are one unit, and a retest
+    is not a new unit. Only units first tested among the runs read are
+    complete, so the runs read double until ``count`` of them have a verdict
+    or every run of the product has been read. Each is a
+    :class:`~reports.quality.yields.UnitSummary`.
+    """
+    from functools import partial
+
+    from reports.quality.units import group_units
+    from reports.quality.yields import unit_summaries
+    from reports.storage.unit_history import MAX_RUNS_GATHERED, gather_units
+
+    lookup = partial(runs_by_identities, runs, phases=False)
+    window = _RUNS_PER_UNIT * count
+    while True:
+        cursor = runs.find({"product": product}, HEADER_PROJECTION, limit=window)
+        newest = [run_from_document(d) for d in cursor.sort([("started_at", -1), ("_id", -1)])]
+        gathered = gather_units(lookup, (), known=newest)
+        ordered = [r for r in gathered.runs if r.product == product]
+        by_id = {r.run_id: r for r in ordered}
+        every_run = len(newest) < window or window >= MAX_RUNS_GATHERED
+        oldest = (newest[-1].started_at, newest[-1].run_id) if newest else None
+        units = [u for u in unit_summaries(ordered, group_units(ordered)) if u.first_outcome is not None and (
+            every_run or (by_id[u.run_ids[0]].started_at, u.run_ids[0]) >= oldest)]
+        if len(units) >= count or every_run:
+            return units[-count:]
+        window *= 2
 
 
 def _run_query(

@@ -381,29 +381,17 @@ def find_devices(source: Any, key: str, value: str) -> list[dict[str, Any]]:
     ``source`` is a :class:`~reports.storage.store.LocalStore` or a
     :class:`~reports.storage.mongo.MongoSink`. The runs that match are gathered with
     the runs that share an identity value with them (the failed run that
-    knew only its MAC, the retest that knew its serial too), then grouped
+    knew only its MAC, the retest that knew its serial too;
+    :func:`~reports.storage.unit_history.gather_units`), then grouped
     into units as yields group them (:mod:`reports.quality.units`), so a
     unit here is a unit in the batch report.
     """
-    from reports.quality.units import group_units, identity_of, normal_value
-    from reports.quality.yields import chronological
+    from reports.quality.units import group_units, normal_value
+    from reports.storage.unit_history import gather_units
 
-    runs: dict[str, RunRecord] = {}
-    asked: set[tuple[str, str]] = set()
-    wanted = {(key, normal_value(key, value))}
-    spelled = {(key, normal_value(key, value)): value}
-    while wanted and len(runs) < FIND_MAX_RUNS:
-        k, v = wanted.pop()
-        asked.add((k, v))
-        for r in source.find_runs_by_identity(k, spelled[(k, v)], limit=FIND_MAX_RUNS):
-            runs[r.run_id] = r
-            for ik, iv in identity_of(r):
-                pair = (ik, normal_value(ik, iv))
-                if pair not in asked:
-                    wanted.add(pair)
-                    spelled.setdefault(pair, iv)
-    ordered = chronological(runs.values())
-    units = group_units(ordered)
+    gathered = gather_units(source.find_runs_by_identities, [(key, value)], limit=FIND_MAX_RUNS)
+    runs = {r.run_id: r for r in gathered.runs}
+    units = group_units(gathered.runs)
     target = normal_value(key, value)
     matched = [u for u in units.units
                if any(normal_value(key, runs[rid].dut.get(key, "")) == target for rid in u.run_ids)]

@@ -43,7 +43,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
@@ -919,6 +919,46 @@ class LocalStore:
             rows = self._conn.execute(sql, args).fetchall()
             return [self._assemble(row[1], row[0]) for row in rows]
 
+    def iter_runs(
+        self,
+        *,
+        batch: str | None = None,
+        serial: str | None = None,
+        outcome: Outcome | str | None = None,
+        since: dt.datetime | None = None,
+        until: dt.datetime | None = None,
+        product: str | None = None,
+        station: str | None = None,
+        phases: bool = True,
+        page: int = 200,
+    ) -> Iterator[RunRecord]:
+        """:meth:`find_runs`'s runs, oldest first, read ``page`` runs at a time.
+
+        What a report reads a batch or a period with, however many runs it
+        has: only a page of runs is in memory, and the store's lock is held
+        for one page at a time (a station goes on writing in between). Without
+        ``phases`` each run is its header (identity, outcome, where and when).
+        """
+        where, args = self._where(batch=batch, serial=serial, outcome=outcome, run_id_prefix=None, since=since,
+                                  until=until, product=product, station=station)
+        after: tuple[str, str] | None = None
+        while True:
+            clause = where
+            if after is not None:
+                clause = f"{where} AND (started_at, run_id) > (?, ?)" if where else "WHERE (started_at, run_id) > (?, ?)"
+            sql = f"SELECT run_id, header, started_at FROM runs {clause} ORDER BY started_at, run_id LIMIT {int(page)}"
+            with self._lock:
+                rows = self._conn.execute(sql, [*args, *(after or ())]).fetchall()
+                runs = [self._assemble(header, run_id) if phases else run_from_json(header)
+                        for run_id, header, _ in rows]
+            if len(rows) < page:
+                yield from runs
+                return
+            after = (rows[-1][2], rows[-1][0])
+            yield from runs
+            # dropped before the next page is read, so no more than a page of runs is ever held
+            del runs, rows
+
     def find_runs_by_identity(self, key: str, value: str, *, limit: int = 1000) -> list[RunRecord]:
         """The runs whose ``dut[key]`` is ``value`` (a MAC in any spelling), oldest first, at most ``limit``.
 
@@ -938,6 +978,14 @@ class LocalStore:
         with self._lock:
             rows = self._conn.execute(sql, args).fetchall()
             return [self._assemble(row[1], row[0]) for row in rows]
+
+    def find_runs_by_identities(self, pairs: Sequence[tuple[str, str]], *, limit: int = 1000) -> list[RunRecord]:
+        """The runs whose ``dut[key]`` is ``value`` for any of ``pairs``, oldest first, at most ``limit``."""
+        found: dict[str, RunRecord] = {}
+        for key, value in pairs:
+            for r in self.find_runs_by_identity(key, value, limit=limit):
+                found.setdefault(r.run_id, r)
+        return sorted(found.values(), key=lambda r: (r.started_at, r.run_id))[:limit]
 
     def outcome_counts(
         self,

@@ -1,27 +1,87 @@
-"""A unit's earlier runs, from the station's local store: how a station knows a unit is a retest.
+"""Which stored runs tested the same units: a unit's earlier runs, and every run of the units a value names.
 
 The engine asks as soon as a phase identifies the unit (its MAC at
 ``detect``, its serial at ``identify``; :mod:`sequencer.verdicts`). Which
 stored runs are the same unit is the quality reports' own rule
 (:mod:`reports.quality.units`): runs of the same product that share a value
 of any of its identity keys (serial, then MAC) and contradict none.
+
+:func:`gather_units` finds every run of the units an identity value names,
+following the values those runs add (the failed run that knew only its MAC,
+the retest that knew its serial too), in the station's store or in MongoDB:
+what ``sequencer find``, MongoDB's ``devices`` and the portal's yield alert
+group into units.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 
+import attrs
 import trio
 
-from reports.quality.units import group_units
+from reports.quality.units import group_units, identity_of, normal_value
 from reports.quality.yields import chronological
 from sequencer.records import RunRecord, utcnow
 from sequencer.verdicts import UnitHistory
 
-__all__ = ["StoreUnitHistory", "earlier_runs"]
+__all__ = ["MAX_RUNS_GATHERED", "Gathered", "StoreUnitHistory", "earlier_runs", "gather_units"]
 
 #: Beyond this many earlier runs of one unit, the oldest are not looked at: the count is "at least".
 MAX_RUNS_LOOKED_AT = 1000
+#: Most runs one gathering reads: a MAC every board reports (a fault) links them all, and is not a unit.
+MAX_RUNS_GATHERED = 2000
+
+
+#: A store's or MongoDB's ``find_runs_by_identities``: the runs whose ``dut[key]`` is a value of ``pairs`` (a MAC
+#: in any usual spelling), at most ``limit``.
+IdentityLookup = Callable[..., Iterable[RunRecord]]
+
+
+@attrs.frozen
+class Gathered:
+    """The runs found, oldest first; ``complete`` unless the gathering stopped at its limit."""
+
+    runs: tuple[RunRecord, ...]
+    complete: bool
+
+
+def gather_units(lookup: IdentityLookup, pairs: Iterable[tuple[str, str]], *, known: Iterable[RunRecord] = (),
+                 limit: int = MAX_RUNS_GATHERED) -> Gathered:
+    """Every run that shares an identity value with ``pairs`` (key, value), and with the runs found, and so on.
+
+    ``known`` are runs the caller holds already (their values are followed
+    too). Values are compared as :func:`~reports.quality.units.normal_value`
+    compares them. The result holds whole units: group it with
+    :func:`~reports.quality.units.group_units`.
+    """
+    runs: dict[str, RunRecord] = {}
+    asked: set[tuple[str, str]] = set()
+    wanted: dict[tuple[str, str], str] = {}  # normal pair -> a spelling to ask with
+
+    def follow(pairs: Iterable[tuple[str, str]]) -> None:
+        for k, v in pairs:
+            pair = (k, normal_value(k, v))
+            if pair not in asked and pair not in wanted:
+                wanted[pair] = v
+
+    follow(pairs)
+    for r in known:
+        runs[r.run_id] = r
+        follow(identity_of(r))
+    complete = True
+    while wanted:
+        if len(runs) >= limit:
+            complete = False
+            break
+        asking = [(k, v) for (k, _), v in wanted.items()]
+        asked.update(wanted)
+        wanted.clear()
+        for r in lookup(asking, limit=limit):
+            if r.run_id not in runs:
+                runs[r.run_id] = r
+                follow(identity_of(r))
+    return Gathered(tuple(chronological(runs.values())), complete)
 
 
 class StoreUnitHistory:

@@ -52,6 +52,9 @@ import httpx
 import pymongo
 import trio
 
+from reports.storage.mongo import newest_units
+from sequencer.records import Outcome
+
 __all__ = ["EVENTS", "WebhookSettings", "Webhooks", "sign", "verify_signature"]
 
 log = logging.getLogger("web.portal.webhooks")
@@ -303,18 +306,16 @@ class Webhooks:
         return streak
 
     def _yield_events(self, product: str) -> list[Event]:
-        """``yield.below_threshold`` when the product's first-pass yield over its last N units crosses under."""
+        """``yield.below_threshold`` when the product's first-pass yield over its last N units crosses under.
+
+        Units as the reports count them (``reports.storage.mongo.newest_units``): a board whose identify
+        phase failed and its passing retest are one unit that failed first, not two.
+        """
         window = self.settings.fpy_window
-        units = list(self.db["runs"].aggregate([
-            {"$match": {"product": product, "serial": {"$ne": None}, "outcome": {"$ne": None}}},
-            {"$sort": {"started_at": 1}},
-            {"$group": {"_id": "$serial", "first": {"$first": "$outcome"}, "at": {"$first": "$started_at"}}},
-            {"$sort": {"at": -1}},
-            {"$limit": window},
-        ], allowDiskUse=True))
+        units = newest_units(self.db["runs"], product, window)
         if len(units) < window:
             return []
-        fpy = sum(u["first"] == "PASS" for u in units) / len(units)
+        fpy = sum(u.first_outcome is Outcome.PASS for u in units) / len(units)
         key = f"fpy:{product}"
         if fpy >= self.settings.fpy_threshold:
             self.db[STATE].update_one({"_id": key}, {"$set": {"below": False}})
