@@ -1031,8 +1031,11 @@ class MongoSink:
         """The trend report of ``product`` over a period, every station's runs (or ``station``'s).
 
         Yields come from the runs' headers (identity, outcome, where and when:
-        no phases); outcome counts, Paretos and measurement statistics are
-        aggregated in the database (:mod:`reports.quality.pipeline`).
+        no phases), streamed from a cursor and tallied per unit
+        (:class:`reports.quality.period.PeriodTally`); outcome counts and
+        Paretos (one aggregation) and measurement statistics (one more, which
+        reads the runs once) are computed in the database
+        (:mod:`reports.quality.pipeline`).
         """
         from reports.quality.period import RunHeader
         from reports.quality.pipeline import period_from_database
