@@ -113,6 +113,8 @@ class PeriodTally:
         self._grouping = UnitGrouping(keep_runs=False)
         self._units: dict[Any, _UnitYield] = {}
         self._runs: dict[tuple[str, str, str], list[int]] = {}  # (table, product, bucket) -> [runs, passed]
+        # each distinct tuple of buckets once: a unit points at its first run's (a few hundred bytes less a unit)
+        self._places: dict[tuple[str, ...], tuple[str, ...]] = {}
         self.first: dt.datetime | None = None
         self.last: dt.datetime | None = None
 
@@ -121,7 +123,8 @@ class PeriodTally:
         buckets = _buckets(r)
         unit = self._units.get(building)
         if unit is None:
-            unit = self._units[building] = _UnitYield(r.product, buckets)
+            buckets = self._places.setdefault(buckets, buckets)
+            unit = self._units[building] = _UnitYield(building.product, buckets)
         for table, bucket in zip(_TABLES, buckets, strict=True):
             counts = self._runs.setdefault((table, r.product, bucket), [0, 0])
             counts[0] += 1
