@@ -17,7 +17,8 @@ Three kinds of cancellation, kept apart on purpose:
 * a phase's **timeout** is its own ``move_on_after``; the attempt ends TIMEOUT
   (and may be retried);
 * **stopping** the run (``stop_on_failure``, a phase returning STOP or
-  repeating past its limit) cancels each in-flight phase's own scope: they
+  repeating past its limit) cancels each in-flight phase's scope (its own,
+  or for a phase without a timeout its chain's: see ``_phase_chain``): they
   end ABORTED with the reason, phases not yet started are SKIPPED, and
   teardowns run; the run's verdict is the stopping phase's (FAIL for STOP),
   not ABORTED;
@@ -119,6 +120,43 @@ class RecordWriter:
     async def commit_phase(self, run_id: str, index: int, phase: PhaseRecord, dut: dict[str, str]) -> None: ...
 
     async def finish_run(self, run: RunRecord) -> None: ...
+
+
+class _PhaseRun:
+    """A phase in flight: its attempts so far, log and attachments, and the counts its retries go by."""
+
+    __slots__ = ("attempts", "log", "attachments", "waited", "failures", "repeats")
+
+    def __init__(self, log: PhaseLog) -> None:
+        self.attempts: list[AttemptRecord] = []
+        self.log = log
+        self.attachments: list[Attachment] = []
+        #: seconds waited at its rendezvous and for shared resources
+        self.waited = 0.0
+        self.failures = 0
+        self.repeats = 0
+
+
+class _Cut:
+    """How an attempt ended, before it is judged; for one a stop cut short in its chain's scope, what ending it needs."""
+
+    __slots__ = ("number", "started", "ctx", "access", "result", "error", "reason", "cut_short")
+
+    def __init__(self, number: int, started: Any, ctx: PhaseContext, access: ResourceAccess, result: PhaseResult,
+                 error: ErrorInfo | None, reason: str | None, cut_short: bool) -> None:
+        self.number, self.started, self.ctx, self.access = number, started, ctx, access
+        self.result, self.error, self.reason, self.cut_short = result, error, reason, cut_short
+
+
+class _LeftSegment(Exception):
+    """An attempt a stop meant to cut short ended without the Cancelled: its chain ends it outside its scope."""
+
+
+def _only_cancelled(exc: BaseException) -> bool:
+    """``exc`` is trio's Cancelled, or a group of nothing else."""
+    if isinstance(exc, trio.Cancelled):
+        return True
+    return isinstance(exc, BaseExceptionGroup) and exc.split(trio.Cancelled)[1] is None
 
 
 class SlotControl:
@@ -282,7 +320,11 @@ class _SlotRun:
         self.setup_verdicts: dict[GroupPlan, str | None] = {}
         self.started_at: dict[str, Any] = {}
         #: attempts, log and attachments of phases in flight, for recording an abort
-        self.partial: dict[str, tuple[list[AttemptRecord], PhaseLog, list[Attachment]]] = {}
+        self.partial: dict[str, _PhaseRun] = {}
+        #: attempts a stop cut short in their chain's scope, for the chain to end (see _phase_chain)
+        self.cut: dict[str, _Cut] = {}
+        #: per phase about to run in a chain, the chain's scope it may run its attempts in
+        self.segments: dict[str, trio.CancelScope] = {}
         self.fixture_values: dict[str, Any] = {}
         self.fixture_locks: dict[str, trio.Lock] = {}
         #: where each fixture lives, in a task of its own (see _host_fixture); set by run()
@@ -408,7 +450,8 @@ class _SlotRun:
             if p.name in self.recorded:
                 continue
             if p.name in self.partial:
-                attempts, log, attachments = self.partial[p.name]
+                run = self.partial[p.name]
+                attempts, log, attachments = run.attempts, run.log, run.attachments
                 now, why = utcnow(), self._abort_reason(p)
                 aborted = AttemptRecord(len(attempts) + 1, Outcome.ABORTED, now, now, reason=why)
                 rec = attrs.evolve(
@@ -454,25 +497,51 @@ class _SlotRun:
     # -- scheduling ------------------------------------------------------
 
     async def _phase_chain(self, nursery: trio.Nursery, step: Step) -> None:
-        """Run ``step``, then each phase its commit made ready: one here, the others in new tasks."""
+        """Run ``step``, then each phase its commit made ready: one here, the others in new tasks.
+
+        The chain's phases that have no timeout of their own run their
+        attempts in the chain's scope, ``segment``, rather than each in a
+        scope of its own (entering and leaving a trio cancel scope was about
+        a tenth of a phase's instructions at 256 slots); a stop cancels the
+        segment as it would the attempt's own scope. The attempt it cut
+        short is then ended here, outside the stopped segment (``cut``),
+        exactly as it would have ended in its own scope, and the chain goes
+        on in a new segment.
+        """
         dependents = self.plan.dependents
+        segments = self.segments
         while True:
-            await self._run_ready(step)
-            # No await since the commit returned: exactly one committer (the
-            # last of a phase's dependencies) sees the phase ready.
-            ready = [d for d in dependents[step.name] if self.committed_names.issuperset(d.waits_for)]
-            if not ready:
-                return
-            # An abort that came during the commit ends the chain here, before
-            # any phase it made ready touches the DUT; the phases not started
-            # are recorded as such.
-            await trio.lowlevel.checkpoint_if_cancelled()
-            for other in ready[1:]:
-                nursery.start_soon(self._phase_chain, nursery, other)
-            step = ready[0]
+            segment = trio.CancelScope()
+            try:
+                with segment:
+                    while True:
+                        segments[step.name] = segment
+                        await self._run_ready(step)
+                        # No await since the commit returned: exactly one committer (the
+                        # last of a phase's dependencies) sees the phase ready.
+                        ready = [d for d in dependents[step.name] if self.committed_names.issuperset(d.waits_for)]
+                        if not ready:
+                            return
+                        # An abort that came during the commit ends the chain here, before
+                        # any phase it made ready touches the DUT; the phases not started
+                        # are recorded as such.
+                        await trio.lowlevel.checkpoint_if_cancelled()
+                        for other in ready[1:]:
+                            nursery.start_soon(self._phase_chain, nursery, other)
+                        step = ready[0]
+            except _LeftSegment:
+                pass
+            # Only a stop of an attempt running in the segment ends it early
+            # (an abort goes on up): that attempt, in self.cut, is ended in the next one.
 
     async def _run_ready(self, step: Step) -> None:
         p = step.phase
+        segment = self.segments.pop(p.name, None)
+        cut = self.cut.pop(p.name, None)
+        if cut is not None:
+            # Its attempt, cut short by a stop, is ended here: whether it could run was decided when it began.
+            await self._run_and_commit(p, step, segment, cut)
+            return
         if self.stop_reason is not None and not p.teardown:
             await self._commit(p, self._skipped(p, self.stop_reason))
             return
@@ -494,7 +563,7 @@ class _SlotRun:
                 finally:
                     self.control.release(shield)
                 return
-        await self._run_and_commit(p, step)
+        await self._run_and_commit(p, step, segment)
 
     def _held_by_group(self, step: Step) -> str | None:
         """Why a group keeps ``step`` from running (its setup failed, it stopped, it never began), or None."""
@@ -572,9 +641,15 @@ class _SlotRun:
                 self.stopped.setdefault(name, reason)
             scope.cancel()
 
-    async def _run_and_commit(self, p: Phase, step: Step | None = None) -> PhaseRecord | None:
-        """Run ``p`` (``step`` is its place in the graph; None for the product's teardowns) and commit it."""
-        if p.run_if is not None:
+    async def _run_and_commit(
+        self, p: Phase, step: Step | None = None, segment: trio.CancelScope | None = None, cut: _Cut | None = None,
+    ) -> PhaseRecord | None:
+        """Run ``p`` (``step`` is its place in the graph; None for the product's teardowns) and commit it.
+
+        ``segment``: the chain's scope its attempts may run in; ``cut``: the
+        attempt of ``p`` a stop cut short there, to end and go on from.
+        """
+        if p.run_if is not None and cut is None:
             try:
                 wanted = bool(p.run_if(self.snapshot()))
             except Exception as exc:
@@ -589,7 +664,7 @@ class _SlotRun:
                 record = self._skipped(p, "run_if was false")
                 await self._commit(p, record)
                 return record
-        record, result = await self._execute(p, step.group if step is not None else None)
+        record, result = await self._execute(p, step.group if step is not None else None, segment, cut)
         if self.looking_up is not None and self.product.max_retests is not None:
             # The phase identified the unit: whether it may be tested further is
             # known before anything that depends on this phase starts.
@@ -687,32 +762,38 @@ class _SlotRun:
 
     # -- one phase -------------------------------------------------------
 
-    async def _execute(self, p: Phase, group: GroupPlan | None) -> tuple[PhaseRecord, PhaseResult]:
-        started = utcnow()
-        self.started_at[p.name] = started
-        log = PhaseLog(self.log, phase=p.name)
-        attachments: list[Attachment] = []
-        attempts: list[AttemptRecord] = []
-        self.partial[p.name] = (attempts, log, attachments)
-        waited = 0.0
+    async def _execute(
+        self, p: Phase, group: GroupPlan | None, segment: trio.CancelScope | None = None, cut: _Cut | None = None,
+    ) -> tuple[PhaseRecord, PhaseResult]:
+        if cut is None:
+            started = utcnow()
+            self.started_at[p.name] = started
+            run = _PhaseRun(PhaseLog(self.log, phase=p.name))
+            self.partial[p.name] = run
+            if p.rendezvous is not None and p.rendezvous in self.owing:
+                run.waited += await self._meet(p, run.log)
+        else:
+            started, run = self.started_at[p.name], self.partial[p.name]
+        attempts, log, attachments = run.attempts, run.log, run.attachments
         result = PhaseResult.CONTINUE
-        failures = 0
-        repeats = 0
-        if p.rendezvous is not None and p.rendezvous in self.owing:
-            waited += await self._meet(p, log)
         while True:
-            if self.stop_reason is not None and (attempts or p.name in self.stopped) and not p.teardown:
-                # stopped between two attempts, or while it waited to start
-                now = utcnow()
-                attempts.append(AttemptRecord(len(attempts) + 1, Outcome.ABORTED, now, now, reason=self.stop_reason))
-                break
-            access = ResourceAccess(self.resources)
-            attempt, result, final = await self._attempt(p, group, len(attempts) + 1, log, attachments, access)
-            waited += access.waited_s
+            if cut is not None:
+                attempt, result, final = self._attempt_record(p, group, cut)
+                access, cut = cut.access, None
+            else:
+                if self.stop_reason is not None and (attempts or p.name in self.stopped) and not p.teardown:
+                    # stopped between two attempts, or while it waited to start
+                    now = utcnow()
+                    attempts.append(AttemptRecord(len(attempts) + 1, Outcome.ABORTED, now, now,
+                                                  reason=self.stop_reason))
+                    break
+                access = ResourceAccess(self.resources)
+                attempt, result, final = await self._attempt(p, group, len(attempts) + 1, run, access, segment)
+            run.waited += access.waited_s
             attempts.append(attempt)
             if result is PhaseResult.REPEAT and attempt.outcome is Outcome.SKIPPED:
-                repeats += 1
-                if repeats < p.repeat_limit:
+                run.repeats += 1
+                if run.repeats < p.repeat_limit:
                     continue
                 # As OpenHTF: asking to repeat on the last allowed run fails the phase (and stops the run).
                 attempts[-1] = attrs.evolve(
@@ -720,12 +801,12 @@ class _SlotRun:
                     reason=f"repeat limit {p.repeat_limit} reached: the phase asked to repeat on its last allowed run",
                 )
                 break
-            if (attempt.outcome in (Outcome.FAIL, Outcome.ERROR, Outcome.TIMEOUT) and failures < p.retries
+            if (attempt.outcome in (Outcome.FAIL, Outcome.ERROR, Outcome.TIMEOUT) and run.failures < p.retries
                     and result not in _STOPPING):  # a phase that stops the run (or its group) is not tried again
                 if final is not None:
                     log.info("not retried: a retry cannot change this", reason=final)
                     break
-                failures += 1
+                run.failures += 1
                 log.info("retrying", attempt=attempt.number, outcome=attempt.outcome.value)
                 continue
             break
@@ -739,17 +820,25 @@ class _SlotRun:
             attempts=tuple(attempts),
             reason=last.reason,
             teardown=p.teardown,
-            resource_wait_s=waited,
+            resource_wait_s=run.waited,
             logs=tuple(log.lines),
             attachments=tuple(attachments),
         )
         return record, result
 
     async def _attempt(
-        self, p: Phase, owner: GroupPlan | None, number: int, log: PhaseLog, attachments: list[Attachment],
-        access: ResourceAccess,
+        self, p: Phase, owner: GroupPlan | None, number: int, run: _PhaseRun, access: ResourceAccess,
+        segment: trio.CancelScope | None,
     ) -> tuple[AttemptRecord, PhaseResult, str | None]:
-        """One attempt of ``p``: its record, what the phase returned, and why it may not be retried (if so)."""
+        """One attempt of ``p``: its record, what the phase returned, and why it may not be retried (if so).
+
+        A phase with a timeout (every teardown has one) runs each attempt in
+        a scope of its own, which carries the deadline and is also what a
+        stop cancels. One without runs it in ``segment``, its chain's scope,
+        if it has one: a stop cancels that, and the attempt is then ended by
+        the chain, outside it (see :meth:`_phase_chain`); what ending it
+        needs is left in ``self.cut``.
+        """
         if self.bus.has_subscribers:
             self.bus.publish(PhaseStarted(self.header.run_id, self.header.slot, p.name, number))
         started = utcnow()
@@ -759,64 +848,94 @@ class _SlotRun:
             run_id=self.header.run_id,
             slot=self.header.slot,
             bus=self.bus,
-            log=log,
-            attachments=attachments,
+            log=run.log,
+            attachments=run.attachments,
             snapshot=self.snapshot,
             identify=self._identify,
         )
-        result = PhaseResult.CONTINUE
+        timeout = p.effective_timeout
+        if timeout is None and segment is not None:
+            self.in_flight[p.name] = segment
+            try:
+                result, error, reason, cut_short = await self._call(p, ctx, access, segment)
+            except BaseException as exc:
+                if segment.cancel_called and _only_cancelled(exc):
+                    # Cut short by the stop: the segment's exit takes the Cancelled (an abort goes on up).
+                    self.cut[p.name] = _Cut(number, started, ctx, access, PhaseResult.CONTINUE, None, None, True)
+                raise
+            finally:
+                del self.in_flight[p.name]
+            if segment.cancel_called:
+                # Stopped, yet it ended without the Cancelled (it raised, or it caught it): ended outside too.
+                self.cut[p.name] = _Cut(number, started, ctx, access, result, error, reason, cut_short)
+                raise _LeftSegment
+        else:
+            scope = trio.CancelScope(deadline=trio.current_time() + timeout if timeout is not None else math.inf)
+            self.in_flight[p.name] = scope
+            try:
+                with scope:
+                    result, error, reason, cut_short = await self._call(p, ctx, access, scope)
+            finally:
+                del self.in_flight[p.name]
+            if scope.cancelled_caught:
+                result, error, reason, cut_short = PhaseResult.CONTINUE, None, None, True
+        return self._attempt_record(p, owner, _Cut(number, started, ctx, access, result, error, reason, cut_short))
+
+    async def _call(
+        self, p: Phase, ctx: PhaseContext, access: ResourceAccess, scope: trio.CancelScope,
+    ) -> tuple[PhaseResult, ErrorInfo | None, str | None, bool]:
+        """Call the phase: what it returned, what it raised and why (as the record says it), and whether it was
+        cut short (a nursery of its own, cancelled, raised with an error); ``scope`` is what a stop cancels."""
         error: ErrorInfo | None = None
         reason: str | None = None
-        timeout = p.effective_timeout
-        # One scope per attempt carries the deadline and is also what a stop cancels.
-        scope = trio.CancelScope(deadline=trio.current_time() + timeout if timeout is not None else math.inf)
-        self.in_flight[p.name] = scope
-        #: the phase raised while being cancelled (its own nursery: both came out together)
-        cut_short = False
         try:
-            with scope:
-                try:
-                    kwargs = {name: await self._argument(source, ctx, access) for name, source in p.sources}
-                    if p.arguments:
-                        kwargs.update(p.arguments)
-                    if p.monitors:
-                        returned = await self._monitored(p, ctx, access, kwargs)
-                    else:
-                        returned = await p.fn(**kwargs)
-                    if returned is not None and not isinstance(returned, PhaseResult):
-                        raise TypeError(f"phase returned {returned!r}; return a PhaseResult or None")
-                    result = returned or PhaseResult.CONTINUE
-                except Exception as exc:
-                    error = ErrorInfo(type(exc).__name__, str(exc), traceback.format_exc())
-                    reason = str(exc) if isinstance(exc, FixtureError) else _describe(exc)
-                    log.error("phase raised", error=reason)
-                except BaseExceptionGroup as group:
-                    # A nursery in the phase, cancelled (timeout, stop, abort)
-                    # while a task of it raised: Cancelled and the error together.
-                    cancelled, raised = group.split(trio.Cancelled)
-                    if raised is None or raised.split(Exception)[1] is not None:
-                        raise  # only cancellation (the scopes take it), or KeyboardInterrupt and the like
-                    error = ErrorInfo(type(raised).__name__, str(raised), "".join(traceback.format_exception(raised)))
-                    reason = _describe(raised)
-                    log.error("phase raised", error=reason)
-                    if cancelled is not None and not scope.cancel_called:
-                        raise cancelled from None  # an abort from outside this phase goes on
-                    cut_short = cancelled is not None
-        finally:
-            del self.in_flight[p.name]
-        cut_short = cut_short or scope.cancelled_caught
-        if not cut_short and error is None and result in _UNJUDGED:
+            kwargs = {}
+            for name, source in p.sources:
+                value = self._builtin(source, ctx, access)
+                kwargs[name] = await self._fixture(source) if value is _FIXTURE else value
+            if p.arguments:
+                kwargs.update(p.arguments)
+            if p.monitors:
+                returned = await self._monitored(p, ctx, access, kwargs)
+            else:
+                returned = await p.fn(**kwargs)
+            if returned is not None and not isinstance(returned, PhaseResult):
+                raise TypeError(f"phase returned {returned!r}; return a PhaseResult or None")
+            return returned or PhaseResult.CONTINUE, None, None, False
+        except Exception as exc:
+            error = ErrorInfo(type(exc).__name__, str(exc), traceback.format_exc())
+            reason = str(exc) if isinstance(exc, FixtureError) else _describe(exc)
+            ctx.log.error("phase raised", error=reason)
+            return PhaseResult.CONTINUE, error, reason, False
+        except BaseExceptionGroup as group:
+            # A nursery in the phase, cancelled (timeout, stop, abort)
+            # while a task of it raised: Cancelled and the error together.
+            cancelled, raised = group.split(trio.Cancelled)
+            if raised is None or raised.split(Exception)[1] is not None:
+                raise  # only cancellation (the scopes take it), or KeyboardInterrupt and the like
+            error = ErrorInfo(type(raised).__name__, str(raised), "".join(traceback.format_exception(raised)))
+            reason = _describe(raised)
+            ctx.log.error("phase raised", error=reason)
+            if cancelled is not None and not scope.cancel_called:
+                raise cancelled from None  # an abort from outside this phase goes on
+            return PhaseResult.CONTINUE, error, reason, cancelled is not None
+
+    def _attempt_record(self, p: Phase, owner: GroupPlan | None, cut: _Cut) -> tuple[AttemptRecord, PhaseResult,
+                                                                                       str | None]:
+        """How an attempt ended, judged: its record, what the phase returned, and why it may not be retried."""
+        ctx, result, reason = cut.ctx, cut.result, cut.reason
+        if not cut.cut_short and cut.error is None and (result is PhaseResult.SKIP or result is PhaseResult.REPEAT):
             # SKIP and REPEAT: what the attempt measured is kept, and decides nothing.
             outcome, reason = Outcome.SKIPPED, _UNJUDGED[result]
             why = f"not judged: the phase returned {result.value}"
             measurements = tuple(ctx.measurements.unjudged(m, why) for m in p.measurements)
         else:
             measurements = tuple(ctx.measurements.record(m) for m in p.measurements)
-            if cut_short and p.name in self.stopped:
+            if cut.cut_short and p.name in self.stopped:
                 outcome, reason = Outcome.ABORTED, self._abort_reason(p)
-            elif cut_short:
-                outcome, reason = Outcome.TIMEOUT, f"timed out after {timeout:g} s"
-            elif error is not None:
+            elif cut.cut_short:
+                outcome, reason = Outcome.TIMEOUT, f"timed out after {p.effective_timeout:g} s"
+            elif cut.error is not None:
                 outcome = Outcome.ERROR
             elif result is PhaseResult.FAIL:
                 outcome, reason = Outcome.FAIL, "failed by the phase"
@@ -834,7 +953,7 @@ class _SlotRun:
                     # As OpenHTF: a test a phase stopped is not a pass, whatever that phase measured.
                     outcome, reason = Outcome.FAIL, f"run stopped by phase {p.name!r}"
         return (
-            AttemptRecord(number, outcome, started, utcnow(), measurements, reason=reason, error=error),
+            AttemptRecord(cut.number, outcome, cut.started, utcnow(), measurements, reason=reason, error=cut.error),
             result,
             ctx.no_retry_reason,
         )
@@ -851,6 +970,11 @@ class _SlotRun:
         return returned
 
     async def _argument(self, name: str, ctx: PhaseContext, access: ResourceAccess) -> Any:
+        value = self._builtin(name, ctx, access)
+        return await self._fixture(name) if value is _FIXTURE else value
+
+    def _builtin(self, name: str, ctx: PhaseContext, access: ResourceAccess) -> Any:
+        """What the engine itself hands a phase for parameter ``name``, or ``_FIXTURE``: a fixture's (awaited)."""
         if name == "ctx":
             return ctx
         if name == "resources":
@@ -863,7 +987,7 @@ class _SlotRun:
             return Operator(self.desk, run_id=self.header.run_id, phase=ctx.phase.name, slot=self.slot.index,
                             port=self.slot.port, serial=lambda: self.dut.get("serial", ""), log=ctx.log,
                             sim_answer=ctx.phase.sim_answer)
-        return await self._fixture(name)
+        return _FIXTURE
 
     async def _fixture(self, name: str) -> Any:
         if name in self.fixture_values:
@@ -1010,6 +1134,9 @@ class _SlotRun:
 
 #: A group whose setup verdict is not worked out yet.
 _UNDECIDED = object()
+
+#: A phase parameter the engine does not hand out itself: a fixture's, opened (or found open) by awaiting it.
+_FIXTURE = object()
 
 #: The results that stop the run or a group: a phase that returns one is not retried.
 _STOPPING = frozenset({PhaseResult.STOP, PhaseResult.FAIL_GROUP})

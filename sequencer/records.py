@@ -389,8 +389,8 @@ def phase_from_dict(d: Mapping[str, Any]) -> PhaseRecord:
         str(d["name"]), Outcome(d["outcome"]), dt.datetime.fromisoformat(d["started_at"]),
         dt.datetime.fromisoformat(d["ended_at"]), tuple(_attempt_from_dict(a) for a in d.get("attempts", ())),
         _optional_str(d.get("reason")), bool(d.get("teardown", False)), float(d.get("resource_wait_s", 0.0)),
-        tuple(LogLine(dt.datetime.fromisoformat(ln["timestamp"]), str(ln["level"]), str(ln["message"]))
-              for ln in d.get("logs", ())),
+        tuple(LogLine(dt.datetime.fromisoformat(ln["timestamp"]), str(ln["level"]), str(ln["message"]),
+                      _optional_str(ln.get("fixture"))) for ln in d.get("logs", ())),
         tuple(Attachment(str(a["name"]), str(a["mimetype"]), b85decode(a["data"])) for a in d.get("attachments", ())),
     )
 

@@ -405,3 +405,26 @@ async def test_a_quality_user_moves_a_channel_on_the_builds_page_and_a_viewer_ma
         {"_id": "esp32-sensor@stable"}))
     assert channel["tag"] == "v1.2.4" and channel["previous"] == "v1.2.3" and channel["moved_by"] == "quality"
     assert "<td class=\"mono\">v1.2.3</td>" in page.text  # the tag before, shown
+
+
+async def test_ci_uploads_with_the_command_and_moves_a_channel_with_it(portal: Portal, tmp_path: Path) -> None:
+    ci = await token(portal, "quality")
+    env = {**os.environ, "SEQUENCER_PORTAL_TOKEN": ci, "SEQUENCER_PORTAL_URL": portal.url}
+
+    async def builds(*argv: str) -> tuple[int, str]:
+        done = await trio.run_process([sys.executable, "-m", "sequencer.cli", "builds", *argv], capture_stdout=True,
+                                      capture_stderr=True, check=False, env=env, cwd=ROOT)
+        return done.returncode, done.stdout.decode() + done.stderr.decode()
+
+    manifest, _ = build_manifest(BUILD, "esp32-sensor", "v1.2.3")
+    code, out = await builds("upload", str(BUILD), "--product", "esp32-sensor", "--tag", "v1.2.3", "--channel", "beta")
+    assert code == 0, out
+    assert f"esp32-sensor@v1.2.3 uploaded: 4 files, {manifest.size} bytes, digest {manifest.digest}" in out
+    assert "esp32-sensor@beta now points at v1.2.3" in out and ci not in out
+    code, out = await builds("channel", "esp32-sensor", "stable", "v1.2.3")
+    assert code == 0 and "esp32-sensor@stable now points at v1.2.3" in out
+    code, out = await builds("channel", "esp32-sensor", "stable", "v9")
+    assert code == 2 and out.strip() == ("sequencer: error: moving esp32-sensor@stable to v9: the portal answered "
+                                         "404: no build esp32-sensor@v9: upload it first")
+    build = await find_build(STABLE, portal.url, ci, tmp_path / "cache")
+    assert build.label == "esp32-sensor@v1.2.3" and build.manifest.digest == manifest.digest

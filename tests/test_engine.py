@@ -297,6 +297,83 @@ async def test_stop_on_failure_aborts_in_flight_and_skips_pending(store_path: Pa
     assert run.outcome is Outcome.FAIL
 
 
+async def test_a_stopped_phase_whose_nursery_raises_while_cancelled_is_aborted_with_the_error_and_then_retried_never(
+    store_path: Path,
+) -> None:
+    cleaned: list[str] = []
+
+    @phase
+    async def fails() -> PhaseResult:
+        await trio.sleep(0.05)
+        return PhaseResult.FAIL
+
+    @phase(retries=2)
+    async def busy(ctx) -> None:
+        ctx.measurements.seen = 1.0
+
+        async def worker() -> None:
+            try:
+                await trio.sleep(10)
+            except trio.Cancelled:
+                cleaned.append("worker")
+                raise ValueError("cleanup failed") from None
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(worker)
+            await trio.sleep(10)  # the stop cancels this too: Cancelled and the worker's error come out together
+
+    busy = busy.with_measurements([Measurement("seen").in_range(0, 2)])
+
+    @phase(after=[busy])
+    async def later() -> None:
+        pass
+
+    @phase(teardown=True)
+    async def td() -> None:
+        pass
+
+    product = Product("p", [fails, busy, later, td], stop_on_failure=True)
+    [run] = await run_product(product, store_path)
+    assert outcomes(run) == {"fails": "FAIL", "busy": "ABORTED", "later": "SKIPPED", "td": "PASS"}
+    rec = run.phase("busy")
+    assert len(rec.attempts) == 1 and cleaned == ["worker"]
+    assert rec.reason == "run stopped: phase 'fails' ended FAIL"
+    assert rec.error is not None and "ValueError: cleanup failed" in rec.error.traceback
+    assert [(m.name, m.value) for m in rec.measurements] == [("seen", 1.0)]  # what it measured before the stop
+    assert run.outcome is Outcome.FAIL
+
+
+async def test_a_phase_that_swallows_the_stop_ends_as_it_returned_and_the_run_still_stops(store_path: Path) -> None:
+    @phase
+    async def fails() -> PhaseResult:
+        await trio.sleep(0.05)
+        return PhaseResult.FAIL
+
+    @phase
+    async def stubborn(ctx) -> None:
+        try:
+            await trio.sleep(10)
+        except trio.Cancelled:
+            ctx.log.info("ignoring the stop")  # wrong, but it is the phase's to answer for
+
+    @phase(after=[stubborn])
+    async def later() -> None:
+        pass
+
+    @phase(teardown=True)
+    async def td() -> None:
+        pass
+
+    product = Product("p", [fails, stubborn, later, td], stop_on_failure=True)
+    start = trio.current_time()
+    [run] = await run_product(product, store_path)
+    assert trio.current_time() - start < 5
+    assert outcomes(run) == {"fails": "FAIL", "stubborn": "PASS", "later": "SKIPPED", "td": "PASS"}
+    assert [line.message for line in run.phase("stubborn").logs] == ["ignoring the stop"]
+    assert run.phase("later").reason == "run stopped: phase 'fails' ended FAIL"
+    assert run.outcome is Outcome.FAIL
+
+
 async def test_run_if_branches_on_the_record(store_path: Path) -> None:
     @phase
     async def identify(ctx) -> None:

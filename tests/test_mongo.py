@@ -526,3 +526,59 @@ def test_a_mongod_that_cannot_start_is_reported_with_its_reason(tmp_path: Path) 
         taken.listen()
         with pytest.raises(MongodError, match=r"exited with status \d+: port already in use"):
             Mongod.start(tmp_path / "db", port=taken.getsockname()[1])
+
+
+# -- devices are units: the product's identity ------------------------------------------
+
+
+def _board_known_by_its_mac(product: str = "esp32_sensor") -> tuple[RunRecord, RunRecord]:
+    """A board whose identify phase failed (its run knows the MAC only), then its passing retest (serial and MAC)."""
+    failed = rf.run(serial=None, dut={"mac": "24:0A:C4:00:00:01"}, started_at=rf.at(0), product=product,
+                    phases=[rf.phase("identify", Outcome.FAIL, reason="no answer")])
+    passed = rf.run(serial="SN-1", dut={"serial": "SN-1", "mac": "24:0a:c4:00:00:01"}, started_at=rf.at(600),
+                    product=product)
+    return failed, passed
+
+
+@pytest.mark.parametrize("order", ["mac_first", "serial_first"])
+def test_a_run_that_knew_only_its_mac_is_its_units_device(mongo: MongoSettings, order: str) -> None:
+    """One board, one device, whichever run was shipped first: the retest's serial names it, and the failed
+    run's MAC (any spelling) puts that run in it, first_tested_at and all."""
+    failed, passed = _board_known_by_its_mac()
+    changes = [(1, failed), (2, passed)] if order == "mac_first" else [(2, passed), (1, failed)]
+    sink = MongoSink(mongo)
+    try:
+        for change in changes:  # one batch each: the other run is already in the database
+            assert not sink.write_runs([change]).rejected
+        sink.write_runs(changes)  # and again, both at once: nothing changes
+    finally:
+        sink.close()
+    db = database(mongo)
+    [device] = list(db.devices.find({}))
+    assert device["_id"] == "SN-1" and device["product"] == "esp32_sensor"
+    assert [e["run_id"] for e in device["runs"]] == [failed.run_id, passed.run_id]
+    assert [e["outcome"] for e in device["runs"]] == ["FAIL", "PASS"]
+    assert device["first_tested_at"] == failed.started_at and device["last_outcome"] == "PASS"
+    db.client.close()
+
+
+def test_a_mac_two_serials_claim_or_another_products_unit_puts_no_run_in_a_device(mongo: MongoSettings) -> None:
+    """A run without a serial joins a device only when one serial of its product holds its MAC."""
+    failed, passed = _board_known_by_its_mac()
+    other_product = attrs.evolve(passed, run_id="f" * 32, product="final_test")
+    twin = rf.run(serial="SN-2", dut={"serial": "SN-2", "mac": "24-0A-C4-00-00-01"}, started_at=rf.at(700))
+    lone = rf.run(serial=None, run_id="e" * 32, dut={"mac": "24:0a:c4:00:00:01"}, started_at=rf.at(800),
+                  phases=[rf.phase("identify", Outcome.FAIL, reason="no answer")])
+    sink = MongoSink(mongo)
+    db = database(mongo)
+    try:
+        sink.write_runs([(1, other_product)])
+        sink.write_runs([(2, failed)])  # the only serial with its MAC is of another product
+        assert [e["run_id"] for e in db.devices.find_one({"_id": "SN-1"})["runs"]] == [other_product.run_id]
+        sink.write_runs([(3, passed), (4, twin)])  # two serials of its product claim its MAC
+        sink.write_runs([(5, lone)])
+    finally:
+        sink.close()
+    holding = {d["_id"]: [e["run_id"] for e in d["runs"]] for d in db.devices.find({})}
+    assert holding == {"SN-1": [passed.run_id, other_product.run_id], "SN-2": [twin.run_id]}
+    db.client.close()

@@ -6,6 +6,7 @@ import datetime as dt
 import math
 import random
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -15,6 +16,7 @@ from reports.quality.pipeline import statistics_in_database
 from reports.quality.statistics import measurement_statistics
 from reports.storage.mongo import MongoSettings, MongoSink
 from sequencer.cli import main
+from sequencer.records import MeasurementOutcome
 from tests import records_factory as rf
 from tests.htmltree import parse
 from tests.store_support import store_runs
@@ -147,3 +149,75 @@ def test_the_period_shows_the_outcome_counts_apart() -> None:
     report = period_from_runs([rf.sensor_run("SN-1", vdd=3.5), crashed], product="esp32_sensor")
     assert report.count("FAIL") == 1 and report.count("ERROR", "TIMEOUT") == 1
     assert [p.phase for p in report.trouble_pareto] == ["self_test"]
+
+
+def test_the_database_bins_a_value_as_python_floor_division_does(mongo: MongoSettings) -> None:
+    """1.0 // 0.1 is 9 in Python, but 1.0 / 0.1 rounds to 10: the bin is the remainder's way, as Bins.index."""
+    from reports.quality.pipeline import _bin_of
+    from reports.quality.statistics import Bins
+    from tests.mongo_support import database
+
+    cases = [(0.0, 0.1, 1.0), (0.0, 0.1, 0.3), (0.0, 0.1, 0.7), (-1.0, 0.25, 1.9999999999999998), (3.1, 0.0125, 3.4),
+             (0.0, 1 / 3, 2.0), (5.0, 0.5, 4.0), (5.0, 0.5, 99.0)]
+    db = database(mongo)
+    db.cases.insert_many([{"i": i, "start": s, "width": w, "v": v} for i, (s, w, v) in enumerate(cases)])
+    got = [d["bin"] for d in db.cases.aggregate([{"$sort": {"i": 1}}, {"$project": {"bin": _bin_of("$v", 24)}}])]
+    assert got == [Bins(s, w, 24).index(v) for s, w, v in cases]
+    assert got[0] == 9  # not floor(1.0 / 0.1) = 10
+
+
+def test_mongodb_statistics_at_the_edges_are_pythons(mongo: MongoSettings) -> None:
+    """Constant values, one-sided limits, integers, NaN only, a measurement never judged: moments and bins alike."""
+    def edge_run(i: int) -> Any:
+        ms = [
+            rf.measurement("constant", 2.5, low=2.0, high=3.0),
+            rf.measurement("one_sided", 0.1 * (i % 7), high=1.0),
+            rf.measurement("count", 10 + i % 3, units="pcs", low=9, high=13),
+            rf.measurement("no_limits", 1e-9 * i),
+            rf.measurement("nan", math.nan, low=0.0, high=1.0, outcome=MeasurementOutcome.FAIL),  # as judged
+            rf.measurement("unset", 1.0, outcome=MeasurementOutcome.UNSET),
+        ]
+        return rf.run(serial=f"SN-{i}", started_at=rf.at(60 * i), phases=[rf.phase("edges", measurements=ms)])
+
+    runs = [edge_run(i) for i in range(40)]
+    sink = MongoSink(mongo)
+    try:
+        report = sink.write_runs([(i + 1, r) for i, r in enumerate(runs)])
+        assert not report.rejected
+        in_db = {s.name: s for s in statistics_in_database(sink.runs, {"product": "esp32_sensor"})}
+    finally:
+        sink.close()
+    in_python = {s.name: s for s in measurement_statistics(runs)}
+    assert set(in_db) == set(in_python) == {"constant", "one_sided", "count", "no_limits", "nan"}
+    for name, mine in in_python.items():
+        theirs = in_db[name]
+        assert (theirs.moments.n, theirs.moments.fails, theirs.moments.marginals) == (
+            mine.moments.n, mine.moments.fails, mine.moments.marginals), name
+        for field in ("mean", "sd", "minimum", "maximum", "mr_mean"):
+            a, b = getattr(theirs.moments, field), getattr(mine.moments, field)
+            assert (a is None and b is None) or math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-18), (name, field, a, b)
+        assert theirs.histogram == mine.histogram, name
+    assert in_db["nan"].moments.n == 0 and in_db["nan"].moments.fails == 40 and in_db["nan"].histogram is None
+    assert in_db["constant"].histogram is not None and sum(in_db["constant"].histogram.counts) == 40
+
+
+def test_a_periods_units_are_the_batch_pages_units_without_keeping_a_run() -> None:
+    """The period's tally keeps no run ids (a unit per identity); it must still count the units a batch page does:
+    a board known first by its MAC, its serial and MAC retest, and a serial seen again with another board's MAC."""
+    from reports.quality.yields import batch_summary
+
+    mac = "24:0a:c4:00:00:01"
+    failed = [rf.phase("identify", rf.Outcome.FAIL, reason="no answer")]
+    runs = [
+        rf.run(serial=None, dut={"mac": mac}, started_at=rf.at(0), phases=failed),
+        rf.run(serial="SN-1", dut={"serial": "SN-1", "mac": mac.upper()}, started_at=rf.at(60)),
+        rf.run(serial="SN-2", dut={"serial": "SN-2", "mac": "24:0a:c4:00:00:02"}, started_at=rf.at(120), phases=failed),
+        rf.run(serial="SN-2", dut={"serial": "SN-2", "mac": "24:0a:c4:00:00:09"}, started_at=rf.at(180)),  # conflict
+        rf.run(serial="SN-2", dut={"serial": "SN-2", "mac": "24:0a:c4:00:00:09"}, started_at=rf.at(240)),
+        rf.run(serial="SN-3", started_at=rf.at(300)),
+    ]
+    summary = batch_summary(runs)
+    [total] = period_yields(runs).by_operator
+    assert (total.units, total.first_pass_units, total.final_pass_units, total.runs) == (
+        summary.yield_units, summary.first_pass_units, summary.final_pass_units, summary.runs)
+    assert summary.yield_units == 5 and len(summary.conflicts) == 2

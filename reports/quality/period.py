@@ -15,16 +15,17 @@ arithmetic locally, aggregation pipelines in MongoDB).
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import attrs
 
 from reports.quality.statistics import MeasurementStatistics, measurement_statistics
-from reports.quality.units import group_units
+from reports.quality.units import UnitGrouping
 from reports.quality.yields import ParetoRow, batch_summary
 from sequencer.records import Outcome, RunRecord
 
+_NO_OFFSET = dt.timedelta(0)
 #: A period longer than this is shown by day, a shorter one by hour.
 HOURLY_UP_TO = dt.timedelta(days=1)
 
@@ -64,52 +65,106 @@ class PeriodYields:
 
 
 def time_bucket(when: dt.datetime, hourly: bool) -> str:
-    utc = when.astimezone(dt.timezone.utc)
+    # already UTC as the store and MongoDB give it: no conversion (a period of 100,000 runs makes 100,000)
+    utc = when if when.utcoffset() == _NO_OFFSET else when.astimezone(dt.timezone.utc)
     return utc.strftime("%Y-%m-%d %H:00") if hourly else utc.strftime("%Y-%m-%d")
 
 
-def is_hourly(since: dt.datetime | None, until: dt.datetime | None, ordered: Sequence[Any]) -> bool:
-    """By hour when the period (as asked, else as found) is a day or shorter."""
-    start = since or (ordered[0].started_at if ordered else None)
-    end = until or (ordered[-1].started_at if ordered else None)
+def is_hourly(since: dt.datetime | None, until: dt.datetime | None, first: dt.datetime | None,
+              last: dt.datetime | None) -> bool:
+    """By hour when the period (as asked, else as found: its ``first`` and ``last`` start) is a day or shorter."""
+    start = since or first
+    end = until or last
     return start is not None and end is not None and end - start <= HOURLY_UP_TO
 
 
-def period_yields(ordered: Sequence[RunRecord], *, since: dt.datetime | None = None,
-                  until: dt.datetime | None = None) -> PeriodYields:
-    """The yields of ``ordered`` (oldest first; run headers are enough) by time, station, slot and operator."""
-    hourly = is_hourly(since, until, ordered)
-    units = group_units(ordered)
-    first_run: dict[str, RunRecord] = {}
-    finished: dict[str, list[RunRecord]] = {}
-    for r in ordered:
-        key = units.of(r).key
-        first_run.setdefault(key, r)
-        if r.outcome is not None:
-            finished.setdefault(key, []).append(r)
+#: The tables of a period's yields, in the order :func:`_buckets` gives a run's buckets.
+_TABLES = ("day", "hour", "station", "slot", "operator")
 
-    def table(bucket_of: Callable[[RunRecord], str]) -> tuple[YieldRow, ...]:
-        rows: dict[tuple[str, str], list[int]] = {}
-        for r in ordered:
-            counts = rows.setdefault((r.product, bucket_of(r)), [0] * 5)
+
+def _buckets(r: Any) -> tuple[str, ...]:
+    hour = time_bucket(r.started_at, True)
+    return hour[:10], hour, r.station, f"{r.station} slot {r.slot}", r.operator or "(none)"
+
+
+class _UnitYield:
+    """A unit's place (its first run's buckets) and its first and last finished outcome."""
+
+    __slots__ = ("product", "buckets", "first", "final")
+
+    def __init__(self, product: str, buckets: tuple[str, ...]) -> None:
+        self.product = product
+        self.buckets = buckets
+        self.first: Outcome | None = None
+        self.final: Outcome | None = None
+
+
+class PeriodTally:
+    """:func:`period_yields` a run (or run header) at a time, oldest first, keeping none of them.
+
+    What grows is per unit, not per run: its identity in the index
+    (:class:`~reports.quality.units.UnitGrouping` without run ids), its first
+    run's buckets and two outcomes. The runs' counts are per bucket. Both the
+    hour and the day are counted, since whether the period is shown by hour
+    is known only at its end.
+    """
+
+    def __init__(self) -> None:
+        self._grouping = UnitGrouping(keep_runs=False)
+        self._units: dict[Any, _UnitYield] = {}
+        self._runs: dict[tuple[str, str, str], list[int]] = {}  # (table, product, bucket) -> [runs, passed]
+        # each distinct tuple of buckets once: a unit points at its first run's (a few hundred bytes less a unit)
+        self._places: dict[tuple[str, ...], tuple[str, ...]] = {}
+        self.first: dt.datetime | None = None
+        self.last: dt.datetime | None = None
+
+    def add(self, r: Any) -> None:
+        building = self._grouping.add(r)
+        buckets = _buckets(r)
+        unit = self._units.get(building)
+        if unit is None:
+            buckets = self._places.setdefault(buckets, buckets)
+            unit = self._units[building] = _UnitYield(building.product, buckets)
+        for table, bucket in zip(_TABLES, buckets, strict=True):
+            counts = self._runs.setdefault((table, r.product, bucket), [0, 0])
             counts[0] += 1
             counts[1] += r.outcome is Outcome.PASS
-        for key, runs in finished.items():
-            counts = rows.setdefault((runs[0].product, bucket_of(first_run[key])), [0] * 5)
-            counts[2] += 1
-            counts[3] += runs[0].outcome is Outcome.PASS
-            counts[4] += runs[-1].outcome is Outcome.PASS
-        return tuple(YieldRow(product, bucket, *counts) for (product, bucket), counts in sorted(rows.items()))
+        if r.outcome is not None:
+            if unit.first is None:
+                unit.first = r.outcome
+            unit.final = r.outcome
+        if self.first is None:
+            self.first = r.started_at
+        self.last = r.started_at
 
-    return PeriodYields(
-        since=since,
-        until=until,
-        hourly=hourly,
-        by_time=table(lambda r: time_bucket(r.started_at, hourly)),
-        by_station=table(lambda r: r.station),
-        by_slot=table(lambda r: f"{r.station} slot {r.slot}"),
-        by_operator=table(lambda r: r.operator or "(none)"),
-    )
+    def yields(self, *, since: dt.datetime | None = None, until: dt.datetime | None = None) -> PeriodYields:
+        hourly = is_hourly(since, until, self.first, self.last)
+        rows: dict[str, dict[tuple[str, str], list[int]]] = {table: {} for table in _TABLES}
+        for (table, product, bucket), (runs, passed) in self._runs.items():
+            rows[table][(product, bucket)] = [runs, passed, 0, 0, 0]
+        for unit in self._units.values():
+            if unit.first is None:
+                continue  # never finished: not in the yields
+            for table, bucket in zip(_TABLES, unit.buckets, strict=True):
+                counts = rows[table].setdefault((unit.product, bucket), [0] * 5)
+                counts[2] += 1
+                counts[3] += unit.first is Outcome.PASS
+                counts[4] += unit.final is Outcome.PASS
+
+        def table(name: str) -> tuple[YieldRow, ...]:
+            return tuple(YieldRow(product, bucket, *counts) for (product, bucket), counts in sorted(rows[name].items()))
+
+        return PeriodYields(since=since, until=until, hourly=hourly, by_time=table("hour" if hourly else "day"),
+                            by_station=table("station"), by_slot=table("slot"), by_operator=table("operator"))
+
+
+def period_yields(ordered: Iterable[Any], *, since: dt.datetime | None = None,
+                  until: dt.datetime | None = None) -> PeriodYields:
+    """The yields of ``ordered`` (oldest first; run headers are enough) by time, station, slot and operator."""
+    tally = PeriodTally()
+    for r in ordered:
+        tally.add(r)
+    return tally.yields(since=since, until=until)
 
 
 @attrs.frozen(slots=True)

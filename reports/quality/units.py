@@ -84,13 +84,14 @@ class Units:
 
 
 class _Building:
-    __slots__ = ("product", "order", "values", "run_ids", "conflict")
+    __slots__ = ("product", "order", "values", "first_run", "run_ids", "conflict")
 
-    def __init__(self, product: str, order: Sequence[str]) -> None:
+    def __init__(self, product: str, order: Sequence[str], first_run: str) -> None:
         self.product = product
         self.order = order
         self.values: dict[str, str] = {}  # key -> value as first recorded
-        self.run_ids: list[str] = []
+        self.first_run = first_run
+        self.run_ids: list[str] = []  # left empty by a grouping that keeps no run ids
         self.conflict: str | None = None
 
     def freeze(self) -> Unit:
@@ -110,10 +111,13 @@ class UnitGrouping:
     :meth:`add` each run, oldest first; it returns the unit the run joined
     (the same object for every run of a unit, so a caller can keep its own
     numbers per unit); :meth:`units` freezes them at the end. What is kept is
-    the identity index and each run's id.
+    the identity index and each run's id; without ``keep_runs``, only the
+    identity index (a period's yields need each run's unit as it comes, not
+    which runs each unit had), and :meth:`units` cannot be made.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, keep_runs: bool = True) -> None:
+        self._keep_runs = keep_runs
         self._building: list[_Building] = []
         self._index: dict[tuple[str, str, str], _Building] = {}  # (product, key, normal value) -> unit
         self._by_run: dict[str, _Building] = {}
@@ -135,23 +139,27 @@ class UnitGrouping:
             for k, v in ids:
                 have = unit.values.get(k)
                 if have is not None and normal_value(k, have) != normal_value(k, v):
-                    conflict = (f"{k_same} {v_same} was tested before with {k} {have} (run {unit.run_ids[0]});"
+                    conflict = (f"{k_same} {v_same} was tested before with {k} {have} (run {unit.first_run});"
                                 f" this run reports {k} {v}")
                     unit = None
                     break
         if unit is None:
-            unit = _Building(run.product, run.identity)
+            unit = _Building(run.product, run.identity, run.run_id)
             unit.conflict = conflict
-            self._building.append(unit)
-        unit.run_ids.append(run.run_id)
+            if self._keep_runs:
+                self._building.append(unit)
         for k, v in ids:
             unit.values.setdefault(k, v)
             # A flagged unit does not take over the values another unit already holds.
             self._index.setdefault((run.product, k, normal_value(k, v)), unit)
-        self._by_run[run.run_id] = unit
+        if self._keep_runs:
+            unit.run_ids.append(run.run_id)
+            self._by_run[run.run_id] = unit
         return unit
 
     def units(self) -> Units:
+        if not self._keep_runs:
+            raise TypeError("a UnitGrouping made with keep_runs=False kept no runs to freeze into units")
         frozen = {id(b): b.freeze() for b in self._building}
         return Units(tuple(frozen[id(b)] for b in self._building),
                      {rid: frozen[id(b)] for rid, b in self._by_run.items()})
@@ -166,4 +174,4 @@ def group_units(ordered: Iterable[RunRecord]) -> Units:
 
 
 def _name(unit: _Building) -> str:
-    return ", ".join(f"{k} {v}" for k, v in unit.values.items()) or f"run {unit.run_ids[0]}"
+    return ", ".join(f"{k} {v}" for k, v in unit.values.items()) or f"run {unit.first_run}"

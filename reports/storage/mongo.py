@@ -6,8 +6,9 @@ Two collections (``docs/mongodb.md`` has the full shapes)::
              and rewritten whole each time the station's store records a change
              (a phase, the identity, the outcome), guarded by the store's change
              number ``seq``: a document is only replaced by a *newer* state.
-    devices  one document per DUT serial, _id = serial. ``runs`` holds one
-             entry per run (its newest state: outcome, identity attributes),
+    devices  one document per unit, _id = its serial (a run that knew only
+             the unit's MAC is in it too: MongoSink._devices_by_identity).
+             ``runs`` holds one entry per run (its newest state: outcome, identity attributes),
              and everything else is recomputed from those entries: the newest
              run by (started_at, run_id) gives last_outcome and product, the
              attributes are merged oldest to newest, first_tested_at is the
@@ -17,7 +18,9 @@ Both writes are idempotent and order-independent, which is what lets the
 shipper (``reports/storage/shipper.py``) be at-least-once underneath and exactly-once
 in the database: shipping the same change twice, two changes out of order, or
 a retry of a batch that may or may not have landed all converge on the same
-documents.
+documents. (One exception: the runs without a serial whose MAC two serials of a
+product claim join neither device when the claims arrive together, or the
+first when they do not; the reports flag such units either way.)
 
 DUT-supplied text is untrusted. Keys of the ``dut`` mapping (and of any mapping
 inside a measurement value) are escaped so that ``$``, ``.``, NUL and the empty
@@ -497,8 +500,12 @@ def device_entry(run: RunRecord | RunData | StoredRun, seq: int) -> dict[str, An
     }
 
 
-def device_update(run: RunRecord | RunData | StoredRun, seq: int) -> UpdateOne | None:
+def device_update(run: RunRecord | RunData | StoredRun, seq: int, serial: str | None = None) -> UpdateOne | None:
     """Fold ``run`` (as of change ``seq``) into its device's document; ``None`` without a serial.
+
+    ``serial``: the device's, for a run that does not know it (its identify
+    phase failed; the unit is known by another of its identity values, see
+    :meth:`MongoSink.write_runs`).
 
     The document keeps one entry per run, the newest state of each (by
     ``seq``), sorted by (started_at, run_id); every other field is recomputed
@@ -509,11 +516,12 @@ def device_update(run: RunRecord | RunData | StoredRun, seq: int) -> UpdateOne |
     earliest start.
     """
     stored = StoredRun.of(run)
-    if not stored.serial:
+    serial = serial or stored.serial
+    if not serial:
         return None
     # Cleaned here (not by encode_document) so the pipeline always encodes;
     # the same escaping as the run document's, so _id matches runs.serial.
-    serial = _clean_text(stored.serial)
+    serial = _clean_text(serial)
     entry = _clean_text(device_entry(stored, seq))
     rid = entry["run_id"]
     runs = {"$ifNull": ["$runs", []]}
@@ -536,8 +544,9 @@ def device_update(run: RunRecord | RunData | StoredRun, seq: int) -> UpdateOne |
     )
 
 
-def device_detach(run: RunRecord | RunData | StoredRun, seq: int) -> list[UpdateMany | DeleteMany]:
-    """Take ``run`` off every other serial's device that lists an older state of it.
+def device_detach(run: RunRecord | RunData | StoredRun, seq: int,
+                  serial: str | None = None) -> list[UpdateMany | DeleteMany]:
+    """Take ``run`` off every other serial's device (than ``serial``, or its own) that lists an older state of it.
 
     A run identified as one serial and later as another (a label scanned,
     then the DUT's own answer) was folded into both devices; the first then
@@ -547,7 +556,8 @@ def device_detach(run: RunRecord | RunData | StoredRun, seq: int) -> list[Update
     only ever that run's mistaken serial.
     """
     stored = StoredRun.of(run)
-    serial = _clean_text(stored.serial) if stored.serial else None
+    serial = serial or stored.serial
+    serial = _clean_text(serial) if serial else None
     rid = _clean_text(stored.run_id)
     older_here = {"_id": {"$ne": serial}, "runs": {"$elemMatch": {"run_id": rid, "seq": {"$lt": seq}}}}
     return [
@@ -892,11 +902,15 @@ class MongoSink:
                 rejected[r.run_id] = Rejection(r.run_id, seq, reason)
         device_ops: list[UpdateOne | UpdateMany | DeleteMany] = []
         device_keyed: list[tuple[int, StoredRun]] = []
-        for seq, r in keyed:
-            if r.run_id in rejected:
-                continue
-            op = device_update(r, seq)
-            more = device_detach(r, seq) if r.header.get("outcome") else []
+        shipped = [(seq, r) for seq, r in keyed if r.run_id not in rejected]
+        serial_of, known_only_by = self._devices_by_identity(shipped)
+        for seq, r in shipped:
+            serial = serial_of.get(r.run_id)
+            op = device_update(r, seq, serial)
+            more = device_detach(r, seq, serial) if r.header.get("outcome") else []
+            # The earlier runs of this unit that never learnt its serial join its device now.
+            more += [fold for d_seq, d in known_only_by.get(r.run_id, ())
+                     if (fold := device_update(d, d_seq, r.serial)) is not None]
             for o in ([op] if op is not None else []) + more:
                 device_ops.append(o)
                 device_keyed.append((seq, r))
@@ -910,6 +924,75 @@ class MongoSink:
             tuple(rejected.values()),
             sum(r.measurements for _, r in landed),
         )
+
+    def _devices_by_identity(
+        self, shipped: Sequence[tuple[int, StoredRun]],
+    ) -> tuple[dict[str, str], dict[str, list[tuple[int, StoredRun]]]]:
+        """Which device each run without a serial belongs to, and which such runs each run with one brings along.
+
+        A device is a unit of a product (``docs/mongodb.md``), named by its
+        serial. A run whose identify phase failed knows the unit only by
+        another of its product's identity values (``Product(identity=...)``:
+        the MAC by default); it belongs to the device of the same product
+        that holds that value, whichever of the two was shipped first:
+
+        * a run without a serial joins the one device that holds one of its
+          values in a run of its product;
+        * a run with a serial brings along the runs of its product without a
+          serial that share one of its values.
+
+        Where two serials claim a value (two devices, or two runs of the
+        batch), the runs without a serial join neither: the reports flag
+        such units, and a device does not guess. Two queries a batch, on the
+        ``attributes.<key>`` and ``dut.<key>`` indexes. Returns ({run id:
+        device serial}, {run id: [(seq, run)]}).
+        """
+        lone: list[tuple[StoredRun, list[tuple[str, str]]]] = []
+        named: list[tuple[StoredRun, list[tuple[str, str]]]] = []
+        for _, r in shipped:
+            values = _other_identity(r)
+            if values:
+                (named if r.serial else lone).append((r, values))
+        serial_of: dict[str, str] = {}
+        brings: dict[str, list[tuple[int, StoredRun]]] = {}
+        if not lone and not named:
+            return serial_of, brings
+        everyone = [(k, v) for _, values in (*lone, *named) for k, v in values]
+        try:
+            devices = list(self.devices.find(
+                {"$or": [{f"attributes.{encode_key(k)}": {"$in": _identity_spellings(k, v)}} for k, v in everyone]},
+                {"runs.product": 1, "runs.attributes": 1}))
+            lone_runs = [] if not named else list(self.runs.find(
+                {"serial": None, "$or": [{f"dut.{encode_key(k)}": {"$in": _identity_spellings(k, v)}}
+                                         for _, values in named for k, v in values]}, _FOLDED_FIELDS))
+        except pymongo.errors.PyMongoError as exc:
+            raise MongoUnavailable(describe_failure(exc)) from None
+
+        def holders(product: str, values: Sequence[tuple[str, str]]) -> set[str]:
+            """The serials whose devices hold one of ``values`` in a run of ``product``, and this batch's runs'."""
+            found = {d["_id"] for d in devices if any(
+                e.get("product") == product and _shares(decode_mapping(e.get("attributes") or {}), values)
+                for e in d.get("runs") or ())}
+            found.update(r.serial for r, theirs in named if r.header["product"] == product and r.serial
+                         and _shares(dict(theirs), values))
+            return found
+
+        for r, values in lone:
+            serials = holders(r.header["product"], values)
+            if len(serials) == 1:
+                serial_of[r.run_id] = serials.pop()
+        for d in lone_runs:
+            folded = _folded_run(d)
+            values = _other_identity(folded)
+            serials = holders(d["product"], values)
+            if len(serials) != 1:
+                continue  # two units claim it (a report flags them): it joins neither
+            [serial] = serials
+            for r, theirs in named:
+                if r.serial == serial and r.header["product"] == d["product"] and _shares(dict(theirs), values):
+                    brings.setdefault(r.run_id, []).append((int(d["seq"]), folded))
+                    break
+        return serial_of, brings
 
     def _bulk(self, collection: Any, ops: Sequence[UpdateOne | UpdateMany | DeleteMany]) -> dict[int, str]:
         """Run ``ops``; return {index: reason} of the permanently refused ones, raise if any may be lost."""
@@ -1040,8 +1123,11 @@ class MongoSink:
         """The trend report of ``product`` over a period, every station's runs (or ``station``'s).
 
         Yields come from the runs' headers (identity, outcome, where and when:
-        no phases); outcome counts, Paretos and measurement statistics are
-        aggregated in the database (:mod:`reports.quality.pipeline`).
+        no phases), streamed from a cursor and tallied per unit
+        (:class:`reports.quality.period.PeriodTally`); outcome counts and
+        Paretos (one aggregation) and measurement statistics (one more, which
+        reads the runs once) are computed in the database
+        (:mod:`reports.quality.pipeline`).
         """
         from reports.quality.period import RunHeader
         from reports.quality.pipeline import period_from_database
@@ -1191,6 +1277,41 @@ def _run_query(
     if run_id_prefix is not None:
         query["_id"] = {"$regex": "^" + re.escape(run_id_prefix)}
     return query
+
+
+def _other_identity(run: StoredRun) -> list[tuple[str, str]]:
+    """The run's identity values other than its serial (its product's keys: the MAC by default), as recorded."""
+    d = run.header
+    dut = d.get("dut") or {}
+    return [(k, v) for k in (d.get("identity") or DEFAULT_IDENTITY)
+            if k != "serial" and isinstance(v := dut.get(k), str) and v.strip()]
+
+
+def _identity_spellings(key: str, value: str) -> list[str]:
+    return mac_spellings(value) if key.endswith("mac") else _spellings(value.strip())
+
+
+def _shares(values: Mapping[str, Any], identity: Sequence[tuple[str, str]]) -> bool:
+    """Whether ``values`` (a device's attributes, a run's dut) hold one of ``identity``'s values, as units compare."""
+    from reports.quality.units import normal_value
+
+    return any(isinstance(have := values.get(k), str) and normal_value(k, have) == normal_value(k, v)
+               for k, v in identity)
+
+
+#: What a run's device entry needs of a ``runs`` document (:func:`device_entry`).
+_FOLDED_FIELDS = {"seq": 1, "product": 1, "station": 1, "started_at": 1, "outcome": 1, "dut": 1, "identity": 1}
+
+
+def _folded_run(doc: Mapping[str, Any]) -> StoredRun:
+    """A run without a serial, read back from its ``runs`` document, as :func:`device_update` takes it."""
+    started = doc["started_at"]
+    if started.tzinfo is None:
+        started = started.replace(tzinfo=dt.timezone.utc)
+    header = {"run_id": doc["_id"], "product": doc["product"], "station": doc["station"],
+              "started_at": started.isoformat(), "outcome": doc.get("outcome"),
+              "dut": decode_mapping(doc.get("dut") or {}), "identity": doc.get("identity") or DEFAULT_IDENTITY}
+    return StoredRun(header, ())
 
 
 def _spellings(text: str) -> list[str]:

@@ -447,6 +447,36 @@ def _read_journal(paths: list[Path]) -> tuple[list[_Write], int]:
     return writes, damaged
 
 
+#: ``UPDATE ... FROM`` (SQLite 3.33): the runs of a transaction get their change numbers in a few statements.
+_UPDATE_FROM = sqlite3.sqlite_version_info >= (3, 33)
+#: Parameters per statement: SQLite's limit before 3.32.
+_MAX_PARAMETERS = 999
+_INSERT_RUN = ("INSERT INTO runs (run_id, batch, serial, product, station, slot, outcome, started_at, ended_at, header,"
+               " seq) VALUES")
+_RUN_ROW = "(?,?,?,?,?,?,?,?,?,?,?)"
+
+
+def _execute_rows(conn: sqlite3.Connection, head: str, row: str, tail: str, rows: list[tuple[Any, ...]]) -> None:
+    """``head (row),(row),... tail`` for every row in ``rows``, in order, as a few multi-row statements.
+
+    What ``executemany`` does, in a few steps instead of one per row: each
+    step lets go of the GIL and takes it back, and each time it takes it
+    back while a slot holds it, that slot, on its next release (its journal
+    append), waits for this thread to be woken and done. Chunks are of a
+    power of two rows, the largest whose parameters SQLite takes, then
+    smaller powers of two: few distinct statements are ever prepared
+    (sqlite3 caches them by their text).
+    """
+    most = 1 << ((_MAX_PARAMETERS // row.count("?")).bit_length() - 1)
+    start = 0
+    while start < len(rows):
+        left = len(rows) - start
+        size = most if left >= most else 1 << (left.bit_length() - 1)
+        chunk = rows[start:start + size]
+        conn.execute(f"{head} {','.join([row] * size)}{tail}", [value for r in chunk for value in r])
+        start += size
+
+
 class LocalStore:
     """A station's SQLite store. Open with :meth:`open`; write through :meth:`writer`."""
 
@@ -797,9 +827,10 @@ class LocalStore:
 
         A run's row changes with every write (its change number, and its
         header when the identity changed), but only its state at the end of
-        the transaction matters: the phases go in with one ``executemany``,
-        and each run still open is updated once. This keeps the copier's
-        Python work, and so its share of the GIL the slots run under, small.
+        the transaction matters: the phases go in with a few multi-row
+        statements (see :func:`_execute_rows`), and each run still open is
+        updated once. This keeps the copier's Python work, and so its share
+        of the GIL the slots run under, small.
         """
         # Identity as this transaction leaves it; kept only once it commits,
         # so a rolled-back batch cannot make the cache claim a header that
@@ -808,6 +839,8 @@ class LocalStore:
         phase_rows: list[tuple[str, int, str, str, str]] = []
         #: runs whose last write here was a phase: their last change number and identity
         touched: dict[str, tuple[int, dict[str, str]]] = {}
+        begun: list[tuple[Any, ...]] = []
+        finished: list[tuple[Any, ...]] = []
         with self._lock, self._transaction() as conn:
             if self._seq is None:
                 self._seq = _last_seq(conn, self.epoch)
@@ -819,31 +852,25 @@ class LocalStore:
                     touched[w.run_id] = (seq, w.dut)
                 elif w.kind == "begin":
                     batch, serial, product, station, slot, _, started_at, _ = w.columns
-                    # A replayed journal may hold the beginning of a run the
-                    # database already has: what follows it brings it up to date.
-                    conn.execute(
-                        "INSERT INTO runs (run_id, batch, serial, product, station, slot, outcome, started_at,"
-                        " ended_at, header, seq) VALUES (?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT (run_id) DO NOTHING",
-                        (w.run_id, batch, serial, product, station, slot, None, started_at, None, w.header, seq),
-                    )
+                    begun.append((w.run_id, batch, serial, product, station, slot, None, started_at, None, w.header,
+                                  seq))
                     duts[w.run_id] = dict(w.dut)
                 else:
-                    batch, serial, product, station, slot, outcome, started_at, ended_at = w.columns
-                    # An insert only when replaying a journal that lost the
-                    # run's beginning: the finish carries the whole header.
-                    conn.execute(
-                        "INSERT INTO runs (run_id, batch, serial, product, station, slot, outcome, started_at,"
-                        " ended_at, header, seq) VALUES (?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT (run_id) DO UPDATE SET"
-                        " outcome=excluded.outcome, ended_at=excluded.ended_at, serial=excluded.serial,"
-                        " header=excluded.header, seq=excluded.seq",
-                        (w.run_id, batch, serial, product, station, slot, outcome, started_at, ended_at, w.header,
-                         seq),
-                    )
+                    finished.append((w.run_id, *w.columns, w.header, seq))
                     touched.pop(w.run_id, None)  # the finished header has the final identity
                     duts[w.run_id] = None  # finished: no longer open
-            conn.executemany(
-                "INSERT OR REPLACE INTO phases (run_id, idx, name, outcome, record) VALUES (?,?,?,?,?)", phase_rows
-            )
+            # A run's beginning comes before its end in the journal, and both
+            # before its phases need its row: begun, then finished, then phases.
+            # A replayed journal may hold the beginning of a run the database
+            # already has: what follows it brings it up to date.
+            _execute_rows(conn, _INSERT_RUN, _RUN_ROW, " ON CONFLICT (run_id) DO NOTHING", begun)
+            # An insert only when replaying a journal that lost the run's
+            # beginning: the finish carries the whole header.
+            _execute_rows(conn, _INSERT_RUN, _RUN_ROW,
+                          " ON CONFLICT (run_id) DO UPDATE SET outcome=excluded.outcome, ended_at=excluded.ended_at,"
+                          " serial=excluded.serial, header=excluded.header, seq=excluded.seq", finished)
+            _execute_rows(conn, "INSERT OR REPLACE INTO phases (run_id, idx, name, outcome, record) VALUES",
+                          "(?,?,?,?,?)", "", phase_rows)
             unchanged = []
             for run_id, (run_seq, dut) in touched.items():
                 last = duts[run_id] if run_id in duts else self._open_duts.get(run_id)
@@ -859,7 +886,11 @@ class LocalStore:
                     (json.dumps(data, separators=(",", ":")), dut.get("serial"), run_seq, run_id),
                 )
                 duts[run_id] = dict(dut)
-            conn.executemany("UPDATE runs SET seq=? WHERE run_id=?", unchanged)
+            if _UPDATE_FROM:
+                _execute_rows(conn, "UPDATE runs SET seq=v.column1 FROM (VALUES", "(?,?)",
+                              ") AS v WHERE runs.run_id=v.column2", unchanged)
+            else:
+                conn.executemany("UPDATE runs SET seq=? WHERE run_id=?", unchanged)
         # Committed: the change numbers are taken, the identities written.
         self._seq = seq
         for run_id, dut in duts.items():

@@ -21,6 +21,7 @@ Usage::
     python tools/bench/engine_vs_openhtf.py            # run, print the table
     python tools/bench/engine_vs_openhtf.py --write    # ... and rewrite its section of docs/benchmarks.md
     python tools/bench/engine_vs_openhtf.py --quick    # smoke run (1 rep, N = 1, 16)
+    python tools/bench/engine_vs_openhtf.py --write --instructions   # ... then instructions per phase too
 
 Targets (from the issues): per-phase overhead <= 1/10 of OpenHTF's; 16 DUTs
 within 1.1x and 256 DUTs within 1.3x of the ideal wall time; at 256 DUTs the
@@ -493,9 +494,10 @@ def cpu_budget(s: dict[str, Any], n: int, limit: float) -> str:
         f"{phases:,} phases, **{budget:.0f} µs per phase**. In this run the bare floor (trio tasks doing nothing "
         f"but the same sleeps, on the station's clock) spent **{floor:.0f} µs** of CPU per phase by itself, "
         f"leaving {max(budget - floor, 0):.0f} µs for the engine and the store together; the engine alone "
-        f"spent {engine:.0f} µs per phase on top of the floor (the phase's timeout scope and context, its "
-        f"measurement, its record), and the store {store:.0f} µs more (encoding and appending the record, and "
-        "the copier's share of the GIL)."
+        f"spent {engine:.0f} µs per phase on top of the floor (the phase's context, its measurement, its "
+        f"record), and the store {store:.0f} µs more (encoding and appending the record, and the copier's "
+        "SQLite work and share of the GIL). The instruction counts (`phase_instructions.py`, below) split the "
+        "same way without depending on the load."
     )
 
 
@@ -638,7 +640,14 @@ def render_section(meta: dict[str, Any], s: dict[str, Any], targets: list[dict[s
         "thread, 0.26 ms per phase in (a); a writer woken per record also competed with the slots for the GIL "
         "at every record, so the copier runs on a timer, and the writes do not yield. Last, the station's "
         "clock wakes the loop at deadlines (above), and a run's first chain of phases runs in the run's own "
-        "task. Over the same benchmark on this machine, before these cuts and after (several runs, the "
+        "task. Then (issue 17): a phase without a timeout of its own runs its attempts in its chain's cancel "
+        "scope instead of opening one per attempt (entering and leaving a trio cancel scope was some 50,000 "
+        "instructions, a tenth of a phase's; a stop cancels the chain's scope and the attempt it cut short is "
+        "ended outside it, as before); and the copier writes a transaction's phases, runs and change numbers "
+        "in a few multi-row statements instead of one per row: each statement lets go of the GIL and takes it "
+        "back, and every hand-over was paid by a slot at its next journal append (an append took 80-100 µs "
+        "of wall time with the copier running at 256 DUTs on the busy machine, 13-38 µs without it; 37-57 µs "
+        "after). Over the same benchmark on this machine, before these cuts and after (several runs, the "
         "machine shared, so ranges): (a) 0.86–1.05 -> 0.13–0.24 ms per phase (0.33x -> 0.06–0.09x of "
         "OpenHTF); (b) 16 DUTs 1.52x -> 1.06–1.08x, 64 DUTs 2.0x -> 1.13–1.23x, 256 DUTs 9.2x -> 2.9–4.6x of the "
         "ideal (at 256 the spread between runs is wide: the trio thread is saturated, so every burst of "
@@ -716,6 +725,9 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="also save every child's raw result here")
     ap.add_argument("--keep", action="store_true", help="keep the work directory (stores, JSON records)")
     ap.add_argument("--from-json", type=Path, help="run nothing: report (and --write) a result saved with --json")
+    ap.add_argument("--instructions", action="store_true",
+                    help="then count instructions per phase at 256 DUTs (phase_instructions.py; with --write, its "
+                         "section too): the numbers that do not depend on the load; ~5-15 min more")
     args = ap.parse_args()
     if args.from_json:
         saved = json.loads(args.from_json.read_text())
@@ -802,6 +814,11 @@ def main() -> None:
             raise SystemExit("--write needs both frameworks and both scenarios")
         write_doc(render_section(meta, s, targets, ns))
         print(f"wrote the {SECTION} section of {DOC.relative_to(REPO)}")
+    if args.instructions:
+        print("\ninstructions per phase (valgrind's callgrind):", flush=True)
+        subprocess.run([args.sequencer_python, str(HERE / "phase_instructions.py"),
+                        *(["--write"] if args.write else []), "--sequencer-python", args.sequencer_python],
+                       check=True)
 
 
 if __name__ == "__main__":
