@@ -46,7 +46,7 @@ class FixtureLines:
     """
 
     def __init__(self, phases: Iterable[Phase], in_flight: Mapping[str, Any],
-                 partial: Mapping[str, tuple[Any, KeptLines, Any]]) -> None:
+                 partial: Mapping[str, Any]) -> None:
         self._phases = tuple(phases)
         self._in_flight = in_flight
         self._partial = partial
@@ -69,7 +69,7 @@ class FixtureLines:
 
     def keep(self, phase: str | None, line: LogLine) -> None:
         kept = self._partial.get(phase) if phase is not None else None
-        (kept[1] if kept is not None else self.outside).keep(line)
+        (kept.log if kept is not None else self.outside).keep(line)  # the engine's _PhaseRun
 
 
 class FixtureLog:
