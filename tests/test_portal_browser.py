@@ -22,9 +22,14 @@ WAIT_S = 30.0
 
 
 def wait_for(condition, what: str, timeout: float = WAIT_S):  # type: ignore[no-untyped-def]
+    from selenium.common.exceptions import StaleElementReferenceException
+
     deadline = time.monotonic() + timeout
     while True:
-        value = condition()
+        try:
+            value = condition()
+        except StaleElementReferenceException:  # the live board re-rendered between finding and reading
+            value = None
         if value:
             return value
         if time.monotonic() > deadline:
