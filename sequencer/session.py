@@ -286,14 +286,14 @@ async def _shown(
     control: StationControl | None = None, panel: Panel | None = None,
 ) -> AsyncIterator[None]:
     """The notices and the header, then the slots shown live (or as plain lines) while the block runs."""
-    from sequencer.display import StationDisplay, show_live, show_plain
+    from sequencer.display import SHOWN_EVENTS, StationDisplay, show_live, show_plain
 
     for notice in notices:
         console.print(escape(notice))
     display = StationDisplay(places, len(loaded.product.all_phases), continuous=continuous)
     events = bus.subscribe("display", buffer=4096)
     # The panel's own subscription: a browser falling behind drops events for the panel alone.
-    panel_events = bus.subscribe("panel", buffer=4096) if panel is not None else None
+    panel_events = bus.subscribe("panel", buffer=4096, kinds=SHOWN_EVENTS) if panel is not None else None
     tested_by = f", operator {escape(printable(settings.operator))}" if settings.operator else ""
     console.print(f"[bold]{escape(printable(loaded.name))}[/bold] on {len(places)} slot(s), batch "
                   f"{escape(printable(settings.batch))}, station {escape(printable(settings.station))}"

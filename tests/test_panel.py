@@ -31,6 +31,7 @@ from sequencer.scans import ScanConfig, ScanRules
 from tests import records_factory as rf
 from tests.browser import selenium_chromium
 from web.panel.server import serve_panel
+from web.panel.state import DRAIN_S
 
 ROOT = Path(__file__).resolve().parent.parent
 _CSRF = re.compile(r'name="csrf" value="([^"]+)"')
@@ -61,11 +62,36 @@ async def test_a_question_is_answered_by_its_number_not_only_the_oldest() -> Non
     assert answers == {0: "yes", 1: "no"} and desk.open_questions == ()
 
 
+def test_the_panel_hears_every_event_its_tiles_show_and_not_each_measurement() -> None:
+    from typing import get_args
+
+    from sequencer.display import SHOWN_EVENTS
+    from sequencer.events import Event, MeasurementTaken
+
+    # A kind of event added later must be shown, or said here not to be.
+    assert set(get_args(Event)) - SHOWN_EVENTS == {MeasurementTaken}
+    bus = EventBus()
+    everything, shown = bus.subscribe("all"), bus.subscribe("panel", kinds=SHOWN_EVENTS)
+    bus.publish(MeasurementTaken("r", 0, "p", rf.measurement("vdd", 3.3)))
+    bus.publish(BoardRemoved(1))
+    assert isinstance(everything.receive_nowait(), MeasurementTaken)
+    assert shown.receive_nowait() == BoardRemoved(1)
+    with pytest.raises(trio.WouldBlock):
+        shown.receive_nowait()
+    assert bus.dropped == {"all": 0, "panel": 0}
+
+
 def _runs_finished(slot: int, serial: str, vdd: float) -> RunFinished:
     run = rf.sensor_run(serial, vdd=vdd, slot=slot)
     if run.outcome is not Outcome.PASS:
         run = attrs.evolve(run, disposition=Disposition.RETEST, instruction="Check the 3.3 V regulator (U3)")
     return RunFinished(run)
+
+
+async def caught_up() -> None:
+    """The panel has applied every event published so far: it takes them in batches, every DRAIN_S."""
+    await trio.sleep(2 * DRAIN_S)
+    await trio.testing.wait_all_tasks_blocked()
 
 
 async def _events(client: httpx.AsyncClient, url: str, wanted: int) -> list[dict[str, object]]:
@@ -93,6 +119,7 @@ async def test_the_panel_shows_tiles_streams_changes_and_starts_stops_and_answer
         nursery.start_soon(partial(panel.follow, bus.subscribe("panel"), ["/dev/a", "/dev/b"], 5, continuous=True))
         async with httpx.AsyncClient(base_url=panel.url, timeout=20) as client:
             bus.publish(BoardArrived(0, "/dev/a"))
+            await caught_up()
             started: dict[int, RunSettings] = {}
 
             async def slot_waits(slot: int) -> None:
@@ -162,7 +189,7 @@ async def test_the_panel_shows_tiles_streams_changes_and_starts_stops_and_answer
             # The verdict, large, with what to do; and after the board is out, the last unit on the tile.
             bus.publish(_runs_finished(0, "SN696100024", 3.39 + 0.3))
             nursery.start_soon(control.restarted, 0)  # as a continuous slot waits, its verdict on show
-            await trio.testing.wait_all_tasks_blocked()
+            await caught_up()
             page = (await client.get("/")).text
             tile = page.split('data-slot="0"', 1)[1].split("</section>", 1)[0]
             assert re.search(r'class="headline">RETEST<', tile)
@@ -170,7 +197,7 @@ async def test_the_panel_shows_tiles_streams_changes_and_starts_stops_and_answer
             assert 'action="/start"' in tile  # test it again with the board still in
             control.vacated(0)
             bus.publish(BoardRemoved(0))
-            await trio.testing.wait_all_tasks_blocked()
+            await caught_up()
             tile = (await client.get("/")).text.split('data-slot="0"', 1)[1].split("</section>", 1)[0]
             assert "put a board in" in tile and "last: SN696100024 RETEST" in tile
 

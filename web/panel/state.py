@@ -36,6 +36,8 @@ __all__ = ["COALESCE_S", "PanelState", "QuestionView", "TileView"]
 
 #: Changes closer together than this reach the browsers as one (a phase's progress ticks many times a second).
 COALESCE_S = 0.2
+#: The panel takes the station's events in batches at most this often (each batch one wake-up of its task).
+DRAIN_S = 0.05
 
 #: The colour class of a verdict's headline: good, a bin, station trouble, not tested to the end.
 HEADLINE_CLASS = {"PASS": "pass", "RETEST": "bin", "REWORK": "bin", "SCRAP": "bin", "FAIL": "bin",
@@ -113,14 +115,28 @@ class PanelState:
         self.last = {}
         self._bump()
         async with events:
-            async for event in events:
-                self.display.apply(event)
-                if isinstance(event, RunFinished) and 0 <= event.run.slot < len(self.display.slots):
-                    view = self.display.slots[event.run.slot]
-                    if view.verdict is not None:
-                        unit = printable(unit_label(event.run.dut)) or view.serial or "unit"
-                        self.last[view.index] = f"{unit} {view.verdict.headline}"
+            while True:
+                # Woken once per batch, not per event: a busy station's events cost the panel a task
+                # switch every DRAIN_S, and the slots' loop stays theirs.
+                try:
+                    self._apply(await events.receive())
+                    while True:
+                        self._apply(events.receive_nowait())
+                except trio.WouldBlock:
+                    pass
+                except trio.EndOfChannel:
+                    self._bump()
+                    return
                 self._bump()
+                await trio.sleep(DRAIN_S)
+
+    def _apply(self, event: Event) -> None:
+        self.display.apply(event)
+        if isinstance(event, RunFinished) and 0 <= event.run.slot < len(self.display.slots):
+            view = self.display.slots[event.run.slot]
+            if view.verdict is not None:
+                unit = printable(unit_label(event.run.dut)) or view.serial or "unit"
+                self.last[view.index] = f"{unit} {view.verdict.headline}"
 
     async def watch_operator(self) -> None:
         """Bump the version whenever the desk (questions, hints) or the control (scans, starts) changes."""
