@@ -29,7 +29,7 @@ from sequencer.operator import OperatorDesk, Question
 from sequencer.records import Disposition, Outcome
 from sequencer.scans import ScanConfig, ScanRules
 from tests import records_factory as rf
-from tests.browser import selenium_chromium
+from tests.browser import selenium_chromium, wait_for
 from web.panel.server import serve_panel
 from web.panel.state import DRAIN_S
 
@@ -162,6 +162,8 @@ async def test_the_panel_shows_tiles_streams_changes_and_starts_stops_and_answer
             seen = int(stream[0]["version"])  # type: ignore[arg-type]
             update = (await _events(client, f"/events?version={seen}", 1))[0]
             tiles = str(update["html"])
+            # Rendered once for every screen: no session's CSRF token in it (the page's script adds its own).
+            assert csrf not in tiles and 'name="csrf" value=""' in tiles
             assert "Is the LED green?" in tiles and 'value="yes"' in tiles and 'action="/stop"' in tiles
             number = re.search(r'name="question" value="(\d+)"', tiles).group(1)  # type: ignore[union-attr]
             wrong = await client.post("/answer", data={"question": number, "answer": "maybe", "csrf": csrf},
@@ -211,17 +213,6 @@ async def test_the_panel_shows_tiles_streams_changes_and_starts_stops_and_answer
             assert not said.json()["taken"] and "not a scan this station knows" in said.json()["said"]
         bus.close()
         nursery.cancel_scope.cancel()
-
-
-def wait_for(condition, what: str, timeout: float = WAIT_S):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
 
 
 def _station(tmp_path: Path, *args: str, station_file: str = "") -> tuple[subprocess.Popen[str], str]:

@@ -23,16 +23,16 @@ from typing import Any
 
 import trio
 from starlette.requests import Request
-from starlette.responses import JSONResponse, RedirectResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from web.app import csrf_form, csrf_token, render, require
+from web.app import csrf_form, render, require
 from web.auth import Role
 from web.panel.state import COALESCE_S, PanelState
+from web.sse import HEARTBEAT_S, event_stream, version_asked
 
 __all__ = ["panel_routes"]
 
-HEARTBEAT_S = 15.0
 #: Who the station's records say pressed a button or scanned on the panel.
 SOURCE = "the panel"
 
@@ -52,39 +52,28 @@ async def panel_events(request: Request) -> Response:
     require(request, Role.VIEWER)
     state: PanelState = request.app.state.panel
     templates = request.app.state.templates
-    try:
-        seen = int(request.query_params.get("version", "0"))
-    except ValueError:
-        seen = 0
-
-    csrf = csrf_token(request)  # made now, while the session cookie can still be set
+    seen = version_asked(request)
 
     def render_tiles(s: PanelState) -> str:
-        return str(templates.get_template("_tiles.html").render(csrf=csrf, **_context(s)))
+        # One rendering for every browser, so no session's CSRF token in it: the page's script
+        # sends its own with each form (static/panel.js).
+        return str(templates.get_template("_tiles.html").render(csrf="", **_context(s)))
 
     async def events() -> AsyncIterator[str]:
         nonlocal seen
-        while not state.closed.is_set():
+        while True:
             with trio.move_on_after(HEARTBEAT_S) as waited:
-                async with trio.open_nursery() as nursery:
-                    async def closing() -> None:
-                        await state.closed.wait()
-                        nursery.cancel_scope.cancel()
-
-                    nursery.start_soon(closing)
-                    await state.next(seen)
-                    await trio.sleep(COALESCE_S)  # what changes together is sent together
-                    nursery.cancel_scope.cancel()
-            if state.closed.is_set():
-                return
+                await state.next(seen)
+                await trio.sleep(COALESCE_S)  # what changes together is sent together
+            if state.closed:
+                return  # the station is stopping: the server need not wait for this stream
             if waited.cancelled_caught:
                 yield ": still here\n\n"
                 continue
             seen, data = state.rendered(render_tiles)
             yield f"event: tiles\nid: {seen}\ndata: {data}\n\n"
 
-    return StreamingResponse(events(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+    return event_stream(events())
 
 
 def _slot(form: Any) -> int | None:

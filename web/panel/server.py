@@ -63,6 +63,6 @@ async def serve_panel(station: str, product: str, desk: OperatorDesk, control: S
                 try:
                     yield Panel(url, state)
                 finally:
-                    state.closed.set()  # every browser's stream ends, so the server stops without waiting
+                    state.close()  # every browser's stream ends, so the server stops without waiting
         finally:
             nursery.cancel_scope.cancel()

@@ -103,8 +103,8 @@ class PanelState:
         self.version = 1
         self._changed = trio.Event()
         self._rendered: tuple[int, str] | None = None
-        #: set when the station ends: every browser's stream closes, so the server stops at once
-        self.closed = trio.Event()
+        #: the station is stopping: every browser's stream ends, so the server stops at once (:meth:`close`)
+        self.closed = False
 
     # -- kept current -----------------------------------------------------------------------
 
@@ -156,10 +156,14 @@ class PanelState:
         self._changed = trio.Event()
 
     async def next(self, seen: int) -> int:
-        """Wait until the version is past ``seen`` (at once if it is); the version then."""
-        while self.version <= seen:
+        """Wait until the version is past ``seen`` (at once if it is), or the panel closes; the version then."""
+        while self.version <= seen and not self.closed:
             await self._changed.wait()
         return self.version
+
+    def close(self) -> None:
+        self.closed = True
+        self._bump()
 
     # -- shown --------------------------------------------------------------------------------
 

@@ -51,6 +51,8 @@
     if (!(form instanceof HTMLFormElement)) return;
     event.preventDefault();
     const data = new FormData(form);
+    // The tiles pushed by the station are the same for every screen: the token is this page's.
+    if (scanForm) data.set("csrf", scanForm.elements.namedItem("csrf").value);
     for (const input of form.querySelectorAll("input[type=text]")) { input.value = ""; input.blur(); }
     post(form.getAttribute("action"), data);
   });
