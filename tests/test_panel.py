@@ -239,20 +239,38 @@ def _station(tmp_path: Path, *args: str, station_file: str = "") -> tuple[subpro
     raise AssertionError("the station never said where its panel is:\n" + "".join(seen))
 
 
-def _tile(driver, slot: int):  # type: ignore[no-untyped-def]
-    from selenium.webdriver.common.by import By
-
-    return driver.find_element(By.CSS_SELECTOR, f'.tile[data-slot="{slot}"]')
-
-
-def _headline(driver, slot: int) -> str:  # type: ignore[no-untyped-def]
+def _text(driver, css: str) -> str:  # type: ignore[no-untyped-def]
+    """The text of what ``css`` finds, or '' (not there, or the tiles were replaced as it was read)."""
     from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
 
     try:
-        return _tile(driver, slot).find_element(By.CSS_SELECTOR, ".headline").text
-    except StaleElementReferenceException:  # the tiles were replaced as it was read
+        found = driver.find_elements(By.CSS_SELECTOR, css)
+        return found[0].text if found else ""
+    except StaleElementReferenceException:
         return ""
+
+
+def _headline(driver, slot: int) -> str:  # type: ignore[no-untyped-def]
+    return _text(driver, f'.tile[data-slot="{slot}"] .headline')
+
+
+def _type(driver, css: str, keys: str, what: str) -> None:  # type: ignore[no-untyped-def]
+    """Type ``keys`` into the field ``css`` finds once it is there (typing into a field holds the tiles still)."""
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.common.by import By
+
+    def typed() -> bool:
+        try:
+            found = driver.find_elements(By.CSS_SELECTOR, css)
+            if not found:
+                return False
+            found[0].send_keys(keys)
+            return True
+        except StaleElementReferenceException:
+            return False
+
+    wait_for(typed, what)
 
 
 def _click(driver, css: str, what: str) -> None:  # type: ignore[no-untyped-def]
@@ -306,8 +324,7 @@ def test_in_chromium_answer_the_questions_on_the_tiles_see_the_verdicts_and_star
         driver.find_element(By.TAG_NAME, "body").send_keys("SN0001" + Keys.ENTER)
         wait_for(lambda: _headline(driver, 0) == "PASS", "slot 0's verdict")
         wait_for(lambda: _headline(driver, 1) == "RETEST", "slot 1's verdict")
-        todo = _tile(driver, 1).find_element(By.CSS_SELECTOR, ".todo").text
-        assert todo == "Put it in the retest bin and test it again"
+        assert _text(driver, '.tile[data-slot="1"] .todo') == "Put it in the retest bin and test it again"
         driver.save_screenshot(str(tmp_path / "panel.png"))
         # Between rounds the station asks for the next boards: the next round starts from the panel.
         _click(driver, '.station-question input[value="next"] + button', "the next round's question")
@@ -331,12 +348,10 @@ def test_in_chromium_start_a_slot_that_waits_for_its_start_answer_it_and_see_its
         driver.get(url + "/")
         _click(driver, '.tile[data-slot="0"] form[action="/start"] button', "the Start of slot 0, board in")
         _click(driver, '.tile[data-slot="0"] form[action="/answer"] input[value="yes"] + button', "the LED question")
-        field = wait_for(lambda: driver.find_elements(By.CSS_SELECTOR, '.tile[data-slot="0"] form.text-answer input'
-                                                                       '[name="answer"]'), "the label question")
-        field[0].send_keys("SN0042\n")
+        _type(driver, '.tile[data-slot="0"] form.text-answer input[name="answer"]', "SN0042\n", "the label question")
         # The verdict; once the simulated operator takes the board out, the tile still says how it went.
-        wait_for(lambda: _headline(driver, 0) == "PASS" or re.search(r"last: SN\d+ PASS", _tile(driver, 0).text),
-                 "slot 0's verdict")
+        wait_for(lambda: _headline(driver, 0) == "PASS"
+                 or re.search(r"last: SN\d+ PASS", _text(driver, '.tile[data-slot="0"] .last')), "slot 0's verdict")
     finally:
         driver.quit()
         out = _stop_station(proc)
