@@ -26,7 +26,7 @@ from rich.text import Text
 from fixtures.station import STATION_FIXTURES  # what the station provides every product
 from reports.render.export import TABLES as EXPORT_TABLES
 from sequencer.clock import run_on_station_clock
-from sequencer.config import SIM_BOARDS, ConfigError, SerialLines, StationConfig, load_station_config
+from sequencer.config import SIM_BOARDS, ConfigError, SerialLines, StationConfig, load_station_config, panel_address
 from sequencer.fixtures import with_settings
 from sequencer.product import LoadedProduct, ProductError, layers, load_product
 from sequencer.records import Outcome, RunRecord, run_to_json
@@ -146,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="test N sets of boards, one after another: after each round the operator puts the next "
                           "boards in and presses Enter (or types stop); 0: until the operator types stop; "
                           "default 1, or the station file's rounds")
+    run.add_argument("--panel", metavar="HOST:PORT",
+                     help="serve the operator panel (a browser page per station: tiles, questions, start and stop) "
+                          "there, e.g. 127.0.0.1:8081; the station file's panel otherwise")
     run.add_argument("--continuous", action="store_true",
                      help="each slot tests a board whenever one is put in, until Ctrl-C; slots are stable ports "
                           "(/dev/serial/by-path/ links) or [detect] locations (or continuous = true)")
@@ -398,6 +401,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from sequencer.station import tune_garbage_collector
 
     config = load_station_config(args.station) if args.station else StationConfig()
+    if args.panel is not None:
+        panel_address(args.panel, "--panel")
     product = _product_file(args, config)
     if args.sim is None and not args.ports and not args.station and args.bench is None:
         raise UsageError(f"say where the DUTs are: --sim N, --port PATH, --bench N, or --station FILE (or set "
@@ -410,7 +415,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         sim=args.sim, bench=args.bench, ports=tuple(args.ports) if args.ports else None, store=args.store,
         reports=args.reports,
         batch=args.batch, operator=args.operator, seed=args.seed, rounds=args.rounds, sim_board=args.sim_board,
-        continuous=True if args.continuous else None,
+        continuous=True if args.continuous else None, panel=args.panel,
     )
     from reports.storage.mongo_cli import apply_mongo_options, station_shipping
 
@@ -433,6 +438,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         station_services(config, loaded, config.ports)  # a product's needs the station file lacks: fail now
     _raise_open_file_limit()
+    if config.panel:
+        _check_panel_address(config)
     if config.sim:
         _check_free_ptys(config.sim)
     reports = _RoundReports(config)
@@ -459,6 +466,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 open_hardware=partial(open_hardware, loaded, config, faults),
                 open_shipping=partial(station_shipping, config, console),
                 round_ended=reports.write, history=StoreUnitHistory(store), stops=stops,
+                open_panel=partial(_open_panel, config, loaded) if config.panel else None,
             ))
             # The batch page covers the whole batch, earlier sessions and retests included; a work order scanned
             # mid-shift started another batch, which gets its page too. Each is read from the store as it is
@@ -492,6 +500,25 @@ def _check_scans(config: StationConfig, loaded: LoadedProduct) -> None:
             check_port(config.scan.port)
         except UsageError as exc:
             raise ConfigError(f"{where}: scan: the scanner's {exc}") from None
+
+
+def _check_panel_address(config: StationConfig) -> None:
+    """The panel's address can be listened on: said now, in one line, before any board is tested."""
+    import socket
+
+    host, port = config.panel_address
+    try:
+        socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET).close()
+    except OSError as exc:
+        raise ConfigError(f"panel {config.panel}: cannot listen there: {exc.strerror or exc}") from None
+
+
+def _open_panel(config: StationConfig, loaded: LoadedProduct, desk: Any, control: Any) -> Any:
+    """The operator panel over the session's desk and control, served in the station's process (``web/panel``)."""
+    from web.panel.server import serve_panel
+
+    host, port = config.panel_address
+    return serve_panel(config.station, loaded.name, desk, control, host, port)
 
 
 def _raise_open_file_limit() -> None:

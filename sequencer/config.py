@@ -40,6 +40,7 @@
     boot = "hard-reset"
 
     continuous = true           # each slot tests a board whenever one is put in (--continuous)
+    panel = "127.0.0.1:8081"    # the operator panel in a browser (--panel; docs/operating.md)
 
     build = "esp32-sensor@stable"   # flash the build this channel of the portal's registry points at
     [portal]
@@ -341,6 +342,13 @@ class StationConfig:
     secrets_file: Path | None = None
     #: barcode and QR scans: what they look like, where they come from, what starts a slot (``[scan]``)
     scan: ScanConfig = attrs.field(factory=ScanConfig)
+    #: where the operator panel listens (``panel``, ``--panel HOST:PORT``); empty: no panel
+    panel: str = ""
+
+    @property
+    def panel_address(self) -> tuple[str, int]:
+        """``panel`` as a host and a port; ConfigError naming it if it is not ``HOST:PORT``."""
+        return panel_address(self.panel, f"{self.source or 'station'}: panel")
 
     @property
     def reports_dir(self) -> Path:
@@ -415,6 +423,18 @@ class StationConfig:
                               "or bench slots with no board (bench / --bench N)")
         if len(set(self.ports)) != len(self.ports):
             raise ConfigError(f"{where}: a port is listed twice")
+        if self.panel:
+            self.panel_address  # noqa: B018 - checked now, before any board is tested
+
+
+def panel_address(text: str, where: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[::1]:8081`` for IPv6; port 0 picks a free one) as a host and a port; ConfigError if not."""
+    host, sep, port = text.strip().rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535 or any(c in host for c in "/ []"):
+        raise ConfigError(f"{where}: give the address to listen on as HOST:PORT (127.0.0.1:8081), got {text!r}")
+    return host, int(port)
 
 
 #: Device names the kernel hands out in the order adapters enumerate: not a place on the jig.
@@ -422,7 +442,7 @@ _RENUMBERED = re.compile(r"/dev/tty(USB|ACM)\d+")
 
 _TOP_KEYS = {"station", "product", "operator", "ask_operator", "batch", "store", "reports", "ports", "sim", "sim_board",
              "bench", "seed", "fixtures", "rounds", "continuous", "resources", "mongo", "flash", "detect", "modems",
-             "provisioning", "secrets", "portal", "quality", "scan", "build"}
+             "provisioning", "secrets", "portal", "quality", "scan", "build", "panel"}
 _RESOURCE_KEYS = {"capacity", "instrument", "port"}
 _MONGO_KEYS = {"uri", "database"}
 
@@ -514,6 +534,7 @@ def load_station_config(path: str | Path) -> StationConfig:
         portal=_portal_table(p, typed("portal", dict, {})),
         scan=_scan_table(p, typed("scan", dict, {})),
         build=_build_name(p, typed("build", str, "")),
+        panel=typed("panel", str, ""),
     )
     for rule in config.detect:  # a rule's wiring must make sense with [flash] before any port is found
         try:

@@ -145,6 +145,11 @@ class StationControl:
             self._slots[slot] = _Slot()
             self._bump()
 
+    @property
+    def attached(self) -> bool:
+        """Whether a continuous station's slots start and stop here now (a station in rounds has none)."""
+        return bool(self._slots)
+
     def slot_state(self, slot: int) -> str:
         return self._slots[slot].state if slot < len(self._slots) else EMPTY
 

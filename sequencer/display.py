@@ -86,6 +86,14 @@ HEADLINE_STYLE = {
 RETEST_STYLE = "bold yellow"
 
 
+#: Every kind of event :meth:`StationDisplay.apply` shows (not each measurement taken: the phase's end says it).
+SHOWN_EVENTS: frozenset[type] = frozenset({
+    RunStarted, BoardArrived, BoardRemoved, SlotWaiting, ScanTaken, ScanRefused, DutIdentified, UnitRecognised,
+    PhaseStarted, PhaseWaiting, PhaseProgress, PhaseFinished, OperatorAsked, AnswerRefused, OperatorAnswered,
+    RunFinished,
+})
+
+
 @attrs.define
 class SlotView:
     index: int

@@ -175,7 +175,7 @@ class EventBus:
     """
 
     def __init__(self) -> None:
-        self._subscribers: list[tuple[str, trio.MemorySendChannel[Event]]] = []
+        self._subscribers: list[tuple[str, trio.MemorySendChannel[Event], frozenset[type] | None]] = []
         self.dropped: dict[str, int] = {}
 
     @property
@@ -183,14 +183,22 @@ class EventBus:
         """Whether anyone listens: a publisher may skip building an event nobody reads."""
         return bool(self._subscribers)
 
-    def subscribe(self, name: str, buffer: int = 1024) -> trio.MemoryReceiveChannel[Event]:
+    def subscribe(self, name: str, buffer: int = 1024, *, kinds: frozenset[type] | None = None
+                  ) -> trio.MemoryReceiveChannel[Event]:
+        """A new subscriber's channel; with ``kinds``, only events of those types reach it.
+
+        A watcher that ignores most events (every measurement taken) says so
+        here, so they cost neither its buffer nor a wake-up of its task.
+        """
         send, receive = trio.open_memory_channel[Event](buffer)
-        self._subscribers.append((name, send))
+        self._subscribers.append((name, send, kinds))
         self.dropped[name] = 0
         return receive
 
     def publish(self, event: Event) -> None:
-        for name, channel in self._subscribers:
+        for name, channel, kinds in self._subscribers:
+            if kinds is not None and type(event) not in kinds:
+                continue
             try:
                 channel.send_nowait(event)
             except trio.WouldBlock:
@@ -200,6 +208,6 @@ class EventBus:
 
     def close(self) -> None:
         """End every subscriber's iteration once it has drained its buffer."""
-        for _, channel in self._subscribers:
+        for _, channel, _ in self._subscribers:
             channel.close()
         self._subscribers.clear()

@@ -115,9 +115,13 @@ class _Keys:
 
 
 async def answer_from_lines(
-    desk: OperatorDesk, fd: int = 0, *, submit: Callable[[str], Awaitable[None]] | None = None
+    desk: OperatorDesk, fd: int = 0, *, submit: Callable[[str], Awaitable[None]] | None = None,
+    close_at_end: bool = True,
 ) -> None:
-    """Each line of ``fd`` answers the oldest open question (or goes to ``submit``); the end of input closes the desk."""
+    """Each line of ``fd`` answers the oldest open question (or goes to ``submit``); the end of input closes the desk.
+
+    Unless ``close_at_end`` is False: someone else still answers (the operator panel).
+    """
 
     async def answer(line: str) -> None:
         await desk.wait_question()
@@ -136,7 +140,8 @@ async def answer_from_lines(
             await take(line.decode("utf-8", errors="replace"))
     if pending.strip():
         await take(pending.decode("utf-8", errors="replace"))
-    desk.close("standard input ended: nobody is left to answer the operator's questions")
+    if close_at_end:
+        desk.close("standard input ended: nobody is left to answer the operator's questions")
 
 
 def _reader(fd: int) -> Callable[[], Awaitable[bytes]]:

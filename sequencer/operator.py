@@ -108,6 +108,8 @@ class Question:
 @attrs.define(eq=False)
 class _Pending:
     question: Question
+    #: the desk's own count of questions asked: how a panel's button names the question it answers
+    number: int
     answered: trio.Event = attrs.field(factory=trio.Event)
     answer: str | None = None
     refusal: str | None = None
@@ -132,6 +134,7 @@ class OperatorDesk:
         self.hint = ""
         self.version = 0
         self._changed = trio.Event()
+        self._asked = 0
 
     @property
     def current(self) -> Question | None:
@@ -143,6 +146,15 @@ class OperatorDesk:
         """Open questions, the current one included."""
         return len(self._queue)
 
+    @property
+    def open_questions(self) -> tuple[tuple[int, Question], ...]:
+        """Every open question, oldest first, with its number (:meth:`answer` ``number=``).
+
+        A panel shows each slot's question on the slot's tile: the operator
+        answers the one in front of them, not only the oldest.
+        """
+        return tuple((p.number, p.question) for p in self._queue)
+
     async def ask(self, question: Question) -> str:
         """Queue ``question`` and wait for its answer.
 
@@ -151,7 +163,8 @@ class OperatorDesk:
         """
         if self._closed is not None:
             raise NoOperator(self._closed)
-        pending = _Pending(question)
+        self._asked += 1
+        pending = _Pending(question, self._asked)
         self._queue.append(pending)
         self._publish(OperatorAsked(question))
         self._bump()
@@ -175,15 +188,17 @@ class OperatorDesk:
             self.draft = draft[:MAX_ANSWER_CHARS + 1]
             self._bump()
 
-    def answer(self, typed: str) -> bool:
-        """Answer the current question with ``typed``.
+    def answer(self, typed: str, number: int | None = None) -> bool:
+        """Answer the current question with ``typed`` (or, with ``number``, that open question).
 
-        False when there is no question, or the answer is refused; then
-        :attr:`hint` says why, and the question stays open.
+        False when there is no such question (a panel's button for a question
+        answered meanwhile), or the answer is refused; then :attr:`hint` says
+        why, and the question stays open.
         """
-        if not self._queue:
+        head = next((p for p in self._queue if p.number == number), None) if number is not None else (
+            self._queue[0] if self._queue else None)
+        if head is None:
             return False
-        head = self._queue[0]
         try:
             head.answer = head.question.answer_from(typed)
         except ValueError as exc:
@@ -192,8 +207,11 @@ class OperatorDesk:
             self._publish(AnswerRefused(head.question, self.hint))
             self._bump()
             return False
-        self._queue.pop(0)
-        self.draft = self.hint = ""
+        first = self._queue[0] is head
+        self._queue.remove(head)
+        if first:
+            self.draft = ""
+        self.hint = ""
         head.answered.set()
         self._publish(OperatorAnswered(head.question, head.answer))
         self._bump()

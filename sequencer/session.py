@@ -35,7 +35,7 @@ from sequencer.config import ConfigError, SerialLines, StationConfig
 from sequencer.continuous import Boards
 from sequencer.control import WHO_IS_TESTING, StationControl
 from sequencer.engine import RunSettings
-from sequencer.events import EventBus
+from sequencer.events import Event, EventBus
 from sequencer.fixtures import FixtureFactory
 from sequencer.operator import NoOperator, OperatorDesk, Question
 from sequencer.product import LoadedProduct
@@ -46,7 +46,7 @@ from sequencer.station import StationResult
 from sequencer.terminal import printable
 from sequencer.verdicts import UnitHistorySource
 
-__all__ = ["ContinuousSetup", "Hardware", "RoundSetup", "SessionResult", "StopSignals", "run_session"]
+__all__ = ["ContinuousSetup", "Hardware", "Panel", "RoundSetup", "SessionResult", "StopSignals", "run_session"]
 
 #: What the operator sends to stop a station: Ctrl-C, ``kill`` (or a service manager), a closed terminal.
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -179,6 +179,21 @@ class StopSignals:
             self._routes[-1]()
 
 
+class Panel(Protocol):
+    """A screen beside the terminal, served while the session runs (the operator panel, ``web/panel``).
+
+    It shows each round's (or the shift's) slots from their events, and
+    answers, starts and stops through the session's desk and control.
+    """
+
+    url: str
+
+    async def follow(self, events: trio.MemoryReceiveChannel[Event], places: Sequence[str], phases_per_run: int,
+                     *, continuous: bool) -> None:
+        """Show the slots at ``places`` from ``events`` until the bus closes."""
+        ...
+
+
 async def run_session(
     loaded: LoadedProduct,
     config: StationConfig,
@@ -191,6 +206,7 @@ async def run_session(
     round_ended: Callable[[StationResult], Awaitable[None]] | None = None,
     history: UnitHistorySource | None = None,
     stops: StopSignals | None = None,
+    open_panel: Callable[[OperatorDesk, StationControl], AbstractAsyncContextManager[Panel]] | None = None,
 ) -> SessionResult:
     """The station session: set up once, then rounds of every slot, the operator saying when to go on.
 
@@ -200,7 +216,9 @@ async def run_session(
     its own slots (under ``--sim``, a fresh farm: new boards, new serials),
     instruments and display. ``open_shipping`` forwards the store to MongoDB
     while the session runs (or does nothing); ``open_hardware`` opens the
-    station's side; ``history`` finds each unit's earlier runs (retests).
+    station's side; ``history`` finds each unit's earlier runs (retests);
+    ``open_panel`` serves the operator panel over the session's desk and
+    control (``--panel``), for the whole session.
 
     ``round_ended`` is given each round's result as the round ends (the
     command line writes its runs' reports then). The session itself keeps
@@ -217,7 +235,7 @@ async def run_session(
     settings = RunSettings(station=config.station, operator=config.operator, batch=config.batch_or_default)
     interactive = live and console.is_terminal
     desk = (OperatorDesk(bus) if rounds != 1 or config.continuous or loaded.product.uses("operator")
-            or config.ask_operator or config.scan.port else None)
+            or config.ask_operator or config.scan.port or open_panel is not None else None)
     # Where scans and the panel's buttons go; the same desk answers what is not a scan.
     control = (StationControl(ScanRules.of(config.scan, loaded.product.serial_pattern, loaded.name), config.scan,
                               settings, desk=desk, bus=bus) if desk is not None else None)
@@ -245,11 +263,16 @@ async def run_session(
             await stack.enter_async_context(open_shipping())
             await stack.enter_async_context(store.writer())
             hardware = await stack.enter_async_context(open_hardware())
+            panel: Panel | None = None
+            if open_panel is not None:
+                assert desk is not None and control is not None
+                panel = await stack.enter_async_context(open_panel(desk, control))
+                console.print(f"panel: {escape(panel.url)}/ (the operator's screen: tiles, questions, start and stop)")
             async with trio.open_nursery() as answering:
                 if desk is not None:
                     assert control is not None
                     answering.start_soon(_answer_operator_questions, desk, control, config, hardware, console,
-                                         interactive)
+                                         interactive, panel is not None)
                 try:
                     testing = True
                     if config.ask_operator and not config.operator:
@@ -267,7 +290,7 @@ async def run_session(
                         testing_started = True
                         assert control is not None
                         result = await _run_continuous(loaded, config, store, console, bus, control, desk, hardware,
-                                                       interactive, stops, history, round_ended)
+                                                       interactive, stops, history, round_ended, panel)
                         tally.add(result)
                         testing = False
                     number = 0
@@ -280,7 +303,8 @@ async def run_session(
                             settings = control.settings
                         result = await _run_round(loaded, round_config, store, console, bus, settings, desk,
                                                   hardware, interactive, stops,
-                                                  f" (round {number}{_of(rounds)})" if rounds != 1 else "", history)
+                                                  f" (round {number}{_of(rounds)})" if rounds != 1 else "", history,
+                                                  panel)
                         tally.add(result)
                         if round_ended is not None:
                             await round_ended(result)
@@ -363,7 +387,7 @@ class _Tally:
 async def _run_round(
     loaded: LoadedProduct, config: StationConfig, store: Any, console: Console, bus: EventBus,
     settings: RunSettings, desk: OperatorDesk | None, hardware: Hardware, interactive: bool, stops: StopSignals,
-    which: str, history: UnitHistorySource | None,
+    which: str, history: UnitHistorySource | None, panel: Panel | None,
 ) -> StationResult:
     """One round: every slot runs the product once, shown live (or as plain lines).
 
@@ -376,7 +400,8 @@ async def _run_round(
     stop = StopRequests(on_request=partial(_tell_operator, console))
     with stops.routed(stop.request):
         async with hardware.open_round(config) as setup:
-            async with _shown(loaded, setup.ports, setup.notices, settings, console, bus, desk, interactive, which):
+            async with _shown(loaded, setup.ports, setup.notices, settings, console, bus, desk, interactive, which,
+                              panel=panel):
                 return await run_station(
                     loaded, setup.ports, settings=settings, store=store, bus=bus, resources=setup.resources,
                     handle_signals=False, stop=stop, fixtures=setup.fixtures, desk=desk, history=history,
@@ -388,15 +413,17 @@ async def _run_round(
 async def _shown(
     loaded: LoadedProduct, places: Sequence[str], notices: Sequence[str], settings: RunSettings, console: Console,
     bus: EventBus, desk: OperatorDesk | None, interactive: bool, which: str, *, continuous: bool = False,
-    control: StationControl | None = None,
+    control: StationControl | None = None, panel: Panel | None = None,
 ) -> AsyncIterator[None]:
     """The notices and the header, then the slots shown live (or as plain lines) while the block runs."""
-    from sequencer.display import StationDisplay, show_live, show_plain
+    from sequencer.display import SHOWN_EVENTS, StationDisplay, show_live, show_plain
 
     for notice in notices:
         console.print(escape(notice))
     display = StationDisplay(places, len(loaded.product.all_phases), continuous=continuous)
     events = bus.subscribe("display", buffer=4096)
+    # The panel's own subscription: a browser falling behind drops events for the panel alone.
+    panel_events = bus.subscribe("panel", buffer=4096, kinds=SHOWN_EVENTS) if panel is not None else None
     tested_by = f", operator {escape(printable(settings.operator))}" if settings.operator else ""
     console.print(f"[bold]{escape(printable(loaded.name))}[/bold] on {len(places)} slot(s), batch "
                   f"{escape(printable(settings.batch))}, station {escape(printable(settings.station))}"
@@ -406,6 +433,9 @@ async def _shown(
             nursery.start_soon(show_live, display, events, console, desk, control)
         else:
             nursery.start_soon(show_plain, display, events, sys.stdout)
+        if panel is not None:
+            nursery.start_soon(partial(panel.follow, panel_events, places, len(loaded.product.all_phases),
+                                       continuous=continuous))
         try:
             yield
         finally:
@@ -416,6 +446,7 @@ async def _run_continuous(
     loaded: LoadedProduct, config: StationConfig, store: Any, console: Console, bus: EventBus,
     control: StationControl, desk: OperatorDesk | None, hardware: Hardware, interactive: bool, stops: StopSignals,
     history: UnitHistorySource | None, round_ended: Callable[[StationResult], Awaitable[None]] | None,
+    panel: Panel | None,
 ) -> StationResult:
     """Every slot on its own cycle until Ctrl-C, shown live (or as plain lines); each run's report as it ends."""
     from sequencer.continuous import run_continuous
@@ -429,7 +460,8 @@ async def _run_continuous(
     with stops.routed(stop.request):
         async with hardware.open_continuous(config, bus) as setup:
             async with _shown(loaded, setup.boards.places, setup.notices, control.settings, console, bus, desk,
-                              interactive, _shift_words(config), continuous=True, control=control):
+                              interactive, _shift_words(config), continuous=True, control=control,
+                              panel=panel):
                 return await run_continuous(
                     loaded, setup.boards, settings=control.settings, store=store, bus=bus, resources=setup.resources,
                     handle_signals=False, stop=stop, fixtures=setup.fixtures, desk=desk, history=history,
@@ -523,23 +555,29 @@ async def _ask_station(
 
 async def _answer_operator_questions(
     desk: OperatorDesk, control: StationControl, config: StationConfig, hardware: Hardware, console: Console,
-    interactive: bool,
+    interactive: bool, panel: bool,
 ) -> None:
     """Feed the desk answers and the control scans for the whole session: the simulated operator, the keyboard
-    (and a keyboard-wedge scanner) or standard input, and a serial scanner."""
+    (and a keyboard-wedge scanner) or standard input, and a serial scanner.
+
+    With a ``panel``, a person answers there, under ``--sim`` too (the simulated operator stays out of it), and
+    standard input ending does not leave the station without an operator.
+    """
     from sequencer.keyboard import answer_from_keyboard, answer_from_lines
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(hardware.read_scanner, config, control)
-        if config.sim:
+        if config.sim and not panel:
             console.print("operator: the simulated operator answers the station's questions")
             await hardware.answer_as_simulated_operator(desk, config.seed)
         elif sys.stdin is None:
             # Started with standard input closed: descriptor 0 may since be some file the station opened.
-            desk.close("the station has no standard input: nobody can answer the operator's questions")
+            if not panel:
+                desk.close("the station has no standard input: nobody can answer the operator's questions")
         elif interactive and os.isatty(0):
             console.print("operator: questions appear below the slots; type the answer (or scan), then Enter")
             await answer_from_keyboard(desk, submit=partial(control.take, source="keyboard"))
         else:
             console.print("operator: each line of standard input is a scan, or answers the oldest open question")
-            await answer_from_lines(desk, submit=partial(control.take_line, source="standard input"))
+            await answer_from_lines(desk, submit=partial(control.take_line, source="standard input"),
+                                    close_at_end=not panel)

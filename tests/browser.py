@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -56,3 +57,20 @@ def selenium_chromium(profile: Path, downloads: Path | None = None):  # type: ig
         options.add_experimental_option("prefs", {"download.default_directory": str(downloads),
                                                   "download.prompt_for_download": False})
     return webdriver.Chrome(service=Service(chromedriver()), options=options)
+
+
+def wait_for(condition, what: str, timeout: float = 30.0):  # type: ignore[no-untyped-def]
+    """``condition()``'s first true value, polled every 0.1 s; AssertionError naming ``what`` after ``timeout``."""
+    from selenium.common.exceptions import StaleElementReferenceException
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            value = condition()
+        except StaleElementReferenceException:  # a live page re-rendered between finding and reading
+            value = None
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)

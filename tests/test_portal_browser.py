@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -14,27 +13,10 @@ import trio
 
 from reports.storage.mongo import MongoSettings
 from tests import records_factory as rf
-from tests.browser import selenium_chromium
+from tests.browser import selenium_chromium, wait_for
 from tests.portal_support import Portal
 
 ROOT = Path(__file__).resolve().parent.parent
-WAIT_S = 30.0
-
-
-def wait_for(condition, what: str, timeout: float = WAIT_S):  # type: ignore[no-untyped-def]
-    from selenium.common.exceptions import StaleElementReferenceException
-
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            value = condition()
-        except StaleElementReferenceException:  # the live board re-rendered between finding and reading
-            value = None
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
 
 
 def browse(portal: Portal, tmp_path: Path, mongo: MongoSettings) -> None:

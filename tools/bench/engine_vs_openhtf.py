@@ -552,12 +552,13 @@ def render_section(meta: dict[str, Any], s: dict[str, Any], targets: list[dict[s
                      f"attrs {v['attrs']}, tornado {v['tornado']}, mutablerecords {v['mutablerecords']}")
     lines += [
         "",
-        "Reproduce (the first line once per machine; the second is the whole benchmark, ~2–4 min, "
-        "and creates the OpenHTF venv itself if it is missing):",
+        "Reproduce (the first line once per machine; the second is the whole benchmark, ~3–5 min on a quiet "
+        "machine, and creates the OpenHTF venv itself if it is missing; `--instructions` then rewrites the "
+        "instruction counts' section below too, ~6–10 min more under valgrind):",
         "",
         "```sh",
         "bash tools/bench/setup-openhtf.sh            # OpenHTF 1.6.3 venv in ${TMPDIR:-/tmp}/sequencer-bench/",
-        "python tools/bench/engine_vs_openhtf.py --write   # with the project's venv active",
+        "python tools/bench/engine_vs_openhtf.py --write --instructions   # with the project's venv active",
         "```",
         "",
         "### (a) per-phase overhead, one DUT, 50 phases × 10 measurements",
@@ -620,12 +621,22 @@ def render_section(meta: dict[str, Any], s: dict[str, Any], targets: list[dict[s
         "millisecond, a commit stopped putting each slot behind every other slot's commit (the store's "
         "writes never yield), and a run's first phases stopped waiting for every other slot to begin its "
         "run (the first chain runs in the run's own task). At N = 256 the trio thread is saturated (see the CPU "
-        "budget above): trio's own sleep, one per phase, takes most of what 1.3x allows, so meeting it on "
-        "this machine would take an engine and a store several times cheaper per phase than the Python "
-        "they are written in allows, a CPU several times faster per core, or slots spread over processes, "
-        "which the issue's one-nursery design rules out. (At small N the floor's CPU per phase is high for "
-        "another reason: the process goes idle between sleeps, and each wake-up costs this virtual machine "
-        "a few hundred µs that many slots due together share.)",
+        "budget above): the run cannot end before that thread has done every phase's work, so 1.3x needs its "
+        "CPU per phase at or under 51 µs, floor included. Counted in instructions (below), a phase costs the "
+        "trio thread about 3.1x what a bare sleep does (the floor, some 143,000 instructions, about 20 µs on "
+        "this machine when it is quiet), so about 62 µs: 1.3x would need about another fifth of the trio "
+        "thread's work gone, from the store's encoding and journal append (about 75,000 instructions), the "
+        "engine's scheduling (about 74,000), trio's work beyond a bare sleep (about 43,000: a run's nurseries, "
+        "tasks and scopes, checkpoints), records (about 26,000) and the phase's context (about 20,000); none "
+        "of them alone is that much. The CPU target (2.5x the floor's, every thread) counts the copier's SQLite "
+        "work too (about 45,000 instructions per phase). What is left after the cuts below is Python doing "
+        "what the engine promises per phase (a record built, judged and durable before dependents start, "
+        "a stop able to cut the phase short); more would take moving work off the trio thread without "
+        "breaking that promise (a journal written through a memory map, with no system call and no GIL "
+        "hand-over per record, say), a CPU faster per core, or slots spread over processes, which the issue's "
+        "one-nursery design rules out. (At small N "
+        "the floor's CPU per phase is high for another reason: the process goes idle between sleeps, and each "
+        "wake-up costs this virtual machine a few hundred µs that many slots due together share.)",
         "- *What was cut so far.* Each measurement is judged once; validator texts and limits are worked out "
         "once per declaration; the store keeps its change counter in memory; a phase's record and a run's "
         "header are encoded from dictionaries built directly and handed to orjson with their enums, tuples "

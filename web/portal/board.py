@@ -22,11 +22,12 @@ import attrs
 import pymongo.errors
 import trio
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from web.app import render, require
 from web.auth import Role
+from web.sse import HEARTBEAT_S, event_stream, version_asked
 
 __all__ = ["BoardFeed", "board_routes", "line_board"]
 
@@ -42,7 +43,6 @@ REFRESH_S = 5.0
 RESYNC = dt.timedelta(minutes=10)
 #: How far back of the newest shipment each read goes again (what shipped in the same instant is not lost).
 SHIPPED_MARGIN = dt.timedelta(seconds=2)
-HEARTBEAT_S = 15.0
 
 
 @attrs.frozen
@@ -230,10 +230,7 @@ async def board_events(request: Request) -> Response:
     require(request, Role.VIEWER)
     feed: BoardFeed = request.app.state.board
     templates = request.app.state.templates
-    try:
-        seen = int(request.query_params.get("version", "0"))
-    except ValueError:
-        seen = 0
+    seen = version_asked(request)
 
     def render_board(board: list[Station]) -> str:
         return templates.get_template("_board.html").render(**board_context(feed, board))
@@ -248,8 +245,7 @@ async def board_events(request: Request) -> Response:
                 continue
             yield ": still here\n\n"
 
-    return StreamingResponse(events(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+    return event_stream(events())
 
 
 def board_routes() -> list[BaseRoute]:
