@@ -1049,29 +1049,14 @@ class LocalStore:
         product: str | None = None,
         station: str | None = None,
     ) -> tuple[str, list[str]]:
-        clauses, args = [], []
-        if product is not None:
-            clauses.append("product = ?")
-            args.append(product)
-        if station is not None:
-            clauses.append("station = ?")
-            args.append(station)
         # Start times are stored as UTC ISO text, which sorts as the times do.
-        if since is not None:
-            clauses.append("started_at >= ?")
-            args.append(_utc_text(since))
-        if until is not None:
-            clauses.append("started_at < ?")
-            args.append(_utc_text(until))
-        if batch is not None:
-            clauses.append("batch = ?")
-            args.append(batch)
-        if serial is not None:
-            clauses.append("serial = ?")
-            args.append(serial)
-        if outcome is not None:
-            clauses.append("outcome = ?")
-            args.append(Outcome(outcome).value)
+        given = (("product = ?", product), ("station = ?", station),
+                 ("started_at >= ?", None if since is None else _utc_text(since)),
+                 ("started_at < ?", None if until is None else _utc_text(until)),
+                 ("batch = ?", batch), ("serial = ?", serial),
+                 ("outcome = ?", None if outcome is None else Outcome(outcome).value))
+        clauses = [clause for clause, value in given if value is not None]
+        args = [value for _, value in given if value is not None]
         if run_id_prefix is not None:
             clauses.append("run_id LIKE ? ESCAPE '\\'")
             args.append(run_id_prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%")
