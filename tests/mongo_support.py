@@ -149,14 +149,13 @@ def assert_mirrors_store(store_path: Path, settings: MongoSettings) -> None:
         db.client.close()
 
 
-def shipper_processes(store_path: Path) -> list[int]:
-    """Pids of `python -m reports.storage.shipper` children shipping ``store_path``."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        try:
-            argv = (proc / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"reports.storage.shipper" in argv and str(store_path).encode() in argv:
-            found.append(int(proc.name))
-    return found
+async def ship_all(store_path: Path, settings: MongoSettings) -> None:
+    """Ship the store's whole backlog with a shipper of the test's own, as `sequencer sync` does."""
+    from reports.storage.shipper import Shipper
+
+    shipper = await Shipper.open(store_path, settings)
+    try:
+        report = await shipper.drain(timeout=30)
+    finally:
+        await shipper.aclose()
+    assert report.error is None and report.backlog == 0, report

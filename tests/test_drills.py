@@ -11,9 +11,8 @@ import attrs
 import pytest
 
 from reports.storage.mongo import MongoSettings
-from reports.storage.shipper import Shipper
 from tests import records_factory as rf
-from tests.mongo_support import database
+from tests.mongo_support import database, ship_all
 from tests.store_support import store_runs
 from tools.drills import count
 
@@ -26,12 +25,7 @@ async def test_count_names_the_runs_lost_duplicated_stale_behind_and_ahead(tmp_p
     runs = [rf.sensor_run(f"SN-{i}", slot=i, started_at=t0 + dt.timedelta(minutes=i)) for i in range(6)]
     still_open = attrs.evolve(rf.sensor_run("SN-OPEN", slot=7, started_at=t0), outcome=None, ended_at=None)
     await store_runs(path, runs)
-    shipper = await Shipper.open(path, mongo)
-    try:
-        report = await shipper.drain(timeout=30)
-    finally:
-        await shipper.aclose()
-    assert report.error is None and report.backlog == 0, report
+    await ship_all(path, mongo)
     db = database(mongo)
     clean = count(path, db)
     assert (clean.runs, clean.shipped, clean.problems) == (6, 6, {})

@@ -17,7 +17,7 @@ import trio
 
 from reports.storage.mongo import MongoSettings
 from reports.storage.mongod import Mongod, ReplicaSet
-from reports.storage.shipper import ShipEvent, shipping
+from reports.storage.shipper import ShipEvent, shipper_pids, shipping
 from reports.storage.store import LocalStore
 from sequencer import Measurement, Product, phase
 from sequencer.records import Outcome
@@ -27,7 +27,7 @@ from tests.mongo_support import (
     assert_mirrors_store,
     database,
     fresh_settings,
-    shipper_processes,
+    ship_all,
     store_state,
     wait_until,
     wait_until_sync,
@@ -180,17 +180,8 @@ async def test_mongodb_follows_a_store_put_back_to_an_older_copy_of_itself(tmp_p
     # truth now, must replace MongoDB's PASS, which the store no longer has.
     import attrs
 
-    from reports.storage.shipper import Shipper
     from tests import records_factory as rf
     from tests.store_support import copy_store, put_back
-
-    async def ship() -> None:
-        shipper = await Shipper.open(path, mongo)
-        try:
-            report = await shipper.drain(timeout=30)
-        finally:
-            await shipper.aclose()
-        assert report.error is None and report.backlog == 0, report
 
     path = tmp_path / "store.sqlite"
     run = rf.sensor_run("SN-IMAGED")
@@ -202,20 +193,20 @@ async def test_mongodb_follows_a_store_put_back_to_an_older_copy_of_itself(tmp_p
             await store.commit_phase(run.run_id, i, p, run.dut)
         await wait_until(lambda: (r := store.get_run(run.run_id)) is not None and len(r.phases) == 2,
                          what="the open run in the database")
-        await ship()
+        await ship_all(path, mongo)
         assert db.runs.find_one({"_id": run.run_id})["outcome"] is None
         copy_store(path, tmp_path / "image")
         for i, p in enumerate(run.phases[2:], start=2):
             await store.commit_phase(run.run_id, i, p, run.dut)
         await store.finish_run(run)
         await wait_until(lambda: store.get_run(run.run_id).outcome is Outcome.PASS, what="the run passed")
-        await ship()
+        await ship_all(path, mongo)
     store.close()
     assert db.runs.find_one({"_id": run.run_id})["outcome"] == "PASS"
 
     put_back(tmp_path / "image", path)
     LocalStore.open(path, station=True).close()  # the next station start
-    await ship()
+    await ship_all(path, mongo)
     assert db.runs.find_one({"_id": run.run_id})["outcome"] == "INTERRUPTED"
     assert db.devices.find_one({"_id": "SN-IMAGED"})["last_outcome"] == "INTERRUPTED"
     assert_mirrors_store(path, mongo)
@@ -296,7 +287,7 @@ def test_station_killed_mid_batch_then_restarted_drains_the_backlog(tmp_path: Pa
         # Mid-batch: every run is in MongoDB and open, some phases in.
         wait_until_sync(lambda: db.runs.count_documents({"outcome": None, "phases.1": {"$exists": True}}) == 8,
                         what="eight open runs streamed")
-        assert len(shipper_processes(store_path)) == 1  # the station ships from a child process
+        assert len(shipper_pids(store_path)) == 1  # the station ships from a child process
         proc.send_signal(signal.SIGKILL)
         proc.communicate(timeout=10)
     finally:
@@ -305,7 +296,7 @@ def test_station_killed_mid_batch_then_restarted_drains_the_backlog(tmp_path: Pa
     killed_state = store_state(store_path)
     # The station's shipper child noticed its parent die (end of file on its
     # stdin) and exited: no orphan keeps a connection to the store.
-    wait_until_sync(lambda: not shipper_processes(store_path), timeout=20, what="the orphaned shipper exits")
+    wait_until_sync(lambda: not shipper_pids(store_path), timeout=20, what="the orphaned shipper exits")
 
     again = sequencer("run", str(WIDGET), "--sim", "2", "--batch", "AFTER", *common)
     out, err = again.communicate(timeout=60)
@@ -506,7 +497,7 @@ async def test_a_dead_shipper_process_is_reported_and_its_backlog_stays_in_the_s
         # two, the run would rightly stay in the backlog (and be re-sent, once).
         await wait_until(lambda: db.runs.count_documents({}) == 1 and child.status().shipped_runs == 1
                          and child.status().backlog == 0, what="first run shipped and acknowledged by the child")
-        [pid] = shipper_processes(path)
+        [pid] = shipper_pids(path)
         os.kill(pid, signal.SIGKILL)
         await wait_until(lambda: any(e.kind == "error" for e in events), what="the operator is told")
         await store_runs(path, [rf.sensor_run("SN-2", slot=1)])  # testing goes on

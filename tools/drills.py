@@ -67,6 +67,7 @@ sys.path.insert(0, str(ROOT))
 
 from reports.storage.mongo_cli import device_from_runs  # noqa: E402
 from reports.storage.mongod import Mongod  # noqa: E402
+from reports.storage.shipper import shipper_pids  # noqa: E402
 from reports.storage.store import LocalStore  # noqa: E402
 from tools.bench._common import replace_doc_section  # noqa: E402
 
@@ -240,18 +241,6 @@ class Station:
         finally:
             store.close()
 
-    def shippers(self) -> list[int]:
-        """Pids of shipper children (``python -m reports.storage.shipper``) of this station's store."""
-        found = []
-        for proc in Path("/proc").iterdir():
-            try:
-                argv = (proc / "cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if b"reports.storage.shipper" in argv and str(self.store).encode() in argv:
-                found.append(int(proc.name))
-        return found
-
 
 @attrs.define
 class Session:
@@ -350,7 +339,7 @@ def sigkill_drill(station: Station, db: Any, number: int, rng: random.Random, s:
         session.proc.wait()
         open_at_kill = sum(1 for _, outcome, b in station.rows() if b == batch and outcome is None)
         moment += f" ({open_at_kill} open)"
-        if not wait_for(lambda: not station.shippers(), 30, poll=0.2):
+        if not wait_for(lambda: not shipper_pids(station.store), 30, poll=0.2):
             failed.append("its shipper child outlived the station by 30 s")
         if not wait_for(lambda: not session.group_alive(), 30, poll=0.2):
             failed.append("a process of its group outlived the station by 30 s")

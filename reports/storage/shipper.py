@@ -680,6 +680,23 @@ class ShipperProcess:
         self._status = ShipStatus(**{k: v for k, v in fields.items() if k in names})  # type: ignore[arg-type]
 
 
+def shipper_pids(store_path: str | Path) -> list[int]:
+    """Pids of shipper children (``python -m reports.storage.shipper``) shipping ``store_path``, from ``/proc``.
+
+    For tests and drills, which must see that a killed station's child
+    noticed and exited: a station knows its own child without this.
+    """
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"reports.storage.shipper" in argv and str(store_path).encode() in argv:
+            found.append(int(proc.name))
+    return found
+
+
 @asynccontextmanager
 async def shipping_process(
     store_path: str | Path,
