@@ -19,7 +19,9 @@ from tools.drills import count
 ROOT = Path(__file__).resolve().parent.parent
 
 
-async def test_count_names_the_runs_lost_duplicated_stale_behind_and_ahead(tmp_path: Path, mongo: MongoSettings) -> None:
+async def test_count_names_the_runs_lost_duplicated_stale_behind_and_ahead(
+    tmp_path: Path, mongo: MongoSettings
+) -> None:
     path = tmp_path / "store.sqlite"
     t0 = rf.T0
     runs = [rf.sensor_run(f"SN-{i}", slot=i, started_at=t0 + dt.timedelta(minutes=i)) for i in range(6)]

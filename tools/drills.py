@@ -56,6 +56,7 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +67,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from reports.storage.mongo_cli import device_from_runs  # noqa: E402
-from reports.storage.mongod import Mongod  # noqa: E402
+from reports.storage.mongod import Mongod, MongodError  # noqa: E402
 from reports.storage.shipper import shipper_pids  # noqa: E402
 from reports.storage.store import LocalStore  # noqa: E402
 from tools.bench._common import replace_doc_section  # noqa: E402
@@ -74,7 +75,6 @@ from tools.bench._common import replace_doc_section  # noqa: E402
 DOC = ROOT / "docs" / "drills.md"
 BEGIN = "<!-- drills.py: begin -->"
 END = "<!-- drills.py: end -->"
-KINDS = ("sigkill", "ctrl-c", "mongod")
 #: A station that has not ended this long after it should have is hung: a finding, then killed.
 EXIT_TIMEOUT_S = 180.0
 #: What the terminal prints per finished run with --plain: ``slot 3 /dev/pts/7 SN696100003: PASS``.
@@ -370,7 +370,7 @@ def ctrl_c_drill(station: Station, db: Any, number: int, rng: random.Random, s: 
     session = station.start(batch, s.rounds, rng.randrange(10**6), f"ctrlc{number}")
     delay = rng.uniform(0, s.window_s)
     when = rng.choice(("soon", "aborted", "late"))
-    second = rng.uniform(0, 0.5) if when == "soon" else rng.uniform(0, 1.0) if when == "aborted" else rng.uniform(1, 3)
+    second = rng.uniform(*{"soon": (0, 0.5), "aborted": (0, 1.0), "late": (0.5, 1.5)}[when])
     moment = f"Ctrl-C {delay:.2f} s after the first run began, again " + {
         "soon": f"{second:.2f} s later", "aborted": f"{second:.2f} s after every run was closed",
         "late": f"{second:.2f} s later"}[when]
@@ -416,7 +416,7 @@ def ctrl_c_drill(station: Station, db: Any, number: int, rng: random.Random, s: 
     return Drill("ctrl-c", number, moment, len(station.batch_runs(batch)), count(station.store, db), tuple(failed))
 
 
-def mongod_drill(station: Station, db: Any, mongod: Mongod, number: int, rng: random.Random, s: Settings) -> Drill:
+def mongod_drill(station: Station, db: Any, number: int, rng: random.Random, s: Settings, *, mongod: Mongod) -> Drill:
     batch, failed = f"AWAY{number}", []
     session = station.start(batch, s.rounds, rng.randrange(10**6), f"away{number}")
     delay, down = rng.uniform(0, s.window_s), rng.uniform(*s.outage_s)
@@ -536,23 +536,24 @@ def main(argv: list[str] | None = None) -> int:
     print(f"load average {_load(load_start)} ({os.cpu_count()} cores)", flush=True)
     base = Path(tempfile.mkdtemp(prefix="sequencer-drills-"))
     drills: list[Drill] = []
-    mongod = Mongod.start(base / "mongod")
+    try:
+        mongod = Mongod.start(base / "mongod")
+    except MongodError as exc:
+        shutil.rmtree(base, ignore_errors=True)
+        print(f"tools/drills.py: error: {exc}", file=sys.stderr)
+        return 2
     client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(mongod.uri, tz_aware=True,
                                                                       serverSelectionTimeoutMS=30000)
     try:
-        plan = [("sigkill", args.sigkill), ("ctrl-c", args.ctrl_c), ("mongod", args.mongod)]
-        for kind, times in plan:
-            station = Station(base / "stations" / kind, f"mongodb://{mongod.address}", f"drills_{kind.replace('-', '_')}",
-                              product, args.sim)
+        plan = {"sigkill": (sigkill_drill, args.sigkill), "ctrl-c": (ctrl_c_drill, args.ctrl_c),
+                "mongod": (partial(mongod_drill, mongod=mongod), args.mongod)}
+        for kind, (drill_once, times) in plan.items():
+            station = Station(base / "stations" / kind, f"mongodb://{mongod.address}",
+                              f"drills_{kind.replace('-', '_')}", product, args.sim)
             station.home.mkdir(parents=True)
             db = client[station.database]
             for number in range(1, times + 1):
-                if kind == "sigkill":
-                    drill = sigkill_drill(station, db, number, rng, settings)
-                elif kind == "ctrl-c":
-                    drill = ctrl_c_drill(station, db, number, rng, settings)
-                else:
-                    drill = mongod_drill(station, db, mongod, number, rng, settings)
+                drill = drill_once(station, db, number, rng, settings)
                 drills.append(drill)
                 problems = {k: len(v) for k, v in drill.tally.problems.items()}
                 print(f"{kind} {number}: {drill.moment}: {drill.batch_runs} run(s); "
