@@ -66,10 +66,12 @@ import pymongo
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from fixtures.station import STATION_FIXTURES  # noqa: E402
 from reports.storage.mongo_cli import device_from_runs  # noqa: E402
 from reports.storage.mongod import Mongod, MongodError  # noqa: E402
 from reports.storage.shipper import shipper_pids  # noqa: E402
 from reports.storage.store import LocalStore  # noqa: E402
+from sequencer.product import load_product  # noqa: E402
 from tools.bench._common import replace_doc_section  # noqa: E402
 
 DOC = ROOT / "docs" / "drills.md"
@@ -311,6 +313,9 @@ class Settings:
     rounds: int
     window_s: float  # the random moment falls this many seconds at most after the first run began
     outage_s: tuple[float, float]
+    #: The product registers devices: under --sim its provisioning service keeps them in the station's
+    #: MongoDB, so its slots wait for MongoDB by design and need not finish runs while it is away.
+    provisions: bool
 
 
 def first_run_began(station: Station, session: Session, batch: str, failed: list[str]) -> bool:
@@ -433,7 +438,7 @@ def mongod_drill(station: Station, db: Any, number: int, rng: random.Random, s: 
         status = session.wait()
         if status not in (0, 1):
             failed.append(f"exit status {status}: {session.errors.strip()[-300:]}")
-        if running and not finished_during:
+        if running and not finished_during and not s.provisions:
             failed.append("no run finished while MongoDB was away")
         out = session.output
         if "nothing waiting to ship" not in out and not re.search(r"\d+ run\(s\) waiting to ship", out):
@@ -530,7 +535,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.sim < 1 or args.rounds < 1:
         parser.error("--sim and --rounds: 1 or more")
 
-    settings = Settings(args.sim, args.rounds, args.window, tuple(args.outage))
+    provisions = load_product(product, station_fixtures=STATION_FIXTURES, station_resources=None).product.uses(
+        "provisioning")
+    settings = Settings(args.sim, args.rounds, args.window, tuple(args.outage), provisions)
     rng = random.Random(args.seed)
     load_start, started = os.getloadavg(), time.monotonic()
     print(f"load average {_load(load_start)} ({os.cpu_count()} cores)", flush=True)
