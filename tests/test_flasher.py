@@ -550,3 +550,17 @@ async def test_a_connection_lent_over_rfc2217_comes_back_with_what_the_worker_di
             assert uart.dtr is True
         nursery.cancel_scope.cancel()
     listener.close()
+
+
+def test_a_step_of_the_flash_worker_is_named_in_words_in_its_error() -> None:
+    from fixtures import flash_worker as worker_protocol
+    from fixtures.flasher import _error
+
+    def said(stage: str, kind: str = worker_protocol.PORT_LOST) -> str:
+        event = {"kind": kind, "message": "reading: end of file, the device hung up", "stage": stage}
+        return str(_error("/dev/ttyUSB3", event, (), FlashConfig()))
+
+    assert said("connect") == ("/dev/ttyUSB3: port lost while connecting to the loader: reading: end of file, "
+                               "the device hung up")
+    assert "while reading the chip's identity:" in said("identify")
+    assert "esptool failed while starting the app (the image set): " in said("boot", kind="something-else")
