@@ -539,7 +539,9 @@ def render_section(meta: dict[str, Any], s: dict[str, Any], targets: list[dict[s
         f"Load average (1/5/15 min) at start {loads[0][0]:.2f}/{loads[0][1]:.2f}/{loads[0][2]:.2f}, "
         f"at end {loads[1][0]:.2f}/{loads[1][1]:.2f}/{loads[1][2]:.2f}"
         + (" — **the machine was shared and busy; treat the numbers as indicative**."
-           if max(loads[0][0], loads[1][0]) > 0.25 * (m["nproc"] or 1) else " (quiet)."),
+           # The end's load average counts this benchmark's own children (about one CPU's worth).
+           if loads[0][0] > 0.25 * (m["nproc"] or 1) or loads[1][0] > 1 + 0.25 * (m["nproc"] or 1)
+           else " (quiet: no other work; the load at the end is this benchmark's own)."),
         "",
     ]
     if any_seq:
