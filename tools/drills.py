@@ -281,6 +281,11 @@ class Session:
         return self.err.read_text(errors="replace")
 
 
+# A simulated run takes a few seconds even on a loaded machine: an outage this long with no run
+# finished means the station waited for MongoDB.
+RUN_STALL_S = 60.0
+
+
 def wait_for(predicate: Callable[[], bool], timeout: float, poll: float = 0.02) -> bool:
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -430,21 +435,33 @@ def mongod_drill(station: Station, db: Any, number: int, rng: random.Random, s: 
     batch, failed = f"AWAY{number}", []
     session = station.start(batch, s.rounds, rng.randrange(10**6), f"away{number}")
     delay, down = rng.uniform(0, s.window_s), rng.uniform(*s.outage_s)
-    moment = f"mongod killed {delay:.2f} s after the first run began, down {down:.1f} s"
+    moment = f"mongod killed {delay:.2f} s after the first run began"
     if first_run_began(station, session, batch, failed):
         time.sleep(delay)
         mongod.kill()
-        finished_before = sum(1 for _, o, b in station.rows() if b == batch and o is not None)
+        killed_at = time.monotonic()
+
+        def finished() -> int:
+            return sum(1 for _, o, b in station.rows() if b == batch and o is not None)
+
+        finished_before = finished()
         time.sleep(down)
-        finished_during = sum(1 for _, o, b in station.rows() if b == batch and o is not None) - finished_before
+        # A short outage may end before any run could have: what the drill asks is that runs go on
+        # finishing while MongoDB is away, so the outage lasts until one does (or the station
+        # ends), and only a station that finishes nothing in RUN_STALL_S of outage has stalled.
+        stalled = False
+        if not s.provisions and finished() == finished_before:
+            stalled = not wait_for(lambda: finished() > finished_before or session.proc.poll() is not None,
+                                   RUN_STALL_S)
+        finished_during = finished() - finished_before
         mongod.restart()
-        running = session.proc.poll() is None
-        moment += f" ({finished_during} run(s) finished meanwhile)"
+        moment = (f"mongod killed {delay:.2f} s after the first run began, "
+                  f"down {time.monotonic() - killed_at:.1f} s ({finished_during} run(s) finished meanwhile)")
         status = session.wait()
         if status not in (0, 1):
             failed.append(f"exit status {status}: {session.errors.strip()[-300:]}")
-        if running and not finished_during and not s.provisions:
-            failed.append("no run finished while MongoDB was away")
+        if stalled:
+            failed.append(f"no run finished in {RUN_STALL_S:.0f} s while MongoDB was away")
         out = session.output
         if "nothing waiting to ship" not in out and not re.search(r"\d+ run\(s\) waiting to ship", out):
             failed.append("no line about what waits to ship")
