@@ -653,6 +653,7 @@ class _RoundReports:
         try:
             folder.mkdir(parents=True, exist_ok=True)
             page = write_batch(folder / "index.html", lambda: store.iter_runs(batch=batch),
+                               headers=lambda: store.iter_runs(batch=batch, phases=False),
                                title=partial(batch_title, batch), cpk_threshold=self.cpk_threshold)
             write_retested_runs(folder, page.units, store.get_run)
         except Exception as exc:
@@ -723,6 +724,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     from reports.quality.units import group_units
     from reports.render.html import batch_dir, batch_title, render_run, write_batch, write_html
     from reports.storage.mongo_cli import reading_runs
+    from sequencer.station import tune_garbage_collector
+
+    tune_garbage_collector()
 
     station_name = None
     if args.station is not None and args.product is not None and not Path(args.station).is_file():
@@ -757,10 +761,11 @@ def cmd_report(args: argparse.Namespace) -> int:
             # page of every station's runs is another file, so neither overwrites the other.
             page = BATCH_PAGE_EVERY_STATION if reading.every_station else "index.html"
             output = args.output or batch_dir(reading.config.reports_dir, args.batch) / page
-            # Read twice as it is written (reports/render/html.py BatchPage): any size of batch.
-            _write_report(output, lambda path: write_batch(path, lambda: source.iter_runs(batch=args.batch),
-                                                           title=partial(batch_title, args.batch),
-                                                           cpk_threshold=threshold))
+            # Read once, then its headers as it is written (reports/render/html.py BatchPage): any size of batch.
+            _write_report(output, lambda path: write_batch(
+                path, lambda: source.iter_runs(batch=args.batch),
+                headers=lambda: source.iter_runs(batch=args.batch, phases=False),
+                title=partial(batch_title, args.batch), cpk_threshold=threshold))
     print(output)
     return EXIT_OK
 
@@ -897,6 +902,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     from reports.render.export import Export, ExportError, write_csv_file, write_csv_rows, write_xlsx
     from reports.render.html import batch_dir, batch_title
     from reports.storage.mongo_cli import reading_runs
+    from sequencer.station import tune_garbage_collector
+
+    tune_garbage_collector()
 
     if args.output is None and args.batch is None:
         raise UsageError("export: give -o FILE (.xlsx, .csv or .xml), or --batch B to write B.xlsx beside its reports")

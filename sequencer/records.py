@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
+import functools
 import hashlib
 import json
 import math
@@ -349,16 +350,43 @@ def _optional_float(v: Any) -> float | None:
     return None if v is None else float(v)
 
 
+def _limits_from_values(low: Any, high: Any, m_low: Any, m_high: Any) -> Limits:
+    return Limits(None if low is None else float(low), None if high is None else float(high),
+                  None if m_low is None else float(m_low), None if m_high is None else float(m_high))
+
+
+#: A product's measurements have a few limits each, read back tens of thousands of times: one
+#: ``Limits`` per distinct set (records are frozen, so sharing one is safe). Bounded, so a store
+#: of many products cannot grow it without end.
+_shared_limits = functools.lru_cache(maxsize=4096)(_limits_from_values)
+
+#: ``MeasurementOutcome(value)`` goes through ``EnumType.__call__``: a dict is several times faster.
+_MEASUREMENT_OUTCOMES: Mapping[str, MeasurementOutcome] = {o.value: o for o in MeasurementOutcome}
+_OUTCOMES: Mapping[str, Outcome] = {o.value: o for o in Outcome}
+
+
+def _measurement_outcome(value: Any) -> MeasurementOutcome:
+    o = _MEASUREMENT_OUTCOMES.get(value) if isinstance(value, str) else None
+    return o if o is not None else MeasurementOutcome(value)  # the enum's own error for a bad value
+
+
+def _outcome(value: Any) -> Outcome:
+    o = _OUTCOMES.get(value) if isinstance(value, str) else None
+    return o if o is not None else Outcome(value)
+
+
 def _measurement_from_dict(d: Mapping[str, Any]) -> MeasurementRecord:
     # The hottest loop of reading a batch back (fifty of these a run): lookups and calls kept few.
     lim = d.get("limits")
     if lim is not None:
-        low, high, m_low, m_high = lim.get("low"), lim.get("high"), lim.get("marginal_low"), lim.get("marginal_high")
-        lim = Limits(None if low is None else float(low), None if high is None else float(high),
-                     None if m_low is None else float(m_low), None if m_high is None else float(m_high))
+        bounds = (lim.get("low"), lim.get("high"), lim.get("marginal_low"), lim.get("marginal_high"))
+        try:
+            lim = _shared_limits(*bounds)
+        except TypeError:  # an unhashable bound: not a number, so float() says what is wrong
+            lim = _limits_from_values(*bounds)
     units, reason, validators, dimensions = d.get("units"), d.get("reason"), d.get("validators"), d.get("dimensions")
     return MeasurementRecord(
-        str(d["name"]), MeasurementOutcome(d["outcome"]), d.get("value"), None if units is None else str(units),
+        str(d["name"]), _measurement_outcome(d["outcome"]), d.get("value"), None if units is None else str(units),
         str(d.get("description", "")), tuple(map(str, validators)) if validators else (), lim,
         bool(d.get("marginal", False)), None if reason is None else str(reason),
         tuple((str(x), str(u)) for x, u in dimensions) if dimensions else (),
@@ -368,7 +396,7 @@ def _measurement_from_dict(d: Mapping[str, Any]) -> MeasurementRecord:
 def _attempt_from_dict(d: Mapping[str, Any]) -> AttemptRecord:
     e = d.get("error")
     return AttemptRecord(
-        int(d["number"]), Outcome(d["outcome"]), dt.datetime.fromisoformat(d["started_at"]),
+        int(d["number"]), _outcome(d["outcome"]), dt.datetime.fromisoformat(d["started_at"]),
         dt.datetime.fromisoformat(d["ended_at"]), tuple(_measurement_from_dict(m) for m in d.get("measurements", ())),
         _optional_str(d.get("reason")),
         None if e is None else ErrorInfo(str(e["type"]), str(e["message"]), str(e.get("traceback", ""))),
@@ -386,7 +414,7 @@ def phase_from_dict(d: Mapping[str, Any]) -> PhaseRecord:
     tests/test_records.py compares the two over generated records.
     """
     return PhaseRecord(
-        str(d["name"]), Outcome(d["outcome"]), dt.datetime.fromisoformat(d["started_at"]),
+        str(d["name"]), _outcome(d["outcome"]), dt.datetime.fromisoformat(d["started_at"]),
         dt.datetime.fromisoformat(d["ended_at"]), tuple(_attempt_from_dict(a) for a in d.get("attempts", ())),
         _optional_str(d.get("reason")), bool(d.get("teardown", False)), float(d.get("resource_wait_s", 0.0)),
         tuple(LogLine(dt.datetime.fromisoformat(ln["timestamp"]), str(ln["level"]), str(ln["message"]),

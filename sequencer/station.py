@@ -48,6 +48,11 @@ STATION_GC_THRESHOLDS = (20_000, 20, 20)
 def tune_garbage_collector() -> None:
     """Make the cyclic garbage collector fit a station process; call once, before testing starts.
 
+    ``sequencer report`` and ``export`` call it too: they read a batch's
+    tens of thousands of records in one pass, hundreds of thousands of
+    short-lived objects that hold no cycles, and with CPython's thresholds
+    the collector's walks were a tenth of a batch page's time.
+
     Why: a station keeps many objects alive for a whole run (every slot's
     tasks, fixtures and finished phase records) and allocates quickly, so
     with CPython's default thresholds the collector ran hundreds of times a

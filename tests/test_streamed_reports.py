@@ -21,7 +21,7 @@ import pytest
 import trio
 
 from reports.quality.statistics import measurement_statistics
-from reports.quality.yields import batch_summary, chronological
+from reports.quality.yields import batch_summary, chronological, first_failure
 from reports.render.export import Export, export_tables, write_xlsx
 from reports.render.html import render_batch, write_batch
 from reports.storage.store import LocalStore
@@ -67,12 +67,26 @@ def test_the_page_read_from_the_store_page_by_page_is_the_page_of_the_runs_in_me
     path, _ = stored
     runs = _read(path)  # as the store gives them back
     store = LocalStore.open(path)
+    readings: list[bool] = []
+
+    def reading(phases: bool) -> Any:
+        readings.append(phases)
+        return store.iter_runs(batch=runs[0].batch, page=7, phases=phases)
+
     try:
-        write_batch(tmp_path / "index.html", lambda: store.iter_runs(batch=runs[0].batch, page=7), title="B")
+        write_batch(tmp_path / "index.html", lambda: reading(True), headers=lambda: reading(False), title="B")
+        write_batch(tmp_path / "twice.html", lambda: store.iter_runs(batch=runs[0].batch, page=7), title="B")
     finally:
         store.close()
+    # the phases (tens of kB a run) are read once; the rows need the headers alone
+    assert readings == [True, False]
     streamed = (tmp_path / "index.html").read_text(encoding="utf-8")
     assert streamed == render_batch(list(reversed(runs)), title="B")
+    assert (tmp_path / "twice.html").read_text(encoding="utf-8") == streamed
+    # a failed run's row still says where it failed, and a marginal one says so, from the headers' reading
+    failed = next(r for r in runs if r.outcome is rf.Outcome.FAIL and r.phases)
+    link = next(a for a in parse(streamed).find("table", "units").find_all("a") if a.text == failed.run_id)
+    assert first_failure(failed).name in link.ancestor("tr").find("td", "failure").text
 
 
 def test_the_streamed_page_shows_the_in_memory_arithmetic(stored: tuple[Path, list[RunRecord]]) -> None:

@@ -224,25 +224,54 @@ def _export_command(batch: str) -> str:
     quoted = shlex.quote(batch)
     return f"sequencer export --batch={quoted}" if batch.startswith("-") else f"sequencer export --batch {quoted}"
 
-class BatchPage:
-    """The report of many runs, from runs read twice as a stream: nothing holds them all.
+@attrs.frozen
+class RowFacts:
+    """What a batch page's row shows of a run's phases: its first failure and whether it was marginal.
 
-    Made by :func:`batch_page`, which reads them once: counts, yields, units,
-    Paretos and each measurement's moments (:class:`~reports.quality.yields.BatchTally`,
-    :class:`~reports.quality.statistics.MeasurementTally`). :meth:`chunks` then
-    writes the page as it reads them again: the units table a run at a time,
-    and, as the rows go by, each measurement's histogram and control chart,
-    which the page shows after the table. So the memory a page takes is the
-    tallies' (a few numbers per measurement, the units' identity index), not
-    the runs', however many there are.
+    Taken in the first reading, so the second reads the runs' headers alone.
+    Kept only for runs that have either (failures are few), never a phase.
+    """
+
+    failure: str | None = None
+    #: the failure's reason, or its error's type
+    why: str | None = None
+    marginal: bool = False
+
+    @classmethod
+    def of(cls, run: RunRecord) -> RowFacts | None:
+        p = first_failure(run)
+        marginal = run.marginal
+        if p is None and not marginal:
+            return None
+        if p is None:
+            return cls(marginal=True)
+        why = p.reason or (p.error.type if p.error is not None else None)
+        return cls(p.name, why, marginal)
+
+
+class BatchPage:
+    """The report of many runs, from runs read as a stream: nothing holds them all.
+
+    Made by :func:`batch_page`, which reads them once, whole: counts, yields,
+    units, Paretos, each measurement's moments and its values for the
+    histograms and charts (:class:`~reports.quality.yields.BatchTally`,
+    :class:`~reports.quality.statistics.MeasurementTally`: 8 bytes a value),
+    and the few facts a row shows of a failed or marginal run's phases.
+    :meth:`chunks` then writes the page as it reads the runs' headers again
+    (``headers``, if the source can read runs without their phases: a
+    store's header is a few hundred bytes, its phases tens of kB), the units
+    table a row at a time. So the memory a page takes is the tallies' (a few
+    numbers per measurement, its values, the units' identity index), never
+    the runs'.
     """
 
     def __init__(self, passes: RunPasses, *, title: str | Callable[[Sequence[str]], str],
-                 cpk_threshold: float) -> None:
-        self._passes = passes
+                 cpk_threshold: float, headers: RunPasses | None = None) -> None:
+        self._headers = headers if headers is not None else passes
         self.threshold = cpk_threshold
         self._tally = BatchTally()
-        self._statistics = MeasurementTally()
+        self._statistics = MeasurementTally(drawing=True)
+        self._facts: dict[str, RowFacts] = {}
         batches: set[str] = set()
         stations: set[str] = set()
         self._products: dict[str, None] = {}
@@ -251,6 +280,8 @@ class BatchPage:
         for r in passes():
             self._tally.add(r)
             self._statistics.add(r)
+            if (facts := RowFacts.of(r)) is not None:
+                self._facts[r.run_id] = facts
             batches.add(r.batch) if r.batch else None
             stations.add(r.station)
             self._products[f"{r.product} {r.product_version}".strip()] = None
@@ -268,22 +299,22 @@ class BatchPage:
         self._several_products = len(names) > 1
 
     def _rows(self) -> Iterator[dict[str, Any]]:
-        """The second reading: a row per run, each run drawn into its measurements' histograms and charts."""
+        """The second reading, of the runs' headers: a row per run."""
         here = self.batches[0] if len(self.batches) == 1 else ""
         tests: Counter[str] = Counter()
-        for r in self._passes():
-            self._statistics.draw(r)
+        none = RowFacts()
+        for r in self._headers():
             unit = self.units.of(r)
             tests[unit.key] += 1
             yield {"run": r, "unit": unit, "test_number": tests[unit.key], "tests": len(unit.run_ids),
-                   "failure": first_failure(r), "href": run_href(r, from_batch=here or r.batch)}
+                   "facts": self._facts.get(r.run_id, none), "href": run_href(r, from_batch=here or r.batch)}
 
     def _statistics_drawn(self) -> list[MeasurementStatistics]:
-        """Called by the template after the units table, whose rows drew every value."""
+        """Called by the template after the units table: the statistics with their histograms and charts."""
         return worst_first(self._statistics.statistics(), self.threshold)
 
     def chunks(self) -> Iterator[str]:
-        """The page's HTML, a piece at a time, reading the runs the second time as it goes."""
+        """The page's HTML, a piece at a time, reading the runs' headers as it goes."""
         return _environment().get_template("batch.html").generate(
             title=self.title,
             summary=self.summary,
@@ -302,12 +333,13 @@ class BatchPage:
 
 
 def batch_page(passes: RunPasses, *, title: str | Callable[[Sequence[str]], str],
-               cpk_threshold: float = DEFAULT_CPK_THRESHOLD) -> BatchPage:
+               cpk_threshold: float = DEFAULT_CPK_THRESHOLD, headers: RunPasses | None = None) -> BatchPage:
     """Read the runs once (``passes()``, oldest first) for the page's numbers; see :class:`BatchPage`.
 
     ``title`` may be a function of the products the runs are of (:func:`batch_title`).
+    ``headers``: the same runs without their phases, for the rows (else ``passes`` again).
     """
-    return BatchPage(passes, title=title, cpk_threshold=cpk_threshold)
+    return BatchPage(passes, title=title, cpk_threshold=cpk_threshold, headers=headers)
 
 
 def render_batch(runs: Sequence[RunRecord], *, title: str | Callable[[Sequence[str]], str],
@@ -322,9 +354,12 @@ def render_batch(runs: Sequence[RunRecord], *, title: str | Callable[[Sequence[s
 
 
 def write_batch(path: str | os.PathLike[str], passes: RunPasses, *, title: str | Callable[[Sequence[str]], str],
-                cpk_threshold: float = DEFAULT_CPK_THRESHOLD) -> BatchPage:
-    """Write the batch page of the runs ``passes`` reads (twice) to ``path``, atomically, as it is made."""
-    page = batch_page(passes, title=title, cpk_threshold=cpk_threshold)
+                cpk_threshold: float = DEFAULT_CPK_THRESHOLD, headers: RunPasses | None = None) -> BatchPage:
+    """Write the batch page of the runs ``passes`` reads to ``path``, atomically, as it is made.
+
+    ``headers``: the same runs without their phases, read for the rows (else ``passes`` again).
+    """
+    page = batch_page(passes, title=title, cpk_threshold=cpk_threshold, headers=headers)
     with replacing(path) as tmp, open(tmp, "w", encoding="utf-8", newline="\n") as out:
         for chunk in page.chunks():
             out.write(chunk)

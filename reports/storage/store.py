@@ -980,8 +980,8 @@ class LocalStore:
             sql = f"SELECT run_id, header, started_at FROM runs {clause} ORDER BY started_at, run_id LIMIT {int(page)}"
             with self._lock:
                 rows = self._conn.execute(sql, [*args, *(after or ())]).fetchall()
-                runs = [self._assemble(header, run_id) if phases else run_from_json(header)
-                        for run_id, header, _ in rows]
+                runs = (self._assemble_page([(run_id, header) for run_id, header, _ in rows]) if phases
+                        else [run_from_json(header) for _, header, _ in rows])
             if len(rows) < page:
                 yield from runs
                 return
@@ -1068,6 +1068,20 @@ class LocalStore:
             return self._conn.execute(
                 "SELECT batch, COUNT(*) FROM runs GROUP BY batch ORDER BY MAX(started_at) DESC"
             ).fetchall()
+
+    def _assemble_page(self, rows: Sequence[tuple[str, str]]) -> list[RunRecord]:
+        """:meth:`_assemble` for each of ``rows`` (run id, header), their phases read in one query."""
+        if not rows:
+            return []
+        marks = ",".join("?" * len(rows))
+        records: dict[str, list[str]] = {run_id: [] for run_id, _ in rows}
+        for run_id, record in self._conn.execute(
+                f"SELECT run_id, record FROM phases WHERE run_id IN ({marks}) ORDER BY run_id, idx",
+                [run_id for run_id, _ in rows]):
+            records[run_id].append(record)
+        return [attrs.evolve(run_from_json(header),
+                             phases=tuple(from_dict(json_loads(r), PhaseRecord) for r in records[run_id]))
+                for run_id, header in rows]
 
     def _assemble(self, header: str, run_id: str) -> RunRecord:
         rows = self._conn.execute("SELECT record FROM phases WHERE run_id=? ORDER BY idx", (run_id,)).fetchall()

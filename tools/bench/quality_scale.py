@@ -161,14 +161,17 @@ def child_batch(args: argparse.Namespace) -> dict[str, Any]:
     """The batch page as `sequencer run` and `sequencer report --batch` write it: read twice from the store."""
     from reports.render.html import batch_title, write_batch
     from reports.storage.store import LocalStore
+    from sequencer.station import tune_garbage_collector
 
+    tune_garbage_collector()  # as `sequencer report` and the station that writes the page at its end do
     store = LocalStore.open(args.store)
     before = peak_mib()
     t = time.perf_counter()
     cpu = time.process_time()
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "index.html"
-        page = write_batch(out, lambda: store.iter_runs(batch="BENCH"), title=lambda names: batch_title("BENCH", names))
+        page = write_batch(out, lambda: store.iter_runs(batch="BENCH"), title=lambda names: batch_title("BENCH", names),
+                           headers=lambda: store.iter_runs(batch="BENCH", phases=False))
         elapsed, cpu_s = time.perf_counter() - t, time.process_time() - cpu
         size = out.stat().st_size
     store.close()
@@ -180,7 +183,9 @@ def child_xlsx(args: argparse.Namespace) -> dict[str, Any]:
     """`sequencer export --batch B` to an .xlsx: the runs read twice from the store, the sheets write-only."""
     from reports.render.export import Export, write_xlsx
     from reports.storage.store import LocalStore
+    from sequencer.station import tune_garbage_collector
 
+    tune_garbage_collector()  # as `sequencer export` does
     store = LocalStore.open(args.store)
     before = peak_mib()
     t = time.perf_counter()
