@@ -31,7 +31,7 @@ from reports.storage.shipper import Shipper
 from reports.storage.store import LocalStore
 from sequencer.records import Outcome, RunRecord
 from tests import records_factory as rf
-from tests.mongo_support import FAST, assert_mirrors_store, database
+from tests.mongo_support import FAST, assert_mirrors_store, database, wait_until
 from tests.store_support import rewrite_as_version_1, store_runs
 from tests.strategies import runs as any_run
 
@@ -261,7 +261,9 @@ async def test_a_run_whose_serial_changed_leaves_no_trace_on_the_first_serials_d
         for wrong, run in misread.items():  # a label scanned wrong first ...
             await store.begin_run(attrs.evolve(run, phases=(), outcome=None, ended_at=None, dut={}))
             await store.commit_phase(run.run_id, 0, run.phases[0], {"serial": wrong})
-        await trio.sleep(0.1)  # copied from the journal
+        # copied from the journal into the database the shipper reads
+        await wait_until(lambda: all((r := store.get_run(run.run_id)) is not None and len(r.phases) == 1
+                                     for run in misread.values()), what="the open runs in the database")
         await drain(path, mongo)  # ... and shipped while the runs were open
         db = database(mongo)
         for wrong, run in misread.items():
