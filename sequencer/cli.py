@@ -793,8 +793,8 @@ def _period_report(args: argparse.Namespace, station: str | None) -> int:
             report = reading.source.period_report(product=args.product, since=args.since, until=args.until,
                                                   station=station)
         else:
-            runs = reading.source.find_runs(product=args.product, since=args.since, until=args.until,
-                                            station=station)
+            # one reading, oldest first, a page of runs at a time: a week of a station's runs is never in memory
+            runs = reading.source.iter_runs(product=args.product, since=args.since, until=args.until, station=station)
             report = period_from_runs(runs, product=args.product, station=station, since=args.since,
                                       until=args.until)
         if not report.runs:

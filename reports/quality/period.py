@@ -20,9 +20,9 @@ from typing import Any
 
 import attrs
 
-from reports.quality.statistics import MeasurementStatistics, measurement_statistics
+from reports.quality.statistics import MeasurementStatistics, MeasurementTally
 from reports.quality.units import UnitGrouping
-from reports.quality.yields import ParetoRow, batch_summary
+from reports.quality.yields import BatchTally, ParetoRow
 from sequencer.records import Outcome, RunRecord
 
 _NO_OFFSET = dt.timedelta(0)
@@ -212,17 +212,28 @@ class PeriodReport:
         return sum(n for name, n in self.outcome_counts if name in outcomes)
 
 
-def period_from_runs(ordered: Sequence[RunRecord], *, product: str, station: str | None = None,
+def period_from_runs(ordered: Iterable[RunRecord], *, product: str, station: str | None = None,
                      since: dt.datetime | None = None, until: dt.datetime | None = None) -> PeriodReport:
-    """A period report of whole runs (a station's local store), oldest first."""
-    summary = batch_summary(ordered)
+    """A period report of whole runs (a station's local store), oldest first, read once as a stream.
+
+    None of them is kept: what grows is the units' identity index (for the
+    yields and the Paretos' tallies), each run's duration and each numeric
+    value (8 bytes) for the histograms and charts, a week of a station's
+    runs in tens of MB where holding the runs took gigabytes.
+    """
+    batch, yields, statistics = BatchTally(), PeriodTally(), MeasurementTally(drawing=True)
+    for r in ordered:
+        batch.add(r)
+        yields.add(r)
+        statistics.add(r)
+    summary = batch.summary()
     return PeriodReport(
         product=product,
         station=station,
-        yields=period_yields(ordered, since=since, until=until),
+        yields=yields.yields(since=since, until=until),
         outcome_counts=summary.outcome_counts,
         phase_pareto=summary.phase_pareto,
         measurement_pareto=summary.measurement_pareto,
         trouble_pareto=summary.trouble_pareto,
-        statistics=tuple(measurement_statistics(ordered)),
+        statistics=tuple(statistics.statistics()),
     )
