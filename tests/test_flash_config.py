@@ -304,6 +304,17 @@ def test_ports_are_found_by_usb_identity_and_ordered_by_hub_position() -> None:
 # -- fault profiles ------------------------------------------------------------------
 
 
+def test_a_built_in_profile_is_found_by_its_name_and_a_wrong_name_lists_them(tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert load_fault_profile("flaky-line", 16) == load_fault_profile(PROFILES / "flaky-line.toml", 16)
+    with pytest.raises(FaultProfileError, match=r"^flaky: no such fault profile \(a TOML file, or one of: "
+                                                 r"auto-reset, every-fault, flaky-line\)$"):
+        load_fault_profile("flaky", 16)
+    (tmp_path / "flaky-line").write_text("", encoding="utf-8")  # a file of that name is the file, not the built-in
+    assert load_fault_profile("flaky-line", 16).slots == {}
+
+
 def test_the_every_fault_profile_covers_every_board_and_firmware_kind_once() -> None:
     plan = load_fault_profile(PROFILES / "every-fault.toml", 16)
     kinds = sorted(spec.kind for specs in plan.slots.values() for spec in specs)
