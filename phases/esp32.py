@@ -72,7 +72,11 @@ async def detect(ctx, flasher, dut):
     """Put the board in its ROM loader as the station's wiring says; read the chip's model, revision and factory MAC,
     and check the MAC."""
     chip = await flasher.detect(dut.link)
-    ctx.identify(chip=chip.model, chip_revision=chip.revision, mac=chip.mac, flash_size=chip.flash_size)
+    problem = flasher.mac_problem()
+    # A MAC no unit can have is not made the unit's identity: every unburned board reads all zeros, and
+    # taken as one unit they would be each other's retests (and a retest cap would send new boards to rework).
+    ctx.identify(chip=chip.model, chip_revision=chip.revision, flash_size=chip.flash_size,
+                 **({"mac": chip.mac} if problem is None else {}))
     reset = flasher.reset
     ctx.log.info("chip detected", description=chip.description, features=", ".join(chip.features),
                  console=chip.console, loader_entry=reset.how, reset_attempts=reset.attempts,
@@ -81,7 +85,6 @@ async def detect(ctx, flasher, dut):
     ctx.measurements.chip_revision = chip.revision
     ctx.measurements.mac = chip.mac
     ctx.measurements.loader_entry = reset.how
-    problem = flasher.mac_problem()
     ctx.measurements.mac_verdict = problem or "pass"
     if problem is not None:
         ctx.log.error("MAC refused", reason=problem)

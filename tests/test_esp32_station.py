@@ -297,6 +297,8 @@ async def test_a_mac_no_unit_can_have_or_two_boards_share_fails_them_with_the_re
     assert blank.phase("detect").reason == (
         "measurement 'mac_verdict': MAC 00:00:00:00:00:00 is all zeros: the eFuse MAC was never programmed"
     )
+    # the MAC is measured, but it is not the unit's identity: every unburned board has it
+    assert blank.measurement("detect", "mac").value == "00:00:00:00:00:00" and "mac" not in blank.dut
     # The clones: whichever was detected second fails at detect, the other before it is started.
     for run, other in ((first, 2), (second, 1)):
         assert run.outcome is Outcome.FAIL, failed(run)
