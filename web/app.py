@@ -42,6 +42,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from web.auth import AuthStore, LoginRefused, Principal, Role
+from web.bodies import drain_refused_body
 
 __all__ = ["WebSettings", "create_web_app", "csrf_form", "require", "render"]
 
@@ -274,6 +275,8 @@ class _Limits:
         limit = self.large_bodies.get(scope.get("path", ""), MAX_FORM)
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > limit):
+            if length.isdigit():  # so the client reads the 413 (web/bodies.py)
+                await drain_refused_body(receive, declared=int(length))
             await PlainTextResponse("request body too large", status_code=413)(scope, receive, send)
             return
         received = 0
@@ -283,6 +286,8 @@ class _Limits:
             message = await receive()
             received += len(message.get("body", b""))
             if received > limit:
+                if message.get("more_body", False):
+                    await drain_refused_body(receive, declared=None, read=received)
                 raise HTTPException(413, "request body too large")
             return message
 

@@ -47,6 +47,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from web.bodies import drain_refused_body
 from web.provisioning.model import (
     IDEMPOTENCY_KEY_PATTERN,
     MAX_BODY_BYTES,
@@ -313,13 +314,16 @@ async def _body_at_most(request: Request, limit: int) -> bytes | None:
     server's memory.
     """
     declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
+    length = int(declared) if declared.isdigit() else None
+    if length is not None and length > limit:
+        await drain_refused_body(request.receive, declared=length)  # so the client reads the 413
         return None
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
+            await drain_refused_body(request.receive, declared=length, read=size)
             return None
         chunks.append(chunk)
     return b"".join(chunks)
