@@ -364,7 +364,8 @@ async def test_concurrent_identical_requests_create_one_device(storage: Provisio
     """The race the retry storm relies on: the same key twelve times at once, and one device."""
     ident = identity(4)
     answers: list[httpx.Response] = []
-    async with serving(storage) as (url, _), httpx.AsyncClient(base_url=url) as http:
+    # twelve at once queue for the password hashing (a thread per core): more than httpx's 5 s on a busy machine
+    async with serving(storage) as (url, _), httpx.AsyncClient(base_url=url, timeout=60) as http:
         async def post() -> None:
             answers.append(await http.post("/v1/devices", json=body(ident),
                                            headers={"Idempotency-Key": "storm-key-00000004"}))
