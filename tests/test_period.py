@@ -221,3 +221,48 @@ def test_a_periods_units_are_the_batch_pages_units_without_keeping_a_run() -> No
     assert (total.units, total.first_pass_units, total.final_pass_units, total.runs) == (
         summary.yield_units, summary.first_pass_units, summary.final_pass_units, summary.runs)
     assert summary.yield_units == 5 and len(summary.conflicts) == 2
+
+
+def _same_statistics(theirs: Any, mine: Any, key: Any) -> None:
+    for field in ("n", "fails", "marginals"):
+        assert getattr(theirs.moments, field) == getattr(mine.moments, field), (key, field)
+    for field in ("mean", "sd", "minimum", "maximum", "mr_mean"):
+        a, b = getattr(theirs.moments, field), getattr(mine.moments, field)
+        assert (a is None and b is None) or math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12), (key, field, a, b)
+    assert theirs.units == mine.units and theirs.limits == mine.limits, key
+    assert theirs.histogram == mine.histogram, key
+
+
+@pytest.mark.parametrize("chunk_runs", [1, 3, 7, 1000])
+def test_mongodb_statistics_in_chunks_are_the_same_as_in_one(mongo: MongoSettings, chunk_runs: int) -> None:
+    """The values are summed a chunk of runs at a time (no array per measurement): the moving ranges across
+    chunk boundaries, chunks with no finite value (NaN only, the measurement missing), several runs at the
+    same instant, and the newest values drawn must all come out as Python's over the whole."""
+    rnd = random.Random(3)
+
+    def chunky_run(i: int) -> Any:
+        ms = [rf.measurement("drift", 1.0 + 0.01 * i + rnd.gauss(0, 0.003), units="V", low=0.9, high=2.0),
+              rf.measurement("sparse", math.nan if i % 5 in (1, 2) else rnd.uniform(4, 6), low=4.5, high=5.5,
+                             outcome=MeasurementOutcome.FAIL if i % 5 in (1, 2) else None)]
+        if i % 4 != 3:  # missing from every fourth run (its phase ended early)
+            ms.append(rf.measurement("gappy", rnd.gauss(10, 1), units="mA" if i < 30 else "A"))
+        return rf.run(serial=f"SN-{i}", started_at=rf.at(60 * (i // 3)), phases=[rf.phase("p", measurements=ms)])
+
+    runs = [chunky_run(i) for i in range(41)]
+    sink = MongoSink(mongo)
+    try:
+        assert not sink.write_runs([(i + 1, r) for i, r in enumerate(runs)]).rejected
+        in_db = {s.name: s for s in statistics_in_database(sink.runs, {"product": "esp32_sensor"}, chart_values=5,
+                                                           chunk_runs=chunk_runs)}
+    finally:
+        sink.close()
+    ordered = sorted(runs, key=lambda r: (r.started_at, r.run_id))
+    in_python = {s.name: s for s in measurement_statistics(ordered)}
+    assert set(in_db) == set(in_python) == {"drift", "sparse", "gappy"}
+    for name, mine in in_python.items():
+        theirs = in_db[name]
+        _same_statistics(theirs, mine, name)
+        # the newest five values are drawn, in run order
+        assert theirs.drawn is not None and list(theirs.drawn.values.points) == list(mine.drawn.values.points[-5:])
+        assert theirs.drawn.total == mine.moments.n
+    assert in_db["gappy"].units == "A"

@@ -109,10 +109,14 @@ class PeriodTally:
     is known only at its end.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, count_runs: bool = True) -> None:
         self._grouping = UnitGrouping(keep_runs=False)
         self._units: dict[Any, _UnitYield] = {}
+        #: without it, :meth:`add` tallies units only (the runs are counted elsewhere: :meth:`add_counts`)
+        self._count_runs = count_runs
         self._runs: dict[tuple[str, str, str], list[int]] = {}  # (table, product, bucket) -> [runs, passed]
+        # counts tallied elsewhere (a database): (table, product, bucket) -> [runs, passed, units, first, final]
+        self._counted: dict[tuple[str, str, str], list[int]] = {}
         # each distinct tuple of buckets once: a unit points at its first run's (a few hundred bytes less a unit)
         self._places: dict[tuple[str, ...], tuple[str, ...]] = {}
         self.first: dt.datetime | None = None
@@ -125,23 +129,46 @@ class PeriodTally:
         if unit is None:
             buckets = self._places.setdefault(buckets, buckets)
             unit = self._units[building] = _UnitYield(building.product, buckets)
-        for table, bucket in zip(_TABLES, buckets, strict=True):
-            counts = self._runs.setdefault((table, r.product, bucket), [0, 0])
-            counts[0] += 1
-            counts[1] += r.outcome is Outcome.PASS
+        if self._count_runs:
+            for table, bucket in zip(_TABLES, buckets, strict=True):
+                counts = self._runs.setdefault((table, r.product, bucket), [0, 0])
+                counts[0] += 1
+                counts[1] += r.outcome is Outcome.PASS
         if r.outcome is not None:
             if unit.first is None:
                 unit.first = r.outcome
             unit.final = r.outcome
-        if self.first is None:
-            self.first = r.started_at
-        self.last = r.started_at
+        if self._count_runs:
+            if self.first is None:
+                self.first = r.started_at
+            self.last = r.started_at
+
+    def add_counts(self, table: str, product: str, bucket: str, runs: int = 0, passed_runs: int = 0, units: int = 0,
+                   first_pass_units: int = 0, final_pass_units: int = 0) -> None:
+        """Counts of one bucket (``table`` one of day, hour, station, slot, operator) tallied elsewhere: a database
+        counts the runs and the units whose runs all agree on their identity (:mod:`reports.quality.pipeline`)."""
+        if table not in _TABLES:
+            raise ValueError(f"{table!r}: not one of {', '.join(_TABLES)}")
+        counts = self._counted.setdefault((table, product, bucket), [0] * 5)
+        for i, n in enumerate((runs, passed_runs, units, first_pass_units, final_pass_units)):
+            counts[i] += n
+
+    def add_span(self, first: dt.datetime | None, last: dt.datetime | None) -> None:
+        """The first and last start of runs counted elsewhere (whether the period is shown by hour)."""
+        if first is not None and (self.first is None or first < self.first):
+            self.first = first
+        if last is not None and (self.last is None or last > self.last):
+            self.last = last
 
     def yields(self, *, since: dt.datetime | None = None, until: dt.datetime | None = None) -> PeriodYields:
         hourly = is_hourly(since, until, self.first, self.last)
         rows: dict[str, dict[tuple[str, str], list[int]]] = {table: {} for table in _TABLES}
         for (table, product, bucket), (runs, passed) in self._runs.items():
             rows[table][(product, bucket)] = [runs, passed, 0, 0, 0]
+        for (table, product, bucket), counted in self._counted.items():
+            counts = rows[table].setdefault((product, bucket), [0] * 5)
+            for i, n in enumerate(counted):
+                counts[i] += n
         for unit in self._units.values():
             if unit.first is None:
                 continue  # never finished: not in the yields
