@@ -266,3 +266,136 @@ def test_mongodb_statistics_in_chunks_are_the_same_as_in_one(mongo: MongoSetting
         assert theirs.drawn is not None and list(theirs.drawn.values.points) == list(mine.drawn.values.points[-5:])
         assert theirs.drawn.total == mine.moments.n
     assert in_db["gappy"].units == "A"
+
+
+def tricky_runs() -> list:
+    """Runs whose units only the order-dependent rule of reports/quality/units.py groups right, on two products."""
+    import attrs
+
+    failed = [rf.phase("identify", rf.Outcome.FAIL, reason="no answer")]
+    passed = [rf.phase("identify", rf.Outcome.PASS)]
+    hour = 3600
+    specs = [
+        # (seconds, product, dut, outcome phases or None for RUNNING, station, slot, operator)
+        (0, "esp32_sensor", {"mac": "24:0a:c4:00:00:01"}, failed, "line1-st03", 0, "alice"),  # MAC only, fails
+        (60, "esp32_sensor", {"serial": "SN-1", "mac": "24-0A-C4-00-00-01"}, passed, "line1-st04", 1, "bob"),
+        (120, "esp32_sensor", {"serial": "SN-2", "mac": "24:0a:c4:00:00:02"}, failed, "line1-st03", 2, "alice"),
+        (180, "esp32_sensor", {"serial": "SN-2", "mac": "24:0a:c4:00:00:09"}, passed, "line1-st03", 2, "alice"),  # conflict
+        (240, "esp32_sensor", {"serial": "SN-2", "mac": "24:0a:c4:00:00:09"}, passed, "line1-st04", 3, ""),  # again
+        (300, "esp32_sensor", {"mac": "24:0a:c4:00:00:09"}, failed, "line1-st04", 3, "bob"),  # joins the flagged unit
+        # a MAC alone, a serial alone, then both: two units, and the third run is flagged
+        (360, "esp32_sensor", {"mac": "24:0a:c4:00:00:03"}, passed, "line1-st03", 0, "alice"),
+        (420, "esp32_sensor", {"serial": "SN-3"}, failed, "line1-st03", 1, "alice"),
+        (480, "esp32_sensor", {"serial": "SN-3", "mac": "24:0a:c4:00:00:03"}, passed, "line1-st03", 1, "alice"),
+        # retests of plain units, across days, stations and operators; blanks around a serial are not part of it
+        (600, "esp32_sensor", {"serial": "SN-4", "mac": "24:0a:c4:00:00:04"}, failed, "line1-st03", 4, "alice"),
+        (23 * hour + 3000, "esp32_sensor", {"serial": " SN-4\u3000", "mac": "24:0A:C4:00:00:04"}, passed,
+         "line1-st04", 5, "bob"),
+        (25 * hour, "esp32_sensor", {"serial": "SN-5", "mac": "24:0a:c4:00:00:05"}, passed, "line1-st04", 5, "bob"),
+        (25 * hour + 60, "esp32_sensor", {"serial": "SN-5", "mac": "24:0a:c4:00:00:05"}, failed, "line1-st03", 6,
+         "alice"),
+        (26 * hour, "esp32_sensor", {"serial": "SN-6", "mac": "24:0a:c4:00:00:06"}, None, "line1-st03", 7, "alice"),
+        (26 * hour + 60, "esp32_sensor", {"serial": "SN-7", "mac": "24:0a:c4:00:00:07"}, None, "line1-st03", 8,
+         "alice"),  # RUNNING, then finished
+        (26 * hour + 120, "esp32_sensor", {"serial": "SN-7", "mac": "24:0a:c4:00:00:07"}, failed, "line1-st04", 8, "bob"),
+        (26 * hour + 180, "esp32_sensor", {}, passed, "line1-st04", 9, "bob"),  # no identity: a unit of its own
+        (26 * hour + 240, "esp32_sensor", {"serial": "   "}, failed, "line1-st04", 9, "bob"),  # a blank serial: none
+        (49 * hour, "esp32_sensor", {"serial": "SN-8", "mac": "24:0a:c4:00:00:08"}, passed, "line1-st03", 0, "carol"),
+        (49 * hour, "esp32_sensor", {"serial": "SN-9", "mac": "24:0a:c4:00:00:0a"}, failed, "line1-st04", 0, "carol"),
+        # the same serials and MACs on another product: units of their own there
+        (30, "sensor_final", {"serial": "SN-1", "mac": "24:0a:c4:00:00:01"}, failed, "final-st01", 0, "dora"),
+        (90, "sensor_final", {"serial": "SN-1", "mac": "24:0a:c4:00:00:01"}, passed, "final-st01", 1, "dora"),
+        (150, "sensor_final", {"mac": "24:0a:c4:00:00:02"}, passed, "final-st01", 1, "dora"),
+    ]
+    runs = []
+    for i, (seconds, product, dut, phases, station, slot, operator) in enumerate(specs):
+        run = rf.run(serial=dut.get("serial"), dut=dut, run_id=f"{i:04d}" + "0" * 28, started_at=rf.at(seconds),
+                     phases=phases or passed, outcome=None if phases is None else "auto", product=product,
+                     station=station, slot=slot, operator=operator)
+        runs.append(run)
+    # a product whose identity is its IMEI, then its MAC
+    runs.append(attrs.evolve(rf.run(serial=None, dut={"imei": "35-000", "mac": "24:0a:c4:00:00:01"}, run_id="i" * 32,
+                                    started_at=rf.at(200), phases=passed), identity=("imei", "mac")))
+    return runs
+
+
+def _tallies(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """Whether each period read from MongoDB streamed every header (True) or only the runs of shared identities."""
+    from reports.quality import period, pipeline
+
+    made: list[bool] = []
+
+    class Recorded(period.PeriodTally):
+        def __init__(self, *, count_runs: bool = True) -> None:
+            made.append(count_runs)
+            super().__init__(count_runs=count_runs)
+
+    monkeypatch.setattr(pipeline, "PeriodTally", Recorded)
+    return made
+
+
+def _compare_period(mongo: MongoSettings, runs: list, *, write: bool = True, **period: Any) -> None:
+    """``runs`` (written to MongoDB unless ``write`` is false) reported from MongoDB and from memory alike."""
+    from reports.quality.units import group_units
+
+    sink = MongoSink(mongo)
+    try:
+        if write:
+            assert not sink.write_runs([(i + 1, r) for i, r in enumerate(runs)]).rejected
+        for product in sorted({r.product for r in runs}):
+            for station in (None, "line1-st04"):
+                central = sink.period_report(product=product, station=station, **period)
+                since, until = period.get("since"), period.get("until")
+                ordered = sorted((r for r in runs if r.product == product and station in (None, r.station)
+                                  and (since is None or r.started_at >= since)
+                                  and (until is None or r.started_at < until)), key=lambda r: (r.started_at, r.run_id))
+                if not ordered:
+                    continue
+                local = period_from_runs(ordered, product=product, station=station, **period)
+                assert central.yields == local.yields, (product, station)
+                assert central.outcome_counts == local.outcome_counts
+                assert central.total.units == len(group_units(ordered).units) - sum(
+                    1 for u in group_units(ordered).units if all(r.outcome is None for r in ordered
+                                                                 if r.run_id in u.run_ids))
+    finally:
+        sink.close()
+
+
+def test_mongodb_groups_units_as_python_does(mongo: MongoSettings, monkeypatch: pytest.MonkeyPatch) -> None:
+    """MAC-only runs joining their serial's unit, serial/MAC conflicts flagged, RUNNING runs, runs on several days,
+    stations, slots and operators, and two products: the yields from MongoDB are Python's, table for table."""
+    made = _tallies(monkeypatch)
+    runs = tricky_runs()
+    ordered = sorted(runs, key=lambda r: (r.started_at, r.run_id))
+    mine = period_yields([r for r in ordered if r.product == "esp32_sensor"])
+    assert not mine.hourly and [r.bucket for r in mine.by_time] == ["2024-05-14", "2024-05-15", "2024-05-16"]
+    assert {r.bucket for r in mine.by_operator} >= {"(none)", "carol"}
+    _compare_period(mongo, runs)
+    _compare_period(mongo, runs, write=False, since=rf.T0, until=rf.T0 + dt.timedelta(hours=5))  # by hour
+    _compare_period(mongo, runs, write=False, since=rf.T0 + dt.timedelta(minutes=31))  # SN-1 without its MAC run
+    assert made and not any(made)  # never every header: only the runs of shared identity values
+
+
+def test_units_the_database_cannot_group_fall_back_to_every_header(mongo: MongoSettings,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """More shared identity values than the database lists, or a MAC it cannot lower-case as Python does: every
+    header is streamed to Python's rule, and the yields are still Python's."""
+    from reports.quality import pipeline
+
+    runs = tricky_runs()
+    monkeypatch.setattr(pipeline, "TANGLED_MAX", 2)
+    made = _tallies(monkeypatch)
+    _compare_period(mongo, runs)
+    assert made[0] is True  # esp32_sensor: more shared values than listed
+    monkeypatch.setattr(pipeline, "TANGLED_MAX", 10_000)
+    made.clear()
+    odd = rf.run(serial=None, dut={"mac": "24:0A:C4:00:00:0\u00c4"}, run_id="o" * 32, started_at=rf.at(400))
+    odder = rf.run(serial="SN-Ä", dut={"serial": "SN-Ä", "mac": "24:0a:c4:00:00:0\u00e4"}, run_id="p" * 32,
+                   started_at=rf.at(500))
+    sink = MongoSink(mongo)
+    try:
+        assert not sink.write_runs([(len(runs) + 1, odd), (len(runs) + 2, odder)]).rejected
+    finally:
+        sink.close()
+    _compare_period(mongo, [*runs, odd, odder], write=False)
+    assert made[0] is True and made[1] is False  # esp32_sensor has the odd MACs, sensor_final not

@@ -16,16 +16,16 @@ its first stage; ``allowDiskUse`` lets the server spill the run-order sort.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import datetime as dt
 from collections import Counter
 
-from reports.quality.period import PeriodReport, RunHeader, period_yields
+from reports.quality.period import PeriodReport, PeriodTally, RunHeader
 from reports.quality.statistics import HISTOGRAM_BINS, MeasurementStatistics, Moments, from_moments, histogram_bins
 from reports.quality.yields import FAILURE_OUTCOMES, TROUBLE_OUTCOMES, pareto
-from sequencer.records import Limits
+from sequencer.records import DEFAULT_IDENTITY, Limits
 
 #: The newest values of each measurement a period's control chart draws.
 CHART_VALUES = 500
@@ -265,13 +265,13 @@ def limits_files_pipeline(match: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 def statistics_in_database(runs: Any, match: Mapping[str, Any], *, chart_values: int = CHART_VALUES,
                            files: Mapping[str, int] | None = None, count: int | None = None,
-                           chunk_runs: int = CHUNK_RUNS,
+                           chunk_runs: int = CHUNK_RUNS, bounds: list[Any] | None = None,
                            ) -> list[MeasurementStatistics]:
     """Every numeric measurement's statistics over the runs ``match`` selects in the ``runs`` collection.
 
     The limits (of the newest runs), the limits files (unless ``files``
-    gives each product's count), the chunks' bounds (from ``count`` runs,
-    counted unless given) and :func:`statistics_pipeline`, which reads the
+    gives each product's count), the chunks' bounds (unless ``bounds`` gives
+    them: from ``count`` runs, counted unless given) and :func:`statistics_pipeline`, which reads the
     runs once. What comes back to Python is a few numbers, the bins' counts
     and ``chart_values`` values per measurement, however many runs there are.
     """
@@ -283,7 +283,8 @@ def statistics_in_database(runs: Any, match: Mapping[str, Any], *, chart_values:
         count = runs.count_documents(dict(match))
     if not count:
         return []
-    bounds = chunk_bounds(runs, match, count, chunk_runs)
+    if bounds is None:
+        bounds = chunk_bounds(runs, match, count, chunk_runs)
     [found] = runs.aggregate(statistics_pipeline(match, limits_of, bounds, chart_values=chart_values), **options)
     counts: dict[tuple[str, str, str], list[int]] = {}
     for d in found["histograms"]:
@@ -316,10 +317,168 @@ def ordered_like(stats: Iterable[MeasurementStatistics], order: Iterable[tuple[s
     return sorted(stats, key=lambda s: rank.get((s.product, s.phase, s.name), len(rank)))
 
 
-def outcomes_pipeline(match: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """One document: how the runs ended (``counts``), and how many times each phase ended FAIL (``failures``)
-    or in station trouble (``trouble``), and each (phase, measurement) FAILed in its phase's last attempt
-    (``measurements``): the runs read once, each cut to those few fields before the four tallies."""
+# -- a period's yields, in the database ---------------------------------------------------------------
+
+#: What Python's ``str.strip()`` strips (``$trim`` by default strips another set: NUL, but not \x1c-\x1f).
+_WHITESPACE = "".join(c for c in map(chr, range(0x110000)) if c.isspace())
+#: Separators of the strings the units are grouped by (an identity value, a run's identity): control characters
+#: no product, key or value has (one that does is grouped in Python: ``odd``).
+_SEP, _JOIN, _MARK = "\x1f", "\x1e", "\x1d"
+#: A period whose units need Python's rule for more identity values than this streams every run's header
+#: (the units' index then grows with them: see :func:`period_from_database`).
+TANGLED_MAX = 10_000
+
+
+def _identity_pairs() -> dict[str, Any]:
+    """An expression: the run's identity as ``{pairs, odd}``.
+
+    ``pairs``: ``product <US> key <US> normal value`` for each of the run's
+    identity keys (its ``identity``, else ``DEFAULT_IDENTITY``) whose ``dut``
+    value is text that is not blank: :func:`reports.quality.units.normal_value`
+    step for step (stripped of what Python strips; a MAC without ``:-. `` and
+    lower case). ``odd``: a value the database cannot normalise as Python
+    does (not text; a MAC with non-ASCII characters, which ``$toLower``
+    leaves as they are; a separator of these strings in the product, key or
+    value): the caller then groups every unit in Python.
+    """
+    keys = {"$let": {"vars": {"i": {"$ifNull": ["$identity", []]}}, "in": {
+        "$cond": [{"$gt": [{"$size": "$$i"}, 0]}, "$$i", list(DEFAULT_IDENTITY)]}}}
+    encoded: Any = "$$k"  # reports.storage.mongo.encode_key, in the database
+    for a, b in (("%", "%25"), ("$", "%24"), (".", "%2E"), ("\x00", "%00")):
+        encoded = {"$replaceAll": {"input": encoded, "find": {"$literal": a}, "replacement": b}}
+    encoded = {"$cond": [{"$eq": ["$$k", ""]}, "%", encoded]}
+    field = {"$filter": {"input": "$$dut", "as": "e", "cond": {"$eq": ["$$e.k", encoded]}}}
+    raw = {"$let": {"vars": {"f": field}, "in": {"$cond": [{"$gt": [{"$size": "$$f"}, 0]},
+                                                            {"$arrayElemAt": ["$$f.v", 0]}, None]}}}
+    squeezed: Any = "$$s"
+    for ch in ":-. ":
+        squeezed = {"$replaceAll": {"input": squeezed, "find": ch, "replacement": ""}}
+    mac = {"$regexMatch": {"input": "$$k", "regex": r"mac\z"}}
+    each = {"$map": {"input": keys, "as": "k", "in": {"$let": {"vars": {"raw": raw}, "in": {"$let": {
+        "vars": {"s": {"$cond": [{"$eq": [{"$type": "$$raw"}, "string"]},
+                                 {"$trim": {"input": "$$raw", "chars": _WHITESPACE}}, ""]}},
+        "in": {
+            "pair": {"$cond": [{"$eq": ["$$s", ""]}, None, {"$concat": [
+                "$product", _SEP, "$$k", _SEP, {"$cond": [mac, {"$toLower": squeezed}, "$$s"]}]}]},
+            "odd": {"$or": [{"$not": [{"$in": [{"$type": "$$raw"}, ["string", "null", "missing"]]}]},
+                            {"$and": [mac, {"$regexMatch": {"input": "$$s", "regex": "[^\\x00-\\x7f]"}}]},
+                            {"$regexMatch": {"input": {"$concat": ["$product", "$$k", "$$s"]},
+                                             "regex": "[\\x1d\\x1e\\x1f]"}}]},
+        }}}}}}}
+    return {"$let": {"vars": {"dut": {"$objectToArray": {"$ifNull": ["$dut", {}]}}}, "in": {"$let": {
+        "vars": {"each": each},
+        "in": {"pairs": {"$map": {"input": {"$filter": {"input": "$$each", "cond": {"$ne": ["$$this.pair", None]}}},
+                                  "in": "$$this.pair"}},
+               "odd": {"$anyElementTrue": [{"$map": {"input": "$$each", "in": "$$this.odd"}}]}}}}}}
+
+
+#: The tables of :class:`reports.quality.period.PeriodTally`, in the order ``b`` (a run's buckets) holds them.
+_TABLES = ("day", "hour", "station", "slot", "operator")
+
+
+def _run_fields() -> dict[str, Any]:
+    """A run's fields for the yields: where and when (``b``, a bucket per table), how it ended, its identity."""
+    operator = {"$ifNull": ["$operator", ""]}
+    return {
+        "product": 1, "t": "$started_at",
+        "out": {"$ifNull": ["$outcome", None]},
+        "fin": {"$cond": [{"$eq": [{"$ifNull": ["$outcome", None]}, None]}, 0, 1]},
+        "b": [
+            {"$dateToString": {"date": "$started_at", "format": "%Y-%m-%d", "timezone": "UTC"}},
+            {"$dateToString": {"date": "$started_at", "format": "%Y-%m-%d %H:00", "timezone": "UTC"}},
+            "$station",
+            {"$concat": ["$station", " slot ", {"$toString": "$slot"}]},
+            {"$cond": [{"$eq": [operator, ""]}, "(none)", operator]},
+        ],
+        "id": _identity_pairs(),
+    }
+
+
+def _yields_facets() -> dict[str, list[dict[str, Any]]]:
+    """The ``$facet`` branches of a period's yields over :func:`_run_fields` documents.
+
+    ``runs``: runs and passed runs per (table, product, bucket). ``units``:
+    each unit's counts at its first run's buckets, for the units the
+    database can group exactly, and the identity values it cannot. The rule
+    of :class:`reports.quality.units.UnitGrouping` depends on the order the
+    runs came in only where runs disagree on their identity values (a
+    MAC-only run, then the same MAC with a serial; a serial seen with two
+    MACs). Runs are grouped by their whole identity (``pairs``); a group
+    none of whose values any other group has is one unit, exactly as
+    Python takes it (its runs agree on every value, and share none with a
+    run outside it), and so is a run with no identity. The values that
+    several groups share (``shared``: at most :data:`TANGLED_MAX` of them
+    listed, all counted) are left to Python: the runs that carry any of
+    them are streamed, oldest first, to the same rule (``units_only``), the
+    runs of a unit never being split between the two.
+    """
+    by_table = [{"$unwind": {"path": "$b", "includeArrayIndex": "table"}}]
+    # a run's identity as one string (its values joined), or its own id (a run with none is a unit of its own)
+    pairs = "$id.pairs"
+    joined = {"$reduce": {"input": pairs, "initialValue": "", "in": {"$concat": ["$$value", _JOIN, "$$this"]}}}
+    unit_key = {"$cond": [{"$gt": [{"$size": pairs}, 0]}, joined, {"$concat": [_MARK, "$_id"]}]}
+    # (start, run id, outcome) as a string that sorts in run order: the least is the first finished run's
+    when = {"$concat": [{"$dateToString": {"date": "$t", "format": "%Y-%m-%dT%H:%M:%S.%L", "timezone": "UTC"}},
+                        _SEP, "$_id", _MARK, "$out"]}
+    finished = {"$cond": [{"$eq": ["$fin", 1]}, when, None]}
+    outcome = {"$let": {"vars": {"parts": {"$split": ["$$o", _MARK]}}, "in": {"$arrayElemAt": ["$$parts", -1]}}}
+    rows = {"$cond": [
+        {"$ne": [{"$ifNull": ["$_id.shared", None]}, None]}, [{"kind": "shared", "p": "$p", "pair": "$_id.shared"}],
+        {"$cond": [{"$ne": ["$groups", "$np"]}, [], {"$map": {"input": {"$range": [0, len(_TABLES)]}, "as": "i", "in": {
+            "kind": "units", "p": "$p", "table": "$$i", "b": {"$arrayElemAt": ["$place", "$$i"]},
+            "u": {"$cond": [{"$eq": ["$f", None]}, 0, 1]},
+            "fp": {"$cond": [{"$eq": [{"$let": {"vars": {"o": "$f"}, "in": outcome}}, "PASS"]}, 1, 0]},
+            "lp": {"$cond": [{"$eq": [{"$let": {"vars": {"o": "$l"}, "in": outcome}}, "PASS"]}, 1, 0]},
+        }}}]},
+    ]}
+    return {
+        "runs": [
+            {"$project": {"product": 1, "b": 1, "passed": {"$cond": [{"$eq": ["$out", "PASS"]}, 1, 0]}}},
+            *by_table,
+            {"$group": {"_id": {"p": "$product", "table": "$table", "b": "$b"}, "runs": {"$sum": 1},
+                        "passed": {"$sum": "$passed"}}},
+        ],
+        "span": [{"$group": {"_id": None, "first": {"$min": "$t"}, "last": {"$max": "$t"}, "n": {"$sum": 1},
+                             "odd": {"$sum": {"$cond": ["$id.odd", 1, 0]}}}}],
+        "units": [
+            # each identity's runs (in run order: the first's place), and the first and last finished outcome
+            {"$group": {"_id": unit_key, "place": {"$first": "$b"}, "f": {"$min": finished},
+                        "l": {"$max": finished}, "v": {"$first": pairs}, "p": {"$first": "$product"}}},
+            # each identity value: is it another identity's too?
+            {"$set": {"v": {"$cond": [{"$gt": [{"$size": "$v"}, 0]}, {"$setUnion": ["$v"]}, ["$_id"]]}}},
+            {"$set": {"np": {"$size": "$v"}}},
+            {"$unwind": "$v"},
+            {"$group": {"_id": "$v", "low": {"$min": "$_id"}, "high": {"$max": "$_id"}, "p": {"$first": "$p"},
+                        "place": {"$first": "$place"}, "f": {"$first": "$f"}, "l": {"$first": "$l"},
+                        "np": {"$first": "$np"}}},
+            # an identity none of whose values is shared is a unit; a shared value is listed
+            {"$group": {"_id": {"$cond": [{"$eq": ["$low", "$high"]}, {"unit": "$low"}, {"shared": "$_id"}]},
+                        "groups": {"$sum": 1}, "np": {"$first": "$np"}, "p": {"$first": "$p"},
+                        "place": {"$first": "$place"}, "f": {"$first": "$f"}, "l": {"$first": "$l"}}},
+            {"$project": {"_id": 0, "rows": rows}},
+            {"$unwind": "$rows"},
+            {"$group": {"_id": {"kind": "$rows.kind", "p": "$rows.p", "table": "$rows.table", "b": "$rows.b",
+                                "pair": "$rows.pair"},
+                        "units": {"$sum": "$rows.u"}, "first_pass": {"$sum": "$rows.fp"},
+                        "final_pass": {"$sum": "$rows.lp"}, "n": {"$sum": 1}}},
+            # a row per bucket, and one per product listing its first shared values (a null in the others)
+            {"$group": {"_id": {"kind": "$_id.kind", "p": "$_id.p", "table": "$_id.table", "b": "$_id.b"},
+                        "units": {"$sum": "$units"}, "first_pass": {"$sum": "$first_pass"},
+                        "final_pass": {"$sum": "$final_pass"}, "n": {"$sum": "$n"},
+                        "shared": {"$firstN": {"n": TANGLED_MAX + 1, "input": "$_id.pair"}}}},
+        ],
+    }
+
+
+def tangled_query(shared: Iterable[Any]) -> dict[str, Any]:
+    """A query for the runs carrying any of the identity values ``shared`` (as :func:`_identity_pairs` makes them)."""
+    return {"$expr": {"$gt": [{"$size": {"$setIntersection": [
+        {"$let": {"vars": {"id": _identity_pairs()}, "in": "$$id.pairs"}}, {"$literal": list(shared)}]}}, 0]}}
+
+
+def _outcome_fields() -> dict[str, Any]:
+    """A run's fields for the outcome counts and Paretos: how it ended, the phases that ended FAIL or in
+    station trouble, the measurements that FAILed in their phase's last attempt."""
     failing, trouble = [o.value for o in FAILURE_OUTCOMES], [o.value for o in TROUBLE_OUTCOMES]
 
     def phases_ending(outcomes: list[str]) -> dict[str, Any]:
@@ -327,45 +486,111 @@ def outcomes_pipeline(match: Mapping[str, Any]) -> list[dict[str, Any]]:
                                                "cond": {"$in": ["$$p.outcome", outcomes]}}},
                          "as": "p", "in": "$$p.name"}}
 
-    def count(field: str, key: Any) -> list[dict[str, Any]]:
-        return [{"$unwind": f"${field}"}, {"$group": {"_id": key, "n": {"$sum": 1}}}]
+    return {
+        "outcome": {"$ifNull": ["$outcome", "RUNNING"]},
+        "failures": phases_ending(failing),
+        "trouble": phases_ending(trouble),
+        "failed": {"$map": {
+            "input": {"$filter": {"input": "$measurements", "as": "m", "cond": {"$eq": ["$$m.outcome", "FAIL"]}}},
+            "as": "m", "in": {"phase": "$$m.phase", "name": "$$m.name"}}},
+    }
 
+
+def _outcome_facets() -> dict[str, list[dict[str, Any]]]:
+    def count(field: str) -> list[dict[str, Any]]:
+        return [{"$unwind": f"${field}"}, {"$group": {"_id": f"${field}", "n": {"$sum": 1}}}]
+
+    return {
+        "counts": [{"$group": {"_id": "$outcome", "n": {"$sum": 1}}}],
+        "failures": count("failures"),
+        "trouble": count("trouble"),
+        "measurements": count("failed"),
+    }
+
+
+def outcomes_pipeline(match: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """One document: how the runs ended (``counts``), and how many times each phase ended FAIL (``failures``)
+    or in station trouble (``trouble``), and each (phase, measurement) FAILed in its phase's last attempt
+    (``measurements``): the runs read once, each cut to those few fields before the four tallies."""
+    return [{"$match": dict(match)}, {"$project": {"_id": 0, **_outcome_fields()}}, {"$facet": _outcome_facets()}]
+
+
+def period_pipeline(match: Mapping[str, Any], count: int, chunk_runs: int = CHUNK_RUNS) -> list[dict[str, Any]]:
+    """Everything of a period but its measurement statistics, the runs read once: the outcome counts and
+    Paretos (:func:`outcomes_pipeline`'s lists), each product's limits files (``files``), the bounds of
+    :func:`statistics_pipeline`'s chunks (``bounds``, for ``count`` runs), and the yields
+    (:func:`_yields_facets`: ``runs``, ``span``, ``units``). Each list is a few rows per bucket or product,
+    however many runs and units the period has (but the shared identity values, at most
+    :data:`TANGLED_MAX`)."""
+    buckets = min(max(math.ceil(count / chunk_runs), 1), MAX_CHUNKS)
     return [
         {"$match": dict(match)},
-        {"$project": {
-            "_id": 0,
-            "outcome": {"$ifNull": ["$outcome", "RUNNING"]},
-            "failures": phases_ending(failing),
-            "trouble": phases_ending(trouble),
-            "measurements": {"$map": {
-                "input": {"$filter": {"input": "$measurements", "as": "m", "cond": {"$eq": ["$$m.outcome", "FAIL"]}}},
-                "as": "m", "in": {"phase": "$$m.phase", "name": "$$m.name"}}},
-        }},
+        {"$sort": {"started_at": 1, "_id": 1}},  # the index's order: a unit's first run is its first
+        {"$project": {**_outcome_fields(), **_run_fields(), "sha": "$limits_sha256"}},
         {"$facet": {
-            "counts": [{"$group": {"_id": "$outcome", "n": {"$sum": 1}}}],
-            "failures": count("failures", "$failures"),
-            "trouble": count("trouble", "$trouble"),
-            "measurements": count("measurements", "$measurements"),
+            **_outcome_facets(),
+            "files": [{"$group": {"_id": "$product", "files": {"$addToSet": "$sha"}}}],
+            "bounds": [{"$bucketAuto": {"groupBy": "$t", "buckets": buckets}}],
+            **_yields_facets(),
         }},
     ]
 
 
-def period_from_database(runs: Any, match: Mapping[str, Any], headers: Iterable[RunHeader], *, product: str,
+def period_from_database(runs: Any, match: Mapping[str, Any],
+                         headers: Callable[[Mapping[str, Any] | None], Iterable[RunHeader]], *, product: str,
                          station: str | None = None, since: dt.datetime | None = None,
-                         until: dt.datetime | None = None) -> PeriodReport:
-    """A period report over the ``runs`` collection: yields from ``headers`` (streamed, kept per unit, not per
-    run), the rest aggregated in the database."""
+                         until: dt.datetime | None = None, chunk_runs: int = CHUNK_RUNS) -> PeriodReport:
+    """A period report over the ``runs`` collection, computed in the database: two aggregations that each
+    read the runs once (:func:`period_pipeline`, :func:`statistics_pipeline`), and a count and the newest
+    runs' limits from the index.
+
+    ``headers(query)`` streams the run headers ``match`` and ``query`` select, oldest first. Python keeps
+    nothing per run or unit, but for the units the database cannot group as Python's rule does
+    (:func:`_yields_facets`): the runs that share an identity value with a run of another identity are
+    streamed and grouped here (units only: their runs are counted in the database). Where such values are
+    more than :data:`TANGLED_MAX`, or an identity value is one the database cannot normalise as Python
+    does, every header is streamed to :class:`PeriodTally` instead, as before: exact, and the memory is
+    then the units' index.
+    """
     options = {"allowDiskUse": True}
-    [found] = runs.aggregate(outcomes_pipeline(match), **options)
+    count = runs.count_documents(dict(match))
+    [found] = runs.aggregate(period_pipeline(match, count, chunk_runs), **options) if count else [None]
+    if found is None:
+        empty = PeriodTally(count_runs=False).yields(since=since, until=until)
+        return PeriodReport(product=product, station=station, yields=empty, outcome_counts=(), phase_pareto=(),
+                            measurement_pareto=(), trouble_pareto=(), statistics=())
     counts = sorted(((d["_id"], int(d["n"])) for d in found["counts"]), key=lambda kv: (-kv[1], kv[0]))
     measurements = Counter({(d["_id"]["phase"], d["_id"]["name"]): int(d["n"]) for d in found["measurements"]})
+    [span] = found["span"]
+    shared_rows = [d for d in found["units"] if d["_id"]["kind"] == "shared"]
+    shared = [pair for d in shared_rows for pair in d["shared"] if pair is not None]
+    if span["odd"] or sum(int(d["n"]) for d in shared_rows) > TANGLED_MAX:
+        tally = PeriodTally()
+        for h in headers(None):
+            tally.add(h)
+    else:
+        tally = PeriodTally(count_runs=False)
+        tally.add_span(span["first"], span["last"])
+        for d in found["runs"]:
+            k = d["_id"]
+            tally.add_counts(_TABLES[k["table"]], k["p"], k["b"], runs=int(d["runs"]), passed_runs=int(d["passed"]))
+        for d in found["units"]:
+            k = d["_id"]
+            if k["kind"] == "units":
+                tally.add_counts(_TABLES[k["table"]], k["p"], k["b"], units=int(d["units"]),
+                                 first_pass_units=int(d["first_pass"]), final_pass_units=int(d["final_pass"]))
+        if shared:
+            for h in headers(tangled_query(shared)):
+                tally.add(h)
     return PeriodReport(
         product=product,
         station=station,
-        yields=period_yields(headers, since=since, until=until),
+        yields=tally.yields(since=since, until=until),
         outcome_counts=tuple(counts),
         phase_pareto=pareto(Counter({(d["_id"], None): int(d["n"]) for d in found["failures"]})),
         measurement_pareto=pareto(measurements),
         trouble_pareto=pareto(Counter({(d["_id"], None): int(d["n"]) for d in found["trouble"]})),
-        statistics=tuple(statistics_in_database(runs, match)),
+        statistics=tuple(statistics_in_database(
+            runs, match, files={d["_id"]: len(d["files"]) for d in found["files"]}, count=count,
+            bounds=[d["_id"]["min"] for d in found["bounds"]])),
     )

@@ -1137,8 +1137,9 @@ class MongoSink:
         projection = {"product": 1, "started_at": 1, "outcome": 1, "station": 1, "slot": 1, "operator": 1,
                       "identity": 1, "dut": 1}
 
-        def headers() -> Iterable[RunHeader]:
-            cursor = self.runs.find(match, projection).sort([("started_at", 1), ("_id", 1)]).batch_size(10_000)
+        def headers(query: Mapping[str, Any] | None) -> Iterable[RunHeader]:
+            selected = match if query is None else {"$and": [match, query]}
+            cursor = self.runs.find(selected, projection).sort([("started_at", 1), ("_id", 1)]).batch_size(10_000)
             for d in cursor:
                 identity = tuple(d.get("identity") or DEFAULT_IDENTITY)
                 dut = d.get("dut") or {}
@@ -1149,7 +1150,7 @@ class MongoSink:
                 )
 
         try:
-            return period_from_database(self.runs, match, headers(), product=product, station=station,
+            return period_from_database(self.runs, match, headers, product=product, station=station,
                                         since=since, until=until)
         except pymongo.errors.PyMongoError as exc:
             raise MongoUnavailable(describe_failure(exc)) from None
