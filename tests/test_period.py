@@ -316,6 +316,11 @@ def tricky_runs() -> list:
     # a product whose identity is its IMEI, then its MAC
     runs.append(attrs.evolve(rf.run(serial=None, dut={"imei": "35-000", "mac": "24:0a:c4:00:00:01"}, run_id="i" * 32,
                                     started_at=rf.at(200), phases=passed), identity=("imei", "mac")))
+    # and one whose identity's name MongoDB stores escaped (dut["lot.no"] is stored as "lot%2Eno")
+    for i, when in enumerate((210, 26 * hour + 300)):
+        runs.append(attrs.evolve(rf.run(serial=None, dut={"lot.no": " L-1 "}, run_id=f"l{i}" * 16,
+                                        started_at=rf.at(when), phases=failed if i == 0 else passed),
+                                 identity=("lot.no",)))
     return runs
 
 

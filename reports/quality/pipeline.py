@@ -16,6 +16,7 @@ its first stage; ``allowDiskUse`` lets the server spill the run-order sort.
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -77,19 +78,37 @@ def _bins_expression(limits: Mapping[tuple[str, str, str], Limits | None], count
     ]}
 
 
-def _bin_of(value: Any, count: int) -> dict[str, Any]:
+def _bin_of(value: Any, count: int, start: Any = "$start", width: Any = "$width") -> dict[str, Any]:
     """:meth:`reports.quality.statistics.Bins.index` of ``value``: Python's float ``//``, then clamped.
 
     ``a // w`` is not ``floor(a / w)`` (``1 // 0.1`` is 9, ``1 / 0.1`` rounds
     to 10); CPython takes the remainder first, and so does this.
     """
-    a = {"$subtract": [value, "$start"]}
-    floordiv = {"$let": {"vars": {"a": a}, "in": {"$let": {
-        "vars": {"d": {"$divide": [{"$subtract": ["$$a", {"$mod": ["$$a", "$width"]}]}, "$width"]}},
-        "in": {"$let": {"vars": {"f": {"$floor": "$$d"}}, "in": {
-            "$cond": [{"$gt": [{"$subtract": ["$$d", "$$f"]}, 0.5]}, {"$add": ["$$f", 1]}, "$$f"]}}},
-    }}}}
-    return {"$min": [{"$max": [{"$toInt": floordiv}, 0]}, count - 1]}
+    a = {"$subtract": [value, start]}
+    # a - fmod(a, w) is k * w exactly (k = the floor of a / w), so the quotient is within a rounding of k:
+    # rounded to the nearest integer (CPython: floor, plus one beyond a half), it is k. No $let: per value.
+    floordiv = {"$round": {"$divide": [{"$subtract": [a, {"$mod": [a, width]}]}, width]}}
+    return {"$min": [{"$max": [floordiv, 0]}, count - 1]}
+
+
+def _bin_counts(values: Any, count: int) -> dict[str, Any]:
+    """An expression: ``[{bin, n}]`` for each bin of ``count`` (``$bins``: start, width) that ``values`` fall in.
+
+    Without a document per value: the values' bins sorted (``$sortArray``),
+    where each bin's run starts found by ``$indexOfArray`` (a bin absent
+    starts where the next does), and a bin's count the distance to the next
+    start. A handful of expressions per chunk rather than an ``$unwind`` and
+    a ``$group`` per value.
+    """
+    bins = {"$map": {"input": values, "in": _bin_of("$$this", count, "$bins.start", "$bins.width")}}
+    starts = {"$reduce": {"input": list(range(count - 1, -1, -1)), "initialValue": [{"$size": "$$sorted"}], "in": {
+        "$let": {"vars": {"i": {"$indexOfArray": ["$$sorted", "$$this"]}}, "in": {"$concatArrays": [
+            [{"$cond": [{"$gte": ["$$i", 0]}, "$$i", {"$arrayElemAt": ["$$value", 0]}]}], "$$value"]}}}}}
+    each = {"$map": {"input": list(range(count)), "as": "b", "in": {
+        "bin": "$$b", "n": {"$subtract": [{"$arrayElemAt": ["$$starts", {"$add": ["$$b", 1]}]},
+                                          {"$arrayElemAt": ["$$starts", "$$b"]}]}}}}
+    return {"$let": {"vars": {"sorted": {"$sortArray": {"input": bins, "sortBy": 1}}}, "in": {
+        "$let": {"vars": {"starts": starts}, "in": {"$filter": {"input": each, "cond": {"$gt": ["$$this.n", 0]}}}}}}}
 
 
 #: Runs a chunk of :func:`statistics_pipeline` holds on average: each measurement's values are pushed a chunk at
@@ -130,8 +149,8 @@ def statistics_pipeline(match: Mapping[str, Any], limits: Mapping[tuple[str, str
 
     The runs are read once, in run order (``started_at``, then run id: the
     ``product, started_at, _id`` index gives it without a sort), their flat
-    ``measurements`` unwound and filtered by the query matcher (numeric,
-    judged), and each measurement's values pushed in that order a *chunk*
+    ``measurements`` filtered (numeric, judged) and unwound, and each
+    measurement's values pushed in that order a *chunk*
     at a time (``bounds``: :func:`chunk_bounds`), never into one array: a
     chunk is some :data:`CHUNK_RUNS` runs, so a million runs make some
     4,000 small arrays per measurement, not one beyond 16 MB. Each chunk is
@@ -141,8 +160,8 @@ def statistics_pipeline(match: Mapping[str, Any], limits: Mapping[tuple[str, str
     the extremes, the mean, and the values after each chunk (so only the
     newest ``chart_values`` are kept). The histogram's bins come from the
     extremes and ``limits`` as Python makes them; each chunk's values are
-    then counted per bin. Per-value expressions are kept few: they are what
-    a period of 100,000 runs costs.
+    then counted per bin (:func:`_bin_counts`). Per-value expressions are
+    kept few: they are what a period of 100,000 runs costs.
     """
     v = "$v"
     size = {"$size": v}
@@ -159,9 +178,11 @@ def statistics_pipeline(match: Mapping[str, Any], limits: Mapping[tuple[str, str
     return [
         {"$match": dict(match)},
         {"$sort": {"started_at": 1, "_id": 1}},
-        {"$project": {"_id": 0, "product": 1, "c": _chunk_of(bounds), "measurements": 1}},
+        # numeric and judged: filtered before they are unwound (a third of the cost of a $match after)
+        {"$project": {"_id": 0, "product": 1, "c": _chunk_of(bounds), "measurements": {"$filter": {
+            "input": "$measurements", "as": "m", "cond": {"$and": [
+                {"$isNumber": "$$m.value"}, {"$not": [{"$in": ["$$m.outcome", ["UNSET", "SKIPPED"]]}]}]}}}}},
         {"$unwind": "$measurements"},
-        {"$match": {"measurements.value": {"$type": "number"}, "measurements.outcome": {"$nin": ["UNSET", "SKIPPED"]}}},
         {"$group": {
             "_id": {"product": "$product", "phase": "$measurements.phase", "name": "$measurements.name", "c": "$c"},
             "all": {"$push": "$measurements.value"},
@@ -198,6 +219,8 @@ def statistics_pipeline(match: Mapping[str, Any], limits: Mapping[tuple[str, str
                                {"$slice": [v, {"$subtract": ["$later", keep]}]}, []]},
             "bins": _bins_expression(limits, bins, key),
         }},
+        {"$set": {"hist": {"$cond": [{"$and": [has, {"$ne": ["$bins", None]}]}, _bin_counts(v, bins), []]},
+                  "v": "$$REMOVE"}},
         {"$facet": {
             "moments": [{"$group": {
                 "_id": key, "n": {"$sum": "$n"}, "total": {"$sum": "$sum"}, "m2": {"$sum": "$m2"},
@@ -208,10 +231,9 @@ def statistics_pipeline(match: Mapping[str, Any], limits: Mapping[tuple[str, str
                                               "$$REMOVE"]}},
             }}],
             "histograms": [
-                {"$match": {"bins": {"$ne": None}, "n": {"$gt": 0}}},
-                {"$project": {"v": 1, "start": "$bins.start", "width": "$bins.width"}},
-                {"$unwind": v},
-                {"$group": {"_id": {"key": key, "bin": _bin_of(v, bins)}, "n": {"$sum": 1}}},
+                {"$project": {"hist": 1}},
+                {"$unwind": "$hist"},
+                {"$group": {"_id": {"key": key, "bin": "$hist.bin"}, "n": {"$sum": "$hist.n"}}},
             ],
         }},
     ]
@@ -271,21 +293,37 @@ def statistics_in_database(runs: Any, match: Mapping[str, Any], *, chart_values:
 
     The limits (of the newest runs), the limits files (unless ``files``
     gives each product's count), the chunks' bounds (unless ``bounds`` gives
-    them: from ``count`` runs, counted unless given) and :func:`statistics_pipeline`, which reads the
-    runs once. What comes back to Python is a few numbers, the bins' counts
-    and ``chart_values`` values per measurement, however many runs there are.
+    them: from ``count`` runs, counted unless given) and
+    :func:`statistics_pipeline`, which reads the runs once. What comes back
+    to Python is a few numbers, the bins' counts and ``chart_values`` values
+    per measurement, however many runs there are.
     """
+    if files is None:
+        found = runs.aggregate(limits_files_pipeline(match), allowDiskUse=True)
+        files = {d["_id"]: len(d["files"]) for d in found}
+    return _statistics_from(*_statistics_documents(runs, match, chart_values=chart_values, count=count,
+                                                   chunk_runs=chunk_runs, bounds=bounds), files, chart_values)
+
+
+def _statistics_documents(runs: Any, match: Mapping[str, Any], *, chart_values: int, count: int | None,
+                          chunk_runs: int, bounds: list[Any] | None) -> tuple[dict[Any, Limits | None], Any]:
+    """The limits of each measurement, and :func:`statistics_pipeline`'s document (``None`` without runs)."""
     options = {"allowDiskUse": True}
     limits_of = {_key(d["_id"]): _limits(d["limits"]) for d in runs.aggregate(limits_pipeline(match), **options)}
-    if files is None:
-        files = {d["_id"]: len(d["files"]) for d in runs.aggregate(limits_files_pipeline(match), **options)}
-    if count is None:
-        count = runs.count_documents(dict(match))
-    if not count:
-        return []
     if bounds is None:
-        bounds = chunk_bounds(runs, match, count, chunk_runs)
+        if count is None:
+            count = runs.count_documents(dict(match))
+        bounds = chunk_bounds(runs, match, count, chunk_runs) if count else []
+    if not bounds:
+        return limits_of, None
     [found] = runs.aggregate(statistics_pipeline(match, limits_of, bounds, chart_values=chart_values), **options)
+    return limits_of, found
+
+
+def _statistics_from(limits_of: Mapping[tuple[str, str, str], Limits | None], found: Any, files: Mapping[str, int],
+                     chart_values: int) -> list[MeasurementStatistics]:
+    if found is None:
+        return []
     counts: dict[tuple[str, str, str], list[int]] = {}
     for d in found["histograms"]:
         counts.setdefault(_key(d["_id"]["key"]), [0] * HISTOGRAM_BINS)[int(d["_id"]["bin"])] += int(d["n"])
@@ -341,8 +379,8 @@ def _identity_pairs() -> dict[str, Any]:
     leaves as they are; a separator of these strings in the product, key or
     value): the caller then groups every unit in Python.
     """
-    keys = {"$let": {"vars": {"i": {"$ifNull": ["$identity", []]}}, "in": {
-        "$cond": [{"$gt": [{"$size": "$$i"}, 0]}, "$$i", list(DEFAULT_IDENTITY)]}}}
+    given = {"$ifNull": ["$identity", []]}
+    keys = {"$cond": [{"$gt": [{"$size": given}, 0]}, given, list(DEFAULT_IDENTITY)]}
     encoded: Any = "$$k"  # reports.storage.mongo.encode_key, in the database
     for a, b in (("%", "%25"), ("$", "%24"), (".", "%2E"), ("\x00", "%00")):
         encoded = {"$replaceAll": {"input": encoded, "find": {"$literal": a}, "replacement": b}}
@@ -350,26 +388,36 @@ def _identity_pairs() -> dict[str, Any]:
     field = {"$filter": {"input": "$$dut", "as": "e", "cond": {"$eq": ["$$e.k", encoded]}}}
     raw = {"$let": {"vars": {"f": field}, "in": {"$cond": [{"$gt": [{"$size": "$$f"}, 0]},
                                                             {"$arrayElemAt": ["$$f.v", 0]}, None]}}}
+    any_key = {"$map": {"input": keys, "as": "k", "in": _identity_value(
+        "$$k", raw, {"$regexMatch": {"input": "$$k", "regex": r"mac\z"}})}}
+    # The usual identity (serial, then MAC) read by name: a third of the work of looking each key up.
+    usual = [_identity_value({"$literal": k}, f"$dut.{k}", k.endswith("mac")) for k in DEFAULT_IDENTITY]
+    each = {"$cond": [{"$in": [{"$ifNull": ["$identity", None]}, [None, [], list(DEFAULT_IDENTITY)]]}, usual, {
+        "$let": {"vars": {"dut": {"$objectToArray": {"$ifNull": ["$dut", {}]}}}, "in": any_key}}]}
+    return {"$let": {"vars": {"each": each}, "in": {
+        "pairs": {"$map": {"input": {"$filter": {"input": "$$each", "cond": {"$ne": ["$$this.pair", None]}}},
+                           "in": "$$this.pair"}},
+        "odd": {"$anyElementTrue": [{"$map": {"input": "$$each", "in": "$$this.odd"}}]}}}}
+
+
+def _identity_value(key: Any, raw: Any, mac: Any) -> dict[str, Any]:
+    """``{pair, odd}`` of one identity ``key`` whose ``dut`` value is ``raw`` (``mac``: whether it is a MAC)."""
     squeezed: Any = "$$s"
     for ch in ":-. ":
         squeezed = {"$replaceAll": {"input": squeezed, "find": ch, "replacement": ""}}
-    mac = {"$regexMatch": {"input": "$$k", "regex": r"mac\z"}}
-    each = {"$map": {"input": keys, "as": "k", "in": {"$let": {"vars": {"raw": raw}, "in": {"$let": {
+    return {"$let": {"vars": {"raw": raw}, "in": {"$let": {
         "vars": {"s": {"$cond": [{"$eq": [{"$type": "$$raw"}, "string"]},
                                  {"$trim": {"input": "$$raw", "chars": _WHITESPACE}}, ""]}},
         "in": {
             "pair": {"$cond": [{"$eq": ["$$s", ""]}, None, {"$concat": [
-                "$product", _SEP, "$$k", _SEP, {"$cond": [mac, {"$toLower": squeezed}, "$$s"]}]}]},
+                "$product", _SEP, key, _SEP, {"$cond": [mac, {"$toLower": squeezed}, "$$s"]} if mac is not False
+                else "$$s"]}]},
             "odd": {"$or": [{"$not": [{"$in": [{"$type": "$$raw"}, ["string", "null", "missing"]]}]},
-                            {"$and": [mac, {"$regexMatch": {"input": "$$s", "regex": "[^\\x00-\\x7f]"}}]},
-                            {"$regexMatch": {"input": {"$concat": ["$product", "$$k", "$$s"]},
+                            *([{"$and": [mac, {"$regexMatch": {"input": "$$s", "regex": "[^\\x00-\\x7f]"}}]}]
+                              if mac is not False else []),
+                            {"$regexMatch": {"input": {"$concat": ["$product", key, "$$s"]},
                                              "regex": "[\\x1d\\x1e\\x1f]"}}]},
-        }}}}}}}
-    return {"$let": {"vars": {"dut": {"$objectToArray": {"$ifNull": ["$dut", {}]}}}, "in": {"$let": {
-        "vars": {"each": each},
-        "in": {"pairs": {"$map": {"input": {"$filter": {"input": "$$each", "cond": {"$ne": ["$$this.pair", None]}}},
-                                  "in": "$$this.pair"}},
-               "odd": {"$anyElementTrue": [{"$map": {"input": "$$each", "in": "$$this.odd"}}]}}}}}}
+        }}}}}
 
 
 #: The tables of :class:`reports.quality.period.PeriodTally`, in the order ``b`` (a run's buckets) holds them.
@@ -422,15 +470,11 @@ def _yields_facets() -> dict[str, list[dict[str, Any]]]:
                         _SEP, "$_id", _MARK, "$out"]}
     finished = {"$cond": [{"$eq": ["$fin", 1]}, when, None]}
     outcome = {"$let": {"vars": {"parts": {"$split": ["$$o", _MARK]}}, "in": {"$arrayElemAt": ["$$parts", -1]}}}
-    rows = {"$cond": [
-        {"$ne": [{"$ifNull": ["$_id.shared", None]}, None]}, [{"kind": "shared", "p": "$p", "pair": "$_id.shared"}],
-        {"$cond": [{"$ne": ["$groups", "$np"]}, [], {"$map": {"input": {"$range": [0, len(_TABLES)]}, "as": "i", "in": {
-            "kind": "units", "p": "$p", "table": "$$i", "b": {"$arrayElemAt": ["$place", "$$i"]},
-            "u": {"$cond": [{"$eq": ["$f", None]}, 0, 1]},
-            "fp": {"$cond": [{"$eq": [{"$let": {"vars": {"o": "$f"}, "in": outcome}}, "PASS"]}, 1, 0]},
-            "lp": {"$cond": [{"$eq": [{"$let": {"vars": {"o": "$l"}, "in": outcome}}, "PASS"]}, 1, 0]},
-        }}}]},
-    ]}
+    shared = {"$ne": [{"$ifNull": ["$_id.shared", None]}, None]}
+
+    def passed(o: str) -> dict[str, Any]:
+        return {"$cond": [{"$eq": [{"$let": {"vars": {"o": o}, "in": outcome}}, "PASS"]}, 1, 0]}
+
     return {
         "runs": [
             {"$project": {"product": 1, "b": 1, "passed": {"$cond": [{"$eq": ["$out", "PASS"]}, 1, 0]}}},
@@ -455,12 +499,16 @@ def _yields_facets() -> dict[str, list[dict[str, Any]]]:
             {"$group": {"_id": {"$cond": [{"$eq": ["$low", "$high"]}, {"unit": "$low"}, {"shared": "$_id"}]},
                         "groups": {"$sum": 1}, "np": {"$first": "$np"}, "p": {"$first": "$p"},
                         "place": {"$first": "$place"}, "f": {"$first": "$f"}, "l": {"$first": "$l"}}},
-            {"$project": {"_id": 0, "rows": rows}},
-            {"$unwind": "$rows"},
-            {"$group": {"_id": {"kind": "$rows.kind", "p": "$rows.p", "table": "$rows.table", "b": "$rows.b",
-                                "pair": "$rows.pair"},
-                        "units": {"$sum": "$rows.u"}, "first_pass": {"$sum": "$rows.fp"},
-                        "final_pass": {"$sum": "$rows.lp"}, "n": {"$sum": 1}}},
+            # an identity some of whose values are shared is left to Python
+            {"$match": {"$expr": {"$or": [shared, {"$eq": ["$groups", "$np"]}]}}},
+            {"$project": {"_id": 0, "p": 1, "kind": {"$cond": [shared, "shared", "units"]}, "pair": "$_id.shared",
+                          "place": {"$cond": [shared, [None], "$place"]},
+                          "u": {"$cond": [{"$or": [shared, {"$eq": ["$f", None]}]}, 0, 1]},
+                          "fp": passed("$f"), "lp": passed("$l")}},
+            {"$unwind": {"path": "$place", "includeArrayIndex": "table"}},
+            {"$group": {"_id": {"kind": "$kind", "p": "$p", "table": "$table", "b": "$place", "pair": "$pair"},
+                        "units": {"$sum": "$u"}, "first_pass": {"$sum": "$fp"}, "final_pass": {"$sum": "$lp"},
+                        "n": {"$sum": 1}}},
             # a row per bucket, and one per product listing its first shared values (a null in the others)
             {"$group": {"_id": {"kind": "$_id.kind", "p": "$_id.p", "table": "$_id.table", "b": "$_id.b"},
                         "units": {"$sum": "$units"}, "first_pass": {"$sum": "$first_pass"},
@@ -515,14 +563,12 @@ def outcomes_pipeline(match: Mapping[str, Any]) -> list[dict[str, Any]]:
     return [{"$match": dict(match)}, {"$project": {"_id": 0, **_outcome_fields()}}, {"$facet": _outcome_facets()}]
 
 
-def period_pipeline(match: Mapping[str, Any], count: int, chunk_runs: int = CHUNK_RUNS) -> list[dict[str, Any]]:
+def period_pipeline(match: Mapping[str, Any]) -> list[dict[str, Any]]:
     """Everything of a period but its measurement statistics, the runs read once: the outcome counts and
-    Paretos (:func:`outcomes_pipeline`'s lists), each product's limits files (``files``), the bounds of
-    :func:`statistics_pipeline`'s chunks (``bounds``, for ``count`` runs), and the yields
+    Paretos (:func:`outcomes_pipeline`'s lists), each product's limits files (``files``), and the yields
     (:func:`_yields_facets`: ``runs``, ``span``, ``units``). Each list is a few rows per bucket or product,
     however many runs and units the period has (but the shared identity values, at most
     :data:`TANGLED_MAX`)."""
-    buckets = min(max(math.ceil(count / chunk_runs), 1), MAX_CHUNKS)
     return [
         {"$match": dict(match)},
         {"$sort": {"started_at": 1, "_id": 1}},  # the index's order: a unit's first run is its first
@@ -530,7 +576,6 @@ def period_pipeline(match: Mapping[str, Any], count: int, chunk_runs: int = CHUN
         {"$facet": {
             **_outcome_facets(),
             "files": [{"$group": {"_id": "$product", "files": {"$addToSet": "$sha"}}}],
-            "bounds": [{"$bucketAuto": {"groupBy": "$t", "buckets": buckets}}],
             **_yields_facets(),
         }},
     ]
@@ -552,13 +597,18 @@ def period_from_database(runs: Any, match: Mapping[str, Any],
     does, every header is streamed to :class:`PeriodTally` instead, as before: exact, and the memory is
     then the units' index.
     """
-    options = {"allowDiskUse": True}
     count = runs.count_documents(dict(match))
-    [found] = runs.aggregate(period_pipeline(match, count, chunk_runs), **options) if count else [None]
-    if found is None:
+    if not count:
         empty = PeriodTally(count_runs=False).yields(since=since, until=until)
         return PeriodReport(product=product, station=station, yields=empty, outcome_counts=(), phase_pareto=(),
                             measurement_pareto=(), trouble_pareto=(), statistics=())
+    bounds = chunk_bounds(runs, match, count, chunk_runs)
+    # The two aggregations at once: each keeps a core of the server busy (most of a period's time).
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        measured = pool.submit(_statistics_documents, runs, match, chart_values=CHART_VALUES, count=count,
+                               chunk_runs=chunk_runs, bounds=bounds)
+        [found] = runs.aggregate(period_pipeline(match), allowDiskUse=True)
+        limits_of, in_db = measured.result()
     counts = sorted(((d["_id"], int(d["n"])) for d in found["counts"]), key=lambda kv: (-kv[1], kv[0]))
     measurements = Counter({(d["_id"]["phase"], d["_id"]["name"]): int(d["n"]) for d in found["measurements"]})
     [span] = found["span"]
@@ -590,7 +640,6 @@ def period_from_database(runs: Any, match: Mapping[str, Any],
         phase_pareto=pareto(Counter({(d["_id"], None): int(d["n"]) for d in found["failures"]})),
         measurement_pareto=pareto(measurements),
         trouble_pareto=pareto(Counter({(d["_id"], None): int(d["n"]) for d in found["trouble"]})),
-        statistics=tuple(statistics_in_database(
-            runs, match, files={d["_id"]: len(d["files"]) for d in found["files"]}, count=count,
-            bounds=[d["_id"]["min"] for d in found["bounds"]])),
+        statistics=tuple(_statistics_from(limits_of, in_db, {d["_id"]: len(d["files"]) for d in found["files"]},
+                                          CHART_VALUES)),
     )
