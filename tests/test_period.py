@@ -379,6 +379,13 @@ def test_mongodb_groups_units_as_python_does(mongo: MongoSettings, monkeypatch: 
     _compare_period(mongo, runs, write=False, since=rf.T0, until=rf.T0 + dt.timedelta(hours=5))  # by hour
     _compare_period(mongo, runs, write=False, since=rf.T0 + dt.timedelta(minutes=31))  # SN-1 without its MAC run
     assert made and not any(made)  # never every header: only the runs of shared identity values
+    # a shared value with more runs than are listed with it: its runs are found by their identity instead
+    from reports.quality import pipeline
+
+    monkeypatch.setattr(pipeline, "SHARED_RUNS", 1)
+    made.clear()
+    _compare_period(mongo, runs, write=False)
+    assert made and not any(made)
 
 
 def test_units_the_database_cannot_group_fall_back_to_every_header(mongo: MongoSettings,

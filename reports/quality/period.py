@@ -78,11 +78,11 @@ def is_hourly(since: dt.datetime | None, until: dt.datetime | None, first: dt.da
     return start is not None and end is not None and end - start <= HOURLY_UP_TO
 
 
-#: The tables of a period's yields, in the order :func:`_buckets` gives a run's buckets.
-_TABLES = ("day", "hour", "station", "slot", "operator")
+#: The tables of a period's yields, in the order :func:`run_buckets` gives a run's buckets.
+TABLES = ("day", "hour", "station", "slot", "operator")
 
 
-def _buckets(r: Any) -> tuple[str, ...]:
+def run_buckets(r: Any) -> tuple[str, ...]:
     hour = time_bucket(r.started_at, True)
     return hour[:10], hour, r.station, f"{r.station} slot {r.slot}", r.operator or "(none)"
 
@@ -124,13 +124,13 @@ class PeriodTally:
 
     def add(self, r: Any) -> None:
         building = self._grouping.add(r)
-        buckets = _buckets(r)
+        buckets = run_buckets(r)
         unit = self._units.get(building)
         if unit is None:
             buckets = self._places.setdefault(buckets, buckets)
             unit = self._units[building] = _UnitYield(building.product, buckets)
         if self._count_runs:
-            for table, bucket in zip(_TABLES, buckets, strict=True):
+            for table, bucket in zip(TABLES, buckets, strict=True):
                 counts = self._runs.setdefault((table, r.product, bucket), [0, 0])
                 counts[0] += 1
                 counts[1] += r.outcome is Outcome.PASS
@@ -147,8 +147,8 @@ class PeriodTally:
                    first_pass_units: int = 0, final_pass_units: int = 0) -> None:
         """Counts of one bucket (``table`` one of day, hour, station, slot, operator) tallied elsewhere: a database
         counts the runs and the units whose runs all agree on their identity (:mod:`reports.quality.pipeline`)."""
-        if table not in _TABLES:
-            raise ValueError(f"{table!r}: not one of {', '.join(_TABLES)}")
+        if table not in TABLES:
+            raise ValueError(f"{table!r}: not one of {', '.join(TABLES)}")
         counts = self._counted.setdefault((table, product, bucket), [0] * 5)
         for i, n in enumerate((runs, passed_runs, units, first_pass_units, final_pass_units)):
             counts[i] += n
@@ -162,7 +162,7 @@ class PeriodTally:
 
     def yields(self, *, since: dt.datetime | None = None, until: dt.datetime | None = None) -> PeriodYields:
         hourly = is_hourly(since, until, self.first, self.last)
-        rows: dict[str, dict[tuple[str, str], list[int]]] = {table: {} for table in _TABLES}
+        rows: dict[str, dict[tuple[str, str], list[int]]] = {table: {} for table in TABLES}
         for (table, product, bucket), (runs, passed) in self._runs.items():
             rows[table][(product, bucket)] = [runs, passed, 0, 0, 0]
         for (table, product, bucket), counted in self._counted.items():
@@ -172,7 +172,7 @@ class PeriodTally:
         for unit in self._units.values():
             if unit.first is None:
                 continue  # never finished: not in the yields
-            for table, bucket in zip(_TABLES, unit.buckets, strict=True):
+            for table, bucket in zip(TABLES, unit.buckets, strict=True):
                 counts = rows[table].setdefault((unit.product, bucket), [0] * 5)
                 counts[2] += 1
                 counts[3] += unit.first is Outcome.PASS

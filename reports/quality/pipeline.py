@@ -15,18 +15,18 @@ its first stage; ``allowDiskUse`` lets the server spill the run-order sort.
 
 from __future__ import annotations
 
+import datetime as dt
 import math
-from concurrent.futures import ThreadPoolExecutor
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import datetime as dt
-from collections import Counter
-
-from reports.quality.period import PeriodReport, PeriodTally, RunHeader
+from reports.quality.period import TABLES, PeriodReport, PeriodTally, RunHeader, run_buckets
 from reports.quality.statistics import HISTOGRAM_BINS, MeasurementStatistics, Moments, from_moments, histogram_bins
+from reports.quality.units import identity_of, normal_value
 from reports.quality.yields import FAILURE_OUTCOMES, TROUBLE_OUTCOMES, pareto
-from sequencer.records import DEFAULT_IDENTITY, Limits
+from sequencer.records import DEFAULT_IDENTITY, Limits, Outcome
 
 #: The newest values of each measurement a period's control chart draws.
 CHART_VALUES = 500
@@ -365,6 +365,9 @@ _SEP, _JOIN, _MARK = "\x1f", "\x1e", "\x1d"
 #: A period whose units need Python's rule for more identity values than this streams every run's header
 #: (the units' index then grows with them: see :func:`period_from_database`).
 TANGLED_MAX = 10_000
+#: The runs listed with each shared identity value (a MAC-only run and its retest are two): with them all, the
+#: runs to put right are read by id; a value with more runs has them found by their identity in the database.
+SHARED_RUNS = 8
 
 
 def _identity_pairs() -> dict[str, Any]:
@@ -420,8 +423,6 @@ def _identity_value(key: Any, raw: Any, mac: Any) -> dict[str, Any]:
         }}}}}
 
 
-#: The tables of :class:`reports.quality.period.PeriodTally`, in the order ``b`` (a run's buckets) holds them.
-_TABLES = ("day", "hour", "station", "slot", "operator")
 
 
 def _run_fields() -> dict[str, Any]:
@@ -446,19 +447,20 @@ def _yields_facets() -> dict[str, list[dict[str, Any]]]:
     """The ``$facet`` branches of a period's yields over :func:`_run_fields` documents.
 
     ``runs``: runs and passed runs per (table, product, bucket). ``units``:
-    each unit's counts at its first run's buckets, for the units the
-    database can group exactly, and the identity values it cannot. The rule
-    of :class:`reports.quality.units.UnitGrouping` depends on the order the
-    runs came in only where runs disagree on their identity values (a
+    the runs grouped by their whole identity (all its values: ``pairs``),
+    each group counted as a unit at its first run's buckets (its first and
+    last finished outcome), or each run with no identity. ``shared``: the
+    identity values more than one such group has (at most
+    :data:`TANGLED_MAX` listed, all counted), each with its first
+    :data:`SHARED_RUNS` runs' ids and how many runs it has.
+
+    The rule of :class:`reports.quality.units.UnitGrouping` depends on the
+    order the runs came in only where runs disagree on their identity (a
     MAC-only run, then the same MAC with a serial; a serial seen with two
-    MACs). Runs are grouped by their whole identity (``pairs``); a group
-    none of whose values any other group has is one unit, exactly as
-    Python takes it (its runs agree on every value, and share none with a
-    run outside it), and so is a run with no identity. The values that
-    several groups share (``shared``: at most :data:`TANGLED_MAX` of them
-    listed, all counted) are left to Python: the runs that carry any of
-    them are streamed, oldest first, to the same rule (``units_only``), the
-    runs of a unit never being split between the two.
+    MACs): where they share a value. A group none of whose values another
+    group has is one unit, exactly as Python takes it (its runs agree on
+    every value and share none with a run outside it). The groups with a
+    shared value are put right in Python (:func:`_regroup`).
     """
     by_table = [{"$unwind": {"path": "$b", "includeArrayIndex": "table"}}]
     # a run's identity as one string (its values joined), or its own id (a run with none is a unit of its own)
@@ -469,11 +471,10 @@ def _yields_facets() -> dict[str, list[dict[str, Any]]]:
     when = {"$concat": [{"$dateToString": {"date": "$t", "format": "%Y-%m-%dT%H:%M:%S.%L", "timezone": "UTC"}},
                         _SEP, "$_id", _MARK, "$out"]}
     finished = {"$cond": [{"$eq": ["$fin", 1]}, when, None]}
-    outcome = {"$let": {"vars": {"parts": {"$split": ["$$o", _MARK]}}, "in": {"$arrayElemAt": ["$$parts", -1]}}}
-    shared = {"$ne": [{"$ifNull": ["$_id.shared", None]}, None]}
 
     def passed(o: str) -> dict[str, Any]:
-        return {"$cond": [{"$eq": [{"$let": {"vars": {"o": o}, "in": outcome}}, "PASS"]}, 1, 0]}
+        last = {"$arrayElemAt": [{"$split": [o, _MARK]}, -1]}
+        return {"$cond": [{"$eq": [{"$ifNull": [o, None]}, None]}, 0, {"$cond": [{"$eq": [last, "PASS"]}, 1, 0]}]}
 
     return {
         "runs": [
@@ -482,46 +483,58 @@ def _yields_facets() -> dict[str, list[dict[str, Any]]]:
             {"$group": {"_id": {"p": "$product", "table": "$table", "b": "$b"}, "runs": {"$sum": 1},
                         "passed": {"$sum": "$passed"}}},
         ],
-        "span": [{"$group": {"_id": None, "first": {"$min": "$t"}, "last": {"$max": "$t"}, "n": {"$sum": 1},
+        "span": [{"$group": {"_id": None, "first": {"$min": "$t"}, "last": {"$max": "$t"},
                              "odd": {"$sum": {"$cond": ["$id.odd", 1, 0]}}}}],
         "units": [
             # each identity's runs (in run order: the first's place), and the first and last finished outcome
             {"$group": {"_id": unit_key, "place": {"$first": "$b"}, "f": {"$min": finished},
-                        "l": {"$max": finished}, "v": {"$first": pairs}, "p": {"$first": "$product"}}},
-            # each identity value: is it another identity's too?
-            {"$set": {"v": {"$cond": [{"$gt": [{"$size": "$v"}, 0]}, {"$setUnion": ["$v"]}, ["$_id"]]}}},
-            {"$set": {"np": {"$size": "$v"}}},
-            {"$unwind": "$v"},
-            {"$group": {"_id": "$v", "low": {"$min": "$_id"}, "high": {"$max": "$_id"}, "p": {"$first": "$p"},
-                        "place": {"$first": "$place"}, "f": {"$first": "$f"}, "l": {"$first": "$l"},
-                        "np": {"$first": "$np"}}},
-            # an identity none of whose values is shared is a unit; a shared value is listed
-            {"$group": {"_id": {"$cond": [{"$eq": ["$low", "$high"]}, {"unit": "$low"}, {"shared": "$_id"}]},
-                        "groups": {"$sum": 1}, "np": {"$first": "$np"}, "p": {"$first": "$p"},
-                        "place": {"$first": "$place"}, "f": {"$first": "$f"}, "l": {"$first": "$l"}}},
-            # an identity some of whose values are shared is left to Python
-            {"$match": {"$expr": {"$or": [shared, {"$eq": ["$groups", "$np"]}]}}},
-            {"$project": {"_id": 0, "p": 1, "kind": {"$cond": [shared, "shared", "units"]}, "pair": "$_id.shared",
-                          "place": {"$cond": [shared, [None], "$place"]},
-                          "u": {"$cond": [{"$or": [shared, {"$eq": ["$f", None]}]}, 0, 1]},
+                        "l": {"$max": finished}, "p": {"$first": "$product"}}},
+            {"$project": {"p": 1, "place": 1, "u": {"$cond": [{"$eq": [{"$ifNull": ["$f", None]}, None]}, 0, 1]},
                           "fp": passed("$f"), "lp": passed("$l")}},
             {"$unwind": {"path": "$place", "includeArrayIndex": "table"}},
-            {"$group": {"_id": {"kind": "$kind", "p": "$p", "table": "$table", "b": "$place", "pair": "$pair"},
-                        "units": {"$sum": "$u"}, "first_pass": {"$sum": "$fp"}, "final_pass": {"$sum": "$lp"},
-                        "n": {"$sum": 1}}},
-            # a row per bucket, and one per product listing its first shared values (a null in the others)
-            {"$group": {"_id": {"kind": "$_id.kind", "p": "$_id.p", "table": "$_id.table", "b": "$_id.b"},
-                        "units": {"$sum": "$units"}, "first_pass": {"$sum": "$first_pass"},
-                        "final_pass": {"$sum": "$final_pass"}, "n": {"$sum": "$n"},
-                        "shared": {"$firstN": {"n": TANGLED_MAX + 1, "input": "$_id.pair"}}}},
+            {"$group": {"_id": {"p": "$p", "table": "$table", "b": "$place"}, "units": {"$sum": "$u"},
+                        "first_pass": {"$sum": "$fp"}, "final_pass": {"$sum": "$lp"}}},
+        ],
+        "shared": [
+            {"$project": {"key": unit_key, "v": {"$setUnion": [pairs]}}},
+            {"$unwind": "$v"},
+            {"$group": {"_id": "$v", "low": {"$min": "$key"}, "high": {"$max": "$key"}, "runs": {"$sum": 1},
+                        "ids": {"$firstN": {"n": SHARED_RUNS, "input": "$_id"}}}},
+            {"$match": {"$expr": {"$ne": ["$low", "$high"]}}},
+            {"$group": {"_id": None, "n": {"$sum": 1}, "values": {"$firstN": {
+                "n": TANGLED_MAX + 1, "input": {"v": "$_id", "runs": "$runs", "ids": "$ids"}}}}},
         ],
     }
 
 
-def tangled_query(shared: Iterable[Any]) -> dict[str, Any]:
-    """A query for the runs carrying any of the identity values ``shared`` (as :func:`_identity_pairs` makes them)."""
-    return {"$expr": {"$gt": [{"$size": {"$setIntersection": [
-        {"$let": {"vars": {"id": _identity_pairs()}, "in": "$$id.pairs"}}, {"$literal": list(shared)}]}}, 0]}}
+def _regroup(tally: PeriodTally, tangled: Iterable[RunHeader]) -> None:
+    """Put right the units of the runs ``tangled`` (oldest first: every run of an identity that has a shared
+    value): take back what the database counted for each of their identities as a unit, and count their
+    units by Python's rule instead. What is kept is per identity of these runs only."""
+    naive: dict[tuple[Any, ...], list[Any]] = {}  # identity -> [product, buckets, first, final]
+    for h in tangled:
+        tally.add(h)
+        key = (h.product, *((k, normal_value(k, v)) for k, v in identity_of(h)))
+        unit = naive.get(key)
+        if unit is None:
+            unit = naive[key] = [h.product, run_buckets(h), None, None]
+        if h.outcome is not None:
+            if unit[2] is None:
+                unit[2] = h.outcome
+            unit[3] = h.outcome
+    for product, buckets, first, final in naive.values():
+        if first is None:
+            continue
+        for table, bucket in zip(TABLES, buckets, strict=True):
+            tally.add_counts(table, product, bucket, units=-1, first_pass_units=-(first is Outcome.PASS),
+                             final_pass_units=-(final is Outcome.PASS))
+
+
+def tangled_stages(shared: Iterable[str]) -> list[dict[str, Any]]:
+    """Stages that keep the runs carrying any of the identity values ``shared`` (as :func:`_identity_pairs` makes
+    them): each run's values made once, then the query matcher's ``$in`` (a set, not a scan of the list)."""
+    return [{"$set": {"_identity": {"$let": {"vars": {"id": _identity_pairs()}, "in": "$$id.pairs"}}}},
+            {"$match": {"_identity": {"$in": list(shared)}}}]
 
 
 def _outcome_fields() -> dict[str, Any]:
@@ -582,14 +595,15 @@ def period_pipeline(match: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 
 def period_from_database(runs: Any, match: Mapping[str, Any],
-                         headers: Callable[[Mapping[str, Any] | None], Iterable[RunHeader]], *, product: str,
+                         headers: Callable[[list[dict[str, Any]] | None], Iterable[RunHeader]], *, product: str,
                          station: str | None = None, since: dt.datetime | None = None,
                          until: dt.datetime | None = None, chunk_runs: int = CHUNK_RUNS) -> PeriodReport:
     """A period report over the ``runs`` collection, computed in the database: two aggregations that each
     read the runs once (:func:`period_pipeline`, :func:`statistics_pipeline`), and a count and the newest
     runs' limits from the index.
 
-    ``headers(query)`` streams the run headers ``match`` and ``query`` select, oldest first. Python keeps
+    ``headers(stages)`` streams the headers of the runs ``match`` selects (and aggregation ``stages`` keep),
+    oldest first. Python keeps
     nothing per run or unit, but for the units the database cannot group as Python's rule does
     (:func:`_yields_facets`): the runs that share an identity value with a run of another identity are
     streamed and grouped here (units only: their runs are counted in the database). Where such values are
@@ -612,9 +626,8 @@ def period_from_database(runs: Any, match: Mapping[str, Any],
     counts = sorted(((d["_id"], int(d["n"])) for d in found["counts"]), key=lambda kv: (-kv[1], kv[0]))
     measurements = Counter({(d["_id"]["phase"], d["_id"]["name"]): int(d["n"]) for d in found["measurements"]})
     [span] = found["span"]
-    shared_rows = [d for d in found["units"] if d["_id"]["kind"] == "shared"]
-    shared = [pair for d in shared_rows for pair in d["shared"] if pair is not None]
-    if span["odd"] or sum(int(d["n"]) for d in shared_rows) > TANGLED_MAX:
+    [shared] = found["shared"] or [{"n": 0, "values": []}]
+    if span["odd"] or shared["n"] > TANGLED_MAX:
         tally = PeriodTally()
         for h in headers(None):
             tally.add(h)
@@ -623,15 +636,16 @@ def period_from_database(runs: Any, match: Mapping[str, Any],
         tally.add_span(span["first"], span["last"])
         for d in found["runs"]:
             k = d["_id"]
-            tally.add_counts(_TABLES[k["table"]], k["p"], k["b"], runs=int(d["runs"]), passed_runs=int(d["passed"]))
+            tally.add_counts(TABLES[k["table"]], k["p"], k["b"], runs=int(d["runs"]), passed_runs=int(d["passed"]))
         for d in found["units"]:
             k = d["_id"]
-            if k["kind"] == "units":
-                tally.add_counts(_TABLES[k["table"]], k["p"], k["b"], units=int(d["units"]),
-                                 first_pass_units=int(d["first_pass"]), final_pass_units=int(d["final_pass"]))
-        if shared:
-            for h in headers(tangled_query(shared)):
-                tally.add(h)
+            tally.add_counts(TABLES[k["table"]], k["p"], k["b"], units=int(d["units"]),
+                             first_pass_units=int(d["first_pass"]), final_pass_units=int(d["final_pass"]))
+        if shared["values"]:
+            listed = all(d["runs"] <= len(d["ids"]) for d in shared["values"])
+            _regroup(tally, headers(
+                [{"$match": {"_id": {"$in": sorted({i for d in shared["values"] for i in d["ids"]})}}}] if listed
+                else tangled_stages(d["v"] for d in shared["values"])))
     return PeriodReport(
         product=product,
         station=station,

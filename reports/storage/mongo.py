@@ -1137,9 +1137,12 @@ class MongoSink:
         projection = {"product": 1, "started_at": 1, "outcome": 1, "station": 1, "slot": 1, "operator": 1,
                       "identity": 1, "dut": 1}
 
-        def headers(query: Mapping[str, Any] | None) -> Iterable[RunHeader]:
-            selected = match if query is None else {"$and": [match, query]}
-            cursor = self.runs.find(selected, projection).sort([("started_at", 1), ("_id", 1)]).batch_size(10_000)
+        def headers(stages: list[dict[str, Any]] | None) -> Iterable[RunHeader]:
+            if stages is None:
+                cursor = self.runs.find(match, projection).sort([("started_at", 1), ("_id", 1)]).batch_size(10_000)
+            else:
+                cursor = self.runs.aggregate([{"$match": match}, {"$sort": {"started_at": 1, "_id": 1}}, *stages,
+                                              {"$project": projection}], batchSize=10_000)
             for d in cursor:
                 identity = tuple(d.get("identity") or DEFAULT_IDENTITY)
                 dut = d.get("dut") or {}
