@@ -6,10 +6,13 @@ yield belongs to that day, station, slot and operator, and so does its final
 yield (a retest on another station does not move the unit). Runs are
 counted where they ran. Everything is per product.
 
-Only run headers are needed (product, identity, outcome, where and when),
-so a period over every station in MongoDB streams them with the phases left
-out; the Paretos and measurement statistics come from elsewhere (the batch
-arithmetic locally, aggregation pipelines in MongoDB).
+Only run headers are needed (product, identity, outcome, where and when).
+A period over every station in MongoDB is counted in the database instead
+(:mod:`reports.quality.pipeline`): :class:`PeriodTally` takes its counts
+(:meth:`PeriodTally.add_counts`) and groups only the runs whose units the
+database cannot (units only); the Paretos and measurement statistics come
+from elsewhere (the batch arithmetic locally, aggregation pipelines in
+MongoDB).
 """
 
 from __future__ import annotations
@@ -106,7 +109,9 @@ class PeriodTally:
     (:class:`~reports.quality.units.UnitGrouping` without run ids), its first
     run's buckets and two outcomes. The runs' counts are per bucket. Both the
     hour and the day are counted, since whether the period is shown by hour
-    is known only at its end.
+    is known only at its end. Counts made elsewhere (a database's) are added
+    per bucket (:meth:`add_counts`, :meth:`add_span`); with
+    ``count_runs=False`` the runs :meth:`add` is given count as units only.
     """
 
     def __init__(self, *, count_runs: bool = True) -> None:

@@ -1,16 +1,21 @@
-"""The measurement statistics of :mod:`reports.quality.statistics`, computed inside MongoDB.
+"""A period report and measurement statistics computed inside MongoDB.
 
 A period report over every station's runs cannot load 100,000 runs into
-Python. These aggregation pipelines compute the same :class:`Moments` (n,
-mean, sd, extremes, mean moving range in run order, fails, marginals) and
-the histogram counts in the database, over the ``runs`` collection's flat
-``measurements`` array, for any ``$match`` filter: a period, a product, a
-station, a batch (the portal passes its own). Python then only does the
-arithmetic of :mod:`reports.quality.statistics` on a few numbers per
-measurement, so its memory does not grow with the number of runs.
+Python, nor keep a few numbers per unit. These aggregation pipelines compute
+what :mod:`reports.quality.period` and :mod:`reports.quality.statistics`
+compute in Python, over the ``runs`` collection (its flat ``measurements``
+array) for any ``$match`` filter: a period, a product, a station, a batch
+(the portal passes its own). :func:`period_pipeline` gives the outcome
+counts, Paretos and yields (units grouped in the database where the rule of
+:mod:`reports.quality.units` does not depend on the runs' order: see
+:func:`_yields_facets`); :func:`statistics_pipeline` the same
+:class:`Moments` (n, mean, sd, extremes, mean moving range in run order,
+fails, marginals), histogram counts and newest values as Python's, summed
+a chunk of runs at a time so that no array grows with the runs. What comes
+back is a few rows per bucket and a few numbers per measurement.
 
 Every pipeline is built from plain dicts and takes the caller's filter as
-its first stage; ``allowDiskUse`` lets the server spill the run-order sort.
+its first stage; ``allowDiskUse`` lets the server spill its groups.
 """
 
 from __future__ import annotations

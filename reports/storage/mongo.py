@@ -1122,12 +1122,11 @@ class MongoSink:
                       station: str | None = None) -> Any:
         """The trend report of ``product`` over a period, every station's runs (or ``station``'s).
 
-        Yields come from the runs' headers (identity, outcome, where and when:
-        no phases), streamed from a cursor and tallied per unit
-        (:class:`reports.quality.period.PeriodTally`); outcome counts and
-        Paretos (one aggregation) and measurement statistics (one more, which
-        reads the runs once) are computed in the database
-        (:mod:`reports.quality.pipeline`).
+        Computed in the database (:func:`reports.quality.pipeline.period_from_database`:
+        two aggregations at once, each reading the runs once); ``headers``
+        streams the runs' headers (identity, outcome, where and when: no
+        phases) for the few units the database cannot group by Python's rule,
+        or for all of them where it cannot group any.
         """
         from reports.quality.period import RunHeader
         from reports.quality.pipeline import period_from_database
