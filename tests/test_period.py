@@ -411,3 +411,30 @@ def test_units_the_database_cannot_group_fall_back_to_every_header(mongo: MongoS
         sink.close()
     _compare_period(mongo, [*runs, odd, odder], write=False)
     assert made[0] is True and made[1] is False  # esp32_sensor has the odd MACs, sensor_final not
+
+
+def test_groups_spilled_to_disk_keep_the_runs_order(own_mongod: Any) -> None:
+    """A period's units take their first run's place from ``$first``, and the statistics push each chunk's values
+    in run order: both rely on a ``$group`` keeping its input's order, on disk too. Every group spilled (a
+    1 kB memory limit), the numbers are still Python's."""
+    from tests.mongo_support import direct_client, fresh_settings
+
+    settings = fresh_settings(own_mongod.uri)
+    client = direct_client(settings)
+    try:
+        client.admin.command("setParameter", 1, internalDocumentSourceGroupMaxMemoryBytes=1000)
+    finally:
+        client.close()
+    _compare_period(settings, tricky_runs())
+    rnd = random.Random(5)
+    runs = [rf.run(serial=f"SN-{i}", started_at=rf.at(i), phases=[rf.phase("p", measurements=[
+        rf.measurement("x", rnd.gauss(0, 1), low=-3, high=3)])]) for i in range(1500)]
+    sink = MongoSink(fresh_settings(own_mongod.uri))
+    try:
+        assert not sink.write_runs([(i + 1, r) for i, r in enumerate(runs)]).rejected
+        [theirs] = statistics_in_database(sink.runs, {"product": "esp32_sensor"}, chart_values=300, chunk_runs=100)
+    finally:
+        sink.close()
+    [mine] = measurement_statistics(runs)
+    _same_statistics(theirs, mine, "x")
+    assert theirs.drawn is not None and theirs.drawn.total == 1500

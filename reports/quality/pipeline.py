@@ -584,7 +584,7 @@ def outcomes_pipeline(match: Mapping[str, Any]) -> list[dict[str, Any]]:
 def period_pipeline(match: Mapping[str, Any]) -> list[dict[str, Any]]:
     """Everything of a period but its measurement statistics, the runs read once: the outcome counts and
     Paretos (:func:`outcomes_pipeline`'s lists), each product's limits files (``files``), and the yields
-    (:func:`_yields_facets`: ``runs``, ``span``, ``units``). Each list is a few rows per bucket or product,
+    (:func:`_yields_facets`: ``runs``, ``span``, ``units``, ``shared``). Each list is a few rows per bucket or product,
     however many runs and units the period has (but the shared identity values, at most
     :data:`TANGLED_MAX`)."""
     return [
