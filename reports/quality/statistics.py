@@ -49,7 +49,7 @@ import itertools
 import math
 import operator
 from array import array
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 
 import attrs
 
@@ -389,8 +389,10 @@ def _trace(vs: Sequence[float], offset: int, span: int, lower: float, upper: flo
             part = vs[first:end]
             columns.append((c, min(part), max(part), math.fsum(part) / len(part)))
             first = end
-    beyond = tuple(itertools.islice(((i, v) for i, v in enumerate(vs) if v > upper or v < lower), CHART_COLUMNS))
     low, high = (min(vs), max(vs)) if count else (math.inf, -math.inf)
+    beyond: tuple[tuple[int, float], ...] = ()
+    if high > upper or low < lower:  # else no value is beyond them, and none need be looked at
+        beyond = tuple(itertools.islice(((i, v) for i, v in enumerate(vs) if v > upper or v < lower), CHART_COLUMNS))
     return Trace(count, offset, span, points, tuple(columns), beyond, low, high)
 
 
@@ -459,23 +461,6 @@ def is_numeric(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _numeric_values(run: RunRecord) -> Iterator[tuple[tuple[str, str, str], float, MeasurementRecord]]:
-    """Each numeric judged measurement of ``run`` (its phases' last attempts): its key, value, and record.
-
-    A value that is NaN, infinite, or an integer beyond a double comes as an infinity or NaN: a fail,
-    never in the moments.
-    """
-    for p in run.phases:
-        for m in p.measurements:
-            if m.dimensions or m.outcome in _NOT_JUDGED or not is_numeric(m.value):
-                continue
-            try:
-                value = float(m.value)
-            except OverflowError:  # an integer beyond a double: not a quantity to average
-                value = math.inf
-            yield (run.product, p.name, m.name), value, m
-
-
 class _Measurement:
     __slots__ = ("moments", "fails", "marginals", "units", "limits", "limits_changed", "values")
 
@@ -506,21 +491,41 @@ class MeasurementTally:
         self._drawing = drawing
 
     def add(self, run: RunRecord) -> None:
-        of, drawing = self._of, self._drawing
-        for key, value, m in _numeric_values(run):
-            s = of.get(key)
-            if s is None:
-                s = of[key] = _Measurement(drawing)
-            elif m.limits is not s.limits and m.limits != s.limits:  # read back, equal limits are one object
-                s.limits_changed = True
-            s.units, s.limits = m.units, m.limits
-            if math.isfinite(value):
-                if s.values is not None:
-                    s.values.append(value)  # summed into the moments, all at once, by statistics()
-                else:
-                    s.moments.add(value)
-            s.fails += m.outcome is MeasurementOutcome.FAIL
-            s.marginals += m.marginal
+        """Count each numeric judged measurement of ``run`` (its phases' last attempts).
+
+        A value that is NaN, infinite, or an integer beyond a double counts as a fail, never in the
+        moments. This loop sees every measurement of a batch: it is written out, its lookups in locals.
+        """
+        of, drawing, product, fail = self._of, self._drawing, run.product, MeasurementOutcome.FAIL
+        for p in run.phases:
+            phase = p.name
+            for m in p.measurements:
+                if m.dimensions or m.outcome in _NOT_JUDGED:
+                    continue
+                value = m.value
+                if type(value) is not float:
+                    if not is_numeric(value):
+                        continue
+                    try:
+                        value = float(value)
+                    except OverflowError:  # an integer beyond a double: not a quantity to average
+                        value = math.inf
+                key = (product, phase, m.name)
+                s = of.get(key)
+                if s is None:
+                    s = of[key] = _Measurement(drawing)
+                elif m.limits is not s.limits and m.limits != s.limits:  # read back, equal limits are one object
+                    s.limits_changed = True
+                s.units, s.limits = m.units, m.limits
+                if math.isfinite(value):
+                    if s.values is not None:
+                        s.values.append(value)  # summed into the moments, all at once, by statistics()
+                    else:
+                        s.moments.add(value)
+                if m.outcome is fail:
+                    s.fails += 1
+                if m.marginal:
+                    s.marginals += 1
 
     def statistics(self) -> list[MeasurementStatistics]:
         """Every measurement's statistics; with ``drawing``, its histogram and control chart too (else ``None``)."""
