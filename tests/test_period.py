@@ -61,6 +61,16 @@ def test_yields_by_day_station_slot_and_operator_count_a_unit_where_it_was_first
     assert period_yields(runs, since=rf.T0, until=rf.T0 + dt.timedelta(hours=12)).hourly
 
 
+def test_slots_and_stations_are_listed_in_number_order_not_as_text() -> None:
+    import attrs
+
+    runs = [attrs.evolve(rf.sensor_run(f"SN-{i}", slot=slot, started_at=rf.at(i)), station=station)
+            for i, (station, slot) in enumerate([("st10", 10), ("st2", 2), ("st10", 1), ("st2", 11)])]
+    y = period_yields(runs)
+    assert [r.bucket for r in y.by_slot] == ["st2 slot 2", "st2 slot 11", "st10 slot 1", "st10 slot 10"]
+    assert [r.bucket for r in y.by_station] == ["st2", "st10"]
+
+
 def test_period_report_from_the_local_store(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     store = tmp_path / "store.sqlite"
     trio.run(store_runs, store, week_of_runs())

@@ -18,6 +18,7 @@ MongoDB).
 from __future__ import annotations
 
 import datetime as dt
+import re
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -79,6 +80,15 @@ def is_hourly(since: dt.datetime | None, until: dt.datetime | None, first: dt.da
     start = since or first
     end = until or last
     return start is not None and end is not None and end - start <= HOURLY_UP_TO
+
+
+def _natural(bucket: str) -> tuple[Any, ...]:
+    """A bucket's sort key with its numbers as numbers: ``st1 slot 2`` before ``st1 slot 10``.
+
+    ``re.split`` with a group alternates text and digits, text first, so two keys compare text with
+    text and number with number.
+    """
+    return tuple(int(part) if i % 2 else part for i, part in enumerate(re.split(r"(\d+)", bucket)))
 
 
 #: The tables of a period's yields, in the order :func:`run_buckets` gives a run's buckets.
@@ -184,7 +194,8 @@ class PeriodTally:
                 counts[4] += unit.final is Outcome.PASS
 
         def table(name: str) -> tuple[YieldRow, ...]:
-            return tuple(YieldRow(product, bucket, *counts) for (product, bucket), counts in sorted(rows[name].items()))
+            ordered = sorted(rows[name].items(), key=lambda kv: (kv[0][0], _natural(kv[0][1])))
+            return tuple(YieldRow(product, bucket, *counts) for (product, bucket), counts in ordered)
 
         return PeriodYields(since=since, until=until, hourly=hourly, by_time=table("hour" if hourly else "day"),
                             by_station=table("station"), by_slot=table("slot"), by_operator=table("operator"))
