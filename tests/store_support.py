@@ -29,6 +29,17 @@ async def store_runs(path: Path, runs: list[RunRecord]) -> None:
         store.close()
 
 
+def finished_runs(path: Path) -> int:
+    """How many runs the store at ``path`` has closed (0 before the station has made it): what tests poll."""
+    if not path.exists():
+        return 0
+    reader = LocalStore.open(path)
+    try:
+        return sum(n for outcome, n in reader.outcome_counts().items() if outcome != "RUNNING")
+    finally:
+        reader.close()
+
+
 def store_files(store_path: Path) -> list[Path]:
     """The database and everything beside it that is the store (WAL, journal segments, lock)."""
     return sorted(store_path.parent.glob(f"{store_path.name}*"))

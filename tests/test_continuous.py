@@ -26,6 +26,7 @@ from sequencer.engine import RunSettings
 from sequencer.events import BoardArrived, BoardRemoved, EventBus, RunFinished
 from sequencer.product import LoadedProduct
 from sequencer.records import Outcome
+from tests.store_support import finished_runs
 
 ROOT = Path(__file__).resolve().parent.parent
 QUICK = FarmTiming(insert_s=(0.01, 0.05), remove_s=(0.01, 0.05), retest=0.0, pull=0.0)
@@ -222,7 +223,7 @@ def test_the_simulated_station_runs_until_ctrl_c_with_boards_coming_and_going(tm
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             time.sleep(1)
-            if _finished_runs(store) >= 10:
+            if finished_runs(store) >= 10:
                 break
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=60)
@@ -256,7 +257,7 @@ def test_stop_signals_over_and_over_end_a_shift_with_its_summary_and_every_run_c
     sent = 0
     try:
         deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and _finished_runs(store) < 3:
+        while time.monotonic() < deadline and finished_runs(store) < 3:
             time.sleep(0.5)
         while proc.poll() is None and sent < 3000:
             with contextlib.suppress(ProcessLookupError):
@@ -274,16 +275,6 @@ def test_stop_signals_over_and_over_end_a_shift_with_its_summary_and_every_run_c
         assert station.interrupted_on_open == 0 and len(station.find_runs(batch="HAMMER")) >= 3
     finally:
         station.close()
-
-
-def _finished_runs(store: Path) -> int:
-    if not store.exists():
-        return 0
-    reader = LocalStore.open(store)
-    try:
-        return sum(n for outcome, n in reader.outcome_counts().items() if outcome != "RUNNING")
-    finally:
-        reader.close()
 
 
 async def test_cycles_leave_nothing_behind(tmp_path: Path) -> None:

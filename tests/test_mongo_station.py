@@ -32,6 +32,7 @@ from tests.mongo_support import (
     wait_until,
     wait_until_sync,
 )
+from tests.store_support import finished_runs
 
 ROOT = Path(__file__).resolve().parent.parent
 WIDGET = ROOT / "tests" / "products" / "mongo_widget.py"
@@ -219,14 +220,6 @@ async def test_mongodb_follows_a_store_put_back_to_an_older_copy_of_itself(tmp_p
     assert db.devices.find_one({"_id": "SN-IMAGED"})["last_outcome"] == "INTERRUPTED"
     assert_mirrors_store(path, mongo)
     db.client.close()
-
-
-def finished_runs(path: Path) -> int:
-    store = LocalStore.open(path)
-    try:
-        return sum(1 for r in store.find_runs() if r.outcome is not None)
-    finally:
-        store.close()
 
 
 async def test_primary_stepped_down_mid_batch_loses_nothing(tmp_path: Path, replica_set: ReplicaSet) -> None:

@@ -29,6 +29,7 @@ from sequencer.operator import OperatorDesk, Question
 from sequencer.product import LoadedProduct
 from sequencer.records import Disposition, Outcome
 from sequencer.scans import ScanConfig, ScanRules
+from tests.store_support import finished_runs
 from tests.test_continuous import board_product
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -370,7 +371,7 @@ def test_a_simulated_shift_scans_each_slot_and_label_before_it_starts(tmp_path: 
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and _runs(store) < 4:
+        while time.monotonic() < deadline and finished_runs(store) < 4:
             time.sleep(0.5)
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=60)
@@ -390,16 +391,6 @@ def test_a_simulated_shift_scans_each_slot_and_label_before_it_starts(tmp_path: 
         assert kinds["label"].source.startswith("scanner /dev/pts/")  # read from the simulated serial scanner
         assert run.serial == kinds["label"].value  # the label was the board's own
     assert f"slot 0: label {runs[0].serial}" in out or "scan: slot" in out
-
-
-def _runs(store: Path) -> int:
-    if not store.exists():
-        return 0
-    reader = LocalStore.open(store)
-    try:
-        return sum(n for outcome, n in reader.outcome_counts().items() if outcome != "RUNNING")
-    finally:
-        reader.close()
 
 
 def _drain(channel: trio.MemoryReceiveChannel) -> list[object]:  # type: ignore[type-arg]

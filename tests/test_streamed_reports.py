@@ -153,15 +153,11 @@ class _Alive:
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.now = 0
         self.peak = 0
-        one, page = LocalStore._assemble, LocalStore._assemble_page
-
-        def assemble(store: LocalStore, header: str, run_id: str) -> RunRecord:
-            return self._made(one(store, header, run_id))
+        page = LocalStore._assemble_page  # every run the store reads whole is made there
 
         def assemble_page(store: LocalStore, rows: Any) -> list[RunRecord]:
             return [self._made(run) for run in page(store, rows)]
 
-        monkeypatch.setattr(LocalStore, "_assemble", assemble)
         monkeypatch.setattr(LocalStore, "_assemble_page", assemble_page)
 
     def _made(self, run: RunRecord) -> RunRecord:

@@ -134,7 +134,9 @@ def _next_epoch(current: int) -> int:
     second is over (half a second on average, only after a station did not
     close the store), so that no later recovery, of this file or of a copy
     of it put back, can start the same epoch. This assumes the station's
-    clock does not go back.
+    clock does not go back. Called only from :meth:`LocalStore.open`, which
+    no event loop's thread calls: ``sequencer run`` and the portal open
+    their store before ``trio.run``, the shipper in a worker thread.
     """
     now = time.time() - EPOCH_ORIGIN_S
     if int(now) <= current:  # a clock behind the store's: the epochs still grow
@@ -1084,10 +1086,8 @@ class LocalStore:
                 for run_id, header in rows]
 
     def _assemble(self, header: str, run_id: str) -> RunRecord:
-        rows = self._conn.execute("SELECT record FROM phases WHERE run_id=? ORDER BY idx", (run_id,)).fetchall()
-        run = run_from_json(header)
-        phases = tuple(from_dict(json_loads(r[0]), PhaseRecord) for r in rows)
-        return attrs.evolve(run, phases=phases)
+        [run] = self._assemble_page([(run_id, header)])
+        return run
 
     def iter_changes(self, after_seq: int, limit: int = 500) -> list[tuple[int, RunRecord]]:
         """Runs changed since ``after_seq`` with their change number, for shipping elsewhere."""
