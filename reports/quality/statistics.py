@@ -15,8 +15,9 @@ Where the histograms and control charts are wanted, each finite value is
 kept as well, 8 bytes in an ``array('d')``: 4 MB for 10,000 runs of 50
 measurements, where reading those runs back a second time (some 450 MB of
 stored JSON made into records again) cost more than the rest of a batch
-page together. The moments then give the histogram's bins and the control
-limits, and the kept values fill the histogram and draw the chart
+page together; their moments are then summed from the kept values in one
+loop. The moments give the histogram's bins and the control limits, and
+the kept values fill the histogram and draw the chart
 (:class:`RunOrderChart`: every value while they are few, each pixel
 column's range and mean beyond that, and the points beyond the control
 limits).

@@ -226,12 +226,13 @@ def _export_command(batch: str) -> str:
     quoted = shlex.quote(batch)
     return f"sequencer export --batch={quoted}" if batch.startswith("-") else f"sequencer export --batch {quoted}"
 
+
 @contextlib.contextmanager
 def _collector_paused() -> Iterator[None]:
     """The cyclic garbage collector off for a page's first reading, then as it was.
 
-    Why: that reading makes some fifty objects a measurement (records, and
-    the JSON they are read from) and drops them as it goes; none is in a
+    Why: that reading makes several objects a measurement (its record, and
+    the JSON it is read from) and drops them as it goes; none is in a
     reference cycle, so reference counting frees them all, and the
     collector's passes over them found nothing while they took a twentieth
     of a 10,000-run page's time. As ``subprocess`` does around a fork, it is
